@@ -1,0 +1,118 @@
+"""Evaluate: accuracy, macro-F1, per-class precision/recall and a confusion matrix on the test split."""
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from components.artifacts import atomic_path  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    accuracy: float
+    macro_f1: float
+    per_class: dict[str, dict[str, float]]
+    confusion: list[list[int]]
+
+    def summary(self) -> dict[str, float]:
+        """Flat metrics, for DVC metrics files and MLflow."""
+        flat = {"accuracy": self.accuracy, "macro_f1": self.macro_f1}
+        for name, scores in self.per_class.items():
+            flat.update({f"{metric}_{name}": value for metric, value in scores.items()})
+        return flat
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
+    matrix = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(matrix, (y_true, y_pred), 1)
+    return matrix
+
+
+def score(y_true: np.ndarray, y_pred: np.ndarray, classes: tuple[str, ...]) -> Evaluation:
+    matrix = confusion_matrix(y_true, y_pred, len(classes))
+    true_positive = np.diag(matrix).astype(float)
+    predicted, actual = matrix.sum(0), matrix.sum(1)
+    precision = np.divide(true_positive, predicted, out=np.zeros_like(true_positive), where=predicted > 0)
+    recall = np.divide(true_positive, actual, out=np.zeros_like(true_positive), where=actual > 0)
+    denominator = precision + recall
+    f1 = np.divide(2 * precision * recall, denominator, out=np.zeros_like(true_positive), where=denominator > 0)
+    per_class = {
+        name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i])}
+        for i, name in enumerate(classes)
+    }
+    return Evaluation(
+        accuracy=float(true_positive.sum() / max(1, matrix.sum())),
+        macro_f1=float(f1.mean()),
+        per_class=per_class,
+        confusion=matrix.tolist(),
+    )
+
+
+def plot_confusion(evaluation: Evaluation, classes: tuple[str, ...], title: str, path: Path) -> Path:
+    matrix = np.array(evaluation.confusion)
+    size = max(5.0, 0.55 * len(classes) + 2)
+    figure, axis = plt.subplots(figsize=(size, size))
+    axis.imshow(matrix, cmap="Blues")
+    axis.set(xticks=range(len(classes)), yticks=range(len(classes)), xlabel="predicted", ylabel="true",
+             title=f"{title}\naccuracy {evaluation.accuracy:.3f}, macro-F1 {evaluation.macro_f1:.3f}")
+    axis.set_xticklabels(classes, rotation=45, ha="right")
+    axis.set_yticklabels(classes)
+    threshold = matrix.max() / 2 if matrix.size else 0
+    for (row, col), count in np.ndenumerate(matrix):
+        axis.text(col, row, str(count), ha="center", va="center", fontsize=8, color="white" if count > threshold else "black")
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110)
+    plt.close(figure)
+    return path
+
+
+def plot_curves(histories: dict[str, list[dict]], path: Path, title: str) -> Path:
+    """Train loss and val accuracy against step, one line per model."""
+    figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    for label, history in histories.items():
+        steps = [r["step"] for r in history]
+        loss_axis.plot(steps, [r["train_loss"] for r in history], label=label)
+        if history and "val_accuracy" in history[0]:
+            accuracy_axis.plot(steps, [r["val_accuracy"] for r in history], label=label)
+    loss_axis.set(xlabel="step", ylabel="train loss", title="train loss")
+    accuracy_axis.set(xlabel="step", ylabel="val accuracy", title="val accuracy")
+    for axis in (loss_axis, accuracy_axis):
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.suptitle(title)
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110)
+    plt.close(figure)
+    return path
+
+
+def write_predictions(y_true: np.ndarray, y_pred: np.ndarray, classes: tuple[str, ...], path: Path) -> Path:
+    """actual,predicted class names per test example: DVC's confusion-matrix plot reads this."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["actual", "predicted"])
+        writer.writerows((classes[t], classes[p]) for t, p in zip(y_true, y_pred))
+    return path
+
+
+def write_history(history: list[dict], path: Path) -> Path:
+    keys = list(dict.fromkeys(k for record in history for k in record))
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(history)
+    return path
+
+
+def read_history(path: Path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return [{k: (v if k == "phase" else float(v)) for k, v in row.items() if v != ""} for row in csv.DictReader(handle)]

@@ -1,0 +1,195 @@
+"""One training loop for pretraining and fine-tuning; strategies are lists of small phases.
+
+A phase says how many steps to train and how the backbone takes part: frozen (its BatchNorm statistics in
+eval mode too), or trainable at a multiple of the head's learning rate. `scratch`, `linear_probe`, `finetune`
+and `lp_ft` are one or two phases each; pretraining is one phase on the source data.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from components.config import Augment, FinetuneParams, TrainParams
+from components.data import Splits
+from components.model import Classifier
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    steps: int
+    backbone_lr_scale: float | None  # None: the backbone is frozen
+
+
+def strategy_phases(params: FinetuneParams, strategy: str | None = None) -> list[Phase]:
+    strategy = strategy or params.strategy
+    if strategy == "scratch":
+        return [Phase("scratch", params.steps, 1.0)]
+    if strategy == "linear_probe":
+        return [Phase("linear_probe", params.steps, None)]
+    if strategy == "finetune":
+        return [Phase("finetune", params.steps, params.backbone_lr_scale)]
+    if strategy == "lp_ft":
+        return [Phase("linear_probe", params.lp_steps, None), Phase("finetune", params.steps - params.lp_steps, params.backbone_lr_scale)]
+    raise ValueError(f"finetune.strategy: unknown strategy {strategy!r}; allowed: scratch, linear_probe, finetune, lp_ft")
+
+
+@dataclass(frozen=True)
+class Normalizer:
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    @classmethod
+    def of(cls, mean: tuple[float, ...], std: tuple[float, ...]) -> Normalizer:
+        return cls(torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1))
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, C, H, W) or floats in [0, 1] -> normalised float32."""
+        if pixels.dtype == torch.uint8:
+            pixels = pixels.float() / 255.0
+        return (pixels - self.mean) / self.std
+
+
+def augment_batch(pixels: torch.Tensor, augment: Augment, generator: torch.Generator) -> torch.Tensor:
+    """Random flip, rotation, scale and shift, one affine warp per image (pixels are floats in [0, 1])."""
+    n, _, height, width = pixels.shape
+    if not (augment.flip or augment.rotate_degrees or augment.shift_pixels or augment.scale != (1.0, 1.0)):
+        return pixels
+
+    def uniform(low: float, high: float) -> torch.Tensor:
+        return low + (high - low) * torch.rand(n, generator=generator)
+
+    angle = torch.deg2rad(uniform(-augment.rotate_degrees, augment.rotate_degrees))
+    scale = uniform(*augment.scale)
+    flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0) if augment.flip else torch.ones(n)
+    shift_x = uniform(-augment.shift_pixels, augment.shift_pixels) * 2 / width
+    shift_y = uniform(-augment.shift_pixels, augment.shift_pixels) * 2 / height
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos * flip, -sin, shift_x], 1), torch.stack([sin * flip, cos, shift_y], 1)], 1)
+    grid = F.affine_grid(theta, list(pixels.shape), align_corners=False)
+    return F.grid_sample(pixels, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+class BatchSampler:
+    """Endless full batches from shuffled passes over the data, reproducible from its generator."""
+
+    def __init__(self, size: int, batch_size: int, generator: torch.Generator) -> None:
+        self.size, self.batch_size, self.generator = size, batch_size, generator
+        self.queue = torch.empty(0, dtype=torch.long)
+        self.epochs_started = 0
+
+    def next(self) -> torch.Tensor:
+        while len(self.queue) < self.batch_size:
+            self.queue = torch.cat([self.queue, torch.randperm(self.size, generator=self.generator)])
+            self.epochs_started += 1
+        batch, self.queue = self.queue[: self.batch_size], self.queue[self.batch_size :]
+        return batch
+
+
+def warmup_cosine(total_steps: int, warmup_fraction: float):
+    warmup = max(1, round(total_steps * warmup_fraction)) if warmup_fraction > 0 else 0
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _optimizer(model: Classifier, params: TrainParams, phase: Phase) -> torch.optim.Optimizer:
+    groups = [{"params": list(model.head.parameters()), "lr": params.lr}]
+    if phase.backbone_lr_scale is not None:
+        groups.append({"params": list(model.backbone.parameters()), "lr": params.lr * phase.backbone_lr_scale})
+    if params.optimizer == "sgd":
+        return torch.optim.SGD(groups, momentum=params.momentum, nesterov=params.momentum > 0, weight_decay=params.weight_decay)
+    return torch.optim.AdamW(groups, weight_decay=params.weight_decay)
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: np.ndarray, normalize: Normalizer, batch_size: int = 512) -> torch.Tensor:
+    model.eval()
+    chunks = [model(normalize(torch.from_numpy(x[i : i + batch_size]))) for i in range(0, len(x), batch_size)]
+    return torch.cat(chunks) if chunks else torch.empty(0)
+
+
+def evaluate_split(model: nn.Module, x: np.ndarray, y: np.ndarray, normalize: Normalizer) -> dict[str, float]:
+    logits = predict_logits(model, x, normalize)
+    labels = torch.from_numpy(y)
+    return {
+        "loss": float(F.cross_entropy(logits, labels)),
+        "accuracy": float((logits.argmax(1) == labels).float().mean()),
+    }
+
+
+def _set_phase_modes(model: Classifier, phase: Phase) -> None:
+    model.train()
+    frozen = phase.backbone_lr_scale is None
+    for parameter in model.backbone.parameters():
+        parameter.requires_grad_(not frozen)
+    if frozen:
+        model.backbone.eval()  # a frozen backbone keeps its BatchNorm statistics too
+
+
+def train(
+    model: Classifier, data: Splits, params: TrainParams, phases: list[Phase], seed: int, desc: str = "train",
+) -> list[dict]:
+    """Train in place; returns the history: one record per evaluation on the val split."""
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    generator = torch.Generator().manual_seed(seed)
+    normalize = Normalizer.of(model.spec.mean, model.spec.std)
+    x_train, y_train = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
+    sampler = BatchSampler(len(y_train), params.batch_size, generator)
+    steps_per_epoch = math.ceil(len(y_train) / params.batch_size)
+    eval_every = params.eval_every_steps or steps_per_epoch
+    history: list[dict] = []
+    global_step = 0
+    total = sum(p.steps for p in phases)
+    with tqdm(total=total, desc=desc, unit="step", mininterval=1.0) as bar:
+        for phase in phases:
+            optimizer = _optimizer(model, params, phase)
+            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(phase.steps, params.warmup_fraction))
+            _set_phase_modes(model, phase)
+            running_loss, running_correct, running_seen = 0.0, 0, 0
+            for step in range(phase.steps):
+                index = sampler.next()
+                pixels = augment_batch(x_train[index].float() / 255.0, params.augment, generator)
+                logits = model(normalize(pixels))
+                loss = F.cross_entropy(logits, y_train[index], label_smoothing=params.label_smoothing)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                global_step += 1
+                running_loss += loss.item() * len(index)
+                running_correct += int((logits.argmax(1) == y_train[index]).sum())
+                running_seen += len(index)
+                bar.update(1)
+                if global_step % eval_every == 0 or step == phase.steps - 1:
+                    val = evaluate_split(model, data.x_val, data.y_val, normalize) if len(data.y_val) else {}
+                    record = {
+                        "step": global_step,
+                        "epoch": round(global_step / steps_per_epoch, 3),
+                        "phase": phase.name,
+                        "lr": optimizer.param_groups[0]["lr"],
+                        "train_loss": running_loss / running_seen,
+                        "train_accuracy": running_correct / running_seen,
+                        **{f"val_{k}": v for k, v in val.items()},
+                    }
+                    history.append(record)
+                    bar.set_postfix(loss=f"{record['train_loss']:.3f}", val_acc=f"{record.get('val_accuracy', float('nan')):.3f}")
+                    running_loss, running_correct, running_seen = 0.0, 0, 0
+                    _set_phase_modes(model, phase)
+    model.eval()
+    return history
+
+
+def phases_summary(phases: list[Phase]) -> list[dict]:
+    return [asdict(p) for p in phases]

@@ -1,0 +1,99 @@
+"""Shared fixtures: small slices of the real data and a tiny, fast params.yaml.
+
+The slices come from the real embedded default (`graft fetch-data` must have run: scripts/setup.sh does it).
+"""
+from __future__ import annotations
+
+import gzip
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from graft.env import apply_defaults
+
+apply_defaults()
+
+PROJECT = Path(__file__).resolve().parents[1]
+RAW = PROJECT / "data" / "raw"
+
+
+def _require_raw() -> None:
+    if not (RAW / "fashion-mnist").is_dir() or not (RAW / "animal-mnist").is_dir():
+        pytest.exit("data/raw is missing: run `bash scripts/setup.sh` (it runs `graft fetch-data`) first", returncode=2)
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes(), mtime=0))
+
+
+def read_idx(path: Path) -> np.ndarray:
+    from components.data import _read_idx
+
+    return _read_idx(path)
+
+
+def make_small_source(dest: Path, train: int = 1200, test: int = 300) -> Path:
+    """The first images of the real Fashion-MNIST IDX files, as IDX files again."""
+    _require_raw()
+    dest.mkdir(parents=True, exist_ok=True)
+    for split, count in (("train", train), ("t10k", test)):
+        for kind in ("images", "labels"):
+            name = f"{split}-{kind}-idx{3 if kind == 'images' else 1}-ubyte.gz"
+            _write_idx(dest / name, read_idx(RAW / "fashion-mnist" / name)[:count])
+    shutil.copy(RAW / "fashion-mnist" / "classes.txt", dest / "classes.txt")
+    return dest
+
+
+def make_small_target(dest: Path, per_class: int = 30, classes: int = 10) -> Path:
+    """The first images of each real Animal-MNIST class folder."""
+    _require_raw()
+    for class_dir in sorted((RAW / "animal-mnist").iterdir())[:classes]:
+        (dest / class_dir.name).mkdir(parents=True, exist_ok=True)
+        for image in sorted(class_dir.iterdir())[:per_class]:
+            shutil.copy(image, dest / class_dir.name / image.name)
+    return dest
+
+
+def tiny_params(**overrides) -> dict:
+    """params.yaml for tests: the real schema, small sizes, a few seconds a stage."""
+    params = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    params["data"]["source"].update(val_size=100)
+    params["data"]["target"].update(val_size=40, test_size=60, labels_per_class=5)
+    params["pretrain"].update(epochs=1, batch_size=64)
+    params["finetune"].update(steps=12, batch_size=16, lp_steps=4, eval_every_steps=4)
+    for dotted, value in overrides.items():
+        node = params
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    return params
+
+
+def make_workspace(root: Path, params: dict | None = None) -> Path:
+    """A project folder as a user has it: dvc.yaml, params.yaml, DVC-tracked raw data, the code it names."""
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copy(PROJECT / "dvc.yaml", root / "dvc.yaml")
+    (root / "components").symlink_to(PROJECT / "components")  # dvc.yaml lists code files as deps
+    (root / "params.yaml").write_text(yaml.safe_dump(params or tiny_params(), sort_keys=False))
+    make_small_source(root / "data" / "raw" / "fashion-mnist")
+    make_small_target(root / "data" / "raw" / "animal-mnist")
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "add", "-q", "data/raw/fashion-mnist", "data/raw/animal-mnist"], cwd=root, check=True)
+    return root
+
+
+@pytest.fixture(scope="session")
+def workspace_factory(tmp_path_factory):
+    def make(name: str, params: dict | None = None) -> Path:
+        return make_workspace(tmp_path_factory.mktemp(name), params)
+
+    return make
