@@ -5,6 +5,7 @@ dvc.lock, so a run through Prefect and a plain `dvc repro` share one cache and o
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -24,6 +25,10 @@ class StageOutcome:
     name: str
     ran: bool
     seconds: float
+
+
+# DVC prints its own progress; without this, a logging set-up like Prefect's prints each line twice.
+logging.getLogger("dvc").propagate = False
 
 
 @contextmanager
@@ -47,6 +52,7 @@ def reproduce_stage(root: str | Path, name: str) -> StageOutcome:
         raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGE_ORDER)}")
     started = time.perf_counter()
     with _in_folder(Path(root).resolve()), Repo(".") as repo:
+        repo.scm_context.quiet = True  # no "git add dvc.lock" hint after every stage
         ran = repo.reproduce(name, single_item=True)
     return StageOutcome(name=name, ran=bool(ran), seconds=time.perf_counter() - started)
 

@@ -5,6 +5,9 @@ The slices come from the real embedded default (`graft fetch-data` must have run
 from __future__ import annotations
 
 import gzip
+import json
+import os
+import re
 import shutil
 import struct
 import subprocess
@@ -97,3 +100,24 @@ def workspace_factory(tmp_path_factory):
         return make_workspace(tmp_path_factory.mktemp(name), params)
 
     return make
+
+
+def dvc_repro(root: Path) -> subprocess.CompletedProcess:
+    """`dvc repro` exactly as a user types it, with this venv's scripts on PATH."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=root, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def stages_ran(output: str) -> list[str]:
+    return re.findall(r"Running stage '(\w+)'", output)
+
+
+@pytest.fixture(scope="session")
+def repro_workspace(workspace_factory):
+    """A workspace after one full `dvc repro`, and a copy of its metrics as they were then."""
+    root = workspace_factory("repro")
+    done = dvc_repro(root)
+    metrics = {name: json.loads((root / "metrics" / f"{name}.json").read_text()) for name in ("evaluate", "export", "pretrain")}
+    return root, stages_ran(done.stdout), metrics

@@ -1,0 +1,58 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from components.config import ParamsError, load_params, parse_params
+from tests.conftest import PROJECT, tiny_params
+
+
+def test_project_params_load():
+    params = load_params(PROJECT / "params.yaml")
+    assert params.finetune.strategy == "finetune"
+    assert params.data.target.labels_per_class == 10
+
+
+def test_bad_strategy_names_key_and_allowed_values():
+    with pytest.raises(ParamsError) as error:
+        parse_params(tiny_params(**{"finetune.strategy": "full"}))
+    message = str(error.value)
+    assert "finetune.strategy" in message
+    for allowed in ("scratch", "linear_probe", "finetune", "lp_ft"):
+        assert allowed in message
+    assert "'full'" in message
+
+
+def test_unknown_key_is_rejected_by_name():
+    raw = tiny_params()
+    raw["finetune"]["stepz"] = 3
+    with pytest.raises(ParamsError, match=r"finetune\.stepz: unknown key"):
+        parse_params(raw)
+
+
+def test_normalisation_needs_one_value_per_channel():
+    with pytest.raises(ParamsError, match="data.mean needs one value a channel"):
+        parse_params(tiny_params(**{"data.channels": 3}))
+
+
+def test_lp_steps_must_fit_inside_steps():
+    with pytest.raises(ParamsError, match=r"lp_steps \(12\) must be < finetune.steps \(12\)"):
+        parse_params(tiny_params(**{"finetune.strategy": "lp_ft", "finetune.lp_steps": 12}))
+
+
+def test_negative_values_are_rejected():
+    with pytest.raises(ParamsError, match=r"pretrain.lr: Input should be greater than 0 \(got -0.1\)"):
+        parse_params(tiny_params(**{"pretrain.lr": -0.1}))
+
+
+def test_missing_and_malformed_files(tmp_path: Path):
+    with pytest.raises(ParamsError, match="no such file"):
+        load_params(tmp_path / "params.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("seed: [1, 2\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(broken)
+    listed = tmp_path / "list.yaml"
+    listed.write_text(yaml.safe_dump([1, 2]))
+    with pytest.raises(ParamsError, match="mapping"):
+        load_params(listed)

@@ -1,0 +1,177 @@
+"""Prepare on slices of the real data, and every kind of bad input a user's folder can hold."""
+import gzip
+import io
+import pickle
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from components import fetch
+from components.artifacts import read_json
+from components.config import parse_params
+from components.data import DataError, load_splits, prepare
+from tests.conftest import PROJECT, RAW, make_small_source, make_small_target, tiny_params
+
+
+def _prepare_target(root: Path, tmp_path: Path, **overrides):
+    params = parse_params(tiny_params(**{"data.target.path": str(root), **overrides}))
+    result = prepare(params.data.target, params.data, params.seed, tmp_path / "out.npz", tmp_path / "report.json")
+    return result, read_json(tmp_path / "report.json")
+
+
+def test_folder_prepare_splits_stratified_and_k_per_class(tmp_path):
+    root = make_small_target(tmp_path / "raw")
+    result, report = _prepare_target(root, tmp_path)
+    splits = load_splits(result.path)
+    assert splits.x_train.shape[1:] == (1, 28, 28) and splits.x_train.dtype == np.uint8
+    assert result.counts == {"train": 50, "val": 40, "test": 60}
+    assert set(report["per_class"]["test"].values()) == {6}
+    assert set(report["per_class"]["train"].values()) == {5}
+    assert splits.classes == tuple(sorted(p.name for p in root.iterdir()))
+
+
+def test_splits_are_disjoint_and_seeded(tmp_path):
+    root = make_small_target(tmp_path / "raw")
+    first, _ = _prepare_target(root, tmp_path / "a")
+    again, _ = _prepare_target(root, tmp_path / "b")
+    other_seed, _ = _prepare_target(root, tmp_path / "c", seed=7)
+    assert first.data_version == again.data_version
+    a, c = load_splits(first.path), load_splits(other_seed.path)
+    assert np.array_equal(a.x_test, c.x_test), "the test split depends on split_seed only"
+    assert not np.array_equal(a.x_train, c.x_train), "seed draws a different k-per-class subset"
+    rows = lambda x: {r.tobytes() for r in x}  # noqa: E731
+    assert not rows(a.x_train) & rows(a.x_test) and not rows(a.x_val) & rows(a.x_test)
+
+
+def test_idx_source_uses_t10k_as_test(tmp_path):
+    root = make_small_source(tmp_path / "fm", train=500, test=120)
+    params = parse_params(tiny_params(**{"data.source.path": str(root)}))
+    result = prepare(params.data.source, params.data, 0, tmp_path / "s.npz", tmp_path / "s.json")
+    assert result.counts["test"] == 120 and result.counts["val"] == 100
+    assert result.counts["train"] + result.counts["val"] + result.quarantined == 500
+
+
+def test_truncated_idx_file_is_named(tmp_path):
+    root = make_small_source(tmp_path / "fm", train=200, test=50)
+    images = root / "train-images-idx3-ubyte.gz"
+    images.write_bytes(gzip.compress(gzip.decompress(images.read_bytes())[:-100]))
+    params = parse_params(tiny_params(**{"data.source.path": str(root)}))
+    with pytest.raises(DataError, match="train-images-idx3-ubyte.gz: truncated IDX file"):
+        prepare(params.data.source, params.data, 0, tmp_path / "s.npz", tmp_path / "s.json")
+
+
+def test_bad_files_are_quarantined_by_name(tmp_path):
+    root = make_small_target(tmp_path / "raw")
+    clean, _ = _prepare_target(root, tmp_path / "clean")  # the real slice has a few duplicates of its own
+    good = sorted((root / "cat").iterdir())[0]
+    (root / "cat" / "notes.txt").write_text("not an image")
+    (root / "cat" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 20)
+    (root / "dog" / "truncated.png").write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    shutil.copy(good, root / "cat" / "copy-of-first.png")          # duplicate within a class
+    shutil.copy(sorted((root / "cow").iterdir())[3], root / "horse" / "mislabelled.png")  # same image, two labels
+    result, report = _prepare_target(root, tmp_path)
+    reasons = {Path(e["file"]).name: e["reason"] for e in report["quarantine"]}
+    assert reasons["notes.txt"] == "not an image file"
+    assert reasons["corrupt.png"].startswith("cannot decode") or reasons["corrupt.png"] == "not an image file"
+    assert reasons["truncated.png"].startswith("cannot decode")
+    assert reasons["copy-of-first.png"].startswith("exact duplicate of") and good.name in reasons["copy-of-first.png"]
+    assert reasons["mislabelled.png"] == "conflicting labels (cow, horse)"
+    assert result.quarantined == len(report["quarantine"]) == clean.quarantined + 6  # both mislabelled copies go
+
+
+def test_bad_files_fail_mode_stops_at_the_file(tmp_path):
+    root = make_small_target(tmp_path / "raw")
+    (root / "cat" / "notes.txt").write_text("not an image")
+    with pytest.raises(DataError, match=r"notes.txt: not an image file; fix or remove the file"):
+        _prepare_target(root, tmp_path, **{"data.bad_files": "fail"})
+
+
+def test_empty_class_folder_is_an_error(tmp_path):
+    root = make_small_target(tmp_path / "raw")
+    (root / "unicorn").mkdir()
+    with pytest.raises(DataError, match="empty class folder.*unicorn"):
+        _prepare_target(root, tmp_path)
+
+
+def test_class_too_small_for_the_split_names_class_and_fix(tmp_path):
+    root = make_small_target(tmp_path / "raw")
+    for image in sorted((root / "zebra").iterdir())[5:]:
+        image.unlink()
+    with pytest.raises(DataError, match=r"zebra has \d+, need 5.*lower val_size / test_size / labels_per_class"):
+        _prepare_target(root, tmp_path)
+
+
+def test_class_with_too_few_usable_images(tmp_path):
+    root = make_small_target(tmp_path / "raw")
+    for image in sorted((root / "bird").iterdir())[2:]:
+        image.write_bytes(b"broken")
+    with pytest.raises(DataError, match=r"fewer than 3 usable images: bird \(2\)"):
+        _prepare_target(root, tmp_path)
+
+
+def test_odd_images_are_converted(tmp_path):
+    """Colour, alpha, palette, odd sizes and JPEG all become 1x28x28 gray."""
+    root = make_small_target(tmp_path / "raw", per_class=20, classes=2)
+    rng = np.random.default_rng(0)
+    first = sorted(root.iterdir())[0]
+    Image.fromarray(rng.integers(0, 255, (60, 100, 3), dtype=np.uint8)).save(first / "wide.jpg", quality=90)
+    Image.fromarray(rng.integers(0, 255, (33, 17, 4), dtype=np.uint8), "RGBA").save(first / "alpha.png")
+    Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8)).convert("P").save(first / "palette.png")
+    Image.fromarray(rng.integers(0, 65535, (30, 30), dtype=np.uint16)).save(first / "sixteen-bit.png")
+    result, report = _prepare_target(root, tmp_path, **{"data.target.test_size": 10, "data.target.val_size": 4,
+                                                       "data.target.labels_per_class": None})
+    assert report["quarantined"] == 0
+    assert sum(result.counts.values()) == 44
+    assert load_splits(result.path).x_test.shape[1:] == (1, 28, 28)
+
+
+def test_rgb_channels(tmp_path):
+    root = make_small_target(tmp_path / "raw", per_class=20, classes=2)
+    params = tiny_params(**{"data.target.path": str(root), "data.channels": 3, "data.mean": [0.5] * 3,
+                            "data.std": [0.5] * 3, "data.target.test_size": 10, "data.target.val_size": 4})
+    parsed = parse_params(params)
+    result = prepare(parsed.data.target, parsed.data, 0, tmp_path / "o.npz", tmp_path / "r.json")
+    assert load_splits(result.path).x_train.shape[1:] == (3, 28, 28)
+
+
+def test_missing_folder_and_single_class(tmp_path):
+    with pytest.raises(DataError, match="no such folder"):
+        _prepare_target(tmp_path / "nowhere", tmp_path)
+    root = make_small_target(tmp_path / "raw", classes=1)
+    with pytest.raises(DataError, match="need at least 2"):
+        _prepare_target(root, tmp_path)
+
+
+def _wheel_with(tmp_path: Path, data_blob: bytes) -> Path:
+    wheel = tmp_path / "animal_mnist-0.4-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for member in fetch.ANIMAL_MNIST_MEMBERS:
+            archive.writestr(member, data_blob)
+    return wheel
+
+
+def test_fetch_refuses_a_pickle_that_is_not_the_pinned_one(tmp_path):
+    wheel = _wheel_with(tmp_path, gzip.compress(pickle.dumps(np.zeros((2, 28, 28), np.uint8))))
+    with pytest.raises(fetch.FetchError, match="differs from the pinned value; refusing to unpickle"):
+        fetch.fetch_animal_mnist(tmp_path / "out", wheel)
+
+
+def test_numpy_only_unpickler_refuses_code():
+    payload = pickle.dumps(print)
+    with pytest.raises(pickle.UnpicklingError, match="refusing to load builtins.print"):
+        fetch._NumpyOnlyUnpickler(io.BytesIO(payload)).load()
+
+
+def test_fetched_default_data_is_pinned_and_complete():
+    """data/raw (written by `graft fetch-data`) matches the DVC-pinned version committed in git."""
+    counts = {d.name: len(list(d.iterdir())) for d in (RAW / "animal-mnist").iterdir()}
+    assert sorted(counts) == sorted(fetch.ANIMAL_MNIST_CLASSES) and sum(counts.values()) == 10000
+    status = subprocess.run([sys.executable, "-m", "dvc", "status", "data/raw/animal-mnist.dvc", "data/raw/fashion-mnist.dvc"],
+                            cwd=PROJECT, capture_output=True, text=True, check=True)
+    assert "changed" not in status.stdout, status.stdout

@@ -1,0 +1,128 @@
+"""The one training loop and its strategies, on a real slice of Animal-MNIST."""
+import numpy as np
+import pytest
+import torch
+
+from components.config import parse_params
+from components.data import load_splits, prepare
+from components.model import ModelSpec, build, graft, load_checkpoint, save_checkpoint
+from components.train import BatchSampler, Phase, augment_batch, strategy_phases, train, warmup_cosine
+from tests.conftest import make_small_target, tiny_params
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("target")
+    params = parse_params(tiny_params(**{"data.target.path": str(make_small_target(tmp / "raw"))}))
+    prepare(params.data.target, params.data, params.seed, tmp / "t.npz", tmp / "t.json")
+    return params, load_splits(tmp / "t.npz")
+
+
+def _spec(splits) -> ModelSpec:
+    return ModelSpec(1, 28, (8, 16, 32), splits.classes, (0.5,), (0.5,))
+
+
+def _backbone_state(model):
+    return {k: v.clone() for k, v in model.backbone.state_dict().items()}
+
+
+def test_strategies_are_phases():
+    params = parse_params(tiny_params(**{"finetune.strategy": "lp_ft"})).finetune
+    assert strategy_phases(params) == [Phase("linear_probe", 4, None), Phase("finetune", 8, 0.1)]
+    assert strategy_phases(params, "linear_probe") == [Phase("linear_probe", 12, None)]
+    assert strategy_phases(params, "scratch") == [Phase("scratch", 12, 1.0)]
+
+
+def test_linear_probe_freezes_backbone_weights_and_bn_statistics(target):
+    params, splits = target
+    source = build(_spec(splits), 1)
+    model = graft(source, _spec(splits), 0)
+    before, head_before = _backbone_state(model), model.head.weight.clone()
+    train(model, splits, params.finetune, strategy_phases(params.finetune, "linear_probe"), 0)
+    after = model.backbone.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "backbone (incl. BN running stats) changed"
+    assert not torch.equal(head_before, model.head.weight)
+
+
+def test_finetune_moves_the_backbone_and_keeps_the_grafted_weights_as_start(target):
+    params, splits = target
+    source = build(_spec(splits), 1)
+    model = graft(source, _spec(splits), 0)
+    assert all(torch.equal(a, b) for a, b in zip(source.backbone.state_dict().values(), model.backbone.state_dict().values()))
+    train(model, splits, params.finetune, strategy_phases(params.finetune, "finetune"), 0)
+    assert not torch.equal(source.backbone[0].weight, model.backbone[0].weight)
+
+
+def test_backbone_learning_rate_is_scaled(target):
+    from components.train import _optimizer
+
+    params, splits = target
+    model = build(_spec(splits), 0)
+    optimizer = _optimizer(model, params.finetune, Phase("finetune", 1, 0.1))
+    head, backbone = optimizer.param_groups
+    assert backbone["lr"] == pytest.approx(0.1 * head["lr"])
+    assert len(_optimizer(model, params.finetune, Phase("lp", 1, None)).param_groups) == 1
+
+
+def test_same_seed_same_model_other_seed_other_model(target):
+    params, splits = target
+    runs = []
+    for seed in (0, 0, 1):
+        model = build(_spec(splits), seed)
+        history = train(model, splits, params.finetune, strategy_phases(params.finetune, "scratch"), seed)
+        runs.append((model.state_dict(), history))
+    assert runs[0][1] == runs[1][1]
+    assert all(torch.equal(runs[0][0][k], runs[1][0][k]) for k in runs[0][0])
+    assert runs[0][1] != runs[2][1]
+
+
+def test_history_records_each_evaluation(target):
+    params, splits = target
+    model = build(_spec(splits), 0)
+    history = train(model, splits, params.finetune, strategy_phases(params.finetune, "lp_ft"), 0)
+    assert [r["step"] for r in history] == [4, 8, 12]
+    assert [r["phase"] for r in history] == ["linear_probe", "finetune", "finetune"]
+    assert all(0 <= r["val_accuracy"] <= 1 and np.isfinite(r["train_loss"]) for r in history)
+
+
+def test_graft_refuses_a_backbone_that_does_not_fit(target):
+    _, splits = target
+    source = build(_spec(splits), 0)
+    other = ModelSpec(3, 28, (8, 16, 32), splits.classes, (0.5,) * 3, (0.5,) * 3)
+    with pytest.raises(ValueError, match="does not fit the target"):
+        graft(source, other, 0)
+
+
+def test_augment_keeps_shape_and_identity_without_augmentation():
+    from components.config import Augment
+
+    pixels = torch.rand(5, 1, 28, 28)
+    generator = torch.Generator().manual_seed(0)
+    assert torch.equal(augment_batch(pixels, Augment(), generator), pixels)
+    warped = augment_batch(pixels, Augment(flip=True, rotate_degrees=10, scale=(0.9, 1.1), shift_pixels=2), generator)
+    assert warped.shape == pixels.shape and not torch.equal(warped, pixels)
+    flipped_only = augment_batch(pixels, Augment(flip=True), torch.Generator().manual_seed(3))
+    for image, original in zip(flipped_only, pixels):
+        assert torch.allclose(image, original, atol=1e-5) or torch.allclose(image, original.flip(-1), atol=1e-5)
+
+
+def test_sampler_covers_every_example_each_pass():
+    sampler = BatchSampler(10, 4, torch.Generator().manual_seed(0))
+    seen = torch.cat([sampler.next() for _ in range(5)])
+    assert sorted(seen[:10].tolist()) == list(range(10))
+    assert sorted(seen[10:20].tolist()) == list(range(10))
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    factor = warmup_cosine(100, 0.1)
+    assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)
+    assert factor(55) < factor(20) and factor(99) < 0.01
+
+
+def test_checkpoint_round_trip(target, tmp_path):
+    _, splits = target
+    model = build(_spec(splits), 0)
+    save_checkpoint(model, tmp_path / "m.pt", {"strategy": "scratch"})
+    loaded, meta = load_checkpoint(tmp_path / "m.pt")
+    assert meta["strategy"] == "scratch" and loaded.spec == model.spec
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
