@@ -11,11 +11,13 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from components.errors import GraftError
+
 Strategy = Literal["scratch", "linear_probe", "finetune", "lp_ft"]
 STRATEGIES: tuple[str, ...] = Strategy.__args__
 
 
-class ParamsError(ValueError):
+class ParamsError(GraftError, ValueError):
     """params.yaml is missing, unreadable or invalid; the message names each bad key."""
 
 
@@ -101,6 +103,54 @@ class ExportParams(_Strict):
     parity_atol: float = Field(default=1e-4, gt=0)
 
 
+class GateParams(_Strict):
+    min_accuracy: float = Field(default=0.0, ge=0, le=1)
+    min_macro_f1: float = Field(default=0.0, ge=0, le=1)
+    min_transfer_gain: float = Field(default=0.0, ge=-1, le=1)  # transfer minus scratch test accuracy
+    max_regression: float = Field(default=0.01, ge=0, le=1)      # how much worse than the champion is tolerated
+    regression_mode: Literal["absolute", "relative"] = "absolute"
+    large_batch: int = Field(default=256, ge=2)
+    max_latency_ms_batch1: float = Field(default=50.0, gt=0)
+    max_latency_ms_large_batch: float = Field(default=1000.0, gt=0)
+    max_model_mb: float = Field(default=100.0, gt=0)
+
+
+class PromotionParams(_Strict):
+    auto_promote: bool = False  # the first model that passes every gate is always promoted
+
+
+ProviderName = Literal["tensorrt", "cuda", "cpu"]
+
+
+class ServingParams(_Strict):
+    alias: str = "champion"
+    providers: list[ProviderName] = Field(default=["tensorrt", "cuda", "cpu"], min_length=1)
+    strict: bool = False  # refuse to serve on CPU when a GPU provider was asked for
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    max_batch_size: int = Field(default=32, ge=1)
+    max_queue_delay_ms: float = Field(default=2.0, ge=0)
+    max_body_bytes: int = Field(default=10_000_000, ge=1024)
+    poll_seconds: float = Field(default=5.0, gt=0)
+    threads: int = Field(default=0, ge=0)  # ONNX Runtime intra-op threads; 0: its default
+
+
+class ScheduleParams(_Strict):
+    cron: str = "0 2 * * *"
+    timezone: str = "UTC"
+    work_pool: str = "graft"
+    deployment: str = "nightly-retrain"
+    retries: int = Field(default=3, ge=0)           # transient failures only: bad data or params are never retried
+    retry_delay_seconds: float = Field(default=30, ge=0)  # doubles on each retry
+    lock_wait_seconds: float = Field(default=600, ge=0)   # a second run waits this long for the first, then refuses
+
+    @model_validator(mode="after")
+    def _cron_has_five_fields(self) -> ScheduleParams:
+        if len(self.cron.split()) != 5:
+            raise ValueError(f"schedule.cron must have 5 fields (minute hour day month weekday), got {self.cron!r}")
+        return self
+
+
 class RegistryParams(_Strict):
     tracking_uri: str = "sqlite:///mlflow.db"
     artifact_location: str = "mlartifacts"
@@ -115,7 +165,11 @@ class Params(_Strict):
     pretrain: PretrainParams
     finetune: FinetuneParams
     export: ExportParams = ExportParams()
+    gates: GateParams = GateParams()
+    promotion: PromotionParams = PromotionParams()
     registry: RegistryParams = RegistryParams()
+    serving: ServingParams = ServingParams()
+    schedule: ScheduleParams = ScheduleParams()
 
 
 def _describe(error: ValidationError) -> str:

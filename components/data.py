@@ -24,11 +24,13 @@ from tqdm import tqdm
 
 from components.artifacts import atomic_path, sha256_file, write_json
 from components.config import DataParams, DatasetParams
+from components.errors import GraftError
+from deploy.imaging import convert_mode, to_chw
 
 IDX_SPLITS = {"train": "train", "test": "t10k"}
 
 
-class DataError(ValueError):
+class DataError(GraftError, ValueError):
     """The raw data cannot be prepared; the message names the problem and the fix."""
 
 
@@ -113,11 +115,7 @@ def read_idx_split(root: Path, split: str) -> tuple[list[Sample], tuple[str, ...
 def _decode(path: Path, channels: int) -> np.ndarray:
     with Image.open(path) as image:
         image.load()  # decodes fully: raises on truncated or corrupt data
-        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-            # Transparent pixels become black, as they do on a black canvas, rather than garbage colours.
-            background = Image.new("RGBA", image.size, (0, 0, 0, 255))
-            image = Image.alpha_composite(background, image.convert("RGBA"))
-        return np.asarray(image.convert("L" if channels == 1 else "RGB"))
+        return np.asarray(convert_mode(image, "L" if channels == 1 else "RGB"))
 
 
 def read_folder(root: Path, channels: int, quarantine: Quarantine, fail_fast: bool) -> tuple[list[Sample], tuple[str, ...]]:
@@ -176,18 +174,10 @@ def drop_duplicates(samples: list[Sample], classes: tuple[str, ...], quarantine:
     return kept
 
 
-def _resize(pixels: np.ndarray, size: int, channels: int) -> np.ndarray:
-    if pixels.shape[:2] != (size, size):
-        pixels = np.asarray(Image.fromarray(pixels).resize((size, size), Image.Resampling.BILINEAR))
-    if channels == 1:
-        return pixels[None, :, :]
-    return pixels.transpose(2, 0, 1)
-
-
 def to_arrays(samples: list[Sample], size: int, channels: int) -> tuple[np.ndarray, np.ndarray]:
     x = np.empty((len(samples), channels, size, size), dtype=np.uint8)
     for i, sample in enumerate(samples):
-        x[i] = _resize(sample.pixels, size, channels)
+        x[i] = to_chw(sample.pixels, size, size)
     return x, np.array([s.label for s in samples], dtype=np.int64)
 
 
@@ -212,22 +202,24 @@ def k_per_class(labels: np.ndarray, k: int, rng: np.random.Generator) -> np.ndar
     return np.sort(np.concatenate(picked))
 
 
-def _check_class_sizes(y: np.ndarray, classes: tuple[str, ...], minimum: int, where: str) -> None:
+def _short_classes(y: np.ndarray, classes: tuple[str, ...], minimum: int) -> list[tuple[str, int]]:
     counts = np.bincount(y, minlength=len(classes))
-    too_few = [f"{classes[c]} ({counts[c]})" for c in range(len(classes)) if counts[c] < minimum]
-    if too_few:
+    return [(classes[c], int(counts[c])) for c in range(len(classes)) if counts[c] < minimum]
+
+
+def _check_class_sizes(y: np.ndarray, classes: tuple[str, ...], minimum: int, where: str) -> None:
+    if too_few := _short_classes(y, classes, minimum):
         raise DataError(
-            f"{where}: class(es) with fewer than {minimum} usable images: {', '.join(too_few)}; "
+            f"{where}: class(es) with fewer than {minimum} usable images: {', '.join(f'{n} ({c})' for n, c in too_few)}; "
             "add images, fix the quarantined ones, or lower data.min_images_per_class"
         )
 
 
 def _check_split_fits(y_train: np.ndarray, classes: tuple[str, ...], need: int, where: str) -> None:
-    counts = np.bincount(y_train, minlength=len(classes))
-    short = [f"{classes[c]} has {counts[c]}" for c in range(len(classes)) if counts[c] < need]
-    if short:
+    if short := _short_classes(y_train, classes, need):
         raise DataError(
-            f"{where}: too few training images left after the val/test split ({'; '.join(short)}, need {need}); "
+            f"{where}: too few training images left after the val/test split "
+            f"({'; '.join(f'{n} has {c}' for n, c in short)}, need {need}); "
             "add images to those classes or lower val_size / test_size / labels_per_class"
         )
 

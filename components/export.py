@@ -16,9 +16,9 @@ import torch
 from components.artifacts import atomic_path
 from components.model import Classifier
 from components.train import Normalizer, predict_logits
+from deploy.model import CLASSES_KEY, CONTRACT_KEY  # the server reads exactly what export writes
 
 INPUT_NAME, OUTPUT_NAME = "pixels", "logits"
-CONTRACT_KEY, CLASSES_KEY = "graft.preprocess", "graft.classes"
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from components.errors import GraftError
+
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_FILES = (
     "train-images-idx3-ubyte.gz",
@@ -47,7 +49,7 @@ ANIMAL_MNIST_MEMBERS = {
 ANIMAL_MNIST_CLASSES = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra")
 
 
-class FetchError(RuntimeError):
+class FetchError(GraftError):
     pass
 
 

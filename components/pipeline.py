@@ -5,9 +5,13 @@ dvc.lock, so a run through Prefect and a plain `dvc repro` share one cache and o
 """
 from __future__ import annotations
 
+import fcntl
+import json
 import logging
 import os
+import re
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,6 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 from components.artifacts import read_json
+from components.errors import EXIT_TRANSIENT, GraftError, StageFailed, TransientStageError
 from components.stages import STAGES, Layout
 
 STAGE_ORDER: tuple[str, ...] = tuple(STAGES)
@@ -44,17 +49,82 @@ def _in_folder(root: Path) -> Iterator[None]:
         os.environ["PATH"] = previous_path
 
 
+def _stage_failure(name: str, error: Exception, error_file: Path) -> Exception:
+    """Turn DVC's "failed to reproduce" into StageFailed or TransientStageError with the stage's own message."""
+    status = None
+    cause: BaseException | None = error
+    while cause is not None and status is None:
+        if match := re.search(r"exited with (-?\d+)", str(cause)):
+            status = int(match.group(1))
+        cause = cause.__cause__ or cause.__context__
+    reported = json.loads(error_file.read_text()) if error_file.exists() and error_file.stat().st_size else {}
+    message = reported.get("message") or str(error)
+    if status == EXIT_TRANSIENT:
+        return TransientStageError(f"stage {name}: {message}")
+    return StageFailed(f"stage {name} failed: {message}")
+
+
 def reproduce_stage(root: str | Path, name: str) -> StageOutcome:
     """Run one stage if DVC finds it out of date; its upstream stages must already be up to date."""
+    from dvc.exceptions import ReproductionError
     from dvc.repo import Repo  # imported here: dvc is heavy and only the runner needs it
 
     if name not in STAGES:
         raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGE_ORDER)}")
     started = time.perf_counter()
-    with _in_folder(Path(root).resolve()), Repo(".") as repo:
+    with tempfile.TemporaryDirectory() as tmp, _in_folder(Path(root).resolve()), Repo(".") as repo:
+        error_file = Path(tmp) / "error.json"
+        os.environ["GRAFT_ERROR_FILE"] = str(error_file)
         repo.scm_context.quiet = True  # no "git add dvc.lock" hint after every stage
-        ran = repo.reproduce(name, single_item=True)
+        try:
+            ran = repo.reproduce(name, single_item=True)
+        except ReproductionError as error:
+            raise _stage_failure(name, error, error_file) from error
+        finally:
+            os.environ.pop("GRAFT_ERROR_FILE", None)
     return StageOutcome(name=name, ran=bool(ran), seconds=time.perf_counter() - started)
+
+
+def pending_stages(root: str | Path) -> list[str]:
+    """What `dvc repro` would do now: stages and tracked data whose inputs changed since the last run."""
+    from dvc.repo import Repo
+
+    with _in_folder(Path(root).resolve()), Repo(".") as repo:
+        return sorted(repo.status())
+
+
+class ProjectBusy(GraftError):
+    pass
+
+
+@contextmanager
+def project_lock(root: str | Path, wait_seconds: float, holder: str) -> Iterator[None]:
+    """One retraining run at a time per project folder: DVC's stages, its lock file and the outputs are shared.
+
+    flock is released by the kernel when the holder dies, so a killed run never leaves a stale lock."""
+    path = Path(root) / ".graft.lock"
+    deadline = time.monotonic() + wait_seconds
+    with open(path, "a+") as handle:
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    handle.seek(0)
+                    raise ProjectBusy(
+                        f"another retraining run is using {Path(root).resolve()} ({handle.read().strip() or 'unknown'}); "
+                        f"waited {wait_seconds:.0f}s. Try again when it ends, or raise schedule.lock_wait_seconds."
+                    ) from None
+                time.sleep(0.5)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{holder}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def collect_summary(root: str | Path, outcomes: list[StageOutcome] | None = None) -> dict:
@@ -77,9 +147,26 @@ def collect_summary(root: str | Path, outcomes: list[StageOutcome] | None = None
         "scratch test acc": f"{evaluation['scratch']['accuracy']:.4f} (macro-F1 {evaluation['scratch']['macro_f1']:.4f})",
         "transfer gain": f"{100 * evaluation['transfer_gain']:+.2f} points",
         "ONNX parity": f"max |diff| {parity['max_abs_diff']:.1e}, top-1 agreement {parity['argmax_agreement']:.4f}",
-        "model version": f"{registration['model_name']} v{registration['version']}" if registration else "not registered",
+        "gates": _gate_line(root),
+        "model version": _version_line(registration),
         "stages": ", ".join(f"{o.name} {'ran' if o.ran else 'skipped'} {o.seconds:.0f}s" for o in outcomes) if outcomes else "",
     }
+
+
+def _gate_line(root: Path) -> str:
+    path = root / Layout.gate_report
+    if not path.exists():
+        return "not run"
+    report = read_json(path)
+    failed = [g["name"] for g in report["gates"] if g["verdict"] == "failed"]
+    return ("all passed" if report["passed"] else f"FAILED: {', '.join(failed)}") + f" (serving check on {report['provider']})"
+
+
+def _version_line(registration: dict) -> str:
+    if not registration:
+        return "not registered"
+    aliases = [alias for alias, held in (("challenger", registration.get("challenger")), ("champion", registration.get("promoted"))) if held]
+    return f"{registration['model_name']} v{registration['version']}" + (f" ({', '.join(aliases)})" if aliases else " (no alias: gates failed)")
 
 
 def format_table(summary: dict, markdown: bool = False) -> str:

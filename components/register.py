@@ -42,9 +42,13 @@ def tracking_uri(registry: RegistryParams) -> str:
 
 def use_experiment(registry: RegistryParams) -> str:
     """Point MLflow at the configured store and experiment (created with its artifact folder if new)."""
-    mlflow.set_tracking_uri(tracking_uri(registry))
+    uri = tracking_uri(registry)
+    mlflow.set_tracking_uri(uri)
     experiment = mlflow.get_experiment_by_name(registry.experiment)
-    if experiment is None:
+    if experiment is None and uri.startswith(("http://", "https://")):
+        # A tracking server stores artifacts where it was told (--artifacts-destination), not in our folder.
+        experiment_id = mlflow.create_experiment(registry.experiment)
+    elif experiment is None:
         location = registry.artifact_location
         if "://" not in location:
             location = Path(location).resolve().as_uri()
@@ -74,7 +78,8 @@ def log_history(history: list[dict], prefix: str) -> None:
 
 def source_run(params: Params, checkpoint_sha: str, checkpoint: Path, history: list[dict], metrics: dict, data_version: str) -> str:
     """The MLflow run of this source checkpoint: found by its sha256, or logged now."""
-    found = mlflow.search_runs(filter_string=f"tags.`{SOURCE_SHA_TAG}` = '{checkpoint_sha}'", max_results=1, output_format="list")
+    query = f"tags.`{SOURCE_SHA_TAG}` = '{checkpoint_sha}' and tags.`graft.stage` = 'pretrain'"
+    found = mlflow.search_runs(filter_string=query, max_results=1, output_format="list")
     if found:
         return found[0].info.run_id
     with mlflow.start_run(run_name=f"pretrain-{params.data.source.name}-{checkpoint_sha[:8]}") as run:
@@ -137,3 +142,26 @@ def register(record: RunRecord, source_run_id: str) -> Registration:
             source_run_id=source_run_id,
             tracking_uri=mlflow.get_tracking_uri(),
         )
+
+
+def apply_gate_verdict(params: Params, registration: dict, report: dict) -> dict:
+    """Tag the new version with every gate's result; give it `challenger` only if all passed; promote it
+    when promotion.auto_promote is on, or when there is no champion yet."""
+    from components.registry import CHALLENGER, CHAMPION, GATES_TAG, alias_version, move_alias, promote
+
+    client = MlflowClient()
+    name, version, run_id = registration["model_name"], registration["version"], registration["run_id"]
+    client.set_model_version_tag(name, version, GATES_TAG, "passed" if report["passed"] else "failed")
+    client.set_model_version_tag(name, version, "graft.serving_provider", report["provider"])
+    for gate in report["gates"]:
+        value = "" if gate["value"] is None else f"{gate['value']:.6g}"
+        for field, text in (("verdict", gate["verdict"]), ("value", value), ("bound", gate["bound"])):
+            client.set_model_version_tag(name, version, f"gate.{gate['name']}.{field}", text)
+    if not report["passed"]:
+        return {"gates_passed": False, "challenger": False, "promoted": False}
+    move_alias(client, name, CHALLENGER, version, "challenger", "passed every gate", run_id)
+    first = alias_version(client, name, CHAMPION) is None
+    if params.promotion.auto_promote or first:
+        reason = "first model to pass every gate" if first else "auto_promote: passed every gate"
+        promote(client, name, version, reason=reason, run_id=run_id)
+    return {"gates_passed": True, "challenger": True, "promoted": params.promotion.auto_promote or first}

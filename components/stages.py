@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from components import data as data_mod
-from components.artifacts import read_json, sha256_file, write_json
+from components.artifacts import atomic_path, read_json, sha256_file, write_json
 from components.config import Params, load_params
 from components.evaluate import plot_confusion, plot_curves, read_history, score, write_history, write_predictions
 from components.export import check_parity, export_onnx
@@ -44,6 +44,8 @@ class Layout:
     confusion_transfer = Path("plots/confusion_transfer.png")
     confusion_scratch = Path("plots/confusion_scratch.png")
     curves = Path("plots/curves.png")
+    gate_report = Path("reports/gates.json")
+    gate_markdown = Path("reports/gates.md")
     registration = Path("outputs/registration.json")
 
 
@@ -153,6 +155,54 @@ def export(params: Params) -> dict:
     return result
 
 
+def _score_champion(params: Params, x_test: np.ndarray, y_test: np.ndarray, classes: tuple[str, ...]) -> tuple[str | None, float | None, str]:
+    """The current champion's accuracy on this run's test split, scored with ONNX Runtime as it is served."""
+    import tempfile
+
+    from mlflow import MlflowClient
+    from mlflow.artifacts import download_artifacts
+
+    from components import register as register_mod
+    from components.registry import CHAMPION, alias_version
+    from deploy.model import load_model, normalize
+
+    register_mod.use_experiment(params.registry)
+    version = alias_version(MlflowClient(), params.registry.model_name, CHAMPION)
+    if version is None:
+        return None, None, ""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(download_artifacts(artifact_uri=f"models:/{params.registry.model_name}/{version}", dst_path=tmp))
+        champion = load_model(folder / "model.onnx", providers=["cpu"])
+        if champion.contract.shape != x_test.shape[1:] or champion.classes != classes:
+            return version, None, (f"champion v{version} takes {champion.contract.shape} images of classes {list(champion.classes)}; "
+                                   f"this run has {x_test.shape[1:]} and {list(classes)}: not comparable on one test split")
+        logits = np.concatenate([champion.run(normalize(x_test[i : i + 512], champion.contract)) for i in range(0, len(x_test), 512)])
+    return version, score(y_test, logits.argmax(1), classes).accuracy, ""
+
+
+def gate(params: Params) -> dict:
+    """Every gate, its value, bound and verdict; the report is written whether the gates pass or not."""
+    from components import gates as gates_mod
+
+    evaluation = read_json(Layout.evaluate_metrics)
+    splits = data_mod.load_splits(Layout.target_data)
+    champion_version, champion_accuracy, incomparable = _score_champion(params, splits.x_test, splits.y_test, splits.classes)
+    regression = gates_mod.regression_gate(evaluation["transfer"]["accuracy"], champion_accuracy, params.gates)
+    if incomparable:
+        regression = gates_mod.Gate("no_regression", gates_mod.FAILED, None, "", incomparable)
+    serving, provider, extra = gates_mod.serving_gates(Layout.onnx_model, splits.x_test, splits.y_test, params.gates, params.serving)
+    report = gates_mod.GateReport(
+        gates=[*gates_mod.quality_gates(evaluation, params.gates), gates_mod.transfer_gate(evaluation, params.gates),
+               regression, *gates_mod.parity_gates(read_json(Layout.export_metrics)), *serving],
+        provider=provider, champion_version=champion_version,
+        extra={**extra, "champion_accuracy": champion_accuracy},
+    )
+    write_json(Layout.gate_report, report.to_dict())
+    with atomic_path(Layout.gate_markdown) as tmp:
+        tmp.write_text(report.markdown() + "\n")
+    return report.to_dict()
+
+
 def register(params: Params) -> dict:
     from components import register as register_mod  # mlflow takes seconds to import; only this stage needs it
 
@@ -189,6 +239,7 @@ def register(params: Params) -> dict:
     artifacts = [p for p in (
         Layout.confusion_transfer, Layout.confusion_scratch, Layout.curves, Layout.predictions, Layout.evaluate_metrics, Layout.per_class,
         Layout.export_metrics, Layout.pretrain_metrics, Layout.source_report, Layout.target_report,
+        Layout.gate_report, Layout.gate_markdown,
         Layout.transfer_history, Layout.scratch_history,
     ) if p.exists()]
     record = register_mod.RunRecord(
@@ -197,6 +248,7 @@ def register(params: Params) -> dict:
         artifacts=artifacts, onnx_path=Layout.onnx_model, example=example,
     )
     registration = asdict(register_mod.register(record, source_run_id))
+    registration.update(register_mod.apply_gate_verdict(params, registration, read_json(Layout.gate_report)))
     write_json(Layout.registration, registration)
     return registration
 
@@ -209,6 +261,7 @@ STAGES: dict[str, Callable[[Params], object]] = {
     "finetune": finetune,
     "evaluate": evaluate,
     "export": export,
+    "gate": gate,
     "register": register,
 }
 

@@ -22,7 +22,31 @@ def _fetch_data(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from flows.retrain import retrain
 
-    retrain(root=args.root)
+    state = retrain(root=args.root, force=args.force, return_state=True)
+    if not state.is_completed():
+        print(f"graft: the retrain flow ended {state.name}: {state.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _schedule(args: argparse.Namespace) -> int:
+    import os
+
+    from components.config import load_params
+    from flows.schedule import deploy_retrain
+
+    if not os.environ.get("PREFECT_API_URL"):
+        from prefect.settings import PREFECT_API_URL
+
+        if not PREFECT_API_URL.value():
+            print("graft: error: no Prefect server configured; start one (prefect server start --host 127.0.0.1) and "
+                  "export PREFECT_API_URL=http://127.0.0.1:4200/api", file=sys.stderr)
+            return 2
+    schedule = load_params(Path(args.root) / "params.yaml").schedule
+    deployment_id = deploy_retrain(Path(args.root), schedule, paused=args.paused)
+    print(f"deployment retrain/{schedule.deployment} ({deployment_id}): cron '{schedule.cron}' {schedule.timezone} "
+          f"on work pool '{schedule.work_pool}'.\nStart a worker: prefect worker start --pool {schedule.work_pool}\n"
+          f"Run it now:     prefect deployment run retrain/{schedule.deployment}")
     return 0
 
 
@@ -40,6 +64,83 @@ def _summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def _registry(args: argparse.Namespace):
+    from mlflow import MlflowClient
+
+    from components.config import load_params
+    from components.register import use_experiment
+
+    params = load_params(args.params)
+    use_experiment(params.registry)
+    return MlflowClient(), params.registry.model_name
+
+
+def _promote(args: argparse.Namespace) -> int:
+    from components.registry import format_history, promote
+
+    client, name = _registry(args)
+    move = promote(client, name, args.version, reason=args.reason)
+    print(format_history([move]))
+    return 0
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    from components.registry import format_history, rollback
+
+    client, name = _registry(args)
+    print(format_history([rollback(client, name, reason=args.reason)]))
+    return 0
+
+
+def _history(args: argparse.Namespace) -> int:
+    from components.registry import format_history, history
+
+    client, name = _registry(args)
+    print(format_history(history(client, name)))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from components.config import load_params
+    from components.register import tracking_uri
+    from deploy.server import ServerSettings, build_source, serve
+
+    params = load_params(args.params)
+    serving = params.serving
+    settings = ServerSettings(
+        model_name=params.registry.model_name, providers=tuple(serving.providers), strict=serving.strict,
+        max_batch_size=serving.max_batch_size, max_queue_delay_ms=serving.max_queue_delay_ms,
+        max_body_bytes=serving.max_body_bytes, poll_seconds=serving.poll_seconds, threads=serving.threads,
+    )
+    source = build_source(tracking_uri(params.registry), params.registry.model_name, args.alias or serving.alias,
+                          args.onnx_file, settings.cache_dir)
+    serve(source, settings, args.host or serving.host, args.port or serving.port)
+    return 0
+
+
+def _export_triton(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from components.config import load_params
+    from components.register import tracking_uri
+    from deploy.source import RegistrySource
+    from deploy.triton import write_repository
+
+    params = load_params(args.params)
+    name = params.registry.model_name
+    with tempfile.TemporaryDirectory() as cache:
+        if args.onnx_file:
+            onnx_file, version = Path(args.onnx_file), "1"
+        else:
+            source = RegistrySource(tracking_uri(params.registry), name, args.alias or params.serving.alias, cache)
+            version = source.current_version()
+            onnx_file = source.fetch(version).onnx_path
+        folder = write_repository(onnx_file, Path(args.out), name, version, params.serving.max_batch_size,
+                                  int(params.serving.max_queue_delay_ms * 1000), gpu=not args.cpu)
+    print(f"Triton model repository: {folder} (version {version}); run: tritonserver --model-repository {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="graft", description="Transfer-learning retraining pipeline")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -51,12 +152,49 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run the retraining flow (Prefect) over the DVC stages")
     run.add_argument("--root", default=".", help="the project folder holding dvc.yaml and params.yaml")
+    run.add_argument("--force", action="store_true", help="run the stages even when no input changed (DVC still skips what is up to date)")
     run.set_defaults(handler=_run)
+
+    schedule = commands.add_parser("schedule", help="register the retrain flow as a cron deployment on a Prefect server")
+    schedule.add_argument("--root", default=".")
+    schedule.add_argument("--paused", action="store_true", help="register the schedule paused")
+    schedule.set_defaults(handler=_schedule)
 
     stage = commands.add_parser("stage", help="run one pipeline stage (what dvc.yaml calls)")
     stage.add_argument("name")
     stage.add_argument("--params", default="params.yaml")
     stage.set_defaults(handler=_stage)
+
+    promote = commands.add_parser("promote", help="move the champion alias to the challenger (or --version) after re-checking its gates")
+    promote.add_argument("--version", help="a registered version; default: the challenger")
+    promote.add_argument("--reason", default="")
+    promote.add_argument("--params", default="params.yaml")
+    promote.set_defaults(handler=_promote)
+
+    rollback = commands.add_parser("rollback", help="move the champion alias back to the previous champion")
+    rollback.add_argument("--reason", default="")
+    rollback.add_argument("--params", default="params.yaml")
+    rollback.set_defaults(handler=_rollback)
+
+    history = commands.add_parser("history", help="every alias move: version, from, when, by whom, why")
+    history.add_argument("--params", default="params.yaml")
+    history.set_defaults(handler=_history)
+
+    serve = commands.add_parser("serve", help="serve the model behind a registry alias over HTTP (ONNX Runtime)")
+    serve.add_argument("--params", default="params.yaml")
+    serve.add_argument("--alias", help="default: serving.alias in params.yaml")
+    serve.add_argument("--onnx-file", help="serve this ONNX file instead (no alias, no reloads)")
+    serve.add_argument("--host", help="default: serving.host (127.0.0.1)")
+    serve.add_argument("--port", type=int, help="default: serving.port")
+    serve.set_defaults(handler=_serve)
+
+    triton = commands.add_parser("export-triton", help="write a Triton model repository for the aliased model")
+    triton.add_argument("--out", default="triton_repository")
+    triton.add_argument("--alias", help="default: serving.alias")
+    triton.add_argument("--onnx-file", help="use this ONNX file instead of the registry")
+    triton.add_argument("--cpu", action="store_true", help="KIND_CPU instances, no TensorRT accelerator")
+    triton.add_argument("--params", default="params.yaml")
+    triton.set_defaults(handler=_export_triton)
 
     summary = commands.add_parser("summary", help="print the last run's summary table")
     summary.add_argument("--root", default=".")
@@ -67,14 +205,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     apply_defaults()
     args = build_parser().parse_args(argv)
-    from components.config import ParamsError
-    from components.data import DataError
+    from components.errors import EXIT_PERMANENT, EXIT_TRANSIENT, GraftError, is_transient, report_error
 
     try:
         return args.handler(args)
-    except (ParamsError, DataError, FileNotFoundError) as error:
+    except (GraftError, FileNotFoundError) as error:
         print(f"graft: error: {error}", file=sys.stderr)
-        return 2
+        report_error("permanent", str(error))
+        return EXIT_PERMANENT
+    except Exception as error:
+        if not is_transient(error):
+            report_error("bug", f"{type(error).__name__}: {error}")
+            raise
+        print(f"graft: transient error, a retry may pass: {type(error).__name__}: {error}", file=sys.stderr)
+        report_error("transient", f"{type(error).__name__}: {error}")
+        return EXIT_TRANSIENT
 
 
 if __name__ == "__main__":

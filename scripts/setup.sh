@@ -11,6 +11,7 @@ missing=()
 [ -d /usr/share/datasets/fashion-mnist ] || missing+=(dataset-fashion-mnist)
 python3 -c "import ensurepip, venv" 2>/dev/null || missing+=(python3-venv)
 command -v git >/dev/null || missing+=(git)
+command -v chromium-headless-shell >/dev/null || missing+=(chromium-headless-shell)  # the page test's browser
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing Debian packages: ${missing[*]}"
   as_root apt-get update -qq

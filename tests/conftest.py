@@ -9,11 +9,15 @@ import json
 import os
 import re
 import shutil
+import signal
+import socket
 import struct
+import time
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import yaml
@@ -71,6 +75,8 @@ def tiny_params(**overrides) -> dict:
     params["data"]["target"].update(val_size=40, test_size=60, labels_per_class=5)
     params["pretrain"].update(epochs=1, batch_size=64)
     params["finetune"].update(steps=12, batch_size=16, lp_steps=4, eval_every_steps=4)
+    # A model trained for seconds is noise: the gates start wide open, tests that gate narrow them.
+    params["gates"].update(min_accuracy=0.0, min_macro_f1=0.0, min_transfer_gain=-1.0, max_regression=1.0, large_batch=32)
     for dotted, value in overrides.items():
         node = params
         *parents, leaf = dotted.split(".")
@@ -84,7 +90,8 @@ def make_workspace(root: Path, params: dict | None = None) -> Path:
     """A project folder as a user has it: dvc.yaml, params.yaml, DVC-tracked raw data, the code it names."""
     root.mkdir(parents=True, exist_ok=True)
     shutil.copy(PROJECT / "dvc.yaml", root / "dvc.yaml")
-    (root / "components").symlink_to(PROJECT / "components")  # dvc.yaml lists code files as deps
+    for code in ("components", "deploy", "flows"):  # dvc.yaml lists code as deps; deployments run flows/
+        (root / code).symlink_to(PROJECT / code)
     (root / "params.yaml").write_text(yaml.safe_dump(params or tiny_params(), sort_keys=False))
     make_small_source(root / "data" / "raw" / "fashion-mnist")
     make_small_target(root / "data" / "raw" / "animal-mnist")
@@ -121,3 +128,56 @@ def repro_workspace(workspace_factory):
     done = dvc_repro(root)
     metrics = {name: json.loads((root / "metrics" / f"{name}.json").read_text()) for name in ("evaluate", "export", "pretrain")}
     return root, stages_ran(done.stdout), metrics
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_mlflow_server(root: Path, port: int, wait: bool = True) -> tuple[subprocess.Popen, str]:
+    """`mlflow server` on 127.0.0.1 with a sqlite backend and served artifacts, as a user starts it."""
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    if wait and not wait_healthy(f"{url}/health", 90):
+        stop_process_group(server)
+        pytest.fail("mlflow server did not become healthy in 90 s")
+    return server, url
+
+
+def wait_healthy(url: str, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    return False
+
+
+def stop_process_group(process: subprocess.Popen) -> None:
+    os.killpg(process.pid, signal.SIGTERM)
+    process.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    server, url = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"), free_port())
+    yield url
+    stop_process_group(server)
+
+
+def graft_cli(root: Path, url: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": url, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run([sys.executable, "-m", "graft", *args], cwd=root, env=env, capture_output=True, text=True)
+    if check:
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return done

@@ -47,7 +47,7 @@ def test_changing_a_finetune_param_reruns_only_finetune_onwards(repro_workspace)
     params["finetune"]["strategy"] = "lp_ft"
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     done = dvc_repro(root)
-    assert stages_ran(done.stdout) == ["finetune", "evaluate", "export", "register"]
+    assert stages_ran(done.stdout) == ["finetune", "evaluate", "export", "gate", "register"]
     after = json.loads((root / "metrics" / "evaluate.json").read_text())
     assert after["scratch"] == before["evaluate"]["scratch"], "the scratch baseline was not retrained"
     registration = json.loads((root / "outputs" / "registration.json").read_text())

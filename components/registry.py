@@ -1,0 +1,165 @@
+"""Aliases in the MLflow registry, with an audit trail MLflow itself does not keep.
+
+`challenger` marks a version that passed every gate; `champion` is what production serves. Every alias move
+is recorded as a registered-model tag `graft.audit.<ns timestamp>` holding JSON: alias, version, previous
+version, when, who, which run, why, and whether the move completed. A move is written as `started`, then the
+alias is set (one atomic registry call), then `completed`: a process killed in between leaves the alias
+either where it was or where it was going, both complete, gate-passing versions, and the history shows the
+interrupted move.
+"""
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from mlflow import MlflowClient
+
+from components.errors import GraftError
+from mlflow.exceptions import MlflowException
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+AUDIT_PREFIX = "graft.audit."
+GATES_TAG = "graft.gates"
+
+
+class RegistryError(GraftError):
+    pass
+
+
+@dataclass(frozen=True)
+class AliasMove:
+    alias: str
+    version: str
+    previous: str | None
+    action: str          # promote | rollback | challenger
+    actor: str
+    run_id: str
+    reason: str
+    status: str          # started | completed
+    at: str
+    key: str = ""
+
+
+def _actor() -> str:
+    return os.environ.get("GRAFT_ACTOR") or getpass.getuser()
+
+
+def alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
+    """The version behind name@alias; None when the model or the alias does not exist (never on other errors:
+    an unreachable server must not pass for "no champion")."""
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException as error:
+        if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE") and "not found" in error.message:
+            return None
+        raise
+
+
+def _record(client: MlflowClient, name: str, move: AliasMove) -> AliasMove:
+    key = move.key or f"{AUDIT_PREFIX}{time.time_ns()}"
+    move = AliasMove(**{**asdict(move), "key": key})
+    client.set_registered_model_tag(name, key, json.dumps({k: v for k, v in asdict(move).items() if k != "key"}))
+    return move
+
+
+def move_alias(client: MlflowClient, name: str, alias: str, version: str, action: str, reason: str, run_id: str = "") -> AliasMove:
+    """Point `alias` at `version`, recorded before and after the (atomic) registry call."""
+    previous = alias_version(client, name, alias)
+    started = _record(client, name, AliasMove(alias, str(version), previous, action, _actor(), run_id, reason, "started",
+                                               datetime.now(timezone.utc).isoformat(timespec="seconds")))
+    client.set_registered_model_alias(name, alias, str(version))
+    return _record(client, name, AliasMove(**{**asdict(started), "status": "completed"}))
+
+
+def history(client: MlflowClient, name: str) -> list[AliasMove]:
+    """Every alias move, oldest first; a move whose `completed` record is missing shows as interrupted."""
+    try:
+        tags = client.get_registered_model(name).tags
+    except MlflowException as error:
+        if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise RegistryError(f"no registered model named {name!r} yet; run the retraining flow (graft run) first") from None
+        raise
+    moves = [AliasMove(**json.loads(value), key=key) for key, value in tags.items() if key.startswith(AUDIT_PREFIX)]
+    moves.sort(key=lambda m: int(m.key[len(AUDIT_PREFIX):]))
+    completed = {(m.alias, m.version, m.previous, m.action, m.at) for m in moves if m.status == "completed"}
+    merged = []
+    for move in moves:
+        if move.status == "completed":
+            merged.append(move)
+        elif (move.alias, move.version, move.previous, move.action, move.at) not in completed:
+            merged.append(AliasMove(**{**asdict(move), "status": "interrupted"}))
+    return merged
+
+
+def gates_passed(client: MlflowClient, name: str, version: str) -> tuple[bool, str]:
+    tags = client.get_model_version(name, version).tags
+    verdict = tags.get(GATES_TAG)
+    if verdict != "passed":
+        failed = sorted(k.removeprefix("gate.").removesuffix(".verdict") for k, v in tags.items() if k.endswith(".verdict") and v == "failed")
+        why = f"failed gates: {', '.join(failed)}" if failed else f"gate verdict is {verdict!r}"
+        return False, why
+    return True, "every gate passed"
+
+
+def verify_artifact(client: MlflowClient, name: str, version: str) -> None:
+    """Download the version's ONNX file and load it as the server would: the alias never points at a broken file."""
+    from mlflow.artifacts import download_artifacts
+
+    from deploy.model import load_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=tmp))
+        load_model(folder / "model.onnx", providers=["cpu"])
+
+
+def promote(client: MlflowClient, name: str, version: str | None = None, reason: str = "", run_id: str = "") -> AliasMove:
+    """Move champion to `version` (default: the challenger) after re-checking its gates and its artifact."""
+    version = version or alias_version(client, name, CHALLENGER)
+    if version is None:
+        raise RegistryError(f"{name} has no {CHALLENGER!r} version to promote; run the retraining flow first")
+    ok, why = gates_passed(client, name, version)
+    if not ok:
+        raise RegistryError(f"refusing to promote {name} v{version}: {why}")
+    if alias_version(client, name, CHAMPION) == str(version):
+        raise RegistryError(f"{name} v{version} is already the {CHAMPION}")
+    verify_artifact(client, name, version)
+    return move_alias(client, name, CHAMPION, version, "promote", reason or "promoted after passing every gate", run_id)
+
+
+def champion_lineage(moves: list[AliasMove]) -> list[str]:
+    """The stack of champions: a promotion pushes a version, a rollback pops back to the one before."""
+    stack: list[str] = []
+    for move in moves:
+        if move.alias != CHAMPION or move.status != "completed":
+            continue
+        if move.action == "rollback" and len(stack) > 1 and stack[-2] == move.version:
+            stack.pop()
+        else:
+            stack.append(move.version)
+    return stack
+
+
+def rollback(client: MlflowClient, name: str, reason: str = "") -> AliasMove:
+    stack = champion_lineage(history(client, name))
+    if len(stack) < 2:
+        raise RegistryError(f"{name} has no previous {CHAMPION} to roll back to (champion history: {stack or 'empty'})")
+    target = stack[-2]
+    verify_artifact(client, name, target)
+    return move_alias(client, name, CHAMPION, target, "rollback", reason or f"rolled back from v{stack[-1]}")
+
+
+def format_history(moves: list[AliasMove]) -> str:
+    if not moves:
+        return "no alias moves recorded"
+    header = f"{'when (UTC)':25} {'alias':10} {'version':>7} {'from':>5} {'action':10} {'status':11} {'by':12} {'run':12} why"
+    lines = [header, "-" * len(header)]
+    for m in moves:
+        lines.append(f"{m.at:25} {m.alias:10} {'v' + m.version:>7} {('v' + m.previous) if m.previous else '-':>5} "
+                     f"{m.action:10} {m.status:11} {m.actor[:12]:12} {m.run_id[:12]:12} {m.reason}")
+    return "\n".join(lines)

@@ -1,0 +1,396 @@
+"""The Graft model server: KServe/Triton V2 inference protocol, /predict for image files, /metrics, a page at /.
+
+It serves the model behind a registry alias, batches concurrent requests, and follows the alias: when it
+moves (promote, rollback) the new version is loaded beside the old one, warmed up and switched in with one
+reference swap. A request is answered entirely by the version it started on; none is dropped.
+
+Run: `graft serve` (reads params.yaml), or in a container `python -m deploy.server --tracking-uri ...`.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import math
+import os
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+
+from deploy.batching import BatcherClosed, DynamicBatcher
+from deploy.model import InputError, LoadedModel, ModelLoadError, PayloadTooLarge, decode_image, load_model, normalize, softmax
+from deploy.page import render_page
+from deploy.source import FileSource, RegistrySource, SourceError
+
+log = logging.getLogger("graft.serve")
+disable_created_metrics()  # the *_created series double /metrics for no use here
+MAX_INFER_ROWS = 4096
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    model_name: str = "graft-classifier"
+    providers: tuple[str, ...] = ("tensorrt", "cuda", "cpu")
+    strict: bool = False
+    max_batch_size: int = 32
+    max_queue_delay_ms: float = 2.0
+    max_body_bytes: int = 10_000_000
+    poll_seconds: float = 5.0
+    threads: int = 0
+    cache_dir: str = str(Path.home() / ".cache" / "graft")
+    warmup_rounds: int = 3
+
+
+@dataclass
+class Served:
+    """One loaded version and its batcher: a request holds one of these from start to end."""
+
+    version: str
+    model: LoadedModel
+    batcher: DynamicBatcher
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("graft_requests_total", "HTTP requests", ["endpoint", "code"], registry=r)
+        self.errors = Counter("graft_request_errors_total", "requests answered with an error", ["endpoint", "reason"], registry=r)
+        self.latency = Histogram("graft_request_latency_seconds", "request latency", ["endpoint"], registry=r,
+                                 buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5))
+        self.batch_size = Histogram("graft_batch_size", "rows per model execution", registry=r,
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
+        self.model_seconds = Histogram("graft_model_execution_seconds", "time inside ONNX Runtime per execution", registry=r,
+                                       buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5))
+        self.inferences = Counter("graft_inferences_total", "rows inferred", registry=r)
+        self.executions = Counter("graft_executions_total", "model executions (batches)", registry=r)
+        self.queue_depth = Gauge("graft_queue_depth", "requests waiting for a batch", registry=r)
+        self.model_info = Gauge("graft_model_info", "the served model version and the provider running it",
+                                ["model", "version", "provider"], registry=r)
+        self.reloads = Counter("graft_model_reloads_total", "alias moves followed", ["outcome"], registry=r)
+
+    def on_batch(self, rows: int, seconds: float) -> None:
+        self.batch_size.observe(rows)
+        self.model_seconds.observe(seconds)
+        self.inferences.inc(rows)
+        self.executions.inc()
+
+
+class ModelServer:
+    """Holds the served version, loads new ones, and answers requests."""
+
+    def __init__(self, source: FileSource | RegistrySource, settings: ServerSettings) -> None:
+        self.source, self.settings = source, settings
+        self.metrics = Metrics()
+        self.served: Served | None = None
+        self.ready = False
+        self._reloader: asyncio.Task | None = None
+        self._swap_lock = asyncio.Lock()
+
+    # ------------------------------------------------------------ loading and reloading
+
+    def _load(self, version: str) -> tuple[LoadedModel, dict[str, str]]:
+        resolved = self.source.fetch(version)
+        model = load_model(resolved.onnx_path, list(self.settings.providers), self.settings.strict,
+                           Path(self.settings.cache_dir), self.settings.threads)
+        warm = np.zeros((self.settings.max_batch_size, *model.contract.shape), np.float32)
+        for _ in range(self.settings.warmup_rounds):  # first calls allocate and (on TensorRT) build engines
+            model.run(warm[:1])
+            model.run(warm)
+        return model, resolved.tags
+
+    async def switch_to(self, version: str) -> None:
+        async with self._swap_lock:
+            model, tags = await asyncio.to_thread(self._load, version)
+            batcher = DynamicBatcher(model.run, self.settings.max_batch_size, self.settings.max_queue_delay_ms / 1000,
+                                     self.metrics.on_batch)
+            batcher.start()
+            old, self.served = self.served, Served(version, model, batcher, tags)  # the one atomic step
+            self.metrics.model_info.clear()
+            self.metrics.model_info.labels(self.settings.model_name, version, model.provider).set(1)
+            log.info("serving %s v%s on %s (asked for %s)", self.settings.model_name, version, model.provider,
+                     ", ".join(model.requested_providers))
+            if old is not None:
+                await old.batcher.stop()  # finishes what the old version already accepted
+
+    async def _follow_alias(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.poll_seconds)
+            try:
+                version = await asyncio.to_thread(self.source.current_version)
+                if self.served is None or version != self.served.version:
+                    await self.switch_to(version)
+                    self.metrics.reloads.labels("switched").inc()
+            except (SourceError, ModelLoadError, OSError) as error:
+                self.metrics.reloads.labels("failed").inc()
+                log.error("alias check or reload failed, still serving v%s: %s", self.served and self.served.version, error)
+            except Exception as error:  # keep following: a transient registry error must not end reloads
+                self.metrics.reloads.labels("failed").inc()
+                log.exception("unexpected reload error: %s", error)
+
+    async def load_current(self) -> None:
+        await self.switch_to(await asyncio.to_thread(self.source.current_version))
+        self.ready = True
+
+    async def _run(self) -> None:
+        """Live at once, ready once a version is loaded and warm (waiting for the alias if it does not exist
+        yet), then follow the alias."""
+        while not self.ready:
+            try:
+                await self.load_current()
+            except (SourceError, ModelLoadError, OSError) as error:
+                log.warning("not ready: %s; retrying in %.1fs", error, self.settings.poll_seconds)
+                await asyncio.sleep(self.settings.poll_seconds)
+        if isinstance(self.source, RegistrySource):
+            await self._follow_alias()
+
+    def start(self) -> None:
+        self._reloader = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._reloader:
+            self._reloader.cancel()
+        if self.served:
+            await self.served.batcher.stop()
+
+    # ------------------------------------------------------------ answering
+
+    async def infer(self, prepare: Callable[[Served], np.ndarray]) -> tuple[np.ndarray, Served]:
+        """Prepare the request for the version served now and run it there; if that version is swapped out
+        before the request is queued, prepare it again for the new one. Never two versions in one answer."""
+        while True:
+            served = self.served
+            rows = prepare(served)
+            self.metrics.queue_depth.set(served.batcher.depth)
+            try:
+                return await served.batcher.submit(rows), served
+            except BatcherClosed:
+                continue
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _parse_infer(body: dict, model: LoadedModel) -> np.ndarray:
+    """A V2 JSON request -> the float32 (N, C, H, W) batch, or InputError naming what is wrong."""
+    inputs = body.get("inputs") if isinstance(body, dict) else None
+    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+        raise InputError('expected {"inputs": [{"name": ..., "shape": [N, C, H, W], "datatype": "FP32", "data": [...]}]}')
+    tensor, contract = inputs[0], model.contract
+    if tensor.get("name") not in (None, contract.input_name):
+        raise InputError(f"unknown input {tensor.get('name')!r}; the model's input is {contract.input_name!r}")
+    if tensor.get("datatype") != "FP32":
+        raise InputError(f"datatype {tensor.get('datatype')!r} is not supported; send FP32 (preprocessed per the model's contract)")
+    shape = tensor.get("shape")
+    if (not isinstance(shape, list) or len(shape) != 4 or not all(isinstance(d, int) and d > 0 for d in shape)
+            or tuple(shape[1:]) != contract.shape):
+        raise InputError(f"shape {shape} does not fit the model: expected [N, {', '.join(map(str, contract.shape))}]")
+    if shape[0] > MAX_INFER_ROWS:
+        raise PayloadTooLarge(f"batch of {shape[0]} rows is over the limit of {MAX_INFER_ROWS}; split it")
+    data = tensor.get("data")
+    if not isinstance(data, list):
+        raise InputError("data must be a flat (or nested) JSON list of numbers")
+    try:
+        array = np.asarray(data, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise InputError("data holds something that is not a number") from None
+    if array.size != math.prod(shape):
+        raise InputError(f"data has {array.size} values; shape {shape} needs {math.prod(shape)}")
+    if not np.isfinite(array).all():
+        raise InputError("data holds NaN or infinity; send finite numbers")
+    return array.reshape(shape)
+
+
+def create_app(source: FileSource | RegistrySource, settings: ServerSettings) -> FastAPI:
+    server = ModelServer(source, settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if settings.strict:
+            # Strict serving loads before it listens: a CPU fallback (ProviderError) stops the start.
+            await server.load_current()
+        server.start()
+        yield
+        await server.stop()
+
+    app = FastAPI(title="Graft model server", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.server = server
+    metrics = server.metrics
+
+    @app.middleware("http")
+    async def measure(request: Request, call_next):
+        endpoint = request.url.path if not request.url.path.startswith("/v2/models/") else "/v2/models/" + request.url.path.rsplit("/", 1)[-1]
+        length = request.headers.get("content-length")
+        started = time.perf_counter()
+        if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
+            response = _error(413, f"body of {length} bytes is over the limit of {settings.max_body_bytes}")
+            metrics.errors.labels(endpoint, "too_large").inc()
+        else:
+            response = await call_next(request)
+        metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+        metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        return response
+
+    async def read_body(request: Request) -> bytes:
+        chunks, size = [], 0
+        async for chunk in request.stream():  # chunked bodies carry no content-length: count as they come
+            size += len(chunk)
+            if size > settings.max_body_bytes:
+                raise PayloadTooLarge(f"body is over the limit of {settings.max_body_bytes} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def check_model(name: str) -> JSONResponse | None:
+        if name != settings.model_name:
+            return _error(404, f"unknown model {name!r}; this server serves {settings.model_name!r}")
+        if not server.ready:
+            return _error(503, "the model is not loaded yet")
+        return None
+
+    @app.get("/v2/health/live")
+    async def live():
+        return {"live": True}
+
+    @app.get("/v2/health/ready")
+    async def ready():
+        return JSONResponse({"ready": server.ready}, status_code=200 if server.ready else 503)
+
+    @app.get("/v2/models/{name}/ready")
+    async def model_ready(name: str):
+        if name != settings.model_name:
+            return _error(404, f"unknown model {name!r}; this server serves {settings.model_name!r}")
+        return JSONResponse({"name": name, "ready": server.ready}, status_code=200 if server.ready else 503)
+
+    @app.get("/v2/models/{name}")
+    async def model_metadata(name: str):
+        if (problem := check_model(name)) is not None:
+            return problem
+        served = server.served
+        contract = served.model.contract
+        return {
+            "name": name, "versions": [served.version], "platform": "onnxruntime_onnx",
+            "inputs": [{"name": contract.input_name, "datatype": "FP32", "shape": [-1, *contract.shape]}],
+            "outputs": [{"name": contract.output_name, "datatype": "FP32", "shape": [-1, len(served.model.classes)]}],
+            "parameters": {
+                "version": served.version, "provider": served.model.provider,
+                "requested_providers": list(served.model.requested_providers),
+                "active_providers": list(served.model.active_providers), "classes": list(served.model.classes),
+                "preprocess": json.loads(served.model.metadata["graft.preprocess"]),
+                "max_batch_size": settings.max_batch_size, "max_queue_delay_ms": settings.max_queue_delay_ms,
+            },
+        }
+
+    @app.post("/v2/models/{name}/infer")
+    async def infer(name: str, request: Request):
+        if (problem := check_model(name)) is not None:
+            metrics.errors.labels("infer", "model").inc()
+            return problem
+        try:
+            body = json.loads(await read_body(request))
+            logits, served = await server.infer(lambda served: _parse_infer(body, served.model))
+        except json.JSONDecodeError as error:
+            metrics.errors.labels("infer", "bad_json").inc()
+            return _error(400, f"body is not valid JSON: {error}")
+        except InputError as error:
+            metrics.errors.labels("infer", "bad_input").inc()
+            return _error(413 if isinstance(error, PayloadTooLarge) else 400, str(error))
+        return {
+            "model_name": name, "model_version": served.version, "id": body.get("id", ""),
+            "outputs": [{"name": served.model.contract.output_name, "datatype": "FP32", "shape": list(logits.shape),
+                         "data": logits.ravel().tolist()}],
+        }
+
+    @app.post("/predict")
+    async def predict(request: Request, top_k: int = 3):
+        if not server.ready:
+            return _error(503, "the model is not loaded yet")
+        try:
+            content_type = request.headers.get("content-type", "")
+            if content_type.startswith("multipart/form-data"):
+                form = await request.form()
+                upload = form.get("file")
+                if upload is None or isinstance(upload, str):
+                    raise InputError('multipart upload needs a file field named "file"')
+                blob = await upload.read()
+            else:
+                blob = await read_body(request)
+            logits, served = await server.infer(
+                lambda served: normalize(decode_image(blob, served.model.contract)[None], served.model.contract))
+        except InputError as error:
+            metrics.errors.labels("predict", "bad_image").inc()
+            return _error(413 if isinstance(error, PayloadTooLarge) else 400, str(error))
+        probabilities = softmax(logits)[0]
+        order = np.argsort(-probabilities)[: max(1, min(top_k, len(probabilities)))]
+        return {
+            "model_version": served.version,
+            "predictions": [{"class": served.model.classes[i], "probability": float(probabilities[i])} for i in order],
+        }
+
+    @app.get("/metrics")
+    async def prometheus():
+        if server.served:
+            metrics.queue_depth.set(server.served.batcher.depth)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        served = server.served
+        return render_page(settings.model_name, served.version if served else None,
+                           served.model.provider if served else None, served.tags if served else {},
+                           list(served.model.classes) if served else [])
+
+    return app
+
+
+def build_source(tracking_uri: str | None, model_name: str, alias: str, onnx_file: str | None, cache_dir: str):
+    if onnx_file:
+        return FileSource(onnx_file)
+    if not tracking_uri:
+        raise SystemExit("give --tracking-uri (with --model and --alias) or --onnx-file")
+    return RegistrySource(tracking_uri, model_name, alias, cache_dir)
+
+
+def serve(source, settings: ServerSettings, host: str, port: int, log_level: str = "info") -> None:
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(source, settings), host=host, port=port, log_level=log_level, access_log=False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Graft model server (ONNX Runtime)")
+    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"))
+    parser.add_argument("--model", default=os.environ.get("GRAFT_MODEL", "graft-classifier"))
+    parser.add_argument("--alias", default=os.environ.get("GRAFT_ALIAS", "champion"))
+    parser.add_argument("--onnx-file", help="serve this file instead of a registry alias (no reloads)")
+    parser.add_argument("--host", default=os.environ.get("GRAFT_HOST", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRAFT_PORT", "8000")))
+    parser.add_argument("--providers", default=os.environ.get("GRAFT_PROVIDERS", "tensorrt,cuda,cpu"))
+    parser.add_argument("--strict", action="store_true", default=os.environ.get("GRAFT_STRICT") == "1")
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--max-queue-delay-ms", type=float, default=2.0)
+    parser.add_argument("--max-body-bytes", type=int, default=10_000_000)
+    parser.add_argument("--poll-seconds", type=float, default=5.0)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--cache-dir", default=os.environ.get("GRAFT_CACHE_DIR", str(Path.home() / ".cache" / "graft")))
+    args = parser.parse_args()
+    settings = ServerSettings(
+        model_name=args.model, providers=tuple(args.providers.split(",")), strict=args.strict,
+        max_batch_size=args.max_batch_size, max_queue_delay_ms=args.max_queue_delay_ms, max_body_bytes=args.max_body_bytes,
+        poll_seconds=args.poll_seconds, threads=args.threads, cache_dir=args.cache_dir,
+    )
+    serve(build_source(args.tracking_uri, args.model, args.alias, args.onnx_file, args.cache_dir), settings, args.host, args.port)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""The registry flows against a real `mlflow server` over HTTP, and a promotion killed part-way."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from components.registry import CHALLENGER, CHAMPION, AliasMove, _record, alias_version, gates_passed, history, move_alias
+from tests.conftest import graft_cli
+
+MODEL = "graft-classifier"
+
+
+@pytest.fixture(scope="module")
+def http_workspace(repro_workspace, mlflow_server, tmp_path_factory):
+    """A copy of a finished pipeline workspace whose stages talk to the HTTP server."""
+    source, _, _ = repro_workspace
+    root = tmp_path_factory.mktemp("http") / "ws"
+    shutil.copytree(source, root, symlinks=True, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts"))
+    return root
+
+
+def test_register_gate_promote_rollback_over_http(http_workspace, mlflow_server):
+    client = MlflowClient(tracking_uri=mlflow_server)
+    graft_cli(http_workspace, mlflow_server, "stage", "register")
+    assert alias_version(client, MODEL, CHAMPION) == "1"
+    assert client.get_model_version_download_uri(MODEL, "1").startswith("mlflow-artifacts:/"), "the server keeps the artifacts"
+
+    graft_cli(http_workspace, mlflow_server, "stage", "gate")  # scores champion v1, downloaded over HTTP
+    gate_report = (http_workspace / "reports" / "gates.md").read_text()
+    assert "champion compared: 1" in gate_report
+    graft_cli(http_workspace, mlflow_server, "stage", "register")
+    assert alias_version(client, MODEL, CHALLENGER) == "2" and alias_version(client, MODEL, CHAMPION) == "1"
+
+    graft_cli(http_workspace, mlflow_server, "promote", "--reason", "http promote")
+    assert alias_version(client, MODEL, CHAMPION) == "2"
+    graft_cli(http_workspace, mlflow_server, "rollback")
+    assert alias_version(client, MODEL, CHAMPION) == "1"
+    printed = graft_cli(http_workspace, mlflow_server, "history").stdout
+    assert printed.count("completed") == 5 and "http promote" in printed
+
+
+def test_killed_promotion_leaves_a_complete_gate_passing_champion(http_workspace, mlflow_server):
+    client = MlflowClient(tracking_uri=mlflow_server)
+    assert alias_version(client, MODEL, CHALLENGER) == "2" and alias_version(client, MODEL, CHAMPION) == "1"
+    started = time.monotonic()
+    graft_cli(http_workspace, mlflow_server, "promote")
+    duration = time.monotonic() - started
+    move_alias(client, MODEL, CHAMPION, "1", "rollback", "test reset")
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}
+    outcomes = []
+    for fraction in (0.3, 0.6, 0.8, 0.9, 0.95, 0.98, 1.0, 1.05):
+        process = subprocess.Popen([sys.executable, "-m", "graft", "promote"], cwd=http_workspace, env=env,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(duration * fraction)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        champion = alias_version(client, MODEL, CHAMPION)
+        outcomes.append(champion)
+        assert champion in {"1", "2"}
+        assert gates_passed(client, MODEL, champion)[0]
+        client.get_model_version_download_uri(MODEL, champion)
+        if champion == "2":
+            move_alias(client, MODEL, CHAMPION, "1", "rollback", "test reset")
+    assert "1" in outcomes, "some kill should land before the alias moved"
+
+
+def test_a_move_without_its_completed_record_shows_as_interrupted(http_workspace, mlflow_server):
+    client = MlflowClient(tracking_uri=mlflow_server)
+    _record(client, MODEL, AliasMove(CHAMPION, "2", "1", "promote", "tester", "", "killed here", "started", "2026-01-01T00:00:00+00:00"))
+    last = history(client, MODEL)[-1]
+    assert (last.status, last.reason) == ("interrupted", "killed here")

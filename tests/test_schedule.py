@@ -1,0 +1,107 @@
+"""Scheduled retraining against a real Prefect server on 127.0.0.1 and a real process worker."""
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import yaml
+from prefect.client.orchestration import get_client
+from prefect.deployments import run_deployment
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from tests.conftest import RAW, free_port, stop_process_group, tiny_params, wait_healthy
+
+DEPLOYMENT = "retrain/nightly-retrain"
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
+    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api"
+    assert wait_healthy(f"{url}/health", 120), "prefect server did not start"
+    with temporary_settings({PREFECT_API_URL: url}):
+        yield env
+    stop_process_group(server)
+
+
+@pytest.fixture(scope="module")
+def scheduled(prefect_server, workspace_factory):
+    """A workspace registered with `graft schedule`, and a worker on its pool."""
+    root = workspace_factory("scheduled", tiny_params(**{"schedule.work_pool": "graft-test", "schedule.lock_wait_seconds": 900}))
+    done = subprocess.run([sys.executable, "-m", "graft", "schedule", "--root", str(root), "--paused"],
+                          env=prefect_server, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "graft-test", "--type", "process"],
+                              env={**prefect_server, "PREFECT_WORKER_QUERY_SECONDS": "1"}, cwd=root,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    yield root
+    stop_process_group(worker)
+
+
+def _trigger():
+    return run_deployment(DEPLOYMENT, timeout=900, poll_interval=2)
+
+
+def _version(root) -> str:
+    return yaml.safe_load((root / "outputs" / "registration.json").read_text())["version"]
+
+
+def test_deployment_is_scheduled_with_the_params_cron(scheduled):
+    async def read():
+        async with get_client() as client:
+            return await client.read_deployment_by_name(DEPLOYMENT)
+
+    deployment = asyncio.run(read())
+    assert deployment.work_pool_name == "graft-test"
+    assert [s.schedule.cron for s in deployment.schedules] == ["0 2 * * *"]
+    assert deployment.parameters == {"root": str(scheduled)}
+
+
+def test_trigger_retrain_then_nothing_to_do_then_new_data_retrains(scheduled):
+    first = _trigger()
+    assert first.state.is_completed(), first.state.message
+    assert _version(scheduled) == "1"
+
+    second = _trigger()
+    assert second.state.is_completed() and second.state.message.startswith("nothing to do")
+    seconds = (second.end_time - second.start_time).total_seconds()
+    print(f"nothing-to-do run took {seconds:.1f} s")
+    assert seconds < 60 and _version(scheduled) == "1"
+
+    # New target data arrives the way users add it: image files in the class folders, then `dvc add`.
+    for class_dir in sorted((RAW / "animal-mnist").iterdir()):
+        for image in sorted(class_dir.iterdir())[30:35]:
+            shutil.copy(image, scheduled / "data/raw/animal-mnist" / class_dir.name / image.name)
+    subprocess.run([sys.executable, "-m", "dvc", "add", "-q", "data/raw/animal-mnist"], cwd=scheduled, check=True)
+    third = _trigger()
+    assert third.state.is_completed(), third.state.message
+    assert _version(scheduled) == "2"
+
+
+def test_two_runs_at_once_one_waits_and_state_stays_consistent(scheduled):
+    params = yaml.safe_load((scheduled / "params.yaml").read_text())
+    params["seed"] = 1  # new inputs: a retrain is due
+    (scheduled / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    before = int(_version(scheduled))
+    runs = []
+    threads = [threading.Thread(target=lambda: runs.append(_trigger())) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.5)
+    for thread in threads:
+        thread.join()
+    assert all(run.state.is_completed() for run in runs), [run.state.message for run in runs]
+    messages = sorted(str(run.state.message or "") for run in runs)
+    assert sum(m.startswith("nothing to do") for m in messages) == 1, messages
+    assert int(_version(scheduled)) == before + 1, "exactly one new version"
+    status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=scheduled, capture_output=True, text=True, check=True)
+    assert "up to date" in status.stdout
