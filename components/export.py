@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -92,10 +92,6 @@ def check_parity(model: Classifier, onnx_path: Path, x: np.ndarray, atol: float,
         examples=len(x),
         atol=atol,
     )
-
-
-def parity_dict(parity: Parity) -> dict:
-    return {**asdict(parity), "passed": parity.passed}
 
 
 def read_metadata(path: Path) -> dict[str, str]:

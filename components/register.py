@@ -129,6 +129,7 @@ def register(record: RunRecord, source_run_id: str) -> Registration:
             registered_model_name=registry.model_name,
             pip_requirements=ONNX_REQUIREMENTS,
             onnx_execution_providers=ONNX_PROVIDERS,
+            save_as_external_data=False,  # one self-contained model.onnx: what the server downloads and loads
         )
         version = str(info.registered_model_version)
         for key, value in {**record.tags, **{f"metric.{k}": f"{v:.6g}" for k, v in record.metrics.items()},

@@ -7,7 +7,7 @@ and `lp_ft` are one or two phases each; pretraining is one phase on the source d
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -189,7 +189,3 @@ def train(
                     _set_phase_modes(model, phase)
     model.eval()
     return history
-
-
-def phases_summary(phases: list[Phase]) -> list[dict]:
-    return [asdict(p) for p in phases]

@@ -133,7 +133,7 @@ class ModelServer:
             except (SourceError, ModelLoadError, OSError) as error:
                 self.metrics.reloads.labels("failed").inc()
                 log.error("alias check or reload failed, still serving v%s: %s", self.served and self.served.version, error)
-            except Exception as error:  # keep following: a transient registry error must not end reloads
+            except Exception as error:  # keep following: one unexpected error must not end reloads for good
                 self.metrics.reloads.labels("failed").inc()
                 log.exception("unexpected reload error: %s", error)
 
@@ -147,7 +147,7 @@ class ModelServer:
         while not self.ready:
             try:
                 await self.load_current()
-            except (SourceError, ModelLoadError, OSError) as error:
+            except Exception as error:  # whatever it was, stay live and try again: readiness tells the rest
                 log.warning("not ready: %s; retrying in %.1fs", error, self.settings.poll_seconds)
                 await asyncio.sleep(self.settings.poll_seconds)
         if isinstance(self.source, RegistrySource):

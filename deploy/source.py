@@ -61,10 +61,14 @@ class RegistrySource:
     # ------------------------------------------------------------ MLflow REST (a tracking server)
 
     def _get(self, path: str, **params) -> dict:
-        response = self._http.get(f"/api/2.0/mlflow/{path}", params=params)
-        if response.status_code == 404 or (response.status_code == 400 and "RESOURCE_DOES_NOT_EXIST" in response.text):
+        try:
+            response = self._http.get(f"/api/2.0/mlflow/{path}", params=params)
+        except httpx.TransportError as error:
+            raise SourceError(f"cannot reach the registry at {self.tracking_uri}: {error}") from None
+        if response.status_code in (400, 404) and "not found" in response.text:  # no such model, version or alias
             raise SourceError(f"{self.name}@{self.alias} not found at {self.tracking_uri}: {response.text[:200]}")
-        response.raise_for_status()
+        if response.status_code >= 400:
+            raise SourceError(f"registry at {self.tracking_uri} answered {response.status_code}: {response.text[:200]}")
         return response.json()
 
     def _download_remote(self, version: str, dest: Path) -> None:

@@ -11,6 +11,7 @@ import pytest
 import yaml
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
+from prefect.events.filters import EventFilter, EventNameFilter
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from tests.conftest import RAW, free_port, stop_process_group, tiny_params, wait_healthy
@@ -51,6 +52,19 @@ def _trigger():
     return run_deployment(DEPLOYMENT, timeout=900, poll_interval=2)
 
 
+def _wait_for_event(name: str, seconds: float = 30):
+    async def read():
+        async with get_client() as client:
+            return (await client.read_events(filter=EventFilter(event=EventNameFilter(name=[name])), limit=10)).events
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if events := asyncio.run(read()):
+            return events
+        time.sleep(1)
+    raise AssertionError(f"no {name} event reached the server")
+
+
 def _version(root) -> str:
     return yaml.safe_load((root / "outputs" / "registration.json").read_text())["version"]
 
@@ -70,6 +84,8 @@ def test_trigger_retrain_then_nothing_to_do_then_new_data_retrains(scheduled):
     first = _trigger()
     assert first.state.is_completed(), first.state.message
     assert _version(scheduled) == "1"
+    promoted = _wait_for_event("graft.model.promoted")
+    assert promoted[0].payload["version"] == "1" and promoted[0].resource.id == "graft.model.graft-classifier"
 
     second = _trigger()
     assert second.state.is_completed() and second.state.message.startswith("nothing to do")
@@ -101,7 +117,17 @@ def test_two_runs_at_once_one_waits_and_state_stays_consistent(scheduled):
         thread.join()
     assert all(run.state.is_completed() for run in runs), [run.state.message for run in runs]
     messages = sorted(str(run.state.message or "") for run in runs)
+    assert int(_version(scheduled)) == before + 1, f"exactly one new version; messages: {messages}"
     assert sum(m.startswith("nothing to do") for m in messages) == 1, messages
-    assert int(_version(scheduled)) == before + 1, "exactly one new version"
     status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=scheduled, capture_output=True, text=True, check=True)
     assert "up to date" in status.stdout
+
+
+def test_a_rejected_candidate_fails_the_run_with_the_gate_and_emits_an_event(scheduled):
+    params = yaml.safe_load((scheduled / "params.yaml").read_text())
+    params["gates"]["min_accuracy"] = 0.99
+    (scheduled / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run = _trigger()
+    assert run.state.is_failed() and "quality.accuracy" in run.state.message
+    rejected = _wait_for_event("graft.model.rejected")
+    assert "quality.accuracy" in rejected[0].payload["failed_gates"]

@@ -1,0 +1,50 @@
+"""The production set-up: Triton repository export, the compose stack, and a serving side free of training code."""
+import subprocess
+import sys
+
+import yaml
+
+from components.export import export_onnx
+from components.model import ModelSpec, build
+from tests.conftest import PROJECT
+
+
+def test_export_triton_writes_a_repository(tmp_path):
+    model = build(ModelSpec(1, 28, (8, 16, 32), ("a", "b", "c"), (0.5,), (0.5,)), 0)
+    onnx_file = export_onnx(model, tmp_path / "model.onnx", 20)
+    done = subprocess.run([sys.executable, "-m", "graft", "export-triton", "--onnx-file", str(onnx_file),
+                           "--out", str(tmp_path / "repo"), "--params", str(PROJECT / "params.yaml")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    folder = tmp_path / "repo" / "graft-classifier"
+    config = (folder / "config.pbtxt").read_text()
+    assert 'platform: "onnxruntime_onnx"' in config and "max_batch_size: 32" in config
+    assert 'name: "pixels" data_type: TYPE_FP32 dims: [ 1, 28, 28 ]' in config
+    assert "dims: [ 3 ]" in config and "dynamic_batching" in config and "max_queue_delay_microseconds: 2000" in config
+    assert 'name: "tensorrt"' in config and '"FP16"' in config and "KIND_GPU" in config
+    assert (folder / "labels.txt").read_text().split() == ["a", "b", "c"]
+    assert (folder / "1" / "model.onnx").read_bytes() == onnx_file.read_bytes()
+
+
+def test_compose_stack_binds_loopback_and_gives_the_server_a_gpu():
+    stack = yaml.safe_load((PROJECT / "deploy" / "compose.yaml").read_text())
+    services = stack["services"]
+    assert {"postgres", "minio", "mlflow", "prefect-server", "prefect-worker", "graft-server"} <= set(services)
+    for name, service in services.items():
+        for port in service.get("ports", []):
+            assert port.startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
+    devices = services["graft-server"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["capabilities"] == ["gpu"]
+    assert "postgresql://" in services["mlflow"]["command"] and "s3://" in services["mlflow"]["command"]
+    assert services["graft-server"]["environment"]["GRAFT_STRICT"] == "1"
+
+
+def test_serving_code_needs_neither_torch_nor_training_code():
+    probe = ("import sys, deploy.server, deploy.triton, deploy.source; "
+             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'components', 'mlflow', 'prefect', 'dvc')); "
+             "print(bad); sys.exit(1 if bad else 0)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=PROJECT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = (PROJECT / "deploy" / "requirements-serve.txt").read_text().splitlines()
+    packages = [line.split("=")[0].split("<")[0].split(">")[0] for line in lines if line and not line.startswith("#")]
+    assert "onnxruntime-gpu" in packages and not {"torch", "torchvision", "mlflow", "prefect", "dvc"} & set(packages)
