@@ -1,11 +1,12 @@
 """Scheduled retraining against a real Prefect server on 127.0.0.1 and a real process worker."""
 import asyncio
+import contextvars
 import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import yaml
@@ -108,14 +109,10 @@ def test_two_runs_at_once_one_waits_and_state_stays_consistent(scheduled):
     params["seed"] = 1  # new inputs: a retrain is due
     (scheduled / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     before = int(_version(scheduled))
-    runs = []
-    threads = [threading.Thread(target=lambda: runs.append(_trigger())) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-        time.sleep(0.5)
-    for thread in threads:
-        thread.join()
-    assert all(run.state.is_completed() for run in runs), [run.state.message for run in runs]
+    with ThreadPoolExecutor(2) as pool:  # each trigger in its own thread, with this test's Prefect settings
+        futures = [pool.submit(contextvars.copy_context().run, _trigger) for _ in range(2)]
+        runs = [future.result() for future in futures]
+    assert len(runs) == 2 and all(run.state.is_completed() for run in runs), [run.state.message for run in runs]
     messages = sorted(str(run.state.message or "") for run in runs)
     assert int(_version(scheduled)) == before + 1, f"exactly one new version; messages: {messages}"
     assert sum(m.startswith("nothing to do") for m in messages) == 1, messages
