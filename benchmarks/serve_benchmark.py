@@ -163,9 +163,12 @@ def main() -> None:
     parser.add_argument("--onnx", type=Path, default=Path("models/model.onnx"))
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
+    parser.add_argument("--max-batch-size", type=int, default=32, help="the batched setting's max batch size")
+    parser.add_argument("--max-queue-delay-ms", type=float, default=0.0, help="the batched setting's queue delay")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/serve.json"))
     args = parser.parse_args()
-    settings = [(1, 0.0, 1), (1, 0.0, 32), (32, 2.0, 1), (32, 2.0, 32)]
+    batched = (args.max_batch_size, args.max_queue_delay_ms)
+    settings = [(1, 0.0, 1), (1, 0.0, 32), (*batched, 1), (*batched, 32)]
     runs = []
     for max_batch, delay, concurrency in settings:
         result = _run_setting(args.onnx, max_batch, delay, concurrency, args.seconds, args.threads)

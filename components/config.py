@@ -129,7 +129,7 @@ class ServingParams(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     max_batch_size: int = Field(default=32, ge=1)
-    max_queue_delay_ms: float = Field(default=2.0, ge=0)
+    max_queue_delay_ms: float = Field(default=0.0, ge=0)
     max_body_bytes: int = Field(default=10_000_000, ge=1024)
     poll_seconds: float = Field(default=5.0, gt=0)
     threads: int = Field(default=0, ge=0)  # ONNX Runtime intra-op threads; 0: its default

@@ -20,7 +20,7 @@ def test_export_triton_writes_a_repository(tmp_path):
     config = (folder / "config.pbtxt").read_text()
     assert 'platform: "onnxruntime_onnx"' in config and "max_batch_size: 32" in config
     assert 'name: "pixels" data_type: TYPE_FP32 dims: [ 1, 28, 28 ]' in config
-    assert "dims: [ 3 ]" in config and "dynamic_batching" in config and "max_queue_delay_microseconds: 2000" in config
+    assert "dims: [ 3 ]" in config and "dynamic_batching" in config and "max_queue_delay_microseconds: 0" in config
     assert 'name: "tensorrt"' in config and '"FP16"' in config and "KIND_GPU" in config
     assert (folder / "labels.txt").read_text().split() == ["a", "b", "c"]
     assert (folder / "1" / "model.onnx").read_bytes() == onnx_file.read_bytes()
