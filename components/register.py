@@ -18,7 +18,7 @@ import onnxruntime as ort
 from mlflow import MlflowClient
 from mlflow.models import infer_signature
 
-from components.config import Params, RegistryParams
+from components.config import Params, RegistryParams, load_params
 from components.export import cpu_session
 
 SOURCE_SHA_TAG = "graft.source_sha256"
@@ -57,6 +57,13 @@ def use_experiment(registry: RegistryParams) -> str:
         experiment_id = experiment.experiment_id
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
+
+
+def open_registry(params_path: str | Path) -> tuple[MlflowClient, str]:
+    """A client on the configured store, and the registered model's name: what alias commands work on."""
+    params = load_params(params_path)
+    use_experiment(params.registry)
+    return MlflowClient(), params.registry.model_name
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, object]:

@@ -64,39 +64,24 @@ def _summary(args: argparse.Namespace) -> int:
     return 0
 
 
-def _registry(args: argparse.Namespace):
-    from mlflow import MlflowClient
+def _move_champion(args: argparse.Namespace) -> int:
+    from components.register import open_registry
+    from components.registry import format_history, promote, rollback
 
-    from components.config import load_params
-    from components.register import use_experiment
-
-    params = load_params(args.params)
-    use_experiment(params.registry)
-    return MlflowClient(), params.registry.model_name
-
-
-def _promote(args: argparse.Namespace) -> int:
-    from components.registry import format_history, promote
-
-    client, name = _registry(args)
-    move = promote(client, name, args.version, reason=args.reason)
+    client, name = open_registry(args.params)
+    if args.command == "promote":
+        move = promote(client, name, args.version, reason=args.reason)
+    else:
+        move = rollback(client, name, reason=args.reason)
     print(format_history([move]))
     return 0
 
 
-def _rollback(args: argparse.Namespace) -> int:
-    from components.registry import format_history, rollback
-
-    client, name = _registry(args)
-    print(format_history([rollback(client, name, reason=args.reason)]))
-    return 0
-
-
 def _history(args: argparse.Namespace) -> int:
+    from components.register import open_registry
     from components.registry import format_history, history
 
-    client, name = _registry(args)
-    print(format_history(history(client, name)))
+    print(format_history(history(*open_registry(args.params))))
     return 0
 
 
@@ -169,12 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     promote.add_argument("--version", help="a registered version; default: the challenger")
     promote.add_argument("--reason", default="")
     promote.add_argument("--params", default="params.yaml")
-    promote.set_defaults(handler=_promote)
+    promote.set_defaults(handler=_move_champion)
 
     rollback = commands.add_parser("rollback", help="move the champion alias back to the previous champion")
     rollback.add_argument("--reason", default="")
     rollback.add_argument("--params", default="params.yaml")
-    rollback.set_defaults(handler=_rollback)
+    rollback.set_defaults(handler=_move_champion)
 
     history = commands.add_parser("history", help="every alias move: version, from, when, by whom, why")
     history.add_argument("--params", default="params.yaml")
