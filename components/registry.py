@@ -14,14 +14,17 @@ import json
 import os
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from components.errors import GraftError
-from mlflow.exceptions import MlflowException
+from deploy.model import LoadedModel, load_model
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 AUDIT_PREFIX = "graft.audit."
@@ -107,15 +110,20 @@ def gates_passed(client: MlflowClient, name: str, version: str) -> tuple[bool, s
     return True, "every gate passed"
 
 
-def verify_artifact(client: MlflowClient, name: str, version: str) -> None:
-    """Download the version's ONNX file and load it as the server would: the alias never points at a broken file."""
+@contextmanager
+def loaded_version(name: str, version: str) -> Iterator[LoadedModel]:
+    """A registered version's ONNX file, downloaded and loaded on CPU as the server loads it."""
     from mlflow.artifacts import download_artifacts
-
-    from deploy.model import load_model
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=tmp))
-        load_model(folder / "model.onnx", providers=["cpu"])
+        yield load_model(folder / "model.onnx", providers=["cpu"])
+
+
+def verify_artifact(client: MlflowClient, name: str, version: str) -> None:
+    """Download the version's ONNX file and load it as the server would: the alias never points at a broken file."""
+    with loaded_version(name, version):
+        pass
 
 
 def promote(client: MlflowClient, name: str, version: str | None = None, reason: str = "", run_id: str = "") -> AliasMove:

@@ -157,22 +157,17 @@ def export(params: Params) -> dict:
 
 def _score_champion(params: Params, x_test: np.ndarray, y_test: np.ndarray, classes: tuple[str, ...]) -> tuple[str | None, float | None, str]:
     """The current champion's accuracy on this run's test split, scored with ONNX Runtime as it is served."""
-    import tempfile
-
     from mlflow import MlflowClient
-    from mlflow.artifacts import download_artifacts
 
     from components import register as register_mod
-    from components.registry import CHAMPION, alias_version
-    from deploy.model import load_model, normalize
+    from components.registry import CHAMPION, alias_version, loaded_version
+    from deploy.model import normalize
 
     register_mod.use_experiment(params.registry)
     version = alias_version(MlflowClient(), params.registry.model_name, CHAMPION)
     if version is None:
         return None, None, ""
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(download_artifacts(artifact_uri=f"models:/{params.registry.model_name}/{version}", dst_path=tmp))
-        champion = load_model(folder / "model.onnx", providers=["cpu"])
+    with loaded_version(params.registry.model_name, version) as champion:
         if champion.contract.shape != x_test.shape[1:] or champion.classes != classes:
             return version, None, (f"champion v{version} takes {champion.contract.shape} images of classes {list(champion.classes)}; "
                                    f"this run has {x_test.shape[1:]} and {list(classes)}: not comparable on one test split")
