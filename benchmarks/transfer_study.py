@@ -1,12 +1,17 @@
-"""Does transfer pay? Every strategy against scratch, several seeds, one fixed test split.
+"""Which source, and does transfer pay? Every candidate source x strategy against scratch, over seeds.
 
-Run by hand after `graft run` (it reuses the pipeline's source checkpoint and params.yaml):
+Run by hand after `graft run` (it reuses the pipeline sources' checkpoints and params.yaml):
 
-    .venv/bin/python benchmarks/transfer_study.py --seeds 0 1 2 --labels-per-class 10
+    .venv/bin/python benchmarks/transfer_study.py --seeds 0 1 2 --labels-per-class 10 \
+        --extra-sources benchmarks/study_sources.yaml
 
 Protocol: the test and val splits are fixed by data.split_seed; each seed draws its own k labelled images a
-class and its own initialisation; every strategy, scratch included, gets the same steps, batch size,
-optimizer, learning rate and augmentation from params.yaml; the test split is never used for selection.
+class and its own initialisation; every run, scratch included, gets the same steps, batch size, optimizer,
+learning rate and augmentation (params.yaml `finetune`); scratch is trained once per architecture (the same
+network without the source's weights); the test split is never used for selection. Before any training, each
+candidate's frozen features on the seed's training split are scored (LogME, LEEP, NCE), and the study reports
+how well each score ranks the candidates by their fine-tuned test accuracy (Kendall tau) and whether
+`selection: auto` (LogME) picked the candidate that fine-tuned best.
 """
 from __future__ import annotations
 
@@ -22,8 +27,17 @@ import yaml
 from components.config import STRATEGIES, parse_params
 from components.data import load_splits, prepare
 from components.evaluate import score
-from components.model import build, graft, load_checkpoint
-from components.stages import Layout, model_spec
+from components.model import build, graft
+from components.selection import SCORES, kendall_tau, score_candidate
+from components.sources import (
+    LoadedSource,
+    SourceIdentity,
+    extract_features,
+    load_source,
+    pipeline_identity,
+    resolve_pretrained,
+)
+from components.stages import Layout
 from components.train import Normalizer, predict_logits, strategy_phases, train
 
 
@@ -38,45 +52,96 @@ def _override(raw: dict, assignments: list[str]) -> dict:
     return raw
 
 
-def run_study(params_path: Path, seeds: list[int], labels_per_class: int, strategies: list[str], overrides: list[str]) -> dict:
-    params = parse_params(_override(yaml.safe_load(params_path.read_text()), overrides))
-    target_params = params.data.target.model_copy(update={"labels_per_class": labels_per_class})
-    source, _ = load_checkpoint(Layout.source_model)
-    results: dict[str, list[float]] = {s: [] for s in strategies}
-    val_results: dict[str, list[float]] = {s: [] for s in strategies}
-    seconds: dict[str, list[float]] = {s: [] for s in strategies}
+def _accuracy(model, splits, split: str) -> float:
+    x, y = splits.split(split)
+    return score(y, predict_logits(model, x, Normalizer.of(model.spec.contract)).argmax(1).numpy(), splits.classes).accuracy
+
+
+def run_study(params_path: Path, seeds: list[int], labels_per_class: int, strategies: list[str], overrides: list[str],
+              extra_sources: Path | None) -> dict:
+    raw = _override(yaml.safe_load(params_path.read_text()), overrides)
+    if extra_sources:
+        raw["sources"]["pretrained"].update(yaml.safe_load(extra_sources.read_text()))
+    params = parse_params(raw)
+    target = params.data.target.model_copy(update={"labels_per_class": labels_per_class})
+    sources: dict[str, LoadedSource] = {}
+    for name in params.sources.names():
+        identity = (pipeline_identity(name, params.sources.pipeline[name], Layout.source_model(name))
+                    if params.sources.kind(name) == "pipeline" else resolve_pretrained(name, params.sources.pretrained[name]))
+        sources[name] = load_source(identity)
+    runs: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
-            data_path = Path(tmp) / f"target-{seed}.npz"
-            prepare(target_params, params.data, seed, data_path, Path(tmp) / f"report-{seed}.json")
-            splits = load_splits(data_path)
-            spec = model_spec(params, splits.classes)
-            for strategy in strategies:
-                model = build(spec, seed) if strategy == "scratch" else graft(source, spec, seed)
-                started = time.perf_counter()
-                train(model, splits, params.finetune, strategy_phases(params.finetune, strategy), seed, desc=f"{strategy} seed {seed}")
-                seconds[strategy].append(time.perf_counter() - started)
-                normalize = Normalizer.of(spec.mean, spec.std)
-                for split, store in (("test", results), ("val", val_results)):
-                    x, y = splits.split(split)
-                    store[strategy].append(score(y, predict_logits(model, x, normalize).argmax(1).numpy(), splits.classes).accuracy)
-                print(f"seed {seed} {strategy:13s} val {val_results[strategy][-1]:.4f} test {results[strategy][-1]:.4f}")
-    return {"seeds": seeds, "labels_per_class": labels_per_class, "test_examples": int(len(splits.y_test)),
-            "overrides": overrides, "accuracy": results, "val_accuracy": val_results, "train_seconds": seconds}
+            data = Path(tmp) / f"target-{seed}.npz"
+            prepare(target, params.data, params.data.channels, params.sources.image_sizes(), seed, data, Path(tmp) / "report.json")
+            scratch_done: dict[tuple, dict] = {}
+            for name, source in sources.items():
+                identity: SourceIdentity = source.identity
+                splits = load_splits(data, identity.image_size)
+                features = extract_features(source, identity.contract(params.data.channels), splits.x_train,
+                                            params.selection.batch_size, cache_dir=None)
+                scores = score_candidate(name, identity.kind, identity.origin(), identity.image_size, features.features,
+                                         features.source_probabilities, splits.y_train, features.seconds)
+                spec = identity.model_spec(splits.classes, params.data.channels, params.finetune.channel_adapter)
+                architecture = (spec.architecture, spec.widths, identity.image_size, spec.channel_adapter)
+                for strategy in (["scratch"] if architecture not in scratch_done else []) + strategies:
+                    model = build(spec, seed) if strategy == "scratch" else graft(source.backbone, spec, seed)
+                    started = time.perf_counter()
+                    train(model, splits, params.finetune, strategy_phases(params.finetune, strategy), seed, desc=f"{name} {strategy} seed {seed}")
+                    run = {"seed": seed, "source": name if strategy != "scratch" else f"scratch ({spec.architecture} @{identity.image_size})",
+                           "architecture": spec.architecture, "strategy": strategy, "test": _accuracy(model, splits, "test"),
+                           "val": _accuracy(model, splits, "val"), "train_seconds": time.perf_counter() - started}
+                    if strategy == "scratch":
+                        scratch_done[architecture] = run
+                    else:
+                        run.update({"scores": {s: getattr(scores, s) for s in SCORES}, "scratch": scratch_done[architecture]["test"]})
+                    runs.append(run)
+                    print(f"seed {seed} {run['source']:40s} {strategy:13s} val {run['val']:.4f} test {run['test']:.4f} "
+                          f"({run['train_seconds']:.0f} s)", flush=True)
+    return {"seeds": seeds, "labels_per_class": labels_per_class, "strategies": strategies, "overrides": overrides,
+            "sources": {name: s.identity.to_dict() for name, s in sources.items()}, "runs": runs,
+            "selection": selection_quality(runs, seeds)}
+
+
+def selection_quality(runs: list[dict], seeds: list[int]) -> dict:
+    """Per seed: Kendall tau of each score against the candidates' fine-tuned test accuracy, and whether the
+    best-LogME candidate is the one that fine-tuned best."""
+    per_seed = []
+    for seed in seeds:
+        tuned = [r for r in runs if r["seed"] == seed and r["strategy"] == "finetune"]
+        if len(tuned) < 2:
+            continue
+        accuracy = [r["test"] for r in tuned]
+        best = max(tuned, key=lambda r: r["test"])["source"]
+        picked = max(tuned, key=lambda r: r["scores"]["logme"])["source"]
+        per_seed.append({"seed": seed, **{f"tau_{s}": kendall_tau([r["scores"][s] for r in tuned], accuracy) for s in SCORES},
+                         "picked_by_logme": picked, "best_finetuned": best, "picked_best": picked == best})
+    return {"per_seed": per_seed}
+
+
+def _mean_std(values: list[float]) -> str:
+    return f"{100 * statistics.mean(values):.1f} ± {100 * (statistics.stdev(values) if len(values) > 1 else 0.0):.1f}"
 
 
 def markdown(study: dict) -> str:
-    scratch = study["accuracy"].get("scratch")
-    lines = [f"k={study['labels_per_class']} labels a class, seeds {study['seeds']}, {study['test_examples']} test images, "
-             f"overrides: {study['overrides'] or 'none'}",
-             "", "| strategy | test accuracy % (mean ± std) | per seed | minus scratch, per seed | val % (mean) | train s |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    for strategy, values in study["accuracy"].items():
-        mean, std = 100 * statistics.mean(values), 100 * (statistics.stdev(values) if len(values) > 1 else 0.0)
-        per_seed = ", ".join(f"{100 * v:.1f}" for v in values)
-        gains = ", ".join(f"{100 * (v - s):+.1f}" for v, s in zip(values, scratch)) if scratch else ""
-        val = 100 * statistics.mean(study["val_accuracy"][strategy])
-        lines.append(f"| {strategy} | {mean:.1f} ± {std:.1f} | {per_seed} | {gains} | {val:.1f} | {statistics.mean(study['train_seconds'][strategy]):.0f} |")
+    runs = study["runs"]
+    lines = [f"k={study['labels_per_class']} labels a class, seeds {study['seeds']}, overrides: {study['overrides'] or 'none'}", "",
+             "| source | strategy | test accuracy % (mean ± std) | per seed | minus same-architecture scratch, per seed | val % | train s |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    keys = list(dict.fromkeys((r["source"], r["strategy"]) for r in runs))
+    for source, strategy in keys:
+        rows = [r for r in runs if (r["source"], r["strategy"]) == (source, strategy)]
+        tests = [r["test"] for r in rows]
+        gains = ", ".join(f"{100 * (r['test'] - r['scratch']):+.1f}" for r in rows) if strategy != "scratch" else ""
+        lines.append(f"| {source} | {strategy} | {_mean_std(tests)} | {', '.join(f'{100 * t:.1f}' for t in tests)} | {gains} | "
+                     f"{100 * statistics.mean(r['val'] for r in rows):.1f} | {statistics.mean(r['train_seconds'] for r in rows):.0f} |")
+    quality = study["selection"]["per_seed"]
+    if quality:
+        lines += ["", "| seed | " + " | ".join(f"Kendall tau {s}" for s in SCORES) + " | picked by LogME | fine-tuned best |",
+                  "| --- | " + " | ".join("---" for _ in SCORES) + " | --- | --- |"]
+        for q in quality:
+            lines.append(f"| {q['seed']} | " + " | ".join(f"{q[f'tau_{s}']:+.2f}" for s in SCORES)
+                         + f" | {q['picked_by_logme']} | {q['best_finetuned']} |")
     return "\n".join(lines)
 
 
@@ -85,12 +150,13 @@ def main() -> None:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--labels-per-class", type=int, default=10)
-    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
+    parser.add_argument("--strategies", nargs="+", default=["linear_probe", "finetune"], choices=[s for s in STRATEGIES if s != "scratch"])
+    parser.add_argument("--extra-sources", type=Path, help="YAML: more pretrained candidates, as under sources.pretrained")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a param for this study, e.g. --set finetune.backbone_lr_scale=0.3")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/transfer_study.json"))
     args = parser.parse_args()
-    study = run_study(args.params, args.seeds, args.labels_per_class, args.strategies, args.overrides)
+    study = run_study(args.params, args.seeds, args.labels_per_class, args.strategies, args.overrides, args.extra_sources)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(study, indent=2) + "\n")
     print(markdown(study))

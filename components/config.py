@@ -5,6 +5,7 @@ message that names the key, what was given and what is allowed.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -35,28 +36,100 @@ class DatasetParams(_Strict):
 
 
 class DataParams(_Strict):
-    source: DatasetParams
+    """The target: the small data set the model is fine-tuned on, and how it is split."""
+
     target: DatasetParams
-    image_size: int = Field(ge=8, le=512)
-    channels: Literal[1, 3]
-    mean: list[float]
-    std: list[float]
+    channels: Literal[1, 3] = 1  # the target's colour mode (1 gray, 3 RGB): what every served image is converted to
     split_seed: int = 42
     min_images_per_class: int = Field(default=3, ge=1)
     bad_files: Literal["quarantine", "fail"] = "quarantine"
 
+
+class _Normalised(_Strict):
+    image_size: int = Field(ge=8, le=1024)  # the source network's input size; the target is resized to it
+
     @model_validator(mode="after")
-    def _one_norm_value_per_channel(self) -> DataParams:
-        for key in ("mean", "std"):
-            if len(getattr(self, key)) != self.channels:
-                raise ValueError(f"data.{key} needs one value a channel: {self.channels} value(s) for channels={self.channels}")
-        if any(s <= 0 for s in self.std):
-            raise ValueError("data.std values must be > 0")
+    def _normalisation_fits(self):
+        mean, std = getattr(self, "mean"), getattr(self, "std")
+        if (mean is None) != (std is None):
+            raise ValueError("give both mean and std, or neither")
+        if mean is not None:
+            if len(mean) != len(std):
+                raise ValueError(f"mean ({len(mean)} values) and std ({len(std)} values) need one value a channel each")
+            if any(s <= 0 for s in std):
+                raise ValueError("std values must be > 0")
         return self
 
 
-class ModelParams(_Strict):
-    widths: list[int] = Field(min_length=1)
+class PipelineSource(_Normalised):
+    """`kind: pipeline`: Graft pretrains its own small ResNet on this source data set (DVC caches it)."""
+
+    data: DatasetParams
+    channels: Literal[1, 3] = 1            # the source images' colour mode
+    mean: list[float]                      # normalisation after scaling pixels to [0, 1], one value a channel
+    std: list[float]
+    widths: list[int] = Field(min_length=1)  # stem + one stride-2 BasicBlock a width
+
+    @model_validator(mode="after")
+    def _one_value_a_channel(self) -> PipelineSource:
+        if len(self.mean) != self.channels:
+            raise ValueError(f"mean/std need one value a channel: {self.channels} value(s) for channels={self.channels}")
+        return self
+
+
+class PretrainedSource(_Normalised):
+    """`kind: pretrained`: a torchvision classification architecture (or efficientnet_lite0) with ready weights."""
+
+    architecture: str = Field(min_length=1)  # torchvision.models name (resnet18, mobilenet_v3_small, ...) or efficientnet_lite0
+    weights: str | None = None               # named weights: torchvision's (DEFAULT, IMAGENET1K_V1, ...), IMAGENET1K for efficientnet_lite0
+    weights_file: str | None = None          # or a local state_dict file (loaded with weights_only=True; its sha256 is the identity)
+    mean: list[float] | None = None          # default: the named weights' own normalisation, ImageNet's for a file
+    std: list[float] | None = None
+
+    @model_validator(mode="after")
+    def _one_weights_origin(self) -> PretrainedSource:
+        if (self.weights is None) == (self.weights_file is None):
+            raise ValueError("give exactly one of weights (a named weights set) or weights_file (a local state_dict)")
+        if self.mean is not None and len(self.mean) != 3:
+            raise ValueError("mean/std of a pretrained (RGB) source need 3 values")
+        return self
+
+
+SOURCE_NAME = r"^[a-z0-9][a-z0-9._-]*$"  # a DVC stage suffix and a file name
+
+
+class SourcesParams(_Strict):
+    """The candidates to transfer from, by kind; `select_source` scores each on the target before fine-tuning."""
+
+    pipeline: dict[str, PipelineSource] = {}
+    pretrained: dict[str, PretrainedSource] = {}
+
+    @model_validator(mode="after")
+    def _named_and_not_empty(self) -> SourcesParams:
+        names = [*self.pipeline, *self.pretrained]
+        if not names:
+            raise ValueError("list at least one candidate under sources.pipeline or sources.pretrained")
+        if both := set(self.pipeline) & set(self.pretrained):
+            raise ValueError(f"candidate name(s) {sorted(both)} used under both pipeline and pretrained; names must be unique")
+        if bad := [n for n in names if not re.match(SOURCE_NAME, n)]:
+            raise ValueError(f"candidate name(s) {bad}: use lower-case letters, digits, '.', '_' and '-'")
+        return self
+
+    def names(self) -> list[str]:
+        return [*self.pipeline, *self.pretrained]
+
+    def kind(self, name: str) -> str:
+        return "pipeline" if name in self.pipeline else "pretrained"
+
+    def image_sizes(self) -> list[int]:
+        return sorted({c.image_size for c in (*self.pipeline.values(), *self.pretrained.values())})
+
+
+class SelectionParams(_Strict):
+    mode: Literal["auto", "report"] = "auto"  # auto: fine-tune the best-scoring candidate; report: score all, fine-tune `use`
+    score: Literal["logme", "leep", "nce"] = "logme"
+    use: str | None = None                    # report mode: the candidate to fine-tune (default: the first listed)
+    batch_size: int = Field(default=64, ge=1)  # feature extraction batch
 
 
 class Augment(_Strict):
@@ -76,6 +149,7 @@ class TrainParams(_Strict):
     weight_decay: float = Field(default=0.0, ge=0)
     warmup_fraction: float = Field(default=0.0, ge=0, lt=1)
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    bn_momentum: float | None = Field(default=0.1, gt=0, le=1)  # every BatchNorm's; null keeps the architecture's own
     augment: Augment = Augment()
     eval_every_steps: int = Field(default=0, ge=0)
 
@@ -90,6 +164,7 @@ class FinetuneParams(TrainParams):
     steps: int = Field(ge=1)
     backbone_lr_scale: float = Field(default=0.1, gt=0)
     lp_steps: int = Field(default=100, ge=1)
+    channel_adapter: Literal["replicate", "learned"] = "replicate"  # target colour mode != source's: fixed or trained 1x1 conv
 
     @model_validator(mode="after")
     def _lp_steps_fit(self) -> FinetuneParams:
@@ -100,7 +175,8 @@ class FinetuneParams(TrainParams):
 
 class ExportParams(_Strict):
     opset: int = Field(default=20, ge=17)
-    parity_atol: float = Field(default=1e-4, gt=0)
+    parity_atol: float = Field(default=1e-4, gt=0)   # every |ONNX logit - PyTorch logit| <= atol + rtol * |PyTorch logit|
+    parity_rtol: float = Field(default=1e-4, ge=0)   # (NumPy's allclose rule: deep networks have large logits)
 
 
 class GateParams(_Strict):
@@ -109,6 +185,7 @@ class GateParams(_Strict):
     min_transfer_gain: float = Field(default=0.0, ge=-1, le=1)  # transfer minus scratch test accuracy
     max_regression: float = Field(default=0.01, ge=0, le=1)      # how much worse than the champion is tolerated
     regression_mode: Literal["absolute", "relative"] = "absolute"
+    max_skew: float = Field(default=0.002, ge=0, le=1)  # |served minus evaluated test accuracy| allowed
     large_batch: int = Field(default=256, ge=2)
     max_latency_ms_batch1: float = Field(default=50.0, gt=0)
     max_latency_ms_large_batch: float = Field(default=1000.0, gt=0)
@@ -161,7 +238,8 @@ class RegistryParams(_Strict):
 class Params(_Strict):
     seed: int = 0
     data: DataParams
-    model: ModelParams
+    sources: SourcesParams
+    selection: SelectionParams = SelectionParams()
     pretrain: PretrainParams
     finetune: FinetuneParams
     export: ExportParams = ExportParams()
@@ -170,6 +248,15 @@ class Params(_Strict):
     registry: RegistryParams = RegistryParams()
     serving: ServingParams = ServingParams()
     schedule: ScheduleParams = ScheduleParams()
+
+    @model_validator(mode="after")
+    def _selection_names_a_candidate(self) -> Params:
+        if self.selection.use is not None and self.selection.use not in self.sources.names():
+            raise ValueError(f"selection.use: {self.selection.use!r} is not a candidate; candidates: {', '.join(self.sources.names())}")
+        return self
+
+    def chosen_in_report_mode(self) -> str:
+        return self.selection.use or self.sources.names()[0]
 
 
 def _describe(error: ValidationError) -> str:

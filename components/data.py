@@ -2,7 +2,10 @@
 
 Raw data comes in two layouts: MNIST-style IDX files (`format: idx`) or a class-per-folder tree of image
 files (`format: folder`, PNG/JPEG/..., any size, gray or colour). Every image is decoded once here, converted
-to the configured channels and size, and stored as uint8 arrays in one .npz, so training never decodes.
+to the colour mode and resized (once, from its decoded size) to each input size a source candidate needs, by
+the same functions the server uses (deploy/contract.py), and stored as uint8 arrays in one .npz, so training
+never decodes and never sees pixels the server would not produce. The test split keeps its file names, so the
+gates can send those very files through the server's decoding path.
 
 Bad input never reaches training silently. A file that cannot be used (not an image, undecodable, truncated,
 an exact duplicate, the same picture under two labels) is quarantined and named in the report, or stops the
@@ -22,10 +25,10 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from components.artifacts import atomic_path, sha256_file, write_json
+from components.artifacts import atomic_path, write_json
 from components.config import DataParams, DatasetParams
 from components.errors import GraftError
-from deploy.imaging import convert_mode, to_chw
+from deploy.contract import COLOR_MODES, convert_mode, resize_chw
 
 IDX_SPLITS = {"train": "train", "test": "t10k"}
 
@@ -49,9 +52,12 @@ class Quarantine:
         self.entries.append({"file": origin, "reason": reason})
 
 
+SPLITS = ("train", "val", "test")
+
+
 @dataclass(frozen=True)
 class Splits:
-    """Prepared data: uint8 images (N, C, H, W) and int64 labels for each split."""
+    """Prepared data at one input size: uint8 images (N, C, H, W), int64 labels, where each image came from."""
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -60,9 +66,17 @@ class Splits:
     x_test: np.ndarray
     y_test: np.ndarray
     classes: tuple[str, ...]
+    origin_train: np.ndarray  # file path, or "<idx file>#<index>"
+    origin_val: np.ndarray
+    origin_test: np.ndarray
+    data_version: str         # the content of the data set and its split, the same at every input size
 
     def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         return getattr(self, f"x_{name}"), getattr(self, f"y_{name}")
+
+    @property
+    def image_size(self) -> int:
+        return int(self.x_train.shape[-1])
 
 
 @dataclass(frozen=True)
@@ -115,7 +129,7 @@ def read_idx_split(root: Path, split: str) -> tuple[list[Sample], tuple[str, ...
 def _decode(path: Path, channels: int) -> np.ndarray:
     with Image.open(path) as image:
         image.load()  # decodes fully: raises on truncated or corrupt data
-        return np.asarray(convert_mode(image, "L" if channels == 1 else "RGB"))
+        return np.asarray(convert_mode(image, COLOR_MODES[channels]))
 
 
 def read_folder(root: Path, channels: int, quarantine: Quarantine, fail_fast: bool) -> tuple[list[Sample], tuple[str, ...]]:
@@ -174,11 +188,11 @@ def drop_duplicates(samples: list[Sample], classes: tuple[str, ...], quarantine:
     return kept
 
 
-def to_arrays(samples: list[Sample], size: int, channels: int) -> tuple[np.ndarray, np.ndarray]:
+def to_pixels(samples: list[Sample], size: int, channels: int) -> np.ndarray:
     x = np.empty((len(samples), channels, size, size), dtype=np.uint8)
     for i, sample in enumerate(samples):
-        x[i] = to_chw(sample.pixels, size, size)
-    return x, np.array([s.label for s in samples], dtype=np.int64)
+        x[i] = resize_chw(sample.pixels, size, size)
+    return x
 
 
 # ---------------------------------------------------------------- splitting
@@ -224,19 +238,17 @@ def _check_split_fits(y_train: np.ndarray, classes: tuple[str, ...], need: int, 
         )
 
 
-def split_samples(
-    x: np.ndarray, y: np.ndarray, dataset: DatasetParams, split_seed: int, seed: int, classes: tuple[str, ...],
-    test: tuple[np.ndarray, np.ndarray] | None = None,
-) -> Splits:
+def split_indices(
+    y: np.ndarray, dataset: DatasetParams, split_seed: int, seed: int, classes: tuple[str, ...], test_idx: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
     """Hold out test (unless given) and val with split_seed; then cut train to k a class with seed."""
     rng = np.random.default_rng(split_seed)
     rest = np.arange(len(y))
-    if test is None:
+    if test_idx is None:
         if dataset.test_size >= len(y):
             raise DataError(f"{dataset.name}: test_size {dataset.test_size} >= {len(y)} usable images")
         test_idx = stratified_take(y, dataset.test_size, rng)
-        test = (x[test_idx], y[test_idx])
-        rest = np.setdiff1d(rest, test_idx)
+    rest = np.setdiff1d(rest, test_idx)
     if dataset.val_size >= len(rest):
         raise DataError(f"{dataset.name}: val_size {dataset.val_size} leaves no training images ({len(rest)} left)")
     val_idx = rest[stratified_take(y[rest], dataset.val_size, rng)]
@@ -244,40 +256,85 @@ def split_samples(
     _check_split_fits(y[train_idx], classes, dataset.labels_per_class or 1, dataset.name)
     if dataset.labels_per_class:
         train_idx = train_idx[k_per_class(y[train_idx], dataset.labels_per_class, np.random.default_rng(seed))]
-    return Splits(x[train_idx], y[train_idx], x[val_idx], y[val_idx], test[0], test[1], classes)
+    return {"train": train_idx, "val": val_idx, "test": test_idx}
+
+
+def content_version(samples: list[Sample], index: dict[str, np.ndarray]) -> str:
+    """A hash of every image as decoded, its label and its split: the data version, whatever the input sizes."""
+    digest = hashlib.blake2b(digest_size=16)
+    for split in SPLITS:
+        for i in index[split]:
+            sample = samples[i]
+            digest.update(f"{split}:{sample.label}:{sample.pixels.shape}:".encode())
+            digest.update(sample.pixels.tobytes())
+    return digest.hexdigest()[:12]
 
 
 # ---------------------------------------------------------------- storing
 
 
+def _array_key(split: str, size: int) -> str:
+    return f"x_{split}_{size}"
+
+
+def save_prepared(path: Path, pixels: dict[int, np.ndarray], labels: np.ndarray, origins: np.ndarray,
+                  index: dict[str, np.ndarray], classes: tuple[str, ...], version: str) -> None:
+    """One .npz: each split at each input size, labels, origins, classes and the data version."""
+    arrays = {_array_key(split, size): x[index[split]] for size, x in pixels.items() for split in SPLITS}
+    arrays.update({f"y_{split}": labels[index[split]] for split in SPLITS})
+    arrays.update({f"origin_{split}": origins[index[split]] for split in SPLITS})
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, classes=np.array(classes), sizes=np.array(sorted(pixels)), data_version=np.array(version), **arrays)
+
+
 def save_splits(splits: Splits, path: Path) -> None:
-    arrays = {f"{a}_{s}": getattr(splits, f"{a}_{s}") for s in ("train", "val", "test") for a in ("x", "y")}
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as handle:
-            np.savez(handle, classes=np.array(splits.classes), **arrays)
+    """Prepared data at one input size (what fine-tuning and everything after it use)."""
+    size = splits.image_size
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, classes=np.array(splits.classes), sizes=np.array([size]), data_version=np.array(splits.data_version),
+                 **{_array_key(s, size): splits.split(s)[0] for s in SPLITS}, **{f"y_{s}": splits.split(s)[1] for s in SPLITS},
+                 **{f"origin_{s}": getattr(splits, f"origin_{s}") for s in SPLITS})
 
 
-def load_splits(path: str | Path) -> Splits:
+def prepared_sizes(path: str | Path) -> list[int]:
+    with np.load(_existing(path), allow_pickle=False) as npz:
+        return [int(s) for s in npz["sizes"]]
+
+
+def _existing(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: prepared data not found; run the prepare stage first (graft run, or dvc repro)")
-    with np.load(path, allow_pickle=False) as npz:
-        return Splits(**{k: npz[k] for k in npz.files if k != "classes"}, classes=tuple(str(c) for c in npz["classes"]))
+    return path
+
+
+def load_splits(path: str | Path, image_size: int | None = None) -> Splits:
+    """The splits at one input size (the only one stored, when image_size is None)."""
+    with np.load(_existing(path), allow_pickle=False) as npz:
+        sizes = [int(s) for s in npz["sizes"]]
+        if image_size is None and len(sizes) == 1:
+            image_size = sizes[0]
+        if image_size not in sizes:
+            raise DataError(f"{path}: holds images at {sizes} px, not {image_size}; run the prepare stage again")
+        arrays = {f"x_{s}": npz[_array_key(s, image_size)] for s in SPLITS}
+        arrays.update({f"{kind}_{s}": npz[f"{kind}_{s}"] for s in SPLITS for kind in ("y", "origin")})
+        return Splits(**arrays, classes=tuple(str(c) for c in npz["classes"]), data_version=str(npz["data_version"]))
 
 
 def data_version(path: str | Path) -> str:
-    """The content hash of a prepared data file: what a model was trained and tested on, exactly."""
-    return sha256_file(path)[:12]
+    """The content version of a prepared data file: what a model was trained and tested on, exactly."""
+    with np.load(_existing(path), allow_pickle=False) as npz:
+        return str(npz["data_version"])
 
 
-def prepare(dataset: DatasetParams, data: DataParams, subset_seed: int, out_path: Path, report_path: Path) -> PrepareResult:
-    """Read, validate, deduplicate, split and store one data set; write its report (counts, quarantine).
-
-    subset_seed draws the labels_per_class examples; the val/test splits depend on data.split_seed only."""
+def prepare(dataset: DatasetParams, data: DataParams, channels: int, sizes: list[int], subset_seed: int,
+            out_path: Path, report_path: Path) -> PrepareResult:
+    """Read, validate, deduplicate, split and store one data set at each input size; write its report
+    (counts, quarantine). subset_seed draws the labels_per_class examples; val/test depend on data.split_seed only."""
     quarantine = Quarantine()
     fail_fast = data.bad_files == "fail"
     root = Path(dataset.path)
-    test = None
+    test_idx = None
     if dataset.format == "idx":
         if not root.is_dir():
             raise DataError(f"{root}: no such folder; an idx data set needs <path>/train-*-idx*-ubyte.gz and t10k files")
@@ -289,25 +346,33 @@ def prepare(dataset: DatasetParams, data: DataParams, subset_seed: int, out_path
             for s in samples:
                 if s.pixels.tobytes() in test_hashes:
                     quarantine.add(s.origin, "exact duplicate of a test image")
-            samples = [s for s in samples if s.pixels.tobytes() not in test_hashes]
-            test = to_arrays(drop_duplicates(test_samples, classes, quarantine, fail_fast), data.image_size, data.channels)
+            samples = drop_duplicates([s for s in samples if s.pixels.tobytes() not in test_hashes], classes, quarantine, fail_fast)
+            test_samples = drop_duplicates(test_samples, classes, quarantine, fail_fast)
+            test_idx = np.arange(len(samples), len(samples) + len(test_samples))
+            samples = samples + test_samples
+        else:
+            samples = drop_duplicates(samples, classes, quarantine, fail_fast)
     else:
-        samples, classes = read_folder(root, data.channels, quarantine, fail_fast)
-    samples = drop_duplicates(samples, classes, quarantine, fail_fast)
-    x, y = to_arrays(samples, data.image_size, data.channels)
-    _check_class_sizes(y, classes, data.min_images_per_class, str(root))
-    splits = split_samples(x, y, dataset, data.split_seed, subset_seed, classes, test)
-    save_splits(splits, out_path)
-    version = data_version(out_path)
-    counts = {name: int(len(splits.split(name)[1])) for name in ("train", "val", "test")}
-    per_class = {
-        name: dict(zip(classes, np.bincount(splits.split(name)[1], minlength=len(classes)).tolist()))
-        for name in ("train", "val", "test")
-    }
+        samples, classes = read_folder(root, channels, quarantine, fail_fast)
+        samples = drop_duplicates(samples, classes, quarantine, fail_fast)
+    if dataset.format == "idx" and channels == 3:
+        samples = [Sample(s.origin, s.label, np.asarray(convert_mode(Image.fromarray(s.pixels), "RGB"))) for s in samples]
+    labels = np.array([s.label for s in samples], dtype=np.int64)
+    training_pool = labels if test_idx is None else labels[: test_idx[0]]
+    _check_class_sizes(training_pool, classes, data.min_images_per_class, str(root))
+    index = split_indices(labels, dataset, data.split_seed, subset_seed, classes, test_idx)
+    version = content_version(samples, index)
+    origins = np.array([s.origin for s in samples])
+    pixels = {size: to_pixels(samples, size, channels) for size in sizes}
+    save_prepared(out_path, pixels, labels, origins, index, classes, version)
+    counts = {name: int(len(index[name])) for name in SPLITS}
+    per_class = {name: dict(zip(classes, np.bincount(labels[index[name]], minlength=len(classes)).tolist())) for name in SPLITS}
     write_json(report_path, {
         "dataset": dataset.name,
         "path": str(root),
         "data_version": version,
+        "sizes": sorted(sizes),
+        "channels": channels,
         "classes": list(classes),
         "counts": counts,
         "per_class": per_class,

@@ -14,57 +14,43 @@ import onnxruntime as ort
 import torch
 
 from components.artifacts import atomic_path
-from components.model import Classifier
+from components.model import GraftNet
 from components.train import Normalizer, predict_logits
-from deploy.model import CLASSES_KEY, CONTRACT_KEY  # the server reads exactly what export writes
-
-INPUT_NAME, OUTPUT_NAME = "pixels", "logits"
+from deploy.contract import (  # the server reads exactly what export writes
+    CLASSES_KEY,
+    CONTRACT_KEY,
+)
 
 
 @dataclass(frozen=True)
 class Parity:
     max_abs_diff: float
+    worst_tolerance_ratio: float  # max |diff| / (atol + rtol * |expected|): at most 1 passes
     argmax_agreement: float
     examples: int
     atol: float
+    rtol: float
 
     @property
     def passed(self) -> bool:
-        return self.argmax_agreement == 1.0 and self.max_abs_diff <= self.atol
+        return self.argmax_agreement == 1.0 and self.worst_tolerance_ratio <= 1.0
 
 
-def preprocessing_contract(model: Classifier) -> dict:
-    """How a client turns an image into the model's input; the server reads exactly this."""
-    spec = model.spec
-    return {
-        "input_name": INPUT_NAME,
-        "output_name": OUTPUT_NAME,
-        "layout": "NCHW",
-        "dtype": "float32",
-        "channels": spec.in_channels,
-        "color_mode": "L" if spec.in_channels == 1 else "RGB",
-        "height": spec.image_size,
-        "width": spec.image_size,
-        "resize": "bilinear",
-        "scale": 1 / 255,
-        "mean": list(spec.mean),
-        "std": list(spec.std),
-    }
-
-
-def export_onnx(model: Classifier, path: Path, opset: int, metadata: dict[str, str] | None = None) -> Path:
-    """Write a single-file ONNX model; the checker's full check runs before the file takes its name."""
+def export_onnx(model: GraftNet, path: Path, opset: int, metadata: dict[str, str] | None = None) -> Path:
+    """Write a single-file ONNX model with the preprocessing contract and class names in its metadata; the
+    checker's full check runs before the file takes its name."""
     model.eval()
-    example = torch.zeros(2, model.spec.in_channels, model.spec.image_size, model.spec.image_size)
+    contract = model.spec.contract
+    example = torch.zeros(2, *contract.shape)
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "model.onnx"
         logging.getLogger("torch.onnx").setLevel(logging.WARNING)
         torch.onnx.export(
-            model, (example,), str(raw), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            model, (example,), str(raw), input_names=[contract.input_name], output_names=[contract.output_name],
             opset_version=opset, dynamo=True, external_data=False, dynamic_shapes={"x": {0: "batch"}},
         )
         proto = onnx.load(str(raw))
-    props = {CONTRACT_KEY: json.dumps(preprocessing_contract(model)), CLASSES_KEY: json.dumps(list(model.spec.classes)), **(metadata or {})}
+    props = {CONTRACT_KEY: contract.to_json(), CLASSES_KEY: json.dumps(list(model.spec.classes)), **(metadata or {})}
     onnx.helper.set_model_props(proto, props)
     onnx.checker.check_model(proto, full_check=True)
     with atomic_path(path) as tmp_path:
@@ -78,19 +64,22 @@ def cpu_session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def check_parity(model: Classifier, onnx_path: Path, x: np.ndarray, atol: float, batch_size: int = 256) -> Parity:
-    normalize = Normalizer.of(model.spec.mean, model.spec.std)
-    expected = predict_logits(model, x, normalize).numpy()
+def check_parity(model: GraftNet, onnx_path: Path, x: np.ndarray, atol: float, rtol: float, batch_size: int = 256) -> Parity:
+    contract = model.spec.contract
+    expected = predict_logits(model, x, Normalizer.of(contract)).numpy()
     session = cpu_session(onnx_path)
     got = np.concatenate([
-        session.run([OUTPUT_NAME], {INPUT_NAME: normalize(torch.from_numpy(x[i : i + batch_size])).numpy()})[0]
+        session.run([contract.output_name], {contract.input_name: contract.normalize(x[i : i + batch_size])})[0]
         for i in range(0, len(x), batch_size)
     ])
+    difference = np.abs(got - expected)
     return Parity(
-        max_abs_diff=float(np.abs(got - expected).max()),
+        max_abs_diff=float(difference.max()),
+        worst_tolerance_ratio=float((difference / (atol + rtol * np.abs(expected))).max()),
         argmax_agreement=float((got.argmax(1) == expected.argmax(1)).mean()),
         examples=len(x),
         atol=atol,
+        rtol=rtol,
     )
 
 

@@ -1,7 +1,9 @@
 """Evaluation gates: everything that can break production, each with its value, bound and verdict.
 
 1. quality floor   2. transfer pays (else: negative transfer)   3. no regression against the champion
-4. export parity   5. serving check (the artifact loaded as the server loads it, latency and size budgets)
+4. export parity   5. no train/serve skew (the test split's image files through the server's own decoding and
+normalisation, read from the model's metadata, score what the evaluate stage measured)   6. serving check (the
+artifact loaded as the server loads it, latency and size budgets)
 """
 from __future__ import annotations
 
@@ -12,8 +14,15 @@ from pathlib import Path
 import numpy as np
 
 from components.config import GateParams, ServingParams
+from components.data import Splits
 from components.evaluate import score
-from deploy.model import ModelLoadError, load_model, normalize
+from deploy.model import (
+    InputError,
+    LoadedModel,
+    ModelLoadError,
+    decode_image,
+    load_model,
+)
 
 PASSED, FAILED, SKIPPED = "passed", "failed", "skipped"
 
@@ -105,8 +114,36 @@ def parity_gates(parity: dict) -> list[Gate]:
     return [
         _at_least("parity.top1_agreement", parity["argmax_agreement"], 1.0,
                   "ONNX Runtime and PyTorch disagree on the top-1 class of some test examples"),
-        _at_most("parity.max_abs_diff", parity["max_abs_diff"], parity["atol"], "logits differ beyond the tolerance"),
+        _at_most("parity.logits", parity["worst_tolerance_ratio"], 1.0,
+                 f"logits differ beyond atol {parity['atol']:g} + rtol {parity['rtol']:g} * |logit| (max |diff| {parity['max_abs_diff']:.2e})"),
     ]
+
+
+def served_accuracy(model: LoadedModel, splits: Splits, batch_size: int = 256) -> float | None:
+    """Accuracy of an exported model on the test split's image files, each decoded and normalised by the
+    server's own code under the contract in the model's metadata. None when the test split has no image files
+    (IDX data) and the model cannot take the prepared arrays either."""
+    files = [str(origin) for origin in splits.origin_test]
+    if all(Path(f).is_file() for f in files):
+        try:
+            pixels = np.stack([decode_image(Path(f).read_bytes(), model.contract) for f in files])
+        except InputError as error:
+            raise ValueError(f"a test image no longer decodes ({error}); prepare the target again") from None
+    elif model.contract.shape == splits.x_test.shape[1:]:
+        pixels = splits.x_test
+    else:
+        return None
+    logits = np.concatenate([model.run(model.contract.normalize(pixels[i : i + batch_size])) for i in range(0, len(pixels), batch_size)])
+    return score(splits.y_test, logits.argmax(1), model.classes).accuracy
+
+
+def skew_gate(served: float | None, evaluated: float, gates: GateParams) -> Gate:
+    if served is None:
+        return Gate("contract.skew", SKIPPED, None, "", "the test split has no image files to decode (IDX data)")
+    gap = abs(served - evaluated)
+    detail = (f"train/serve skew: the test images decoded and normalised as the server does score {served:.4f}, the "
+              f"evaluate stage measured {evaluated:.4f}; the preprocessing contract is not what training used")
+    return _at_most("contract.skew", gap, gates.max_skew, detail)
 
 
 def _median_ms(run, batch: np.ndarray, repeats: int) -> float:
@@ -127,11 +164,11 @@ def serving_gates(onnx_path: Path, x_test: np.ndarray, y_test: np.ndarray, gates
     except ModelLoadError as error:  # includes strict mode refusing a CPU fallback
         return [Gate("serving.load", FAILED, None, "loads", str(error))], "", {"requested_providers": list(serving.providers)}
     large = x_test[: gates.large_batch]
-    logits = model.run(normalize(large, model.contract))
+    logits = model.run(model.contract.normalize(large))
     answers_ok = logits.shape == (len(large), len(model.classes)) and bool(np.isfinite(logits).all())
     accuracy = score(y_test[: len(large)], logits.argmax(1), model.classes).accuracy
-    single_ms = _median_ms(model.run, normalize(x_test[:1], model.contract), repeats=30)
-    large_ms = _median_ms(model.run, normalize(large, model.contract), repeats=5)
+    single_ms = _median_ms(model.run, model.contract.normalize(x_test[:1]), repeats=30)
+    large_ms = _median_ms(model.run, model.contract.normalize(large), repeats=5)
     size_mb = model.size_bytes / 1e6
     result = [
         Gate("serving.answers", PASSED if answers_ok else FAILED, float(answers_ok), "== 1",

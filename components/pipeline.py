@@ -13,16 +13,23 @@ import re
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from components.artifacts import read_json
-from components.errors import EXIT_TRANSIENT, GraftError, StageFailed, TransientStageError
+from components.errors import (
+    EXIT_TRANSIENT,
+    GraftError,
+    StageFailed,
+    TransientStageError,
+)
 from components.stages import STAGES, Layout
 
-STAGE_ORDER: tuple[str, ...] = tuple(STAGES)
+# Runs every time (it checks the weights files outside the project); what depends on it reruns only when its
+# output changed, so it never counts as "something changed".
+ALWAYS_RUN = ("resolve_sources",)
 
 
 @dataclass(frozen=True)
@@ -67,10 +74,12 @@ def _stage_failure(name: str, error: Exception, error_file: Path) -> Exception:
 def reproduce_stage(root: str | Path, name: str) -> StageOutcome:
     """Run one stage if DVC finds it out of date; its upstream stages must already be up to date."""
     from dvc.exceptions import ReproductionError
-    from dvc.repo import Repo  # imported here: dvc is heavy and only the runner needs it
+    from dvc.repo import (
+        Repo,  # imported here: dvc is heavy and only the runner needs it
+    )
 
-    if name not in STAGES:
-        raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGE_ORDER)}")
+    if name.partition("@")[0] not in STAGES:
+        raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp, _in_folder(Path(root).resolve()), Repo(".") as repo:
         error_file = Path(tmp) / "error.json"
@@ -90,7 +99,7 @@ def pending_stages(root: str | Path) -> list[str]:
     from dvc.repo import Repo
 
     with _in_folder(Path(root).resolve()), Repo(".") as repo:
-        return sorted(repo.status())
+        return sorted(name for name in repo.status() if name.split(":")[-1] not in ALWAYS_RUN)
 
 
 class ProjectBusy(GraftError):
@@ -131,26 +140,37 @@ def collect_summary(root: str | Path, outcomes: list[StageOutcome] | None = None
     """The run at a glance, read from the stages' declared outputs."""
     root = Path(root)
     target = read_json(root / Layout.target_report)
-    source = read_json(root / Layout.source_report)
+    selection = read_json(root / Layout.selection_report)
+    source = read_json(root / Layout.selected_source)
     evaluation = read_json(root / Layout.evaluate_metrics)
     parity = read_json(root / Layout.export_metrics)
-    pretrain = read_json(root / Layout.pretrain_metrics)
     transfer_meta = read_json(root / Layout.transfer_model.with_suffix(".json"))
     registration_path = root / Layout.registration
     registration = read_json(registration_path) if registration_path.exists() else {}
+    scores = {c["name"]: c[selection["score"]] for c in selection["candidates"]}
+    ranking = ", ".join(f"{name} {scores[name]:.3f}" for name in selection["ranking"])
     return {
         "target data": f"{target['dataset']} @ {target['data_version']} "
                        f"(train {target['counts']['train']}, test {target['counts']['test']}, quarantined {target['quarantined']})",
-        "source": f"{source['dataset']} @ {source['data_version']}, source test acc {pretrain['test_accuracy']:.4f}",
+        "source": f"{source['name']} ({source['kind']}: {source['architecture']}, {source['weights'] or source['file']}, "
+                  f"{source['image_size']} px)" + _pretrained_line(root, source),
+        "selection": f"{selection['mode']} by {selection['score']}: {ranking}",
         "strategy": transfer_meta["strategy"],
         "transfer test acc": f"{evaluation['transfer']['accuracy']:.4f} (macro-F1 {evaluation['transfer']['macro_f1']:.4f})",
-        "scratch test acc": f"{evaluation['scratch']['accuracy']:.4f} (macro-F1 {evaluation['scratch']['macro_f1']:.4f})",
+        "scratch test acc": f"{evaluation['scratch']['accuracy']:.4f} (macro-F1 {evaluation['scratch']['macro_f1']:.4f}), same architecture",
         "transfer gain": f"{100 * evaluation['transfer_gain']:+.2f} points",
         "ONNX parity": f"max |diff| {parity['max_abs_diff']:.1e}, top-1 agreement {parity['argmax_agreement']:.4f}",
         "gates": _gate_line(root),
         "model version": _version_line(registration),
         "stages": ", ".join(f"{o.name} {'ran' if o.ran else 'skipped'} {o.seconds:.0f}s" for o in outcomes) if outcomes else "",
     }
+
+
+def _pretrained_line(root: Path, source: dict) -> str:
+    if source["kind"] != "pipeline":
+        return ""
+    metrics = read_json(root / Layout.pretrain_metrics(source["name"]))
+    return f", source test acc {metrics['test_accuracy']:.4f}"
 
 
 def _gate_line(root: Path) -> str:

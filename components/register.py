@@ -21,7 +21,7 @@ from mlflow.models import infer_signature
 from components.config import Params, RegistryParams, load_params
 from components.export import cpu_session
 
-SOURCE_SHA_TAG = "graft.source_sha256"
+SOURCE_SHA_TAG = "graft.source.sha256"
 ONNX_REQUIREMENTS = ["onnxruntime-gpu==1.31.1", "onnx==1.23.2", "numpy"]
 ONNX_PROVIDERS = ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
@@ -83,15 +83,17 @@ def log_history(history: list[dict], prefix: str) -> None:
         mlflow.log_metrics(metrics, step=int(record["step"]))
 
 
-def source_run(params: Params, checkpoint_sha: str, checkpoint: Path, history: list[dict], metrics: dict, data_version: str) -> str:
-    """The MLflow run of this source checkpoint: found by its sha256, or logged now."""
-    query = f"tags.`{SOURCE_SHA_TAG}` = '{checkpoint_sha}' and tags.`graft.stage` = 'pretrain'"
+def source_run(params: Params, identity, checkpoint: Path, history: list[dict], metrics: dict, data_version: str) -> str:
+    """The MLflow run that pretrained this pipeline source checkpoint: found by its sha256, or logged now."""
+    query = f"tags.`{SOURCE_SHA_TAG}` = '{identity.sha256}' and tags.`graft.stage` = 'pretrain'"
     found = mlflow.search_runs(filter_string=query, max_results=1, output_format="list")
     if found:
         return found[0].info.run_id
-    with mlflow.start_run(run_name=f"pretrain-{params.data.source.name}-{checkpoint_sha[:8]}") as run:
-        mlflow.set_tags({SOURCE_SHA_TAG: checkpoint_sha, "graft.stage": "pretrain", "graft.source_data_version": data_version})
-        mlflow.log_params(flatten({"data": params.data.model_dump(), "model": params.model.model_dump(), "pretrain": params.pretrain.model_dump()}))
+    candidate = params.sources.pipeline[identity.name]
+    with mlflow.start_run(run_name=f"pretrain-{identity.name}-{identity.sha256[:8]}") as run:
+        mlflow.set_tags({SOURCE_SHA_TAG: identity.sha256, "graft.stage": "pretrain", "graft.source.name": identity.name,
+                         "graft.source_data_version": data_version})
+        mlflow.log_params(flatten({"source": candidate.model_dump(), "pretrain": params.pretrain.model_dump()}))
         log_history(history, "pretrain")
         mlflow.log_metrics({f"source_test.{k}": v for k, v in metrics.items()})
         mlflow.log_artifact(str(checkpoint), "checkpoint")
@@ -116,7 +118,8 @@ def register(record: RunRecord, source_run_id: str) -> Registration:
     registry = record.params.registry
     client = MlflowClient()
     with mlflow.start_run(run_name=f"retrain-{record.tags['graft.strategy']}-{record.tags['graft.data_version']}") as run:
-        mlflow.set_tags({**record.tags, "graft.stage": "retrain", "graft.source_run_id": source_run_id})
+        lineage = {"graft.source_run_id": source_run_id} if source_run_id else {}  # a pipeline source's pretraining run
+        mlflow.set_tags({**record.tags, "graft.stage": "retrain", **lineage})
         mlflow.log_params(flatten(record.params.model_dump()))
         for name, history in record.histories.items():
             log_history(history, name)
@@ -140,7 +143,7 @@ def register(record: RunRecord, source_run_id: str) -> Registration:
         )
         version = str(info.registered_model_version)
         for key, value in {**record.tags, **{f"metric.{k}": f"{v:.6g}" for k, v in record.metrics.items()},
-                           "graft.run_id": run.info.run_id, "graft.source_run_id": source_run_id}.items():
+                           "graft.run_id": run.info.run_id, **lineage}.items():
             client.set_model_version_tag(registry.model_name, version, key, str(value))
         return Registration(
             run_id=run.info.run_id,
@@ -155,7 +158,14 @@ def register(record: RunRecord, source_run_id: str) -> Registration:
 def apply_gate_verdict(params: Params, registration: dict, report: dict) -> dict:
     """Tag the new version with every gate's result; give it `challenger` only if all passed; promote it
     when promotion.auto_promote is on, or when there is no champion yet."""
-    from components.registry import CHALLENGER, CHAMPION, GATES_TAG, alias_version, move_alias, promote
+    from components.registry import (
+        CHALLENGER,
+        CHAMPION,
+        GATES_TAG,
+        alias_version,
+        move_alias,
+        promote,
+    )
 
     client = MlflowClient()
     name, version, run_id = registration["model_name"], registration["version"], registration["run_id"]

@@ -14,11 +14,11 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
 
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException

@@ -1,42 +1,63 @@
 """The pipeline's stages: each reads params.yaml and writes exactly the outputs dvc.yaml declares for it.
 
-`graft stage NAME` runs one of these; DVC runs that command; the Prefect flow asks DVC to run it. All paths
+`graft stage NAME` runs one of these; DVC runs that command; the Prefect flow asks DVC to run it. The stages
+of a pipeline source are per candidate: `prepare_source@NAME`, `pretrain@NAME` (dvc.yaml `foreach`). All paths
 are relative to the project folder (the one holding dvc.yaml and params.yaml).
 """
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
-import torch
 
 from components import data as data_mod
-from components.artifacts import atomic_path, read_json, sha256_file, write_json
+from components.artifacts import atomic_path, read_json, write_json
 from components.config import Params, load_params
-from components.evaluate import plot_confusion, plot_curves, read_history, score, write_history, write_predictions
+from components.evaluate import (
+    plot_confusion,
+    plot_curves,
+    read_history,
+    score,
+    write_history,
+    write_predictions,
+)
 from components.export import check_parity, export_onnx
 from components.model import ModelSpec, build, graft, load_checkpoint, save_checkpoint
+from components.selection import SCORES, choose, score_candidate, write_selection
+from components.sources import (
+    SourceError,
+    SourceIdentity,
+    extract_features,
+    load_source,
+    pipeline_identity,
+    resolve_pretrained_sources,
+)
 from components.train import Normalizer, Phase, predict_logits, strategy_phases, train
+from deploy.contract import COLOR_MODES, SOURCE_KEY, Contract
 
 
 class Layout:
     """Where every stage output lives; dvc.yaml names the same paths (a test keeps them in step)."""
 
-    source_data = Path("data/prepared/source.npz")
+    pretrained_sources = Path("models/sources.json")
+    sources = Path("models/sources")
     target_data = Path("data/prepared/target.npz")
-    source_report = Path("reports/prepare-source.json")
     target_report = Path("reports/prepare-target.json")
-    source_model = Path("models/source.pt")
+    selection_report = Path("reports/source-selection.json")
+    selection_markdown = Path("reports/source-selection.md")
+    selection_plot = Path("plots/source-selection.png")
+    selected_data = Path("data/prepared/selected.npz")
+    selected_architecture = Path("models/selected/architecture.json")
+    selected_source = Path("models/selected/source.json")
     transfer_model = Path("models/transfer.pt")
     scratch_model = Path("models/scratch.pt")
     onnx_model = Path("models/model.onnx")
-    pretrain_metrics = Path("metrics/pretrain.json")
     evaluate_metrics = Path("metrics/evaluate.json")
     export_metrics = Path("metrics/export.json")
-    pretrain_history = Path("plots/pretrain_history.csv")
     transfer_history = Path("plots/transfer_history.csv")
     scratch_history = Path("plots/scratch_history.csv")
     predictions = Path("plots/test_predictions.csv")
@@ -48,64 +69,139 @@ class Layout:
     gate_markdown = Path("reports/gates.md")
     registration = Path("outputs/registration.json")
 
+    # per pipeline source NAME
+    @staticmethod
+    def source_data(name: str) -> Path:
+        return Path(f"data/prepared/source-{name}.npz")
 
-def model_spec(params: Params, classes: tuple[str, ...]) -> ModelSpec:
-    return ModelSpec(
-        in_channels=params.data.channels, image_size=params.data.image_size, widths=tuple(params.model.widths),
-        classes=classes, mean=tuple(params.data.mean), std=tuple(params.data.std),
-    )
+    @staticmethod
+    def source_report(name: str) -> Path:
+        return Path(f"reports/prepare-source-{name}.json")
+
+    @staticmethod
+    def source_model(name: str) -> Path:
+        return Layout.sources / f"{name}.pt"
+
+    @staticmethod
+    def pretrain_metrics(name: str) -> Path:
+        return Path(f"metrics/pretrain-{name}.json")
+
+    @staticmethod
+    def pretrain_history(name: str) -> Path:
+        return Path(f"plots/pretrain-{name}.csv")
 
 
-def prepare_source(params: Params) -> data_mod.PrepareResult:
+# ---------------------------------------------------------------- sources
+
+
+def resolve_sources(params: Params) -> dict:
+    """The identity (weights sha256, normalisation, size) of every pretrained candidate; downloads named
+    weights into the torch hub cache when online. DVC runs it every time (always_changed): a weights file that
+    changed makes the stages that used it run again, an unchanged one changes nothing."""
+    identities = resolve_pretrained_sources(params)
+    write_json(Layout.pretrained_sources, identities)
+    Layout.sources.mkdir(parents=True, exist_ok=True)  # select_source depends on it, also when no pipeline source fills it
+    return identities
+
+
+def prepare_source(params: Params, name: str) -> data_mod.PrepareResult:
+    candidate = params.sources.pipeline[name]
     # The source's optional k-a-class cut follows split_seed: the target's seed must not touch pretraining.
-    return data_mod.prepare(params.data.source, params.data, params.data.split_seed, Layout.source_data, Layout.source_report)
+    return data_mod.prepare(candidate.data, params.data, candidate.channels, [candidate.image_size], params.data.split_seed,
+                            Layout.source_data(name), Layout.source_report(name))
 
 
 def prepare_target(params: Params) -> data_mod.PrepareResult:
-    return data_mod.prepare(params.data.target, params.data, params.seed, Layout.target_data, Layout.target_report)
+    """The target at every candidate's input size, so each is scored on pixels the server would give it."""
+    return data_mod.prepare(params.data.target, params.data, params.data.channels, params.sources.image_sizes(), params.seed,
+                            Layout.target_data, Layout.target_report)
 
 
-def pretrain(params: Params) -> dict:
-    splits = data_mod.load_splits(Layout.source_data)
-    model = build(model_spec(params, splits.classes), params.pretrain.seed)
+def pretrain(params: Params, name: str) -> dict:
+    candidate = params.sources.pipeline[name]
+    splits = data_mod.load_splits(Layout.source_data(name))
+    contract = Contract(COLOR_MODES[candidate.channels], candidate.image_size, candidate.image_size,
+                        tuple(candidate.mean), tuple(candidate.std))
+    model = build(ModelSpec.own_resnet(splits.classes, contract, tuple(candidate.widths)), params.pretrain.seed)
     steps = params.pretrain.epochs * -(-len(splits.y_train) // params.pretrain.batch_size)
     started = time.perf_counter()
-    history = train(model, splits, params.pretrain, [Phase("pretrain", steps, 1.0)], params.pretrain.seed, desc="pretrain")
+    history = train(model, splits, params.pretrain, [Phase("pretrain", steps, 1.0)], params.pretrain.seed, desc=f"pretrain {name}")
     seconds = time.perf_counter() - started
-    test = score(splits.y_test, predict_logits(model, splits.x_test, _normalizer(model)).argmax(1).numpy(), splits.classes)
+    test = score(splits.y_test, _predict(model, splits.x_test), splits.classes)
     metrics = {"test_accuracy": test.accuracy, "test_macro_f1": test.macro_f1, "steps": steps}
     # Timing goes with the checkpoint, not the metrics: metrics must be identical on a rerun.
-    save_checkpoint(model, Layout.source_model, {"data_version": data_mod.data_version(Layout.source_data),
-                                                 "metrics": metrics, "train_seconds": seconds})
-    write_history(history, Layout.pretrain_history)
-    write_json(Layout.pretrain_metrics, metrics)
+    save_checkpoint(model, Layout.source_model(name), {"data_version": splits.data_version, "dataset": candidate.data.name,
+                                                       "metrics": metrics, "train_seconds": seconds})
+    write_history(history, Layout.pretrain_history(name))
+    write_json(Layout.pretrain_metrics(name), metrics)
     return metrics
 
 
-def _normalizer(model) -> Normalizer:
-    return Normalizer.of(model.spec.mean, model.spec.std)
+def _predict(model, x: np.ndarray) -> np.ndarray:
+    return predict_logits(model, x, Normalizer.of(model.spec.contract)).argmax(1).numpy()
+
+
+def candidate_identities(params: Params) -> list[SourceIdentity]:
+    """Every candidate's identity, in params order: pipeline checkpoints hashed now, pretrained ones as resolved."""
+    resolved = read_json(Layout.pretrained_sources) if Layout.pretrained_sources.exists() else {}
+    identities = []
+    for name in params.sources.names():
+        if params.sources.kind(name) == "pipeline":
+            identities.append(pipeline_identity(name, params.sources.pipeline[name], Layout.source_model(name)))
+        elif name in resolved:
+            identities.append(SourceIdentity.from_dict(resolved[name]))
+        else:
+            raise SourceError(f"source {name} is not resolved yet; run the resolve_sources stage first (graft run, or dvc repro)")
+    return identities
+
+
+def select_source(params: Params) -> dict:
+    """Score every candidate's frozen features on the target's training split; keep the chosen source's identity,
+    architecture and input-size data for the stages after it."""
+    scores, chosen_by_name = [], {}
+    for identity in candidate_identities(params):
+        splits = data_mod.load_splits(Layout.target_data, identity.image_size)
+        source = load_source(identity)
+        features = extract_features(source, identity.contract(params.data.channels), splits.x_train, params.selection.batch_size)
+        scores.append(score_candidate(identity.name, identity.kind, identity.origin(), identity.image_size, features.features, features.source_probabilities, splits.y_train,
+                                      features.seconds))
+        chosen_by_name[identity.name] = identity
+    selection = choose(scores, params.selection.mode, params.selection.score, params.chosen_in_report_mode(),
+                       examples=int(len(splits.y_train)))
+    write_selection(selection, Layout.selection_report, Layout.selection_markdown, Layout.selection_plot)
+    chosen = chosen_by_name[selection.chosen]
+    splits = data_mod.load_splits(Layout.target_data, chosen.image_size)
+    spec = chosen.model_spec(splits.classes, params.data.channels, params.finetune.channel_adapter)
+    write_json(Layout.selected_source, chosen.to_dict())
+    write_json(Layout.selected_architecture, spec.to_dict())
+    data_mod.save_splits(splits, Layout.selected_data)
+    return selection.to_dict()
+
+
+# ---------------------------------------------------------------- target training and evaluation
 
 
 def _train_target(params: Params, strategy: str, out: Path, history_path: Path) -> dict:
-    splits = data_mod.load_splits(Layout.target_data)
-    spec = model_spec(params, splits.classes)
+    splits = data_mod.load_splits(Layout.selected_data)
+    spec = ModelSpec.from_dict(read_json(Layout.selected_architecture))
+    extra = {"strategy": strategy, "data_version": splits.data_version}
     if strategy == "scratch":
         model = build(spec, params.seed)
     else:
-        source, _ = load_checkpoint(Layout.source_model)
-        model = graft(source, spec, params.seed)
+        identity = SourceIdentity.from_dict(read_json(Layout.selected_source))
+        model = graft(load_source(identity).backbone, spec, params.seed)
+        extra["source"] = identity.to_dict()
     started = time.perf_counter()
     history = train(model, splits, params.finetune, strategy_phases(params.finetune, strategy), params.seed, desc=strategy)
-    extra = {"strategy": strategy, "data_version": data_mod.data_version(Layout.target_data), "train_seconds": time.perf_counter() - started}
-    if strategy != "scratch":
-        extra["source_sha256"] = sha256_file(Layout.source_model)
+    extra["train_seconds"] = time.perf_counter() - started
     save_checkpoint(model, out, extra)
     write_history(history, history_path)
     return extra
 
 
 def baseline(params: Params) -> dict:
-    """The from-scratch model on the same target data, steps and augmentation: what transfer must beat."""
+    """The from-scratch model: the chosen source's architecture without its weights, on the same target data,
+    steps and augmentation: what transfer must beat."""
     return _train_target(params, "scratch", Layout.scratch_model, Layout.scratch_history)
 
 
@@ -114,12 +210,12 @@ def finetune(params: Params) -> dict:
 
 
 def evaluate(params: Params) -> dict:  # noqa: ARG001 - every stage takes params
-    splits = data_mod.load_splits(Layout.target_data)
+    splits = data_mod.load_splits(Layout.selected_data)
     results, strategies, per_class = {}, {}, {}
     for label, path, plot in (("transfer", Layout.transfer_model, Layout.confusion_transfer),
                               ("scratch", Layout.scratch_model, Layout.confusion_scratch)):
         model, meta = load_checkpoint(path)
-        predicted = predict_logits(model, splits.x_test, _normalizer(model)).argmax(1).numpy()
+        predicted = _predict(model, splits.x_test)
         evaluation = score(splits.y_test, predicted, splits.classes)
         plot_confusion(evaluation, splits.classes, f"{label} ({meta['strategy']}) on the test split", plot)
         strategies[label] = meta["strategy"]
@@ -140,39 +236,47 @@ def export(params: Params) -> dict:
     model, meta = load_checkpoint(Layout.transfer_model)
     export_onnx(model, Layout.onnx_model, params.export.opset, {
         "graft.strategy": meta["strategy"], "graft.data_version": meta["data_version"],
-        "graft.source_sha256": meta.get("source_sha256", ""),
+        SOURCE_KEY: json.dumps(meta.get("source", {}), sort_keys=True),
     })
-    splits = data_mod.load_splits(Layout.target_data)
-    parity = check_parity(model, Layout.onnx_model, splits.x_test, params.export.parity_atol)
+    splits = data_mod.load_splits(Layout.selected_data)
+    parity = check_parity(model, Layout.onnx_model, splits.x_test, params.export.parity_atol, params.export.parity_rtol)
     # Metrics only: the exporter's bytes are not reproducible (DVC's lock keeps the file's hash).
     result = {**asdict(parity), "passed": parity.passed, "onnx_bytes": Layout.onnx_model.stat().st_size}
     write_json(Layout.export_metrics, result)
     if not parity.passed:
         raise RuntimeError(
-            f"ONNX parity failed: max |diff| {parity.max_abs_diff:.2e} (allowed {parity.atol:.0e}), "
+            f"ONNX parity failed: max |diff| {parity.max_abs_diff:.2e} is {parity.worst_tolerance_ratio:.2f}x the allowed "
+            f"atol {parity.atol:.0e} + rtol {parity.rtol:.0e} * |logit|, "
             f"top-1 agreement {parity.argmax_agreement:.4f} (need 1.0); the model is not registered"
         )
     return result
 
 
-def _score_champion(params: Params, x_test: np.ndarray, y_test: np.ndarray, classes: tuple[str, ...]) -> tuple[str | None, float | None, str]:
-    """The current champion's accuracy on this run's test split, scored with ONNX Runtime as it is served."""
+# ---------------------------------------------------------------- judging and publishing
+
+
+def _score_champion(params: Params, splits: data_mod.Splits) -> tuple[str | None, float | None, str]:
+    """The current champion's accuracy on this run's test split, scored as it is served: its own contract
+    applied to the test files (so a champion at another input size is still compared on the same images)."""
     from mlflow import MlflowClient
 
+    from components import gates as gates_mod
     from components import register as register_mod
     from components.registry import CHAMPION, alias_version, loaded_version
-    from deploy.model import normalize
 
     register_mod.use_experiment(params.registry)
     version = alias_version(MlflowClient(), params.registry.model_name, CHAMPION)
     if version is None:
         return None, None, ""
     with loaded_version(params.registry.model_name, version) as champion:
-        if champion.contract.shape != x_test.shape[1:] or champion.classes != classes:
-            return version, None, (f"champion v{version} takes {champion.contract.shape} images of classes {list(champion.classes)}; "
-                                   f"this run has {x_test.shape[1:]} and {list(classes)}: not comparable on one test split")
-        logits = np.concatenate([champion.run(normalize(x_test[i : i + 512], champion.contract)) for i in range(0, len(x_test), 512)])
-    return version, score(y_test, logits.argmax(1), classes).accuracy, ""
+        if champion.classes != splits.classes:
+            return version, None, (f"champion v{version} predicts classes {list(champion.classes)}; this run has "
+                                   f"{list(splits.classes)}: not comparable on one test split")
+        accuracy = gates_mod.served_accuracy(champion, splits)
+    if accuracy is None:
+        return version, None, (f"champion v{version} takes {champion.contract.shape} images and the test split has no image "
+                               f"files to decode for it (this run: {splits.x_test.shape[1:]}): not comparable")
+    return version, accuracy, ""
 
 
 def gate(params: Params) -> dict:
@@ -180,17 +284,21 @@ def gate(params: Params) -> dict:
     from components import gates as gates_mod
 
     evaluation = read_json(Layout.evaluate_metrics)
-    splits = data_mod.load_splits(Layout.target_data)
-    champion_version, champion_accuracy, incomparable = _score_champion(params, splits.x_test, splits.y_test, splits.classes)
-    regression = gates_mod.regression_gate(evaluation["transfer"]["accuracy"], champion_accuracy, params.gates)
+    splits = data_mod.load_splits(Layout.selected_data)
+    candidate = gates_mod.load_model(Layout.onnx_model, providers=["cpu"])
+    served = gates_mod.served_accuracy(candidate, splits)
+    champion_version, champion_accuracy, incomparable = _score_champion(params, splits)
+    regression = gates_mod.regression_gate(served if served is not None else evaluation["transfer"]["accuracy"],
+                                           champion_accuracy, params.gates)
     if incomparable:
         regression = gates_mod.Gate("no_regression", gates_mod.FAILED, None, "", incomparable)
     serving, provider, extra = gates_mod.serving_gates(Layout.onnx_model, splits.x_test, splits.y_test, params.gates, params.serving)
     report = gates_mod.GateReport(
         gates=[*gates_mod.quality_gates(evaluation, params.gates), gates_mod.transfer_gate(evaluation, params.gates),
-               regression, *gates_mod.parity_gates(read_json(Layout.export_metrics)), *serving],
+               regression, *gates_mod.parity_gates(read_json(Layout.export_metrics)),
+               gates_mod.skew_gate(served, evaluation["transfer"]["accuracy"], params.gates), *serving],
         provider=provider, champion_version=champion_version,
-        extra={**extra, "champion_accuracy": champion_accuracy},
+        extra={**extra, "champion_accuracy": champion_accuracy, "served_accuracy": served},
     )
     write_json(Layout.gate_report, report.to_dict())
     with atomic_path(Layout.gate_markdown) as tmp:
@@ -198,44 +306,62 @@ def gate(params: Params) -> dict:
     return report.to_dict()
 
 
+def lineage_tags(identity: SourceIdentity, params: Params) -> dict[str, str]:
+    """What the registered version says about where it came from."""
+    return {
+        "graft.source.name": identity.name,
+        "graft.source.kind": identity.kind,
+        "graft.source.architecture": identity.architecture,
+        "graft.source.weights": identity.weights or identity.file,
+        "graft.source.sha256": identity.sha256,
+        "graft.source.image_size": str(identity.image_size),
+        "graft.target_dataset": params.data.target.name,
+        **({"graft.source.dataset": params.sources.pipeline[identity.name].data.name} if identity.kind == "pipeline" else {}),
+    }
+
+
 def register(params: Params) -> dict:
-    from components import register as register_mod  # mlflow takes seconds to import; only this stage needs it
+    from components import (
+        register as register_mod,  # mlflow takes seconds to import; only this stage needs it
+    )
 
     register_mod.use_experiment(params.registry)
-    source_meta = read_json(Layout.source_model.with_suffix(".json"))
-    source_sha = sha256_file(Layout.source_model)
-    source_run_id = register_mod.source_run(
-        params, source_sha, Layout.source_model, read_history(Layout.pretrain_history),
-        read_json(Layout.pretrain_metrics), source_meta["data_version"],
-    )
+    identity = SourceIdentity.from_dict(read_json(Layout.selected_source))
+    source_run_id = ""
+    if identity.kind == "pipeline":
+        checkpoint = Layout.source_model(identity.name)
+        source_meta = read_json(checkpoint.with_suffix(".json"))
+        source_run_id = register_mod.source_run(
+            params, identity, checkpoint, read_history(Layout.pretrain_history(identity.name)),
+            read_json(Layout.pretrain_metrics(identity.name)), source_meta["data_version"],
+        )
     evaluation = read_json(Layout.evaluate_metrics)
     parity = read_json(Layout.export_metrics)
     transfer_meta = read_json(Layout.transfer_model.with_suffix(".json"))
+    selection = read_json(Layout.selection_report)
     metrics = {
         "test.accuracy": evaluation["transfer"]["accuracy"], "test.macro_f1": evaluation["transfer"]["macro_f1"],
         "scratch.test.accuracy": evaluation["scratch"]["accuracy"], "scratch.test.macro_f1": evaluation["scratch"]["macro_f1"],
         "transfer_gain": evaluation["transfer_gain"],
         "onnx.max_abs_diff": parity["max_abs_diff"], "onnx.argmax_agreement": parity["argmax_agreement"],
-        "source.test.accuracy": source_meta["metrics"]["test_accuracy"],
     }
+    for candidate in selection["candidates"]:
+        metrics.update({f"selection.{candidate['name']}.{score}": candidate[score] for score in SCORES})
     for name, scores in read_json(Layout.per_class)["transfer"].items():
         metrics.update({f"test.{metric}.{name}": value for metric, value in scores.items()})
     tags = {
+        **lineage_tags(identity, params),
         "graft.data_version": transfer_meta["data_version"],
-        "graft.source_data_version": source_meta["data_version"],
-        "graft.source_sha256": source_sha,
         "graft.strategy": transfer_meta["strategy"],
-        "graft.target_dataset": params.data.target.name,
-        "graft.source_dataset": params.data.source.name,
+        "graft.selection": f"{selection['mode']}: {selection['chosen']} by {selection['score']} over {', '.join(selection['ranking'])}",
     }
-    splits = data_mod.load_splits(Layout.target_data)
-    model, _ = load_checkpoint(Layout.transfer_model)
-    example = _normalizer(model)(torch.from_numpy(splits.x_test[:4])).numpy().astype(np.float32)
+    splits = data_mod.load_splits(Layout.selected_data)
+    contract = ModelSpec.from_dict(read_json(Layout.selected_architecture)).contract
+    example = contract.normalize(splits.x_test[:4])
     artifacts = [p for p in (
         Layout.confusion_transfer, Layout.confusion_scratch, Layout.curves, Layout.predictions, Layout.evaluate_metrics, Layout.per_class,
-        Layout.export_metrics, Layout.pretrain_metrics, Layout.source_report, Layout.target_report,
-        Layout.gate_report, Layout.gate_markdown,
-        Layout.transfer_history, Layout.scratch_history,
+        Layout.export_metrics, Layout.target_report, Layout.selection_report, Layout.selection_markdown, Layout.selection_plot,
+        Layout.gate_report, Layout.gate_markdown, Layout.transfer_history, Layout.scratch_history,
     ) if p.exists()]
     record = register_mod.RunRecord(
         params=params, tags=tags, metrics=metrics,
@@ -248,10 +374,12 @@ def register(params: Params) -> dict:
     return registration
 
 
-STAGES: dict[str, Callable[[Params], object]] = {
+STAGES: dict[str, Callable[..., object]] = {
+    "resolve_sources": resolve_sources,
     "prepare_source": prepare_source,
     "prepare_target": prepare_target,
     "pretrain": pretrain,
+    "select_source": select_source,
     "baseline": baseline,
     "finetune": finetune,
     "evaluate": evaluate,
@@ -259,9 +387,27 @@ STAGES: dict[str, Callable[[Params], object]] = {
     "gate": gate,
     "register": register,
 }
+PER_PIPELINE_SOURCE = ("prepare_source", "pretrain")  # dvc.yaml: foreach over sources.pipeline, NAME@KEY
+
+
+def stage_order(params: Params) -> list[str]:
+    """Every stage of this configuration, in the order the flow runs them."""
+    order = []
+    for name in STAGES:
+        if name in PER_PIPELINE_SOURCE:
+            order += [f"{name}@{key}" for key in params.sources.pipeline]
+        else:
+            order.append(name)
+    return order
 
 
 def run_stage(name: str, params_path: str | Path = "params.yaml") -> object:
-    if name not in STAGES:
-        raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
-    return STAGES[name](load_params(params_path))
+    stage, _, key = name.partition("@")
+    if stage not in STAGES:
+        raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGES)} (per pipeline source: {', '.join(f'{s}@NAME' for s in PER_PIPELINE_SOURCE)})")
+    params = load_params(params_path)
+    if stage in PER_PIPELINE_SOURCE:
+        if key not in params.sources.pipeline:
+            raise KeyError(f"stage {name!r}: {key!r} is not a pipeline source; pipeline sources: {', '.join(params.sources.pipeline) or 'none'}")
+        return STAGES[stage](params, key)
+    return STAGES[stage](params)

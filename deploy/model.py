@@ -19,9 +19,8 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image, UnidentifiedImageError
 
-from deploy.imaging import convert_mode, to_chw
+from deploy.contract import CLASSES_KEY, CONTRACT_KEY, Contract, ContractError
 
-CONTRACT_KEY, CLASSES_KEY = "graft.preprocess", "graft.classes"
 PROVIDER_NAMES = {
     "tensorrt": "TensorrtExecutionProvider",
     "cuda": "CUDAExecutionProvider",
@@ -44,34 +43,6 @@ class InputError(ValueError):
 
 class PayloadTooLarge(InputError):
     pass
-
-
-@dataclass(frozen=True)
-class Contract:
-    input_name: str
-    output_name: str
-    channels: int
-    height: int
-    width: int
-    color_mode: str
-    scale: float
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-    @classmethod
-    def from_metadata(cls, metadata: dict[str, str]) -> Contract:
-        if CONTRACT_KEY not in metadata or CLASSES_KEY not in metadata:
-            raise ModelLoadError(f"the ONNX model has no {CONTRACT_KEY!r}/{CLASSES_KEY!r} metadata: it was not exported by Graft")
-        raw = json.loads(metadata[CONTRACT_KEY])
-        return cls(
-            input_name=raw["input_name"], output_name=raw["output_name"], channels=int(raw["channels"]),
-            height=int(raw["height"]), width=int(raw["width"]), color_mode=raw["color_mode"],
-            scale=float(raw["scale"]), mean=tuple(raw["mean"]), std=tuple(raw["std"]),
-        )
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return (self.channels, self.height, self.width)
 
 
 @dataclass(frozen=True)
@@ -159,7 +130,7 @@ def load_model(path: str | Path, providers: list[str] | None = None, strict: boo
             "serving (strict off, or providers=cpu)."
         )
     metadata = dict(session.get_modelmeta().custom_metadata_map)
-    contract = Contract.from_metadata(metadata)
+    contract = read_contract(metadata)
     return LoadedModel(
         session=session, contract=contract, classes=tuple(json.loads(metadata[CLASSES_KEY])), metadata=metadata,
         requested_providers=plan.requested, active_providers=active, path=path, size_bytes=path.stat().st_size,
@@ -167,11 +138,14 @@ def load_model(path: str | Path, providers: list[str] | None = None, strict: boo
     )
 
 
-def normalize(pixels: np.ndarray, contract: Contract) -> np.ndarray:
-    """uint8 (N, C, H, W) -> the float32 tensor the model takes."""
-    mean = np.asarray(contract.mean, dtype=np.float32).reshape(1, -1, 1, 1)
-    std = np.asarray(contract.std, dtype=np.float32).reshape(1, -1, 1, 1)
-    return ((pixels.astype(np.float32) * np.float32(contract.scale)) - mean) / std
+def read_contract(metadata: dict[str, str]) -> Contract:
+    """The preprocessing contract export wrote into the model's metadata."""
+    if CONTRACT_KEY not in metadata or CLASSES_KEY not in metadata:
+        raise ModelLoadError(f"the ONNX model has no {CONTRACT_KEY!r}/{CLASSES_KEY!r} metadata: it was not exported by Graft")
+    try:
+        return Contract.from_dict(json.loads(metadata[CONTRACT_KEY]))
+    except (ValueError, KeyError, TypeError, ContractError) as error:
+        raise ModelLoadError(f"the model's {CONTRACT_KEY!r} metadata is unusable: {error}") from None
 
 
 def decode_image(blob: bytes, contract: Contract, max_pixels: int = 40_000_000) -> np.ndarray:
@@ -183,14 +157,13 @@ def decode_image(blob: bytes, contract: Contract, max_pixels: int = 40_000_000) 
             if image.width * image.height > max_pixels:
                 raise PayloadTooLarge(f"image is {image.width}x{image.height}; at most {max_pixels} pixels are accepted")
             image.load()
-            pixels = np.asarray(convert_mode(image, contract.color_mode))
+            return contract.pixels(image)
     except UnidentifiedImageError:
         raise InputError("the body is not an image file ONNX serving can decode; send PNG or JPEG bytes") from None
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         if isinstance(error, InputError):
             raise
         raise InputError(f"the image cannot be decoded ({error}); it may be truncated or corrupt") from None
-    return to_chw(pixels, contract.height, contract.width)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

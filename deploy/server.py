@@ -10,24 +10,39 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 
 from deploy.batching import BatcherClosed, DynamicBatcher
-from deploy.model import InputError, LoadedModel, ModelLoadError, PayloadTooLarge, decode_image, load_model, normalize, softmax
+from deploy.model import (
+    InputError,
+    LoadedModel,
+    ModelLoadError,
+    PayloadTooLarge,
+    decode_image,
+    load_model,
+    softmax,
+)
 from deploy.page import render_page
 from deploy.source import FileSource, RegistrySource, SourceError
 
@@ -286,7 +301,7 @@ def create_app(source: FileSource | RegistrySource, settings: ServerSettings) ->
                 "version": served.version, "provider": served.model.provider,
                 "requested_providers": list(served.model.requested_providers),
                 "active_providers": list(served.model.active_providers), "classes": list(served.model.classes),
-                "preprocess": json.loads(served.model.metadata["graft.preprocess"]),
+                "preprocess": contract.to_dict(),
                 "max_batch_size": settings.max_batch_size, "max_queue_delay_ms": settings.max_queue_delay_ms,
             },
         }
@@ -331,7 +346,7 @@ def create_app(source: FileSource | RegistrySource, settings: ServerSettings) ->
             else:
                 blob = await read_body(request)
             logits, served = await server.infer(
-                lambda served: normalize(decode_image(blob, served.model.contract)[None], served.model.contract))
+                lambda served: served.model.contract.normalize(decode_image(blob, served.model.contract)[None]))
         except InputError as error:
             metrics.errors.labels("predict", "bad_image").inc()
             return _error(413 if isinstance(error, PayloadTooLarge) else 400, str(error))

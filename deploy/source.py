@@ -87,7 +87,9 @@ class RegistrySource:
 
     def _local(self):
         if self._client is None:
-            from mlflow import MlflowClient  # only here: a serving image talks to a server and lacks mlflow
+            from mlflow import (
+                MlflowClient,  # only here: a serving image talks to a server and lacks mlflow
+            )
 
             self._client = MlflowClient(tracking_uri=self.tracking_uri)
         return self._client

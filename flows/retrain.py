@@ -13,9 +13,9 @@ from components.artifacts import read_json
 from components.config import Params, load_params
 from components.errors import TransientStageError
 from components.gates import GateReport
-from components.pipeline import (STAGE_ORDER, StageOutcome, collect_summary, format_table, pending_stages, project_lock,
+from components.pipeline import (ALWAYS_RUN, StageOutcome, collect_summary, format_table, pending_stages, project_lock,
                                  reproduce_stage)
-from components.stages import Layout
+from components.stages import Layout, stage_order
 
 
 class GateFailed(RuntimeError):
@@ -85,22 +85,25 @@ def enforce_gates(root: str) -> None:
 
 @flow(name="retrain", log_prints=True)
 def retrain(root: str = ".", force: bool = False):
-    """check params -> (lock) -> check inputs -> prepare_source -> prepare_target -> pretrain -> baseline
-    -> finetune -> evaluate -> export -> gate -> register -> announce -> enforce gates"""
+    """check params -> (lock) -> resolve_sources -> check inputs -> prepare_source@NAME -> prepare_target
+    -> pretrain@NAME -> select_source -> baseline -> finetune -> evaluate -> export -> gate -> register
+    -> announce -> enforce gates  (NAME: each pipeline source; pretrained sources have no stages of their own)"""
     root = str(Path(root).resolve())
     params = check_params(root)
     holder = f"flow run {get_run_context().flow_run.name}"
     with project_lock(root, params.schedule.lock_wait_seconds, holder):
-        changed = check_inputs(root)
-        if not changed and not force and (Path(root) / Layout.registration).exists():
-            message = "nothing to do: data, params and code are unchanged since the last successful run"
-            create_markdown_artifact(f"**{message}**", key="retrain-summary", description="Graft retrain summary")
-            print(message)
-            return Completed(message=message, data={"run": message})
         backoff = [params.schedule.retry_delay_seconds * 2**i for i in range(params.schedule.retries)] or 0
         stage = run_stage.with_options(retries=params.schedule.retries, retry_condition_fn=retry_only_transient,
                                        retry_delay_seconds=backoff)
-        outcomes = [stage(root, name) for name in STAGE_ORDER]
+        # The sources' weights live outside the project: look at them first, then ask DVC what changed.
+        outcomes = [stage(root, name) for name in ALWAYS_RUN]
+        changed = check_inputs(root)
+        if not changed and not force and (Path(root) / Layout.registration).exists():
+            message = "nothing to do: data, params, code and source weights are unchanged since the last successful run"
+            create_markdown_artifact(f"**{message}**", key="retrain-summary", description="Graft retrain summary")
+            print(message)
+            return Completed(message=message, data={"run": message})
+        outcomes += [stage(root, name) for name in stage_order(params) if name not in ALWAYS_RUN]
         summary = collect_summary(root, outcomes)
         report = format_table(summary, markdown=True)
         gate_markdown = Path(root) / Layout.gate_markdown

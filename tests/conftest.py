@@ -12,9 +12,9 @@ import shutil
 import signal
 import socket
 import struct
-import time
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -68,11 +68,23 @@ def make_small_target(dest: Path, per_class: int = 30, classes: int = 10) -> Pat
     return dest
 
 
+def tiny_spec(classes, channels: int = 1, size: int = 28, widths=(8, 16, 32), mean=None, std=None):
+    """Graft's own small ResNet, tiny: what tests export, gate and serve when the model's quality does not matter."""
+    from components.model import ModelSpec
+    from deploy.contract import COLOR_MODES, Contract
+
+    contract = Contract(COLOR_MODES[channels], size, size, tuple(mean or (0.5,) * channels), tuple(std or (0.5,) * channels))
+    return ModelSpec.own_resnet(tuple(classes), contract, tuple(widths))
+
+
 def tiny_params(**overrides) -> dict:
     """params.yaml for tests: the real schema, small sizes, a few seconds a stage."""
     params = yaml.safe_load((PROJECT / "params.yaml").read_text())
-    params["data"]["source"].update(val_size=100)
+    params["sources"]["pipeline"]["fashion-mnist"]["data"].update(val_size=100)
+    params["sources"]["pretrained"]["efficientnet-lite0"].update(image_size=32)
     params["data"]["target"].update(val_size=40, test_size=60, labels_per_class=5)
+    # Both candidates are scored; the fast own ResNet is fine-tuned (tests/test_pipeline.py covers `auto`).
+    params["selection"].update(mode="report", use="fashion-mnist")
     params["pretrain"].update(epochs=1, batch_size=64)
     params["finetune"].update(steps=12, batch_size=16, lp_steps=4, eval_every_steps=4)
     # A model trained for seconds is noise: the gates start wide open, tests that gate narrow them.
@@ -118,7 +130,7 @@ def dvc_repro(root: Path) -> subprocess.CompletedProcess:
 
 
 def stages_ran(output: str) -> list[str]:
-    return re.findall(r"Running stage '(\w+)'", output)
+    return re.findall(r"Running stage '([\w@.-]+)'", output)
 
 
 @pytest.fixture(scope="session")
@@ -126,7 +138,8 @@ def repro_workspace(workspace_factory):
     """A workspace after one full `dvc repro`, and a copy of its metrics as they were then."""
     root = workspace_factory("repro")
     done = dvc_repro(root)
-    metrics = {name: json.loads((root / "metrics" / f"{name}.json").read_text()) for name in ("evaluate", "export", "pretrain")}
+    metrics = {name: json.loads((root / "metrics" / f"{name}.json").read_text()) for name in ("evaluate", "export")}
+    metrics["pretrain"] = json.loads((root / "metrics" / "pretrain-fashion-mnist.json").read_text())
     return root, stages_ran(done.stdout), metrics
 
 

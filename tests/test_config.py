@@ -11,6 +11,8 @@ def test_project_params_load():
     params = load_params(PROJECT / "params.yaml")
     assert params.finetune.strategy == "finetune"
     assert params.data.target.labels_per_class == 10
+    assert params.sources.names() == ["fashion-mnist", "efficientnet-lite0"]
+    assert params.sources.kind("fashion-mnist") == "pipeline" and params.sources.kind("efficientnet-lite0") == "pretrained"
 
 
 def test_bad_strategy_names_key_and_allowed_values():
@@ -31,8 +33,30 @@ def test_unknown_key_is_rejected_by_name():
 
 
 def test_normalisation_needs_one_value_per_channel():
-    with pytest.raises(ParamsError, match="data.mean needs one value a channel"):
-        parse_params(tiny_params(**{"data.channels": 3}))
+    with pytest.raises(ParamsError, match=r"sources.pipeline.fashion-mnist: .*mean/std need one value a channel"):
+        parse_params(tiny_params(**{"sources.pipeline.fashion-mnist.channels": 3}))
+    with pytest.raises(ParamsError, match="need 3 values"):
+        parse_params(tiny_params(**{"sources.pretrained.efficientnet-lite0.mean": [0.5],
+                                    "sources.pretrained.efficientnet-lite0.std": [0.5]}))
+
+
+def test_a_pretrained_source_names_exactly_one_origin_of_weights():
+    with pytest.raises(ParamsError, match="exactly one of weights .* or weights_file"):
+        parse_params(tiny_params(**{"sources.pretrained.efficientnet-lite0.weights_file": "w.pth"}))
+    with pytest.raises(ParamsError, match="exactly one of weights"):
+        parse_params(tiny_params(**{"sources.pretrained.efficientnet-lite0.weights": None}))
+
+
+def test_sources_need_a_candidate_and_selection_names_one():
+    raw = tiny_params()
+    raw["sources"] = {"pipeline": {}, "pretrained": {}}
+    with pytest.raises(ParamsError, match="at least one candidate"):
+        parse_params(raw)
+    with pytest.raises(ParamsError, match="'imagenet-resnet' is not a candidate; candidates: fashion-mnist, efficientnet-lite0"):
+        parse_params(tiny_params(**{"selection.use": "imagenet-resnet"}))
+    with pytest.raises(ParamsError, match=r"selection.mode: .*'auto' or 'report'"):
+        parse_params(tiny_params(**{"selection.mode": "best"}))
+    assert parse_params(tiny_params(**{"selection.mode": "report"})).chosen_in_report_mode() == "fashion-mnist"
 
 
 def test_lp_steps_must_fit_inside_steps():

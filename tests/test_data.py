@@ -15,14 +15,28 @@ from PIL import Image
 from components import fetch
 from components.artifacts import read_json
 from components.config import parse_params
-from components.data import DataError, load_splits, prepare
-from tests.conftest import PROJECT, RAW, make_small_source, make_small_target, tiny_params
+from components.data import DataError, load_splits, prepare, prepared_sizes
+from deploy.contract import Contract
+from deploy.model import decode_image
+from tests.conftest import (
+    PROJECT,
+    RAW,
+    make_small_source,
+    make_small_target,
+    tiny_params,
+)
 
 
-def _prepare_target(root: Path, tmp_path: Path, **overrides):
+def _prepare_target(root: Path, tmp_path: Path, sizes=(28,), **overrides):
     params = parse_params(tiny_params(**{"data.target.path": str(root), **overrides}))
-    result = prepare(params.data.target, params.data, params.seed, tmp_path / "out.npz", tmp_path / "report.json")
+    result = prepare(params.data.target, params.data, params.data.channels, list(sizes), params.seed, tmp_path / "out.npz",
+                     tmp_path / "report.json")
     return result, read_json(tmp_path / "report.json")
+
+
+def _prepare_source(root: Path, tmp_path: Path):
+    params = parse_params(tiny_params(**{"sources.pipeline.fashion-mnist.data.path": str(root)}))
+    return prepare(params.sources.pipeline["fashion-mnist"].data, params.data, 1, [28], 0, tmp_path / "s.npz", tmp_path / "s.json")
 
 
 def test_folder_prepare_splits_stratified_and_k_per_class(tmp_path):
@@ -51,8 +65,7 @@ def test_splits_are_disjoint_and_seeded(tmp_path):
 
 def test_idx_source_uses_t10k_as_test(tmp_path):
     root = make_small_source(tmp_path / "fm", train=500, test=120)
-    params = parse_params(tiny_params(**{"data.source.path": str(root)}))
-    result = prepare(params.data.source, params.data, 0, tmp_path / "s.npz", tmp_path / "s.json")
+    result = _prepare_source(root, tmp_path)
     assert result.counts["test"] == 120 and result.counts["val"] == 100
     assert result.counts["train"] + result.counts["val"] + result.quarantined == 500
 
@@ -61,9 +74,8 @@ def test_truncated_idx_file_is_named(tmp_path):
     root = make_small_source(tmp_path / "fm", train=200, test=50)
     images = root / "train-images-idx3-ubyte.gz"
     images.write_bytes(gzip.compress(gzip.decompress(images.read_bytes())[:-100]))
-    params = parse_params(tiny_params(**{"data.source.path": str(root)}))
     with pytest.raises(DataError, match="train-images-idx3-ubyte.gz: truncated IDX file"):
-        prepare(params.data.source, params.data, 0, tmp_path / "s.npz", tmp_path / "s.json")
+        _prepare_source(root, tmp_path)
 
 
 def test_bad_files_are_quarantined_by_name(tmp_path):
@@ -133,11 +145,28 @@ def test_odd_images_are_converted(tmp_path):
 
 def test_rgb_channels(tmp_path):
     root = make_small_target(tmp_path / "raw", per_class=20, classes=2)
-    params = tiny_params(**{"data.target.path": str(root), "data.channels": 3, "data.mean": [0.5] * 3,
-                            "data.std": [0.5] * 3, "data.target.test_size": 10, "data.target.val_size": 4})
-    parsed = parse_params(params)
-    result = prepare(parsed.data.target, parsed.data, 0, tmp_path / "o.npz", tmp_path / "r.json")
-    assert load_splits(result.path).x_train.shape[1:] == (3, 28, 28)
+    result, _ = _prepare_target(root, tmp_path, **{"data.channels": 3, "data.target.test_size": 10, "data.target.val_size": 4})
+    x = load_splits(result.path).x_train
+    assert x.shape[1:] == (3, 28, 28) and np.array_equal(x[:, 0], x[:, 2]), "gray files become RGB by copying"
+
+
+def test_every_input_size_holds_what_the_server_would_decode(tmp_path):
+    """One prepare, two sizes; each stored image equals the server's decoding of its file at that size."""
+    root = make_small_target(tmp_path / "raw", per_class=20, classes=3)
+    first = sorted(root.iterdir())[0]
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (90, 140, 3), dtype=np.uint8)).save(first / "photo.png")
+    result, report = _prepare_target(root, tmp_path, sizes=(28, 64), **{"data.target.test_size": 21, "data.target.val_size": 6,
+                                                                         "data.target.labels_per_class": None})
+    assert prepared_sizes(result.path) == [28, 64] and report["sizes"] == [28, 64]
+    small, large = load_splits(result.path, 28), load_splits(result.path, 64)
+    assert small.data_version == large.data_version == result.data_version
+    assert np.array_equal(small.y_test, large.y_test) and list(small.origin_test) == list(large.origin_test)
+    for splits in (small, large):
+        contract = Contract("L", splits.image_size, splits.image_size, (0.5,), (0.5,))
+        for origin, pixels in zip(splits.origin_test, splits.x_test):
+            assert np.array_equal(decode_image(Path(origin).read_bytes(), contract), pixels), origin
+    with pytest.raises(DataError, match=r"holds images at \[28, 64\] px, not 32"):
+        load_splits(result.path, 32)
 
 
 def test_missing_folder_and_single_class(tmp_path):

@@ -5,12 +5,12 @@ import sys
 import yaml
 
 from components.export import export_onnx
-from components.model import ModelSpec, build
-from tests.conftest import PROJECT
+from components.model import build
+from tests.conftest import PROJECT, tiny_spec
 
 
 def test_export_triton_writes_a_repository(tmp_path):
-    model = build(ModelSpec(1, 28, (8, 16, 32), ("a", "b", "c"), (0.5,), (0.5,)), 0)
+    model = build(tiny_spec(("a", "b", "c")), 0)
     onnx_file = export_onnx(model, tmp_path / "model.onnx", 20)
     done = subprocess.run([sys.executable, "-m", "graft", "export-triton", "--onnx-file", str(onnx_file),
                            "--out", str(tmp_path / "repo"), "--params", str(PROJECT / "params.yaml")],

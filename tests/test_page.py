@@ -18,8 +18,8 @@ from PIL import Image
 from websockets.sync.client import connect
 
 from components.export import export_onnx
-from components.model import ModelSpec, build
-from tests.conftest import free_port, wait_healthy
+from components.model import build
+from tests.conftest import free_port, tiny_spec, wait_healthy
 
 BROWSER = shutil.which("chromium-headless-shell") or shutil.which("chromium")
 pytestmark = pytest.mark.skipif(BROWSER is None, reason="no chromium: scripts/setup.sh installs chromium-headless-shell")
@@ -55,7 +55,7 @@ class DevTools:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("page")
-    model = build(ModelSpec(1, 28, (8, 16, 32), ("circle", "square", "cross"), (0.5,), (0.5,)), 0)
+    model = build(tiny_spec(("circle", "square", "cross")), 0)
     onnx_file = export_onnx(model, folder / "model.onnx", 20)
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "deploy.server", "--onnx-file", str(onnx_file), "--model", "shapes",

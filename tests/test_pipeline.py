@@ -1,57 +1,160 @@
-"""DVC in a real temporary repo: stages run once, skip when nothing changed, rerun only what a change touches."""
+"""DVC in a real temporary repo: stages run once, skip when nothing changed, rerun only what a change touches;
+every source kind; the source chosen, its lineage, and the stages it takes."""
 import json
 
+import numpy as np
+import pytest
+import torch
+import torchvision
 import yaml
 from mlflow import MlflowClient
 
-from components.pipeline import STAGE_ORDER
-from tests.conftest import dvc_repro, stages_ran
+from components.config import parse_params
+from components.stages import stage_order
+from tests.conftest import dvc_repro, stages_ran, tiny_params
+
+
+def _params(root) -> dict:
+    return yaml.safe_load((root / "params.yaml").read_text())
+
+
+def _json(root, path) -> dict:
+    return json.loads((root / path).read_text())
 
 
 def test_first_repro_runs_every_stage_in_order(repro_workspace):
     root, ran, metrics = repro_workspace
-    assert ran == list(STAGE_ORDER)
+    assert sorted(ran) == sorted(stage_order(parse_params(_params(root))))
+    position = {stage: i for i, stage in enumerate(ran)}
+    for before, after in [("prepare_source@fashion-mnist", "pretrain@fashion-mnist"), ("pretrain@fashion-mnist", "select_source"),
+                          ("prepare_target", "select_source"), ("select_source", "baseline"), ("select_source", "finetune"),
+                          ("finetune", "evaluate"), ("baseline", "evaluate"), ("export", "gate"), ("gate", "register")]:
+        assert position[before] < position[after], (before, after, ran)
     assert metrics["export"]["passed"] and metrics["export"]["argmax_agreement"] == 1.0
-    for output in ("models/model.onnx", "plots/confusion_transfer.png", "plots/curves.png", "outputs/registration.json"):
+    for output in ("models/model.onnx", "plots/confusion_transfer.png", "plots/curves.png", "plots/source-selection.png",
+                   "outputs/registration.json"):
         assert (root / output).stat().st_size > 0, output
+
+
+def test_both_candidates_are_scored_and_the_chosen_one_is_fine_tuned(repro_workspace):
+    root, _, _ = repro_workspace
+    selection = _json(root, "reports/source-selection.json")
+    assert {c["name"] for c in selection["candidates"]} == {"fashion-mnist", "efficientnet-lite0"}
+    assert all(np.isfinite([c["logme"], c["leep"], c["nce"]]).all() for c in selection["candidates"])
+    assert selection["mode"] == "report" and selection["chosen"] == "fashion-mnist"
+    assert _json(root, "models/transfer.json")["source"]["name"] == "fashion-mnist"
+    gates = {g["name"]: g for g in _json(root, "reports/gates.json")["gates"]}
+    assert gates["contract.skew"]["verdict"] == "passed" and gates["contract.skew"]["value"] == 0.0
 
 
 def test_second_repro_does_nothing(repro_workspace):
     root, _, _ = repro_workspace
     done = dvc_repro(root)
-    assert stages_ran(done.stdout) == []
-    assert "Data and pipelines are up to date" in done.stdout
+    assert stages_ran(done.stdout) == ["resolve_sources"], "only the stage that looks at the weights files runs"
+    assert "didn't change, skipping" in done.stdout
 
 
 def test_registered_version_carries_lineage_and_metrics(repro_workspace):
     root, _, metrics = repro_workspace
-    registration = json.loads((root / "outputs" / "registration.json").read_text())
+    registration = _json(root, "outputs/registration.json")
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     version = client.get_model_version(registration["model_name"], registration["version"])
     assert version.tags["graft.strategy"] == "finetune"
-    assert version.tags["graft.data_version"] == json.loads((root / "reports/prepare-target.json").read_text())["data_version"]
-    assert float(version.tags["metric.test.accuracy"]) == metrics["evaluate"]["transfer"]["accuracy"]
+    assert version.tags["graft.data_version"] == _json(root, "reports/prepare-target.json")["data_version"]
+    assert version.tags["graft.source.kind"] == "pipeline" and version.tags["graft.source.architecture"] == "graft_resnet"
+    assert version.tags["graft.source.dataset"] == "fashion-mnist"
+    assert float(version.tags["metric.test.accuracy"]) == pytest.approx(metrics["evaluate"]["transfer"]["accuracy"], abs=1e-6)
+    assert "selection.efficientnet-lite0.logme" in client.get_run(registration["run_id"]).data.metrics
     run = client.get_run(registration["run_id"])
     assert run.data.params["finetune.strategy"] == "finetune"
     curve = client.get_metric_history(run.info.run_id, "transfer.val_accuracy")
     assert [m.step for m in curve] == [4, 8, 12]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
-    assert {"plots/confusion_transfer.png", "plots/curves.png"} <= artifacts
+    assert {"plots/confusion_transfer.png", "plots/curves.png", "plots/source-selection.png"} <= artifacts
     source = client.get_run(registration["source_run_id"])
-    assert source.data.tags["graft.source_sha256"] == version.tags["graft.source_sha256"]
+    assert source.data.tags["graft.source.sha256"] == version.tags["graft.source.sha256"]
 
 
 def test_changing_a_finetune_param_reruns_only_finetune_onwards(repro_workspace):
     root, _, before = repro_workspace
-    params = yaml.safe_load((root / "params.yaml").read_text())
+    params = _params(root)
     params["finetune"]["strategy"] = "lp_ft"
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     done = dvc_repro(root)
-    assert stages_ran(done.stdout) == ["finetune", "evaluate", "export", "gate", "register"]
-    after = json.loads((root / "metrics" / "evaluate.json").read_text())
+    assert stages_ran(done.stdout) == ["resolve_sources", "finetune", "evaluate", "export", "gate", "register"]
+    after = _json(root, "metrics/evaluate.json")
     assert after["scratch"] == before["evaluate"]["scratch"], "the scratch baseline was not retrained"
-    registration = json.loads((root / "outputs" / "registration.json").read_text())
+    registration = _json(root, "outputs/registration.json")
     assert registration["version"] == "2"
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     first = client.get_model_version(registration["model_name"], "1")
     assert first.tags["graft.source_run_id"] == registration["source_run_id"], "one source run serves every fine-tune"
+
+
+@pytest.fixture(scope="module")
+def pretrained_only(workspace_factory):
+    """No pipeline source: real ImageNet EfficientNet-Lite0 and a torchvision network from a local weights file."""
+    torch.manual_seed(0)
+    params = tiny_params(**{"selection.mode": "auto", "selection.use": None})
+    params["sources"]["pipeline"] = {}
+    params["sources"]["pretrained"]["local-mobilenet"] = {"architecture": "mobilenet_v3_small",
+                                                         "weights_file": "weights/mobilenet.pth", "image_size": 32}
+    root = workspace_factory("pretrained-only", params)
+    (root / "weights").mkdir()
+    torch.save(torchvision.models.mobilenet_v3_small(num_classes=5).state_dict(), root / "weights" / "mobilenet.pth")
+    done = dvc_repro(root)
+    return root, stages_ran(done.stdout)
+
+
+def test_a_pretrained_source_has_no_pretraining_and_auto_picks_the_best_score(pretrained_only):
+    root, ran = pretrained_only
+    assert ran == ["resolve_sources", "prepare_target", "select_source", "baseline", "finetune", "evaluate", "export", "gate",
+                   "register"]
+    selection = _json(root, "reports/source-selection.json")
+    best = max(selection["candidates"], key=lambda c: c["logme"])["name"]
+    assert selection["chosen"] == best == _json(root, "models/selected/source.json")["name"]
+    version = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}").get_model_version("graft-classifier", "1")
+    identity = _json(root, "models/sources.json")[best]
+    assert (version.tags["graft.source.name"], version.tags["graft.source.sha256"]) == (best, identity["sha256"])
+    assert version.tags["graft.source.kind"] == "pretrained" and "graft.source_run_id" not in version.tags
+    contract = _json(root, "models/selected/architecture.json")["contract"]
+    assert (contract["color_mode"], contract["height"]) == ("L", 32), "a gray target on an RGB source, at the source's size"
+    assert _json(root, "models/selected/architecture.json")["channel_adapter"] == "replicate"
+
+
+def test_a_changed_weights_file_is_a_new_source(pretrained_only):
+    root, _ = pretrained_only
+    params = _params(root)
+    params["selection"].update(mode="report", use="local-mobilenet")
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    dvc_repro(root)
+    before = _json(root, "models/sources.json")["local-mobilenet"]["sha256"]
+    assert stages_ran(dvc_repro(root).stdout) == ["resolve_sources"], "unchanged weights: nothing reruns"
+
+    torch.manual_seed(1)
+    torch.save(torchvision.models.mobilenet_v3_small(num_classes=5).state_dict(), root / "weights" / "mobilenet.pth")
+    ran = stages_ran(dvc_repro(root).stdout)
+    assert ran == ["resolve_sources", "select_source", "finetune", "evaluate", "export", "gate", "register"]
+    identity = _json(root, "models/selected/source.json")
+    assert identity["name"] == "local-mobilenet" and identity["sha256"] != before
+    assert _json(root, "models/transfer.json")["source"]["sha256"] == identity["sha256"]
+
+
+def test_an_rgb_target_on_a_gray_source_is_adapted_and_served_as_rgb(tmp_path, monkeypatch):
+    """The stage functions in-process, as `graft stage NAME` calls them: an RGB target, a gray pipeline source."""
+    from components.stages import run_stage
+    from deploy.model import load_model
+    from tests.conftest import make_workspace
+
+    params = tiny_params(**{"data.channels": 3})
+    params["sources"]["pretrained"] = {}
+    root = make_workspace(tmp_path / "rgb", params)
+    monkeypatch.chdir(root)
+    for name in stage_order(parse_params(params)):
+        if name != "register":
+            run_stage(name)
+    spec = _json(root, "models/selected/architecture.json")
+    assert (spec["contract"]["color_mode"], spec["source_channels"], spec["channel_adapter"]) == ("RGB", 1, "replicate")
+    assert load_model(root / "models/model.onnx", providers=["cpu"]).contract.shape == (3, 28, 28)
+    gates = {g["name"]: g for g in _json(root, "reports/gates.json")["gates"]}
+    assert gates["contract.skew"]["verdict"] == "passed", "RGB files decoded by the server score what evaluate measured"

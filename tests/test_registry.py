@@ -9,7 +9,16 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from components.registry import CHALLENGER, CHAMPION, RegistryError, alias_version, champion_lineage, history, promote, rollback
+from components.registry import (
+    CHALLENGER,
+    CHAMPION,
+    RegistryError,
+    alias_version,
+    champion_lineage,
+    history,
+    promote,
+    rollback,
+)
 from tests.conftest import dvc_repro, read_idx, stages_ran, tiny_params
 
 
@@ -72,7 +81,7 @@ def test_candidate_worse_than_champion_is_rejected_and_champion_stays(gated):
 def test_good_candidate_becomes_challenger_then_champion_on_promote_then_rolls_back(gated):
     _set_params(gated, **{"finetune.lr": 0.003, "finetune.steps": 16, "gates.max_regression": 1.0})
     done = dvc_repro(gated)
-    assert stages_ran(done.stdout) == ["baseline", "finetune", "evaluate", "export", "gate", "register"]
+    assert stages_ran(done.stdout) == ["resolve_sources", "baseline", "finetune", "evaluate", "export", "gate", "register"]
     client = _client(gated)
     assert _registration(gated)["version"] == "3"
     assert alias_version(client, "graft-classifier", CHALLENGER) == "3"

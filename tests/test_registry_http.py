@@ -5,12 +5,20 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
-from components.registry import CHALLENGER, CHAMPION, AliasMove, _record, alias_version, gates_passed, history, move_alias
+from components.registry import (
+    CHALLENGER,
+    CHAMPION,
+    AliasMove,
+    _record,
+    alias_version,
+    gates_passed,
+    history,
+    move_alias,
+)
 from tests.conftest import graft_cli
 
 MODEL = "graft-classifier"

@@ -1,5 +1,6 @@
 """The model server over real HTTP: registry alias via a real `mlflow server`, bad requests, hot reload under load."""
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -53,11 +54,18 @@ def wait_ready(base: str, seconds: float = 30) -> None:
 
 
 @pytest.fixture(scope="module")
-def registry(repro_workspace, mlflow_server, tmp_path_factory):
-    """Two different registered versions over HTTP: v1 is champion, v2 a challenger; expected logits of each."""
+def served_workspace(repro_workspace, tmp_path_factory):
+    """A copy of a finished pipeline workspace, and what its evaluate stage measured for the model it holds."""
     source, _, _ = repro_workspace
     root = tmp_path_factory.mktemp("served") / "ws"
     shutil.copytree(source, root, symlinks=True, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts"))
+    return root, json.loads((root / "metrics" / "evaluate.json").read_text())["transfer"]["accuracy"]
+
+
+@pytest.fixture(scope="module")
+def registry(served_workspace, mlflow_server):
+    """Two different registered versions over HTTP: v1 is champion, v2 a challenger; expected logits of each."""
+    root, _ = served_workspace
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["registry"]["model_name"] = MODEL
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -71,7 +79,7 @@ def registry(repro_workspace, mlflow_server, tmp_path_factory):
     expected = {}
     for version in ("1", "2"):
         folder = download_artifacts(artifact_uri=client.get_model_version_download_uri(MODEL, version),
-                                    dst_path=str(tmp_path_factory.mktemp(f"v{version}")), tracking_uri=mlflow_server)
+                                    dst_path=str(root.parent / f"v{version}"), tracking_uri=mlflow_server)
         path = Path(folder) / "model.onnx"
         expected[version] = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"pixels": PROBE})[0]
     assert not np.allclose(expected["1"], expected["2"]), "the two versions must differ to detect mixing"
@@ -111,6 +119,20 @@ def test_infer_matches_onnx_runtime(server, registry):
         answer = _infer(client, server, PROBE).json()
     assert answer["model_version"] == "1" and answer["outputs"][0]["shape"] == [2, 10]
     np.testing.assert_allclose(np.array(answer["outputs"][0]["data"]).reshape(2, 10), expected["1"], atol=1e-5)
+
+
+def test_the_served_model_scores_the_test_files_as_evaluate_did(server, served_workspace):
+    """The contract round trip: export metadata -> server decode and normalise -> the evaluate stage's accuracy."""
+    from components.data import load_splits
+
+    root, evaluated = served_workspace  # v1, the served champion, is this workspace's evaluated model
+    splits = load_splits(root / "data/prepared/selected.npz")
+    correct = 0
+    with httpx.Client() as client:
+        for origin, label in zip(splits.origin_test, splits.y_test):
+            answer = client.post(f"{server}/predict?top_k=1", content=(root / origin).read_bytes()).json()
+            correct += answer["predictions"][0]["class"] == splits.classes[label]
+    assert correct / len(splits.y_test) == pytest.approx(evaluated, abs=1e-9)
 
 
 def test_predict_takes_an_image_file(server):

@@ -5,21 +5,35 @@ import torch
 
 from components.config import parse_params
 from components.data import load_splits, prepare
-from components.model import ModelSpec, build, graft, load_checkpoint, save_checkpoint
-from components.train import BatchSampler, Phase, augment_batch, strategy_phases, train, warmup_cosine
-from tests.conftest import make_small_target, tiny_params
+from components.model import (
+    ArchitectureError,
+    ModelSpec,
+    build,
+    graft,
+    load_checkpoint,
+    save_checkpoint,
+)
+from components.train import (
+    BatchSampler,
+    Phase,
+    augment_batch,
+    strategy_phases,
+    train,
+    warmup_cosine,
+)
+from tests.conftest import make_small_target, tiny_params, tiny_spec
 
 
 @pytest.fixture(scope="module")
 def target(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("target")
     params = parse_params(tiny_params(**{"data.target.path": str(make_small_target(tmp / "raw"))}))
-    prepare(params.data.target, params.data, params.seed, tmp / "t.npz", tmp / "t.json")
+    prepare(params.data.target, params.data, 1, [28], params.seed, tmp / "t.npz", tmp / "t.json")
     return params, load_splits(tmp / "t.npz")
 
 
 def _spec(splits) -> ModelSpec:
-    return ModelSpec(1, 28, (8, 16, 32), splits.classes, (0.5,), (0.5,))
+    return tiny_spec(splits.classes)
 
 
 def _backbone_state(model):
@@ -36,7 +50,7 @@ def test_strategies_are_phases():
 def test_linear_probe_freezes_backbone_weights_and_bn_statistics(target):
     params, splits = target
     source = build(_spec(splits), 1)
-    model = graft(source, _spec(splits), 0)
+    model = graft(source.backbone, _spec(splits), 0)
     before, head_before = _backbone_state(model), model.head.weight.clone()
     train(model, splits, params.finetune, strategy_phases(params.finetune, "linear_probe"), 0)
     after = model.backbone.state_dict()
@@ -47,7 +61,7 @@ def test_linear_probe_freezes_backbone_weights_and_bn_statistics(target):
 def test_finetune_moves_the_backbone_and_keeps_the_grafted_weights_as_start(target):
     params, splits = target
     source = build(_spec(splits), 1)
-    model = graft(source, _spec(splits), 0)
+    model = graft(source.backbone, _spec(splits), 0)
     assert all(torch.equal(a, b) for a, b in zip(source.backbone.state_dict().values(), model.backbone.state_dict().values()))
     train(model, splits, params.finetune, strategy_phases(params.finetune, "finetune"), 0)
     assert not torch.equal(source.backbone[0].weight, model.backbone[0].weight)
@@ -88,9 +102,9 @@ def test_history_records_each_evaluation(target):
 def test_graft_refuses_a_backbone_that_does_not_fit(target):
     _, splits = target
     source = build(_spec(splits), 0)
-    other = ModelSpec(3, 28, (8, 16, 32), splits.classes, (0.5,) * 3, (0.5,) * 3)
-    with pytest.raises(ValueError, match="does not fit the target"):
-        graft(source, other, 0)
+    other = tiny_spec(splits.classes, channels=3)
+    with pytest.raises(ArchitectureError, match="does not fit graft_resnet"):
+        graft(source.backbone, other, 0)
 
 
 def test_augment_keeps_shape_and_identity_without_augmentation():
