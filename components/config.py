@@ -175,8 +175,8 @@ class FinetuneParams(TrainParams):
 
 class ExportParams(_Strict):
     opset: int = Field(default=20, ge=17)
-    parity_atol: float = Field(default=1e-4, gt=0)   # every |ONNX logit - PyTorch logit| <= atol + rtol * |PyTorch logit|
-    parity_rtol: float = Field(default=1e-4, ge=0)   # (NumPy's allclose rule: deep networks have large logits)
+    parity_atol: float = Field(default=1e-3, gt=0)   # every |ONNX logit - PyTorch logit| <= atol + rtol * |PyTorch logit|
+    parity_rtol: float = Field(default=1e-3, ge=0)   # (NumPy's allclose rule: deep networks have large logits)
 
 
 class GateParams(_Strict):
