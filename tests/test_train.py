@@ -42,7 +42,7 @@ def _backbone_state(model):
 
 def test_strategies_are_phases():
     params = parse_params(tiny_params(**{"finetune.strategy": "lp_ft"})).finetune
-    assert strategy_phases(params) == [Phase("linear_probe", 4, None), Phase("finetune", 8, 0.1)]
+    assert strategy_phases(params) == [Phase("linear_probe", 4, None), Phase("finetune", 8, params.backbone_lr_scale)]
     assert strategy_phases(params, "linear_probe") == [Phase("linear_probe", 12, None)]
     assert strategy_phases(params, "scratch") == [Phase("scratch", 12, 1.0)]
 
