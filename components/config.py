@@ -22,6 +22,10 @@ class ParamsError(GraftError, ValueError):
     """params.yaml is missing, unreadable or invalid; the message names each bad key."""
 
 
+class MissingData(GraftError):
+    """A data folder that params.yaml names does not exist."""
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -156,6 +160,7 @@ class TrainParams(_Strict):
 
 class PretrainParams(TrainParams):
     epochs: int = Field(ge=1)
+    checkpoint_every_steps: int = Field(default=100, ge=0)  # a resume point for a killed run; 0: none
     seed: int = 0  # its own seed: changing the target's `seed` must not redo the expensive pretraining
 
 
@@ -182,9 +187,11 @@ class ExportParams(_Strict):
 class GateParams(_Strict):
     min_accuracy: float = Field(default=0.0, ge=0, le=1)
     min_macro_f1: float = Field(default=0.0, ge=0, le=1)
-    min_transfer_gain: float = Field(default=0.0, ge=-1, le=1)  # transfer minus scratch test accuracy
-    max_regression: float = Field(default=0.01, ge=0, le=1)      # how much worse than the champion is tolerated
-    regression_mode: Literal["absolute", "relative"] = "absolute"
+    # Transfer vs scratch and candidate vs champion are paired comparisons on the same test examples:
+    # "worse" only when McNemar's exact test is significant at `confidence` and the gap is at least `min_effect`.
+    confidence: float = Field(default=0.95, gt=0.5, lt=1)
+    min_effect: float = Field(default=0.01, ge=0, le=1)
+    transfer: Literal["not_worse", "better", "off"] = "not_worse"
     max_skew: float = Field(default=0.002, ge=0, le=1)  # |served minus evaluated test accuracy| allowed
     large_batch: int = Field(default=256, ge=2)
     max_latency_ms_batch1: float = Field(default=50.0, gt=0)
@@ -255,6 +262,12 @@ class Params(_Strict):
             raise ValueError(f"selection.use: {self.selection.use!r} is not a candidate; candidates: {', '.join(self.sources.names())}")
         return self
 
+    def raw_data_paths(self) -> dict[str, str]:
+        """Every data folder the stages read, by the params key that names it."""
+        paths = {"data.target.path": self.data.target.path}
+        paths.update({f"sources.pipeline.{name}.data.path": source.data.path for name, source in self.sources.pipeline.items()})
+        return paths
+
     def chosen_in_report_mode(self) -> str:
         return self.selection.use or self.sources.names()[0]
 
@@ -293,3 +306,12 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         return parse_params(raw)
     except ParamsError as error:
         raise ParamsError(f"{path}: {error}") from None
+
+
+def check_raw_data(root: str | Path, params: Params) -> None:
+    """Every data folder the stages read exists, before any stage (or server) starts."""
+    missing = [(key, path) for key, path in params.raw_data_paths().items() if not (Path(root) / path).exists()]
+    if missing:
+        names = ", ".join(f"{path} ({key})" for key, path in missing)
+        raise MissingData(f"no data at {names}. For the embedded default data run `graft fetch-data`; for your own, "
+                          f"point the key at a folder that exists")

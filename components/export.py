@@ -14,12 +14,17 @@ import onnxruntime as ort
 import torch
 
 from components.artifacts import atomic_path
+from components.errors import GraftError
 from components.model import GraftNet
 from components.train import Normalizer, predict_logits
 from deploy.contract import (  # the server reads exactly what export writes
     CLASSES_KEY,
     CONTRACT_KEY,
 )
+
+
+class ParityFailed(GraftError):
+    """ONNX Runtime does not compute what PyTorch computes: the model is not published."""
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ artifact loaded as the server loads it, latency and size budgets)
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -92,22 +93,90 @@ def quality_gates(evaluation: dict, gates: GateParams) -> list[Gate]:
     ]
 
 
-def transfer_gate(evaluation: dict, gates: GateParams) -> Gate:
-    gain = evaluation["transfer"]["accuracy"] - evaluation["scratch"]["accuracy"]
-    detail = (f"negative transfer: the transferred model scores {100 * gain:+.2f} points against a from-scratch model "
-              f"on the same target data (need >= {100 * gates.min_transfer_gain:+.2f})")
-    return _at_least("transfer.gain", gain, gates.min_transfer_gain, detail)
+@dataclass(frozen=True)
+class PairedComparison:
+    """Two models scored on the same test examples. Only the examples where they disagree carry information:
+    `only_a` right by model a alone, `only_b` by model b alone. The p-value is McNemar's exact test (a
+    binomial test on the discordant pairs); the interval is a seeded bootstrap of the accuracy difference,
+    drawn as multinomial counts over (only a right, only b right, the rest): the same distribution as
+    resampling the examples, in O(resamples)."""
+
+    examples: int
+    only_a: int
+    only_b: int
+    confidence: float
+    difference: float = 0.0   # accuracy(a) - accuracy(b)
+    ci_low: float = 0.0
+    ci_high: float = 0.0
+    p_value: float = 1.0
+
+    @classmethod
+    def of(cls, correct_a: np.ndarray, correct_b: np.ndarray, confidence: float) -> PairedComparison:
+        correct_a, correct_b = np.asarray(correct_a, bool), np.asarray(correct_b, bool)
+        if correct_a.shape != correct_b.shape:
+            raise ValueError(f"paired comparison needs the same examples: {correct_a.shape} vs {correct_b.shape}")
+        return cls.from_counts(len(correct_a), int((correct_a & ~correct_b).sum()), int((correct_b & ~correct_a).sum()), confidence)
+
+    @classmethod
+    def from_counts(cls, examples: int, only_a: int, only_b: int, confidence: float, resamples: int = 20000) -> PairedComparison:
+        n = max(examples, 1)
+        shares = np.array([only_a, only_b, examples - only_a - only_b], float) / n
+        draws = np.random.default_rng(0).multinomial(examples, shares, size=resamples) if examples else np.zeros((1, 3))
+        differences = (draws[:, 0] - draws[:, 1]) / n
+        tail = (1 - confidence) / 2
+        low, high = np.quantile(differences, [tail, 1 - tail])
+        return cls(examples, only_a, only_b, confidence, (only_a - only_b) / n, float(low), float(high),
+                   _mcnemar_exact(only_a, only_b))
+
+    @property
+    def significant(self) -> bool:
+        return self.p_value < 1 - self.confidence
+
+    def text(self, a: str, b: str) -> str:
+        return (f"{a} minus {b}: {100 * self.difference:+.2f} points, {100 * self.confidence:g}% CI "
+                f"[{100 * self.ci_low:+.2f}, {100 * self.ci_high:+.2f}], McNemar p={self.p_value:.3g} "
+                f"({self.only_a} vs {self.only_b} of {self.examples} examples right by one model only)")
 
 
-def regression_gate(candidate_accuracy: float, champion_accuracy: float | None, gates: GateParams) -> Gate:
-    if champion_accuracy is None:
+def _mcnemar_exact(only_a: int, only_b: int) -> float:
+    """Two-sided exact McNemar: under "equally good", the discordant pairs split like fair coin flips."""
+    discordant, smaller = only_a + only_b, min(only_a, only_b)
+    if discordant == 0:
+        return 1.0
+    log_half = discordant * math.log(0.5)
+    tail = sum(math.exp(math.lgamma(discordant + 1) - math.lgamma(i + 1) - math.lgamma(discordant - i + 1) + log_half)
+               for i in range(smaller + 1))
+    return min(1.0, 2 * tail)
+
+
+def _worse_gate(name: str, comparison: PairedComparison, gates: GateParams, a: str, b: str, verdict_name: str) -> Gate:
+    """Fail only when a is worse than b significantly and by at least the minimum effect: noise never fails."""
+    worse = comparison.significant and comparison.difference <= -gates.min_effect
+    bound = f"not significantly below -{gates.min_effect:g} at {100 * gates.confidence:g}%"
+    if worse:
+        return Gate(name, FAILED, comparison.difference, bound, f"{verdict_name}: {comparison.text(a, b)}")
+    why = "not significant" if not comparison.significant else f"smaller than the minimum effect {gates.min_effect:g}"
+    return Gate(name, PASSED, comparison.difference, bound, f"{why}: {comparison.text(a, b)}" if comparison.difference < 0 else comparison.text(a, b))
+
+
+def transfer_gate(comparison: PairedComparison, gates: GateParams) -> Gate:
+    """Transfer vs scratch on the same test examples. `not_worse`: fail only on significant negative transfer;
+    `better`: pass only when transfer is significantly better by at least the minimum effect."""
+    if gates.transfer == "off":
+        return Gate("transfer.gain", SKIPPED, comparison.difference, "", "gates.transfer is off")
+    if gates.transfer == "not_worse":
+        return _worse_gate("transfer.gain", comparison, gates, "transfer", "scratch", "negative transfer")
+    pays = comparison.significant and comparison.difference >= gates.min_effect
+    bound = f"significantly above +{gates.min_effect:g} at {100 * gates.confidence:g}%"
+    detail = comparison.text("transfer", "scratch")
+    return Gate("transfer.gain", PASSED if pays else FAILED, comparison.difference, bound,
+                detail if pays else f"transfer does not pay: {detail}")
+
+
+def regression_gate(comparison: PairedComparison | None, gates: GateParams) -> Gate:
+    if comparison is None:
         return Gate("no_regression", SKIPPED, None, "", "no champion yet: nothing to compare with")
-    if gates.regression_mode == "absolute":
-        bound = champion_accuracy - gates.max_regression
-    else:
-        bound = champion_accuracy * (1 - gates.max_regression)
-    detail = f"worse than the champion ({champion_accuracy:.4f}) beyond the {gates.regression_mode} tolerance {gates.max_regression:g}"
-    return _at_least("no_regression", candidate_accuracy, bound, detail)
+    return _worse_gate("no_regression", comparison, gates, "candidate", "champion", "worse than the champion")
 
 
 def parity_gates(parity: dict) -> list[Gate]:
@@ -119,14 +188,14 @@ def parity_gates(parity: dict) -> list[Gate]:
     ]
 
 
-def served_accuracy(model: LoadedModel, splits: Splits, batch_size: int = 256) -> float | None:
-    """Accuracy of an exported model on the test split's image files, each decoded and normalised by the
+def served_predictions(model: LoadedModel, splits: Splits, root: Path = Path("."), batch_size: int = 256) -> np.ndarray | None:
+    """The exported model's class for each test example, every image file decoded and normalised by the
     server's own code under the contract in the model's metadata. None when the test split has no image files
     (IDX data) and the model cannot take the prepared arrays either."""
-    files = [str(origin) for origin in splits.origin_test]
-    if all(Path(f).is_file() for f in files):
+    files = [root / str(origin) for origin in splits.origin_test]
+    if all(f.is_file() for f in files):
         try:
-            pixels = np.stack([decode_image(Path(f).read_bytes(), model.contract) for f in files])
+            pixels = np.stack([decode_image(f.read_bytes(), model.contract) for f in files])
         except InputError as error:
             raise ValueError(f"a test image no longer decodes ({error}); prepare the target again") from None
     elif model.contract.shape == splits.x_test.shape[1:]:
@@ -134,7 +203,7 @@ def served_accuracy(model: LoadedModel, splits: Splits, batch_size: int = 256) -
     else:
         return None
     logits = np.concatenate([model.run(model.contract.normalize(pixels[i : i + batch_size])) for i in range(0, len(pixels), batch_size)])
-    return score(splits.y_test, logits.argmax(1), model.classes).accuracy
+    return logits.argmax(1)
 
 
 def skew_gate(served: float | None, evaluated: float, gates: GateParams) -> Gate:
@@ -163,10 +232,12 @@ def serving_gates(onnx_path: Path, x_test: np.ndarray, y_test: np.ndarray, gates
         model = load_model(onnx_path, providers=list(serving.providers), strict=serving.strict)
     except ModelLoadError as error:  # includes strict mode refusing a CPU fallback
         return [Gate("serving.load", FAILED, None, "loads", str(error))], "", {"requested_providers": list(serving.providers)}
-    large = x_test[: gates.large_batch]
+    # The configured batch, whatever the split's size: test examples repeated when the split is smaller.
+    repeat = np.resize(np.arange(len(x_test)), gates.large_batch)
+    large = x_test[repeat]
     logits = model.run(model.contract.normalize(large))
     answers_ok = logits.shape == (len(large), len(model.classes)) and bool(np.isfinite(logits).all())
-    accuracy = score(y_test[: len(large)], logits.argmax(1), model.classes).accuracy
+    accuracy = score(y_test[repeat], logits.argmax(1), model.classes).accuracy
     single_ms = _median_ms(model.run, model.contract.normalize(x_test[:1]), repeats=30)
     large_ms = _median_ms(model.run, model.contract.normalize(large), repeats=5)
     size_mb = model.size_bytes / 1e6

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import fcntl
 import json
-import logging
 import os
-import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -19,13 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from components.artifacts import read_json
-from components.errors import (
-    EXIT_TRANSIENT,
-    GraftError,
-    StageFailed,
-    TransientStageError,
-)
-from components.stages import STAGES, Layout
+from components.errors import ERROR_FILE_VARIABLE, GraftError
+from components.stages import STAGES, Layout, UnknownStage
 
 # Runs every time (it checks the weights files outside the project); what depends on it reruns only when its
 # output changed, so it never counts as "something changed".
@@ -39,70 +33,66 @@ class StageOutcome:
     seconds: float
 
 
-# DVC prints its own progress; without this, a logging set-up like Prefect's prints each line twice.
-logging.getLogger("dvc").propagate = False
+# DVC's per-command hints about git and remotes: noise in a run that commits nothing itself.
+_DVC_HINTS = ("To track the changes with git", "\tgit add", "Use `dvc push`", "To enable auto staging")
 
 
-@contextmanager
-def _in_folder(root: Path) -> Iterator[None]:
-    """Stage commands are `graft stage ...`: put this interpreter's scripts first on PATH, run from root."""
-    previous_cwd, previous_path = Path.cwd(), os.environ.get("PATH", "")
-    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), previous_path])
-    os.chdir(root)
-    try:
-        yield
-    finally:
-        os.chdir(previous_cwd)
-        os.environ["PATH"] = previous_path
+def _dvc_env(error_file: Path | None = None) -> dict[str, str]:
+    """This interpreter's scripts first on PATH (so `graft stage NAME` is this Graft), and the file a stage that
+    refuses its input writes the reason to."""
+    env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    if error_file is not None:
+        env[ERROR_FILE_VARIABLE] = str(error_file)
+    return env
 
 
-def _stage_failure(name: str, error: Exception, error_file: Path) -> Exception:
-    """Turn DVC's "failed to reproduce" into StageFailed or TransientStageError with the stage's own message."""
-    status = None
-    cause: BaseException | None = error
-    while cause is not None and status is None:
-        if match := re.search(r"exited with (-?\d+)", str(cause)):
-            status = int(match.group(1))
-        cause = cause.__cause__ or cause.__context__
-    reported = json.loads(error_file.read_text()) if error_file.exists() and error_file.stat().st_size else {}
-    message = reported.get("message") or str(error)
-    if status == EXIT_TRANSIENT:
-        return TransientStageError(f"stage {name}: {message}")
-    return StageFailed(f"stage {name} failed: {message}")
+def _dvc(root: Path, *args: str, error_file: Path | None = None) -> tuple[int, str]:
+    """DVC's own command line in the project folder, as a user runs it (DVC resolves stage names, its lock and
+    its run cache against the working folder, which this process leaves alone). Its output is passed on as it
+    comes, without DVC's hints, and returned."""
+    process = subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=root, env=_dvc_env(error_file), text=True,
+                               stdout=subprocess.PIPE)
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if not line.startswith(_DVC_HINTS) and line.strip():
+            print(line, end="", flush=True)
+    return process.wait(), "".join(lines)
 
 
 def reproduce_stage(root: str | Path, name: str) -> StageOutcome:
     """Run one stage if DVC finds it out of date; its upstream stages must already be up to date."""
-    from dvc.exceptions import ReproductionError
-    from dvc.repo import (
-        Repo,  # imported here: dvc is heavy and only the runner needs it
-    )
-
     if name.partition("@")[0] not in STAGES:
-        raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+        raise UnknownStage(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp, _in_folder(Path(root).resolve()), Repo(".") as repo:
-        error_file = Path(tmp) / "error.json"
-        os.environ["GRAFT_ERROR_FILE"] = str(error_file)
-        repo.scm_context.quiet = True  # no "git add dvc.lock" hint after every stage
-        try:
-            ran = repo.reproduce(name, single_item=True)
-        except ReproductionError as error:
-            raise _stage_failure(name, error, error_file) from error
-        finally:
-            os.environ.pop("GRAFT_ERROR_FILE", None)
-    return StageOutcome(name=name, ran=bool(ran), seconds=time.perf_counter() - started)
+    with tempfile.TemporaryDirectory() as tmp:
+        error_file = Path(tmp) / "error.txt"
+        status, output = _dvc(Path(root).resolve(), "repro", "--single-item", name, error_file=error_file)
+        if status != 0:
+            if error_file.exists() and (reason := error_file.read_text().strip()):
+                raise StageRefused(f"stage {name}: {reason}")
+            raise RuntimeError(f"stage {name} failed (dvc repro exited {status}); its own output is above")
+    return StageOutcome(name=name, ran=f"Running stage '{name}'" in output, seconds=time.perf_counter() - started)
 
 
 def pending_stages(root: str | Path) -> list[str]:
     """What `dvc repro` would do now: stages and tracked data whose inputs changed since the last run."""
-    from dvc.repo import Repo
-
-    with _in_folder(Path(root).resolve()), Repo(".") as repo:
-        return sorted(name for name in repo.status() if name.split(":")[-1] not in ALWAYS_RUN)
+    done = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=Path(root).resolve(), env=_dvc_env(),
+                          text=True, stdout=subprocess.PIPE)
+    if done.returncode != 0:
+        raise RuntimeError(f"dvc status failed in {root} (exit {done.returncode}); its message is above")
+    return sorted(name for name in json.loads(done.stdout or "{}") if name not in ALWAYS_RUN)
 
 
 class ProjectBusy(GraftError):
+    pass
+
+
+class StageRefused(GraftError):
+    """A stage refused its input (bad data, an incompatible source, failed parity); the reason is the stage's own."""
+
+
+class NoRunYet(GraftError):
     pass
 
 
@@ -139,6 +129,8 @@ def project_lock(root: str | Path, wait_seconds: float, holder: str) -> Iterator
 def collect_summary(root: str | Path, outcomes: list[StageOutcome] | None = None) -> dict:
     """The run at a glance, read from the stages' declared outputs."""
     root = Path(root)
+    if not (root / Layout.evaluate_metrics).exists():
+        raise NoRunYet(f"no pipeline outputs in {root.resolve()}: run `graft run` (or `dvc repro`) first")
     target = read_json(root / Layout.target_report)
     selection = read_json(root / Layout.selection_report)
     source = read_json(root / Layout.selected_source)
@@ -186,7 +178,9 @@ def _version_line(registration: dict) -> str:
     if not registration:
         return "not registered"
     aliases = [alias for alias, held in (("challenger", registration.get("challenger")), ("champion", registration.get("promoted"))) if held]
-    return f"{registration['model_name']} v{registration['version']}" + (f" ({', '.join(aliases)})" if aliases else " (no alias: gates failed)")
+    found = "" if registration.get("new", True) else ", already registered: not duplicated"
+    return (f"{registration['model_name']} v{registration['version']}"
+            + (f" ({', '.join(aliases)}{found})" if aliases else f" (no alias: gates failed{found})"))
 
 
 def format_table(summary: dict, markdown: bool = False) -> str:
@@ -200,8 +194,7 @@ def format_table(summary: dict, markdown: bool = False) -> str:
 
 def track_raw_data(paths: list[Path], root: str | Path = ".") -> list[Path]:
     """`dvc add` raw data folders, so their content hash is the data version DVC pins in git."""
-    from dvc.repo import Repo
-
-    with _in_folder(Path(root).resolve()), Repo(".") as repo:
-        repo.add([str(Path(p)) for p in paths])
+    status, _ = _dvc(Path(root).resolve(), "add", "-q", *[str(p) for p in paths])
+    if status != 0:
+        raise RuntimeError(f"dvc add {' '.join(map(str, paths))} failed (exit {status}); its message is above")
     return list(paths)

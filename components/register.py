@@ -1,4 +1,10 @@
-"""Register: log a pipeline run to MLflow and add the ONNX model to the registry as a new version.
+"""Publish: log a judged candidate to MLflow, add its ONNX model to the registry, apply the gates' verdict.
+
+Publishing looks at the registry as it is now, every time, and is idempotent by content: a candidate (its
+ONNX bytes, data version, source and the params that made it: `candidate_key`) already registered is found
+by its tag and reported, never registered twice; a registry that does not hold it gets it. A version is
+created only after its files are stored, with its tags in the same call, so a crash never leaves a version
+without artifacts or a version that cannot be found again.
 
 The run holds every param, the per-step training curves of the transferred and from-scratch models, the
 evaluation and parity metrics, the plots and reports, the data versions and the source model's lineage.
@@ -7,8 +13,10 @@ sha256), so the many fine-tunes of one source all point at the same source run.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlflow
@@ -18,10 +26,23 @@ import onnxruntime as ort
 from mlflow import MlflowClient
 from mlflow.models import infer_signature
 
+from components import data as data_mod
+from components.artifacts import read_json, sha256_file, write_json
 from components.config import Params, RegistryParams, load_params
+from components.errors import registry_call
+from components.evaluate import read_history
 from components.export import cpu_session
+from components.gates import GateReport
+from components.model import ModelSpec
+from components.selection import SCORES
+from components.sources import SourceIdentity
+from components.stages import Layout
 
 SOURCE_SHA_TAG = "graft.source.sha256"
+CANDIDATE_TAG = "graft.candidate"      # what the candidate is: candidate_key
+JUDGED_TAG = "graft.judged_with"       # the gate params its verdict was reached with: judged_key
+# The params that make the candidate; the rest (gates, registry, promotion, serving, schedule) judge or ship it.
+CANDIDATE_PARAMS = ("seed", "data", "sources", "selection", "pretrain", "finetune", "export")
 ONNX_REQUIREMENTS = ["onnxruntime-gpu==1.31.1", "onnx==1.23.2", "numpy"]
 ONNX_PROVIDERS = ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
@@ -34,16 +55,28 @@ class Registration:
     model_uri: str
     source_run_id: str
     tracking_uri: str
+    new: bool = True  # False: the registry already held this candidate
 
 
-def tracking_uri(registry: RegistryParams) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or registry.tracking_uri
+def tracking_uri(registry: RegistryParams, root: str | Path = ".") -> str:
+    """MLFLOW_TRACKING_URI, else params; an embedded store's relative path is relative to the project folder."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or registry.tracking_uri
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = f"sqlite:///{(Path(root) / uri.removeprefix('sqlite:///')).resolve()}"
+    return uri
 
 
-def use_experiment(registry: RegistryParams) -> str:
+def use_experiment(registry: RegistryParams, root: str | Path = ".") -> str:
     """Point MLflow at the configured store and experiment (created with its artifact folder if new)."""
-    uri = tracking_uri(registry)
+    uri = tracking_uri(registry, root)
+    users_choice = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
+    # MLflow also writes the URI into this process's environment; the variable stays the user's choice, else
+    # the next project opened in this process would be sent to this one's registry.
+    if users_choice is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = users_choice
     experiment = mlflow.get_experiment_by_name(registry.experiment)
     if experiment is None and uri.startswith(("http://", "https://")):
         # A tracking server stores artifacts where it was told (--artifacts-destination), not in our folder.
@@ -51,7 +84,7 @@ def use_experiment(registry: RegistryParams) -> str:
     elif experiment is None:
         location = registry.artifact_location
         if "://" not in location:
-            location = Path(location).resolve().as_uri()
+            location = (Path(root) / location).resolve().as_uri()
         experiment_id = mlflow.create_experiment(registry.experiment, artifact_location=location)
     else:
         experiment_id = experiment.experiment_id
@@ -62,7 +95,7 @@ def use_experiment(registry: RegistryParams) -> str:
 def open_registry(params_path: str | Path) -> tuple[MlflowClient, str]:
     """A client on the configured store, and the registered model's name: what alias commands work on."""
     params = load_params(params_path)
-    use_experiment(params.registry)
+    use_experiment(params.registry, Path(params_path).parent)
     return MlflowClient(), params.registry.model_name
 
 
@@ -114,12 +147,33 @@ class RunRecord:
     example: np.ndarray  # a few preprocessed test inputs, float32 NCHW
 
 
-def register(record: RunRecord, source_run_id: str) -> Registration:
+def _digest(payload: object) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def candidate_key(root: Path, params: Params) -> str:
+    """The candidate's identity: its ONNX bytes, data version, source weights and the params that made it."""
+    meta = read_json(root / Layout.transfer_model.with_suffix(".json"))
+    made_by = {k: v for k, v in params.model_dump(mode="json").items() if k in CANDIDATE_PARAMS}
+    return _digest({"onnx": sha256_file(root / Layout.onnx_model), "data_version": meta["data_version"],
+                    "source": meta.get("source", {}).get("sha256", ""), "params": made_by})
+
+
+def judged_key(params: Params) -> str:
+    return _digest({"gates": params.gates.model_dump(mode="json"), "serving": params.serving.model_dump(mode="json")})
+
+
+def find_candidate(client: MlflowClient, name: str, key: str) -> str | None:
+    """The version that holds this candidate, if the registry has one (the oldest, should two ever exist)."""
+    found = client.search_model_versions(f"name = '{name}' and tags.`{CANDIDATE_TAG}` = '{key}'")
+    return min((str(v.version) for v in found), key=int, default=None)
+
+
+def register(record: RunRecord, source_run_id: str, key: str) -> Registration:
     registry = record.params.registry
-    client = MlflowClient()
     with mlflow.start_run(run_name=f"retrain-{record.tags['graft.strategy']}-{record.tags['graft.data_version']}") as run:
         lineage = {"graft.source_run_id": source_run_id} if source_run_id else {}  # a pipeline source's pretraining run
-        mlflow.set_tags({**record.tags, "graft.stage": "retrain", **lineage})
+        mlflow.set_tags({**record.tags, "graft.stage": "retrain", CANDIDATE_TAG: key, **lineage})
         mlflow.log_params(flatten(record.params.model_dump()))
         for name, history in record.histories.items():
             log_history(history, name)
@@ -136,28 +190,124 @@ def register(record: RunRecord, source_run_id: str) -> Registration:
             name="model",
             signature=infer_signature(record.example, outputs),
             input_example=record.example,
-            registered_model_name=registry.model_name,
             pip_requirements=ONNX_REQUIREMENTS,
             onnx_execution_providers=ONNX_PROVIDERS,
             save_as_external_data=False,  # one self-contained model.onnx: what the server downloads and loads
         )
-        version = str(info.registered_model_version)
-        for key, value in {**record.tags, **{f"metric.{k}": f"{v:.6g}" for k, v in record.metrics.items()},
-                           "graft.run_id": run.info.run_id, **lineage}.items():
-            client.set_model_version_tag(registry.model_name, version, key, str(value))
+        # Registered only now that every file is stored, with every tag in the same call.
+        tags = {**record.tags, **{f"metric.{k}": f"{v:.6g}" for k, v in record.metrics.items()},
+                "graft.run_id": run.info.run_id, CANDIDATE_TAG: key, **lineage}
+        version = mlflow.register_model(info.model_uri, registry.model_name, tags={k: str(v) for k, v in tags.items()})
         return Registration(
             run_id=run.info.run_id,
             model_name=registry.model_name,
-            version=version,
-            model_uri=f"models:/{registry.model_name}/{version}",
+            version=str(version.version),
+            model_uri=f"models:/{registry.model_name}/{version.version}",
             source_run_id=source_run_id,
             tracking_uri=mlflow.get_tracking_uri(),
         )
 
 
-def apply_gate_verdict(params: Params, registration: dict, report: dict) -> dict:
-    """Tag the new version with every gate's result; give it `challenger` only if all passed; promote it
-    when promotion.auto_promote is on, or when there is no champion yet."""
+def lineage_tags(identity: SourceIdentity, params: Params) -> dict[str, str]:
+    """What the registered version says about where it came from."""
+    return {
+        "graft.source.name": identity.name,
+        "graft.source.kind": identity.kind,
+        "graft.source.architecture": identity.architecture,
+        "graft.source.weights": identity.weights or identity.file,
+        "graft.source.sha256": identity.sha256,
+        "graft.source.image_size": str(identity.image_size),
+        "graft.target_dataset": params.data.target.name,
+        **({"graft.source.dataset": params.sources.pipeline[identity.name].data.name} if identity.kind == "pipeline" else {}),
+    }
+
+
+def run_record(root: Path, params: Params) -> RunRecord:
+    """Everything a run logs, read from the stages' declared outputs and the judge's report."""
+    identity = SourceIdentity.from_dict(read_json(root / Layout.selected_source))
+    evaluation = read_json(root / Layout.evaluate_metrics)
+    parity = read_json(root / Layout.export_metrics)
+    transfer_meta = read_json(root / Layout.transfer_model.with_suffix(".json"))
+    selection = read_json(root / Layout.selection_report)
+    metrics = {
+        "test.accuracy": evaluation["transfer"]["accuracy"], "test.macro_f1": evaluation["transfer"]["macro_f1"],
+        "scratch.test.accuracy": evaluation["scratch"]["accuracy"], "scratch.test.macro_f1": evaluation["scratch"]["macro_f1"],
+        "transfer_gain": evaluation["transfer_gain"],
+        "onnx.max_abs_diff": parity["max_abs_diff"], "onnx.argmax_agreement": parity["argmax_agreement"],
+    }
+    for candidate in selection["candidates"]:
+        metrics.update({f"selection.{candidate['name']}.{score}": candidate[score] for score in SCORES})
+    for name, scores in read_json(root / Layout.per_class)["transfer"].items():
+        metrics.update({f"test.{metric}.{name}": value for metric, value in scores.items()})
+    tags = {
+        **lineage_tags(identity, params),
+        "graft.data_version": transfer_meta["data_version"],
+        "graft.strategy": transfer_meta["strategy"],
+        "graft.selection": f"{selection['mode']}: {selection['chosen']} by {selection['score']} over {', '.join(selection['ranking'])}",
+    }
+    splits = data_mod.load_splits(root / Layout.selected_data)
+    contract = ModelSpec.from_dict(read_json(root / Layout.selected_architecture)).contract
+    artifacts = [root / p for p in (
+        Layout.confusion_transfer, Layout.confusion_scratch, Layout.curves, Layout.predictions, Layout.evaluate_metrics, Layout.per_class,
+        Layout.export_metrics, Layout.target_report, Layout.selection_report, Layout.selection_markdown, Layout.selection_plot,
+        Layout.gate_report, Layout.gate_markdown, Layout.transfer_history, Layout.scratch_history,
+    ) if (root / p).exists()]
+    return RunRecord(
+        params=params, tags=tags, metrics=metrics,
+        histories={"transfer": read_history(root / Layout.transfer_history), "scratch": read_history(root / Layout.scratch_history)},
+        artifacts=artifacts, onnx_path=root / Layout.onnx_model, example=contract.normalize(splits.x_test[:4]),
+    )
+
+
+def _source_run_id(root: Path, params: Params) -> str:
+    identity = SourceIdentity.from_dict(read_json(root / Layout.selected_source))
+    if identity.kind != "pipeline":
+        return ""
+    checkpoint = root / Layout.source_model(identity.name)
+    return source_run(params, identity, checkpoint, read_history(root / Layout.pretrain_history(identity.name)),
+                      read_json(root / Layout.pretrain_metrics(identity.name)),
+                      read_json(checkpoint.with_suffix(".json"))["data_version"])
+
+
+def _existing(client: MlflowClient, name: str, version: str) -> Registration:
+    found = client.get_model_version(name, version)
+    return Registration(run_id=found.run_id, model_name=name, version=version, model_uri=f"models:/{name}/{version}",
+                        source_run_id=found.tags.get("graft.source_run_id", ""), tracking_uri=mlflow.get_tracking_uri(),
+                        new=False)
+
+
+def published_version(root: str | Path, params: Params) -> str | None:
+    """The version holding this candidate, judged with today's gate params, in the registry in use; else None."""
+    name = params.registry.model_name
+    with registry_call("looking the candidate up", tracking_uri(params.registry, root)):
+        use_experiment(params.registry, root)
+        client = MlflowClient()
+        version = find_candidate(client, name, candidate_key(Path(root), params))
+        if version is None or client.get_model_version(name, version).tags.get(JUDGED_TAG) != judged_key(params):
+            return None
+    return version
+
+
+def publish(root: str | Path, params: Params, report: GateReport) -> dict:
+    """Register the candidate unless the registry already holds it, then apply the verdict (tags, aliases)."""
+    root = Path(root)
+    name = params.registry.model_name
+    with registry_call("publishing the candidate", tracking_uri(params.registry, root)):
+        use_experiment(params.registry, root)
+        key = candidate_key(root, params)
+        version = find_candidate(MlflowClient(), name, key)
+        if version is None:
+            registration = register(run_record(root, params), _source_run_id(root, params), key)
+        else:
+            registration = _existing(MlflowClient(), name, version)
+        outcome = {**asdict(registration), **apply_gate_verdict(params, asdict(registration), report)}
+    write_json(root / Layout.registration, outcome)
+    return outcome
+
+
+def apply_gate_verdict(params: Params, registration: dict, report: GateReport) -> dict:
+    """Tag the version with every gate's result; give it `challenger` only if all passed; promote it when
+    promotion.auto_promote is on, or when there is no champion yet. Applying a verdict twice changes nothing."""
     from components.registry import (
         CHALLENGER,
         CHAMPION,
@@ -169,17 +319,19 @@ def apply_gate_verdict(params: Params, registration: dict, report: dict) -> dict
 
     client = MlflowClient()
     name, version, run_id = registration["model_name"], registration["version"], registration["run_id"]
-    client.set_model_version_tag(name, version, GATES_TAG, "passed" if report["passed"] else "failed")
-    client.set_model_version_tag(name, version, "graft.serving_provider", report["provider"])
-    for gate in report["gates"]:
-        value = "" if gate["value"] is None else f"{gate['value']:.6g}"
-        for field, text in (("verdict", gate["verdict"]), ("value", value), ("bound", gate["bound"])):
-            client.set_model_version_tag(name, version, f"gate.{gate['name']}.{field}", text)
-    if not report["passed"]:
+    tags = {GATES_TAG: "passed" if report.passed else "failed", "graft.serving_provider": report.provider,
+            JUDGED_TAG: judged_key(params)}
+    for gate in report.gates:
+        value = "" if gate.value is None else f"{gate.value:.6g}"
+        tags.update({f"gate.{gate.name}.verdict": gate.verdict, f"gate.{gate.name}.value": value, f"gate.{gate.name}.bound": gate.bound})
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    if not report.passed:
         return {"gates_passed": False, "challenger": False, "promoted": False}
-    move_alias(client, name, CHALLENGER, version, "challenger", "passed every gate", run_id)
-    first = alias_version(client, name, CHAMPION) is None
-    if params.promotion.auto_promote or first:
-        reason = "first model to pass every gate" if first else "auto_promote: passed every gate"
+    if alias_version(client, name, CHALLENGER) != version:
+        move_alias(client, name, CHALLENGER, version, "challenger", "passed every gate", run_id)
+    champion = alias_version(client, name, CHAMPION)
+    if champion != version and (params.promotion.auto_promote or champion is None):
+        reason = "first model to pass every gate" if champion is None else "auto_promote: passed every gate"
         promote(client, name, version, reason=reason, run_id=run_id)
-    return {"gates_passed": True, "challenger": True, "promoted": params.promotion.auto_promote or first}
+    return {"gates_passed": True, "challenger": True, "promoted": alias_version(client, name, CHAMPION) == version}

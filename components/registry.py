@@ -100,8 +100,19 @@ def history(client: MlflowClient, name: str) -> list[AliasMove]:
     return merged
 
 
+def _version_tags(client: MlflowClient, name: str, version: str) -> dict[str, str]:
+    try:
+        return client.get_model_version(name, version).tags
+    except MlflowException as error:
+        if error.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
+    known = sorted((str(v.version) for v in client.search_model_versions(f"name = '{name}'")), key=int)
+    raise RegistryError(f"{name} has no version {version!r}; registered versions: {', '.join(known) or 'none'} "
+                        f"(see `graft history` for the aliases)") from None
+
+
 def gates_passed(client: MlflowClient, name: str, version: str) -> tuple[bool, str]:
-    tags = client.get_model_version(name, version).tags
+    tags = _version_tags(client, name, version)
     verdict = tags.get(GATES_TAG)
     if verdict != "passed":
         failed = sorted(k.removeprefix("gate.").removesuffix(".verdict") for k, v in tags.items() if k.endswith(".verdict") and v == "failed")

@@ -6,6 +6,7 @@ are relative to the project folder (the one holding dvc.yaml and params.yaml).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -15,8 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from components import data as data_mod
-from components.artifacts import atomic_path, read_json, write_json
+from components.artifacts import read_json, write_json
 from components.config import Params, load_params
+from components.errors import GraftError
 from components.evaluate import (
     plot_confusion,
     plot_curves,
@@ -25,9 +27,9 @@ from components.evaluate import (
     write_history,
     write_predictions,
 )
-from components.export import check_parity, export_onnx
+from components.export import ParityFailed, check_parity, export_onnx
 from components.model import ModelSpec, build, graft, load_checkpoint, save_checkpoint
-from components.selection import SCORES, choose, score_candidate, write_selection
+from components.selection import choose, score_candidate, write_selection
 from components.sources import (
     SourceError,
     SourceIdentity,
@@ -36,8 +38,19 @@ from components.sources import (
     pipeline_identity,
     resolve_pretrained_sources,
 )
-from components.train import Normalizer, Phase, predict_logits, strategy_phases, train
+from components.train import (
+    Normalizer,
+    Phase,
+    Resume,
+    predict_logits,
+    strategy_phases,
+    train,
+)
 from deploy.contract import COLOR_MODES, SOURCE_KEY, Contract
+
+
+class UnknownStage(GraftError):
+    pass
 
 
 class Layout:
@@ -90,6 +103,11 @@ class Layout:
     def pretrain_history(name: str) -> Path:
         return Path(f"plots/pretrain-{name}.csv")
 
+    @staticmethod
+    def resume_point(name: str) -> Path:
+        """Not a DVC output: the state a killed training run continues from (.graft/ is ignored by git)."""
+        return Path(f".graft/resume/{name}.pt")
+
 
 # ---------------------------------------------------------------- sources
 
@@ -124,8 +142,13 @@ def pretrain(params: Params, name: str) -> dict:
                         tuple(candidate.mean), tuple(candidate.std))
     model = build(ModelSpec.own_resnet(splits.classes, contract, tuple(candidate.widths)), params.pretrain.seed)
     steps = params.pretrain.epochs * -(-len(splits.y_train) // params.pretrain.batch_size)
+    training = {"pretrain": params.pretrain.model_dump(mode="json", exclude={"checkpoint_every_steps"}),
+                "source": candidate.model_dump(mode="json"), "data_version": splits.data_version, "steps": steps}
+    resume = Resume(Layout.resume_point(f"pretrain-{name}"), params.pretrain.checkpoint_every_steps,
+                    hashlib.sha256(json.dumps(training, sort_keys=True).encode()).hexdigest())
     started = time.perf_counter()
-    history = train(model, splits, params.pretrain, [Phase("pretrain", steps, 1.0)], params.pretrain.seed, desc=f"pretrain {name}")
+    history = train(model, splits, params.pretrain, [Phase("pretrain", steps, 1.0)], params.pretrain.seed, desc=f"pretrain {name}",
+                    resume=resume)
     seconds = time.perf_counter() - started
     test = score(splits.y_test, _predict(model, splits.x_test), splits.classes)
     metrics = {"test_accuracy": test.accuracy, "test_macro_f1": test.macro_f1, "steps": steps}
@@ -134,6 +157,7 @@ def pretrain(params: Params, name: str) -> dict:
                                                        "metrics": metrics, "train_seconds": seconds})
     write_history(history, Layout.pretrain_history(name))
     write_json(Layout.pretrain_metrics(name), metrics)
+    resume.path.unlink(missing_ok=True)  # every output is written: the resume point has done its job
     return metrics
 
 
@@ -211,7 +235,7 @@ def finetune(params: Params) -> dict:
 
 def evaluate(params: Params) -> dict:  # noqa: ARG001 - every stage takes params
     splits = data_mod.load_splits(Layout.selected_data)
-    results, strategies, per_class = {}, {}, {}
+    results, strategies, per_class, correct = {}, {}, {}, {}
     for label, path, plot in (("transfer", Layout.transfer_model, Layout.confusion_transfer),
                               ("scratch", Layout.scratch_model, Layout.confusion_scratch)):
         model, meta = load_checkpoint(path)
@@ -221,10 +245,14 @@ def evaluate(params: Params) -> dict:  # noqa: ARG001 - every stage takes params
         strategies[label] = meta["strategy"]
         results[label] = {"accuracy": evaluation.accuracy, "macro_f1": evaluation.macro_f1}
         per_class[label] = evaluation.per_class
+        correct[label] = predicted == splits.y_test
         if label == "transfer":
             write_predictions(splits.y_test, predicted, splits.classes, Layout.predictions)
     results["transfer_gain"] = results["transfer"]["accuracy"] - results["scratch"]["accuracy"]
     results["test_examples"] = int(len(splits.y_test))
+    # The gate's paired test needs only the examples the two models disagree on.
+    results["paired"] = {"transfer_only": int((correct["transfer"] & ~correct["scratch"]).sum()),
+                         "scratch_only": int((correct["scratch"] & ~correct["transfer"]).sum())}
     plot_curves({"transfer": read_history(Layout.transfer_history), "scratch": read_history(Layout.scratch_history)},
                 Layout.curves, f"target training ({strategies['transfer']} vs scratch)")
     write_json(Layout.per_class, per_class)
@@ -244,134 +272,12 @@ def export(params: Params) -> dict:
     result = {**asdict(parity), "passed": parity.passed, "onnx_bytes": Layout.onnx_model.stat().st_size}
     write_json(Layout.export_metrics, result)
     if not parity.passed:
-        raise RuntimeError(
+        raise ParityFailed(
             f"ONNX parity failed: max |diff| {parity.max_abs_diff:.2e} is {parity.worst_tolerance_ratio:.2f}x the allowed "
             f"atol {parity.atol:.0e} + rtol {parity.rtol:.0e} * |logit|, "
             f"top-1 agreement {parity.argmax_agreement:.4f} (need 1.0); the model is not registered"
         )
     return result
-
-
-# ---------------------------------------------------------------- judging and publishing
-
-
-def _score_champion(params: Params, splits: data_mod.Splits) -> tuple[str | None, float | None, str]:
-    """The current champion's accuracy on this run's test split, scored as it is served: its own contract
-    applied to the test files (so a champion at another input size is still compared on the same images)."""
-    from mlflow import MlflowClient
-
-    from components import gates as gates_mod
-    from components import register as register_mod
-    from components.registry import CHAMPION, alias_version, loaded_version
-
-    register_mod.use_experiment(params.registry)
-    version = alias_version(MlflowClient(), params.registry.model_name, CHAMPION)
-    if version is None:
-        return None, None, ""
-    with loaded_version(params.registry.model_name, version) as champion:
-        if champion.classes != splits.classes:
-            return version, None, (f"champion v{version} predicts classes {list(champion.classes)}; this run has "
-                                   f"{list(splits.classes)}: not comparable on one test split")
-        accuracy = gates_mod.served_accuracy(champion, splits)
-    if accuracy is None:
-        return version, None, (f"champion v{version} takes {champion.contract.shape} images and the test split has no image "
-                               f"files to decode for it (this run: {splits.x_test.shape[1:]}): not comparable")
-    return version, accuracy, ""
-
-
-def gate(params: Params) -> dict:
-    """Every gate, its value, bound and verdict; the report is written whether the gates pass or not."""
-    from components import gates as gates_mod
-
-    evaluation = read_json(Layout.evaluate_metrics)
-    splits = data_mod.load_splits(Layout.selected_data)
-    candidate = gates_mod.load_model(Layout.onnx_model, providers=["cpu"])
-    served = gates_mod.served_accuracy(candidate, splits)
-    champion_version, champion_accuracy, incomparable = _score_champion(params, splits)
-    regression = gates_mod.regression_gate(served if served is not None else evaluation["transfer"]["accuracy"],
-                                           champion_accuracy, params.gates)
-    if incomparable:
-        regression = gates_mod.Gate("no_regression", gates_mod.FAILED, None, "", incomparable)
-    serving, provider, extra = gates_mod.serving_gates(Layout.onnx_model, splits.x_test, splits.y_test, params.gates, params.serving)
-    report = gates_mod.GateReport(
-        gates=[*gates_mod.quality_gates(evaluation, params.gates), gates_mod.transfer_gate(evaluation, params.gates),
-               regression, *gates_mod.parity_gates(read_json(Layout.export_metrics)),
-               gates_mod.skew_gate(served, evaluation["transfer"]["accuracy"], params.gates), *serving],
-        provider=provider, champion_version=champion_version,
-        extra={**extra, "champion_accuracy": champion_accuracy, "served_accuracy": served},
-    )
-    write_json(Layout.gate_report, report.to_dict())
-    with atomic_path(Layout.gate_markdown) as tmp:
-        tmp.write_text(report.markdown() + "\n")
-    return report.to_dict()
-
-
-def lineage_tags(identity: SourceIdentity, params: Params) -> dict[str, str]:
-    """What the registered version says about where it came from."""
-    return {
-        "graft.source.name": identity.name,
-        "graft.source.kind": identity.kind,
-        "graft.source.architecture": identity.architecture,
-        "graft.source.weights": identity.weights or identity.file,
-        "graft.source.sha256": identity.sha256,
-        "graft.source.image_size": str(identity.image_size),
-        "graft.target_dataset": params.data.target.name,
-        **({"graft.source.dataset": params.sources.pipeline[identity.name].data.name} if identity.kind == "pipeline" else {}),
-    }
-
-
-def register(params: Params) -> dict:
-    from components import (
-        register as register_mod,  # mlflow takes seconds to import; only this stage needs it
-    )
-
-    register_mod.use_experiment(params.registry)
-    identity = SourceIdentity.from_dict(read_json(Layout.selected_source))
-    source_run_id = ""
-    if identity.kind == "pipeline":
-        checkpoint = Layout.source_model(identity.name)
-        source_meta = read_json(checkpoint.with_suffix(".json"))
-        source_run_id = register_mod.source_run(
-            params, identity, checkpoint, read_history(Layout.pretrain_history(identity.name)),
-            read_json(Layout.pretrain_metrics(identity.name)), source_meta["data_version"],
-        )
-    evaluation = read_json(Layout.evaluate_metrics)
-    parity = read_json(Layout.export_metrics)
-    transfer_meta = read_json(Layout.transfer_model.with_suffix(".json"))
-    selection = read_json(Layout.selection_report)
-    metrics = {
-        "test.accuracy": evaluation["transfer"]["accuracy"], "test.macro_f1": evaluation["transfer"]["macro_f1"],
-        "scratch.test.accuracy": evaluation["scratch"]["accuracy"], "scratch.test.macro_f1": evaluation["scratch"]["macro_f1"],
-        "transfer_gain": evaluation["transfer_gain"],
-        "onnx.max_abs_diff": parity["max_abs_diff"], "onnx.argmax_agreement": parity["argmax_agreement"],
-    }
-    for candidate in selection["candidates"]:
-        metrics.update({f"selection.{candidate['name']}.{score}": candidate[score] for score in SCORES})
-    for name, scores in read_json(Layout.per_class)["transfer"].items():
-        metrics.update({f"test.{metric}.{name}": value for metric, value in scores.items()})
-    tags = {
-        **lineage_tags(identity, params),
-        "graft.data_version": transfer_meta["data_version"],
-        "graft.strategy": transfer_meta["strategy"],
-        "graft.selection": f"{selection['mode']}: {selection['chosen']} by {selection['score']} over {', '.join(selection['ranking'])}",
-    }
-    splits = data_mod.load_splits(Layout.selected_data)
-    contract = ModelSpec.from_dict(read_json(Layout.selected_architecture)).contract
-    example = contract.normalize(splits.x_test[:4])
-    artifacts = [p for p in (
-        Layout.confusion_transfer, Layout.confusion_scratch, Layout.curves, Layout.predictions, Layout.evaluate_metrics, Layout.per_class,
-        Layout.export_metrics, Layout.target_report, Layout.selection_report, Layout.selection_markdown, Layout.selection_plot,
-        Layout.gate_report, Layout.gate_markdown, Layout.transfer_history, Layout.scratch_history,
-    ) if p.exists()]
-    record = register_mod.RunRecord(
-        params=params, tags=tags, metrics=metrics,
-        histories={"transfer": read_history(Layout.transfer_history), "scratch": read_history(Layout.scratch_history)},
-        artifacts=artifacts, onnx_path=Layout.onnx_model, example=example,
-    )
-    registration = asdict(register_mod.register(record, source_run_id))
-    registration.update(register_mod.apply_gate_verdict(params, registration, read_json(Layout.gate_report)))
-    write_json(Layout.registration, registration)
-    return registration
 
 
 STAGES: dict[str, Callable[..., object]] = {
@@ -384,8 +290,6 @@ STAGES: dict[str, Callable[..., object]] = {
     "finetune": finetune,
     "evaluate": evaluate,
     "export": export,
-    "gate": gate,
-    "register": register,
 }
 PER_PIPELINE_SOURCE = ("prepare_source", "pretrain")  # dvc.yaml: foreach over sources.pipeline, NAME@KEY
 
@@ -404,10 +308,10 @@ def stage_order(params: Params) -> list[str]:
 def run_stage(name: str, params_path: str | Path = "params.yaml") -> object:
     stage, _, key = name.partition("@")
     if stage not in STAGES:
-        raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGES)} (per pipeline source: {', '.join(f'{s}@NAME' for s in PER_PIPELINE_SOURCE)})")
+        raise UnknownStage(f"unknown stage {name!r}; stages: {', '.join(STAGES)} (per pipeline source: {', '.join(f'{s}@NAME' for s in PER_PIPELINE_SOURCE)})")
     params = load_params(params_path)
     if stage in PER_PIPELINE_SOURCE:
         if key not in params.sources.pipeline:
-            raise KeyError(f"stage {name!r}: {key!r} is not a pipeline source; pipeline sources: {', '.join(params.sources.pipeline) or 'none'}")
+            raise UnknownStage(f"stage {name!r}: {key!r} is not a pipeline source; pipeline sources: {', '.join(params.sources.pipeline) or 'none'}")
         return STAGES[stage](params, key)
     return STAGES[stage](params)

@@ -1,4 +1,5 @@
-"""The retraining flow: the pipeline's stages as Prefect tasks, in order. The logic lives in components/."""
+"""The retraining flow: produce a candidate (the DVC stages), then judge and publish it against the registry
+as it is now. The logic lives in components/."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,24 +10,28 @@ from prefect.context import get_run_context
 from prefect.events import emit_event
 from prefect.states import Completed
 
-from components.artifacts import read_json
-from components.config import Params, load_params
-from components.errors import TransientStageError
+from components.config import Params, check_raw_data, load_params
+from components.errors import CandidateRejected, RegistryUnavailable
 from components.gates import GateReport
-from components.pipeline import (ALWAYS_RUN, StageOutcome, collect_summary, format_table, pending_stages, project_lock,
-                                 reproduce_stage)
-from components.stages import Layout, stage_order
+from components.judge import judge
+from components.pipeline import (
+    ALWAYS_RUN,
+    StageOutcome,
+    collect_summary,
+    format_table,
+    pending_stages,
+    project_lock,
+    reproduce_stage,
+)
+from components.register import publish, published_version
+from components.stages import stage_order
 
 
-class GateFailed(RuntimeError):
-    """The candidate failed a gate: it is registered for diagnosis, without the challenger alias."""
-
-
-def retry_only_transient(task, task_run, state) -> bool:
-    """Retry an MLflow outage or an I/O error; never bad data, bad params or a failed gate."""
+def retry_when_unreachable(task, task_run, state) -> bool:
+    """Retry only what the registry boundary classified as transient; never bad data, bad params or a gate."""
     try:
         state.result()
-    except TransientStageError:
+    except RegistryUnavailable:
         return True
     except Exception:
         return False
@@ -40,8 +45,9 @@ def check_params(root: str) -> Params:
 
 
 @task(task_run_name="check_inputs")
-def check_inputs(root: str) -> list[str]:
-    """What changed since the last successful run: tracked data, params or code behind any stage."""
+def check_inputs(root: str, params: Params) -> list[str]:
+    """The data folders exist; what changed since the last successful run: data, params or code behind a stage."""
+    check_raw_data(root, params)
     return pending_stages(root)
 
 
@@ -52,16 +58,30 @@ def run_stage(root: str, name: str) -> StageOutcome:
     return outcome
 
 
+@task(task_run_name="check_registry")
+def check_registry(root: str, params: Params) -> str | None:
+    """The version holding this very candidate, judged with today's gates, in the registry in use."""
+    return published_version(root, params)
+
+
+@task(task_run_name="judge")
+def judge_candidate(root: str, params: Params) -> GateReport:
+    report = judge(root, params)
+    create_markdown_artifact(report.markdown(), key="gate-report", description="Graft gate report")
+    return report
+
+
+@task(task_run_name="publish")
+def publish_candidate(root: str, params: Params, report: GateReport) -> dict:
+    return publish(root, params, report)
+
+
 @task(task_run_name="announce")
-def announce(root: str, registered: bool) -> str | None:
-    """A Prefect event for what happened to the new version, for automations (alerts, a deploy) to follow."""
-    if not registered:
-        return None
-    registration = read_json(Path(root) / Layout.registration)
-    report = GateReport.from_dict(read_json(Path(root) / Layout.gate_report))
-    if registration.get("promoted"):
+def announce(registration: dict, report: GateReport) -> str:
+    """A Prefect event for what happened to the version, for automations (alerts, a deploy) to follow."""
+    if registration["promoted"]:
         name = "graft.model.promoted"
-    elif registration.get("challenger"):
+    elif registration["challenger"]:
         name = "graft.model.challenger"
     else:
         name = "graft.model.rejected"
@@ -69,46 +89,41 @@ def announce(root: str, registered: bool) -> str | None:
         event=name,
         resource={"prefect.resource.id": f"graft.model.{registration['model_name']}",
                   "prefect.resource.name": registration["model_name"]},
-        payload={"version": registration["version"], "run_id": registration["run_id"],
+        payload={"version": registration["version"], "run_id": registration["run_id"], "new": registration["new"],
                  "failed_gates": [g.name for g in report.failures], "reason": report.failure_text()},
     )
     return name
 
 
-@task(task_run_name="enforce_gates")
-def enforce_gates(root: str) -> None:
-    report = GateReport.from_dict(read_json(Path(root) / Layout.gate_report))
-    create_markdown_artifact(report.markdown(), key="gate-report", description="Graft gate report")
-    if not report.passed:
-        raise GateFailed(f"candidate rejected by {len(report.failures)} gate(s): {report.failure_text()}")
-
-
 @flow(name="retrain", log_prints=True)
 def retrain(root: str = ".", force: bool = False):
-    """check params -> (lock) -> resolve_sources -> check inputs -> prepare_source@NAME -> prepare_target
-    -> pretrain@NAME -> select_source -> baseline -> finetune -> evaluate -> export -> gate -> register
-    -> announce -> enforce gates  (NAME: each pipeline source; pretrained sources have no stages of their own)"""
+    """check params -> (lock) -> resolve_sources -> check inputs -> [nothing changed and the registry holds the
+    candidate: done] -> prepare_source@NAME -> prepare_target -> pretrain@NAME -> select_source -> baseline
+    -> finetune -> evaluate -> export -> judge -> publish -> announce  (NAME: each pipeline source)"""
     root = str(Path(root).resolve())
     params = check_params(root)
     holder = f"flow run {get_run_context().flow_run.name}"
     with project_lock(root, params.schedule.lock_wait_seconds, holder):
         backoff = [params.schedule.retry_delay_seconds * 2**i for i in range(params.schedule.retries)] or 0
-        stage = run_stage.with_options(retries=params.schedule.retries, retry_condition_fn=retry_only_transient,
-                                       retry_delay_seconds=backoff)
+        registry_step = {"retries": params.schedule.retries, "retry_condition_fn": retry_when_unreachable,
+                         "retry_delay_seconds": backoff}
         # The sources' weights live outside the project: look at them first, then ask DVC what changed.
-        outcomes = [stage(root, name) for name in ALWAYS_RUN]
-        changed = check_inputs(root)
-        if not changed and not force and (Path(root) / Layout.registration).exists():
-            message = "nothing to do: data, params, code and source weights are unchanged since the last successful run"
+        outcomes = [run_stage(root, name) for name in ALWAYS_RUN]
+        changed = check_inputs(root, params)
+        if not changed and not force and (version := check_registry.with_options(**registry_step)(root, params)):
+            message = (f"nothing to do: data, params, code and source weights are unchanged, and the registry in use "
+                       f"holds this candidate as {params.registry.model_name} v{version}")
             create_markdown_artifact(f"**{message}**", key="retrain-summary", description="Graft retrain summary")
             print(message)
             return Completed(message=message, data={"run": message})
-        outcomes += [stage(root, name) for name in stage_order(params) if name not in ALWAYS_RUN]
+        outcomes += [run_stage(root, name) for name in stage_order(params) if name not in ALWAYS_RUN]
+        report = judge_candidate.with_options(**registry_step)(root, params)
+        registration = publish_candidate.with_options(**registry_step)(root, params, report)
         summary = collect_summary(root, outcomes)
-        report = format_table(summary, markdown=True)
-        gate_markdown = Path(root) / Layout.gate_markdown
-        create_markdown_artifact(report + "\n\n" + gate_markdown.read_text(), key="retrain-summary", description="Graft retrain summary")
+        create_markdown_artifact(format_table(summary, markdown=True) + "\n\n" + report.markdown(), key="retrain-summary",
+                                 description="Graft retrain summary")
         print("\n" + format_table(summary))
-        announce(root, registered=outcomes[-1].ran)
-        enforce_gates(root)
+        announce(registration, report)
+        if not report.passed:
+            raise CandidateRejected(f"candidate rejected by {len(report.failures)} gate(s): {report.failure_text()}")
     return summary

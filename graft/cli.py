@@ -20,12 +20,54 @@ def _fetch_data(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from components.config import check_raw_data, load_params
+
+    # Refuse bad params and missing data in a second, before Prefect (and its server) starts.
+    check_raw_data(args.root, load_params(Path(args.root) / "params.yaml"))
     from flows.retrain import retrain
 
+    _no_tracebacks_on_console_for_refusals()
     state = retrain(root=args.root, force=args.force, return_state=True)
     if not state.is_completed():
-        print(f"graft: the retrain flow ended {state.name}: {state.message}", file=sys.stderr)
-        return 1
+        state.result()  # raises what failed the run, for main() to report
+        raise RuntimeError(f"the retrain flow ended {state.name}: {state.message}")
+    return 0
+
+
+def _no_tracebacks_on_console_for_refusals() -> None:
+    """Prefect logs a failed task or flow with its traceback on the console. For a refusal that names its cause
+    (bad data, a rejected candidate, an unreachable registry) the trace is noise there: the log file keeps it."""
+    import logging
+
+    from prefect.logging.handlers import (
+        PrefectConsoleHandler,  # importing prefect has set its logging up
+    )
+
+    from components.errors import CandidateRejected, GraftError, RegistryUnavailable
+
+    def one_line(record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], (GraftError, CandidateRejected, RegistryUnavailable)):
+            record.exc_info, record.exc_text = None, None  # the console is the last handler to see the record
+        return True
+
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler):
+            handler.addFilter(one_line)
+
+
+def _publish(args: argparse.Namespace) -> int:
+    from components.config import load_params
+    from components.errors import CandidateRejected
+    from components.judge import judge
+    from components.pipeline import collect_summary, format_table
+    from components.register import publish
+
+    params = load_params(Path(args.root) / "params.yaml")
+    report = judge(args.root, params)
+    publish(args.root, params, report)
+    print(format_table(collect_summary(args.root)))
+    if not report.passed:
+        raise CandidateRejected(f"candidate rejected by {len(report.failures)} gate(s): {report.failure_text()}")
     return 0
 
 
@@ -97,7 +139,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_batch_size=serving.max_batch_size, max_queue_delay_ms=serving.max_queue_delay_ms,
         max_body_bytes=serving.max_body_bytes, poll_seconds=serving.poll_seconds, threads=serving.threads,
     )
-    source = build_source(tracking_uri(params.registry), params.registry.model_name, args.alias or serving.alias,
+    source = build_source(tracking_uri(params.registry, Path(args.params).parent), params.registry.model_name, args.alias or serving.alias,
                           args.onnx_file, settings.cache_dir)
     serve(source, settings, args.host or serving.host, args.port or serving.port)
     return 0
@@ -117,7 +159,7 @@ def _export_triton(args: argparse.Namespace) -> int:
         if args.onnx_file:
             onnx_file, version = Path(args.onnx_file), "1"
         else:
-            source = RegistrySource(tracking_uri(params.registry), name, args.alias or params.serving.alias, cache)
+            source = RegistrySource(tracking_uri(params.registry, Path(args.params).parent), name, args.alias or params.serving.alias, cache)
             version = source.current_version()
             onnx_file = source.fetch(version).onnx_path
         folder = write_repository(onnx_file, Path(args.out), name, version, params.serving.max_batch_size,
@@ -144,6 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     schedule.add_argument("--root", default=".")
     schedule.add_argument("--paused", action="store_true", help="register the schedule paused")
     schedule.set_defaults(handler=_schedule)
+
+    publish = commands.add_parser("publish", help="judge the candidate the stages produced (every gate, against the "
+                                  "champion the registry holds now) and register it unless the registry already has it")
+    publish.add_argument("--root", default=".")
+    publish.set_defaults(handler=_publish)
 
     stage = commands.add_parser("stage", help="run one pipeline stage (what dvc.yaml calls)")
     stage.add_argument("name")
@@ -187,24 +234,62 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _log_file(command: str) -> Path:
+    """Where the full trace of a failed command goes: .graft/logs in the working folder (else the temp folder)."""
+    import tempfile
+    import time
+
+    name = f"graft-{command}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    for folder in (Path(".graft") / "logs", Path(tempfile.gettempdir()) / "graft-logs"):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            return folder / name
+        except OSError:
+            continue
+    return Path(tempfile.gettempdir()) / name
+
+
+def _report(error: BaseException, command: str, headline: str) -> None:
+    """One to three lines on stderr; the trace in a log file the message names."""
+    import traceback
+
+    log = _log_file(command).resolve()
+    log.write_text("".join(traceback.format_exception(error)))
+    print(f"graft: {headline}\n  (full trace: {log})", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     apply_defaults()
     args = build_parser().parse_args(argv)
-    from components.errors import EXIT_PERMANENT, EXIT_TRANSIENT, GraftError, is_transient, report_error
+    from components.errors import (
+        EXIT_BUG,
+        EXIT_REJECTED,
+        EXIT_TRANSIENT,
+        EXIT_USER,
+        CandidateRejected,
+        GraftError,
+        RegistryUnavailable,
+        report_refusal,
+    )
 
     try:
         return args.handler(args)
-    except (GraftError, FileNotFoundError) as error:
-        print(f"graft: error: {error}", file=sys.stderr)
-        report_error("permanent", str(error))
-        return EXIT_PERMANENT
-    except Exception as error:
-        if not is_transient(error):
-            report_error("bug", f"{type(error).__name__}: {error}")
-            raise
-        print(f"graft: transient error, a retry may pass: {type(error).__name__}: {error}", file=sys.stderr)
-        report_error("transient", f"{type(error).__name__}: {error}")
+    except GraftError as error:
+        report_refusal(str(error))
+        _report(error, args.command, f"error: {error}")
+        return EXIT_USER
+    except CandidateRejected as error:
+        _report(error, args.command, f"rejected: {error}")
+        return EXIT_REJECTED
+    except RegistryUnavailable as error:
+        _report(error, args.command, f"transient error, a retry may pass: {error}")
         return EXIT_TRANSIENT
+    except KeyboardInterrupt:
+        print("graft: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        _report(error, args.command, f"internal error (a bug; please report it with the log): {type(error).__name__}: {error}")
+        return EXIT_BUG
 
 
 if __name__ == "__main__":

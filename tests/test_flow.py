@@ -1,7 +1,6 @@
 """The retrain flow through Prefect's real test harness (a real local Prefect API and database)."""
 import asyncio
 import json
-import shutil
 import subprocess
 import sys
 import threading
@@ -12,10 +11,13 @@ import yaml
 from prefect.client.orchestration import get_client
 from prefect.testing.utilities import prefect_test_harness
 
-from components.config import parse_params
+from components.config import ParamsError, parse_params
+from components.errors import CandidateRejected
+from components.pipeline import StageRefused
 from components.stages import stage_order
 from flows.retrain import retrain
 from tests.conftest import (
+    copy_workspace,
     free_port,
     start_mlflow_server,
     stop_process_group,
@@ -39,14 +41,15 @@ async def _task_runs(flow_run_id):
     return sorted(runs, key=lambda r: r.start_time)
 
 
-def test_flow_runs_each_stage_as_a_task_then_skips_when_nothing_changed(prefect_api, workspace_factory, repro_workspace):
+def test_flow_runs_each_stage_as_a_task_then_skips_when_nothing_changed(prefect_api, workspace_factory, repro_workspace,
+                                                                        tmp_path, monkeypatch):
     root = workspace_factory("flow")
     state = retrain(root=str(root), return_state=True)
     assert state.is_completed()
     summary = state.result()
     assert summary["model version"] == "graft-classifier v1 (challenger, champion)"
     runs = asyncio.run(_task_runs(state.state_details.flow_run_id))
-    assert [r.name for r in runs] == ["check_params", STAGES[0], "check_inputs", *STAGES[1:], "announce", "enforce_gates"]
+    assert [r.name for r in runs] == ["check_params", STAGES[0], "check_inputs", *STAGES[1:], "judge", "publish", "announce"]
     assert all(r.state.is_completed() and r.total_run_time.total_seconds() > 0 for r in runs)
     assert all(f"{name} ran" in summary["stages"] for name in STAGES)
     assert summary["selection"].startswith("report by logme: ") and "efficientnet-lite0" in summary["selection"]
@@ -60,12 +63,23 @@ def test_flow_runs_each_stage_as_a_task_then_skips_when_nothing_changed(prefect_
     started = time.monotonic()
     again = retrain(root=str(root), return_state=True)
     assert again.is_completed() and again.message.startswith("nothing to do")
+    assert "holds this candidate as graft-classifier v1" in again.message
     assert time.monotonic() - started < 30
-    assert json.loads((root / "outputs" / "registration.json").read_text())["version"] == "1", "no new version"
+
+    # Another registry (the operator points MLFLOW_TRACKING_URI elsewhere): it lacks the candidate, so the
+    # run judges and publishes there; DVC still skips every stage.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'fresh.db'}")
+    fresh = retrain(root=str(root), return_state=True)
+    assert fresh.is_completed() and not str(fresh.message or "").startswith("nothing to do")
+    assert fresh.result()["model version"] == "graft-classifier v1 (challenger, champion)"
+    assert all(f"{name} skipped" in fresh.result()["stages"] for name in STAGES[1:])
+    assert retrain(root=str(root), return_state=True).message.startswith("nothing to do"), "now that registry holds it too"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
 
     forced = retrain(root=str(root), force=True, return_state=True).result()
     assert all(f"{name} skipped" in forced["stages"] for name in STAGES[1:]), "force reruns the flow, DVC still skips"
     assert f"{STAGES[0]} ran" in forced["stages"], "the weights files outside the project are looked at every time"
+    assert "already registered: not duplicated" in forced["model version"]
 
 
 def test_flow_fails_on_bad_params_and_registers_nothing(prefect_api, workspace_factory):
@@ -74,7 +88,8 @@ def test_flow_fails_on_bad_params_and_registers_nothing(prefect_api, workspace_f
     (root / "params.yaml").write_text(yaml.safe_dump(bad))
     state = retrain(root=str(root), return_state=True)
     assert state.is_failed()
-    assert "finetune.strategy" in str(state.message) or "finetune.strategy" in repr(state.result(raise_on_failure=False))
+    with pytest.raises(ParamsError, match="finetune.strategy"):
+        state.result()
     assert not (root / "outputs" / "registration.json").exists()
 
 
@@ -87,6 +102,8 @@ def test_bad_data_fails_once_with_the_reason_and_is_not_retried(prefect_api, wor
     failed = [r for r in runs if r.state.is_failed()]
     assert [r.name for r in failed] == ["prepare_target"] and failed[0].run_count == 1, "bad data is not retried"
     assert "empty class folder(s): unicorn" in failed[0].state.message
+    with pytest.raises(StageRefused, match="stage prepare_target: .*empty class folder"):
+        state.result()
 
 
 def test_second_run_waits_for_the_lock_then_refuses(prefect_api, workspace_factory):
@@ -100,27 +117,34 @@ def test_second_run_waits_for_the_lock_then_refuses(prefect_api, workspace_facto
         state.result()
 
 
-def test_a_gate_failure_fails_the_flow_with_the_report_and_emits_rejected(prefect_api, workspace_factory):
-    root = workspace_factory("rejected", tiny_params(**{"gates.min_accuracy": 0.99}))
+def _finished_workspace(template, root, **overrides):
+    """A copy of a workspace whose stages are done: a run of the flow only judges and publishes."""
+    copy_workspace(template, root)
+    params = tiny_params(**overrides)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return root
+
+
+def test_a_gate_failure_fails_the_flow_with_the_report_and_emits_rejected(prefect_api, candidate_template, tmp_path):
+    root = _finished_workspace(candidate_template[0], tmp_path / "ws", **{"gates.min_accuracy": 0.99})
     state = retrain(root=str(root), return_state=True)
     assert state.is_failed() and "quality.accuracy" in state.message
+    with pytest.raises(CandidateRejected):
+        state.result()
     registration = json.loads((root / "outputs" / "registration.json").read_text())
     assert registration["gates_passed"] is False, "the rejected candidate is registered for diagnosis"
 
 
-def test_mlflow_outage_is_retried_until_it_is_back(prefect_api, workspace_factory, tmp_path, monkeypatch):
+def test_mlflow_outage_is_retried_until_it_is_back(prefect_api, candidate_template, tmp_path, monkeypatch):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)       # the stages inherit it: nothing listens there yet
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)       # nothing listens there yet
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    root = workspace_factory("outage", tiny_params(**{"schedule.retries": 4, "schedule.retry_delay_seconds": 3}))
+    root = _finished_workspace(candidate_template[0], tmp_path / "ws", **{"schedule.retries": 4, "schedule.retry_delay_seconds": 3})
     server = {}
 
     def bring_mlflow_back():
-        lock = root / "dvc.lock"
-        while not (lock.exists() and "\n  export:" in lock.read_text()):
-            time.sleep(0.3)
-        time.sleep(3)  # the gate stage's first attempt meets a closed port
+        time.sleep(4)  # the registry look-up's first attempt meets a closed port
         server["process"] = start_mlflow_server(tmp_path, port, wait=False)[0]
 
     thread = threading.Thread(target=bring_mlflow_back, daemon=True)
@@ -132,21 +156,25 @@ def test_mlflow_outage_is_retried_until_it_is_back(prefect_api, workspace_factor
         if "process" in server:
             stop_process_group(server["process"])
     assert state.is_completed(), state.message
-    gate = next(r for r in asyncio.run(_task_runs(state.state_details.flow_run_id)) if r.name == "gate")
-    assert gate.run_count > 1, "the gate stage was retried"
+    runs = {r.name: r for r in asyncio.run(_task_runs(state.state_details.flow_run_id))}
+    assert runs["check_registry"].run_count > 1, "the registry look-up was retried"
     assert json.loads((root / "outputs" / "registration.json").read_text())["tracking_uri"] == url
 
 
-def test_promote_and_rollback_flows_move_the_champion(prefect_api, repro_workspace, tmp_path, monkeypatch):
+def test_promote_and_rollback_flows_move_the_champion(prefect_api, candidate_template, tmp_path):
+    from components.config import load_params
+    from components.judge import judge
+    from components.register import publish
     from flows.promote import promote_flow, rollback_flow
 
-    source, _, _ = repro_workspace
-    root = tmp_path / "ws"
-    shutil.copytree(source, root, symlinks=True)
-    monkeypatch.chdir(root)  # the embedded store is sqlite:///mlflow.db, relative to the project folder
-    subprocess.run([sys.executable, "-m", "graft", "stage", "register"], cwd=root, check=True, capture_output=True)
-    newest = json.loads((root / "outputs" / "registration.json").read_text())["version"]
+    root = _finished_workspace(candidate_template[0], tmp_path / "ws")
+    for atol in (1e-3, 2e-3):  # two candidates: the second made with other params
+        params_file = root / "params.yaml"
+        params_file.write_text(yaml.safe_dump(tiny_params(**{"export.parity_atol": atol}), sort_keys=False))
+        subprocess.run([sys.executable, "-m", "graft", "stage", "export"], cwd=root, check=True, capture_output=True)
+        params = load_params(params_file)
+        newest = publish(root, params, judge(root, params))["version"]
     promoted = promote_flow(params_path=str(root / "params.yaml"), reason="flow test")
-    assert promoted["champion"] == newest and promoted["previous"] != newest
+    assert promoted["champion"] == newest == "2" and promoted["previous"] == "1"
     rolled = rollback_flow(params_path=str(root / "params.yaml"))
-    assert rolled["champion"] == promoted["previous"]
+    assert rolled["champion"] == "1"

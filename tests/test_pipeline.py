@@ -11,7 +11,7 @@ from mlflow import MlflowClient
 
 from components.config import parse_params
 from components.stages import stage_order
-from tests.conftest import dvc_repro, stages_ran, tiny_params
+from tests.conftest import dvc_repro, graft_cli, stages_ran, tiny_params
 
 
 def _params(root) -> dict:
@@ -28,7 +28,7 @@ def test_first_repro_runs_every_stage_in_order(repro_workspace):
     position = {stage: i for i, stage in enumerate(ran)}
     for before, after in [("prepare_source@fashion-mnist", "pretrain@fashion-mnist"), ("pretrain@fashion-mnist", "select_source"),
                           ("prepare_target", "select_source"), ("select_source", "baseline"), ("select_source", "finetune"),
-                          ("finetune", "evaluate"), ("baseline", "evaluate"), ("export", "gate"), ("gate", "register")]:
+                          ("finetune", "evaluate"), ("baseline", "evaluate"), ("finetune", "export")]:
         assert position[before] < position[after], (before, after, ran)
     assert metrics["export"]["passed"] and metrics["export"]["argmax_agreement"] == 1.0
     for output in ("models/model.onnx", "plots/confusion_transfer.png", "plots/curves.png", "plots/source-selection.png",
@@ -75,20 +75,32 @@ def test_registered_version_carries_lineage_and_metrics(repro_workspace):
     assert source.data.tags["graft.source.sha256"] == version.tags["graft.source.sha256"]
 
 
-def test_changing_a_finetune_param_reruns_only_finetune_onwards(repro_workspace):
+def _publish(root) -> dict:
+    graft_cli(root, f"sqlite:///{root / 'mlflow.db'}", "publish")
+    return _json(root, "outputs/registration.json")
+
+
+def test_changing_a_finetune_param_reruns_only_finetune_onwards_and_changing_it_back_registers_nothing(repro_workspace):
     root, _, before = repro_workspace
     params = _params(root)
     params["finetune"]["strategy"] = "lp_ft"
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     done = dvc_repro(root)
-    assert stages_ran(done.stdout) == ["resolve_sources", "finetune", "evaluate", "export", "gate", "register"]
+    assert stages_ran(done.stdout) == ["resolve_sources", "finetune", "evaluate", "export"]
     after = _json(root, "metrics/evaluate.json")
     assert after["scratch"] == before["evaluate"]["scratch"], "the scratch baseline was not retrained"
-    registration = _json(root, "outputs/registration.json")
-    assert registration["version"] == "2"
+    registration = _publish(root)
+    assert (registration["version"], registration["new"]) == ("2", True)
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     first = client.get_model_version(registration["model_name"], "1")
     assert first.tags["graft.source_run_id"] == registration["source_run_id"], "one source run serves every fine-tune"
+
+    params["finetune"]["strategy"] = "finetune"  # back: DVC's run cache restores the first candidate's files
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    dvc_repro(root)
+    again = _publish(root)
+    assert (again["version"], again["new"]) == ("1", False), "the registry already holds this candidate: found, not duplicated"
+    assert len(client.search_model_versions("name = 'graft-classifier'")) == 2
 
 
 @pytest.fixture(scope="module")
@@ -103,13 +115,13 @@ def pretrained_only(workspace_factory):
     (root / "weights").mkdir()
     torch.save(torchvision.models.mobilenet_v3_small(num_classes=5).state_dict(), root / "weights" / "mobilenet.pth")
     done = dvc_repro(root)
+    graft_cli(root, f"sqlite:///{root / 'mlflow.db'}", "publish")
     return root, stages_ran(done.stdout)
 
 
 def test_a_pretrained_source_has_no_pretraining_and_auto_picks_the_best_score(pretrained_only):
     root, ran = pretrained_only
-    assert ran == ["resolve_sources", "prepare_target", "select_source", "baseline", "finetune", "evaluate", "export", "gate",
-                   "register"]
+    assert ran == ["resolve_sources", "prepare_target", "select_source", "baseline", "finetune", "evaluate", "export"]
     selection = _json(root, "reports/source-selection.json")
     best = max(selection["candidates"], key=lambda c: c["logme"])["name"]
     assert selection["chosen"] == best == _json(root, "models/selected/source.json")["name"]
@@ -134,7 +146,7 @@ def test_a_changed_weights_file_is_a_new_source(pretrained_only):
     torch.manual_seed(1)
     torch.save(torchvision.models.mobilenet_v3_small(num_classes=5).state_dict(), root / "weights" / "mobilenet.pth")
     ran = stages_ran(dvc_repro(root).stdout)
-    assert ran == ["resolve_sources", "select_source", "finetune", "evaluate", "export", "gate", "register"]
+    assert ran == ["resolve_sources", "select_source", "finetune", "evaluate", "export"]
     identity = _json(root, "models/selected/source.json")
     assert identity["name"] == "local-mobilenet" and identity["sha256"] != before
     assert _json(root, "models/transfer.json")["source"]["sha256"] == identity["sha256"]
@@ -142,6 +154,7 @@ def test_a_changed_weights_file_is_a_new_source(pretrained_only):
 
 def test_an_rgb_target_on_a_gray_source_is_adapted_and_served_as_rgb(tmp_path, monkeypatch):
     """The stage functions in-process, as `graft stage NAME` calls them: an RGB target, a gray pipeline source."""
+    from components.judge import judge
     from components.stages import run_stage
     from deploy.model import load_model
     from tests.conftest import make_workspace
@@ -151,10 +164,10 @@ def test_an_rgb_target_on_a_gray_source_is_adapted_and_served_as_rgb(tmp_path, m
     root = make_workspace(tmp_path / "rgb", params)
     monkeypatch.chdir(root)
     for name in stage_order(parse_params(params)):
-        if name != "register":
-            run_stage(name)
+        run_stage(name)
+    report = judge(root, parse_params(params))
     spec = _json(root, "models/selected/architecture.json")
     assert (spec["contract"]["color_mode"], spec["source_channels"], spec["channel_adapter"]) == ("RGB", 1, "replicate")
     assert load_model(root / "models/model.onnx", providers=["cpu"]).contract.shape == (3, 28, 28)
-    gates = {g["name"]: g for g in _json(root, "reports/gates.json")["gates"]}
-    assert gates["contract.skew"]["verdict"] == "passed", "RGB files decoded by the server score what evaluate measured"
+    gates = {g.name: g for g in report.gates}
+    assert gates["contract.skew"].verdict == "passed", "RGB files decoded by the server score what evaluate measured"

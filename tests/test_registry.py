@@ -1,6 +1,6 @@
-"""Gates and promotion end to end, on a real MLflow store: reject, challenger, promote, rollback, history."""
+"""Judging and publishing end to end, on a real MLflow store: reject, challenger, promote, rollback, history;
+registration idempotent by content; a registry that lacks the candidate gets it."""
 import gzip
-import json
 import subprocess
 import sys
 
@@ -9,6 +9,9 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from components.config import load_params
+from components.judge import judge
+from components.register import publish
 from components.registry import (
     CHALLENGER,
     CHAMPION,
@@ -19,7 +22,7 @@ from components.registry import (
     promote,
     rollback,
 )
-from tests.conftest import dvc_repro, read_idx, stages_ran, tiny_params
+from tests.conftest import copy_workspace, dvc_repro, read_idx, stages_ran, tiny_params
 
 
 def _set_params(root, **overrides):
@@ -37,37 +40,50 @@ def _client(root) -> MlflowClient:
     return MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
 
 
-def _registration(root) -> dict:
-    return json.loads((root / "outputs" / "registration.json").read_text())
-
-
-def _gates(root) -> dict:
-    return json.loads((root / "reports" / "gates.json").read_text())
+def _judge_and_publish(root) -> tuple[dict, dict]:
+    """What `graft publish` (and the flow after the stages) does, in-process."""
+    params = load_params(root / "params.yaml")
+    report = judge(root, params)
+    return report.to_dict(), publish(root, params, report)
 
 
 @pytest.fixture(scope="module")
-def gated(workspace_factory):
-    root = workspace_factory("gated")
-    dvc_repro(root)
-    return root
+def gated(candidate_template, tmp_path_factory):
+    return copy_workspace(candidate_template[0], tmp_path_factory.mktemp("gated") / "ws")
 
 
-def test_first_model_passing_its_gates_becomes_champion(gated):
-    client, registration = _client(gated), _registration(gated)
-    assert registration["version"] == "1" and registration["promoted"]
+def test_first_model_passing_its_gates_becomes_champion_and_publishing_again_registers_nothing(gated):
+    _, registration = _judge_and_publish(gated)
+    client = _client(gated)
+    assert registration["version"] == "1" and registration["promoted"] and registration["new"]
     assert alias_version(client, "graft-classifier", CHAMPION) == "1"
     assert alias_version(client, "graft-classifier", CHALLENGER) == "1"
     tags = client.get_model_version("graft-classifier", "1").tags
     assert tags["graft.gates"] == "passed" and tags["gate.no_regression.verdict"] == "skipped"
     assert tags["graft.serving_provider"] == "CPUExecutionProvider"
+    assert tags["graft.candidate"] and tags["graft.run_id"] == registration["run_id"], "tagged in the registering call"
+
+    _, again = _judge_and_publish(gated)
+    assert (again["version"], again["new"], again["promoted"]) == ("1", False, True), "found by content, not duplicated"
+    assert [str(v.version) for v in client.search_model_versions("name = 'graft-classifier'")] == ["1"]
+
+
+def test_a_registry_that_lacks_the_candidate_gets_it(gated, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'other.db'}")
+    report, registration = _judge_and_publish(gated)
+    assert (registration["version"], registration["new"]) == ("1", True)
+    assert report["champion_version"] is None, "judged against that registry's (absent) champion"
+    other = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'other.db'}")
+    assert alias_version(other, "graft-classifier", CHAMPION) == "1"
 
 
 def test_candidate_worse_than_champion_is_rejected_and_champion_stays(gated):
-    _set_params(gated, **{"finetune.lr": 1e-7, "gates.max_regression": 0.0})  # a head that barely moves: worse
+    _set_params(gated, **{"finetune.lr": 1e-7, "gates.min_effect": 0.0})  # a head that barely moves: worse
     dvc_repro(gated)
-    report, registration = _gates(gated), _registration(gated)
+    report, registration = _judge_and_publish(gated)
     verdicts = {g["name"]: g["verdict"] for g in report["gates"]}
     assert verdicts["no_regression"] == "failed" and report["champion_version"] == "1"
+    assert report["candidate_vs_champion"]["p_value"] < 0.05, "declared worse only because it is significantly worse"
     assert [n for n, v in verdicts.items() if v == "failed"] == ["no_regression"]
     client = _client(gated)
     assert registration["version"] == "2" and not registration["challenger"]
@@ -79,11 +95,11 @@ def test_candidate_worse_than_champion_is_rejected_and_champion_stays(gated):
 
 
 def test_good_candidate_becomes_challenger_then_champion_on_promote_then_rolls_back(gated):
-    _set_params(gated, **{"finetune.lr": 0.003, "finetune.steps": 16, "gates.max_regression": 1.0})
+    _set_params(gated, **{"finetune.lr": 0.003, "finetune.steps": 16, "gates.min_effect": 1.0})
     done = dvc_repro(gated)
-    assert stages_ran(done.stdout) == ["resolve_sources", "baseline", "finetune", "evaluate", "export", "gate", "register"]
+    assert stages_ran(done.stdout) == ["resolve_sources", "baseline", "finetune", "evaluate", "export"]
     client = _client(gated)
-    assert _registration(gated)["version"] == "3"
+    assert _judge_and_publish(gated)[1]["version"] == "3"
     assert alias_version(client, "graft-classifier", CHALLENGER) == "3"
     assert alias_version(client, "graft-classifier", CHAMPION) == "1", "auto_promote is off"
 
@@ -98,6 +114,9 @@ def test_good_candidate_becomes_challenger_then_champion_on_promote_then_rolls_b
 
     again = subprocess.run([*cli, "rollback"], cwd=gated, capture_output=True, text=True)
     assert again.returncode == 2 and "no previous champion to roll back to" in again.stderr
+    unknown = subprocess.run([*cli, "promote", "--version", "7"], cwd=gated, capture_output=True, text=True)
+    assert unknown.returncode == 2 and "Traceback" not in unknown.stderr
+    assert "graft-classifier has no version '7'; registered versions: 1, 2, 3" in unknown.stderr
 
     moves = history(client, "graft-classifier")
     assert [(m.alias, m.version, m.previous, m.action) for m in moves] == [
@@ -125,10 +144,10 @@ def test_lineage_walks_back_through_rollbacks():
 
 
 def test_negative_transfer_is_rejected_by_name(workspace_factory):
-    """A source pretrained on shuffled labels: its features are worse than none."""
+    """A source pretrained on shuffled labels: its features are worse than none, significantly."""
     params = tiny_params(**{
-        "finetune.strategy": "linear_probe", "finetune.steps": 60, "gates.min_transfer_gain": 0.0,
-        "data.target.labels_per_class": 10, "data.target.val_size": 20,
+        "finetune.strategy": "linear_probe", "finetune.steps": 60, "gates.min_effect": 0.01,
+        "data.target.labels_per_class": 10, "data.target.val_size": 20, "data.target.test_size": 150,
     })
     root = workspace_factory("shuffled", params)
     labels = root / "data/raw/fashion-mnist/train-labels-idx1-ubyte.gz"
@@ -137,10 +156,10 @@ def test_negative_transfer_is_rejected_by_name(workspace_factory):
     labels.write_bytes(gzip.compress(header + shuffled.astype(np.uint8).tobytes(), mtime=0))
     subprocess.run([sys.executable, "-m", "dvc", "add", "-q", "data/raw/fashion-mnist"], cwd=root, check=True)
     dvc_repro(root)
-    report = _gates(root)
+    report, _ = _judge_and_publish(root)
     failed = [g for g in report["gates"] if g["verdict"] == "failed"]
     assert [g["name"] for g in failed] == ["transfer.gain"]
-    assert failed[0]["detail"].startswith("negative transfer")
+    assert failed[0]["detail"].startswith("negative transfer") and report["transfer_vs_scratch"]["p_value"] < 0.05
     client = _client(root)
     assert alias_version(client, "graft-classifier", CHALLENGER) is None
     assert alias_version(client, "graft-classifier", CHAMPION) is None

@@ -1,12 +1,12 @@
 """The registry flows against a real `mlflow server` over HTTP, and a promotion killed part-way."""
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
+import yaml
 from mlflow import MlflowClient
 
 from components.registry import (
@@ -19,30 +19,30 @@ from components.registry import (
     history,
     move_alias,
 )
-from tests.conftest import graft_cli
+from tests.conftest import copy_workspace, graft_cli
 
 MODEL = "graft-classifier"
 
 
 @pytest.fixture(scope="module")
-def http_workspace(repro_workspace, mlflow_server, tmp_path_factory):
-    """A copy of a finished pipeline workspace whose stages talk to the HTTP server."""
-    source, _, _ = repro_workspace
-    root = tmp_path_factory.mktemp("http") / "ws"
-    shutil.copytree(source, root, symlinks=True, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts"))
-    return root
+def http_workspace(candidate_template, mlflow_server, tmp_path_factory):
+    """A copy of a finished pipeline workspace that publishes to the HTTP server."""
+    return copy_workspace(candidate_template[0], tmp_path_factory.mktemp("http") / "ws")
 
 
-def test_register_gate_promote_rollback_over_http(http_workspace, mlflow_server):
+def test_publish_promote_rollback_over_http(http_workspace, mlflow_server):
     client = MlflowClient(tracking_uri=mlflow_server)
-    graft_cli(http_workspace, mlflow_server, "stage", "register")
+    graft_cli(http_workspace, mlflow_server, "publish")
     assert alias_version(client, MODEL, CHAMPION) == "1"
     assert client.get_model_version_download_uri(MODEL, "1").startswith("mlflow-artifacts:/"), "the server keeps the artifacts"
 
-    graft_cli(http_workspace, mlflow_server, "stage", "gate")  # scores champion v1, downloaded over HTTP
-    gate_report = (http_workspace / "reports" / "gates.md").read_text()
-    assert "champion compared: 1" in gate_report
-    graft_cli(http_workspace, mlflow_server, "stage", "register")
+    params = yaml.safe_load((http_workspace / "params.yaml").read_text())
+    params["finetune"]["steps"] = 16  # a second candidate
+    (http_workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for stage in ("finetune", "evaluate", "export"):
+        graft_cli(http_workspace, mlflow_server, "stage", stage)
+    graft_cli(http_workspace, mlflow_server, "publish")  # judged against champion v1, downloaded over HTTP
+    assert "champion compared: 1" in (http_workspace / "reports" / "gates.md").read_text()
     assert alias_version(client, MODEL, CHALLENGER) == "2" and alias_version(client, MODEL, CHAMPION) == "1"
 
     graft_cli(http_workspace, mlflow_server, "promote", "--reason", "http promote")

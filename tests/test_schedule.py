@@ -2,7 +2,6 @@
 import asyncio
 import contextvars
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -14,32 +13,24 @@ import yaml
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 from prefect.events.filters import EventFilter, EventNameFilter
-from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from tests.conftest import RAW, free_port, stop_process_group, tiny_params, wait_healthy
+from tests.conftest import (
+    RAW,
+    copy_workspace,
+    stop_process_group,
+    tiny_params,
+)
 
 DEPLOYMENT = "retrain/nightly-retrain"
 
 
 @pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory):
-    home = tmp_path_factory.mktemp("prefect-home")
-    port = free_port()
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
-    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/api"
-    assert wait_healthy(f"{url}/health", 120), "prefect server did not start"
-    with temporary_settings({PREFECT_API_URL: url}):
-        yield env
-    stop_process_group(server)
-
-
-@pytest.fixture(scope="module")
-def scheduled(prefect_server, workspace_factory):
-    """A workspace registered with `graft schedule`, and a worker on its pool."""
-    root = workspace_factory("scheduled", tiny_params(**{"schedule.work_pool": "graft-test", "schedule.lock_wait_seconds": 900}))
+def scheduled(prefect_server, candidate_template, tmp_path_factory):
+    """A workspace whose stages have run once (its first scheduled run judges and publishes), registered with
+    `graft schedule`, and a worker on its pool."""
+    root = copy_workspace(candidate_template[0], tmp_path_factory.mktemp("scheduled") / "ws")
+    params = tiny_params(**{"schedule.work_pool": "graft-test", "schedule.lock_wait_seconds": 900})
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     done = subprocess.run([sys.executable, "-m", "graft", "schedule", "--root", str(root), "--paused"],
                           env=prefect_server, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

@@ -2,7 +2,6 @@
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -19,7 +18,7 @@ from mlflow.artifacts import download_artifacts
 from PIL import Image
 
 from components.registry import CHAMPION, alias_version, move_alias
-from tests.conftest import free_port, graft_cli
+from tests.conftest import copy_workspace, free_port, graft_cli
 
 MODEL = "served-classifier"
 PROBE = np.random.default_rng(7).normal(size=(2, 1, 28, 28)).astype(np.float32)
@@ -54,11 +53,9 @@ def wait_ready(base: str, seconds: float = 30) -> None:
 
 
 @pytest.fixture(scope="module")
-def served_workspace(repro_workspace, tmp_path_factory):
+def served_workspace(candidate_template, tmp_path_factory):
     """A copy of a finished pipeline workspace, and what its evaluate stage measured for the model it holds."""
-    source, _, _ = repro_workspace
-    root = tmp_path_factory.mktemp("served") / "ws"
-    shutil.copytree(source, root, symlinks=True, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts"))
+    root = copy_workspace(candidate_template[0], tmp_path_factory.mktemp("served") / "ws")
     return root, json.loads((root / "metrics" / "evaluate.json").read_text())["transfer"]["accuracy"]
 
 
@@ -69,11 +66,12 @@ def registry(served_workspace, mlflow_server):
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["registry"]["model_name"] = MODEL
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    graft_cli(root, mlflow_server, "stage", "register")
+    graft_cli(root, mlflow_server, "publish")
     params["finetune"]["steps"] = 20
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for stage in ("finetune", "export", "gate", "register"):
+    for stage in ("finetune", "evaluate", "export"):
         graft_cli(root, mlflow_server, "stage", stage)
+    graft_cli(root, mlflow_server, "publish")
     client = MlflowClient(tracking_uri=mlflow_server)
     assert alias_version(client, MODEL, CHAMPION) == "1"
     expected = {}

@@ -1,0 +1,86 @@
+"""Judge a candidate against the registry as it is now: every gate, in-process, on every run.
+
+The DVC stages produce the candidate and cache it (the same inputs give the same files). Judging is never
+cached: the champion it is compared with lives in the registry and moves on its own (a promotion, a
+rollback, another registry). Its report is returned typed and also written to reports/gates.{json,md} for
+people and for `graft summary`.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from components import data as data_mod
+from components import gates as gates_mod
+from components.artifacts import atomic_path, read_json, write_json
+from components.config import Params
+from components.errors import registry_call
+from components.stages import Layout
+from deploy.model import load_model
+
+
+def champion_predictions(params: Params, splits: data_mod.Splits, root: Path) -> tuple[str | None, np.ndarray | None, str]:
+    """The current champion's class for each test example, scored as it is served: its own contract applied to
+    the test files (a champion at another input size is still compared on the same images). Returns the
+    version (None: no champion), the predictions, and why they are not comparable ("" when they are)."""
+    from mlflow import MlflowClient
+
+    from components.register import tracking_uri, use_experiment
+    from components.registry import CHAMPION, alias_version, loaded_version
+
+    name = params.registry.model_name
+    with registry_call("reading the champion", tracking_uri(params.registry, root)):
+        use_experiment(params.registry, root)
+        version = alias_version(MlflowClient(), name, CHAMPION)
+        if version is None:
+            return None, None, ""
+        with loaded_version(name, version) as champion:
+            if champion.classes != splits.classes:
+                return version, None, (f"champion v{version} predicts classes {list(champion.classes)}; this run has "
+                                       f"{list(splits.classes)}: not comparable on one test split")
+            predicted = gates_mod.served_predictions(champion, splits, root)
+    if predicted is None:
+        return version, None, (f"champion v{version} takes {champion.contract.shape} images and the test split has no image "
+                               f"files to decode for it (this run: {splits.x_test.shape[1:]}): not comparable")
+    return version, predicted, ""
+
+
+def judge(root: str | Path, params: Params) -> gates_mod.GateReport:
+    """Every gate, its value, bound and verdict; the report is written whether the gates pass or not."""
+    root = Path(root)
+    gates = params.gates
+    evaluation = read_json(root / Layout.evaluate_metrics)
+    splits = data_mod.load_splits(root / Layout.selected_data)
+    candidate = load_model(root / Layout.onnx_model, providers=["cpu"])
+    predicted = gates_mod.served_predictions(candidate, splits, root)
+    served = float((predicted == splits.y_test).mean())
+    paired = evaluation["paired"]
+    transfer = gates_mod.PairedComparison.from_counts(evaluation["test_examples"], paired["transfer_only"],
+                                                      paired["scratch_only"], gates.confidence)
+    champion_version, champion_predicted, incomparable = champion_predictions(params, splits, root)
+    against_champion = None
+    if incomparable:
+        regression = gates_mod.Gate("no_regression", gates_mod.FAILED, None, "", incomparable)
+    elif champion_version is None:
+        regression = gates_mod.regression_gate(None, gates)
+    else:
+        against_champion = gates_mod.PairedComparison.of(predicted == splits.y_test, champion_predicted == splits.y_test,
+                                                         gates.confidence)
+        regression = gates_mod.regression_gate(against_champion, gates)
+    serving, provider, extra = gates_mod.serving_gates(root / Layout.onnx_model, splits.x_test, splits.y_test, gates, params.serving)
+    report = gates_mod.GateReport(
+        gates=[*gates_mod.quality_gates(evaluation, gates), gates_mod.transfer_gate(transfer, gates), regression,
+               *gates_mod.parity_gates(read_json(root / Layout.export_metrics)),
+               gates_mod.skew_gate(served, evaluation["transfer"]["accuracy"], gates), *serving],
+        provider=provider, champion_version=champion_version,
+        extra={**extra, "served_accuracy": served,
+               "champion_accuracy": None if champion_predicted is None else float((champion_predicted == splits.y_test).mean()),
+               "transfer_vs_scratch": asdict(transfer),
+               "candidate_vs_champion": asdict(against_champion) if against_champion else None},
+    )
+    write_json(root / Layout.gate_report, report.to_dict())
+    with atomic_path(root / Layout.gate_markdown) as tmp:
+        tmp.write_text(report.markdown() + "\n")
+    return report

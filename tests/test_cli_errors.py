@@ -1,0 +1,71 @@
+"""A user's mistake on the command line: a named error in one to three lines with the fix, exit status 2 (3 for
+a rejected candidate), no traceback on the terminal, the full trace in a log file the message names."""
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import copy_workspace, tiny_params
+
+
+def _graft(root: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**(env or os.environ), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run([sys.executable, "-m", "graft", *args], cwd=root, env=env, capture_output=True, text=True)
+
+
+def _refusal(done: subprocess.CompletedProcess, status: int) -> str:
+    """The error lines graft printed itself; its log file exists and holds the trace."""
+    assert done.returncode == status, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "Traceback" not in done.stdout + done.stderr
+    message = done.stderr[done.stderr.rindex("graft: "):]
+    assert len(message.strip().splitlines()) <= 3, message
+    log = Path(re.search(r"\(full trace: (.+)\)", message).group(1))
+    assert log.is_absolute() and "Traceback" in log.read_text()
+    return message
+
+
+@pytest.fixture
+def project(tmp_path):
+    """A project folder without data: what a clone is before `graft fetch-data`."""
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
+    return tmp_path
+
+
+def test_bad_params_are_refused_in_under_two_seconds_before_any_server_starts(project):
+    (project / "params.yaml").write_text(yaml.safe_dump(tiny_params(**{"finetune.strategy": "everything"})))
+    started = time.monotonic()
+    done = _graft(project, "run")
+    seconds = time.monotonic() - started
+    message = _refusal(done, 2)
+    assert "finetune.strategy" in message and "'scratch', 'linear_probe', 'finetune' or 'lp_ft'" in message
+    assert seconds < 2, f"{seconds:.1f}s to the error"
+
+
+def test_missing_data_names_the_folder_and_graft_fetch_data(project):
+    message = _refusal(_graft(project, "run"), 2)
+    assert "no data at data/raw/animal-mnist (data.target.path)" in message and "graft fetch-data" in message
+
+
+def test_unknown_stage_lists_the_stages(project):
+    message = _refusal(_graft(project, "stage", "bogus"), 2)
+    assert "unknown stage 'bogus'; stages: resolve_sources, prepare_source" in message
+
+
+def test_an_empty_class_folder_fails_the_run_with_the_reason(workspace_factory, prefect_server):
+    root = workspace_factory("empty-class")
+    (root / "data/raw/animal-mnist/unicorn").mkdir()
+    message = _refusal(_graft(root, "run", env=prefect_server), 2)
+    assert "stage prepare_target:" in message and "empty class folder(s): unicorn" in message
+
+
+def test_a_rejected_candidate_exits_3_with_the_failed_gate(candidate_template, prefect_server, tmp_path):
+    root = copy_workspace(candidate_template[0], tmp_path / "ws")
+    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(**{"gates.min_accuracy": 0.99}), sort_keys=False))
+    done = _graft(root, "run", env=prefect_server)
+    message = _refusal(done, 3)
+    assert message.startswith("graft: rejected: candidate rejected by 1 gate(s): quality.accuracy")

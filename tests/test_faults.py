@@ -1,0 +1,162 @@
+"""Faults injected for real: SIGKILL part-way through each step of `graft run`, an MLflow server that stops
+while a candidate is being published. After each, the next run completes, reuses every finished stage, and
+nothing half-written is read back, registered or served."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import yaml
+from mlflow import MlflowClient
+from mlflow.artifacts import download_artifacts
+
+from deploy.model import load_model
+from tests.conftest import (
+    copy_workspace,
+    free_port,
+    start_mlflow_server,
+    stop_process_group,
+    tiny_params,
+    wait_healthy,
+)
+
+MODEL = "graft-classifier"
+
+
+class GraftRun:
+    """`graft run` in its own process group, its output collected as it comes."""
+
+    def __init__(self, root: Path, env: dict) -> None:
+        self.root, self.output, self.started = root, "", time.time()
+        self.process = subprocess.Popen([sys.executable, "-m", "graft", "run"], cwd=root, env=env, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        for chunk in iter(lambda: self.process.stdout.read(256), ""):
+            self.output += chunk
+
+    def kill_when(self, condition: Callable[[], bool], what: str, seconds: float = 600) -> None:
+        deadline = time.monotonic() + seconds
+        while not condition():
+            assert self.process.poll() is None, f"the run ended before {what}:\n{self.output[-3000:]}"
+            assert time.monotonic() < deadline, f"no {what} within {seconds}s"
+            time.sleep(0.02)
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=30)
+        self.reader.join(timeout=10)
+
+    def finish(self) -> str:
+        self.process.wait(timeout=900)
+        self.reader.join(timeout=10)
+        assert self.process.returncode == 0, self.output[-4000:]
+        return self.output
+
+
+def _stage_process_running(name: str) -> Callable[[], bool]:
+    """True while `graft stage NAME` runs (DVC starts it through a shell)."""
+    def running() -> bool:
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                if f"stage\0{name}\0" in cmdline.read_text():
+                    return True
+            except OSError:
+                continue
+        return False
+    return running
+
+
+def _written_since(path: Path, since: float) -> bool:
+    return path.exists() and path.stat().st_mtime >= since
+
+
+def _registry_is_whole(uri: str, tmp: Path) -> list[str]:
+    """Every version's files are there and load as the server loads them; no candidate is registered twice."""
+    client = MlflowClient(tracking_uri=uri)
+    versions = client.search_model_versions(f"name = '{MODEL}'")
+    for version in versions:
+        folder = download_artifacts(artifact_uri=client.get_model_version_download_uri(MODEL, version.version),
+                                    dst_path=str(tmp / f"v{version.version}"), tracking_uri=uri)
+        load_model(Path(folder) / "model.onnx", providers=["cpu"])
+    keys = [v.tags.get("graft.candidate") for v in versions]
+    assert all(keys) and len(set(keys)) == len(keys), f"a version without its candidate tag, or one candidate twice: {keys}"
+    return sorted(str(v.version) for v in versions)
+
+
+def test_sigkill_at_every_step_then_the_next_run_finishes_what_is_left(workspace_factory, candidate_template, prefect_server,
+                                                                       tmp_path):
+    """One project, killed during prepare, pretraining (after its first resume point), fine-tuning, export,
+    judging and publishing in turn; each restart reuses what the killed runs finished. The end result equals
+    the uninterrupted run of the same params (candidate_template) to the last digit."""
+    params = tiny_params(**{"pretrain.checkpoint_every_steps": 5})
+    root = workspace_factory("killed", params)
+    env = {**prefect_server, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    resume_point = root / ".graft/resume/pretrain-fashion-mnist.pt"
+    kills = [
+        ("prepare_target", _stage_process_running("prepare_target")),
+        ("pretraining, after its first resume point", resume_point.exists),
+        ("fine-tuning", lambda: "finetune:" in run.output),
+        ("export", lambda: "[torch.onnx]" in run.output),
+        ("judging", lambda: "stage export ran" in run.output or "stage export was up to date" in run.output),
+        ("publishing", lambda: _written_since(root / "reports/gates.json", run.started)),
+    ]
+    outputs = []
+    for what, condition in kills:
+        run = GraftRun(root, env)
+        run.kill_when(condition, what)
+        outputs.append(run.output)
+        if (root / "mlflow.db").exists():
+            _registry_is_whole(f"sqlite:///{root / 'mlflow.db'}", tmp_path / what.split()[0])
+    final = GraftRun(root, env).finish()
+
+    assert re.search(r"pretrain fashion-mnist: resuming from step \d+ of \d+", "".join(outputs[2:])), "resumed, not restarted"
+    assert "stage prepare_target was up to date" in final and "stage finetune was up to date" in final, "finished stages reused"
+    assert not resume_point.exists(), "the resume point is removed once pretraining's outputs are written"
+    template, _ = candidate_template
+    for metrics in ("metrics/pretrain-fashion-mnist.json", "metrics/evaluate.json"):
+        assert json.loads((root / metrics).read_text()) == json.loads((template / metrics).read_text()), metrics
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    assert _registry_is_whole(f"sqlite:///{root / 'mlflow.db'}", tmp_path / "end") == ["1"], "one candidate, one version"
+    assert client.get_model_version_by_alias(MODEL, "champion").version in ("1", 1)
+    done = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=root, capture_output=True, text=True, check=True)
+    assert json.loads(done.stdout) == {"resolve_sources": ["always changed"]}
+
+
+def test_mlflow_server_stops_during_publishing_and_comes_back(candidate_template, prefect_server, tmp_path):
+    """The registry goes away while the candidate is being published: the run retries until it is back and
+    finishes with exactly one complete version."""
+    root = copy_workspace(candidate_template[0], tmp_path / "ws")
+    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(**{"schedule.retries": 5, "schedule.retry_delay_seconds": 2}),
+                                                     sort_keys=False))
+    port = free_port()
+    server, url = start_mlflow_server(tmp_path / "mlflow", port)
+    env = {**prefect_server, "MLFLOW_TRACKING_URI": url, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    run = GraftRun(root, env)
+    try:
+        deadline = time.monotonic() + 300
+        while not (root / "reports/gates.json").exists():  # judged: publishing starts now
+            assert run.process.poll() is None and time.monotonic() < deadline, run.output[-3000:]
+            time.sleep(0.02)
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=30)
+        time.sleep(3)
+        server, _ = start_mlflow_server(tmp_path / "mlflow", port, wait=False)
+        assert wait_healthy(f"{url}/health", 120)
+        output = run.finish()
+        client = MlflowClient(tracking_uri=url)
+        assert _registry_is_whole(url, tmp_path / "end") == ["1"], output[-3000:]
+        registration = json.loads((root / "outputs/registration.json").read_text())
+        assert registration["version"] == "1" and registration["tracking_uri"] == url
+        assert np.isfinite(float(client.get_model_version(MODEL, "1").tags["metric.test.accuracy"]))
+    finally:
+        stop_process_group(server)
