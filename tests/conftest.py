@@ -195,8 +195,13 @@ def wait_healthy(url: str, seconds: float) -> bool:
 
 
 def stop_process_group(process: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL for a group still busy after 30 s (a worker waiting on its flow run's process)."""
     os.killpg(process.pid, signal.SIGTERM)
-    process.wait(timeout=30)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
 
 
 @pytest.fixture(scope="session")
