@@ -77,6 +77,11 @@ def architectures() -> list[str]:
     return sorted([EFFICIENTNET_LITE0, *torchvision.models.list_models(module=torchvision.models)])
 
 
+def is_architecture(name: str) -> bool:
+    """Listing torchvision's models imports every model module (3.6 s here): the package's own is known at once."""
+    return name == EFFICIENTNET_LITE0 or name in architectures()
+
+
 def imagenet_network(architecture: str) -> nn.Module:
     """The architecture with its 1000-class ImageNet head, randomly initialised (weights are loaded later)."""
     if architecture == EFFICIENTNET_LITE0:

@@ -36,6 +36,7 @@ from components.model import (
     architectures,
     head_path,
     imagenet_network,
+    is_architecture,
     load_checkpoint,
     split_head,
 )
@@ -157,7 +158,7 @@ def named_weights_file(architecture: str, weights: str, key: str, download: bool
 
 def resolve_pretrained(name: str, candidate: PretrainedSource, download: bool = True) -> SourceIdentity:
     key = f"sources.pretrained.{name}"
-    if candidate.architecture not in architectures():
+    if not is_architecture(candidate.architecture):
         raise ParamsError(f"{key}.architecture: unknown architecture {candidate.architecture!r}; allowed: {', '.join(architectures())}")
     if candidate.weights_file:
         path = Path(candidate.weights_file)
