@@ -43,3 +43,8 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def sha256_json(payload: Any) -> str:
+    """A stable digest of plain data (keys sorted): the identity of a configuration."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

@@ -13,8 +13,6 @@ sha256), so the many fine-tunes of one source all point at the same source run.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,7 +25,7 @@ from mlflow import MlflowClient
 from mlflow.models import infer_signature
 
 from components import data as data_mod
-from components.artifacts import read_json, sha256_file, write_json
+from components.artifacts import read_json, sha256_file, sha256_json, write_json
 from components.config import Params, RegistryParams, load_params
 from components.errors import registry_call
 from components.evaluate import read_history
@@ -147,20 +145,16 @@ class RunRecord:
     example: np.ndarray  # a few preprocessed test inputs, float32 NCHW
 
 
-def _digest(payload: object) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
 def candidate_key(root: Path, params: Params) -> str:
     """The candidate's identity: its ONNX bytes, data version, source weights and the params that made it."""
     meta = read_json(root / Layout.transfer_model.with_suffix(".json"))
     made_by = {k: v for k, v in params.model_dump(mode="json").items() if k in CANDIDATE_PARAMS}
-    return _digest({"onnx": sha256_file(root / Layout.onnx_model), "data_version": meta["data_version"],
+    return sha256_json({"onnx": sha256_file(root / Layout.onnx_model), "data_version": meta["data_version"],
                     "source": meta.get("source", {}).get("sha256", ""), "params": made_by})
 
 
 def judged_key(params: Params) -> str:
-    return _digest({"gates": params.gates.model_dump(mode="json"), "serving": params.serving.model_dump(mode="json")})
+    return sha256_json({"gates": params.gates.model_dump(mode="json"), "serving": params.serving.model_dump(mode="json")})
 
 
 def find_candidate(client: MlflowClient, name: str, key: str) -> str | None:

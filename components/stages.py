@@ -6,7 +6,6 @@ are relative to the project folder (the one holding dvc.yaml and params.yaml).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from components import data as data_mod
-from components.artifacts import read_json, write_json
+from components.artifacts import read_json, sha256_json, write_json
 from components.config import Params, load_params
 from components.errors import GraftError
 from components.evaluate import (
@@ -145,7 +144,7 @@ def pretrain(params: Params, name: str) -> dict:
     training = {"pretrain": params.pretrain.model_dump(mode="json", exclude={"checkpoint_every_steps"}),
                 "source": candidate.model_dump(mode="json"), "data_version": splits.data_version, "steps": steps}
     resume = Resume(Layout.resume_point(f"pretrain-{name}"), params.pretrain.checkpoint_every_steps,
-                    hashlib.sha256(json.dumps(training, sort_keys=True).encode()).hexdigest())
+                    sha256_json(training))
     started = time.perf_counter()
     history = train(model, splits, params.pretrain, [Phase("pretrain", steps, 1.0)], params.pretrain.seed, desc=f"pretrain {name}",
                     resume=resume)
