@@ -16,6 +16,7 @@ import numpy as np
 
 from components.config import GateParams, ServingParams
 from components.data import Splits
+from components.errors import CandidateRejected
 from components.evaluate import score
 from deploy.model import (
     InputError,
@@ -70,6 +71,11 @@ class GateReport:
             rows.append(f"| {g.name} | {g.verdict} | {value} | {g.bound} | {g.detail} |")
         rows += ["", f"Serving check ran on: {self.provider or 'n/a'}; champion compared: {self.champion_version or 'none'}"]
         return "\n".join(rows)
+
+    def enforce(self) -> None:
+        """A rejected candidate ends the run (exit status 3 on the command line) with every failed gate named."""
+        if not self.passed:
+            raise CandidateRejected(f"candidate rejected by {len(self.failures)} gate(s): {self.failure_text()}")
 
     def failure_text(self) -> str:
         return "; ".join(f"{g.name}: {g.detail or f'{g.value} vs {g.bound}'}" for g in self.failures)

@@ -11,7 +11,7 @@ from prefect.events import emit_event
 from prefect.states import Completed
 
 from components.config import Params, check_raw_data, load_params
-from components.errors import CandidateRejected, RegistryUnavailable
+from components.errors import RegistryUnavailable
 from components.gates import GateReport
 from components.judge import judge
 from components.pipeline import (
@@ -124,6 +124,5 @@ def retrain(root: str = ".", force: bool = False):
                                  description="Graft retrain summary")
         print("\n" + format_table(summary))
         announce(registration, report)
-        if not report.passed:
-            raise CandidateRejected(f"candidate rejected by {len(report.failures)} gate(s): {report.failure_text()}")
+        report.enforce()
     return summary

@@ -57,7 +57,6 @@ def _no_tracebacks_on_console_for_refusals() -> None:
 
 def _publish(args: argparse.Namespace) -> int:
     from components.config import load_params
-    from components.errors import CandidateRejected
     from components.judge import judge
     from components.pipeline import collect_summary, format_table
     from components.register import publish
@@ -66,8 +65,7 @@ def _publish(args: argparse.Namespace) -> int:
     report = judge(args.root, params)
     publish(args.root, params, report)
     print(format_table(collect_summary(args.root)))
-    if not report.passed:
-        raise CandidateRejected(f"candidate rejected by {len(report.failures)} gate(s): {report.failure_text()}")
+    report.enforce()
     return 0
 
 
