@@ -311,7 +311,12 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 def check_raw_data(root: str | Path, params: Params) -> None:
     """Every data folder the stages read exists, before any stage (or server) starts."""
     missing = [(key, path) for key, path in params.raw_data_paths().items() if not (Path(root) / path).exists()]
-    if missing:
-        names = ", ".join(f"{path} ({key})" for key, path in missing)
-        raise MissingData(f"no data at {names}. For the embedded default data run `graft fetch-data`; for your own, "
-                          f"point the key at a folder that exists")
+    if not missing:
+        return
+    names = ", ".join(f"{path} ({key})" for key, path in missing)
+    tracked = [f"{path}.dvc" for _, path in missing if (Path(root) / f"{path}.dvc").exists()]
+    if tracked:
+        raise MissingData(f"no data at {names}, which DVC tracks: restore it with `dvc checkout {' '.join(tracked)}` "
+                          f"(from DVC's cache) or `dvc pull {' '.join(tracked)}` (from the DVC remote)")
+    raise MissingData(f"no data at {names}. For the embedded default data run `graft fetch-data`; for your own, "
+                      f"point the key at a folder that exists")

@@ -75,13 +75,18 @@ def reproduce_stage(root: str | Path, name: str) -> StageOutcome:
     return StageOutcome(name=name, ran=f"Running stage '{name}'" in output, seconds=time.perf_counter() - started)
 
 
-def pending_stages(root: str | Path) -> list[str]:
-    """What `dvc repro` would do now: stages and tracked data whose inputs changed since the last run."""
+def dvc_status(root: str | Path) -> dict:
+    """`dvc status --json`: stages and tracked data whose inputs, outputs or cache changed since the last run."""
     done = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=Path(root).resolve(), env=_dvc_env(),
                           text=True, stdout=subprocess.PIPE)
     if done.returncode != 0:
         raise RuntimeError(f"dvc status failed in {root} (exit {done.returncode}); its message is above")
-    return sorted(name for name in json.loads(done.stdout or "{}") if name not in ALWAYS_RUN)
+    return json.loads(done.stdout or "{}")
+
+
+def pending_stages(status: dict) -> list[str]:
+    """What `dvc repro` would do now, from `dvc_status`'s answer."""
+    return sorted(name for name in status if name not in ALWAYS_RUN)
 
 
 class ProjectBusy(GraftError):

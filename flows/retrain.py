@@ -18,6 +18,7 @@ from components.pipeline import (
     ALWAYS_RUN,
     StageOutcome,
     collect_summary,
+    dvc_status,
     format_table,
     pending_stages,
     project_lock,
@@ -25,6 +26,7 @@ from components.pipeline import (
 )
 from components.register import publish, published_version
 from components.stages import stage_order
+from components.tracked_data import check_tracked_data
 
 
 def retry_when_unreachable(task, task_run, state) -> bool:
@@ -46,9 +48,15 @@ def check_params(root: str) -> Params:
 
 @task(task_run_name="check_inputs")
 def check_inputs(root: str, params: Params) -> list[str]:
-    """The data folders exist; what changed since the last successful run: data, params or code behind a stage."""
+    """The data folders exist and DVC's cache holds them intact (repairing it from the project's copy where it can);
+    what changed since the last successful run: data, params or code behind a stage."""
     check_raw_data(root, params)
-    return pending_stages(root)
+    status = dvc_status(root)
+    keys = {path: key for key, path in params.raw_data_paths().items()}
+    if repair := check_tracked_data(root, status, keys):
+        print(repair)
+        status = dvc_status(root)
+    return pending_stages(status)
 
 
 @task(task_run_name="{name}")

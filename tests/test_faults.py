@@ -13,10 +13,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
 
+from components.pipeline import dvc_status, pending_stages
+from components.tracked_data import DataLost, check_tracked_data, md5_of
 from deploy.model import load_model
 from tests.conftest import (
     copy_workspace,
@@ -160,3 +163,61 @@ def test_mlflow_server_stops_during_publishing_and_comes_back(candidate_template
         assert np.isfinite(float(client.get_model_version(MODEL, "1").tags["metric.test.accuracy"]))
     finally:
         stop_process_group(server)
+
+
+def _dvc(root: Path, *args: str) -> str:
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True, text=True,
+                          check=True).stdout
+
+
+def _corrupt_cache_copy(root: Path, image: Path) -> Path:
+    """Overwrite the DVC cache object holding `image`'s bytes (as a failing disk would); return its path."""
+    md5 = md5_of(image)
+    cache_object = root / ".dvc/cache/files/md5" / md5[:2] / md5[2:]
+    cache_object.chmod(0o644)
+    cache_object.write_bytes(b"\x00" * 64)
+    return cache_object
+
+
+def test_a_corrupted_dvc_cache_file_is_named_and_restored_from_the_remote(candidate_template, prefect_server, tmp_path):
+    """A target image's cache object is corrupted and the project's copy is gone: `graft run` refuses, naming the
+    file and `dvc pull` from the configured local-folder remote; that command brings back the very bytes."""
+    root = copy_workspace(candidate_template[0], tmp_path / "ws")
+    _dvc(root, "remote", "add", "-d", "backup", str(tmp_path / "remote"))
+    _dvc(root, "push", "-q", "data/raw/animal-mnist.dvc")
+    image = sorted((root / "data/raw/animal-mnist").rglob("*.png"))[0]
+    original = image.read_bytes()
+    _corrupt_cache_copy(root, image)
+    image.unlink()
+    env = {**prefect_server, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run([sys.executable, "-m", "graft", "run"], cwd=root, env=env, capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stdout + done.stderr, done.stderr[-3000:]
+    message = done.stderr[done.stderr.rindex("graft: "):]
+    shown = image.relative_to(root).as_posix()
+    assert f"data/raw/animal-mnist (data.target.path) are neither in the project nor intact in the DVC cache: {shown}" in message
+    assert "the DVC remote 'backup': `dvc pull data/raw/animal-mnist.dvc`" in message
+    assert not (root / "outputs").exists(), "nothing is judged or published from data that is not whole"
+
+    _dvc(root, "pull", "-q", "data/raw/animal-mnist.dvc")
+    assert image.read_bytes() == original
+    assert json.loads(_dvc(root, "status", "--json")) == {"resolve_sources": ["always changed"]}
+
+
+def test_a_corrupted_dvc_cache_file_with_an_intact_project_copy_is_repaired_from_it(candidate_template, tmp_path):
+    """The cache object is rewritten from the project's copy (checked against the pinned hash), after which DVC
+    finds everything up to date; with the copy gone too and no remote, the message says what to do instead."""
+    root = copy_workspace(candidate_template[0], tmp_path / "ws")
+    image = sorted((root / "data/raw/animal-mnist").rglob("*.png"))[-1]
+    cache_object = _corrupt_cache_copy(root, image)
+    status = dvc_status(root)
+    assert pending_stages(status) == ["data/raw/animal-mnist.dvc"], status
+    note = check_tracked_data(root, status)
+    assert note.startswith(f"repaired the DVC cache from the project's own copy: {image.relative_to(root).as_posix()}"), note
+    assert md5_of(cache_object) == md5_of(image)
+    assert pending_stages(dvc_status(root)) == []
+
+    _corrupt_cache_copy(root, image)
+    image.unlink()
+    with pytest.raises(DataLost, match=r"no DVC remote is configured .* `dvc pull data/raw/animal-mnist.dvc`"):
+        check_tracked_data(root, dvc_status(root))
