@@ -262,11 +262,15 @@ class Params(_Strict):
             raise ValueError(f"selection.use: {self.selection.use!r} is not a candidate; candidates: {', '.join(self.sources.names())}")
         return self
 
+    def raw_datasets(self) -> dict[str, DatasetParams]:
+        """Every data set the stages read, by the params key that names it."""
+        datasets = {"data.target": self.data.target}
+        datasets.update({f"sources.pipeline.{name}.data": source.data for name, source in self.sources.pipeline.items()})
+        return datasets
+
     def raw_data_paths(self) -> dict[str, str]:
         """Every data folder the stages read, by the params key that names it."""
-        paths = {"data.target.path": self.data.target.path}
-        paths.update({f"sources.pipeline.{name}.data.path": source.data.path for name, source in self.sources.pipeline.items()})
-        return paths
+        return {f"{key}.path": dataset.path for key, dataset in self.raw_datasets().items()}
 
     def chosen_in_report_mode(self) -> str:
         return self.selection.use or self.sources.names()[0]
@@ -309,9 +313,15 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 
 
 def check_raw_data(root: str | Path, params: Params) -> None:
-    """Every data folder the stages read exists, before any stage (or server) starts."""
+    """Every data folder the stages read exists, and a folder data set's class folders hold images, before any stage
+    (or server) starts. (DVC does not see an empty folder: a class added without images would change nothing.)"""
+    from components.data import class_folders
+
     missing = [(key, path) for key, path in params.raw_data_paths().items() if not (Path(root) / path).exists()]
     if not missing:
+        for dataset in params.raw_datasets().values():
+            if dataset.format == "folder":
+                class_folders(Path(root) / dataset.path)
         return
     names = ", ".join(f"{path} ({key})" for key, path in missing)
     tracked = [f"{path}.dvc" for _, path in missing if (Path(root) / f"{path}.dvc").exists()]

@@ -132,7 +132,8 @@ def _decode(path: Path, channels: int) -> np.ndarray:
         return np.asarray(convert_mode(image, COLOR_MODES[channels]))
 
 
-def read_folder(root: Path, channels: int, quarantine: Quarantine, fail_fast: bool) -> tuple[list[Sample], tuple[str, ...]]:
+def class_folders(root: Path) -> list[Path]:
+    """A folder data set's classes: at least two folders, none of them empty."""
     if not root.is_dir():
         raise DataError(f"{root}: no such folder; a folder data set needs <path>/<class name>/<image files>")
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -141,6 +142,11 @@ def read_folder(root: Path, channels: int, quarantine: Quarantine, fail_fast: bo
     empty = [d.name for d in class_dirs if not any(f.is_file() for f in d.iterdir())]
     if empty:
         raise DataError(f"{root}: empty class folder(s): {', '.join(empty)}; add images to them or remove them")
+    return class_dirs
+
+
+def read_folder(root: Path, channels: int, quarantine: Quarantine, fail_fast: bool) -> tuple[list[Sample], tuple[str, ...]]:
+    class_dirs = class_folders(root)
     samples: list[Sample] = []
     files = [(label, f) for label, d in enumerate(class_dirs) for f in sorted(d.iterdir()) if f.is_file()]
     for label, path in tqdm(files, desc=f"decode {root.name}", unit="img", leave=False, mininterval=1.0):

@@ -56,11 +56,15 @@ def test_unknown_stage_lists_the_stages(project):
     assert "unknown stage 'bogus'; stages: resolve_sources, prepare_source" in message
 
 
-def test_an_empty_class_folder_fails_the_run_with_the_reason(workspace_factory, prefect_server):
-    root = workspace_factory("empty-class")
+def test_an_empty_class_folder_is_refused_before_anything_runs(candidate_template, tmp_path):
+    """DVC does not see an empty folder, so in a project that has run, a class added without images would leave
+    every stage up to date: the run must refuse it, naming the folder, before any stage or server starts."""
+    root = copy_workspace(candidate_template[0], tmp_path / "ws")
     (root / "data/raw/animal-mnist/unicorn").mkdir()
-    message = _refusal(_graft(root, "run", env=prefect_server), 2)
-    assert "stage prepare_target:" in message and "empty class folder(s): unicorn" in message
+    started = time.monotonic()
+    message = _refusal(_graft(root, "run"), 2)
+    assert "data/raw/animal-mnist: empty class folder(s): unicorn; add images to them or remove them" in message
+    assert time.monotonic() - started < 2
 
 
 def test_a_rejected_candidate_exits_3_with_the_failed_gate(candidate_template, prefect_server, tmp_path):

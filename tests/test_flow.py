@@ -95,14 +95,17 @@ def test_flow_fails_on_bad_params_and_registers_nothing(prefect_api, workspace_f
 
 def test_bad_data_fails_once_with_the_reason_and_is_not_retried(prefect_api, workspace_factory):
     root = workspace_factory("bad-data", tiny_params(**{"schedule.retries": 2, "schedule.retry_delay_seconds": 0}))
-    (root / "data/raw/animal-mnist/unicorn").mkdir()
+    unicorns = root / "data/raw/animal-mnist/unicorn"  # a class whose only files are not images
+    unicorns.mkdir()
+    for name in ("a.png", "b.png"):
+        (unicorns / name).write_bytes(b"not a png")
     state = retrain(root=str(root), return_state=True)
     assert state.is_failed()
     runs = asyncio.run(_task_runs(state.state_details.flow_run_id))
     failed = [r for r in runs if r.state.is_failed()]
     assert [r.name for r in failed] == ["prepare_target"] and failed[0].run_count == 1, "bad data is not retried"
-    assert "empty class folder(s): unicorn" in failed[0].state.message
-    with pytest.raises(StageRefused, match="stage prepare_target: .*empty class folder"):
+    assert "fewer than 3 usable images: unicorn (0)" in failed[0].state.message
+    with pytest.raises(StageRefused, match="stage prepare_target: .*fewer than 3 usable images"):
         state.result()
 
 
