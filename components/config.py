@@ -203,12 +203,12 @@ class PromotionParams(_Strict):
     auto_promote: bool = False  # the first model that passes every gate is always promoted
 
 
-ProviderName = Literal["tensorrt", "cuda", "cpu"]
+ProviderName = Literal["auto", "tensorrt", "cuda", "cpu"]
 
 
 class ServingParams(_Strict):
     alias: str = "champion"
-    providers: list[ProviderName] = Field(default=["tensorrt", "cuda", "cpu"], min_length=1)
+    providers: list[ProviderName] = Field(default=["auto"], min_length=1)
     strict: bool = False  # refuse to serve on CPU when a GPU provider was asked for
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)

@@ -256,5 +256,5 @@ def serving_gates(onnx_path: Path, x_test: np.ndarray, y_test: np.ndarray, gates
         _at_most("serving.model_mb", size_mb, gates.max_model_mb, "model file over the size budget"),
     ]
     extra = {"serving_accuracy_on_large_batch": accuracy, "requested_providers": list(model.requested_providers),
-             "active_providers": list(model.active_providers)}
+             "active_providers": list(model.active_providers), "provider_note": model.provider_note}
     return result, model.provider, extra

@@ -2,17 +2,22 @@
 
 This module must not import torch or anything in components/: the serving image stays small and starts fast.
 
-Providers are chosen deliberately, in the order TensorRT (FP16, engine cache on disk), CUDA, CPU, and the
-provider that really runs is read back from the session: ONNX Runtime falls back to CPU silently when the
-GPU libraries are missing, so `strict` refuses to serve on CPU when a GPU provider was asked for.
+Providers are chosen deliberately, in the order TensorRT (FP16, engine cache on disk), CUDA, CPU. A GPU provider
+is asked for only when it can load here (its library and the CUDA libraries it needs open, and a GPU is present):
+ONNX Runtime would otherwise print a screen of red library errors and fall back to CPU. `auto` means every
+provider that can load, fastest first. What runs, and why, is said in one line (`LoadedModel.provider_note`), and
+the provider that really runs is read back from the session; `strict` refuses to serve on CPU when a GPU provider
+was asked for.
 """
 from __future__ import annotations
 
+import ctypes
 import io
 import json
 import os
 import time
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +31,7 @@ PROVIDER_NAMES = {
     "cuda": "CUDAExecutionProvider",
     "cpu": "CPUExecutionProvider",
 }
+AUTO = "auto"  # every provider that can load here, fastest first
 GPU_PROVIDERS = {"TensorrtExecutionProvider", "CUDAExecutionProvider"}
 
 
@@ -45,19 +51,81 @@ class PayloadTooLarge(InputError):
     pass
 
 
+def _gpu_present() -> str | None:
+    """None when the CUDA driver finds a GPU; otherwise why not."""
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return "no CUDA driver (libcuda.so.1)"
+    count = ctypes.c_int(0)
+    if driver.cuInit(0) != 0 or driver.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value == 0:
+        return "the CUDA driver finds no GPU"
+    return None
+
+
+@cache
+def gpu_provider_blockers() -> dict[str, str]:
+    """Why each GPU provider of this ONNX Runtime build cannot load in this process (absent: it can).
+
+    ONNX Runtime opens a provider's library only when a session asks for it; opening it here first, the same way,
+    tells whether the CUDA / cuDNN / TensorRT libraries it needs are on the loader's path."""
+    blockers = {}
+    built = set(ort.get_available_providers())
+    no_gpu = _gpu_present()
+    capi = Path(ort.__file__).parent / "capi"
+    try:  # every provider library needs this one's symbols, loaded globally as ONNX Runtime does
+        ctypes.CDLL(str(capi / "libonnxruntime_providers_shared.so"), mode=os.RTLD_GLOBAL)
+    except OSError as error:
+        no_gpu = no_gpu or str(error)
+    for name in ("tensorrt", "cuda"):
+        if PROVIDER_NAMES[name] not in built:
+            blockers[name] = "not in this ONNX Runtime build (install onnxruntime-gpu)"
+            continue
+        try:
+            ctypes.CDLL(str(capi / f"libonnxruntime_providers_{name}.so"), mode=os.RTLD_LAZY)
+        except OSError as error:
+            blockers[name] = str(error).split(":")[0] + " is missing"
+            continue
+        if no_gpu:
+            blockers[name] = no_gpu
+    return blockers
+
+
 @dataclass(frozen=True)
 class ProviderPlan:
-    requested: tuple[str, ...]
-    providers: list  # names or (name, options) pairs, in ONNX Runtime's format
+    requested: tuple[str, ...]  # what was asked for, `auto` expanded, as ONNX Runtime names
+    providers: list  # those that can load here: names or (name, options) pairs, in ONNX Runtime's format
+    skipped: dict[str, str]  # a requested provider that cannot load here -> why
+
+    @property
+    def runnable(self) -> list[str]:
+        return [p[0] if isinstance(p, tuple) else p for p in self.providers]
+
+    def why(self) -> str:
+        return "; ".join(f"{name}: {reason}" for name, reason in self.skipped.items())
+
+    def note(self, active: tuple[str, ...]) -> str:
+        """What runs, and why, in one line."""
+        dropped = [p for p in self.runnable if p not in active]
+        reasons = [self.why()] if self.skipped else []
+        reasons += [f"{name} failed to initialise" for name in dropped]
+        return f"ONNX Runtime runs on {active[0]}" + (f" ({'; '.join(reasons)})" if reasons else "")
 
 
 def plan_providers(preference: list[str], cache_dir: Path) -> ProviderPlan:
-    """Map `tensorrt,cuda,cpu` to ONNX Runtime providers with their options; unknown names are an error."""
-    unknown = [p for p in preference if p not in PROVIDER_NAMES]
+    """Map `auto` or `tensorrt,cuda,cpu` to the ONNX Runtime providers that can load here, with their options;
+    unknown names are an error."""
+    unknown = [p for p in preference if p not in PROVIDER_NAMES and p != AUTO]
     if unknown or not preference:
-        raise ModelLoadError(f"unknown execution provider(s) {unknown or preference}; allowed: {', '.join(PROVIDER_NAMES)}")
+        raise ModelLoadError(f"unknown execution provider(s) {unknown or preference}; allowed: "
+                             f"{', '.join([AUTO, *PROVIDER_NAMES])}")
+    names = [n for p in preference for n in (PROVIDER_NAMES if p == AUTO else [p])]
+    names = list(dict.fromkeys(names))  # `auto` beside explicit names: each once, first mention wins
+    blockers = gpu_provider_blockers()
     providers: list = []
-    for name in preference:
+    for name in names:
+        if name in blockers:
+            continue
         if name == "tensorrt":
             providers.append((PROVIDER_NAMES[name], {
                 "trt_fp16_enable": True,
@@ -69,7 +137,8 @@ def plan_providers(preference: list[str], cache_dir: Path) -> ProviderPlan:
             providers.append((PROVIDER_NAMES[name], {"cudnn_conv_algo_search": "HEURISTIC", "do_copy_in_default_stream": True}))
         else:
             providers.append(PROVIDER_NAMES[name])
-    return ProviderPlan(tuple(PROVIDER_NAMES[p] for p in preference), providers)
+    return ProviderPlan(tuple(PROVIDER_NAMES[n] for n in names), providers,
+                        {n: blockers[n] for n in names if n in blockers})
 
 
 @dataclass
@@ -80,6 +149,7 @@ class LoadedModel:
     metadata: dict[str, str]
     requested_providers: tuple[str, ...]
     active_providers: tuple[str, ...]
+    provider_note: str  # what runs, and why, in one line
     path: Path
     size_bytes: int
     load_seconds: float
@@ -105,36 +175,36 @@ def load_model(path: str | Path, providers: list[str] | None = None, strict: boo
         raise ModelLoadError(f"{path}: no such ONNX file")
     started = time.perf_counter()
     cache = Path(cache_dir or os.environ.get("GRAFT_ENGINE_CACHE", Path.home() / ".cache" / "graft"))
-    plan = plan_providers(providers or ["tensorrt", "cuda", "cpu"], cache)
-    if any(isinstance(p, tuple) and p[0] == "TensorrtExecutionProvider" for p in plan.providers):
+    plan = plan_providers(providers or [AUTO], cache)
+    asked_gpu = any(p in GPU_PROVIDERS for p in plan.requested)
+    if strict and asked_gpu and not any(p in GPU_PROVIDERS for p in plan.runnable):
+        raise ProviderError(f"asked for {list(plan.requested)} in strict mode, but no GPU provider can load here "
+                            f"({plan.why()}). Fix the GPU set-up, or allow CPU serving (strict off).")
+    if not plan.providers:
+        raise ModelLoadError(f"none of {list(plan.requested)} can load here ({plan.why()}); add cpu to the providers")
+    if "TensorrtExecutionProvider" in plan.runnable:
         (cache / "tensorrt").mkdir(parents=True, exist_ok=True)
     options = ort.SessionOptions()
-    options.log_severity_level = 3  # the fallback is reported below, by name, not as a C++ stack dump
+    options.log_severity_level = 3  # a provider that fails at session creation is reported below, by name
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         options.intra_op_num_threads = threads
-    available = set(ort.get_available_providers())
-    usable = [p for p in plan.providers if (p[0] if isinstance(p, tuple) else p) in available]
-    if not usable:
-        raise ModelLoadError(f"none of {list(plan.requested)} is available in this ONNX Runtime build ({sorted(available)})")
     try:
-        session = ort.InferenceSession(str(path), options, providers=usable)
+        session = ort.InferenceSession(str(path), options, providers=plan.providers)
     except Exception as error:  # onnxruntime raises its own untyped errors for bad files
         raise ModelLoadError(f"{path}: ONNX Runtime cannot load it: {error}") from None
     active = tuple(session.get_providers())
-    asked_gpu = any(p in GPU_PROVIDERS for p in plan.requested)
     if strict and asked_gpu and not any(p in GPU_PROVIDERS for p in active):
         raise ProviderError(
             f"asked for {list(plan.requested)} but ONNX Runtime runs this model on {list(active)}: the GPU provider "
-            "failed to initialise (missing CUDA/cuDNN/TensorRT libraries or no GPU). Fix the GPU set-up, or allow CPU "
-            "serving (strict off, or providers=cpu)."
+            "failed to initialise. Fix the GPU set-up, or allow CPU serving (strict off)."
         )
     metadata = dict(session.get_modelmeta().custom_metadata_map)
     contract = read_contract(metadata)
     return LoadedModel(
         session=session, contract=contract, classes=tuple(json.loads(metadata[CLASSES_KEY])), metadata=metadata,
-        requested_providers=plan.requested, active_providers=active, path=path, size_bytes=path.stat().st_size,
-        load_seconds=time.perf_counter() - started,
+        requested_providers=plan.requested, active_providers=active, provider_note=plan.note(active), path=path,
+        size_bytes=path.stat().st_size, load_seconds=time.perf_counter() - started,
     )
 
 

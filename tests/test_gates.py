@@ -1,4 +1,6 @@
 """Each gate's arithmetic and report, and the serving check on a real exported model."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -22,7 +24,13 @@ from components.gates import (
 )
 from components.model import build
 from deploy.contract import Contract
-from deploy.model import ProviderError, load_model
+from deploy.model import (
+    PROVIDER_NAMES,
+    ProviderError,
+    gpu_provider_blockers,
+    load_model,
+    plan_providers,
+)
 from tests.conftest import tiny_spec
 
 EVALUATION = {"transfer": {"accuracy": 0.80, "macro_f1": 0.78}, "scratch": {"accuracy": 0.83, "macro_f1": 0.82}}
@@ -124,10 +132,26 @@ def test_serving_check_in_strict_mode_refuses_cpu(onnx_file):
     x = np.zeros((4, 1, 28, 28), np.uint8)
     gates, provider, _ = serving_gates(onnx_file, x, np.zeros(4, int), GateParams(large_batch=4), ServingParams(strict=True))
     assert [(g.name, g.verdict) for g in gates] == [("serving.load", FAILED)] and provider == ""
-    assert "runs this model on ['CPUExecutionProvider']" in gates[0].detail
-    with pytest.raises(ProviderError):
+    assert "in strict mode, but no GPU provider can load here (tensorrt: " in gates[0].detail
+    with pytest.raises(ProviderError, match=r"no GPU provider can load here \(cuda: \S+ is missing\)"):
         load_model(onnx_file, providers=["cuda", "cpu"], strict=True)
     assert load_model(onnx_file, providers=["cpu"], strict=True).provider == "CPUExecutionProvider"
+
+
+def test_auto_asks_only_for_providers_that_load_here_quietly_and_says_why(onnx_file, capfd):
+    """On a machine without the GPU libraries ONNX Runtime printed a screen of red errors for every session that
+    asked for TensorRT or CUDA; now a provider that cannot load is not asked for, and one line says why."""
+    blockers = gpu_provider_blockers()
+    plan = plan_providers(["auto"], Path("/tmp"))
+    assert plan.requested == ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+    assert plan.runnable == [PROVIDER_NAMES[n] for n in ("tensorrt", "cuda", "cpu") if n not in blockers]
+    capfd.readouterr()
+    model = load_model(onnx_file, providers=["auto"])
+    printed = capfd.readouterr()
+    assert "onnxruntime" not in printed.out + printed.err and "EP Error" not in printed.out + printed.err, printed
+    assert model.provider_note.startswith(f"ONNX Runtime runs on {model.provider}")
+    for name, reason in blockers.items():  # on this CPU machine: the library each GPU provider misses
+        assert f"{name}: {reason}" in model.provider_note
 
 
 def test_skew_gate_compares_the_served_path_with_evaluate():
