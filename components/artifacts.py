@@ -37,14 +37,6 @@ def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def sha256_json(payload: Any) -> str:
     """A stable digest of plain data (keys sorted): the identity of a configuration."""
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

@@ -13,6 +13,7 @@ sha256), so the many fine-tunes of one source all point at the same source run.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from mlflow import MlflowClient
 from mlflow.models import infer_signature
 
 from components import data as data_mod
-from components.artifacts import read_json, sha256_file, sha256_json, write_json
+from components.artifacts import read_json, sha256_json, write_json
 from components.config import Params, RegistryParams, load_params
 from components.errors import registry_call
 from components.evaluate import read_history
@@ -35,6 +36,8 @@ from components.model import ModelSpec
 from components.selection import SCORES
 from components.sources import SourceIdentity
 from components.stages import Layout
+from deploy.digest import sha256_file
+from deploy.source import ONNX_SHA_TAG
 
 SOURCE_SHA_TAG = "graft.source.sha256"
 CANDIDATE_TAG = "graft.candidate"      # what the candidate is: candidate_key
@@ -189,8 +192,10 @@ def register(record: RunRecord, source_run_id: str, key: str) -> Registration:
             save_as_external_data=False,  # one self-contained model.onnx: what the server downloads and loads
         )
         # Registered only now that every file is stored, with every tag in the same call.
+        # The bytes MLflow stored (it serialises the proto, external data off): what a server must find again.
+        stored_sha = hashlib.sha256(proto.SerializeToString()).hexdigest()
         tags = {**record.tags, **{f"metric.{k}": f"{v:.6g}" for k, v in record.metrics.items()},
-                "graft.run_id": run.info.run_id, CANDIDATE_TAG: key, **lineage}
+                "graft.run_id": run.info.run_id, CANDIDATE_TAG: key, ONNX_SHA_TAG: stored_sha, **lineage}
         version = mlflow.register_model(info.model_uri, registry.model_name, tags={k: str(v) for k, v in tags.items()})
         return Registration(
             run_id=run.info.run_id,

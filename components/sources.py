@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from components.artifacts import atomic_path, sha256_file
+from components.artifacts import atomic_path
 from components.config import Params, ParamsError, PipelineSource, PretrainedSource
 from components.errors import GraftError
 from components.model import (
@@ -41,6 +41,7 @@ from components.model import (
     split_head,
 )
 from deploy.contract import COLOR_MODES, Contract
+from deploy.digest import sha256_file
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # EfficientNet-Lite was trained in TensorFlow on (pixel - 127) / 128 (its efficientnet_lite_builder.py)

@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hmac
+import ipaddress
 import logging
 import math
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import orjson
@@ -32,6 +36,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from starlette.formparsers import MultiPartException, MultiPartParser
 
 from deploy.batching import BatcherClosed, DynamicBatcher
 from deploy.model import (
@@ -44,17 +49,18 @@ from deploy.model import (
     softmax,
 )
 from deploy.page import render_page
-from deploy.source import FileSource, RegistrySource, SourceError
+from deploy.source import FileSource, IntegrityError, RegistrySource, SourceError
 
 log = logging.getLogger("graft.serve")
+T = TypeVar("T")
 disable_created_metrics()  # the *_created series double /metrics for no use here
-MAX_INFER_ROWS = 4096
+TOKEN_VARIABLE = "GRAFT_API_TOKEN"  # the API token comes from the environment (or a secret), never from a file in git
 
 
 @dataclass(frozen=True)
 class ServerSettings:
     model_name: str = "graft-classifier"
-    providers: tuple[str, ...] = ("tensorrt", "cuda", "cpu")
+    providers: tuple[str, ...] = ("auto",)
     strict: bool = False
     max_batch_size: int = 32
     max_queue_delay_ms: float = 0.0
@@ -63,6 +69,8 @@ class ServerSettings:
     threads: int = 0
     cache_dir: str = str(Path.home() / ".cache" / "graft")
     warmup_rounds: int = 3
+    decode_workers: int = 2  # threads that parse bodies and decode images, off the event loop
+    token: str = field(default="", repr=False)  # when set, every endpoint but /v2/health/* needs "Bearer <token>"
 
 
 @dataclass
@@ -93,6 +101,8 @@ class Metrics:
         self.model_info = Gauge("graft_model_info", "the served model version and the provider running it",
                                 ["model", "version", "provider"], registry=r)
         self.reloads = Counter("graft_model_reloads_total", "alias moves followed", ["outcome"], registry=r)
+        self.refused = Counter("graft_model_refused_total", "versions refused: their file is not the registered one",
+                               ["model", "version"], registry=r)
 
     def on_batch(self, rows: int, seconds: float) -> None:
         self.batch_size.observe(rows)
@@ -111,6 +121,12 @@ class ModelServer:
         self.ready = False
         self._reloader: asyncio.Task | None = None
         self._swap_lock = asyncio.Lock()
+        self._refused: set[str] = set()  # versions whose file failed its hash check: not tried again
+        # Decoding a large image or parsing a large JSON tensor takes milliseconds to seconds: done on the event
+        # loop it would stall every other request, health checks included. A small pool does it; the semaphore
+        # keeps the pool's queue short, so a burst of uploads waits as cheap coroutines, not as queued work.
+        self._decoders = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="graft-decode")
+        self._decode_slots = asyncio.Semaphore(settings.decode_workers * 2)
 
     # ------------------------------------------------------------ loading and reloading
 
@@ -133,18 +149,33 @@ class ModelServer:
             old, self.served = self.served, Served(version, model, batcher, tags)  # the one atomic step
             self.metrics.model_info.clear()
             self.metrics.model_info.labels(self.settings.model_name, version, model.provider).set(1)
-            log.info("serving %s v%s on %s (asked for %s)", self.settings.model_name, version, model.provider,
-                     ", ".join(model.requested_providers))
+            log.info("serving %s v%s: %s", self.settings.model_name, version, model.provider_note)
             if old is not None:
                 await old.batcher.stop()  # finishes what the old version already accepted
+
+    def _refuse(self, version: str, error: IntegrityError) -> None:
+        self._refused.add(version)
+        self.metrics.refused.labels(self.settings.model_name, version).inc()
+        log.error("refused v%s, still serving %s: %s", version,
+                  f"v{self.served.version}" if self.served else "nothing", error)
+
+    async def _switch_if_new(self) -> bool:
+        """Load the alias's version unless it is served already or was refused; True when it switched."""
+        version = await asyncio.to_thread(self.source.current_version)
+        if version in self._refused or (self.served is not None and version == self.served.version):
+            return False
+        try:
+            await self.switch_to(version)
+        except IntegrityError as error:
+            self._refuse(version, error)
+            return False
+        return True
 
     async def _follow_alias(self) -> None:
         while True:
             await asyncio.sleep(self.settings.poll_seconds)
             try:
-                version = await asyncio.to_thread(self.source.current_version)
-                if self.served is None or version != self.served.version:
-                    await self.switch_to(version)
+                if await self._switch_if_new():
                     self.metrics.reloads.labels("switched").inc()
             except (SourceError, ModelLoadError, OSError) as error:
                 self.metrics.reloads.labels("failed").inc()
@@ -154,8 +185,7 @@ class ModelServer:
                 log.exception("unexpected reload error: %s", error)
 
     async def load_current(self) -> None:
-        await self.switch_to(await asyncio.to_thread(self.source.current_version))
-        self.ready = True
+        self.ready = await self._switch_if_new() or self.served is not None
 
     async def _run(self) -> None:
         """Live at once, ready once a version is loaded and warm (waiting for the alias if it does not exist
@@ -165,6 +195,7 @@ class ModelServer:
                 await self.load_current()
             except Exception as error:  # whatever it was, stay live and try again: readiness tells the rest
                 log.warning("not ready: %s; retrying in %.1fs", error, self.settings.poll_seconds)
+            if not self.ready:
                 await asyncio.sleep(self.settings.poll_seconds)
         if isinstance(self.source, RegistrySource):
             await self._follow_alias()
@@ -177,15 +208,22 @@ class ModelServer:
             self._reloader.cancel()
         if self.served:
             await self.served.batcher.stop()
+        self._decoders.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------ answering
 
+    async def off_loop(self, work: Callable[[], T]) -> T:
+        """Run CPU-bound request work (parsing, decoding) in the decode pool."""
+        async with self._decode_slots:
+            return await asyncio.get_running_loop().run_in_executor(self._decoders, work)
+
     async def infer(self, prepare: Callable[[Served], np.ndarray]) -> tuple[np.ndarray, Served]:
-        """Prepare the request for the version served now and run it there; if that version is swapped out
-        before the request is queued, prepare it again for the new one. Never two versions in one answer."""
+        """Prepare the request for the version served now (off the event loop) and run it there; if that version
+        is swapped out before the request is queued, prepare it again for the new one. Never two versions in one
+        answer."""
         while True:
             served = self.served
-            rows = prepare(served)
+            rows = await self.off_loop(lambda: prepare(served))
             self.metrics.queue_depth.set(served.batcher.depth)
             try:
                 return await served.batcher.submit(rows), served
@@ -193,11 +231,49 @@ class ModelServer:
                 continue
 
 
+async def _multipart_file(headers, body: bytes) -> bytes:
+    """The field named "file" of a multipart body already read (and so already held to the body limit)."""
+    async def once():
+        yield body
+
+    try:
+        form = await MultiPartParser(headers, once(), max_files=1, max_fields=8).parse()
+    except MultiPartException as error:
+        raise InputError(f"malformed multipart upload: {error.message}") from None
+    upload = form.get("file")
+    if upload is None or isinstance(upload, str):
+        raise InputError('multipart upload needs a file field named "file"')
+    return await upload.read()
+
+
+def _authorised(request: Request, token: str) -> bool:
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+
+
+def check_bind(host: str, token: str, insecure: bool) -> None:
+    """Listening beyond this machine without a token is refused unless the operator says, in so many words,
+    that it is meant."""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and not token and not insecure:
+        raise SystemExit(f"graft: error: refusing to listen on {host} without an API token: set {TOKEN_VARIABLE} "
+                         f"(clients then send 'Authorization: Bearer <token>'), bind 127.0.0.1, or pass --insecure-no-auth")
+
+
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def _parse_infer(body: dict, model: LoadedModel) -> np.ndarray:
+def max_infer_rows(model: LoadedModel, max_body_bytes: int) -> int:
+    """The most rows a JSON request can hold within the body limit (each value takes at least 2 bytes: "0,"):
+    the row limit follows from the body limit, so neither can contradict the other."""
+    return max(1, max_body_bytes // (2 * math.prod(model.contract.shape)))
+
+
+def _parse_infer(body: dict, model: LoadedModel, max_rows: int) -> np.ndarray:
     """A V2 JSON request -> the float32 (N, C, H, W) batch, or InputError naming what is wrong."""
     inputs = body.get("inputs") if isinstance(body, dict) else None
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
@@ -211,8 +287,9 @@ def _parse_infer(body: dict, model: LoadedModel) -> np.ndarray:
     if (not isinstance(shape, list) or len(shape) != 4 or not all(isinstance(d, int) and d > 0 for d in shape)
             or tuple(shape[1:]) != contract.shape):
         raise InputError(f"shape {shape} does not fit the model: expected [N, {', '.join(map(str, contract.shape))}]")
-    if shape[0] > MAX_INFER_ROWS:
-        raise PayloadTooLarge(f"batch of {shape[0]} rows is over the limit of {MAX_INFER_ROWS}; split it")
+    if shape[0] > max_rows:
+        raise PayloadTooLarge(f"batch of {shape[0]} rows is over the limit of {max_rows} (what fits in the body limit); "
+                              f"split it")
     data = tensor.get("data")
     if not isinstance(data, list):
         raise InputError("data must be a flat (or nested) JSON list of numbers")
@@ -248,7 +325,11 @@ def create_app(source: FileSource | RegistrySource, settings: ServerSettings) ->
         endpoint = request.url.path if not request.url.path.startswith("/v2/models/") else "/v2/models/" + request.url.path.rsplit("/", 1)[-1]
         length = request.headers.get("content-length")
         started = time.perf_counter()
-        if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
+        if settings.token and not request.url.path.startswith("/v2/health/") and not _authorised(request, settings.token):
+            response = _error(401, "this server needs an API token: send the header 'Authorization: Bearer <token>'")
+            response.headers["WWW-Authenticate"] = "Bearer"
+            metrics.errors.labels(endpoint, "unauthorised").inc()
+        elif length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
             response = _error(413, f"body of {length} bytes is over the limit of {settings.max_body_bytes}")
             metrics.errors.labels(endpoint, "too_large").inc()
         else:
@@ -300,9 +381,12 @@ def create_app(source: FileSource | RegistrySource, settings: ServerSettings) ->
             "parameters": {
                 "version": served.version, "provider": served.model.provider,
                 "requested_providers": list(served.model.requested_providers),
-                "active_providers": list(served.model.active_providers), "classes": list(served.model.classes),
+                "active_providers": list(served.model.active_providers), "provider_note": served.model.provider_note,
+                "classes": list(served.model.classes),
                 "preprocess": contract.to_dict(),
                 "max_batch_size": settings.max_batch_size, "max_queue_delay_ms": settings.max_queue_delay_ms,
+                "max_body_bytes": settings.max_body_bytes,
+                "max_infer_rows": max_infer_rows(served.model, settings.max_body_bytes),
             },
         }
 
@@ -313,8 +397,9 @@ def create_app(source: FileSource | RegistrySource, settings: ServerSettings) ->
             return problem
         try:
             raw = await read_body(request)
-            body = orjson.loads(raw)  # several times faster than json on number arrays
-            logits, served = await server.infer(lambda served: _parse_infer(body, served.model))
+            body = await server.off_loop(lambda: orjson.loads(raw))  # several times faster than json on numbers
+            logits, served = await server.infer(
+                lambda served: _parse_infer(body, served.model, max_infer_rows(served.model, settings.max_body_bytes)))
         except orjson.JSONDecodeError as error:
             metrics.errors.labels("infer", "bad_json").inc()
             if any(token in raw for token in (b"NaN", b"Infinity")):
@@ -336,15 +421,9 @@ def create_app(source: FileSource | RegistrySource, settings: ServerSettings) ->
         if not server.ready:
             return _error(503, "the model is not loaded yet")
         try:
-            content_type = request.headers.get("content-type", "")
-            if content_type.startswith("multipart/form-data"):
-                form = await request.form()
-                upload = form.get("file")
-                if upload is None or isinstance(upload, str):
-                    raise InputError('multipart upload needs a file field named "file"')
-                blob = await upload.read()
-            else:
-                blob = await read_body(request)
+            blob = await read_body(request)  # bounded, whatever the framing: multipart is parsed from these bytes
+            if request.headers.get("content-type", "").startswith("multipart/form-data"):
+                blob = await _multipart_file(request.headers, blob)
             logits, served = await server.infer(
                 lambda served: served.model.contract.normalize(decode_image(blob, served.model.contract)[None]))
         except InputError as error:
@@ -381,9 +460,10 @@ def build_source(tracking_uri: str | None, model_name: str, alias: str, onnx_fil
     return RegistrySource(tracking_uri, model_name, alias, cache_dir)
 
 
-def serve(source, settings: ServerSettings, host: str, port: int, log_level: str = "info") -> None:
+def serve(source, settings: ServerSettings, host: str, port: int, log_level: str = "info", insecure: bool = False) -> None:
     import uvicorn
 
+    check_bind(host, settings.token, insecure)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(create_app(source, settings), host=host, port=port, log_level=log_level, access_log=False)
 
@@ -396,7 +476,7 @@ def main() -> None:
     parser.add_argument("--onnx-file", help="serve this file instead of a registry alias (no reloads)")
     parser.add_argument("--host", default=os.environ.get("GRAFT_HOST", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRAFT_PORT", "8000")))
-    parser.add_argument("--providers", default=os.environ.get("GRAFT_PROVIDERS", "tensorrt,cuda,cpu"))
+    parser.add_argument("--providers", default=os.environ.get("GRAFT_PROVIDERS", "auto"))
     parser.add_argument("--strict", action="store_true", default=os.environ.get("GRAFT_STRICT") == "1")
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-queue-delay-ms", type=float, default=0.0)
@@ -404,13 +484,17 @@ def main() -> None:
     parser.add_argument("--poll-seconds", type=float, default=5.0)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--cache-dir", default=os.environ.get("GRAFT_CACHE_DIR", str(Path.home() / ".cache" / "graft")))
+    parser.add_argument("--insecure-no-auth", action="store_true",
+                        help=f"listen beyond loopback without an API token ({TOKEN_VARIABLE})")
     args = parser.parse_args()
     settings = ServerSettings(
         model_name=args.model, providers=tuple(args.providers.split(",")), strict=args.strict,
         max_batch_size=args.max_batch_size, max_queue_delay_ms=args.max_queue_delay_ms, max_body_bytes=args.max_body_bytes,
         poll_seconds=args.poll_seconds, threads=args.threads, cache_dir=args.cache_dir,
+        token=os.environ.get(TOKEN_VARIABLE, ""),
     )
-    serve(build_source(args.tracking_uri, args.model, args.alias, args.onnx_file, args.cache_dir), settings, args.host, args.port)
+    serve(build_source(args.tracking_uri, args.model, args.alias, args.onnx_file, args.cache_dir), settings, args.host, args.port,
+          insecure=args.insecure_no_auth)
 
 
 if __name__ == "__main__":

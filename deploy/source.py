@@ -6,6 +6,7 @@ ask, so the mlflow package is imported for that case only.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -15,11 +16,29 @@ from urllib.parse import quote, unquote, urlparse
 
 import httpx
 
+from deploy.digest import sha256_file
+
 ONNX_FILE = "model.onnx"
+# The sha256 of the registered model.onnx, recorded in the registering call: a server serves only these bytes.
+ONNX_SHA_TAG = "graft.onnx.sha256"
 
 
 class SourceError(RuntimeError):
     pass
+
+
+class IntegrityError(SourceError):
+    """The registry's copy of a version is not the file that was registered: it is refused, never served."""
+
+
+def registry_identity(tracking_uri: str) -> str:
+    """What tells two registries apart: a server's address, or a local store's absolute path."""
+    parsed = urlparse(tracking_uri)
+    if parsed.scheme in ("http", "https"):
+        return f"{parsed.scheme}://{(parsed.netloc or '').lower()}{parsed.path.rstrip('/')}"
+    if parsed.scheme == "sqlite":
+        return f"sqlite:{Path(unquote(tracking_uri.removeprefix('sqlite:///'))).resolve()}"
+    return f"file:{Path(unquote(parsed.path or tracking_uri)).resolve()}"
 
 
 @dataclass(frozen=True)
@@ -46,11 +65,14 @@ class FileSource:
 
 
 class RegistrySource:
-    """`name@alias` in an MLflow registry; each version is downloaded once into cache_dir/name/version."""
+    """`name@alias` in an MLflow registry. A version's file is kept in cache_dir under the registry's identity and
+    its registered sha256, and checked against that hash every time it is about to be served: two projects (or
+    two registries) with the same model name and version never share a file, and changed bytes are refused."""
 
     def __init__(self, tracking_uri: str, name: str, alias: str, cache_dir: str | Path, timeout: float = 30.0) -> None:
         self.tracking_uri, self.name, self.alias = tracking_uri.rstrip("/"), name, alias
-        self.cache_dir = Path(cache_dir)
+        identity = registry_identity(self.tracking_uri)
+        self.cache_dir = Path(cache_dir) / f"{urlparse(self.tracking_uri).scheme}-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
         self.remote = urlparse(tracking_uri).scheme in ("http", "https")
         self._http = httpx.Client(base_url=self.tracking_uri, timeout=timeout) if self.remote else None
         self._client = None
@@ -112,21 +134,35 @@ class RegistrySource:
             return {t["key"]: t.get("value", "") for t in raw}
         return dict(self._local().get_model_version(self.name, version).tags)
 
+    def _download(self, version: str, dest: Path) -> None:
+        if self.remote:
+            self._download_remote(version, dest)
+            return
+        uri = self._local().get_model_version_download_uri(self.name, version)
+        if urlparse(uri).scheme not in ("", "file"):
+            raise SourceError(f"cannot read {uri!r} without a tracking server")
+        shutil.copyfile(Path(unquote(urlparse(uri).path)) / ONNX_FILE, dest)
+
     def fetch(self, version: str) -> ResolvedModel:
-        target = self.cache_dir / self.name / version / ONNX_FILE
-        if not target.is_file():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".part")
-            os.close(fd)
-            try:
-                if self.remote:
-                    self._download_remote(version, Path(tmp))
-                else:
-                    uri = self._local().get_model_version_download_uri(self.name, version)
-                    if urlparse(uri).scheme not in ("", "file"):
-                        raise SourceError(f"cannot read {uri!r} without a tracking server")
-                    shutil.copyfile(Path(unquote(urlparse(uri).path)) / ONNX_FILE, tmp)
-                os.replace(tmp, target)  # a half-downloaded file never takes the final name
-            finally:
-                Path(tmp).unlink(missing_ok=True)
-        return ResolvedModel(version, target, self._tags(version))
+        tags = self._tags(version)
+        expected = tags.get(ONNX_SHA_TAG)
+        if not expected:
+            raise IntegrityError(f"{self.name} v{version} has no {ONNX_SHA_TAG} tag (registered by an older Graft, or not "
+                                 f"by Graft), so its file cannot be checked: publish it again with `graft publish`")
+        target = self.cache_dir / self.name / version / expected / ONNX_FILE
+        if target.is_file() and sha256_file(target) == expected:
+            return ResolvedModel(version, target, tags)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".part")
+        os.close(fd)
+        try:
+            self._download(version, Path(tmp))
+            actual = sha256_file(tmp)
+            if actual != expected:
+                raise IntegrityError(f"{self.name} v{version} at {self.tracking_uri}: the artifact store's model.onnx has "
+                                     f"sha256 {actual[:16]}..., the registered file {expected[:16]}...: refused (it was "
+                                     f"changed or replaced after registration)")
+            os.replace(tmp, target)  # only whole, verified bytes take the final name
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        return ResolvedModel(version, target, tags)

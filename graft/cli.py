@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -128,7 +129,7 @@ def _history(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from components.config import load_params
     from components.register import tracking_uri
-    from deploy.server import ServerSettings, build_source, serve
+    from deploy.server import TOKEN_VARIABLE, ServerSettings, build_source, serve
 
     params = load_params(args.params)
     serving = params.serving
@@ -136,10 +137,11 @@ def _serve(args: argparse.Namespace) -> int:
         model_name=params.registry.model_name, providers=tuple(serving.providers), strict=serving.strict,
         max_batch_size=serving.max_batch_size, max_queue_delay_ms=serving.max_queue_delay_ms,
         max_body_bytes=serving.max_body_bytes, poll_seconds=serving.poll_seconds, threads=serving.threads,
+        token=os.environ.get(TOKEN_VARIABLE, ""),
     )
     source = build_source(tracking_uri(params.registry, Path(args.params).parent), params.registry.model_name, args.alias or serving.alias,
                           args.onnx_file, settings.cache_dir)
-    serve(source, settings, args.host or serving.host, args.port or serving.port)
+    serve(source, settings, args.host or serving.host, args.port or serving.port, insecure=args.insecure_no_auth)
     return 0
 
 
@@ -216,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--onnx-file", help="serve this ONNX file instead (no alias, no reloads)")
     serve.add_argument("--host", help="default: serving.host (127.0.0.1)")
     serve.add_argument("--port", type=int, help="default: serving.port")
+    serve.add_argument("--insecure-no-auth", action="store_true",
+                       help="listen beyond loopback without an API token (GRAFT_API_TOKEN); refused otherwise")
     serve.set_defaults(handler=_serve)
 
     triton = commands.add_parser("export-triton", help="write a Triton model repository for the aliased model")

@@ -37,6 +37,8 @@ def test_compose_stack_binds_loopback_and_gives_the_server_a_gpu():
     assert devices[0]["capabilities"] == ["gpu"]
     assert "postgresql://" in services["mlflow"]["command"] and "s3://" in services["mlflow"]["command"]
     assert services["graft-server"]["environment"]["GRAFT_STRICT"] == "1"
+    assert services["graft-server"]["environment"]["GRAFT_API_TOKEN"].startswith("${GRAFT_API_TOKEN:?"), \
+        "the production server listens beyond loopback in its container: it must get a token, never run without"
 
 
 def test_serving_code_needs_neither_torch_nor_training_code():

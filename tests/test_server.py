@@ -7,6 +7,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import httpx
 import numpy as np
@@ -18,18 +19,20 @@ from mlflow.artifacts import download_artifacts
 from PIL import Image
 
 from components.registry import CHAMPION, alias_version, move_alias
+from deploy.digest import sha256_file
+from deploy.source import ONNX_SHA_TAG
 from tests.conftest import copy_workspace, free_port, graft_cli
 
 MODEL = "served-classifier"
 PROBE = np.random.default_rng(7).normal(size=(2, 1, 28, 28)).astype(np.float32)
 
 
-def start_server(url: str, model: str, cache: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+def start_server(url: str, model: str, cache: Path, *extra: str, env: dict | None = None) -> tuple[subprocess.Popen, str]:
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "deploy.server", "--tracking-uri", url, "--model", model, "--port", str(port),
          "--poll-seconds", "0.3", "--cache-dir", str(cache), *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})},
     )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
@@ -162,6 +165,7 @@ def test_bad_images_get_4xx(server, case, status, message):
     ({"data": [float("nan")] * 784}, 400, "NaN"),
     ({"name": "image"}, 400, "unknown input"),
     ({"data": "abc"}, 400, "JSON list"),
+    ({"shape": [200, 1, 28, 28]}, 413, "over the limit of 127 (what fits in the body limit)"),  # 200,000 / (2 * 784)
 ])
 def test_bad_tensors_get_4xx(server, tensor, status, message):
     with httpx.Client() as client:
@@ -264,4 +268,150 @@ def test_strict_mode_refuses_to_start_on_cpu(mlflow_server, tmp_path):
         capture_output=True, text=True, timeout=120, env={**os.environ},
     )
     assert done.returncode != 0
-    assert "runs this model on ['CPUExecutionProvider']" in done.stdout + done.stderr
+    assert "in strict mode, but no GPU provider can load here (cuda: " in done.stdout + done.stderr
+
+
+def _register_file(uri: str, onnx_file: Path, artifacts: Path, sha256: str) -> str:
+    """A version of MODEL in the registry at `uri` holding `onnx_file`, tagged with the sha256 given."""
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("copies")
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment("copies", artifacts.as_uri())
+    run = client.create_run(experiment_id)
+    client.log_artifact(run.info.run_id, str(onnx_file), "model")
+    client.set_terminated(run.info.run_id)
+    if not client.search_registered_models(f"name = '{MODEL}'"):
+        client.create_registered_model(MODEL)
+    return str(client.create_model_version(MODEL, f"{run.info.artifact_uri}/model", run.info.run_id,
+                                           tags={ONNX_SHA_TAG: sha256}).version)
+
+
+def _served_logits(base: str) -> np.ndarray:
+    with httpx.Client() as client:
+        answer = _infer(client, base, PROBE).json()
+    return np.array(answer["outputs"][0]["data"]).reshape(2, 10)
+
+
+def test_two_registries_with_the_same_model_name_and_version_each_serve_their_own(registry, mlflow_server, tmp_path):
+    """Another project's registry has its own `served-classifier` v1 (this registry's v2 bytes). Two servers
+    sharing one cache directory each serve their own registry's file; a version whose stored file was replaced
+    after registration is refused, counted, and the server keeps the version it has."""
+    client, expected = registry
+    champion = alias_version(client, MODEL, CHAMPION)
+    other_bytes = "2" if champion == "1" else "1"
+    files = {v: Path(download_artifacts(artifact_uri=client.get_model_version_download_uri(MODEL, v),
+                                        dst_path=str(tmp_path / f"v{v}"), tracking_uri=mlflow_server)) / "model.onnx"
+             for v in ("1", "2")}
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    other_client = MlflowClient(tracking_uri=other)
+    mine = _register_file(other, files[other_bytes], tmp_path / "other-artifacts", sha256_file(files[other_bytes]))
+    assert mine == "1"
+    other_client.set_registered_model_alias(MODEL, CHAMPION, mine)
+
+    shared_cache = tmp_path / "shared-cache"
+    servers = [start_server(url, MODEL, shared_cache) for url in (mlflow_server, other)]
+    try:
+        for (_, base), want in zip(servers, (expected[champion], expected[other_bytes])):
+            wait_ready(base, 60)
+            assert httpx.get(f"{base}/v2/models/{MODEL}").json()["versions"] == ["1"]
+            np.testing.assert_allclose(_served_logits(base), want, atol=1e-5)
+
+        # v2 of the other registry: registered with its hash, then its stored file replaced by other bytes.
+        tampered = _register_file(other, files[other_bytes], tmp_path / "other-artifacts", sha256_file(files[other_bytes]))
+        stored = Path(unquote(urlparse(other_client.get_model_version_download_uri(MODEL, tampered)).path)) / "model.onnx"
+        stored.write_bytes(files[champion].read_bytes())
+        other_client.set_registered_model_alias(MODEL, CHAMPION, tampered)
+        base = servers[1][1]
+        refused = f'graft_model_refused_total{{model="{MODEL}",version="{tampered}"}} 1.0'
+        deadline = time.monotonic() + 30
+        while refused not in httpx.get(f"{base}/metrics").text:
+            assert time.monotonic() < deadline, httpx.get(f"{base}/metrics").text[-2000:]
+            time.sleep(0.2)
+        assert httpx.get(f"{base}/v2/models/{MODEL}").json()["versions"] == ["1"], "the server keeps what it had"
+        np.testing.assert_allclose(_served_logits(base), expected[other_bytes], atol=1e-5)
+    finally:
+        for process, _ in servers:
+            process.terminate()
+            process.wait(timeout=20)
+    log = servers[1][0].stdout.read()
+    assert f"refused v{tampered}, still serving v1" in log and "was changed or replaced after registration" in log
+
+
+def test_health_answers_at_once_while_30_large_images_are_decoded(server):
+    """Decoding ran on the event loop: 30 concurrent large PNGs stalled /v2/health/live for seconds. Now it runs
+    in a bounded pool and health is answered while the uploads are in flight."""
+    import asyncio
+
+    big = _png(np.full((3000, 3000, 3), 180, np.uint8))  # 27 MB of pixels in a small file
+    assert len(big) < 200_000
+
+    async def scenario() -> tuple[float, float, list[int]]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            started = time.perf_counter()
+            uploads = [asyncio.create_task(client.post(f"{server}/predict", content=big)) for _ in range(30)]
+            waits = []
+            while not all(task.done() for task in uploads):
+                sent = time.perf_counter()
+                assert (await client.get(f"{server}/v2/health/live")).status_code == 200
+                waits.append(time.perf_counter() - sent)
+                await asyncio.sleep(0.02)
+            statuses = [(await task).status_code for task in uploads]
+            return time.perf_counter() - started, max(waits), statuses
+
+    total, worst_health, statuses = asyncio.run(scenario())
+    assert statuses == [200] * 30
+    assert worst_health < 0.25 * total, f"health waited {worst_health:.2f}s of the uploads' {total:.2f}s"
+
+
+def test_an_over_limit_body_gets_a_413_the_client_reads(server):
+    """A declared length over the limit, without `Expect: 100-continue`, and a chunked multipart upload (no length
+    at all) both get an answer the client receives, not a reset; the chunked upload is not read to its end."""
+    declared = httpx.post(f"{server}/predict", content=b"\0" * 3_000_000)
+    assert declared.status_code == 413 and "over the limit of 200000" in declared.json()["error"]
+
+    boundary = "graftboundary"
+
+    def chunked_multipart():
+        yield (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.png\"\r\n"
+               "Content-Type: image/png\r\n\r\n").encode()
+        for _ in range(300):  # 300 x 10 kB = 3 MB, 15 times the limit
+            yield b"\0" * 10_000
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    chunked = httpx.post(f"{server}/predict", content=chunked_multipart(),
+                         headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    assert chunked.status_code == 413 and "over the limit of 200000" in chunked.json()["error"]
+    assert httpx.get(f"{server}/v2/health/live").status_code == 200
+
+
+def test_an_api_token_guards_every_endpoint_but_health(registry, mlflow_server, tmp_path):
+    process, base = start_server(mlflow_server, MODEL, tmp_path, env={"GRAFT_API_TOKEN": "s3cret-token"})
+    try:
+        wait_ready(base)
+        assert httpx.get(f"{base}/v2/health/live").status_code == 200
+        png = _png(np.zeros((28, 28), np.uint8))
+        for method, path in (("GET", f"/v2/models/{MODEL}"), ("POST", "/predict"), ("GET", "/metrics"), ("GET", "/"),
+                             ("POST", f"/v2/models/{MODEL}/infer")):
+            for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "Basic s3cret-token"}):
+                refused = httpx.request(method, f"{base}{path}", content=png, headers=headers)
+                assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer", (path, headers)
+        good = {"authorization": "Bearer s3cret-token"}
+        assert httpx.get(f"{base}/v2/models/{MODEL}", headers=good).status_code == 200
+        assert httpx.post(f"{base}/predict", content=png, headers=good).status_code == 200
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
+def test_listening_beyond_loopback_needs_a_token_or_an_explicit_insecure_flag(tmp_path):
+    from deploy.server import check_bind
+
+    done = subprocess.run([sys.executable, "-m", "deploy.server", "--onnx-file", str(tmp_path / "model.onnx"),
+                           "--host", "0.0.0.0"], capture_output=True, text=True, timeout=60,
+                          env={k: v for k, v in os.environ.items() if k != "GRAFT_API_TOKEN"})
+    assert done.returncode != 0 and "refusing to listen on 0.0.0.0 without an API token" in done.stderr
+    for host in ("127.0.0.1", "::1", "localhost"):
+        check_bind(host, "", insecure=False)
+    check_bind("0.0.0.0", "a-token", insecure=False)
+    check_bind("0.0.0.0", "", insecure=True)
+    with pytest.raises(SystemExit, match="GRAFT_API_TOKEN"):
+        check_bind("10.0.0.5", "", insecure=False)

@@ -5,7 +5,6 @@ import pytest
 import torch
 import torchvision
 
-from components.artifacts import sha256_file
 from components.config import ParamsError, PretrainedSource
 from components.model import (
     LUMA,
@@ -25,6 +24,7 @@ from components.sources import (
     resolve_pretrained,
 )
 from deploy.contract import Contract
+from deploy.digest import sha256_file
 
 LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"  # the PyPI package's ImageNet file
 
