@@ -46,6 +46,7 @@ class DataParams(_Strict):
     channels: Literal[1, 3] = 1  # the target's colour mode (1 gray, 3 RGB): what every served image is converted to
     split_seed: int = 42
     min_images_per_class: int = Field(default=3, ge=1)
+    min_image_side: int = Field(default=8, ge=1)  # a smaller image holds too little to learn from: quarantined
     bad_files: Literal["quarantine", "fail"] = "quarantine"
 
 

@@ -8,7 +8,8 @@ never decodes and never sees pixels the server would not produce. The test split
 gates can send those very files through the server's decoding path.
 
 Bad input never reaches training silently. A file that cannot be used (not an image, undecodable, truncated,
-an exact duplicate, the same picture under two labels) is quarantined and named in the report, or stops the
+smaller than data.min_image_side, an exact duplicate or the same example at a training size, the same picture
+under two labels, pixels with no defined range) is quarantined and named in the report, or stops the
 run at once with `bad_files: fail`. Problems no skipping can fix (no classes, an empty class, a class too
 small for the split) stop the run with a message that names the class and the fix.
 """
@@ -145,17 +146,30 @@ def class_folders(root: Path) -> list[Path]:
     return class_dirs
 
 
-def read_folder(root: Path, channels: int, quarantine: Quarantine, fail_fast: bool) -> tuple[list[Sample], tuple[str, ...]]:
+def _outside(path: Path, root: Path) -> bool:
+    """A file reached through a symlink that leads out of the data folder (DVC would not version what it points
+    at, and it may be anything on the machine)."""
+    return not path.resolve().is_relative_to(root.resolve())
+
+
+def read_folder(root: Path, channels: int, quarantine: Quarantine, fail_fast: bool,
+                min_side: int = 1) -> tuple[list[Sample], tuple[str, ...]]:
     class_dirs = class_folders(root)
     samples: list[Sample] = []
     files = [(label, f) for label, d in enumerate(class_dirs) for f in sorted(d.iterdir()) if f.is_file()]
+    if escaped := [str(f) for _, f in files if _outside(f, root)]:
+        raise DataError(f"{', '.join(escaped[:3])}{' and more' if len(escaped) > 3 else ''}: a symlink out of the data "
+                        f"folder {root}; copy the image(s) into the folder instead")
     for label, path in tqdm(files, desc=f"decode {root.name}", unit="img", leave=False, mininterval=1.0):
         try:
             pixels = _decode(path, channels)
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
-            reason = "not an image file" if isinstance(error, UnidentifiedImageError) else f"cannot decode: {error}"
+            pixels, reason = None, "not an image file" if isinstance(error, UnidentifiedImageError) else f"cannot decode: {error}"
+        if pixels is not None and min(pixels.shape[:2]) < min_side:
+            pixels, reason = None, f"too small: {pixels.shape[1]}x{pixels.shape[0]} px, below data.min_image_side ({min_side})"
+        if pixels is None:
             if fail_fast:
-                raise DataError(f"{path}: {reason}; fix or remove the file, or set data.bad_files: quarantine") from None
+                raise DataError(f"{path}: {reason}; fix or remove the file, or set data.bad_files: quarantine")
             quarantine.add(str(path), reason)
             continue
         samples.append(Sample(str(path), label, pixels))
@@ -165,15 +179,27 @@ def read_folder(root: Path, channels: int, quarantine: Quarantine, fail_fast: bo
 # ---------------------------------------------------------------- validating
 
 
-def drop_duplicates(samples: list[Sample], classes: tuple[str, ...], quarantine: Quarantine, fail_fast: bool) -> list[Sample]:
-    """Keep one copy of each exact duplicate image; drop every copy of an image seen under two labels.
+def drop_duplicates(samples: list[Sample], classes: tuple[str, ...], quarantine: Quarantine, fail_fast: bool,
+                    sizes: tuple[int, ...] = ()) -> list[Sample]:
+    """Keep one copy of each duplicate image; drop every copy of an image seen under two labels. Duplicates are
+    exact (the same decoded pixels) or the same example at a training size (a photo saved at two resolutions, a
+    blank 1x1 and a blank 4000x3000: one input to the model).
 
     Duplicates must go before splitting: a copy on each side of a split leaks test images into training.
     """
+    samples = _drop_same(samples, classes, quarantine, fail_fast, "exact duplicate of", lambda pixels: pixels)
+    for size in sizes:
+        samples = _drop_same(samples, classes, quarantine, fail_fast, f"the same image at {size}x{size} px as",
+                             lambda pixels, size=size: resize_chw(pixels, size, size))
+    return samples
+
+
+def _drop_same(samples: list[Sample], classes: tuple[str, ...], quarantine: Quarantine, fail_fast: bool, what: str,
+               view) -> list[Sample]:
     by_hash: dict[bytes, list[Sample]] = defaultdict(list)
     for sample in samples:
-        key = hashlib.blake2b(sample.pixels.tobytes() + str(sample.pixels.shape).encode(), digest_size=16).digest()
-        by_hash[key].append(sample)
+        pixels = view(sample.pixels)
+        by_hash[hashlib.blake2b(pixels.tobytes() + str(pixels.shape).encode(), digest_size=16).digest()].append(sample)
     kept: list[Sample] = []
     for copies in by_hash.values():
         labels = {s.label for s in copies}
@@ -188,8 +214,8 @@ def drop_duplicates(samples: list[Sample], classes: tuple[str, ...], quarantine:
         kept.append(copies[0])
         for duplicate in copies[1:]:
             if fail_fast:
-                raise DataError(f"{duplicate.origin}: exact duplicate of {copies[0].origin}; remove one copy")
-            quarantine.add(duplicate.origin, f"exact duplicate of {copies[0].origin}")
+                raise DataError(f"{duplicate.origin}: {what} {copies[0].origin}; remove one copy")
+            quarantine.add(duplicate.origin, f"{what} {copies[0].origin}")
     kept.sort(key=lambda s: s.origin)
     return kept
 
@@ -227,7 +253,7 @@ def _short_classes(y: np.ndarray, classes: tuple[str, ...], minimum: int) -> lis
     return [(classes[c], int(counts[c])) for c in range(len(classes)) if counts[c] < minimum]
 
 
-def _check_class_sizes(y: np.ndarray, classes: tuple[str, ...], minimum: int, where: str) -> None:
+def check_class_sizes(y: np.ndarray, classes: tuple[str, ...], minimum: int, where: str) -> None:
     if too_few := _short_classes(y, classes, minimum):
         raise DataError(
             f"{where}: class(es) with fewer than {minimum} usable images: {', '.join(f'{n} ({c})' for n, c in too_few)}; "
@@ -359,13 +385,13 @@ def prepare(dataset: DatasetParams, data: DataParams, channels: int, sizes: list
         else:
             samples = drop_duplicates(samples, classes, quarantine, fail_fast)
     else:
-        samples, classes = read_folder(root, channels, quarantine, fail_fast)
-        samples = drop_duplicates(samples, classes, quarantine, fail_fast)
+        samples, classes = read_folder(root, channels, quarantine, fail_fast, data.min_image_side)
+        samples = drop_duplicates(samples, classes, quarantine, fail_fast, tuple(sorted(sizes)))
     if dataset.format == "idx" and channels == 3:
         samples = [Sample(s.origin, s.label, np.asarray(convert_mode(Image.fromarray(s.pixels), "RGB"))) for s in samples]
     labels = np.array([s.label for s in samples], dtype=np.int64)
     training_pool = labels if test_idx is None else labels[: test_idx[0]]
-    _check_class_sizes(training_pool, classes, data.min_images_per_class, str(root))
+    check_class_sizes(training_pool, classes, data.min_images_per_class, str(root))
     index = split_indices(labels, dataset, data.split_seed, subset_seed, classes, test_idx)
     version = content_version(samples, index)
     origins = np.array([s.origin for s in samples])

@@ -84,9 +84,15 @@ def dvc_status(root: str | Path) -> dict:
     return json.loads(done.stdout or "{}")
 
 
-def pending_stages(status: dict) -> list[str]:
-    """What `dvc repro` would do now, from `dvc_status`'s answer."""
-    return sorted(name for name in status if name not in ALWAYS_RUN)
+def pending_stages(status: dict, data_paths: list[str]) -> list[str]:
+    """What changed that the pipeline reads, from `dvc_status`'s answer: its stages, and the tracked data folders
+    in `data_paths`. A `.dvc` file of data no stage reads (a previous target, left tracked) changes nothing."""
+    read = {os.path.normpath(path) for path in data_paths}
+
+    def read_by_pipeline(name: str) -> bool:
+        return not name.endswith(".dvc") or os.path.normpath(name.removesuffix(".dvc")) in read
+
+    return sorted(name for name in status if name not in ALWAYS_RUN and read_by_pipeline(name))
 
 
 class ProjectBusy(GraftError):

@@ -2,8 +2,10 @@
 
 Preparation (training data), training and evaluation (normalisation), export (the ONNX metadata), the gates
 and the server all use this one definition, so the pixels a model is served are the pixels it was trained on:
-  decode -> colour mode (transparent pixels on black) -> resize to height x width (bilinear, once, from the
+  decode -> upright per its EXIF orientation -> 8 bits a channel (16-bit scaled, never clipped) -> colour mode
+  (palette and CMYK converted, transparent pixels on black) -> resize to height x width (bilinear, once, from the
   decoded size) -> uint8 CHW -> float32 = (pixel * scale - mean) / std, one mean/std a channel.
+An image whose pixels have no defined range (floating point, or integers beyond 16 bits) is refused.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import json
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 CONTRACT_KEY, CLASSES_KEY, SOURCE_KEY = "graft.preprocess", "graft.classes", "graft.source"
 INPUT_NAME, OUTPUT_NAME = "pixels", "logits"
@@ -78,8 +80,27 @@ class Contract:
         return ((pixels.astype(np.float32) * np.float32(self.scale)) - mean) / std
 
 
+# Pillow's gray modes of more than 8 bits ("I" is what some Pillow versions and TIFF give a 16-bit gray image).
+WIDE_GRAY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def _to_8_bits(image: Image.Image) -> Image.Image:
+    """16-bit gray -> 8-bit by scaling (round(v / 257)); Pillow's own convert("L") clips everything above 255."""
+    values = np.asarray(image, dtype=np.int64)
+    if values.size and (values.min() < 0 or values.max() > 65535):
+        raise ValueError(f"pixel values {values.min()}..{values.max()} are beyond 16 bits (mode {image.mode}); "
+                         f"save the image with 8 or 16 bits a channel")
+    return Image.fromarray(((values + 128) // 257).astype(np.uint8), "L")
+
+
 def convert_mode(image: Image.Image, color_mode: str) -> Image.Image:
-    """To "L" or "RGB"; transparent pixels become black, as on a black canvas, not undefined colours."""
+    """To "L" or "RGB": upright as its EXIF orientation says, 16-bit scaled to 8, palette and CMYK converted,
+    transparent pixels black (as on a black canvas), not undefined colours."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode == "F":
+        raise ValueError("a floating-point image has no defined pixel range; save it with 8 or 16 bits a channel")
+    if image.mode in WIDE_GRAY_MODES:
+        image = _to_8_bits(image)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         background = Image.new("RGBA", image.size, (0, 0, 0, 255))
         image = Image.alpha_composite(background, image.convert("RGBA"))

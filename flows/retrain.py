@@ -56,7 +56,7 @@ def check_inputs(root: str, params: Params) -> list[str]:
     if repair := check_tracked_data(root, status, keys):
         print(repair)
         status = dvc_status(root)
-    return pending_stages(status)
+    return pending_stages(status, list(keys))
 
 
 @task(task_run_name="{name}")

