@@ -1,5 +1,5 @@
 """The model server under random requests: every endpoint, bodies, headers, JSON tensors, multipart uploads and
-query strings drawn by hypothesis for a bounded time (GRAFT_FUZZ_SECONDS, default 45). No answer may be a 5xx,
+query strings drawn by hypothesis for a bounded time (GRAFT_FUZZ_SECONDS, default 30). No answer may be a 5xx,
 the server never dies, and health stays live; a crowd of idle and slow connections starves nobody."""
 import json
 import os
@@ -18,7 +18,7 @@ from components.model import build
 from tests.conftest import free_port, tiny_spec
 
 MODEL = "fuzzed-classifier"
-FUZZ_SECONDS = float(os.environ.get("GRAFT_FUZZ_SECONDS", "45"))
+FUZZ_SECONDS = float(os.environ.get("GRAFT_FUZZ_SECONDS", "30"))
 BODY_LIMIT = 100_000
 
 
