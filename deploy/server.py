@@ -15,6 +15,7 @@ import ipaddress
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -251,6 +252,10 @@ def _authorised(request: Request, token: str) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
 
 
+class BindRefused(ValueError):
+    """The server was asked to listen beyond loopback with no token and no explicit --insecure-no-auth."""
+
+
 def check_bind(host: str, token: str, insecure: bool) -> None:
     """Listening beyond this machine without a token is refused unless the operator says, in so many words,
     that it is meant."""
@@ -259,8 +264,8 @@ def check_bind(host: str, token: str, insecure: bool) -> None:
     except ValueError:
         loopback = False
     if not loopback and not token and not insecure:
-        raise SystemExit(f"graft: error: refusing to listen on {host} without an API token: set {TOKEN_VARIABLE} "
-                         f"(clients then send 'Authorization: Bearer <token>'), bind 127.0.0.1, or pass --insecure-no-auth")
+        raise BindRefused(f"refusing to listen on {host} without an API token: set {TOKEN_VARIABLE} (clients then send "
+                          f"'Authorization: Bearer <token>'), bind 127.0.0.1, or pass --insecure-no-auth")
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -493,6 +498,11 @@ def main() -> None:
         poll_seconds=args.poll_seconds, threads=args.threads, cache_dir=args.cache_dir,
         token=os.environ.get(TOKEN_VARIABLE, ""),
     )
+    try:
+        check_bind(args.host, settings.token, args.insecure_no_auth)
+    except BindRefused as error:
+        print(f"graft-server: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     serve(build_source(args.tracking_uri, args.model, args.alias, args.onnx_file, args.cache_dir), settings, args.host, args.port,
           insecure=args.insecure_no_auth)
 

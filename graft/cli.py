@@ -147,8 +147,15 @@ def _history(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from components.config import load_params
+    from components.errors import GraftError
     from components.register import tracking_uri
-    from deploy.server import TOKEN_VARIABLE, ServerSettings, build_source, serve
+    from deploy.server import (
+        TOKEN_VARIABLE,
+        BindRefused,
+        ServerSettings,
+        build_source,
+        serve,
+    )
 
     params = load_params(args.params)
     serving = params.serving
@@ -160,7 +167,10 @@ def _serve(args: argparse.Namespace) -> int:
     )
     source = build_source(tracking_uri(params.registry, Path(args.params).parent), params.registry.model_name, args.alias or serving.alias,
                           args.onnx_file, settings.cache_dir)
-    serve(source, settings, args.host or serving.host, args.port or serving.port, insecure=args.insecure_no_auth)
+    try:
+        serve(source, settings, args.host or serving.host, args.port or serving.port, insecure=args.insecure_no_auth)
+    except BindRefused as error:
+        raise GraftError(str(error)) from None
     return 0
 
 

@@ -403,15 +403,15 @@ def test_an_api_token_guards_every_endpoint_but_health(registry, mlflow_server, 
 
 
 def test_listening_beyond_loopback_needs_a_token_or_an_explicit_insecure_flag(tmp_path):
-    from deploy.server import check_bind
+    from deploy.server import BindRefused, check_bind
 
     done = subprocess.run([sys.executable, "-m", "deploy.server", "--onnx-file", str(tmp_path / "model.onnx"),
                            "--host", "0.0.0.0"], capture_output=True, text=True, timeout=60,
                           env={k: v for k, v in os.environ.items() if k != "GRAFT_API_TOKEN"})
-    assert done.returncode != 0 and "refusing to listen on 0.0.0.0 without an API token" in done.stderr
+    assert done.returncode == 2 and "refusing to listen on 0.0.0.0 without an API token" in done.stderr
     for host in ("127.0.0.1", "::1", "localhost"):
         check_bind(host, "", insecure=False)
     check_bind("0.0.0.0", "a-token", insecure=False)
     check_bind("0.0.0.0", "", insecure=True)
-    with pytest.raises(SystemExit, match="GRAFT_API_TOKEN"):
+    with pytest.raises(BindRefused, match="GRAFT_API_TOKEN"):
         check_bind("10.0.0.5", "", insecure=False)
