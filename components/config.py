@@ -165,12 +165,25 @@ class PretrainParams(TrainParams):
     seed: int = 0  # its own seed: changing the target's `seed` must not redo the expensive pretraining
 
 
+class RegularizerParams(_Strict):
+    """Omega(f) in min_f L_T(f) + Omega(f) (components/tuning.py)."""
+
+    kind: Literal["none", "l2", "l2_sp", "bss"] = "none"
+    strength: float = Field(default=0.01, ge=0)       # l2: on every weight; l2_sp: on the drift from the source; bss: eta
+    head_strength: float = Field(default=0.01, ge=0)  # l2_sp: plain L2 on the new head
+    bss_k: int = Field(default=1, ge=1)               # bss: how many of the smallest singular values are shrunk
+
+
 class FinetuneParams(TrainParams):
     strategy: Strategy
     steps: int = Field(ge=1)
     backbone_lr_scale: float = Field(default=0.1, gt=0)
     lp_steps: int = Field(default=100, ge=1)
     channel_adapter: Literal["replicate", "learned"] = "replicate"  # target colour mode != source's: fixed or trained 1x1 conv
+    regularizer: RegularizerParams = RegularizerParams()
+    layer_lr_decay: float = Field(default=1.0, gt=0, le=1)  # per backbone block from the top: lr * decay^depth
+    unfreeze_every_steps: int = Field(default=0, ge=0)      # gradual unfreezing: one more block from the top every N steps
+    batchnorm: Literal["train", "frozen"] = "train"         # frozen: keep the source's BatchNorm statistics
 
     @model_validator(mode="after")
     def _lp_steps_fit(self) -> FinetuneParams:

@@ -1,4 +1,5 @@
-"""Evaluate: accuracy, macro-F1, per-class precision/recall and a confusion matrix on the test split."""
+"""Evaluate: accuracy, macro-F1, per-class precision/recall/F1/support, the classification report and a confusion
+matrix on the test split."""
 from __future__ import annotations
 
 import csv
@@ -22,11 +23,32 @@ class Evaluation:
     confusion: list[list[int]]
 
     def summary(self) -> dict[str, float]:
-        """Flat metrics, for DVC metrics files and MLflow."""
+        """Flat metrics, for DVC metrics files and MLflow (support is a count of the data, not a score)."""
         flat = {"accuracy": self.accuracy, "macro_f1": self.macro_f1}
         for name, scores in self.per_class.items():
-            flat.update({f"{metric}_{name}": value for metric, value in scores.items()})
+            flat.update({f"{metric}_{name}": value for metric, value in scores.items() if metric in SCORE_NAMES})
         return flat
+
+
+SCORE_NAMES = ("precision", "recall", "f1")
+
+
+def classification_report(per_class: dict[str, dict[str, float]], accuracy: float, digits: int = 3) -> str:
+    """Per class precision, recall, F1 and support, then accuracy and the macro and support-weighted averages:
+    the table the reference texts (and scikit-learn) print."""
+    width = max(len("weighted avg"), *(len(name) for name in per_class))
+    header = f"{'':>{width}} {'precision':>9} {'recall':>9} {'f1-score':>9} {'support':>9}"
+    row = lambda name, p, r, f, n: f"{name:>{width}} {p:>9.{digits}f} {r:>9.{digits}f} {f:>9.{digits}f} {n:>9d}"  # noqa: E731
+    supports = np.array([scores["support"] for scores in per_class.values()], dtype=float)
+    total = int(supports.sum())
+    lines = [header, ""]
+    lines += [row(name, s["precision"], s["recall"], s["f1"], int(s["support"])) for name, s in per_class.items()]
+    columns = {metric: np.array([s[metric] for s in per_class.values()]) for metric in SCORE_NAMES}
+    weights = supports / max(1.0, supports.sum())
+    lines += ["", f"{'accuracy':>{width}} {'':>9} {'':>9} {accuracy:>9.{digits}f} {total:>9d}",
+              row("macro avg", *(float(columns[m].mean()) for m in SCORE_NAMES), total),
+              row("weighted avg", *(float((columns[m] * weights).sum()) for m in SCORE_NAMES), total)]
+    return "\n".join(lines) + "\n"
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
@@ -44,7 +66,7 @@ def score(y_true: np.ndarray, y_pred: np.ndarray, classes: tuple[str, ...]) -> E
     denominator = precision + recall
     f1 = np.divide(2 * precision * recall, denominator, out=np.zeros_like(true_positive), where=denominator > 0)
     per_class = {
-        name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i])}
+        name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]), "support": int(actual[i])}
         for i, name in enumerate(classes)
     }
     return Evaluation(

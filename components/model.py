@@ -192,8 +192,11 @@ class GraftNet(nn.Module):
         self.backbone = backbone
         self.head = nn.Linear(features, len(spec.classes))
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(self.adapter(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(self.adapter(x)))
+        return self.head(self.features(x))
 
     def new_parameters(self) -> list[nn.Parameter]:
         """What grafting added (head, trainable adapter): trained at the head's learning rate in every phase."""

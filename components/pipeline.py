@@ -194,6 +194,16 @@ def _version_line(registration: dict) -> str:
             + (f" ({', '.join(aliases)}{found})" if aliases else f" (no alias: gates failed{found})"))
 
 
+def summary_text(root: str | Path, summary: dict) -> str:
+    """The summary table, then the fine-tuned model's classification report on the test split."""
+    from components.evaluate import classification_report
+
+    root = Path(root)
+    accuracy = read_json(root / Layout.evaluate_metrics)["transfer"]["accuracy"]
+    report = classification_report(read_json(root / Layout.per_class)["transfer"], accuracy)
+    return f"{format_table(summary)}\n\nclassification report (transfer, test split)\n{report}"
+
+
 def format_table(summary: dict, markdown: bool = False) -> str:
     rows = [(k, v) for k, v in summary.items() if v]
     if markdown:

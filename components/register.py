@@ -29,7 +29,7 @@ from components import data as data_mod
 from components.artifacts import read_json, sha256_json, write_json
 from components.config import Params, RegistryParams, load_params
 from components.errors import registry_call
-from components.evaluate import read_history
+from components.evaluate import SCORE_NAMES, read_history
 from components.export import cpu_session
 from components.gates import GateReport
 from components.model import ModelSpec
@@ -237,7 +237,7 @@ def run_record(root: Path, params: Params) -> RunRecord:
     for candidate in selection["candidates"]:
         metrics.update({f"selection.{candidate['name']}.{score}": candidate[score] for score in SCORES})
     for name, scores in read_json(root / Layout.per_class)["transfer"].items():
-        metrics.update({f"test.{metric}.{name}": value for metric, value in scores.items()})
+        metrics.update({f"test.{metric}.{name}": value for metric, value in scores.items() if metric in SCORE_NAMES})
     tags = {
         **lineage_tags(identity, params),
         "graft.data_version": transfer_meta["data_version"],
@@ -248,6 +248,7 @@ def run_record(root: Path, params: Params) -> RunRecord:
     contract = ModelSpec.from_dict(read_json(root / Layout.selected_architecture)).contract
     artifacts = [root / p for p in (
         Layout.confusion_transfer, Layout.confusion_scratch, Layout.curves, Layout.predictions, Layout.evaluate_metrics, Layout.per_class,
+        Layout.classification_report,
         Layout.export_metrics, Layout.target_report, Layout.selection_report, Layout.selection_markdown, Layout.selection_plot,
         Layout.gate_report, Layout.gate_markdown, Layout.transfer_history, Layout.scratch_history,
     ) if (root / p).exists()]

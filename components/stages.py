@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from components import data as data_mod
-from components.artifacts import read_json, sha256_json, write_json
+from components.artifacts import atomic_path, read_json, sha256_json, write_json
 from components.config import Params, load_params
 from components.errors import GraftError
 from components.evaluate import (
+    classification_report,
     plot_confusion,
     plot_curves,
     read_history,
@@ -45,6 +46,7 @@ from components.train import (
     strategy_phases,
     train,
 )
+from components.tuning import Tuning
 from deploy.contract import COLOR_MODES, SOURCE_KEY, Contract
 
 
@@ -74,6 +76,7 @@ class Layout:
     scratch_history = Path("plots/scratch_history.csv")
     predictions = Path("plots/test_predictions.csv")
     per_class = Path("reports/per-class.json")
+    classification_report = Path("reports/classification-report.txt")
     confusion_transfer = Path("plots/confusion_transfer.png")
     confusion_scratch = Path("plots/confusion_scratch.png")
     curves = Path("plots/curves.png")
@@ -215,7 +218,10 @@ def _train_target(params: Params, strategy: str, out: Path, history_path: Path) 
         model = graft(load_source(identity).backbone, spec, params.seed)
         extra["source"] = identity.to_dict()
     started = time.perf_counter()
-    history = train(model, splits, params.finetune, strategy_phases(params.finetune, strategy), params.seed, desc=strategy)
+    # The backbone knobs (regulariser toward the source, unfreezing, lr decay) are about what was transferred.
+    tuning = Tuning() if strategy == "scratch" else Tuning.of(params.finetune, model)
+    history = train(model, splits, params.finetune, strategy_phases(params.finetune, strategy), params.seed, desc=strategy,
+                    tuning=tuning)
     extra["train_seconds"] = time.perf_counter() - started
     save_checkpoint(model, out, extra)
     write_history(history, history_path)
@@ -255,6 +261,10 @@ def evaluate(params: Params) -> dict:  # noqa: ARG001 - every stage takes params
     plot_curves({"transfer": read_history(Layout.transfer_history), "scratch": read_history(Layout.scratch_history)},
                 Layout.curves, f"target training ({strategies['transfer']} vs scratch)")
     write_json(Layout.per_class, per_class)
+    with atomic_path(Layout.classification_report) as tmp:
+        tmp.write_text("".join(f"{label} ({strategies[label]}), test split\n\n"
+                               f"{classification_report(per_class[label], results[label]['accuracy'])}\n"
+                               for label in ("transfer", "scratch")))
     write_json(Layout.evaluate_metrics, results)
     return results
 

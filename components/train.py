@@ -24,6 +24,7 @@ from components.artifacts import atomic_path
 from components.config import Augment, FinetuneParams, TrainParams
 from components.data import Splits
 from components.model import GraftNet
+from components.tuning import Tuning
 from deploy.contract import Contract
 
 
@@ -142,10 +143,10 @@ def warmup_cosine(total_steps: int, warmup_fraction: float):
     return factor
 
 
-def _optimizer(model: GraftNet, params: TrainParams, phase: Phase) -> torch.optim.Optimizer:
+def _optimizer(model: GraftNet, params: TrainParams, phase: Phase, tuning: Tuning) -> torch.optim.Optimizer:
     groups = [{"params": model.new_parameters(), "lr": params.lr}]
     if phase.backbone_lr_scale is not None:
-        groups.append({"params": list(model.backbone.parameters()), "lr": params.lr * phase.backbone_lr_scale})
+        groups += tuning.backbone_groups(model, params.lr * phase.backbone_lr_scale)
     if params.optimizer == "sgd":
         return torch.optim.SGD(groups, momentum=params.momentum, nesterov=params.momentum > 0, weight_decay=params.weight_decay)
     return torch.optim.AdamW(groups, weight_decay=params.weight_decay)
@@ -176,20 +177,12 @@ def _set_batchnorm_momentum(model: nn.Module, momentum: float | None) -> None:
                 module.momentum = momentum
 
 
-def _set_phase_modes(model: GraftNet, phase: Phase) -> None:
-    model.train()
-    frozen = phase.backbone_lr_scale is None
-    for parameter in model.backbone.parameters():
-        parameter.requires_grad_(not frozen)
-    if frozen:
-        model.backbone.eval()  # a frozen backbone keeps its BatchNorm statistics too
-
-
 def train(
     model: GraftNet, data: Splits, params: TrainParams, phases: list[Phase], seed: int, desc: str = "train",
-    resume: Resume | None = None,
+    resume: Resume | None = None, tuning: Tuning = Tuning(),
 ) -> list[dict]:
-    """Train in place; returns the history: one record per evaluation on the val split.
+    """Train in place; returns the history: one record per evaluation on the val split. `tuning` says how a phase
+    that trains the backbone treats it (regulariser, layer-wise lr decay, gradual unfreezing, BatchNorm mode).
 
     With `resume`, every `resume.every_steps` steps the whole state (model, optimizer, schedule, both random
     generators, the sampler's queue, history and running sums) is saved; a run killed part-way continues from
@@ -220,9 +213,9 @@ def train(
         for phase_index, phase in enumerate(phases):
             if saved and phase_index < saved["phase"]:
                 continue
-            optimizer = _optimizer(model, params, phase)
+            optimizer = _optimizer(model, params, phase, tuning)
             schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(phase.steps, params.warmup_fraction))
-            _set_phase_modes(model, phase)
+            backbone_trains = phase.backbone_lr_scale is not None
             running_loss, running_correct, running_seen = 0.0, 0, 0
             first_step = 0
             if saved and phase_index == saved["phase"]:
@@ -230,11 +223,17 @@ def train(
                 schedule.load_state_dict(saved["schedule"])
                 running_loss, running_correct, running_seen = saved["running"]
                 first_step = saved["step"]
+            tuning.set_modes(model, backbone_trains, first_step)
             for step in range(first_step, phase.steps):
+                if tuning.unfreeze_every_steps and step % tuning.unfreeze_every_steps == 0:
+                    tuning.set_modes(model, backbone_trains, step)
                 index = sampler.next()
                 pixels = augment_batch(normalize.scaled(x_train[index]), params.augment, generator)
-                logits = model(normalize(pixels))
+                features = model.features(normalize(pixels))
+                logits = model.head(features)
                 loss = F.cross_entropy(logits, y_train[index], label_smoothing=params.label_smoothing)
+                if tuning.regularizer is not None:
+                    loss = loss + tuning.regularizer.penalty(model, features)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -258,7 +257,7 @@ def train(
                     history.append(record)
                     bar.set_postfix(loss=f"{record['train_loss']:.3f}", val_acc=f"{record.get('val_accuracy', float('nan')):.3f}")
                     running_loss, running_correct, running_seen = 0.0, 0, 0
-                    _set_phase_modes(model, phase)
+                    tuning.set_modes(model, backbone_trains, step + 1)
                 if resume and resume.every_steps and global_step % resume.every_steps == 0:
                     resume.save({
                         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),

@@ -23,6 +23,7 @@ from components.pipeline import (
     pending_stages,
     project_lock,
     reproduce_stage,
+    summary_text,
 )
 from components.register import publish, published_version
 from components.stages import stage_order
@@ -130,7 +131,7 @@ def retrain(root: str = ".", force: bool = False):
         summary = collect_summary(root, outcomes)
         create_markdown_artifact(format_table(summary, markdown=True) + "\n\n" + report.markdown(), key="retrain-summary",
                                  description="Graft retrain summary")
-        print("\n" + format_table(summary))
+        print("\n" + summary_text(root, summary))
         announce(registration, report)
         report.enforce()
     return summary

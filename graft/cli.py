@@ -78,13 +78,13 @@ def _no_tracebacks_on_console_for_refusals() -> None:
 def _publish(args: argparse.Namespace) -> int:
     from components.config import load_params
     from components.judge import judge
-    from components.pipeline import collect_summary, format_table
+    from components.pipeline import collect_summary, summary_text
     from components.register import publish
 
     params = load_params(Path(args.root) / "params.yaml")
     report = judge(args.root, params)
     publish(args.root, params, report)
-    print(format_table(collect_summary(args.root)))
+    print(summary_text(args.root, collect_summary(args.root)))
     report.enforce()
     return 0
 
@@ -118,9 +118,9 @@ def _stage(args: argparse.Namespace) -> int:
 
 
 def _summary(args: argparse.Namespace) -> int:
-    from components.pipeline import collect_summary, format_table
+    from components.pipeline import collect_summary, summary_text
 
-    print(format_table(collect_summary(args.root)))
+    print(summary_text(args.root, collect_summary(args.root)))
     return 0
 
 

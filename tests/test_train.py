@@ -69,13 +69,14 @@ def test_finetune_moves_the_backbone_and_keeps_the_grafted_weights_as_start(targ
 
 def test_backbone_learning_rate_is_scaled(target):
     from components.train import _optimizer
+    from components.tuning import Tuning
 
     params, splits = target
     model = build(_spec(splits), 0)
-    optimizer = _optimizer(model, params.finetune, Phase("finetune", 1, 0.1))
-    head, backbone = optimizer.param_groups
-    assert backbone["lr"] == pytest.approx(0.1 * head["lr"])
-    assert len(_optimizer(model, params.finetune, Phase("lp", 1, None)).param_groups) == 1
+    head, *backbone = _optimizer(model, params.finetune, Phase("finetune", 1, 0.1), Tuning()).param_groups
+    assert [group["lr"] for group in backbone] == pytest.approx([0.1 * head["lr"]] * len(backbone))
+    assert sum(len(group["params"]) for group in backbone) == len(list(model.backbone.parameters()))
+    assert len(_optimizer(model, params.finetune, Phase("lp", 1, None), Tuning()).param_groups) == 1
 
 
 def test_same_seed_same_model_other_seed_other_model(target):

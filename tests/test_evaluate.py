@@ -1,0 +1,23 @@
+"""Scores and the classification report, checked against counts worked out by hand."""
+import numpy as np
+import pytest
+
+from components.evaluate import classification_report, score
+
+
+def test_classification_report_has_per_class_scores_support_and_both_averages():
+    classes = ("cat", "dog", "owl")
+    y_true = np.array([0, 0, 0, 0, 1, 1, 2, 2, 2, 2])
+    y_pred = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2, 0])
+    evaluation = score(y_true, y_pred, classes)
+    # cat: 3 of 4 found, 3 of 4 predicted right; dog: 1 of 2, 1 of 2; owl: 3 of 4, 3 of 4.
+    assert {name: s["support"] for name, s in evaluation.per_class.items()} == {"cat": 4, "dog": 2, "owl": 4}
+    assert evaluation.per_class["dog"]["precision"] == pytest.approx(0.5)
+    report = classification_report(evaluation.per_class, evaluation.accuracy).splitlines()
+    assert report[0].split() == ["precision", "recall", "f1-score", "support"]
+    assert report[2].split() == ["cat", "0.750", "0.750", "0.750", "4"]
+    assert report[3].split() == ["dog", "0.500", "0.500", "0.500", "2"]
+    assert report[-3].split() == ["accuracy", "0.700", "10"]
+    assert report[-2].split() == ["macro", "avg", "0.667", "0.667", "0.667", "10"]
+    assert report[-1].split() == ["weighted", "avg", "0.700", "0.700", "0.700", "10"]  # (4*.75 + 2*.5 + 4*.75) / 10
+    assert "support_cat" not in evaluation.summary(), "a count of the data is not a metric"
