@@ -8,7 +8,12 @@ from components.config import RegularizerParams, parse_params
 from components.data import load_splits, prepare
 from components.model import build, graft
 from components.train import Phase, train
-from components.tuning import BatchSpectralShrinkage, Tuning, backbone_blocks, regularizer_for
+from components.tuning import (
+    BatchSpectralShrinkage,
+    Tuning,
+    backbone_blocks,
+    regularizer_for,
+)
 from tests.conftest import make_small_target, tiny_params, tiny_spec
 
 
