@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_commands = data.add_subparsers(dest="data_command", required=True)
     add = data_commands.add_parser("add", help="check a folder of <class>/<images>, version it with DVC (copied into "
                                                "data/raw/NAME when outside the project) and make it the target")
-    add.add_argument("folder")
+    add.add_argument("folder", help="a folder of <class name>/<image files>")
     add.add_argument("--as", dest="role", choices=["target"], required=True, help="the role the data takes")
     add.add_argument("--name", help="the data set's name (default: the folder's name)")
     add.add_argument("--root", default=".", help="the project folder holding params.yaml")
