@@ -181,6 +181,7 @@ class FinetuneParams(TrainParams):
     lp_steps: int = Field(default=100, ge=1)
     channel_adapter: Literal["replicate", "learned"] = "replicate"  # target colour mode != source's: fixed or trained 1x1 conv
     regularizer: RegularizerParams = RegularizerParams()
+    reinit_top_blocks: int = Field(default=0, ge=0)         # the source's top N blocks re-initialised, trained as the head
     layer_lr_decay: float = Field(default=1.0, gt=0, le=1)  # per backbone block from the top: lr * decay^depth
     unfreeze_every_steps: int = Field(default=0, ge=0)      # gradual unfreezing: one more block from the top every N steps
     batchnorm: Literal["train", "frozen"] = "train"         # frozen: keep the source's BatchNorm statistics

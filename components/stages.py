@@ -219,7 +219,7 @@ def _train_target(params: Params, strategy: str, out: Path, history_path: Path) 
         extra["source"] = identity.to_dict()
     started = time.perf_counter()
     # The backbone knobs (regulariser toward the source, unfreezing, lr decay) are about what was transferred.
-    tuning = Tuning() if strategy == "scratch" else Tuning.of(params.finetune, model)
+    tuning = Tuning() if strategy == "scratch" else Tuning.of(params.finetune, model, params.seed)
     history = train(model, splits, params.finetune, strategy_phases(params.finetune, strategy), params.seed, desc=strategy,
                     tuning=tuning)
     extra["train_seconds"] = time.perf_counter() - started

@@ -144,7 +144,7 @@ def warmup_cosine(total_steps: int, warmup_fraction: float):
 
 
 def _optimizer(model: GraftNet, params: TrainParams, phase: Phase, tuning: Tuning) -> torch.optim.Optimizer:
-    groups = [{"params": model.new_parameters(), "lr": params.lr}]
+    groups = [{"params": model.new_parameters() + tuning.new_parameters(model), "lr": params.lr}]
     if phase.backbone_lr_scale is not None:
         groups += tuning.backbone_groups(model, params.lr * phase.backbone_lr_scale)
     if params.optimizer == "sgd":

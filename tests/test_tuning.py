@@ -6,6 +6,7 @@ import torch
 
 from components.config import RegularizerParams, parse_params
 from components.data import load_splits, prepare
+from components.errors import GraftError
 from components.model import build, graft
 from components.train import Phase, train
 from components.tuning import (
@@ -94,3 +95,22 @@ def test_frozen_batchnorm_keeps_the_source_statistics_while_the_weights_train(ta
     _finetune(model, params, splits, batchnorm="frozen")
     assert all(torch.equal(a, m.running_mean) for a, m in zip(means, norms)), "running statistics moved"
     assert any(not torch.equal(w, m.weight) for w, m in zip(weights, norms)), "the affine weights still train"
+
+
+def test_reinitialised_top_blocks_are_new_seeded_and_train_even_in_a_linear_probe(target):
+    params, splits = target
+    source = _grafted(splits)
+    knobs = params.finetune.model_copy(update={"reinit_top_blocks": 2})
+    model, twin = _grafted(splits), _grafted(splits)
+    tuning = Tuning.of(knobs, model, seed=3)
+    Tuning.of(knobs, twin, seed=3)
+    pairs = list(zip(backbone_blocks(model.backbone), backbone_blocks(source.backbone), backbone_blocks(twin.backbone)))
+    same = [all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), s.state_dict().values())) for m, s, _ in pairs]
+    assert same == [True, True, True, False, False], "the top two blocks are not the source's"
+    assert all(torch.equal(a, b) for m, _, t in pairs for a, b in zip(m.state_dict().values(), t.state_dict().values())), "seeded"
+    fresh = [{k: v.clone() for k, v in m.state_dict().items()} for m, _, _ in pairs]
+    train(model, splits, params.finetune, [Phase("linear_probe", 6, None)], 0, tuning=tuning)
+    moved = [any(not torch.equal(fresh[i][k], v) for k, v in m.state_dict().items()) for i, (m, _, _) in enumerate(pairs)]
+    assert moved == [False, False, False, True, True], "a linear probe trains the head and the re-initialised blocks only"
+    with pytest.raises(GraftError, match="reinit_top_blocks is 5, but this source's backbone has 5 blocks: at most 4"):
+        Tuning.of(params.finetune.model_copy(update={"reinit_top_blocks": 5}), _grafted(splits), seed=0)
