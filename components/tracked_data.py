@@ -40,13 +40,11 @@ class CacheProblem:
 
 
 def md5_of(path: Path) -> str | None:
+    """DVC's content hash of a file; None when there is no file."""
     if not path.is_file():
         return None
-    digest = hashlib.md5()
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "md5").hexdigest()
 
 
 def _dvc_answer(root: Path, *args: str) -> str | None:
