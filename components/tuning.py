@@ -13,7 +13,7 @@ Regularisers (the `+ Omega(f)` of the regularised objective min_f L_T(f) + Omega
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -30,8 +30,6 @@ def backbone_blocks(backbone: nn.Module) -> list[nn.Module]:
 
 
 class Regularizer:
-    needs_features = False
-
     def penalty(self, model: GraftNet, features: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
@@ -60,8 +58,6 @@ class L2SP(Regularizer):
 
 
 class BatchSpectralShrinkage(Regularizer):
-    needs_features = True
-
     def __init__(self, strength: float, k: int) -> None:
         self.strength, self.k = strength, k
 
@@ -104,9 +100,7 @@ class Tuning:
                 for module in (m for block in knobs.new_blocks(model) for m in block.modules()):
                     if hasattr(module, "reset_parameters"):
                         module.reset_parameters()  # BatchNorm: its running statistics too
-        regularizer = regularizer_for(params.regularizer, model, knobs.new_blocks(model))
-        return cls(regularizer, params.reinit_top_blocks, params.layer_lr_decay, params.unfreeze_every_steps,
-                   params.batchnorm)
+        return replace(knobs, regularizer=regularizer_for(params.regularizer, model, knobs.new_blocks(model)))
 
     def new_blocks(self, model: GraftNet) -> list[nn.Module]:
         blocks = backbone_blocks(model.backbone)
