@@ -499,12 +499,11 @@ def main() -> None:
         token=os.environ.get(TOKEN_VARIABLE, ""),
     )
     try:
-        check_bind(args.host, settings.token, args.insecure_no_auth)
+        serve(build_source(args.tracking_uri, args.model, args.alias, args.onnx_file, args.cache_dir), settings, args.host,
+              args.port, insecure=args.insecure_no_auth)
     except BindRefused as error:
         print(f"graft-server: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    serve(build_source(args.tracking_uri, args.model, args.alias, args.onnx_file, args.cache_dir), settings, args.host, args.port,
-          insecure=args.insecure_no_auth)
 
 
 if __name__ == "__main__":
