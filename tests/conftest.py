@@ -99,6 +99,16 @@ def tiny_params(**overrides) -> dict:
     return params
 
 
+def prepared_small_target(tmp: Path, **overrides):
+    """tiny_params (with `overrides`) and the real target slice prepared at 28 px: what training tests train on."""
+    from components.config import parse_params
+    from components.data import load_splits, prepare
+
+    params = parse_params(tiny_params(**{"data.target.path": str(make_small_target(tmp / "raw")), **overrides}))
+    prepare(params.data.target, params.data, 1, [28], params.seed, tmp / "t.npz", tmp / "t.json")
+    return params, load_splits(tmp / "t.npz")
+
+
 def make_workspace(root: Path, params: dict | None = None) -> Path:
     """A project folder as a user has it: dvc.yaml, params.yaml, DVC-tracked raw data, the code it names."""
     root.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from components.config import parse_params
-from components.data import load_splits, prepare
 from components.model import (
     ArchitectureError,
     ModelSpec,
@@ -21,15 +20,12 @@ from components.train import (
     train,
     warmup_cosine,
 )
-from tests.conftest import make_small_target, tiny_params, tiny_spec
+from tests.conftest import prepared_small_target, tiny_params, tiny_spec
 
 
 @pytest.fixture(scope="module")
 def target(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("target")
-    params = parse_params(tiny_params(**{"data.target.path": str(make_small_target(tmp / "raw"))}))
-    prepare(params.data.target, params.data, 1, [28], params.seed, tmp / "t.npz", tmp / "t.json")
-    return params, load_splits(tmp / "t.npz")
+    return prepared_small_target(tmp_path_factory.mktemp("target"))
 
 
 def _spec(splits) -> ModelSpec:

@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from components.config import RegularizerParams, parse_params
-from components.data import load_splits, prepare
+from components.config import RegularizerParams
 from components.errors import GraftError
 from components.model import build, graft
 from components.train import Phase, train
@@ -15,16 +14,12 @@ from components.tuning import (
     backbone_blocks,
     regularizer_for,
 )
-from tests.conftest import make_small_target, tiny_params, tiny_spec
+from tests.conftest import prepared_small_target, tiny_spec
 
 
 @pytest.fixture(scope="module")
 def target(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("tuning")
-    params = parse_params(tiny_params(**{"data.target.path": str(make_small_target(tmp / "raw")),
-                                         "finetune.lr": 0.1, "finetune.backbone_lr_scale": 1.0}))
-    prepare(params.data.target, params.data, 1, [28], params.seed, tmp / "t.npz", tmp / "t.json")
-    return params, load_splits(tmp / "t.npz")
+    return prepared_small_target(tmp_path_factory.mktemp("tuning"), **{"finetune.lr": 0.1, "finetune.backbone_lr_scale": 1.0})
 
 
 def _grafted(splits):
