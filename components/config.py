@@ -30,6 +30,9 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+SOURCE_NAME = r"^[a-z0-9][a-z0-9._-]*$"  # a DVC stage suffix and a file name
+
+
 class DatasetParams(_Strict):
     name: str = Field(min_length=1)
     format: Literal["idx", "folder"]
@@ -39,15 +42,28 @@ class DatasetParams(_Strict):
     labels_per_class: int | None = Field(default=None, ge=1)
 
 
+class UnlabeledParams(_Strict):
+    """A folder of target images without classes (a new camera, a new factory): what domain adaptation aligns to."""
+
+    path: str  # every image file in the folder (subfolders included); DVC versions it like the rest
+
+
 class DataParams(_Strict):
     """The target: the small data set the model is fine-tuned on, and how it is split."""
 
     target: DatasetParams
+    unlabeled: dict[str, UnlabeledParams] = {}  # by name: each gets a prepare_unlabeled@NAME stage
     channels: Literal[1, 3] = 1  # the target's colour mode (1 gray, 3 RGB): what every served image is converted to
     split_seed: int = 42
     min_images_per_class: int = Field(default=3, ge=1)
     min_image_side: int = Field(default=8, ge=1)  # a smaller image holds too little to learn from: quarantined
     bad_files: Literal["quarantine", "fail"] = "quarantine"
+
+    @model_validator(mode="after")
+    def _unlabeled_names(self) -> DataParams:
+        if bad := [n for n in self.unlabeled if not re.match(SOURCE_NAME, n)]:
+            raise ValueError(f"data.unlabeled name(s) {bad}: use lower-case letters, digits, '.', '_' and '-'")
+        return self
 
 
 class _Normalised(_Strict):
@@ -98,9 +114,6 @@ class PretrainedSource(_Normalised):
         if self.mean is not None and len(self.mean) != 3:
             raise ValueError("mean/std of a pretrained (RGB) source need 3 values")
         return self
-
-
-SOURCE_NAME = r"^[a-z0-9][a-z0-9._-]*$"  # a DVC stage suffix and a file name
 
 
 class SourcesParams(_Strict):
@@ -174,6 +187,28 @@ class RegularizerParams(_Strict):
     bss_k: int = Field(default=1, ge=1)               # bss: how many of the smallest singular values are shrunk
 
 
+class JointParams(_Strict):
+    """The joint objective L_T + lambda(t) * L_S + Omega: keep training on the source's labelled data (components/objectives.py)."""
+
+    weight: float = Field(default=0.0, ge=0)               # lambda; 0: off
+    schedule: Literal["constant", "linear", "cosine"] = "constant"  # lambda(t): constant, or decaying to 0
+    batch_size: int = Field(default=32, ge=1)              # source images per step, beside the target batch
+    source_examples: int | None = Field(default=10000, ge=1)  # the source pool, a seeded draw; null: all
+    instance_weights: Literal["none", "domain", "class"] = "none"
+    clip: float = Field(default=10.0, gt=1)                # domain: weights clipped at this multiple of their median
+    keep_classes: int = Field(default=5, ge=1)             # class: the source classes nearest the target's kept
+
+
+class AdaptationParams(_Strict):
+    """Domain adaptation toward unlabelled target images (data.unlabeled): align the features (components/objectives.py)."""
+
+    method: Literal["none", "coral", "mmd", "dann"] = "none"
+    unlabeled: str | None = None                           # which data.unlabeled entry (default: the only one)
+    weight: float = Field(default=1.0, ge=0)
+    batch_size: int = Field(default=32, ge=1)              # unlabelled images per step, beside the labelled batch
+    hidden: int = Field(default=256, ge=1)                 # dann: the domain classifier's hidden units
+
+
 class FinetuneParams(TrainParams):
     strategy: Strategy
     steps: int = Field(ge=1)
@@ -185,6 +220,8 @@ class FinetuneParams(TrainParams):
     layer_lr_decay: float = Field(default=1.0, gt=0, le=1)  # per backbone block from the top: lr * decay^depth
     unfreeze_every_steps: int = Field(default=0, ge=0)      # gradual unfreezing: one more block from the top every N steps
     batchnorm: Literal["train", "frozen"] = "train"         # frozen: keep the source's BatchNorm statistics
+    joint: JointParams = JointParams()
+    adaptation: AdaptationParams = AdaptationParams()
 
     @model_validator(mode="after")
     def _lp_steps_fit(self) -> FinetuneParams:
@@ -277,6 +314,22 @@ class Params(_Strict):
             raise ValueError(f"selection.use: {self.selection.use!r} is not a candidate; candidates: {', '.join(self.sources.names())}")
         return self
 
+    @model_validator(mode="after")
+    def _adaptation_names_unlabeled_data(self) -> Params:
+        adaptation = self.finetune.adaptation
+        if adaptation.method == "none":
+            return self
+        names = ", ".join(self.data.unlabeled) or "none"
+        if adaptation.unlabeled is None and len(self.data.unlabeled) != 1:
+            raise ValueError(f"finetune.adaptation.method {adaptation.method!r} needs unlabelled target images: name one "
+                             f"data.unlabeled entry in finetune.adaptation.unlabeled (entries: {names})")
+        if adaptation.unlabeled is not None and adaptation.unlabeled not in self.data.unlabeled:
+            raise ValueError(f"finetune.adaptation.unlabeled: {adaptation.unlabeled!r} is not a data.unlabeled entry; entries: {names}")
+        return self
+
+    def unlabeled_for_adaptation(self) -> str:
+        return self.finetune.adaptation.unlabeled or next(iter(self.data.unlabeled))
+
     def raw_datasets(self) -> dict[str, DatasetParams]:
         """Every data set the stages read, by the params key that names it."""
         datasets = {"data.target": self.data.target}
@@ -285,7 +338,9 @@ class Params(_Strict):
 
     def raw_data_paths(self) -> dict[str, str]:
         """Every data folder the stages read, by the params key that names it."""
-        return {f"{key}.path": dataset.path for key, dataset in self.raw_datasets().items()}
+        paths = {f"{key}.path": dataset.path for key, dataset in self.raw_datasets().items()}
+        paths.update({f"data.unlabeled.{name}.path": folder.path for name, folder in self.data.unlabeled.items()})
+        return paths
 
     def chosen_in_report_mode(self) -> str:
         return self.selection.use or self.sources.names()[0]

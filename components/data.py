@@ -155,11 +155,27 @@ def _outside(path: Path, root: Path) -> bool:
 def read_folder(root: Path, channels: int, quarantine: Quarantine, fail_fast: bool,
                 min_side: int = 1) -> tuple[list[Sample], tuple[str, ...]]:
     class_dirs = class_folders(root)
-    samples: list[Sample] = []
     files = [(label, f) for label, d in enumerate(class_dirs) for f in sorted(d.iterdir()) if f.is_file()]
+    return _read_files(root, files, channels, quarantine, fail_fast, min_side), tuple(d.name for d in class_dirs)
+
+
+def read_unlabeled(root: Path, channels: int, quarantine: Quarantine, fail_fast: bool, min_side: int = 1) -> list[Sample]:
+    """Every image file under an unlabelled folder (subfolders too; hidden files and folders skipped), label -1."""
+    if not root.is_dir():
+        raise DataError(f"{root}: no such folder; unlabelled images go in one folder (subfolders allowed)")
+    files = [(-1, f) for f in sorted(root.rglob("*")) if f.is_file()
+             and not any(part.startswith(".") for part in f.relative_to(root).parts)]
+    if not files:
+        raise DataError(f"{root}: no files in the unlabelled folder; add the target images or remove the data.unlabeled entry")
+    return _read_files(root, files, channels, quarantine, fail_fast, min_side)
+
+
+def _read_files(root: Path, files: list[tuple[int, Path]], channels: int, quarantine: Quarantine, fail_fast: bool,
+                min_side: int) -> list[Sample]:
     if escaped := [str(f) for _, f in files if _outside(f, root)]:
         raise DataError(f"{', '.join(escaped[:3])}{' and more' if len(escaped) > 3 else ''}: a symlink out of the data "
                         f"folder {root}; copy the image(s) into the folder instead")
+    samples: list[Sample] = []
     for label, path in tqdm(files, desc=f"decode {root.name}", unit="img", leave=False, mininterval=1.0):
         try:
             pixels = _decode(path, channels)
@@ -173,7 +189,7 @@ def read_folder(root: Path, channels: int, quarantine: Quarantine, fail_fast: bo
             quarantine.add(str(path), reason)
             continue
         samples.append(Sample(str(path), label, pixels))
-    return samples, tuple(d.name for d in class_dirs)
+    return samples
 
 
 # ---------------------------------------------------------------- validating
@@ -412,3 +428,34 @@ def prepare(dataset: DatasetParams, data: DataParams, channels: int, sizes: list
         "quarantine": quarantine.entries,
     })
     return PrepareResult(out_path, version, counts, len(quarantine.entries))
+
+
+def prepare_unlabeled(root: Path, data: DataParams, sizes: list[int], out_path: Path, report_path: Path) -> PrepareResult:
+    """Unlabelled target images, validated and deduplicated as labelled ones are, at each input size, in one .npz."""
+    quarantine = Quarantine()
+    samples = read_unlabeled(root, data.channels, quarantine, data.bad_files == "fail", data.min_image_side)
+    samples = drop_duplicates(samples, (), quarantine, data.bad_files == "fail", tuple(sorted(sizes)))
+    if not samples:
+        raise DataError(f"{root}: none of the {len(quarantine.entries)} file(s) is a usable image (see {report_path}); "
+                        "add images the target model will see, or remove the data.unlabeled entry")
+    digest = hashlib.blake2b(digest_size=16)
+    for sample in samples:
+        digest.update(f"{sample.pixels.shape}:".encode() + sample.pixels.tobytes())
+    version = digest.hexdigest()[:12]
+    with atomic_path(out_path) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, sizes=np.array(sorted(sizes)), data_version=np.array(version),
+                 origins=np.array([s.origin for s in samples]),
+                 **{f"x_unlabeled_{size}": to_pixels(samples, size, data.channels) for size in sizes})
+    write_json(report_path, {"path": str(root), "data_version": version, "sizes": sorted(sizes), "channels": data.channels,
+                             "images": len(samples), "quarantined": len(quarantine.entries), "quarantine": quarantine.entries})
+    return PrepareResult(out_path, version, {"unlabeled": len(samples)}, len(quarantine.entries))
+
+
+def load_unlabeled(path: str | Path, image_size: int) -> np.ndarray:
+    """Prepared unlabelled images at one input size, uint8 (N, C, H, W)."""
+    with np.load(_existing(path), allow_pickle=False) as npz:
+        key = f"x_unlabeled_{image_size}"
+        if key not in npz:
+            raise DataError(f"{path}: holds unlabelled images at {[int(s) for s in npz['sizes']]} px, not {image_size}; "
+                            "run the prepare_unlabeled stage again")
+        return npz[key]

@@ -10,6 +10,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,15 @@ from components.evaluate import (
     write_predictions,
 )
 from components.export import ParityFailed, check_parity, export_onnx
-from components.model import ModelSpec, build, graft, load_checkpoint, save_checkpoint
+from components.model import (
+    GraftNet,
+    ModelSpec,
+    build,
+    graft,
+    load_checkpoint,
+    save_checkpoint,
+)
+from components.objectives import Alignment, ObjectiveError, Term, joint_term
 from components.selection import choose, score_candidate, write_selection
 from components.sources import (
     SourceError,
@@ -42,6 +51,7 @@ from components.train import (
     Normalizer,
     Phase,
     Resume,
+    predict_features,
     predict_logits,
     strategy_phases,
     train,
@@ -59,6 +69,8 @@ class Layout:
 
     pretrained_sources = Path("models/sources.json")
     sources = Path("models/sources")
+    prepared_sources = Path("data/prepared/sources")
+    prepared_unlabeled = Path("data/prepared/unlabeled")
     target_data = Path("data/prepared/target.npz")
     target_report = Path("reports/prepare-target.json")
     selection_report = Path("reports/source-selection.json")
@@ -87,7 +99,7 @@ class Layout:
     # per pipeline source NAME
     @staticmethod
     def source_data(name: str) -> Path:
-        return Path(f"data/prepared/source-{name}.npz")
+        return Layout.prepared_sources / f"{name}.npz"
 
     @staticmethod
     def source_report(name: str) -> Path:
@@ -105,6 +117,15 @@ class Layout:
     def pretrain_history(name: str) -> Path:
         return Path(f"plots/pretrain-{name}.csv")
 
+    # per data.unlabeled NAME
+    @staticmethod
+    def unlabeled_data(name: str) -> Path:
+        return Layout.prepared_unlabeled / f"{name}.npz"
+
+    @staticmethod
+    def unlabeled_report(name: str) -> Path:
+        return Path(f"reports/prepare-unlabeled-{name}.json")
+
     @staticmethod
     def resume_point(name: str) -> Path:
         """Not a DVC output: the state a killed training run continues from (.graft/ is ignored by git)."""
@@ -120,7 +141,9 @@ def resolve_sources(params: Params) -> dict:
     changed makes the stages that used it run again, an unchanged one changes nothing."""
     identities = resolve_pretrained_sources(params)
     write_json(Layout.pretrained_sources, identities)
-    Layout.sources.mkdir(parents=True, exist_ok=True)  # select_source depends on it, also when no pipeline source fills it
+    # Folders that per-name stages fill and a later stage depends on as a whole, also when no stage fills them.
+    for folder in (Layout.sources, Layout.prepared_sources, Layout.prepared_unlabeled):
+        folder.mkdir(parents=True, exist_ok=True)
     return identities
 
 
@@ -135,6 +158,12 @@ def prepare_target(params: Params) -> data_mod.PrepareResult:
     """The target at every candidate's input size, so each is scored on pixels the server would give it."""
     return data_mod.prepare(params.data.target, params.data, params.data.channels, params.sources.image_sizes(), params.seed,
                             Layout.target_data, Layout.target_report)
+
+
+def prepare_unlabeled(params: Params, name: str) -> data_mod.PrepareResult:
+    """Unlabelled target images (data.unlabeled.NAME) at every candidate's input size, for domain adaptation."""
+    return data_mod.prepare_unlabeled(Path(params.data.unlabeled[name].path), params.data, params.sources.image_sizes(),
+                                      Layout.unlabeled_data(name), Layout.unlabeled_report(name))
 
 
 def pretrain(params: Params, name: str) -> dict:
@@ -218,14 +247,39 @@ def _train_target(params: Params, strategy: str, out: Path, history_path: Path) 
         model = graft(load_source(identity).backbone, spec, params.seed)
         extra["source"] = identity.to_dict()
     started = time.perf_counter()
-    # The backbone knobs (regulariser toward the source, unfreezing, lr decay) are about what was transferred.
-    tuning = Tuning() if strategy == "scratch" else Tuning.of(params.finetune, model, params.seed)
+    # The backbone knobs (regulariser toward the source, unfreezing, lr decay) and the extra terms (the source's
+    # data, unlabelled target images) are about transfer: the scratch baseline has neither.
+    tuning, terms = Tuning(), ()
+    if strategy != "scratch":
+        tuning = Tuning.of(params.finetune, model, params.seed)
+        terms = objective_terms(params, model, splits)
+        extra["objective"] = [term.summary() for term in terms]
     history = train(model, splits, params.finetune, strategy_phases(params.finetune, strategy), params.seed, desc=strategy,
-                    tuning=tuning)
+                    tuning=tuning, terms=terms)
     extra["train_seconds"] = time.perf_counter() - started
     save_checkpoint(model, out, extra)
     write_history(history, history_path)
     return extra
+
+
+def objective_terms(params: Params, model: GraftNet, splits: data_mod.Splits) -> tuple[Term, ...]:
+    """The joint objective's source term and the domain-adaptation term that params.finetune asks for."""
+    terms: list[Term] = []
+    featurize = partial(predict_features, model, normalize=Normalizer.of(model.spec.contract))
+    if params.finetune.joint.weight > 0:
+        identity = SourceIdentity.from_dict(read_json(Layout.selected_source))
+        if identity.kind != "pipeline":
+            raise ObjectiveError(
+                f"finetune.joint needs the source's own labelled data, and the selected source {identity.name} is "
+                f"pretrained elsewhere (no data in this project); select a pipeline source (selection.mode: report, "
+                f"selection.use: {', '.join(params.sources.pipeline) or 'a sources.pipeline entry'}) or set finetune.joint.weight: 0")
+        source = data_mod.load_splits(Layout.source_data(identity.name), identity.image_size)
+        terms.append(joint_term(params.finetune.joint, source, splits, load_source(identity).head, featurize, params.seed))
+    if params.finetune.adaptation.method != "none":
+        name = params.unlabeled_for_adaptation()
+        unlabeled = data_mod.load_unlabeled(Layout.unlabeled_data(name), splits.image_size)
+        terms.append(Alignment(params.finetune.adaptation, unlabeled, model.head.in_features, params.seed))
+    return tuple(terms)
 
 
 def baseline(params: Params) -> dict:
@@ -293,6 +347,7 @@ STAGES: dict[str, Callable[..., object]] = {
     "resolve_sources": resolve_sources,
     "prepare_source": prepare_source,
     "prepare_target": prepare_target,
+    "prepare_unlabeled": prepare_unlabeled,
     "pretrain": pretrain,
     "select_source": select_source,
     "baseline": baseline,
@@ -300,15 +355,22 @@ STAGES: dict[str, Callable[..., object]] = {
     "evaluate": evaluate,
     "export": export,
 }
-PER_PIPELINE_SOURCE = ("prepare_source", "pretrain")  # dvc.yaml: foreach over sources.pipeline, NAME@KEY
+# Stages run once per named entry of a params mapping (dvc.yaml: foreach over it, STAGE@NAME).
+PER_NAME: dict[str, str] = {"prepare_source": "sources.pipeline", "pretrain": "sources.pipeline",
+                            "prepare_unlabeled": "data.unlabeled"}
+
+
+def _names(params: Params, key: str) -> list[str]:
+    section, _, entry = key.partition(".")
+    return list(getattr(getattr(params, section), entry))
 
 
 def stage_order(params: Params) -> list[str]:
     """Every stage of this configuration, in the order the flow runs them."""
     order = []
     for name in STAGES:
-        if name in PER_PIPELINE_SOURCE:
-            order += [f"{name}@{key}" for key in params.sources.pipeline]
+        if name in PER_NAME:
+            order += [f"{name}@{key}" for key in _names(params, PER_NAME[name])]
         else:
             order.append(name)
     return order
@@ -317,10 +379,12 @@ def stage_order(params: Params) -> list[str]:
 def run_stage(name: str, params_path: str | Path = "params.yaml") -> object:
     stage, _, key = name.partition("@")
     if stage not in STAGES:
-        raise UnknownStage(f"unknown stage {name!r}; stages: {', '.join(STAGES)} (per pipeline source: {', '.join(f'{s}@NAME' for s in PER_PIPELINE_SOURCE)})")
+        per_name = ", ".join(f"{s}@NAME ({mapping})" for s, mapping in PER_NAME.items())
+        raise UnknownStage(f"unknown stage {name!r}; stages: {', '.join(STAGES)} (once per entry of: {per_name})")
     params = load_params(params_path)
-    if stage in PER_PIPELINE_SOURCE:
-        if key not in params.sources.pipeline:
-            raise UnknownStage(f"stage {name!r}: {key!r} is not a pipeline source; pipeline sources: {', '.join(params.sources.pipeline) or 'none'}")
+    if stage in PER_NAME:
+        names = _names(params, PER_NAME[stage])
+        if key not in names:
+            raise UnknownStage(f"stage {name!r}: {key!r} is not an entry of {PER_NAME[stage]}; entries: {', '.join(names) or 'none'}")
         return STAGES[stage](params, key)
     return STAGES[stage](params)

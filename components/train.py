@@ -24,6 +24,7 @@ from components.artifacts import atomic_path
 from components.config import Augment, FinetuneParams, TrainParams
 from components.data import Splits
 from components.model import GraftNet
+from components.objectives import Term
 from components.tuning import Tuning
 from deploy.contract import Contract
 
@@ -143,8 +144,10 @@ def warmup_cosine(total_steps: int, warmup_fraction: float):
     return factor
 
 
-def _optimizer(model: GraftNet, params: TrainParams, phase: Phase, tuning: Tuning) -> torch.optim.Optimizer:
-    groups = [{"params": model.new_parameters() + tuning.new_parameters(model), "lr": params.lr}]
+def _optimizer(model: GraftNet, params: TrainParams, phase: Phase, tuning: Tuning,
+               terms: tuple[Term, ...] = ()) -> torch.optim.Optimizer:
+    term_parameters = [p for term in terms for p in term.modules.parameters()]
+    groups = [{"params": model.new_parameters() + tuning.new_parameters(model) + term_parameters, "lr": params.lr}]
     if phase.backbone_lr_scale is not None:
         groups += tuning.backbone_groups(model, params.lr * phase.backbone_lr_scale)
     if params.optimizer == "sgd":
@@ -157,6 +160,14 @@ def predict_logits(model: nn.Module, x: np.ndarray, normalize: Normalizer, batch
     model.eval()
     chunks = [model(normalize(torch.from_numpy(x[i : i + batch_size]))) for i in range(0, len(x), batch_size)]
     return torch.cat(chunks) if chunks else torch.empty(0)
+
+
+@torch.no_grad()
+def predict_features(model: GraftNet, x: np.ndarray, normalize: Normalizer, batch_size: int = 512) -> np.ndarray:
+    """The backbone's output (what the head sees), in eval mode, float32 (N, D)."""
+    model.eval()
+    return torch.cat([model.features(normalize(torch.from_numpy(x[i : i + batch_size]))).flatten(1)
+                      for i in range(0, len(x), batch_size)]).numpy()
 
 
 def evaluate_split(model: nn.Module, x: np.ndarray, y: np.ndarray, normalize: Normalizer) -> dict[str, float]:
@@ -179,10 +190,13 @@ def _set_batchnorm_momentum(model: nn.Module, momentum: float | None) -> None:
 
 def train(
     model: GraftNet, data: Splits, params: TrainParams, phases: list[Phase], seed: int, desc: str = "train",
-    resume: Resume | None = None, tuning: Tuning = Tuning(),
+    resume: Resume | None = None, tuning: Tuning = Tuning(), terms: tuple[Term, ...] = (),
 ) -> list[dict]:
     """Train in place; returns the history: one record per evaluation on the val split. `tuning` says how a phase
     that trains the backbone treats it (regulariser, layer-wise lr decay, gradual unfreezing, BatchNorm mode).
+    Each of `terms` adds its own batch to every step's forward pass and a loss on that batch's features (the
+    joint objective's source data, or unlabelled target images to align to: components/objectives.py); its
+    running means (source loss, domain accuracy, ...) go into the history beside the target's.
 
     With `resume`, every `resume.every_steps` steps the whole state (model, optimizer, schedule, both random
     generators, the sampler's queue, history and running sums) is saved; a run killed part-way continues from
@@ -208,32 +222,47 @@ def train(
         torch.set_rng_state(saved["torch_rng"])
         sampler.queue, sampler.epochs_started = saved["queue"], saved["epochs_started"]
         history, global_step = saved["history"], saved["global_step"]
+        for term, state in zip(terms, saved.get("terms", ())):
+            term.load_state(state)
         print(f"{desc}: resuming from step {global_step} of {total} ({resume.path})", file=sys.stderr)
     with tqdm(total=total, initial=global_step, desc=desc, unit="step", mininterval=1.0) as bar:
         for phase_index, phase in enumerate(phases):
             if saved and phase_index < saved["phase"]:
                 continue
-            optimizer = _optimizer(model, params, phase, tuning)
+            optimizer = _optimizer(model, params, phase, tuning, terms)
             schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(phase.steps, params.warmup_fraction))
             backbone_trains = phase.backbone_lr_scale is not None
-            running_loss, running_correct, running_seen = 0.0, 0, 0
+            running_loss, running_correct, running_seen, running_terms = 0.0, 0, 0, {}
             first_step = 0
             if saved and phase_index == saved["phase"]:
                 optimizer.load_state_dict(saved["optimizer"])
                 schedule.load_state_dict(saved["schedule"])
-                running_loss, running_correct, running_seen = saved["running"]
+                running_loss, running_correct, running_seen, running_terms = saved["running"]
                 first_step = saved["step"]
             tuning.set_modes(model, backbone_trains, first_step)
+            for term in terms:
+                term.modules.train()
             for step in range(first_step, phase.steps):
                 if tuning.unfreeze_every_steps and step % tuning.unfreeze_every_steps == 0:
                     tuning.set_modes(model, backbone_trains, step)
                 index = sampler.next()
-                pixels = augment_batch(normalize.scaled(x_train[index]), params.augment, generator)
-                features = model.features(normalize(pixels))
+                term_batches = [term.next_batch(generator) for term in terms]
+                pixels = torch.cat([x_train[index], *(term.pixels[batch] for term, batch in zip(terms, term_batches))])
+                pixels = augment_batch(normalize.scaled(pixels), params.augment, generator)
+                all_features = model.features(normalize(pixels))
+                features = all_features[: len(index)]
                 logits = model.head(features)
                 loss = F.cross_entropy(logits, y_train[index], label_smoothing=params.label_smoothing)
                 if tuning.regularizer is not None:
                     loss = loss + tuning.regularizer.penalty(model, features)
+                start = len(index)
+                for term, batch in zip(terms, term_batches):
+                    term_loss, term_metrics = term.loss(batch, all_features[start : start + len(batch)], features,
+                                                        global_step / total)
+                    start += len(batch)
+                    loss = loss + term_loss
+                    for key, value in term_metrics.items():
+                        running_terms[key] = running_terms.get(key, 0.0) + value
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -252,18 +281,21 @@ def train(
                         "lr": optimizer.param_groups[0]["lr"],
                         "train_loss": running_loss / running_seen,
                         "train_accuracy": running_correct / running_seen,
+                        **{key: total_value * len(index) / running_seen for key, total_value in running_terms.items()},
                         **{f"val_{k}": v for k, v in val.items()},
                     }
                     history.append(record)
                     bar.set_postfix(loss=f"{record['train_loss']:.3f}", val_acc=f"{record.get('val_accuracy', float('nan')):.3f}")
-                    running_loss, running_correct, running_seen = 0.0, 0, 0
+                    running_loss, running_correct, running_seen, running_terms = 0.0, 0, 0, {}
                     tuning.set_modes(model, backbone_trains, step + 1)
                 if resume and resume.every_steps and global_step % resume.every_steps == 0:
                     resume.save({
                         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                         "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "queue": sampler.queue,
                         "epochs_started": sampler.epochs_started, "history": history, "global_step": global_step,
-                        "phase": phase_index, "step": step + 1, "running": [running_loss, running_correct, running_seen],
+                        "phase": phase_index, "step": step + 1,
+                        "running": [running_loss, running_correct, running_seen, running_terms],
+                        "terms": [term.state() for term in terms],
                     })
     model.eval()
     return history

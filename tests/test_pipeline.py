@@ -1,6 +1,9 @@
 """DVC in a real temporary repo: stages run once, skip when nothing changed, rerun only what a change touches;
 every source kind; the source chosen, its lineage, and the stages it takes."""
 import json
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,7 +14,7 @@ from mlflow import MlflowClient
 
 from components.config import parse_params
 from components.stages import stage_order
-from tests.conftest import dvc_repro, graft_cli, stages_ran, tiny_params
+from tests.conftest import copy_workspace, dvc_repro, graft_cli, stages_ran, tiny_params
 
 
 def _params(root) -> dict:
@@ -101,6 +104,33 @@ def test_changing_a_finetune_param_reruns_only_finetune_onwards_and_changing_it_
     again = _publish(root)
     assert (again["version"], again["new"]) == ("1", False), "the registry already holds this candidate: found, not duplicated"
     assert len(client.search_model_versions("name = 'graft-classifier'")) == 2
+
+
+def test_the_joint_objective_and_domain_adaptation_are_params_and_unlabelled_images_a_dvc_input(candidate_template, tmp_path):
+    template, _ = candidate_template
+    root = copy_workspace(template, tmp_path / "ws")
+    unlabeled = root / "data" / "raw" / "new-camera" / "day-1"  # subfolders are just folders: no classes
+    unlabeled.mkdir(parents=True)
+    images = sorted((root / "data" / "raw" / "animal-mnist").rglob("*.png"))[::3]
+    for i, image in enumerate(images):
+        shutil.copy(image, unlabeled / f"{i:04d}.png")
+    (unlabeled / "notes.txt").write_text("not an image")
+    subprocess.run([sys.executable, "-m", "dvc", "add", "-q", "data/raw/new-camera"], cwd=root, check=True)
+    params = _params(root)
+    params["data"]["unlabeled"] = {"new-camera": {"path": "data/raw/new-camera"}}
+    params["finetune"]["joint"].update(weight=0.5, schedule="linear", instance_weights="domain", source_examples=500)
+    params["finetune"]["adaptation"].update(method="dann")
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    done = dvc_repro(root)
+    assert stages_ran(done.stdout) == ["resolve_sources", "prepare_unlabeled@new-camera", "finetune", "evaluate", "export"]
+    report = _json(root, "reports/prepare-unlabeled-new-camera.json")
+    assert report["images"] == len(images) and [q["reason"] for q in report["quarantine"]] == ["not an image file"]
+    source_term, dann_term = _json(root, "models/transfer.json")["objective"]
+    assert (source_term["term"], source_term["instance_weights"], dann_term["term"]) == ("source", "domain", "dann")
+    assert source_term["weights"]["examples"] == 500 and 1 < source_term["weights"]["effective_sample_size"] < 500
+    assert dann_term["unlabeled_examples"] == len(images)
+    header = (root / "plots" / "transfer_history.csv").read_text().splitlines()[0].split(",")
+    assert {"source_loss", "source_accuracy", "domain_accuracy"} <= set(header)
 
 
 @pytest.fixture(scope="module")
