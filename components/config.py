@@ -230,6 +230,42 @@ class FinetuneParams(TrainParams):
         return self
 
 
+DEFAULT_SWEEP_STRATEGIES = {
+    "scratch": {"strategy": "scratch"},
+    "linear_probe": {"strategy": "linear_probe"},
+    "finetune": {"strategy": "finetune"},
+    "lp_ft": {"strategy": "lp_ft"},
+    "l2_sp": {"strategy": "finetune", "regularizer": {"kind": "l2_sp"}},
+    "joint": {"strategy": "finetune", "joint": {"weight": 1.0}},
+    "joint_iw": {"strategy": "finetune", "joint": {"weight": 1.0, "instance_weights": "domain"}},
+}
+
+
+class SweepParams(_Strict):
+    """`graft sweep`: learning curves, strategies x labels per class x seeds (components/sweep.py)."""
+
+    labels_per_class: list[int | None] = Field(default=[1, 5, 10, 25, 50, None], min_length=1)  # None: every label
+    seeds: list[int] = Field(default=[0, 1, 2], min_length=1)
+    # name: what it changes in `finetune` (a partial finetune mapping); "scratch" is the reference line
+    strategies: dict[str, dict] = Field(default=DEFAULT_SWEEP_STRATEGIES, min_length=1)
+
+    @model_validator(mode="after")
+    def _counts_positive(self) -> SweepParams:
+        if bad := [k for k in self.labels_per_class if k is not None and k < 1]:
+            raise ValueError(f"sweep.labels_per_class: {bad} must be >= 1 (or null: every label)")
+        if bad := [n for n in self.strategies if not re.match(SOURCE_NAME, n)]:
+            raise ValueError(f"sweep.strategies name(s) {bad}: use lower-case letters, digits, '.', '_' and '-'")
+        return self
+
+
+def merged(base: dict, changes: dict) -> dict:
+    """`base` with `changes` applied key by key, nested mappings merged rather than replaced."""
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 class ExportParams(_Strict):
     opset: int = Field(default=20, ge=17)
     parity_atol: float = Field(default=1e-3, gt=0)   # every |ONNX logit - PyTorch logit| <= atol + rtol * |PyTorch logit|
@@ -307,6 +343,20 @@ class Params(_Strict):
     registry: RegistryParams = RegistryParams()
     serving: ServingParams = ServingParams()
     schedule: ScheduleParams = ScheduleParams()
+    sweep: SweepParams = SweepParams()
+
+    @model_validator(mode="after")
+    def _sweep_strategies_are_finetune_settings(self) -> Params:
+        for name in self.sweep.strategies:
+            try:
+                self.sweep_finetune(name)
+            except ValidationError as error:
+                raise ValueError(f"sweep.strategies.{name} is not a valid change of finetune:\n{_describe(error)}") from None
+        return self
+
+    def sweep_finetune(self, name: str) -> FinetuneParams:
+        """The finetune params of one sweep strategy: params.yaml's, with the strategy's changes."""
+        return FinetuneParams.model_validate(merged(self.finetune.model_dump(), self.sweep.strategies[name]))
 
     @model_validator(mode="after")
     def _selection_names_a_candidate(self) -> Params:

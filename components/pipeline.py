@@ -60,14 +60,16 @@ def _dvc(root: Path, *args: str, error_file: Path | None = None) -> tuple[int, s
     return process.wait(), "".join(lines)
 
 
-def reproduce_stage(root: str | Path, name: str) -> StageOutcome:
-    """Run one stage if DVC finds it out of date; its upstream stages must already be up to date."""
+def reproduce_stage(root: str | Path, name: str, with_upstream: bool = False) -> StageOutcome:
+    """Run one stage if DVC finds it out of date; its upstream stages must already be up to date, unless
+    `with_upstream` (then DVC brings those up to date first)."""
     if name.partition("@")[0] not in STAGES:
         raise UnknownStage(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         error_file = Path(tmp) / "error.txt"
-        status, output = _dvc(Path(root).resolve(), "repro", "--single-item", name, error_file=error_file)
+        scope = () if with_upstream else ("--single-item",)
+        status, output = _dvc(Path(root).resolve(), "repro", *scope, name, error_file=error_file)
         if status != 0:
             if error_file.exists() and (reason := error_file.read_text().strip()):
                 raise StageRefused(f"stage {name}: {reason}")

@@ -236,8 +236,9 @@ def select_source(params: Params) -> dict:
 # ---------------------------------------------------------------- target training and evaluation
 
 
-def _train_target(params: Params, strategy: str, out: Path, history_path: Path) -> dict:
-    splits = data_mod.load_splits(Layout.selected_data)
+def train_target(params: Params, strategy: str, splits: data_mod.Splits) -> tuple[GraftNet, list[dict], dict]:
+    """Train one target model on `splits` with params.finetune: from scratch, or grafted onto the selected source.
+    Returns the model, its history and what its checkpoint records (strategy, data, source, objective, time)."""
     spec = ModelSpec.from_dict(read_json(Layout.selected_architecture))
     extra = {"strategy": strategy, "data_version": splits.data_version}
     if strategy == "scratch":
@@ -257,6 +258,11 @@ def _train_target(params: Params, strategy: str, out: Path, history_path: Path) 
     history = train(model, splits, params.finetune, strategy_phases(params.finetune, strategy), params.seed, desc=strategy,
                     tuning=tuning, terms=terms)
     extra["train_seconds"] = time.perf_counter() - started
+    return model, history, extra
+
+
+def _train_target(params: Params, strategy: str, out: Path, history_path: Path) -> dict:
+    model, history, extra = train_target(params, strategy, data_mod.load_splits(Layout.selected_data))
     save_checkpoint(model, out, extra)
     write_history(history, history_path)
     return extra

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -114,6 +115,21 @@ def _stage(args: argparse.Namespace) -> int:
     from components.stages import run_stage
 
     run_stage(args.name, args.params)
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from components.config import check_raw_data, load_params
+    from components.pipeline import reproduce_stage
+    from components.sweep import markdown_table, run_sweep
+
+    params = load_params(Path(args.root) / "params.yaml")
+    check_raw_data(args.root, params)
+    # The sweep reuses the pipeline's prepared data and selected source (DVC: nothing runs when up to date).
+    for stage in ("select_source", *(f"prepare_unlabeled@{name}" for name in params.data.unlabeled)):
+        reproduce_stage(args.root, stage, with_upstream=True)
+    with contextlib.chdir(args.root):  # the stages' paths are relative to the project folder
+        print(markdown_table(run_sweep(".", params)))
     return 0
 
 
@@ -230,6 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
                                   "champion the registry holds now) and register it unless the registry already has it")
     publish.add_argument("--root", default=".")
     publish.set_defaults(handler=_publish)
+
+    sweep = commands.add_parser("sweep", help="learning curves: every sweep.strategies entry x labels a class x seed on the "
+                                "selected source, MLflow child runs under one parent; resumes where it stopped")
+    sweep.add_argument("--root", default=".")
+    sweep.set_defaults(handler=_sweep)
 
     stage = commands.add_parser("stage", help="run one pipeline stage (what dvc.yaml calls)")
     stage.add_argument("name")

@@ -1,0 +1,213 @@
+"""`graft sweep`: learning curves. Strategies x labels per class x seeds over one prepared data set and the
+selected source, each branch an MLflow child run under one parent run.
+
+The target is prepared once with every training label; a branch keeps k labels a class drawn with its seed
+(the same draw the pipeline makes with data.target.labels_per_class: k and seed) and trains with its strategy's
+finetune params (sweep.strategies: changes to params.yaml's `finetune`). Val and test splits are the
+pipeline's, for every branch. The parent run is found again by the sweep's identity (its params, the data
+version, the source), so a sweep that stopped resumes: a branch with a finished child run is not redone.
+
+Negative transfer, transfer below scratch, is marked only beyond the seed noise: on every seed, and by more on
+average than the larger seed spread (standard deviation) of the two.
+"""
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import matplotlib
+import mlflow
+import numpy as np
+from mlflow import MlflowClient
+from tqdm import tqdm
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from components import data as data_mod  # noqa: E402
+from components.artifacts import atomic_path, read_json, sha256_json, write_json  # noqa: E402
+from components.config import Params  # noqa: E402
+from components.errors import GraftError  # noqa: E402
+from components.evaluate import score  # noqa: E402
+from components.register import use_experiment  # noqa: E402
+from components.stages import Layout, _predict, train_target  # noqa: E402
+
+SWEEP_ID_TAG = "graft.sweep.id"
+BRANCH_TAG = "graft.sweep.branch"
+REPORT = Path("reports/sweep.json")
+MARKDOWN = Path("reports/sweep.md")
+PLOT = Path("plots/sweep-learning-curves.png")
+
+
+class SweepError(GraftError, ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Branch:
+    strategy: str          # a sweep.strategies name
+    labels: int | None     # labels a class; None: every training label
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.strategy}/k={self.labels or 'all'}/seed={self.seed}"
+
+
+def branches(params: Params) -> list[Branch]:
+    """Fewest labels first, so the curve fills from the left; every strategy of a (k, seed) together."""
+    return [Branch(strategy, labels, seed) for labels in params.sweep.labels_per_class for seed in params.sweep.seeds
+            for strategy in params.sweep.strategies]
+
+
+def labelled_subset(pool: data_mod.Splits, labels: int | None, seed: int) -> data_mod.Splits:
+    """The pool's training split cut to `labels` a class with `seed`, as data.prepare cuts it."""
+    if labels is None:
+        return pool
+    keep = data_mod.k_per_class(pool.y_train, labels, np.random.default_rng(seed))
+    return replace(pool, x_train=pool.x_train[keep], y_train=pool.y_train[keep], origin_train=pool.origin_train[keep])
+
+
+def prepare_pool(params: Params, image_size: int, folder: Path) -> data_mod.Splits:
+    """The target with every training label, at the selected source's input size (prepared once a sweep)."""
+    target = params.data.target.model_copy(update={"labels_per_class": None})
+    path = folder / "target-all-labels.npz"
+    data_mod.prepare(target, params.data, params.data.channels, [image_size], params.seed, path, folder / "target-all-labels.json")
+    return data_mod.load_splits(path)
+
+
+def sweep_identity(params: Params, pool: data_mod.Splits, source: dict) -> str:
+    return sha256_json({"sweep": params.sweep.model_dump(mode="json"), "finetune": params.finetune.model_dump(mode="json"),
+                        "data_version": pool.data_version, "source": source})[:16]
+
+
+def _finished_branches(client: MlflowClient, experiment_id: str, sweep_id: str) -> tuple[str | None, dict[str, dict]]:
+    runs = client.search_runs([experiment_id], f"tags.`{SWEEP_ID_TAG}` = '{sweep_id}'", max_results=10000)
+    parent = next((r.info.run_id for r in runs if BRANCH_TAG not in r.data.tags), None)
+    done = {r.data.tags[BRANCH_TAG]: {"run_id": r.info.run_id, **r.data.metrics}
+            for r in runs if BRANCH_TAG in r.data.tags and r.info.status == "FINISHED"}
+    return parent, done
+
+
+def run_branch(params: Params, branch: Branch, pool: data_mod.Splits) -> dict:
+    finetune = params.sweep_finetune(branch.strategy)
+    branch_params = params.model_copy(update={"finetune": finetune, "seed": branch.seed})
+    splits = labelled_subset(pool, branch.labels, branch.seed)
+    model, history, extra = train_target(branch_params, finetune.strategy, splits)
+    test = score(splits.y_test, _predict(model, splits.x_test), splits.classes)
+    return {"test_accuracy": test.accuracy, "test_macro_f1": test.macro_f1,
+            "val_accuracy": history[-1].get("val_accuracy", float("nan")), "train_examples": int(len(splits.y_train)),
+            "train_seconds": extra["train_seconds"]}
+
+
+def run_sweep(root: str | Path, params: Params) -> dict:
+    """Every branch not finished yet, then the table, the plot and the report (also on the parent run)."""
+    root = Path(root)
+    if not (root / Layout.selected_source).exists():
+        raise SweepError("no selected source yet: the sweep reuses the pipeline's; run `dvc repro select_source` first")
+    source = read_json(root / Layout.selected_source)
+    needs_data = [name for name in params.sweep.strategies if params.sweep_finetune(name).joint.weight > 0]
+    if needs_data and source["kind"] != "pipeline":
+        raise SweepError(f"sweep.strategies {', '.join(needs_data)} train on the source's own data (finetune.joint), and the "
+                         f"selected source {source['name']} is pretrained elsewhere (no data in this project); select a pipeline "
+                         f"source (selection.mode: report, selection.use: {', '.join(params.sources.pipeline) or 'a sources.pipeline entry'}) "
+                         "or drop those strategies")
+    experiment_id = use_experiment(params.registry, root)
+    client = MlflowClient()
+    folder = root / ".graft" / "sweep"
+    folder.mkdir(parents=True, exist_ok=True)
+    pool = prepare_pool(params, source["image_size"], folder)
+    sweep_id = sweep_identity(params, pool, source)
+    parent_id, done = _finished_branches(client, experiment_id, sweep_id)
+    plan = branches(params)
+    todo = [b for b in plan if b.key not in done]
+    print(f"sweep {sweep_id}: {len(plan)} branches ({len(params.sweep.strategies)} strategies x "
+          f"{len(params.sweep.labels_per_class)} label counts x {len(params.sweep.seeds)} seeds) on source "
+          f"{source['name']}; {len(plan) - len(todo)} finished before, {len(todo)} to run", flush=True)
+    with mlflow.start_run(run_id=parent_id, run_name=None if parent_id else f"sweep-{sweep_id}",
+                          tags={SWEEP_ID_TAG: sweep_id}) as parent:
+        if parent_id is None:
+            mlflow.log_params({"source": source["name"], "data_version": pool.data_version,
+                               "labels_per_class": str(params.sweep.labels_per_class), "seeds": str(params.sweep.seeds),
+                               "strategies": ", ".join(params.sweep.strategies)})
+        for branch in tqdm(todo, desc="sweep", unit="branch"):
+            with mlflow.start_run(run_name=branch.key, nested=True, tags={SWEEP_ID_TAG: sweep_id, BRANCH_TAG: branch.key}) as child:
+                mlflow.log_params({"strategy": branch.strategy, "labels_per_class": branch.labels or "all", "seed": branch.seed,
+                                   "changes": str(params.sweep.strategies[branch.strategy])})
+                metrics = run_branch(params, branch, pool)
+                mlflow.log_metrics(metrics)
+            done[branch.key] = {"run_id": child.info.run_id, **metrics}
+        report = summarise(params, plan, done, pool)
+        report.update(sweep_id=sweep_id, parent_run_id=parent.info.run_id, source=source["name"], data_version=pool.data_version)
+        write_json(root / REPORT, report)
+        with atomic_path(root / MARKDOWN) as tmp:
+            tmp.write_text(markdown_table(report))
+        plot_learning_curves(report, root / PLOT)
+        for path in (REPORT, MARKDOWN, PLOT):
+            mlflow.log_artifact(str(root / path), "sweep")
+    return report
+
+
+def summarise(params: Params, plan: list[Branch], done: dict[str, dict], pool: data_mod.Splits) -> dict:
+    """Per strategy and label count: the test accuracy of each seed, mean, spread, and against scratch."""
+    reference = next((name for name in params.sweep.strategies if params.sweep_finetune(name).strategy == "scratch"), None)
+    per_class_all = len(pool.y_train) / len(pool.classes)
+    rows = []
+    for strategy in params.sweep.strategies:
+        for labels in params.sweep.labels_per_class:
+            seeds = [b.seed for b in plan if (b.strategy, b.labels) == (strategy, labels)]
+            accuracy = [done[Branch(strategy, labels, s).key]["test_accuracy"] for s in seeds]
+            row = {"strategy": strategy, "labels_per_class": labels, "x": labels or per_class_all, "seeds": seeds,
+                   "accuracy": accuracy, "mean": statistics.mean(accuracy),
+                   "std": statistics.stdev(accuracy) if len(accuracy) > 1 else 0.0}
+            if reference and strategy != reference:
+                scratch = [done[Branch(reference, labels, s).key]["test_accuracy"] for s in seeds]
+                gaps = [a - b for a, b in zip(accuracy, scratch)]
+                noise = max(row["std"], statistics.stdev(scratch) if len(scratch) > 1 else 0.0)
+                row["minus_scratch"] = gaps
+                # One seed has no noise estimate: never called negative.
+                row["negative_transfer"] = len(gaps) > 1 and max(gaps) < 0 and -statistics.mean(gaps) > noise
+            rows.append(row)
+    return {"reference": reference, "classes": len(pool.classes), "test_examples": int(len(pool.y_test)), "rows": rows}
+
+
+def markdown_table(report: dict) -> str:
+    labels = sorted({r["x"] for r in report["rows"]})
+    heads = [f"{next(r['labels_per_class'] for r in report['rows'] if r['x'] == x) or f'all ({x:.0f})'}" for x in labels]
+    lines = [f"test accuracy % (mean ± std over seeds) by labels a class; ▼ transfer below {report['reference']} "
+             "beyond the seed noise\n", f"| strategy | {' | '.join(heads)} |", f"| --- |{' --- |' * len(heads)}"]
+    for strategy in dict.fromkeys(r["strategy"] for r in report["rows"]):
+        cells = []
+        for x in labels:
+            row = next(r for r in report["rows"] if r["strategy"] == strategy and r["x"] == x)
+            cells.append(f"{100 * row['mean']:.1f} ± {100 * row['std']:.1f}{' ▼' if row.get('negative_transfer') else ''}")
+        lines.append(f"| {strategy} | {' | '.join(cells)} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_learning_curves(report: dict, path: Path) -> Path:
+    """Accuracy vs labels a class (log scale), a line per strategy, a band from the lowest to the highest seed."""
+    figure, axis = plt.subplots(figsize=(8, 5))
+    for strategy in dict.fromkeys(r["strategy"] for r in report["rows"]):
+        rows = sorted((r for r in report["rows"] if r["strategy"] == strategy), key=lambda r: r["x"])
+        x = [r["x"] for r in rows]
+        line, = axis.plot(x, [100 * r["mean"] for r in rows], marker="o", label=strategy,
+                          linestyle="--" if strategy == report["reference"] else "-")
+        axis.fill_between(x, [100 * min(r["accuracy"]) for r in rows], [100 * max(r["accuracy"]) for r in rows],
+                          color=line.get_color(), alpha=0.15)
+        negative = [r for r in rows if r.get("negative_transfer")]
+        axis.scatter([r["x"] for r in negative], [100 * r["mean"] for r in negative], marker="x", s=90, color="red", zorder=5,
+                     label="negative transfer (beyond seed noise)" if negative and strategy == rows[0]["strategy"] else None)
+    axis.set_xscale("log")
+    axis.set_xlabel("labelled training images a class (log scale; the last point: all)")
+    axis.set_ylabel(f"test accuracy % ({report['test_examples']} images)")
+    axis.set_title("learning curves: a line per strategy, the band spans the seeds")
+    axis.grid(True, alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, dpi=110, format="png")
+    plt.close(figure)
+    return path

@@ -1,0 +1,89 @@
+"""`graft sweep` in a real project after `dvc repro`: MLflow child runs under one parent, resumable, the table
+and the learning-curve plot; negative transfer marked only beyond the seed noise."""
+import json
+
+import numpy as np
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from components.config import parse_params
+from components.data import load_splits, prepare
+from components.sweep import BRANCH_TAG, Branch, labelled_subset, summarise
+from tests.conftest import copy_workspace, graft_cli, make_small_target, tiny_params
+
+
+@pytest.fixture(scope="module")
+def swept(candidate_template, tmp_path_factory):
+    template, _ = candidate_template
+    root = copy_workspace(template, tmp_path_factory.mktemp("sweep") / "ws")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["sweep"] = {"labels_per_class": [1, 3], "seeds": [0, 1],
+                       "strategies": {"scratch": {"strategy": "scratch"}, "finetune": {"strategy": "finetune"},
+                                      "joint_iw": {"joint": {"weight": 1.0, "instance_weights": "domain", "source_examples": 300}}}}
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    url = f"sqlite:///{root / 'mlflow.db'}"
+    done = graft_cli(root, url, "sweep")
+    return root, url, done
+
+
+def test_every_branch_is_a_child_run_of_one_parent_with_its_test_accuracy(swept):
+    root, url, done = swept
+    report = json.loads((root / "reports" / "sweep.json").read_text())
+    client = MlflowClient(tracking_uri=url)
+    children = client.search_runs([client.get_run(report["parent_run_id"]).info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{report['parent_run_id']}'")
+    assert len(children) == 3 * 2 * 2 and all(r.info.status == "FINISHED" for r in children)
+    assert {r.data.tags[BRANCH_TAG] for r in children} == {Branch(s, k, seed).key for s in ("scratch", "finetune", "joint_iw")
+                                                           for k in (1, 3) for seed in (0, 1)}
+    by_key = {r.data.tags[BRANCH_TAG]: r for r in children}
+    assert by_key["finetune/k=3/seed=1"].data.metrics["train_examples"] == 3 * 10  # the tiny target has 10 classes
+    row = next(r for r in report["rows"] if (r["strategy"], r["labels_per_class"]) == ("joint_iw", 3))
+    assert row["accuracy"] == [by_key[f"joint_iw/k=3/seed={s}"].data.metrics["test_accuracy"] for s in (0, 1)]
+    assert len(row["minus_scratch"]) == 2 and report["reference"] == "scratch"
+    artifacts = {a.path for a in client.list_artifacts(report["parent_run_id"], "sweep")}
+    assert artifacts == {"sweep/sweep.json", "sweep/sweep.md", "sweep/sweep-learning-curves.png"}
+    assert (root / "plots" / "sweep-learning-curves.png").stat().st_size > 10_000
+    assert "| joint_iw |" in done.stdout and "12 to run" in done.stdout
+
+
+def test_a_resumed_sweep_redoes_only_the_branches_that_did_not_finish(swept):
+    root, url, _ = swept
+    report = json.loads((root / "reports" / "sweep.json").read_text())
+    client = MlflowClient(tracking_uri=url)
+    experiment = client.get_run(report["parent_run_id"]).info.experiment_id
+    broken = client.search_runs([experiment], f"tags.`{BRANCH_TAG}` = 'finetune/k=1/seed=0'")[0]
+    client.set_terminated(broken.info.run_id, "FAILED")  # as a branch killed part-way leaves it
+    again = graft_cli(root, url, "sweep")
+    assert "11 finished before, 1 to run" in again.stdout
+    rerun = client.search_runs([experiment], f"tags.`{BRANCH_TAG}` = 'finetune/k=1/seed=0'")
+    assert sorted(r.info.status for r in rerun) == ["FAILED", "FINISHED"]
+    assert json.loads((root / "reports" / "sweep.json").read_text())["parent_run_id"] == report["parent_run_id"]
+
+
+def test_a_branch_draws_the_labels_the_pipeline_would_draw_with_its_seed(tmp_path):
+    raw = make_small_target(tmp_path / "raw", per_class=12, classes=4)
+    params = parse_params(tiny_params(**{"data.target.path": str(raw), "data.target.val_size": 8, "data.target.test_size": 8}))
+    everything = params.data.target.model_copy(update={"labels_per_class": None})
+    prepare(everything, params.data, 1, [28], 0, tmp_path / "all.npz", tmp_path / "all.json")
+    for seed in (0, 3):
+        prepare(params.data.target.model_copy(update={"labels_per_class": 2}), params.data, 1, [28], seed,
+                tmp_path / "k.npz", tmp_path / "k.json")
+        cut = labelled_subset(load_splits(tmp_path / "all.npz"), 2, seed)
+        assert sorted(cut.origin_train) == sorted(load_splits(tmp_path / "k.npz").origin_train)
+
+
+def _summary(scratch: list[float], transfer: list[float]) -> dict:
+    params = parse_params(tiny_params(**{"sweep": {"labels_per_class": [5], "seeds": [0, 1, 2],
+                                                   "strategies": {"scratch": {"strategy": "scratch"}, "ft": {}}}}))
+    done = {Branch(s, 5, seed).key: {"test_accuracy": a} for s, accs in (("scratch", scratch), ("ft", transfer))
+            for seed, a in enumerate(accs)}
+    pool = type("Pool", (), {"y_train": np.zeros(50), "y_test": np.zeros(20), "classes": tuple("abcde")})
+    plan = [Branch(s, 5, seed) for s in ("scratch", "ft") for seed in range(3)]
+    return next(r for r in summarise(params, plan, done, pool)["rows"] if r["strategy"] == "ft")
+
+
+def test_negative_transfer_is_marked_only_beyond_the_seed_noise():
+    assert _summary([0.80, 0.81, 0.82], [0.70, 0.71, 0.72])["negative_transfer"], "10 points below on every seed"
+    assert not _summary([0.80, 0.81, 0.82], [0.79, 0.80, 0.83])["negative_transfer"], "one seed above scratch"
+    assert not _summary([0.70, 0.80, 0.90], [0.65, 0.78, 0.88])["negative_transfer"], "below on every seed, within the spread"
