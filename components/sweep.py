@@ -96,9 +96,13 @@ def run_branch(params: Params, branch: Branch, pool: data_mod.Splits) -> dict:
     splits = labelled_subset(pool, branch.labels, branch.seed)
     model, history, extra = train_target(branch_params, finetune.strategy, splits)
     test = score(splits.y_test, _predict(model, splits.x_test), splits.classes)
-    return {"test_accuracy": test.accuracy, "test_macro_f1": test.macro_f1,
-            "val_accuracy": history[-1].get("val_accuracy", float("nan")), "train_examples": int(len(splits.y_train)),
-            "train_seconds": extra["train_seconds"]}
+    metrics = {"test_accuracy": test.accuracy, "test_macro_f1": test.macro_f1,
+               "val_accuracy": history[-1].get("val_accuracy", float("nan")), "train_examples": int(len(splits.y_train)),
+               "train_seconds": extra["train_seconds"]}
+    for term in extra.get("objective", []):
+        if "weights" in term:  # instance weights: how many source examples the weighted pool is worth
+            metrics["source_effective_sample_size"] = term["weights"]["effective_sample_size"]
+    return metrics
 
 
 def run_sweep(root: str | Path, params: Params) -> dict:

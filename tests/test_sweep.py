@@ -41,6 +41,7 @@ def test_every_branch_is_a_child_run_of_one_parent_with_its_test_accuracy(swept)
     row = next(r for r in report["rows"] if (r["strategy"], r["labels_per_class"]) == ("joint_iw", 3))
     assert row["accuracy"] == [by_key[f"joint_iw/k=3/seed={s}"].data.metrics["test_accuracy"] for s in (0, 1)]
     assert len(row["minus_scratch"]) == 2 and report["reference"] == "scratch"
+    assert 1 < by_key["joint_iw/k=1/seed=0"].data.metrics["source_effective_sample_size"] < 300
     artifacts = {a.path for a in client.list_artifacts(report["parent_run_id"], "sweep")}
     assert artifacts == {"sweep/sweep.json", "sweep/sweep.md", "sweep/sweep-learning-curves.png"}
     assert (root / "plots" / "sweep-learning-curves.png").stat().st_size > 10_000
