@@ -409,6 +409,9 @@ def _describe(error: ValidationError) -> str:
     return "\n".join(lines)
 
 
+FOREACH_KEYS = ("sources.pipeline", "data.unlabeled")  # dvc.yaml: foreach over each
+
+
 def parse_params(raw: dict) -> Params:
     try:
         return Params.model_validate(raw)
@@ -427,9 +430,15 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: expected a mapping of keys at the top level")
     try:
-        return parse_params(raw)
+        params = parse_params(raw)
     except ParamsError as error:
         raise ParamsError(f"{path}: {error}") from None
+    # dvc.yaml iterates over these mappings (foreach), and DVC reads params.yaml itself: an absent key is an error
+    # there, even where Graft's default (no entries) would do.
+    if missing := [key for key in FOREACH_KEYS if not isinstance((raw.get(key.split(".")[0]) or {}).get(key.split(".")[1]), dict)]:
+        raise ParamsError(f"{path}: {', '.join(missing)}: missing; dvc.yaml runs a stage per entry, so write it out, "
+                          f"empty if none: {'; '.join(f'{k}: {{}}' for k in missing)}")
+    return params
 
 
 def check_raw_data(root: str | Path, params: Params) -> None:

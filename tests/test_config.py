@@ -80,3 +80,22 @@ def test_missing_and_malformed_files(tmp_path: Path):
     listed.write_text(yaml.safe_dump([1, 2]))
     with pytest.raises(ParamsError, match="mapping"):
         load_params(listed)
+
+
+def test_the_mappings_dvc_iterates_over_must_be_written_out(tmp_path: Path):
+    raw = tiny_params()
+    del raw["data"]["unlabeled"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ParamsError, match=r"data.unlabeled: missing; .*data.unlabeled: \{\}"):
+        load_params(tmp_path / "params.yaml")
+
+
+def test_sweep_strategies_and_adaptation_name_what_they_need():
+    bad_strategy = tiny_params(**{"sweep.strategies": {"mine": {"joint": {"weight": -1}}}})
+    with pytest.raises(ParamsError, match=r"sweep.strategies.mine is not a valid change of finetune:\s+joint.weight"):
+        parse_params(bad_strategy)
+    without_images = tiny_params(**{"finetune.adaptation.method": "coral"})
+    with pytest.raises(ParamsError, match=r"finetune.adaptation.method 'coral' needs unlabelled target images.*entries: none"):
+        parse_params(without_images)
+    named = tiny_params(**{"finetune.adaptation.method": "dann", "data.unlabeled": {"cam": {"path": "x"}}})
+    assert parse_params(named).unlabeled_for_adaptation() == "cam"
