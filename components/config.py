@@ -172,6 +172,14 @@ class TrainParams(_Strict):
     eval_every_steps: int = Field(default=0, ge=0)
 
 
+class ComputeParams(_Strict):
+    """Where and in what precision the training loop runs (components/compute.py); auto: chosen from the machine."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    channels_last: Literal["auto", "on", "off"] = "auto"
+
+
 class PretrainParams(TrainParams):
     epochs: int = Field(ge=1)
     checkpoint_every_steps: int = Field(default=100, ge=0)  # a resume point for a killed run; 0: none
@@ -344,6 +352,7 @@ class Params(_Strict):
     serving: ServingParams = ServingParams()
     schedule: ScheduleParams = ScheduleParams()
     sweep: SweepParams = SweepParams()
+    compute: ComputeParams = ComputeParams()
 
     @model_validator(mode="after")
     def _sweep_strategies_are_finetune_settings(self) -> Params:

@@ -183,13 +183,14 @@ class SourceObjective(Term):
 
     def loss(self, index, features, labelled_features, progress):
         logits = self.modules[0](features)
-        per_example = F.cross_entropy(logits, self.labels[index], reduction="none")
+        labels = self.labels[index].to(features.device)
+        per_example = F.cross_entropy(logits, labels, reduction="none")
         if self.example_weights is not None:
-            per_example = per_example * self.example_weights[index]
+            per_example = per_example * self.example_weights[index].to(features.device)
         source_loss = per_example.mean()
         weight = self.params.weight * schedule_factor(self.params.schedule, progress)
-        return weight * source_loss, {"source_loss": source_loss.item(), "source_accuracy":
-                                      (logits.argmax(1) == self.labels[index]).float().mean().item()}
+        return weight * source_loss, {"source_loss": source_loss.item(),
+                                      "source_accuracy": (logits.argmax(1) == labels).float().mean().item()}
 
     def summary(self) -> dict:
         return {"term": self.name, "weight": self.params.weight, "schedule": self.params.schedule,
@@ -288,7 +289,7 @@ class Alignment(Term):
         # are pushed, through the reversed gradient, to make the domains indistinguishable.
         both = reverse_gradient(torch.cat([source, target]), self.params.weight * dann_coefficient(progress))
         logits = self.modules[0](both).squeeze(1)
-        domains = torch.cat([torch.zeros(len(source)), torch.ones(len(target))])
+        domains = torch.cat([torch.zeros(len(source)), torch.ones(len(target))]).to(features.device)
         domain_loss = F.binary_cross_entropy_with_logits(logits, domains)
         return domain_loss, {"domain_loss": domain_loss.item(),
                              "domain_accuracy": ((logits > 0).float() == domains).float().mean().item()}

@@ -17,6 +17,7 @@ import numpy as np
 
 from components import data as data_mod
 from components.artifacts import atomic_path, read_json, sha256_json, write_json
+from components.compute import resolve_compute
 from components.config import Params, load_params
 from components.errors import GraftError
 from components.evaluate import (
@@ -177,15 +178,17 @@ def pretrain(params: Params, name: str) -> dict:
                 "source": candidate.model_dump(mode="json"), "data_version": splits.data_version, "steps": steps}
     resume = Resume(Layout.resume_point(f"pretrain-{name}"), params.pretrain.checkpoint_every_steps,
                     sha256_json(training))
+    compute = resolve_compute(params.compute, model)
     started = time.perf_counter()
     history = train(model, splits, params.pretrain, [Phase("pretrain", steps, 1.0)], params.pretrain.seed, desc=f"pretrain {name}",
-                    resume=resume)
+                    resume=resume, compute=compute)
     seconds = time.perf_counter() - started
     test = score(splits.y_test, _predict(model, splits.x_test), splits.classes)
     metrics = {"test_accuracy": test.accuracy, "test_macro_f1": test.macro_f1, "steps": steps}
     # Timing goes with the checkpoint, not the metrics: metrics must be identical on a rerun.
     save_checkpoint(model, Layout.source_model(name), {"data_version": splits.data_version, "dataset": candidate.data.name,
-                                                       "metrics": metrics, "train_seconds": seconds})
+                                                       "metrics": metrics, "train_seconds": seconds,
+                                                       "compute": compute.to_dict()})
     write_history(history, Layout.pretrain_history(name))
     write_json(Layout.pretrain_metrics(name), metrics)
     resume.path.unlink(missing_ok=True)  # every output is written: the resume point has done its job
@@ -255,8 +258,10 @@ def train_target(params: Params, strategy: str, splits: data_mod.Splits) -> tupl
         tuning = Tuning.of(params.finetune, model, params.seed)
         terms = objective_terms(params, model, splits)
         extra["objective"] = [term.summary() for term in terms]
+    compute = resolve_compute(params.compute, model)
+    extra["compute"] = compute.to_dict()
     history = train(model, splits, params.finetune, strategy_phases(params.finetune, strategy), params.seed, desc=strategy,
-                    tuning=tuning, terms=terms)
+                    tuning=tuning, terms=terms, compute=compute)
     extra["train_seconds"] = time.perf_counter() - started
     return model, history, extra
 

@@ -21,6 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from components.artifacts import atomic_path
+from components.compute import FP32_CPU, Compute
 from components.config import Augment, FinetuneParams, TrainParams
 from components.data import Splits
 from components.model import GraftNet
@@ -155,10 +156,18 @@ def _optimizer(model: GraftNet, params: TrainParams, phase: Phase, tuning: Tunin
     return torch.optim.AdamW(groups, weight_decay=params.weight_decay)
 
 
+def _batches(model: nn.Module, x: np.ndarray, normalize: Normalizer, batch_size: int):
+    """Normalised fp32 batches of x on the model's device."""
+    device = next(model.parameters()).device
+    for i in range(0, len(x), batch_size):
+        yield normalize(torch.from_numpy(x[i : i + batch_size])).to(device)
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, x: np.ndarray, normalize: Normalizer, batch_size: int = 512) -> torch.Tensor:
+    """fp32 logits on the CPU, whatever device the model is on."""
     model.eval()
-    chunks = [model(normalize(torch.from_numpy(x[i : i + batch_size]))) for i in range(0, len(x), batch_size)]
+    chunks = [model(batch).cpu() for batch in _batches(model, x, normalize, batch_size)]
     return torch.cat(chunks) if chunks else torch.empty(0)
 
 
@@ -166,8 +175,7 @@ def predict_logits(model: nn.Module, x: np.ndarray, normalize: Normalizer, batch
 def predict_features(model: GraftNet, x: np.ndarray, normalize: Normalizer, batch_size: int = 512) -> np.ndarray:
     """The backbone's output (what the head sees), in eval mode, float32 (N, D)."""
     model.eval()
-    return torch.cat([model.features(normalize(torch.from_numpy(x[i : i + batch_size]))).flatten(1)
-                      for i in range(0, len(x), batch_size)]).numpy()
+    return torch.cat([model.features(batch).flatten(1).cpu() for batch in _batches(model, x, normalize, batch_size)]).numpy()
 
 
 def evaluate_split(model: nn.Module, x: np.ndarray, y: np.ndarray, normalize: Normalizer) -> dict[str, float]:
@@ -190,7 +198,7 @@ def _set_batchnorm_momentum(model: nn.Module, momentum: float | None) -> None:
 
 def train(
     model: GraftNet, data: Splits, params: TrainParams, phases: list[Phase], seed: int, desc: str = "train",
-    resume: Resume | None = None, tuning: Tuning = Tuning(), terms: tuple[Term, ...] = (),
+    resume: Resume | None = None, tuning: Tuning = Tuning(), terms: tuple[Term, ...] = (), compute: Compute = FP32_CPU,
 ) -> list[dict]:
     """Train in place; returns the history: one record per evaluation on the val split. `tuning` says how a phase
     that trains the backbone treats it (regulariser, layer-wise lr decay, gradual unfreezing, BatchNorm mode).
@@ -200,12 +208,20 @@ def train(
 
     With `resume`, every `resume.every_steps` steps the whole state (model, optimizer, schedule, both random
     generators, the sampler's queue, history and running sums) is saved; a run killed part-way continues from
-    there and ends exactly as an uninterrupted run would."""
+    there and ends exactly as an uninterrupted run would.
+
+    `compute` says where and in what precision (components/compute.py): the model and each term's modules move
+    there for training and come back to the CPU, fp32 and contiguous, at the end."""
     torch.use_deterministic_algorithms(True, warn_only=True)
     # Filling every new tensor with NaN only helps find reads of uninitialised memory; it cost 25% of a
     # training step on CPU (EfficientNet-Lite0 @64, same losses either way).
     torch.utils.deterministic.fill_uninitialized_memory = False
     _set_batchnorm_momentum(model, params.bn_momentum)
+    print(f"{desc}: training on {compute.describe()}", file=sys.stderr)
+    model.to(compute.device, memory_format=compute.memory_format)
+    for term in terms:
+        term.modules.to(compute.device)
+    scaler = torch.amp.GradScaler(compute.device, enabled=compute.precision == "fp16")  # fp16 only: bf16 has fp32's range
     generator = torch.Generator().manual_seed(seed)
     normalize = Normalizer.of(model.spec.contract)
     x_train, y_train = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
@@ -222,6 +238,8 @@ def train(
         torch.set_rng_state(saved["torch_rng"])
         sampler.queue, sampler.epochs_started = saved["queue"], saved["epochs_started"]
         history, global_step = saved["history"], saved["global_step"]
+        if "scaler" in saved:
+            scaler.load_state_dict(saved["scaler"])
         for term, state in zip(terms, saved.get("terms", ())):
             term.load_state(state)
         print(f"{desc}: resuming from step {global_step} of {total} ({resume.path})", file=sys.stderr)
@@ -249,10 +267,15 @@ def train(
                 term_batches = [term.next_batch(generator) for term in terms]
                 pixels = torch.cat([x_train[index], *(term.pixels[batch] for term, batch in zip(terms, term_batches))])
                 pixels = augment_batch(normalize.scaled(pixels), params.augment, generator)
-                all_features = model.features(normalize(pixels))
+                inputs = compute.images_to_device(normalize(pixels))
+                labels = y_train[index].to(compute.device, non_blocking=True)
+                with compute.autocast():
+                    all_features = model.features(inputs)
+                    logits = model.head(all_features[: len(index)])
+                # Losses, penalties and the terms (small heads, feature statistics) in fp32.
+                all_features, logits = all_features.float(), logits.float()
                 features = all_features[: len(index)]
-                logits = model.head(features)
-                loss = F.cross_entropy(logits, y_train[index], label_smoothing=params.label_smoothing)
+                loss = F.cross_entropy(logits, labels, label_smoothing=params.label_smoothing)
                 if tuning.regularizer is not None:
                     loss = loss + tuning.regularizer.penalty(model, features)
                 start = len(index)
@@ -264,12 +287,13 @@ def train(
                     for key, value in term_metrics.items():
                         running_terms[key] = running_terms.get(key, 0.0) + value
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
                 schedule.step()
                 global_step += 1
                 running_loss += loss.item() * len(index)
-                running_correct += int((logits.argmax(1) == y_train[index]).sum())
+                running_correct += int((logits.argmax(1) == labels).sum())
                 running_seen += len(index)
                 bar.update(1)
                 if global_step % eval_every == 0 or step == phase.steps - 1:
@@ -295,7 +319,10 @@ def train(
                         "epochs_started": sampler.epochs_started, "history": history, "global_step": global_step,
                         "phase": phase_index, "step": step + 1,
                         "running": [running_loss, running_correct, running_seen, running_terms],
-                        "terms": [term.state() for term in terms],
+                        "terms": [term.state() for term in terms], "scaler": scaler.state_dict(),
                     })
+    model.to("cpu", memory_format=torch.contiguous_format)
+    for term in terms:
+        term.modules.to("cpu")
     model.eval()
     return history

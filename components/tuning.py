@@ -51,6 +51,9 @@ class L2SP(Regularizer):
         self.new = [p for block in new_blocks for p in block.parameters()]
 
     def penalty(self, model: GraftNet, features: torch.Tensor | None) -> torch.Tensor:
+        device = model.head.weight.device
+        if any(w.device != device for w in self.source.values()):  # the model moved to the training device
+            self.source = {name: w.to(device) for name, w in self.source.items()}
         drift = sum((p - self.source[name]).pow(2).sum() for name, p in model.backbone.named_parameters()
                     if p.requires_grad and name in self.source)
         head = sum(p.pow(2).sum() for p in (*model.head.parameters(), *self.new))
