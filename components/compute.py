@@ -28,22 +28,22 @@ class ComputeError(GraftError, ValueError):
     """The compute params ask for hardware this machine does not have."""
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (Linux /proc/cpuinfo); empty where they cannot be read."""
+def _cpuinfo(field: str) -> str:
+    """The first value of `field` in Linux's /proc/cpuinfo; empty where it cannot be read."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
-    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
-    return set(line.partition(":")[2].split())
+        return ""
+    return next((line.partition(":")[2].strip() for line in text.splitlines() if line.startswith(field)), "")
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags; empty where they cannot be read."""
+    return set(_cpuinfo("flags").split())
 
 
 def cpu_model() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown CPU"
-    return next((line.partition(":")[2].strip() for line in text.splitlines() if line.startswith("model name")), "unknown CPU")
+    return _cpuinfo("model name") or "unknown CPU"
 
 
 @dataclass(frozen=True)

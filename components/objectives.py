@@ -37,36 +37,24 @@ class ObjectiveError(GraftError, ValueError):
 
 
 class Term:
-    """One extra term: draws its batch of uint8 pixels, then turns that batch's features into a loss."""
+    """One extra term: its own uint8 pixels, batches of `batch_size` drawn from `pool` (the loop samples them with
+    its generator), and the loss it makes of a batch's features."""
 
     name = "term"
 
     def __init__(self, pixels: np.ndarray, batch_size: int) -> None:
         self.pixels = torch.from_numpy(pixels)
         self.batch_size = batch_size
-        self.queue = torch.empty(0, dtype=torch.long)
         self.modules = nn.ModuleList()  # what the term trains besides the model (a head, a discriminator)
 
-    def next_batch(self, generator: torch.Generator) -> torch.Tensor:
-        """Indices of the next batch: shuffled passes over the term's pool, from the loop's generator."""
-        while len(self.queue) < self.batch_size:
-            self.queue = torch.cat([self.queue, self._permutation(generator)])
-        batch, self.queue = self.queue[: self.batch_size], self.queue[self.batch_size:]
-        return batch
-
-    def _permutation(self, generator: torch.Generator) -> torch.Tensor:
-        return torch.randperm(len(self.pixels), generator=generator)
+    @property
+    def pool(self) -> int | torch.Tensor:
+        """What batches are drawn from: every image (their count), or the indices of some."""
+        return len(self.pixels)
 
     def loss(self, index: torch.Tensor, features: torch.Tensor, labelled_features: torch.Tensor,
              progress: float) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
-
-    def state(self) -> dict:
-        return {"queue": self.queue, "modules": self.modules.state_dict()}
-
-    def load_state(self, state: dict) -> None:
-        self.queue = state["queue"]
-        self.modules.load_state_dict(state["modules"])
 
     def summary(self) -> dict:
         """What a run record should keep about this term (weights, ESS)."""
@@ -176,10 +164,9 @@ class SourceObjective(Term):
         self.example_weights = torch.from_numpy(weights.weights).float() if weights else None
         self.kept = torch.from_numpy(weights.kept) if weights else None
 
-    def _permutation(self, generator: torch.Generator) -> torch.Tensor:
-        if self.kept is None:
-            return super()._permutation(generator)
-        return self.kept[torch.randperm(len(self.kept), generator=generator)]
+    @property
+    def pool(self) -> int | torch.Tensor:
+        return super().pool if self.kept is None else self.kept
 
     def loss(self, index, features, labelled_features, progress):
         logits = self.modules[0](features)
@@ -196,6 +183,15 @@ class SourceObjective(Term):
         return {"term": self.name, "weight": self.params.weight, "schedule": self.params.schedule,
                 "instance_weights": self.params.instance_weights, "source_examples": int(len(self.pixels)),
                 **({"weights": self.instance_weights.summary()} if self.instance_weights else {})}
+
+
+def require_source_data(source: str, kind: str, pipeline_sources: list[str], asked_by: str, turn_off: str) -> None:
+    """The joint objective trains on the source's own labelled data: only a pipeline source has it in the project."""
+    if kind != "pipeline":
+        raise ObjectiveError(
+            f"{asked_by} needs the source's own labelled data, and the selected source {source} is pretrained elsewhere "
+            f"(no data in this project); select a pipeline source (selection.mode: report, selection.use: "
+            f"{', '.join(pipeline_sources) or 'a sources.pipeline entry'}) or {turn_off}")
 
 
 def joint_term(params: JointParams, source: Splits, target: Splits, source_head: nn.Module,

@@ -38,9 +38,10 @@ from components.model import (
     load_checkpoint,
     save_checkpoint,
 )
-from components.objectives import Alignment, ObjectiveError, Term, joint_term
+from components.objectives import Alignment, Term, joint_term, require_source_data
 from components.selection import choose, score_candidate, write_selection
 from components.sources import (
+    LoadedSource,
     SourceError,
     SourceIdentity,
     extract_features,
@@ -183,7 +184,7 @@ def pretrain(params: Params, name: str) -> dict:
     history = train(model, splits, params.pretrain, [Phase("pretrain", steps, 1.0)], params.pretrain.seed, desc=f"pretrain {name}",
                     resume=resume, compute=compute)
     seconds = time.perf_counter() - started
-    test = score(splits.y_test, _predict(model, splits.x_test), splits.classes)
+    test = score(splits.y_test, predict_classes(model, splits.x_test), splits.classes)
     metrics = {"test_accuracy": test.accuracy, "test_macro_f1": test.macro_f1, "steps": steps}
     # Timing goes with the checkpoint, not the metrics: metrics must be identical on a rerun.
     save_checkpoint(model, Layout.source_model(name), {"data_version": splits.data_version, "dataset": candidate.data.name,
@@ -195,7 +196,7 @@ def pretrain(params: Params, name: str) -> dict:
     return metrics
 
 
-def _predict(model, x: np.ndarray) -> np.ndarray:
+def predict_classes(model, x: np.ndarray) -> np.ndarray:
     return predict_logits(model, x, Normalizer.of(model.spec.contract)).argmax(1).numpy()
 
 
@@ -247,16 +248,16 @@ def train_target(params: Params, strategy: str, splits: data_mod.Splits) -> tupl
     if strategy == "scratch":
         model = build(spec, params.seed)
     else:
-        identity = SourceIdentity.from_dict(read_json(Layout.selected_source))
-        model = graft(load_source(identity).backbone, spec, params.seed)
-        extra["source"] = identity.to_dict()
+        source = load_source(SourceIdentity.from_dict(read_json(Layout.selected_source)))
+        model = graft(source.backbone, spec, params.seed)
+        extra["source"] = source.identity.to_dict()
     started = time.perf_counter()
     # The backbone knobs (regulariser toward the source, unfreezing, lr decay) and the extra terms (the source's
     # data, unlabelled target images) are about transfer: the scratch baseline has neither.
     tuning, terms = Tuning(), ()
     if strategy != "scratch":
         tuning = Tuning.of(params.finetune, model, params.seed)
-        terms = objective_terms(params, model, splits)
+        terms = objective_terms(params, model, splits, source)
         extra["objective"] = [term.summary() for term in terms]
     compute = resolve_compute(params.compute, model)
     extra["compute"] = compute.to_dict()
@@ -273,19 +274,17 @@ def _train_target(params: Params, strategy: str, out: Path, history_path: Path) 
     return extra
 
 
-def objective_terms(params: Params, model: GraftNet, splits: data_mod.Splits) -> tuple[Term, ...]:
-    """The joint objective's source term and the domain-adaptation term that params.finetune asks for."""
+def objective_terms(params: Params, model: GraftNet, splits: data_mod.Splits, source: LoadedSource) -> tuple[Term, ...]:
+    """The joint objective's source term and the domain-adaptation term that params.finetune asks for; `model` was
+    just grafted from `source`."""
     terms: list[Term] = []
     featurize = partial(predict_features, model, normalize=Normalizer.of(model.spec.contract))
     if params.finetune.joint.weight > 0:
-        identity = SourceIdentity.from_dict(read_json(Layout.selected_source))
-        if identity.kind != "pipeline":
-            raise ObjectiveError(
-                f"finetune.joint needs the source's own labelled data, and the selected source {identity.name} is "
-                f"pretrained elsewhere (no data in this project); select a pipeline source (selection.mode: report, "
-                f"selection.use: {', '.join(params.sources.pipeline) or 'a sources.pipeline entry'}) or set finetune.joint.weight: 0")
-        source = data_mod.load_splits(Layout.source_data(identity.name), identity.image_size)
-        terms.append(joint_term(params.finetune.joint, source, splits, load_source(identity).head, featurize, params.seed))
+        identity = source.identity
+        require_source_data(identity.name, identity.kind, list(params.sources.pipeline), "finetune.joint",
+                            "set finetune.joint.weight: 0")
+        source_data = data_mod.load_splits(Layout.source_data(identity.name), identity.image_size)
+        terms.append(joint_term(params.finetune.joint, source_data, splits, source.head, featurize, params.seed))
     if params.finetune.adaptation.method != "none":
         name = params.unlabeled_for_adaptation()
         unlabeled = data_mod.load_unlabeled(Layout.unlabeled_data(name), splits.image_size)
@@ -309,7 +308,7 @@ def evaluate(params: Params) -> dict:  # noqa: ARG001 - every stage takes params
     for label, path, plot in (("transfer", Layout.transfer_model, Layout.confusion_transfer),
                               ("scratch", Layout.scratch_model, Layout.confusion_scratch)):
         model, meta = load_checkpoint(path)
-        predicted = _predict(model, splits.x_test)
+        predicted = predict_classes(model, splits.x_test)
         evaluation = score(splits.y_test, predicted, splits.classes)
         plot_confusion(evaluation, splits.classes, f"{label} ({meta['strategy']}) on the test split", plot)
         strategies[label] = meta["strategy"]

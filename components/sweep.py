@@ -30,8 +30,9 @@ from components.artifacts import atomic_path, read_json, sha256_json, write_json
 from components.config import Params  # noqa: E402
 from components.errors import GraftError  # noqa: E402
 from components.evaluate import score  # noqa: E402
+from components.objectives import require_source_data  # noqa: E402
 from components.register import use_experiment  # noqa: E402
-from components.stages import Layout, _predict, train_target  # noqa: E402
+from components.stages import Layout, predict_classes, train_target  # noqa: E402
 
 SWEEP_ID_TAG = "graft.sweep.id"
 BRANCH_TAG = "graft.sweep.branch"
@@ -95,7 +96,7 @@ def run_branch(params: Params, branch: Branch, pool: data_mod.Splits) -> dict:
     branch_params = params.model_copy(update={"finetune": finetune, "seed": branch.seed})
     splits = labelled_subset(pool, branch.labels, branch.seed)
     model, history, extra = train_target(branch_params, finetune.strategy, splits)
-    test = score(splits.y_test, _predict(model, splits.x_test), splits.classes)
+    test = score(splits.y_test, predict_classes(model, splits.x_test), splits.classes)
     metrics = {"test_accuracy": test.accuracy, "test_macro_f1": test.macro_f1,
                "val_accuracy": history[-1].get("val_accuracy", float("nan")), "train_examples": int(len(splits.y_train)),
                "train_seconds": extra["train_seconds"]}
@@ -111,12 +112,9 @@ def run_sweep(root: str | Path, params: Params) -> dict:
     if not (root / Layout.selected_source).exists():
         raise SweepError("no selected source yet: the sweep reuses the pipeline's; run `dvc repro select_source` first")
     source = read_json(root / Layout.selected_source)
-    needs_data = [name for name in params.sweep.strategies if params.sweep_finetune(name).joint.weight > 0]
-    if needs_data and source["kind"] != "pipeline":
-        raise SweepError(f"sweep.strategies {', '.join(needs_data)} train on the source's own data (finetune.joint), and the "
-                         f"selected source {source['name']} is pretrained elsewhere (no data in this project); select a pipeline "
-                         f"source (selection.mode: report, selection.use: {', '.join(params.sources.pipeline) or 'a sources.pipeline entry'}) "
-                         "or drop those strategies")
+    if needs_data := [name for name in params.sweep.strategies if params.sweep_finetune(name).joint.weight > 0]:
+        require_source_data(source["name"], source["kind"], list(params.sources.pipeline),
+                            f"sweep.strategies {', '.join(needs_data)} (finetune.joint)", "drop those strategies")
     experiment_id = use_experiment(params.registry, root)
     client = MlflowClient()
     folder = root / ".graft" / "sweep"

@@ -94,16 +94,20 @@ def augment_batch(pixels: torch.Tensor, augment: Augment, generator: torch.Gener
 
 
 class BatchSampler:
-    """Endless full batches from shuffled passes over the data, reproducible from its generator."""
+    """Endless full batches from shuffled passes over the data, reproducible from its generator. `pool`: the
+    number of examples (indices 0..n-1), or the indices to draw from."""
 
-    def __init__(self, size: int, batch_size: int, generator: torch.Generator) -> None:
-        self.size, self.batch_size, self.generator = size, batch_size, generator
+    def __init__(self, pool: int | torch.Tensor, batch_size: int, generator: torch.Generator) -> None:
+        self.pool = pool if isinstance(pool, torch.Tensor) else None
+        self.size = len(pool) if isinstance(pool, torch.Tensor) else pool
+        self.batch_size, self.generator = batch_size, generator
         self.queue = torch.empty(0, dtype=torch.long)
         self.epochs_started = 0
 
     def next(self) -> torch.Tensor:
         while len(self.queue) < self.batch_size:
-            self.queue = torch.cat([self.queue, torch.randperm(self.size, generator=self.generator)])
+            order = torch.randperm(self.size, generator=self.generator)
+            self.queue = torch.cat([self.queue, order if self.pool is None else self.pool[order]])
             self.epochs_started += 1
         batch, self.queue = self.queue[: self.batch_size], self.queue[self.batch_size :]
         return batch
@@ -226,6 +230,7 @@ def train(
     normalize = Normalizer.of(model.spec.contract)
     x_train, y_train = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
     sampler = BatchSampler(len(y_train), params.batch_size, generator)
+    term_samplers = [BatchSampler(term.pool, term.batch_size, generator) for term in terms]
     steps_per_epoch = math.ceil(len(y_train) / params.batch_size)
     eval_every = params.eval_every_steps or steps_per_epoch
     history: list[dict] = []
@@ -240,8 +245,9 @@ def train(
         history, global_step = saved["history"], saved["global_step"]
         if "scaler" in saved:
             scaler.load_state_dict(saved["scaler"])
-        for term, state in zip(terms, saved.get("terms", ())):
-            term.load_state(state)
+        for term, term_sampler, state in zip(terms, term_samplers, saved.get("terms", ())):
+            term.modules.load_state_dict(state["modules"])
+            term_sampler.queue = state["queue"]
         print(f"{desc}: resuming from step {global_step} of {total} ({resume.path})", file=sys.stderr)
     with tqdm(total=total, initial=global_step, desc=desc, unit="step", mininterval=1.0) as bar:
         for phase_index, phase in enumerate(phases):
@@ -264,7 +270,7 @@ def train(
                 if tuning.unfreeze_every_steps and step % tuning.unfreeze_every_steps == 0:
                     tuning.set_modes(model, backbone_trains, step)
                 index = sampler.next()
-                term_batches = [term.next_batch(generator) for term in terms]
+                term_batches = [term_sampler.next() for term_sampler in term_samplers]
                 pixels = torch.cat([x_train[index], *(term.pixels[batch] for term, batch in zip(terms, term_batches))])
                 pixels = augment_batch(normalize.scaled(pixels), params.augment, generator)
                 inputs = compute.images_to_device(normalize(pixels))
@@ -319,7 +325,9 @@ def train(
                         "epochs_started": sampler.epochs_started, "history": history, "global_step": global_step,
                         "phase": phase_index, "step": step + 1,
                         "running": [running_loss, running_correct, running_seen, running_terms],
-                        "terms": [term.state() for term in terms], "scaler": scaler.state_dict(),
+                        "terms": [{"modules": term.modules.state_dict(), "queue": term_sampler.queue}
+                                  for term, term_sampler in zip(terms, term_samplers)],
+                        "scaler": scaler.state_dict(),
                     })
     model.to("cpu", memory_format=torch.contiguous_format)
     for term in terms:
