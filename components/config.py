@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from components.errors import GraftError
 
@@ -278,6 +285,16 @@ class ExportParams(_Strict):
     opset: int = Field(default=20, ge=17)
     parity_atol: float = Field(default=1e-3, gt=0)   # every |ONNX logit - PyTorch logit| <= atol + rtol * |PyTorch logit|
     parity_rtol: float = Field(default=1e-3, ge=0)   # (NumPy's allclose rule: deep networks have large logits)
+    variants: list[Literal["int8", "fp16"]] = Field(default=["int8", "fp16"])  # beside FP32 (deploy/variants.py)
+    max_accuracy_drop: float = Field(default=0.005, ge=0, le=1)  # a variant further below FP32 is not published
+    calibration_images: int = Field(default=1024, ge=1)  # INT8 activation ranges: target train, then val, images
+
+    @field_validator("variants")
+    @classmethod
+    def _each_once(cls, variants: list[str]) -> list[str]:
+        if len(set(variants)) != len(variants):
+            raise ValueError(f"each variant at most once, got {variants}")
+        return variants
 
 
 class GateParams(_Strict):
@@ -305,6 +322,7 @@ ProviderName = Literal["auto", "tensorrt", "cuda", "cpu"]
 class ServingParams(_Strict):
     alias: str = "champion"
     providers: list[ProviderName] = Field(default=["auto"], min_length=1)
+    variant: Literal["auto", "fp32", "int8", "fp16"] = "auto"  # auto: INT8 on CPU, FP16 on CUDA, when published
     strict: bool = False  # refuse to serve on CPU when a GPU provider was asked for
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)

@@ -1,10 +1,18 @@
 """Export: ONNX with a dynamic batch axis, the preprocessing contract and class names in its metadata,
-checked by the ONNX checker, and a parity check of ONNX Runtime against PyTorch on the test split."""
+checked by the ONNX checker, and a parity check of ONNX Runtime against PyTorch on the test split.
+
+Variants of the FP32 file (deploy/variants.py): INT8 by ONNX Runtime's static quantization (QDQ, per-channel
+weights, activation ranges calibrated on target images that are not test images) and FP16 (weights and compute
+in half precision, FP32 inputs and outputs). Each is scored on the test split like the FP32 file; one that loses
+more than the bound is not written.
+"""
 from __future__ import annotations
 
 import json
 import logging
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +28,9 @@ from components.train import Normalizer, predict_logits
 from deploy.contract import (  # the server reads exactly what export writes
     CLASSES_KEY,
     CONTRACT_KEY,
+    Contract,
 )
+from deploy.variants import FP16, INT8
 
 
 class ParityFailed(GraftError):
@@ -92,3 +102,113 @@ def read_metadata(path: Path) -> dict[str, str]:
     return {prop.key: prop.value for prop in onnx.load(str(path), load_external_data=False).metadata_props}
 
 
+
+
+def median_ms(run: Callable[[np.ndarray], object], batch: np.ndarray, repeats: int) -> float:
+    run(batch)  # warm-up: the first call allocates
+    timings = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run(batch)
+        timings.append((time.perf_counter() - started) * 1000)
+    return float(np.median(timings))
+
+
+def _save_checked(proto: onnx.ModelProto, path: Path) -> Path:
+    onnx.checker.check_model(proto, full_check=True)
+    with atomic_path(path) as tmp_path:
+        onnx.save(proto, str(tmp_path))
+    return path
+
+
+def quantize_int8(fp32_path: Path, path: Path, calibration: np.ndarray, batch_size: int = 20) -> Path:
+    """Static INT8 quantization, QDQ format (ONNX Runtime fuses it into integer kernels on CPU): weights per output
+    channel, activations asymmetric uint8 with MinMax ranges from `calibration` (normalised images). The first
+    convolution (it sees raw pixels) and the classifier's Gemm stay in float: measured on the default model,
+    that keeps accuracy and is faster than quantizing them (quantize-dequantize around a tiny op costs more)."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    contract_input = onnx.load(str(fp32_path), load_external_data=False).graph.input[0].name
+    # Equal batches: the calibrator stacks each tensor's batches into one array.
+    batch_size = min(batch_size, len(calibration))
+    batches = [calibration[i : i + batch_size] for i in range(0, len(calibration) // batch_size * batch_size, batch_size)]
+
+    class Batches(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._left = iter(batches)
+
+        def get_next(self):
+            batch = next(self._left, None)
+            return None if batch is None else {contract_input: batch}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared, quantized = Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
+        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        graph = onnx.load(str(prepared)).graph
+        first_conv = next(n.name for n in graph.node if n.op_type == "Conv")
+        classifier = [n.name for n in graph.node if n.op_type in ("Gemm", "MatMul")][-1:]
+        quantize_static(str(prepared), str(quantized), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        nodes_to_exclude=[first_conv, *classifier])
+        return _save_checked(onnx.load(str(quantized)), path)
+
+
+def convert_fp16(fp32_path: Path, path: Path) -> Path:
+    """Weights and arithmetic in FP16, inputs and outputs still FP32 (the contract and the V2 API are unchanged)."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    proto = convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=True)
+    _sort_topologically(proto.graph)  # the converter appends the input casts after the nodes that read them
+    return _save_checked(proto, path)
+
+
+def _sort_topologically(graph: onnx.GraphProto) -> None:
+    known = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        ready = [n for n in pending if all(name in known for name in n.input)]
+        if not ready:
+            raise ValueError("the graph has a cycle or reads a tensor no node writes")
+        for node in ready:
+            known.update(node.output)
+        ordered += ready
+        pending = [n for n in pending if all(n is not r for r in ready)]
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def build_variant(variant: str, fp32_path: Path, path: Path, calibration: np.ndarray) -> Path:
+    if variant == INT8:
+        return quantize_int8(fp32_path, path, calibration)
+    if variant == FP16:
+        return convert_fp16(fp32_path, path)
+    raise ValueError(f"no builder for variant {variant!r}")
+
+
+@dataclass(frozen=True)
+class VariantScore:
+    """One ONNX file on the test split, run by ONNX Runtime on CPU."""
+
+    accuracy: float
+    latency_ms_batch1: float
+    latency_ms_batch64: float
+    onnx_bytes: int
+
+
+def score_onnx(path: Path, contract: Contract, x_test: np.ndarray, y_test: np.ndarray, batch_size: int = 256) -> VariantScore:
+    session = cpu_session(path)
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        return session.run([contract.output_name], {contract.input_name: batch})[0]
+
+    normalised = contract.normalize(x_test)
+    predicted = np.concatenate([run(normalised[i : i + batch_size]).argmax(1) for i in range(0, len(normalised), batch_size)])
+    batch64 = normalised[np.resize(np.arange(len(normalised)), 64)]
+    return VariantScore(float((predicted == y_test).mean()), median_ms(run, normalised[:1], 30), median_ms(run, batch64, 10),
+                        path.stat().st_size)

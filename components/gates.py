@@ -8,7 +8,6 @@ artifact loaded as the server loads it, latency and size budgets)
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from components.config import GateParams, ServingParams
 from components.data import Splits
 from components.errors import CandidateRejected
 from components.evaluate import score
+from components.export import median_ms
 from deploy.model import (
     InputError,
     LoadedModel,
@@ -221,16 +221,6 @@ def skew_gate(served: float | None, evaluated: float, gates: GateParams) -> Gate
     return _at_most("contract.skew", gap, gates.max_skew, detail)
 
 
-def _median_ms(run, batch: np.ndarray, repeats: int) -> float:
-    run(batch)  # warm-up: the first call allocates
-    timings = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run(batch)
-        timings.append((time.perf_counter() - started) * 1000)
-    return float(np.median(timings))
-
-
 def serving_gates(onnx_path: Path, x_test: np.ndarray, y_test: np.ndarray, gates: GateParams,
                   serving: ServingParams) -> tuple[list[Gate], str, dict]:
     """Load the artifact in a fresh session exactly as `graft serve` does and query it with test images."""
@@ -244,8 +234,8 @@ def serving_gates(onnx_path: Path, x_test: np.ndarray, y_test: np.ndarray, gates
     logits = model.run(model.contract.normalize(large))
     answers_ok = logits.shape == (len(large), len(model.classes)) and bool(np.isfinite(logits).all())
     accuracy = score(y_test[repeat], logits.argmax(1), model.classes).accuracy
-    single_ms = _median_ms(model.run, model.contract.normalize(x_test[:1]), repeats=30)
-    large_ms = _median_ms(model.run, model.contract.normalize(large), repeats=5)
+    single_ms = median_ms(model.run, model.contract.normalize(x_test[:1]), repeats=30)
+    large_ms = median_ms(model.run, model.contract.normalize(large), repeats=5)
     size_mb = model.size_bytes / 1e6
     result = [
         Gate("serving.answers", PASSED if answers_ok else FAILED, float(answers_ok), "== 1",

@@ -165,6 +165,7 @@ def collect_summary(root: str | Path, outcomes: list[StageOutcome] | None = None
         "scratch test acc": f"{evaluation['scratch']['accuracy']:.4f} (macro-F1 {evaluation['scratch']['macro_f1']:.4f}), same architecture",
         "transfer gain": f"{100 * evaluation['transfer_gain']:+.2f} points",
         "ONNX parity": f"max |diff| {parity['max_abs_diff']:.1e}, top-1 agreement {parity['argmax_agreement']:.4f}",
+        "export variants": _variants_line(parity.get("variants", {})),
         "gates": _gate_line(root),
         "model version": _version_line(registration),
         "stages": ", ".join(f"{o.name} {'ran' if o.ran else 'skipped'} {o.seconds:.0f}s" for o in outcomes) if outcomes else "",
@@ -176,6 +177,14 @@ def _pretrained_line(root: Path, source: dict) -> str:
         return ""
     metrics = read_json(root / Layout.pretrain_metrics(source["name"]))
     return f", source test acc {metrics['test_accuracy']:.4f}"
+
+
+def _variants_line(variants: dict[str, dict]) -> str:
+    """Each export variant's test accuracy and CPU batch-64 latency, and whether it was published."""
+    return "; ".join(
+        f"{name} {score['accuracy']:.4f}, {score['latency_ms_batch64']:.1f} ms/64 on CPU"
+        + ("" if score["published"] else f" (not published: {100 * score['accuracy_drop']:.2f} points below fp32)")
+        for name, score in variants.items())
 
 
 def _gate_line(root: Path) -> str:

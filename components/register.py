@@ -37,7 +37,7 @@ from components.selection import SCORES
 from components.sources import SourceIdentity
 from components.stages import Layout
 from deploy.digest import sha256_file
-from deploy.source import ONNX_SHA_TAG
+from deploy.variants import FP32, ONNX_SHA_TAG, VARIANT_DIR, sha_tag, variant_path
 
 SOURCE_SHA_TAG = "graft.source.sha256"
 CANDIDATE_TAG = "graft.candidate"      # what the candidate is: candidate_key
@@ -146,6 +146,7 @@ class RunRecord:
     artifacts: list[Path]
     onnx_path: Path
     example: np.ndarray  # a few preprocessed test inputs, float32 NCHW
+    variant_scores: dict[str, dict]  # export's measurements of every variant (metrics/export.json)
 
 
 def candidate_key(root: Path, params: Params) -> str:
@@ -196,6 +197,7 @@ def register(record: RunRecord, source_run_id: str, key: str) -> Registration:
         stored_sha = hashlib.sha256(proto.SerializeToString()).hexdigest()
         tags = {**record.tags, **{f"metric.{k}": f"{v:.6g}" for k, v in record.metrics.items()},
                 "graft.run_id": run.info.run_id, CANDIDATE_TAG: key, ONNX_SHA_TAG: stored_sha, **lineage}
+        tags.update(log_variants(info.model_id, record.onnx_path, record.variant_scores))
         version = mlflow.register_model(info.model_uri, registry.model_name, tags={k: str(v) for k, v in tags.items()})
         return Registration(
             run_id=run.info.run_id,
@@ -205,6 +207,21 @@ def register(record: RunRecord, source_run_id: str, key: str) -> Registration:
             source_run_id=source_run_id,
             tracking_uri=mlflow.get_tracking_uri(),
         )
+
+
+def log_variants(model_id: str, onnx_path: Path, scores: dict[str, dict]) -> dict[str, str]:
+    """Store each export variant (export wrote only those within the accuracy bound) in the logged model's folder,
+    beside model.onnx, and return the tags that publish it: its sha256 and its measured numbers."""
+    tags = {}
+    for variant, score in scores.items():
+        path = variant_path(onnx_path, variant)
+        if variant == FP32 or not path.is_file():
+            continue
+        MlflowClient().log_model_artifact(model_id, str(path), VARIANT_DIR)
+        tags[sha_tag(variant)] = sha256_file(path)
+        tags.update({f"graft.variant.{variant}.{key}": f"{score[key]:.6g}"
+                     for key in ("accuracy", "accuracy_drop", "latency_ms_batch1", "latency_ms_batch64")})
+    return tags
 
 
 def lineage_tags(identity: SourceIdentity, params: Params) -> dict[str, str]:
@@ -233,6 +250,8 @@ def run_record(root: Path, params: Params) -> RunRecord:
         "scratch.test.accuracy": evaluation["scratch"]["accuracy"], "scratch.test.macro_f1": evaluation["scratch"]["macro_f1"],
         "transfer_gain": evaluation["transfer_gain"],
         "onnx.max_abs_diff": parity["max_abs_diff"], "onnx.argmax_agreement": parity["argmax_agreement"],
+        **{f"onnx.{variant}.{key}": float(score[key]) for variant, score in parity.get("variants", {}).items()
+           for key in ("accuracy", "latency_ms_batch1", "latency_ms_batch64", "onnx_bytes", "published")},
     }
     for candidate in selection["candidates"]:
         metrics.update({f"selection.{candidate['name']}.{score}": candidate[score] for score in SCORES})
@@ -256,6 +275,7 @@ def run_record(root: Path, params: Params) -> RunRecord:
         params=params, tags=tags, metrics=metrics,
         histories={"transfer": read_history(root / Layout.transfer_history), "scratch": read_history(root / Layout.scratch_history)},
         artifacts=artifacts, onnx_path=root / Layout.onnx_model, example=contract.normalize(splits.x_test[:4]),
+        variant_scores=parity.get("variants", {}),
     )
 
 

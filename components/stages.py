@@ -7,6 +7,7 @@ are relative to the project folder (the one holding dvc.yaml and params.yaml).
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -29,7 +30,13 @@ from components.evaluate import (
     write_history,
     write_predictions,
 )
-from components.export import ParityFailed, check_parity, export_onnx
+from components.export import (
+    ParityFailed,
+    build_variant,
+    check_parity,
+    export_onnx,
+    score_onnx,
+)
 from components.model import (
     GraftNet,
     ModelSpec,
@@ -60,6 +67,7 @@ from components.train import (
 )
 from components.tuning import Tuning
 from deploy.contract import COLOR_MODES, SOURCE_KEY, Contract
+from deploy.variants import FP32, VARIANT_DIR, variant_path
 
 
 class UnknownStage(GraftError):
@@ -84,6 +92,7 @@ class Layout:
     transfer_model = Path("models/transfer.pt")
     scratch_model = Path("models/scratch.pt")
     onnx_model = Path("models/model.onnx")
+    onnx_variants = Path("models") / VARIANT_DIR  # those within export.max_accuracy_drop of FP32 (deploy/variants.py)
     evaluate_metrics = Path("metrics/evaluate.json")
     export_metrics = Path("metrics/export.json")
     transfer_history = Path("plots/transfer_history.csv")
@@ -343,14 +352,41 @@ def export(params: Params) -> dict:
     parity = check_parity(model, Layout.onnx_model, splits.x_test, params.export.parity_atol, params.export.parity_rtol)
     # Metrics only: the exporter's bytes are not reproducible (DVC's lock keeps the file's hash).
     result = {**asdict(parity), "passed": parity.passed, "onnx_bytes": Layout.onnx_model.stat().st_size}
-    write_json(Layout.export_metrics, result)
     if not parity.passed:
+        write_json(Layout.export_metrics, result)
         raise ParityFailed(
             f"ONNX parity failed: max |diff| {parity.max_abs_diff:.2e} is {parity.worst_tolerance_ratio:.2f}x the allowed "
             f"atol {parity.atol:.0e} + rtol {parity.rtol:.0e} * |logit|, "
             f"top-1 agreement {parity.argmax_agreement:.4f} (need 1.0); the model is not registered"
         )
+    result["variants"] = export_variants(params, model.spec.contract, splits)
+    write_json(Layout.export_metrics, result)
     return result
+
+
+def export_variants(params: Params, contract, splits: data_mod.Splits) -> dict[str, dict]:
+    """Every configured variant built from the FP32 file, scored on the test split beside it, and written to
+    models/variants/ only when it loses at most export.max_accuracy_drop: a variant that exists is published."""
+    settings = params.export
+    fp32 = score_onnx(Layout.onnx_model, contract, splits.x_test, splits.y_test)
+    scores = {FP32: {**asdict(fp32), "accuracy_drop": 0.0, "published": True}}
+    calibration = contract.normalize(np.concatenate([splits.x_train, splits.x_val])[: settings.calibration_images])
+    if Layout.onnx_variants.exists():
+        shutil.rmtree(Layout.onnx_variants)
+    Layout.onnx_variants.mkdir(parents=True)
+    for variant in settings.variants:
+        path = variant_path(Layout.onnx_model, variant)
+        build_variant(variant, Layout.onnx_model, path, calibration)
+        measured = score_onnx(path, contract, splits.x_test, splits.y_test)
+        drop = fp32.accuracy - measured.accuracy
+        published = drop <= settings.max_accuracy_drop
+        scores[variant] = {**asdict(measured), "accuracy_drop": drop, "published": published,
+                           "speedup_batch64_cpu": fp32.latency_ms_batch64 / measured.latency_ms_batch64}
+        if not published:
+            path.unlink()
+            scores[variant]["why_not"] = (f"{100 * drop:.2f} points below FP32 on the test split, more than "
+                                          f"export.max_accuracy_drop {100 * settings.max_accuracy_drop:g}")
+    return scores
 
 
 STAGES: dict[str, Callable[..., object]] = {

@@ -25,6 +25,7 @@ import onnxruntime as ort
 from PIL import Image, UnidentifiedImageError
 
 from deploy.contract import CLASSES_KEY, CONTRACT_KEY, Contract, ContractError
+from deploy.variants import FP32
 
 PROVIDER_NAMES = {
     "tensorrt": "TensorrtExecutionProvider",
@@ -141,6 +142,12 @@ def plan_providers(preference: list[str], cache_dir: Path) -> ProviderPlan:
                         {n: blockers[n] for n in names if n in blockers})
 
 
+def planned_provider(providers: list[str], cache_dir: Path) -> str:
+    """The provider a session asked for `providers` will try first: what the export variant is chosen for."""
+    runnable = plan_providers(providers, cache_dir).runnable
+    return runnable[0] if runnable else PROVIDER_NAMES["cpu"]
+
+
 @dataclass
 class LoadedModel:
     session: ort.InferenceSession
@@ -154,6 +161,8 @@ class LoadedModel:
     size_bytes: int
     load_seconds: float
     info: dict = field(default_factory=dict)
+    variant: str = FP32
+    variant_note: str = ""  # which export variant runs, and why
 
     @property
     def provider(self) -> str:
@@ -168,13 +177,17 @@ class LoadedModel:
         return self.session.run([self.contract.output_name], {self.contract.input_name: batch})[0]
 
 
+def engine_cache(cache_dir: str | Path | None) -> Path:
+    return Path(cache_dir or os.environ.get("GRAFT_ENGINE_CACHE", Path.home() / ".cache" / "graft"))
+
+
 def load_model(path: str | Path, providers: list[str] | None = None, strict: bool = False,
                cache_dir: str | Path | None = None, threads: int = 0) -> LoadedModel:
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"{path}: no such ONNX file")
     started = time.perf_counter()
-    cache = Path(cache_dir or os.environ.get("GRAFT_ENGINE_CACHE", Path.home() / ".cache" / "graft"))
+    cache = engine_cache(cache_dir)
     plan = plan_providers(providers or [AUTO], cache)
     asked_gpu = any(p in GPU_PROVIDERS for p in plan.requested)
     if strict and asked_gpu and not any(p in GPU_PROVIDERS for p in plan.runnable):

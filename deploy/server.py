@@ -46,11 +46,14 @@ from deploy.model import (
     ModelLoadError,
     PayloadTooLarge,
     decode_image,
+    engine_cache,
     load_model,
+    planned_provider,
     softmax,
 )
 from deploy.page import render_page
 from deploy.source import FileSource, IntegrityError, RegistrySource, SourceError
+from deploy.variants import AUTO, VARIANTS, VariantError, choose
 
 log = logging.getLogger("graft.serve")
 T = TypeVar("T")
@@ -62,6 +65,7 @@ TOKEN_VARIABLE = "GRAFT_API_TOKEN"  # the API token comes from the environment (
 class ServerSettings:
     model_name: str = "graft-classifier"
     providers: tuple[str, ...] = ("auto",)
+    variant: str = AUTO  # which export variant: auto (the provider's best published one), fp32, int8, fp16
     strict: bool = False
     max_batch_size: int = 32
     max_queue_delay_ms: float = 0.0
@@ -99,8 +103,8 @@ class Metrics:
         self.inferences = Counter("graft_inferences_total", "rows inferred", registry=r)
         self.executions = Counter("graft_executions_total", "model executions (batches)", registry=r)
         self.queue_depth = Gauge("graft_queue_depth", "requests waiting for a batch", registry=r)
-        self.model_info = Gauge("graft_model_info", "the served model version and the provider running it",
-                                ["model", "version", "provider"], registry=r)
+        self.model_info = Gauge("graft_model_info", "the served model version, the provider running it and the export variant",
+                                ["model", "version", "provider", "variant"], registry=r)
         self.reloads = Counter("graft_model_reloads_total", "alias moves followed", ["outcome"], registry=r)
         self.refused = Counter("graft_model_refused_total", "versions refused: their file is not the registered one",
                                ["model", "version"], registry=r)
@@ -131,15 +135,28 @@ class ModelServer:
 
     # ------------------------------------------------------------ loading and reloading
 
-    def _load(self, version: str) -> tuple[LoadedModel, dict[str, str]]:
-        resolved = self.source.fetch(version)
+    def _load_variant(self, version: str, provider: str, available: list[str]) -> tuple[LoadedModel, dict[str, str]]:
+        try:
+            variant, why = choose(self.settings.variant, provider, available)
+        except VariantError as error:
+            raise ModelLoadError(f"v{version}: {error}") from None
+        resolved = self.source.fetch(version, variant)
         model = load_model(resolved.onnx_path, list(self.settings.providers), self.settings.strict,
                            Path(self.settings.cache_dir), self.settings.threads)
+        model.variant, model.variant_note = variant, f"{variant} ({why})"
+        return model, resolved.tags
+
+    def _load(self, version: str) -> tuple[LoadedModel, dict[str, str]]:
+        available = self.source.variants(version)
+        planned = planned_provider(list(self.settings.providers), engine_cache(self.settings.cache_dir))
+        model, tags = self._load_variant(version, planned, available)
+        if model.provider != planned:  # a GPU provider failed to start: serve the variant that fits what runs
+            model, tags = self._load_variant(version, model.provider, available)
         warm = np.zeros((self.settings.max_batch_size, *model.contract.shape), np.float32)
         for _ in range(self.settings.warmup_rounds):  # first calls allocate and (on TensorRT) build engines
             model.run(warm[:1])
             model.run(warm)
-        return model, resolved.tags
+        return model, tags
 
     async def switch_to(self, version: str) -> None:
         async with self._swap_lock:
@@ -149,8 +166,9 @@ class ModelServer:
             batcher.start()
             old, self.served = self.served, Served(version, model, batcher, tags)  # the one atomic step
             self.metrics.model_info.clear()
-            self.metrics.model_info.labels(self.settings.model_name, version, model.provider).set(1)
-            log.info("serving %s v%s: %s", self.settings.model_name, version, model.provider_note)
+            self.metrics.model_info.labels(self.settings.model_name, version, model.provider, model.variant).set(1)
+            log.info("serving %s v%s, variant %s: %s", self.settings.model_name, version, model.variant_note,
+                     model.provider_note)
             if old is not None:
                 await old.batcher.stop()  # finishes what the old version already accepted
 
@@ -385,6 +403,7 @@ def create_app(source: FileSource | RegistrySource, settings: ServerSettings) ->
             "outputs": [{"name": contract.output_name, "datatype": "FP32", "shape": [-1, len(served.model.classes)]}],
             "parameters": {
                 "version": served.version, "provider": served.model.provider,
+                "variant": served.model.variant, "variant_note": served.model.variant_note,
                 "requested_providers": list(served.model.requested_providers),
                 "active_providers": list(served.model.active_providers), "provider_note": served.model.provider_note,
                 "classes": list(served.model.classes),
@@ -482,6 +501,8 @@ def main() -> None:
     parser.add_argument("--host", default=os.environ.get("GRAFT_HOST", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRAFT_PORT", "8000")))
     parser.add_argument("--providers", default=os.environ.get("GRAFT_PROVIDERS", "auto"))
+    parser.add_argument("--variant", default=os.environ.get("GRAFT_VARIANT", AUTO),
+                        help="export variant: auto (INT8 on CPU, FP16 on CUDA, when published), fp32, int8, fp16")
     parser.add_argument("--strict", action="store_true", default=os.environ.get("GRAFT_STRICT") == "1")
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-queue-delay-ms", type=float, default=0.0)
@@ -492,8 +513,10 @@ def main() -> None:
     parser.add_argument("--insecure-no-auth", action="store_true",
                         help=f"listen beyond loopback without an API token ({TOKEN_VARIABLE})")
     args = parser.parse_args()
+    if args.variant not in (AUTO, *VARIANTS):
+        parser.error(f"--variant {args.variant!r}: allowed {', '.join((AUTO, *VARIANTS))}")
     settings = ServerSettings(
-        model_name=args.model, providers=tuple(args.providers.split(",")), strict=args.strict,
+        model_name=args.model, providers=tuple(args.providers.split(",")), variant=args.variant, strict=args.strict,
         max_batch_size=args.max_batch_size, max_queue_delay_ms=args.max_queue_delay_ms, max_body_bytes=args.max_body_bytes,
         poll_seconds=args.poll_seconds, threads=args.threads, cache_dir=args.cache_dir,
         token=os.environ.get(TOKEN_VARIABLE, ""),

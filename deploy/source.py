@@ -17,10 +17,15 @@ from urllib.parse import quote, unquote, urlparse
 import httpx
 
 from deploy.digest import sha256_file
-
-ONNX_FILE = "model.onnx"
-# The sha256 of the registered model.onnx, recorded in the registering call: a server serves only these bytes.
-ONNX_SHA_TAG = "graft.onnx.sha256"
+from deploy.variants import (
+    FP32,
+    ONNX_SHA_TAG,
+    VARIANTS,
+    published_in,
+    relative_path,
+    sha_tag,
+    variant_path,
+)
 
 
 class SourceError(RuntimeError):
@@ -46,10 +51,11 @@ class ResolvedModel:
     version: str
     onnx_path: Path
     tags: dict[str, str] = field(default_factory=dict)
+    variant: str = FP32
 
 
 class FileSource:
-    """One ONNX file, never reloaded."""
+    """One ONNX file (and the variants export wrote beside it), never reloaded."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -57,8 +63,11 @@ class FileSource:
     def current_version(self) -> str:
         return "file"
 
-    def fetch(self, version: str) -> ResolvedModel:
-        return ResolvedModel(version, self.path, {})
+    def variants(self, version: str) -> list[str]:
+        return [v for v in VARIANTS if v == FP32 or variant_path(self.path, v).is_file()]
+
+    def fetch(self, version: str, variant: str = FP32) -> ResolvedModel:
+        return ResolvedModel(version, variant_path(self.path, variant), {}, variant)
 
     def describe(self) -> str:
         return str(self.path)
@@ -93,12 +102,12 @@ class RegistrySource:
             raise SourceError(f"registry at {self.tracking_uri} answered {response.status_code}: {response.text[:200]}")
         return response.json()
 
-    def _download_remote(self, version: str, dest: Path) -> None:
+    def _download_remote(self, version: str, file: str, dest: Path) -> None:
         uri = self._get("model-versions/get-download-uri", name=self.name, version=version)["artifact_uri"]
         parsed = urlparse(uri)
         if parsed.scheme != "mlflow-artifacts":
             raise SourceError(f"artifact URI {uri!r} is not served by the tracking server; start it with --serve-artifacts")
-        path = quote(f"{parsed.path.lstrip('/')}/{ONNX_FILE}")
+        path = quote(f"{parsed.path.lstrip('/')}/{file}")
         with self._http.stream("GET", f"/api/2.0/mlflow-artifacts/artifacts/{path}") as response:
             response.raise_for_status()
             with open(dest, "wb") as handle:
@@ -134,35 +143,42 @@ class RegistrySource:
             return {t["key"]: t.get("value", "") for t in raw}
         return dict(self._local().get_model_version(self.name, version).tags)
 
-    def _download(self, version: str, dest: Path) -> None:
+    def _download(self, version: str, file: str, dest: Path) -> None:
         if self.remote:
-            self._download_remote(version, dest)
+            self._download_remote(version, file, dest)
             return
         uri = self._local().get_model_version_download_uri(self.name, version)
         if urlparse(uri).scheme not in ("", "file"):
             raise SourceError(f"cannot read {uri!r} without a tracking server")
-        shutil.copyfile(Path(unquote(urlparse(uri).path)) / ONNX_FILE, dest)
+        shutil.copyfile(Path(unquote(urlparse(uri).path)) / file, dest)
 
-    def fetch(self, version: str) -> ResolvedModel:
+    def variants(self, version: str) -> list[str]:
+        """The variants this version was published with (at least FP32, which every check below needs)."""
+        return [FP32, *[v for v in published_in(self._tags(version)) if v != FP32]]
+
+    def fetch(self, version: str, variant: str = FP32) -> ResolvedModel:
         tags = self._tags(version)
-        expected = tags.get(ONNX_SHA_TAG)
-        if not expected:
+        if not tags.get(ONNX_SHA_TAG):
             raise IntegrityError(f"{self.name} v{version} has no {ONNX_SHA_TAG} tag (registered by an older Graft, or not "
                                  f"by Graft), so its file cannot be checked: publish it again with `graft publish`")
-        target = self.cache_dir / self.name / version / expected / ONNX_FILE
+        expected = tags.get(sha_tag(variant))
+        if not expected:
+            raise SourceError(f"{self.name} v{version} has no {variant} variant ({sha_tag(variant)} is not among its tags)")
+        file = relative_path(variant)
+        target = self.cache_dir / self.name / version / expected / Path(file).name
         if target.is_file() and sha256_file(target) == expected:
-            return ResolvedModel(version, target, tags)
+            return ResolvedModel(version, target, tags, variant)
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".part")
         os.close(fd)
         try:
-            self._download(version, Path(tmp))
+            self._download(version, file, Path(tmp))
             actual = sha256_file(tmp)
             if actual != expected:
-                raise IntegrityError(f"{self.name} v{version} at {self.tracking_uri}: the artifact store's model.onnx has "
+                raise IntegrityError(f"{self.name} v{version} at {self.tracking_uri}: the artifact store's {file} has "
                                      f"sha256 {actual[:16]}..., the registered file {expected[:16]}...: refused (it was "
                                      f"changed or replaced after registration)")
             os.replace(tmp, target)  # only whole, verified bytes take the final name
         finally:
             Path(tmp).unlink(missing_ok=True)
-        return ResolvedModel(version, target, tags)
+        return ResolvedModel(version, target, tags, variant)

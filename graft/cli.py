@@ -176,7 +176,8 @@ def _serve(args: argparse.Namespace) -> int:
     params = load_params(args.params)
     serving = params.serving
     settings = ServerSettings(
-        model_name=params.registry.model_name, providers=tuple(serving.providers), strict=serving.strict,
+        model_name=params.registry.model_name, providers=tuple(serving.providers), variant=serving.variant,
+        strict=serving.strict,
         max_batch_size=serving.max_batch_size, max_queue_delay_ms=serving.max_queue_delay_ms,
         max_body_bytes=serving.max_body_bytes, poll_seconds=serving.poll_seconds, threads=serving.threads,
         token=os.environ.get(TOKEN_VARIABLE, ""),

@@ -1,15 +1,27 @@
 """ONNX export: checker, metadata contract, dynamic batch, parity in real ONNX Runtime sessions."""
 import json
+import shutil
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
-from components.export import check_parity, cpu_session, export_onnx, read_metadata
+from components.config import parse_params
+from components.data import Splits
+from components.export import (
+    check_parity,
+    convert_fp16,
+    cpu_session,
+    export_onnx,
+    quantize_int8,
+    read_metadata,
+)
 from components.model import build
+from components.stages import Layout, export_variants
 from components.train import Normalizer
 from deploy.contract import CLASSES_KEY, CONTRACT_KEY
-from tests.conftest import tiny_spec
+from tests.conftest import tiny_params, tiny_spec
 
 
 @pytest.fixture(scope="module")
@@ -63,3 +75,51 @@ def test_export_failure_leaves_no_file(tmp_path):
     with pytest.raises(Exception, match="channels"):
         export_onnx(model, target, opset=20)
     assert not target.exists() and not list(tmp_path.iterdir())
+
+
+def _logits(path, x):
+    return cpu_session(path).run(None, {"pixels": x})[0]
+
+
+def test_int8_and_fp16_variants_keep_the_contract_and_compute_what_fp32_computes(exported, tmp_path):
+    model, path = exported
+    rng = np.random.default_rng(3)
+    contract = model.spec.contract
+    calibration = contract.normalize(rng.integers(0, 256, (40, 1, 28, 28), dtype=np.uint8))
+    x = contract.normalize(rng.integers(0, 256, (64, 1, 28, 28), dtype=np.uint8))
+    int8 = quantize_int8(path, tmp_path / "variants" / "model.int8.onnx", calibration)
+    fp16 = convert_fp16(path, tmp_path / "variants" / "model.fp16.onnx")
+    reference = _logits(path, x)
+    for variant in (int8, fp16):
+        assert read_metadata(variant)[CONTRACT_KEY] == read_metadata(path)[CONTRACT_KEY]
+        assert read_metadata(variant)[CLASSES_KEY] == read_metadata(path)[CLASSES_KEY]
+    ops = {node.op_type for node in onnx.load(str(int8)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops, "weights and activations are quantized"
+    weights = [t for t in onnx.load(str(int8)).graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert weights, "the weights are stored as int8"
+    fp16_logits, int8_logits = _logits(fp16, x), _logits(int8, x)
+    assert fp16_logits.dtype == np.float32 and int8_logits.shape == reference.shape
+    np.testing.assert_allclose(fp16_logits, reference, atol=5e-3 * np.abs(reference).max())
+    assert np.linalg.norm(int8_logits - reference) < 0.1 * np.linalg.norm(reference)
+
+
+def test_a_variant_beyond_the_accuracy_bound_is_neither_written_nor_published(exported, tmp_path, monkeypatch):
+    """Labels are the FP32 model's own answers (FP32 scores 1.0) and INT8 ranges come from black images, which
+    clip every real activation: INT8 loses accuracy, is not written and says why; FP16 loses nothing and is kept."""
+    model, path = exported
+    monkeypatch.chdir(tmp_path)
+    Layout.onnx_model.parent.mkdir(parents=True)
+    shutil.copy(path, Layout.onnx_model)
+    rng = np.random.default_rng(5)
+    x_test = rng.integers(0, 256, (200, 1, 28, 28), dtype=np.uint8)
+    y_test = _logits(path, model.spec.contract.normalize(x_test)).argmax(1)
+    black = np.zeros((40, 1, 28, 28), np.uint8)
+    no_rows = np.zeros(0, np.int64)
+    splits = Splits(black, no_rows, black[:0], no_rows, x_test, y_test, tuple("abcde"), no_rows, no_rows, no_rows, "v")
+    params = parse_params(tiny_params(**{"export.max_accuracy_drop": 0.0}))
+    scores = export_variants(params, model.spec.contract, splits)
+    assert scores["fp32"]["accuracy"] == 1.0 and scores["int8"]["accuracy_drop"] > 0
+    assert not (tmp_path / "models/variants/model.int8.onnx").exists() and not scores["int8"]["published"]
+    assert "more than export.max_accuracy_drop 0" in scores["int8"]["why_not"]
+    assert scores["fp16"]["published"] == (scores["fp16"]["accuracy_drop"] <= 0)
+    assert (tmp_path / "models/variants/model.fp16.onnx").exists() == scores["fp16"]["published"]

@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,9 +12,12 @@ import torch
 import torchvision
 import yaml
 from mlflow import MlflowClient
+from mlflow.artifacts import download_artifacts
 
 from components.config import parse_params
 from components.stages import stage_order
+from deploy.digest import sha256_file
+from deploy.variants import sha_tag
 from tests.conftest import copy_workspace, dvc_repro, graft_cli, stages_ran, tiny_params
 
 
@@ -76,6 +80,24 @@ def test_registered_version_carries_lineage_and_metrics(repro_workspace):
     assert {"plots/confusion_transfer.png", "plots/curves.png", "plots/source-selection.png"} <= artifacts
     source = client.get_run(registration["source_run_id"])
     assert source.data.tags["graft.source.sha256"] == version.tags["graft.source.sha256"]
+
+
+def test_every_published_variant_is_registered_beside_fp32_with_its_hash_and_numbers(repro_workspace, tmp_path):
+    root, _, metrics = repro_workspace
+    variants = metrics["export"]["variants"]
+    assert set(variants) == {"fp32", "int8", "fp16"} and all(v["published"] for v in variants.values())
+    registration = _json(root, "outputs/registration.json")
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    version = client.get_model_version(registration["model_name"], registration["version"])
+    folder = Path(download_artifacts(artifact_uri=client.get_model_version_download_uri(registration["model_name"],
+                                                                                        registration["version"]),
+                                     dst_path=str(tmp_path), tracking_uri=f"sqlite:///{root / 'mlflow.db'}"))
+    for variant in ("int8", "fp16"):
+        stored = folder / "variants" / f"model.{variant}.onnx"
+        assert version.tags[sha_tag(variant)] == sha256_file(stored) == sha256_file(root / "models/variants" / stored.name)
+        assert float(version.tags[f"graft.variant.{variant}.accuracy"]) == pytest.approx(variants[variant]["accuracy"], abs=1e-6)
+    run = client.get_run(registration["run_id"])
+    assert run.data.metrics["onnx.int8.accuracy"] == pytest.approx(variants["int8"]["accuracy"])
 
 
 def _publish(root) -> dict:

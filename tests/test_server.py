@@ -89,7 +89,9 @@ def registry(served_workspace, mlflow_server):
 
 @pytest.fixture(scope="module")
 def server(registry, mlflow_server, tmp_path_factory):
-    process, base = start_server(mlflow_server, MODEL, tmp_path_factory.mktemp("cache"), "--max-body-bytes", "200000")
+    # FP32 served exactly as registered; the INT8 that `auto` picks on CPU has a test of its own.
+    process, base = start_server(mlflow_server, MODEL, tmp_path_factory.mktemp("cache"), "--max-body-bytes", "200000",
+                                 "--variant", "fp32")
     wait_ready(base)
     yield base
     process.terminate()
@@ -230,7 +232,8 @@ def test_promote_and_rollback_under_traffic_fail_nothing_and_mix_nothing(server,
 
 def test_metrics_show_batches_versions_and_errors(server):
     text = httpx.get(f"{server}/metrics").text
-    assert 'graft_model_info{model="served-classifier",provider="CPUExecutionProvider",version="1"} 1.0' in text
+    assert ('graft_model_info{model="served-classifier",provider="CPUExecutionProvider",variant="fp32",version="1"} 1.0'
+            in text)
     assert "graft_queue_depth" in text and 'graft_request_latency_seconds_bucket{endpoint="/predict"' in text
     executions = float(next(line.split()[-1] for line in text.splitlines() if line.startswith("graft_executions_total")))
     inferences = float(next(line.split()[-1] for line in text.splitlines() if line.startswith("graft_inferences_total")))
@@ -242,6 +245,26 @@ def test_metrics_show_batches_versions_and_errors(server):
 def test_page_shows_the_served_model(server):
     page = httpx.get(server).text
     assert 'id="version">1<' in page and "CPUExecutionProvider" in page and "quality.accuracy" in page
+
+
+def test_auto_serves_the_published_int8_variant_on_cpu_says_so_and_checks_its_hash(registry, mlflow_server, tmp_path):
+    client, _ = registry
+    champion = alias_version(client, MODEL, CHAMPION)
+    folder = download_artifacts(artifact_uri=client.get_model_version_download_uri(MODEL, champion),
+                                dst_path=str(tmp_path / "download"), tracking_uri=mlflow_server)
+    int8 = ort.InferenceSession(str(Path(folder) / "variants" / "model.int8.onnx"), providers=["CPUExecutionProvider"])
+    process, base = start_server(mlflow_server, MODEL, tmp_path / "cache")  # serving.variant: auto
+    try:
+        wait_ready(base)
+        parameters = httpx.get(f"{base}/v2/models/{MODEL}").json()["parameters"]
+        assert parameters["variant"] == "int8" and parameters["variant_note"] == "int8 (preferred on CPUExecutionProvider)"
+        np.testing.assert_allclose(_served_logits(base), int8.run(None, {"pixels": PROBE})[0], atol=1e-5)
+        assert f'variant="int8",version="{champion}"}} 1.0' in httpx.get(f"{base}/metrics").text
+        cached = next((tmp_path / "cache").rglob("model.int8.onnx"))
+        assert sha256_file(cached) == client.get_model_version(MODEL, champion).tags["graft.onnx.int8.sha256"]
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
 
 
 def test_not_ready_until_a_model_exists_then_ready(registry, mlflow_server, tmp_path):
@@ -308,7 +331,7 @@ def test_two_registries_with_the_same_model_name_and_version_each_serve_their_ow
     other_client.set_registered_model_alias(MODEL, CHAMPION, mine)
 
     shared_cache = tmp_path / "shared-cache"
-    servers = [start_server(url, MODEL, shared_cache) for url in (mlflow_server, other)]
+    servers = [start_server(url, MODEL, shared_cache, "--variant", "fp32") for url in (mlflow_server, other)]
     try:
         for (_, base), want in zip(servers, (expected[champion], expected[other_bytes])):
             wait_ready(base, 60)

@@ -1,0 +1,64 @@
+"""Export variants of one model: the FP32 ONNX file, an INT8 file (static quantization, for CPUs) and an FP16 file
+(for CUDA). Stated once, here, for export, publishing and the server (no torch).
+
+A variant lives beside its model at `variants/model.<name>.onnx`, in the project (models/) and in the registry
+(the registered model's artifact folder); its registered sha256 is the tag `graft.onnx.<name>.sha256`. Export
+writes a variant only when it scored within `export.max_accuracy_drop` of FP32, so a variant that exists was
+published.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+FP32, INT8, FP16 = "fp32", "int8", "fp16"
+VARIANTS = (FP32, INT8, FP16)
+AUTO = "auto"
+VARIANT_DIR = "variants"
+ONNX_FILE = "model.onnx"
+ONNX_SHA_TAG = "graft.onnx.sha256"  # the FP32 file's, recorded in the registering call
+# What each execution provider runs best, in order of preference: INT8 kernels (VNNI/AMX) on CPU, FP16 on CUDA.
+# TensorRT builds its own FP16 engine from the FP32 graph (trt_fp16_enable): it takes the FP32 file.
+PREFERENCE = {
+    "CPUExecutionProvider": (INT8, FP32),
+    "CUDAExecutionProvider": (FP16, FP32),
+    "TensorrtExecutionProvider": (FP32,),
+}
+
+
+class VariantError(ValueError):
+    pass
+
+
+def relative_path(variant: str) -> str:
+    """Where a variant's file lives relative to the folder that holds model.onnx."""
+    return ONNX_FILE if variant == FP32 else f"{VARIANT_DIR}/model.{variant}.onnx"
+
+
+def variant_path(model_onnx: str | Path, variant: str) -> Path:
+    return Path(model_onnx).parent / relative_path(variant)
+
+
+def sha_tag(variant: str) -> str:
+    return ONNX_SHA_TAG if variant == FP32 else f"graft.onnx.{variant}.sha256"
+
+
+def published_in(tags: dict[str, str]) -> list[str]:
+    """The variants a registered version holds, read from its tags."""
+    return [v for v in VARIANTS if tags.get(sha_tag(v))]
+
+
+def choose(asked: str, provider: str, available: list[str]) -> tuple[str, str]:
+    """The variant to serve on `provider` from those `available`, and why. `auto`: the provider's preference;
+    a named variant is served as asked, or refused by name when the model has none."""
+    if asked != AUTO:
+        if asked not in VARIANTS:
+            raise VariantError(f"unknown variant {asked!r}; allowed: {', '.join((AUTO, *VARIANTS))}")
+        if asked not in available:
+            raise VariantError(f"the model has no {asked} variant (it has {', '.join(available)}): export.variants did "
+                               f"not include it, or it failed export.max_accuracy_drop; serve variant auto or fp32")
+        return asked, "asked for"
+    for variant in PREFERENCE.get(provider, (FP32,)):
+        if variant in available:
+            reason = "preferred on" if variant != FP32 else "no faster variant published for"
+            return variant, f"{reason} {provider}"
+    return FP32, f"default for {provider}"
