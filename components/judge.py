@@ -27,8 +27,13 @@ def champion_predictions(params: Params, splits: data_mod.Splits, root: Path) ->
     version (None: no champion), the predictions, and why they are not comparable ("" when they are)."""
     from mlflow import MlflowClient
 
-    from components.register import tracking_uri, use_experiment
-    from components.registry import CHAMPION, alias_version, loaded_version
+    from components.registry import (
+        CHAMPION,
+        alias_version,
+        loaded_version,
+        tracking_uri,
+        use_experiment,
+    )
 
     name = params.registry.model_name
     with registry_call("reading the champion", tracking_uri(params.registry, root)):

@@ -14,7 +14,6 @@ sha256), so the many fine-tunes of one source all point at the same source run.
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,12 +26,13 @@ from mlflow.models import infer_signature
 
 from components import data as data_mod
 from components.artifacts import read_json, sha256_json, write_json
-from components.config import Params, RegistryParams, load_params
+from components.config import Params
 from components.errors import registry_call
 from components.evaluate import SCORE_NAMES, read_history
 from components.export import cpu_session
 from components.gates import GateReport
 from components.model import ModelSpec
+from components.registry import tracking_uri, use_experiment
 from components.selection import SCORES
 from components.sources import SourceIdentity
 from components.stages import Layout
@@ -57,47 +57,6 @@ class Registration:
     source_run_id: str
     tracking_uri: str
     new: bool = True  # False: the registry already held this candidate
-
-
-def tracking_uri(registry: RegistryParams, root: str | Path = ".") -> str:
-    """MLFLOW_TRACKING_URI, else params; an embedded store's relative path is relative to the project folder."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or registry.tracking_uri
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = f"sqlite:///{(Path(root) / uri.removeprefix('sqlite:///')).resolve()}"
-    return uri
-
-
-def use_experiment(registry: RegistryParams, root: str | Path = ".") -> str:
-    """Point MLflow at the configured store and experiment (created with its artifact folder if new)."""
-    uri = tracking_uri(registry, root)
-    users_choice = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    # MLflow also writes the URI into this process's environment; the variable stays the user's choice, else
-    # the next project opened in this process would be sent to this one's registry.
-    if users_choice is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = users_choice
-    experiment = mlflow.get_experiment_by_name(registry.experiment)
-    if experiment is None and uri.startswith(("http://", "https://")):
-        # A tracking server stores artifacts where it was told (--artifacts-destination), not in our folder.
-        experiment_id = mlflow.create_experiment(registry.experiment)
-    elif experiment is None:
-        location = registry.artifact_location
-        if "://" not in location:
-            location = (Path(root) / location).resolve().as_uri()
-        experiment_id = mlflow.create_experiment(registry.experiment, artifact_location=location)
-    else:
-        experiment_id = experiment.experiment_id
-    mlflow.set_experiment(experiment_id=experiment_id)
-    return experiment_id
-
-
-def open_registry(params_path: str | Path) -> tuple[MlflowClient, str]:
-    """A client on the configured store, and the registered model's name: what alias commands work on."""
-    params = load_params(params_path)
-    use_experiment(params.registry, Path(params_path).parent)
-    return MlflowClient(), params.registry.model_name
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, object]:

@@ -19,12 +19,17 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from components.config import RegistryParams, load_params
 from components.errors import GraftError
-from deploy.model import LoadedModel, load_model
+
+if TYPE_CHECKING:
+    from deploy.model import LoadedModel
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 AUDIT_PREFIX = "graft.audit."
@@ -47,6 +52,53 @@ class AliasMove:
     status: str          # started | completed
     at: str
     key: str = ""
+
+
+def tracking_uri(registry: RegistryParams, root: str | Path = ".") -> str:
+    """MLFLOW_TRACKING_URI, else params; an embedded store's relative path is relative to the project folder."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or registry.tracking_uri
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = f"sqlite:///{(Path(root) / uri.removeprefix('sqlite:///')).resolve()}"
+    return uri
+
+
+def use_store(registry: RegistryParams, root: str | Path = ".") -> str:
+    """Point MLflow at the configured store; its URI."""
+    uri = tracking_uri(registry, root)
+    users_choice = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    # MLflow also writes the URI into this process's environment; the variable stays the user's choice, else
+    # the next project opened in this process would be sent to this one's registry.
+    if users_choice is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = users_choice
+    return uri
+
+
+def use_experiment(registry: RegistryParams, root: str | Path = ".") -> str:
+    """Point MLflow at the configured store and experiment (created with its artifact folder if new)."""
+    uri = use_store(registry, root)
+    experiment = mlflow.get_experiment_by_name(registry.experiment)
+    if experiment is None and uri.startswith(("http://", "https://")):
+        # A tracking server stores artifacts where it was told (--artifacts-destination), not in our folder.
+        experiment_id = mlflow.create_experiment(registry.experiment)
+    elif experiment is None:
+        location = registry.artifact_location
+        if "://" not in location:
+            location = (Path(root) / location).resolve().as_uri()
+        experiment_id = mlflow.create_experiment(registry.experiment, artifact_location=location)
+    else:
+        experiment_id = experiment.experiment_id
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+def open_registry(params_path: str | Path) -> tuple[MlflowClient, str]:
+    """A client on the configured store, and the registered model's name: what alias commands work on."""
+    params = load_params(params_path)
+    use_store(params.registry, Path(params_path).parent)  # alias commands log no runs: no experiment needed
+    return MlflowClient(), params.registry.model_name
 
 
 def _actor() -> str:
@@ -125,6 +177,10 @@ def gates_passed(client: MlflowClient, name: str, version: str) -> tuple[bool, s
 def loaded_version(name: str, version: str) -> Iterator[LoadedModel]:
     """A registered version's ONNX file, downloaded and loaded on CPU as the server loads it."""
     from mlflow.artifacts import download_artifacts
+
+    from deploy.model import (
+        load_model,  # ONNX Runtime only where a model is loaded: alias commands start fast
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=tmp))

@@ -31,7 +31,7 @@ from components.config import Params  # noqa: E402
 from components.errors import GraftError  # noqa: E402
 from components.evaluate import score  # noqa: E402
 from components.objectives import require_source_data  # noqa: E402
-from components.register import use_experiment  # noqa: E402
+from components.registry import use_experiment  # noqa: E402
 from components.stages import Layout, predict_classes, train_target  # noqa: E402
 
 SWEEP_ID_TAG = "graft.sweep.id"

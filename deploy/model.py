@@ -231,6 +231,16 @@ def read_contract(metadata: dict[str, str]) -> Contract:
         raise ModelLoadError(f"the model's {CONTRACT_KEY!r} metadata is unusable: {error}") from None
 
 
+def declared_pixels(blob: bytes) -> int:
+    """Width x height as the image file's header states them (nothing decoded); 0 when it has no readable header.
+    What decoding will cost follows the pixels, not the file's size: a small PNG can hold 27 million pixels."""
+    try:
+        with Image.open(io.BytesIO(blob)) as image:
+            return image.width * image.height
+    except Exception:  # whatever PIL makes of a bad header, decode_image says it properly
+        return 0
+
+
 def decode_image(blob: bytes, contract: Contract, max_pixels: int = 40_000_000) -> np.ndarray:
     """Image file bytes -> uint8 (C, H, W) per the contract: the same conversion as training's prepare step."""
     if not blob:

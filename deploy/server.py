@@ -45,6 +45,7 @@ from deploy.model import (
     LoadedModel,
     ModelLoadError,
     PayloadTooLarge,
+    declared_pixels,
     decode_image,
     engine_cache,
     load_model,
@@ -236,13 +237,13 @@ class ModelServer:
         async with self._decode_slots:
             return await asyncio.get_running_loop().run_in_executor(self._decoders, work)
 
-    async def infer(self, prepare: Callable[[Served], np.ndarray]) -> tuple[np.ndarray, Served]:
-        """Prepare the request for the version served now (off the event loop) and run it there; if that version
-        is swapped out before the request is queued, prepare it again for the new one. Never two versions in one
-        answer."""
+    async def infer(self, prepare: Callable[[Served], np.ndarray], inline: bool = False) -> tuple[np.ndarray, Served]:
+        """Prepare the request for the version served now (off the event loop unless `inline`: small work) and run
+        it there; if that version is swapped out before the request is queued, prepare it again for the new one.
+        Never two versions in one answer."""
         while True:
             served = self.served
-            rows = await self.off_loop(lambda: prepare(served))
+            rows = prepare(served) if inline else await self.off_loop(lambda: prepare(served))
             self.metrics.queue_depth.set(served.batcher.depth)
             try:
                 return await served.batcher.submit(rows), served
@@ -265,8 +266,8 @@ async def _multipart_file(headers, body: bytes) -> bytes:
     return await upload.read()
 
 
-def _authorised(request: Request, token: str) -> bool:
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+def _authorised(headers: dict[bytes, bytes], token: str) -> bool:
+    scheme, _, given = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
     return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
 
 
@@ -296,8 +297,25 @@ def max_infer_rows(model: LoadedModel, max_body_bytes: int) -> int:
     return max(1, max_body_bytes // (2 * math.prod(model.contract.shape)))
 
 
-def _parse_infer(body: dict, model: LoadedModel, max_rows: int) -> np.ndarray:
-    """A V2 JSON request -> the float32 (N, C, H, W) batch, or InputError naming what is wrong."""
+BINARY_HEADER = "inference-header-content-length"  # Triton's binary tensor extension
+INLINE_BODY_BYTES = 65536  # smaller bodies are parsed on the event loop: a thread hop costs more than the parse
+INLINE_IMAGE_PIXELS = 256 * 256  # images up to this size are decoded on the event loop (well under a millisecond)
+
+
+def split_binary(raw: bytes, header_length: str | None) -> tuple[bytes, bytes | None]:
+    """A body -> its JSON header and, under the binary tensor extension, the raw tensor bytes after it."""
+    if header_length is None:
+        return raw, None
+    if not header_length.isdigit() or int(header_length) > len(raw):
+        raise InputError(f"Inference-Header-Content-Length {header_length!r} must be the byte length of the JSON header, "
+                         f"at most the body's {len(raw)} bytes")
+    return raw[: int(header_length)], raw[int(header_length):]
+
+
+def _parse_infer(body: dict, model: LoadedModel, max_rows: int, binary: bytes | None = None) -> np.ndarray:
+    """A V2 request -> the float32 (N, C, H, W) batch, or InputError naming what is wrong. The tensor comes as a
+    JSON list in "data", or (binary tensor extension) as raw little-endian FP32 bytes after the JSON header, their
+    length in parameters.binary_data_size."""
     inputs = body.get("inputs") if isinstance(body, dict) else None
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise InputError('expected {"inputs": [{"name": ..., "shape": [N, C, H, W], "datatype": "FP32", "data": [...]}]}')
@@ -313,18 +331,76 @@ def _parse_infer(body: dict, model: LoadedModel, max_rows: int) -> np.ndarray:
     if shape[0] > max_rows:
         raise PayloadTooLarge(f"batch of {shape[0]} rows is over the limit of {max_rows} (what fits in the body limit); "
                               f"split it")
-    data = tensor.get("data")
-    if not isinstance(data, list):
-        raise InputError("data must be a flat (or nested) JSON list of numbers")
-    try:
-        array = np.asarray(data, dtype=np.float32)
-    except (TypeError, ValueError):
-        raise InputError("data holds something that is not a number") from None
-    if array.size != math.prod(shape):
-        raise InputError(f"data has {array.size} values; shape {shape} needs {math.prod(shape)}")
+    parameters = tensor.get("parameters")
+    size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
+    if binary is not None or size is not None:
+        expected = 4 * math.prod(shape)
+        if binary is None or size != len(binary) or size != expected:
+            raise InputError(f"binary tensor data: shape {shape} FP32 needs {expected} bytes; parameters.binary_data_size "
+                             f"is {size!r} and {0 if binary is None else len(binary)} bytes follow the JSON header "
+                             f"(Inference-Header-Content-Length)")
+        array = np.frombuffer(binary, dtype="<f4").reshape(shape)
+    else:
+        data = tensor.get("data")
+        if not isinstance(data, list):
+            raise InputError("data must be a flat (or nested) JSON list of numbers")
+        try:
+            array = np.asarray(data, dtype=np.float32)
+        except (TypeError, ValueError):
+            raise InputError("data holds something that is not a number") from None
+        if array.size != math.prod(shape):
+            raise InputError(f"data has {array.size} values; shape {shape} needs {math.prod(shape)}")
+        array = array.reshape(shape)
     if not np.isfinite(array).all():
         raise InputError("data holds NaN or infinity; send finite numbers")
-    return array.reshape(shape)
+    return array
+
+
+def wants_binary_output(body: dict) -> bool:
+    """Binary outputs, per the extension: parameters.binary_data_output, or binary_data on the requested output."""
+    parameters = body.get("parameters")
+    if isinstance(parameters, dict) and parameters.get("binary_data_output") is True:
+        return True
+    outputs = body.get("outputs")
+    return isinstance(outputs, list) and any(
+        isinstance(o, dict) and isinstance(o.get("parameters"), dict) and o["parameters"].get("binary_data") is True
+        for o in outputs)
+
+
+class Guard:
+    """Every request: the API token, the body limit, latency and counts. Plain ASGI: Starlette's
+    BaseHTTPMiddleware costs a task and a stream per request, a large part of a small request's time."""
+
+    def __init__(self, app, settings: ServerSettings, metrics: Metrics) -> None:
+        self.app, self.settings, self.metrics = app, settings, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        endpoint = path if not path.startswith("/v2/models/") else "/v2/models/" + path.rsplit("/", 1)[-1]
+        started = time.perf_counter()
+        status = 500
+
+        async def send_noting_status(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length")
+        refusal = None
+        if self.settings.token and not path.startswith("/v2/health/") and not _authorised(headers, self.settings.token):
+            refusal = _error(401, "this server needs an API token: send the header 'Authorization: Bearer <token>'")
+            refusal.headers["WWW-Authenticate"] = "Bearer"
+            self.metrics.errors.labels(endpoint, "unauthorised").inc()
+        elif length is not None and (not length.isdigit() or int(length) > self.settings.max_body_bytes):
+            refusal = _error(413, f"body of {length.decode('latin-1')} bytes is over the limit of {self.settings.max_body_bytes}")
+            self.metrics.errors.labels(endpoint, "too_large").inc()
+        await (refusal or self.app)(scope, receive, send_noting_status)
+        self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+        self.metrics.requests.labels(endpoint, str(status)).inc()
 
 
 def create_app(source: FileSource | RegistrySource, settings: ServerSettings) -> FastAPI:
@@ -343,23 +419,7 @@ def create_app(source: FileSource | RegistrySource, settings: ServerSettings) ->
     app.state.server = server
     metrics = server.metrics
 
-    @app.middleware("http")
-    async def measure(request: Request, call_next):
-        endpoint = request.url.path if not request.url.path.startswith("/v2/models/") else "/v2/models/" + request.url.path.rsplit("/", 1)[-1]
-        length = request.headers.get("content-length")
-        started = time.perf_counter()
-        if settings.token and not request.url.path.startswith("/v2/health/") and not _authorised(request, settings.token):
-            response = _error(401, "this server needs an API token: send the header 'Authorization: Bearer <token>'")
-            response.headers["WWW-Authenticate"] = "Bearer"
-            metrics.errors.labels(endpoint, "unauthorised").inc()
-        elif length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
-            response = _error(413, f"body of {length} bytes is over the limit of {settings.max_body_bytes}")
-            metrics.errors.labels(endpoint, "too_large").inc()
-        else:
-            response = await call_next(request)
-        metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
-        metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        return response
+    app.add_middleware(Guard, settings=settings, metrics=metrics)
 
     async def read_body(request: Request) -> bytes:
         chunks, size = [], 0
@@ -414,16 +474,22 @@ def create_app(source: FileSource | RegistrySource, settings: ServerSettings) ->
             },
         }
 
-    @app.post("/v2/models/{name}/infer")
-    async def infer(name: str, request: Request):
+    async def infer(request: Request) -> Response:
+        # A plain Starlette endpoint: FastAPI's parameter machinery costs more than the rest of a small request.
+        name = request.path_params["name"]
         if (problem := check_model(name)) is not None:
             metrics.errors.labels("infer", "model").inc()
             return problem
+        raw = b""
         try:
             raw = await read_body(request)
-            body = await server.off_loop(lambda: orjson.loads(raw))  # several times faster than json on numbers
-            logits, served = await server.infer(
-                lambda served: _parse_infer(body, served.model, max_infer_rows(served.model, settings.max_body_bytes)))
+            header, binary = split_binary(raw, request.headers.get(BINARY_HEADER))
+            # Small bodies and binary tensors (a JSON header, then bytes numpy takes as they are) are parsed on the
+            # event loop: a hop to the decode pool costs more. Large JSON tensors are parsed in the pool.
+            inline = binary is not None or len(raw) <= INLINE_BODY_BYTES
+            body = orjson.loads(header) if inline else await server.off_loop(lambda: orjson.loads(header))
+            logits, served = await server.infer(lambda served: _parse_infer(
+                body, served.model, max_infer_rows(served.model, settings.max_body_bytes), binary), inline=inline)
         except orjson.JSONDecodeError as error:
             metrics.errors.labels("infer", "bad_json").inc()
             if any(token in raw for token in (b"NaN", b"Infinity")):
@@ -432,33 +498,47 @@ def create_app(source: FileSource | RegistrySource, settings: ServerSettings) ->
         except InputError as error:
             metrics.errors.labels("infer", "bad_input").inc()
             return _error(413 if isinstance(error, PayloadTooLarge) else 400, str(error))
-        payload = {
-            "model_name": name, "model_version": served.version, "id": body.get("id", ""),
-            "outputs": [{"name": served.model.contract.output_name, "datatype": "FP32", "shape": list(logits.shape),
-                         "data": logits.ravel()}],
-        }
+        output = {"name": served.model.contract.output_name, "datatype": "FP32", "shape": list(logits.shape)}
+        payload = {"model_name": name, "model_version": served.version, "id": body.get("id", ""), "outputs": [output]}
+        if wants_binary_output(body):
+            data = np.ascontiguousarray(logits, dtype="<f4").tobytes()
+            output["parameters"] = {"binary_data_size": len(data)}
+            header = orjson.dumps(payload)
+            return Response(header + data, media_type="application/octet-stream",
+                            headers={"Inference-Header-Content-Length": str(len(header))})
         # orjson writes the numpy array directly; FastAPI's default encoder walks every float in Python.
+        output["data"] = logits.ravel()
         return Response(orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")
 
-    @app.post("/predict")
-    async def predict(request: Request, top_k: int = 3):
+    app.add_route("/v2/models/{name}/infer", infer, methods=["POST"])
+
+    async def predict(request: Request) -> Response:
         if not server.ready:
             return _error(503, "the model is not loaded yet")
+        top_k = request.query_params.get("top_k", "3")
+        if not top_k.lstrip("-").isdigit():
+            return _error(422, f"top_k={top_k!r} must be an integer (the number of classes to return)")
         try:
             blob = await read_body(request)  # bounded, whatever the framing: multipart is parsed from these bytes
             if request.headers.get("content-type", "").startswith("multipart/form-data"):
                 blob = await _multipart_file(request.headers, blob)
-            logits, served = await server.infer(
-                lambda served: served.model.contract.normalize(decode_image(blob, served.model.contract)[None]))
+
+            def prepare(served: Served) -> np.ndarray:
+                return served.model.contract.normalize(decode_image(blob, served.model.contract)[None])
+
+            # A small image decodes faster than a hop to the decode pool; a large one would stall the event loop.
+            logits, served = await server.infer(prepare, inline=declared_pixels(blob) <= INLINE_IMAGE_PIXELS)
         except InputError as error:
             metrics.errors.labels("predict", "bad_image").inc()
             return _error(413 if isinstance(error, PayloadTooLarge) else 400, str(error))
         probabilities = softmax(logits)[0]
-        order = np.argsort(-probabilities)[: max(1, min(top_k, len(probabilities)))]
-        return {
+        order = np.argsort(-probabilities)[: max(1, min(int(top_k), len(probabilities)))]
+        return Response(orjson.dumps({
             "model_version": served.version,
             "predictions": [{"class": served.model.classes[i], "probability": float(probabilities[i])} for i in order],
-        }
+        }), media_type="application/json")
+
+    app.add_route("/predict", predict, methods=["POST"])
 
     @app.get("/metrics")
     async def prometheus():

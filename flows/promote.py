@@ -3,8 +3,13 @@ from __future__ import annotations
 
 from prefect import flow
 
-from components.register import open_registry
-from components.registry import format_history, history, promote, rollback
+from components.registry import (
+    format_history,
+    history,
+    open_registry,
+    promote,
+    rollback,
+)
 
 
 @flow(name="promote", log_prints=True)

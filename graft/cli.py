@@ -141,8 +141,7 @@ def _summary(args: argparse.Namespace) -> int:
 
 
 def _move_champion(args: argparse.Namespace) -> int:
-    from components.register import open_registry
-    from components.registry import format_history, promote, rollback
+    from components.registry import format_history, open_registry, promote, rollback
 
     client, name = open_registry(args.params)
     if args.command == "promote":
@@ -154,8 +153,7 @@ def _move_champion(args: argparse.Namespace) -> int:
 
 
 def _history(args: argparse.Namespace) -> int:
-    from components.register import open_registry
-    from components.registry import format_history, history
+    from components.registry import format_history, history, open_registry
 
     print(format_history(history(*open_registry(args.params))))
     return 0
@@ -164,7 +162,7 @@ def _history(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from components.config import load_params
     from components.errors import GraftError
-    from components.register import tracking_uri
+    from components.registry import tracking_uri
     from deploy.server import (
         TOKEN_VARIABLE,
         BindRefused,
@@ -195,7 +193,7 @@ def _export_triton(args: argparse.Namespace) -> int:
     import tempfile
 
     from components.config import load_params
-    from components.register import tracking_uri
+    from components.registry import tracking_uri
     from deploy.source import RegistrySource
     from deploy.triton import write_repository
 

@@ -124,6 +124,50 @@ def test_infer_matches_onnx_runtime(server, registry):
     np.testing.assert_allclose(np.array(answer["outputs"][0]["data"]).reshape(2, 10), expected["1"], atol=1e-5)
 
 
+def _binary_request(rows: np.ndarray, binary_output: bool, size: int | None = None) -> tuple[bytes, dict]:
+    data = rows.astype("<f4").tobytes()
+    header = json.dumps({"inputs": [{"name": "pixels", "shape": list(rows.shape), "datatype": "FP32",
+                                     "parameters": {"binary_data_size": len(data) if size is None else size}}],
+                         "outputs": [{"name": "logits", "parameters": {"binary_data": binary_output}}]}).encode()
+    return header + data, {"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"}
+
+
+def test_binary_tensors_in_and_out_give_the_json_answer(server, registry):
+    """Triton's binary tensor extension: raw little-endian FP32 after the JSON header, both ways."""
+    _, expected = registry
+    with httpx.Client() as client:
+        body, headers = _binary_request(PROBE, binary_output=True)
+        answer = client.post(f"{server}/v2/models/{MODEL}/infer", content=body, headers=headers)
+        assert answer.status_code == 200, answer.text
+        length = int(answer.headers["inference-header-content-length"])
+        header = json.loads(answer.content[:length])
+        assert header["outputs"][0]["parameters"]["binary_data_size"] == 2 * 10 * 4 and "data" not in header["outputs"][0]
+        logits = np.frombuffer(answer.content[length:], dtype="<f4").reshape(header["outputs"][0]["shape"])
+        np.testing.assert_allclose(logits, expected["1"], atol=1e-5)
+        body, headers = _binary_request(PROBE, binary_output=False)  # binary in, JSON out
+        as_json = client.post(f"{server}/v2/models/{MODEL}/infer", content=body, headers=headers).json()
+        np.testing.assert_allclose(np.array(as_json["outputs"][0]["data"]).reshape(2, 10), expected["1"], atol=1e-5)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"size": 12}, "needs 6272 bytes; parameters.binary_data_size is 12"),
+    ({"header_length": "999999"}, "must be the byte length of the JSON header"),
+    ({"header_length": "ten"}, "must be the byte length of the JSON header"),
+    ({"truncate": 100}, "and 6172 bytes follow the JSON header"),
+    ({"nan": True}, "NaN or infinity"),
+])
+def test_bad_binary_tensors_get_a_400_that_says_what_is_wrong(server, change, message):
+    rows = PROBE.copy()
+    if change.get("nan"):
+        rows[0, 0, 0, 0] = np.nan
+    body, headers = _binary_request(rows, binary_output=True, size=change.get("size"))
+    if "header_length" in change:
+        headers["Inference-Header-Content-Length"] = change["header_length"]
+    body = body[: len(body) - change.get("truncate", 0)]
+    answer = httpx.post(f"{server}/v2/models/{MODEL}/infer", content=body, headers=headers)
+    assert answer.status_code == 400 and message in answer.json()["error"], answer.text
+
+
 def test_the_served_model_scores_the_test_files_as_evaluate_did(server, served_workspace):
     """The contract round trip: export metadata -> server decode and normalise -> the evaluate stage's accuracy."""
     from components.data import load_splits
