@@ -26,6 +26,7 @@ import onnxruntime as ort
 import torch
 
 from components.compute import cpu_flags, cpu_model
+from components.config import load_params
 from components.data import load_splits
 from components.export import build_variant
 from components.model import load_checkpoint
@@ -99,8 +100,10 @@ def main() -> None:
         for variant in VARIANTS:
             path = variant_path(args.onnx, variant)
             if not path.is_file():  # not published: built here only to be timed
-                path = build_variant(variant, args.onnx, Path(tmp) / f"model.{variant}.onnx",
-                                     contract.normalize(np.concatenate([splits.x_train, splits.x_val])[:1024]))
+                settings = load_params("params.yaml").export
+                calibration = np.concatenate([splits.x_train, splits.x_val])[: settings.calibration_images]
+                path = build_variant(variant, args.onnx, Path(tmp) / f"model.{variant}.onnx", contract.normalize(calibration),
+                                     settings.calibration_method, settings.calibration_percentile)
             files[variant] = path
         for batch in (1, 64):
             x = contract.normalize(splits.x_test[np.resize(np.arange(len(splits.x_test)), batch)])

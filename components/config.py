@@ -288,6 +288,8 @@ class ExportParams(_Strict):
     variants: list[Literal["int8", "fp16"]] = Field(default=["int8", "fp16"])  # beside FP32 (deploy/variants.py)
     max_accuracy_drop: float = Field(default=0.005, ge=0, le=1)  # a variant further below FP32 is not published
     calibration_images: int = Field(default=1024, ge=1)  # INT8 activation ranges: target train, then val, images
+    calibration_method: Literal["percentile", "minmax", "entropy"] = "percentile"
+    calibration_percentile: float = Field(default=99.99, gt=50, le=100)
 
     @field_validator("variants")
     @classmethod

@@ -376,7 +376,8 @@ def export_variants(params: Params, contract, splits: data_mod.Splits) -> dict[s
     Layout.onnx_variants.mkdir(parents=True)
     for variant in settings.variants:
         path = variant_path(Layout.onnx_model, variant)
-        build_variant(variant, Layout.onnx_model, path, calibration)
+        build_variant(variant, Layout.onnx_model, path, calibration, settings.calibration_method,
+                      settings.calibration_percentile)
         measured = score_onnx(path, contract, splits.x_test, splits.y_test)
         drop = fp32.accuracy - measured.accuracy
         published = drop <= settings.max_accuracy_drop

@@ -99,3 +99,15 @@ def test_sweep_strategies_and_adaptation_name_what_they_need():
         parse_params(without_images)
     named = tiny_params(**{"finetune.adaptation.method": "dann", "data.unlabeled": {"cam": {"path": "x"}}})
     assert parse_params(named).unlabeled_for_adaptation() == "cam"
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("export.variants", ["int8", "int8"], r"export\.variants: .*each variant at most once"),
+    ("export.variants", ["int4"], r"export\.variants\.0: .*'int8'.*'fp16'"),
+    ("export.calibration_method", "mean", r"export\.calibration_method: .*'percentile'.*'minmax'.*'entropy'"),
+    ("export.max_accuracy_drop", -0.1, r"export\.max_accuracy_drop: .*greater than or equal to 0"),
+    ("serving.variant", "bf16", r"serving\.variant: .*'auto'.*'fp32'.*'int8'.*'fp16'"),
+])
+def test_export_variants_and_the_served_variant_are_checked_by_name(key, value, expected):
+    with pytest.raises(ParamsError, match=expected):
+        parse_params(tiny_params(**{key: value}))
