@@ -27,6 +27,7 @@ import yaml
 from components.config import STRATEGIES, parse_params
 from components.data import load_splits, prepare
 from components.evaluate import score
+from components.layout import Layout
 from components.model import build, graft
 from components.selection import SCORES, kendall_tau, score_candidate
 from components.sources import (
@@ -37,7 +38,6 @@ from components.sources import (
     pipeline_identity,
     resolve_pretrained,
 )
-from components.stages import Layout
 from components.train import Normalizer, predict_logits, strategy_phases, train
 
 

@@ -17,7 +17,7 @@ from components import gates as gates_mod
 from components.artifacts import atomic_path, read_json, write_json
 from components.config import Params
 from components.errors import registry_call
-from components.stages import Layout
+from components.layout import Layout
 from deploy.model import load_model
 
 

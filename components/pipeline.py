@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from components.artifacts import read_json
-from components.errors import ERROR_FILE_VARIABLE, GraftError
-from components.stages import STAGES, Layout, UnknownStage
+from components.errors import ERROR_FILE_VARIABLE, GraftError, RegistryUnavailable
+from components.layout import Layout
 
 # Runs every time (it checks the weights files outside the project); what depends on it reruns only when its
 # output changed, so it never counts as "something changed".
@@ -61,10 +61,8 @@ def _dvc(root: Path, *args: str, error_file: Path | None = None) -> tuple[int, s
 
 
 def reproduce_stage(root: str | Path, name: str, with_upstream: bool = False) -> StageOutcome:
-    """Run one stage if DVC finds it out of date; its upstream stages must already be up to date, unless
-    `with_upstream` (then DVC brings those up to date first)."""
-    if name.partition("@")[0] not in STAGES:
-        raise UnknownStage(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+    """Run one stage (a name from stages.stage_order) if DVC finds it out of date; its upstream stages must
+    already be up to date, unless `with_upstream` (then DVC brings those up to date first)."""
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         error_file = Path(tmp) / "error.txt"
@@ -99,6 +97,34 @@ def pending_stages(status: dict, data_paths: list[str]) -> list[str]:
 
 class ProjectBusy(GraftError):
     pass
+
+
+def nothing_to_do(root: str | Path, params) -> str | None:
+    """Why a run has nothing to do: data, params, code and source weights unchanged since the last run, and the
+    registry in use holds that candidate judged with today's gates. None when there is work (or it cannot be
+    told at once: another run holds the project, the registry does not answer); the flow then decides.
+
+    What the flow checks first, without the flow: `graft run` answers an unchanged project in seconds instead
+    of starting Prefect to learn that. The registry is asked while DVC looks at the weights (other core)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from components.registry import published_version
+
+    try:
+        with project_lock(root, 0, "graft run, checking for changes"), ThreadPoolExecutor(1) as pool:
+            registry = pool.submit(published_version, root, params)
+            for name in ALWAYS_RUN:
+                reproduce_stage(root, name)
+            changed = pending_stages(dvc_status(root), list(params.raw_data_paths().values()))
+            version = registry.result()
+    except (ProjectBusy, RegistryUnavailable):
+        return None
+    return None if changed or version is None else unchanged_message(params.registry.model_name, version)
+
+
+def unchanged_message(model_name: str, version: str) -> str:
+    return (f"nothing to do: data, params, code and source weights are unchanged, and the registry in use holds this "
+            f"candidate as {model_name} v{version}")
 
 
 class StageRefused(GraftError):

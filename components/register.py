@@ -25,25 +25,29 @@ from mlflow import MlflowClient
 from mlflow.models import infer_signature
 
 from components import data as data_mod
-from components.artifacts import read_json, sha256_json, write_json
+from components.artifacts import read_json, write_json
 from components.config import Params
 from components.errors import registry_call
 from components.evaluate import SCORE_NAMES, read_history
 from components.export import cpu_session
 from components.gates import GateReport
+from components.layout import Layout
 from components.model import ModelSpec
-from components.registry import tracking_uri, use_experiment
+from components.registry import (
+    CANDIDATE_TAG,
+    JUDGED_TAG,
+    candidate_key,
+    find_candidate,
+    judged_key,
+    tracking_uri,
+    use_experiment,
+)
 from components.selection import SCORES
 from components.sources import SourceIdentity
-from components.stages import Layout
 from deploy.digest import sha256_file
 from deploy.variants import FP32, ONNX_SHA_TAG, VARIANT_DIR, sha_tag, variant_path
 
 SOURCE_SHA_TAG = "graft.source.sha256"
-CANDIDATE_TAG = "graft.candidate"      # what the candidate is: candidate_key
-JUDGED_TAG = "graft.judged_with"       # the gate params its verdict was reached with: judged_key
-# The params that make the candidate; the rest (gates, registry, promotion, serving, schedule) judge or ship it.
-CANDIDATE_PARAMS = ("seed", "data", "sources", "selection", "pretrain", "finetune", "export")
 ONNX_REQUIREMENTS = ["onnxruntime-gpu==1.31.1", "onnx==1.23.2", "numpy"]
 ONNX_PROVIDERS = ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
@@ -106,24 +110,6 @@ class RunRecord:
     onnx_path: Path
     example: np.ndarray  # a few preprocessed test inputs, float32 NCHW
     variant_scores: dict[str, dict]  # export's measurements of every variant (metrics/export.json)
-
-
-def candidate_key(root: Path, params: Params) -> str:
-    """The candidate's identity: its ONNX bytes, data version, source weights and the params that made it."""
-    meta = read_json(root / Layout.transfer_model.with_suffix(".json"))
-    made_by = {k: v for k, v in params.model_dump(mode="json").items() if k in CANDIDATE_PARAMS}
-    return sha256_json({"onnx": sha256_file(root / Layout.onnx_model), "data_version": meta["data_version"],
-                    "source": meta.get("source", {}).get("sha256", ""), "params": made_by})
-
-
-def judged_key(params: Params) -> str:
-    return sha256_json({"gates": params.gates.model_dump(mode="json"), "serving": params.serving.model_dump(mode="json")})
-
-
-def find_candidate(client: MlflowClient, name: str, key: str) -> str | None:
-    """The version that holds this candidate, if the registry has one (the oldest, should two ever exist)."""
-    found = client.search_model_versions(f"name = '{name}' and tags.`{CANDIDATE_TAG}` = '{key}'")
-    return min((str(v.version) for v in found), key=int, default=None)
 
 
 def register(record: RunRecord, source_run_id: str, key: str) -> Registration:
@@ -253,18 +239,6 @@ def _existing(client: MlflowClient, name: str, version: str) -> Registration:
     return Registration(run_id=found.run_id, model_name=name, version=version, model_uri=f"models:/{name}/{version}",
                         source_run_id=found.tags.get("graft.source_run_id", ""), tracking_uri=mlflow.get_tracking_uri(),
                         new=False)
-
-
-def published_version(root: str | Path, params: Params) -> str | None:
-    """The version holding this candidate, judged with today's gate params, in the registry in use; else None."""
-    name = params.registry.model_name
-    with registry_call("looking the candidate up", tracking_uri(params.registry, root)):
-        use_experiment(params.registry, root)
-        client = MlflowClient()
-        version = find_candidate(client, name, candidate_key(Path(root), params))
-        if version is None or client.get_model_version(name, version).tags.get(JUDGED_TAG) != judged_key(params):
-            return None
-    return version
 
 
 def publish(root: str | Path, params: Params, report: GateReport) -> dict:

@@ -25,11 +25,19 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from components.config import RegistryParams, load_params
-from components.errors import GraftError
+from components.artifacts import read_json, sha256_json
+from components.config import Params, RegistryParams, load_params
+from components.errors import GraftError, registry_call
+from components.layout import Layout
+from deploy.digest import sha256_file
 
 if TYPE_CHECKING:
     from deploy.model import LoadedModel
+
+CANDIDATE_TAG = "graft.candidate"      # what the candidate is: candidate_key
+JUDGED_TAG = "graft.judged_with"       # the gate params its verdict was reached with: judged_key
+# The params that make the candidate; the rest (gates, registry, promotion, serving, schedule) judge or ship it.
+CANDIDATE_PARAMS = ("seed", "data", "sources", "selection", "pretrain", "finetune", "export")
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 AUDIT_PREFIX = "graft.audit."
@@ -99,6 +107,36 @@ def open_registry(params_path: str | Path) -> tuple[MlflowClient, str]:
     params = load_params(params_path)
     use_store(params.registry, Path(params_path).parent)  # alias commands log no runs: no experiment needed
     return MlflowClient(), params.registry.model_name
+
+
+def candidate_key(root: Path, params: Params) -> str:
+    """The candidate's identity: its ONNX bytes, data version, source weights and the params that made it."""
+    meta = read_json(root / Layout.transfer_model.with_suffix(".json"))
+    made_by = {k: v for k, v in params.model_dump(mode="json").items() if k in CANDIDATE_PARAMS}
+    return sha256_json({"onnx": sha256_file(root / Layout.onnx_model), "data_version": meta["data_version"],
+                    "source": meta.get("source", {}).get("sha256", ""), "params": made_by})
+
+
+def judged_key(params: Params) -> str:
+    return sha256_json({"gates": params.gates.model_dump(mode="json"), "serving": params.serving.model_dump(mode="json")})
+
+
+def find_candidate(client: MlflowClient, name: str, key: str) -> str | None:
+    """The version that holds this candidate, if the registry has one (the oldest, should two ever exist)."""
+    found = client.search_model_versions(f"name = '{name}' and tags.`{CANDIDATE_TAG}` = '{key}'")
+    return min((str(v.version) for v in found), key=int, default=None)
+
+
+def published_version(root: str | Path, params: Params) -> str | None:
+    """The version holding this candidate, judged with today's gate params, in the registry in use; else None."""
+    name = params.registry.model_name
+    with registry_call("looking the candidate up", tracking_uri(params.registry, root)):
+        use_experiment(params.registry, root)
+        client = MlflowClient()
+        version = find_candidate(client, name, candidate_key(Path(root), params))
+        if version is None or client.get_model_version(name, version).tags.get(JUDGED_TAG) != judged_key(params):
+            return None
+    return version
 
 
 def _actor() -> str:

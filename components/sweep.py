@@ -30,9 +30,10 @@ from components.artifacts import atomic_path, read_json, sha256_json, write_json
 from components.config import Params  # noqa: E402
 from components.errors import GraftError  # noqa: E402
 from components.evaluate import score  # noqa: E402
+from components.layout import Layout  # noqa: E402
 from components.objectives import require_source_data  # noqa: E402
 from components.registry import use_experiment  # noqa: E402
-from components.stages import Layout, predict_classes, train_target  # noqa: E402
+from components.stages import predict_classes, train_target  # noqa: E402
 
 SWEEP_ID_TAG = "graft.sweep.id"
 BRANCH_TAG = "graft.sweep.branch"

@@ -24,8 +24,10 @@ from components.pipeline import (
     project_lock,
     reproduce_stage,
     summary_text,
+    unchanged_message,
 )
-from components.register import publish, published_version
+from components.register import publish
+from components.registry import published_version
 from components.stages import stage_order
 from components.tracked_data import check_tracked_data
 
@@ -120,8 +122,7 @@ def retrain(root: str = ".", force: bool = False):
         outcomes = [run_stage(root, name) for name in ALWAYS_RUN]
         changed = check_inputs(root, params)
         if not changed and not force and (version := check_registry.with_options(**registry_step)(root, params)):
-            message = (f"nothing to do: data, params, code and source weights are unchanged, and the registry in use "
-                       f"holds this candidate as {params.registry.model_name} v{version}")
+            message = unchanged_message(params.registry.model_name, version)
             create_markdown_artifact(f"**{message}**", key="retrain-summary", description="Graft retrain summary")
             print(message)
             return Completed(message=message, data={"run": message})

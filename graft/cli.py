@@ -44,7 +44,14 @@ def _run(args: argparse.Namespace) -> int:
     from components.config import check_raw_data, load_params
 
     # Refuse bad params and missing data in a second, before Prefect (and its server) starts.
-    check_raw_data(args.root, load_params(Path(args.root) / "params.yaml"))
+    params = load_params(Path(args.root) / "params.yaml")
+    check_raw_data(args.root, params)
+    if not args.force:
+        from components.pipeline import nothing_to_do
+
+        if message := nothing_to_do(args.root, params):
+            print(message)  # no flow run: an unchanged project is answered without starting Prefect
+            return 0
     from flows.retrain import retrain
 
     _no_tracebacks_on_console_for_refusals()

@@ -17,8 +17,9 @@ from components.export import (
     quantize_int8,
     read_metadata,
 )
+from components.layout import Layout
 from components.model import build
-from components.stages import Layout, export_variants
+from components.stages import export_variants
 from components.train import Normalizer
 from deploy.contract import CLASSES_KEY, CONTRACT_KEY
 from tests.conftest import tiny_params, tiny_spec
