@@ -11,6 +11,8 @@ checkpoints stay fp32 in every mode (autocast casts per operation), and evaluati
 from __future__ import annotations
 
 import contextlib
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +54,7 @@ class Compute:
     precision: str        # fp32 | bf16 | fp16 (autocast)
     channels_last: bool
     reason: str = ""      # why this choice, for the run's first line
+    compile: bool = False  # torch.compile the backbone
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.precision == "fp32":
@@ -70,10 +73,17 @@ class Compute:
 
     def describe(self) -> str:
         layout = "channels-last" if self.channels_last else "NCHW"
-        return f"{self.device}, {self.precision}{' autocast' if self.precision != 'fp32' else ''}, {layout} ({self.reason})"
+        compiled = ", torch.compile" if self.compile else ""
+        return f"{self.device}, {self.precision}{' autocast' if self.precision != 'fp32' else ''}, {layout}{compiled} ({self.reason})"
 
     def to_dict(self) -> dict:
-        return {"device": self.device, "precision": self.precision, "channels_last": self.channels_last}
+        return {"device": self.device, "precision": self.precision, "channels_last": self.channels_last,
+                "compile": self.compile}
+
+    def features(self, model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The backbone's forward as the loop calls it: compiled by TorchInductor when asked (the parameters and
+        the checkpoint stay the model's own: only the call is compiled)."""
+        return torch.compile(model.features, dynamic=False) if self.compile else model.features
 
 
 CHANNELS_LAST_BY_DEFAULT = True  # measured faster on both CPUs seen (benchmarks/README.md) and the norm on GPUs
@@ -117,4 +127,7 @@ def resolve_compute(params: ComputeParams, model: nn.Module | None = None, cuda:
             reason = "asked for" + ("" if precision != "bf16" or bf16_units else
                                     "; this CPU has no AMX / AVX-512 BF16, so bf16 is emulated and slow")
     channels_last = params.channels_last == "on" or (params.channels_last == "auto" and CHANNELS_LAST_BY_DEFAULT)
-    return Compute(device, precision, channels_last, reason)
+    if params.compile and device == "cpu" and not shutil.which("c++"):
+        raise ComputeError("compute.compile: true needs a C++ compiler on a CPU (TorchInductor builds its kernels with "
+                           "c++); install one (Debian: apt-get install g++) or set compute.compile: false")
+    return Compute(device, precision, channels_last, reason, params.compile)

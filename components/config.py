@@ -185,6 +185,7 @@ class ComputeParams(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: Literal["auto", "on", "off"] = "auto"
+    compile: bool = False  # torch.compile the backbone (TorchInductor; needs a C++ compiler on CPU)
 
 
 class PretrainParams(TrainParams):

@@ -128,8 +128,11 @@ def find_candidate(client: MlflowClient, name: str, key: str) -> str | None:
 
 
 def published_version(root: str | Path, params: Params) -> str | None:
-    """The version holding this candidate, judged with today's gate params, in the registry in use; else None."""
+    """The version holding this candidate, judged with today's gate params, in the registry in use; else None
+    (also when the project has produced no candidate yet)."""
     name = params.registry.model_name
+    if not all((Path(root) / path).is_file() for path in (Layout.transfer_model.with_suffix(".json"), Layout.onnx_model)):
+        return None
     with registry_call("looking the candidate up", tracking_uri(params.registry, root)):
         use_experiment(params.registry, root)
         client = MlflowClient()

@@ -226,6 +226,7 @@ def train(
     for term in terms:
         term.modules.to(compute.device)
     scaler = torch.amp.GradScaler(compute.device, enabled=compute.precision == "fp16")  # fp16 only: bf16 has fp32's range
+    features_of = compute.features(model)
     generator = torch.Generator().manual_seed(seed)
     normalize = Normalizer.of(model.spec.contract)
     x_train, y_train = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
@@ -276,7 +277,7 @@ def train(
                 inputs = compute.images_to_device(normalize(pixels))
                 labels = y_train[index].to(compute.device, non_blocking=True)
                 with compute.autocast():
-                    all_features = model.features(inputs)
+                    all_features = features_of(inputs)
                     logits = model.head(all_features[: len(index)])
                 # Losses, penalties and the terms (small heads, feature statistics) in fp32.
                 all_features, logits = all_features.float(), logits.float()

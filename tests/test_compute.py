@@ -41,6 +41,15 @@ def test_auto_keeps_depthwise_networks_in_fp32_on_the_cpu():
     assert resolve_compute(ComputeParams(precision="bf16"), efficientnet, cuda=False, flags=AMX).precision == "bf16", "asked for"
 
 
+def test_compile_is_asked_for_said_and_refused_without_a_compiler(monkeypatch):
+    compiled = resolve_compute(ComputeParams(compile=True), cuda=False, flags=AMX)
+    assert compiled.compile and "torch.compile" in compiled.describe() and compiled.to_dict()["compile"] is True
+    assert not resolve_compute(ComputeParams(), cuda=False, flags=AMX).compile, "off unless asked for"
+    monkeypatch.setattr("components.compute.shutil.which", lambda name: None)
+    with pytest.raises(ComputeError, match="compute.compile: true needs a C\\+\\+ compiler"):
+        resolve_compute(ComputeParams(compile=True), cuda=False, flags=AMX)
+
+
 def test_missing_hardware_is_refused_by_name():
     with pytest.raises(ComputeError, match="compute.device is cuda, but torch sees no CUDA GPU"):
         resolve_compute(ComputeParams(device="cuda"), cuda=False, flags=AMX)
@@ -61,8 +70,9 @@ def _trained(target, compute: Compute, steps: int = 16):
 
 
 @pytest.mark.parametrize("compute", [Compute("cpu", "bf16", True, "test"), Compute("cpu", "bf16", False, "test"),
-                                     Compute("cpu", "fp32", True, "test"), Compute("cpu", "fp16", True, "test")],
-                         ids=["bf16-channels-last", "bf16", "fp32-channels-last", "fp16-grad-scaler"])
+                                     Compute("cpu", "fp32", True, "test"), Compute("cpu", "fp16", True, "test"),
+                                     Compute("cpu", "fp32", False, "test", compile=True)],
+                         ids=["bf16-channels-last", "bf16", "fp32-channels-last", "fp16-grad-scaler", "fp32-compiled"])
 def test_every_precision_and_layout_trains_and_hands_back_an_fp32_contiguous_model(target, compute):
     reference, reference_history = _trained(target, Compute("cpu", "fp32", False, "test"))
     model, history = _trained(target, compute)
