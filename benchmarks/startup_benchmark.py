@@ -1,5 +1,6 @@
 """Orchestration and start-up costs on this machine: `graft --help`, a registry command, an unchanged `graft run`,
-and `graft serve` from launch to ready (the champion loaded and warm), each repeated; medians.
+and `graft serve` from launch to ready (the champion loaded and warm), each repeated; medians, beside the time this
+Python takes to import torch and mlflow in the same run (the reference: these machines' speed varies by day).
 
     .venv/bin/python benchmarks/startup_benchmark.py        # after a `graft run`: a champion and an up-to-date project
 
@@ -32,6 +33,13 @@ def _seconds(*args: str) -> float:
     return elapsed
 
 
+def _python_seconds(code: str) -> float:
+    """The reference: this Python importing a library, timed in the same run (these machines' speed varies)."""
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], check=True)
+    return time.perf_counter() - started
+
+
 def _serve_to_ready() -> tuple[float, float]:
     """Seconds from launching `graft serve` to /v2/health/live, and to /v2/health/ready."""
     with socket.socket() as sock:
@@ -61,9 +69,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/startup.json"))
     args = parser.parse_args()
-    timings: dict[str, list[float]] = {"graft --help": [], "graft history": [], "graft run (unchanged)": [],
+    timings: dict[str, list[float]] = {"reference: python -c 'import torch'": [], "reference: python -c 'import mlflow'": [],
+                                       "graft --help": [], "graft history": [], "graft run (unchanged)": [],
                                        "graft serve: live": [], "graft serve: ready": []}
     for _ in range(args.repeats):
+        timings["reference: python -c 'import torch'"].append(_python_seconds("import torch"))
+        timings["reference: python -c 'import mlflow'"].append(_python_seconds("import mlflow"))
         timings["graft --help"].append(_seconds("--help"))
         timings["graft history"].append(_seconds("history"))
         timings["graft run (unchanged)"].append(_seconds("run"))
