@@ -5,6 +5,7 @@ message that names the key, what was given and what is allowed.
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Literal
@@ -186,6 +187,7 @@ class ComputeParams(_Strict):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: Literal["auto", "on", "off"] = "auto"
     compile: bool = False  # torch.compile the backbone (TorchInductor; needs a C++ compiler on CPU)
+    processes: int = Field(default=1, ge=1)  # >1: data-parallel training under torchrun (components/distributed.py)
 
 
 class PretrainParams(TrainParams):
@@ -257,8 +259,22 @@ DEFAULT_SWEEP_STRATEGIES = {
 }
 
 
+class SweepDask(_Strict):
+    """Where `graft sweep`'s branches run with executor dask (flows/sweep.py)."""
+
+    address: str | None = None  # a running Dask scheduler (tcp://host:8786); DASK_SCHEDULER_ADDRESS wins; null: a LocalCluster
+    workers: int = Field(default=2, ge=1)            # the LocalCluster's worker processes
+    threads_per_worker: int = Field(default=1, ge=1)  # torch threads a branch uses
+
+    def scheduler_address(self) -> str | None:
+        return os.environ.get("DASK_SCHEDULER_ADDRESS") or self.address
+
+
 class SweepParams(_Strict):
     """`graft sweep`: learning curves, strategies x labels per class x seeds (components/sweep.py)."""
+
+    executor: Literal["dask", "sequential"] = "dask"  # dask: branches in parallel (Prefect + prefect-dask); sequential: one process
+    dask: SweepDask = SweepDask()
 
     labels_per_class: list[int | None] = Field(default=[1, 5, 10, 25, 50, None], min_length=1)  # None: every label
     seeds: list[int] = Field(default=[0, 1, 2], min_length=1)
@@ -392,6 +408,20 @@ class Params(_Strict):
     def _selection_names_a_candidate(self) -> Params:
         if self.selection.use is not None and self.selection.use not in self.sources.names():
             raise ValueError(f"selection.use: {self.selection.use!r} is not a candidate; candidates: {', '.join(self.sources.names())}")
+        return self
+
+    @model_validator(mode="after")
+    def _batches_split_across_processes(self) -> Params:
+        processes = self.compute.processes
+        if processes == 1:
+            return self
+        for key, batch in (("pretrain.batch_size", self.pretrain.batch_size), ("finetune.batch_size", self.finetune.batch_size)):
+            if batch % processes:
+                raise ValueError(f"{key}: {batch} does not split evenly across compute.processes: {processes}; "
+                                 f"use a multiple of {processes}")
+        if self.finetune.joint.weight > 0 or self.finetune.adaptation.method != "none":
+            raise ValueError("compute.processes > 1 trains the target's own loss data-parallel; the extra terms "
+                             "(finetune.joint, finetune.adaptation) run in one process: set compute.processes: 1")
         return self
 
     @model_validator(mode="after")

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from components import data as data_mod
+from components import distributed
 from components.artifacts import atomic_path, read_json, sha256_json, write_json
 from components.compute import resolve_compute
 from components.config import Params, load_params
@@ -125,6 +126,8 @@ def pretrain(params: Params, name: str) -> dict:
     history = train(model, splits, params.pretrain, [Phase("pretrain", steps, 1.0)], params.pretrain.seed, desc=f"pretrain {name}",
                     resume=resume, compute=compute)
     seconds = time.perf_counter() - started
+    if not distributed.current().writer:
+        return {}  # the first process writes every output
     test = score(splits.y_test, predict_classes(model, splits.x_test), splits.classes)
     metrics = {"test_accuracy": test.accuracy, "test_macro_f1": test.macro_f1, "steps": steps}
     # Timing goes with the checkpoint, not the metrics: metrics must be identical on a rerun.
@@ -210,6 +213,8 @@ def train_target(params: Params, strategy: str, splits: data_mod.Splits) -> tupl
 
 def _train_target(params: Params, strategy: str, out: Path, history_path: Path) -> dict:
     model, history, extra = train_target(params, strategy, data_mod.load_splits(Layout.selected_data))
+    if not distributed.current().writer:
+        return extra  # the first process writes every output
     save_checkpoint(model, out, extra)
     write_history(history, history_path)
     return extra
@@ -337,6 +342,8 @@ STAGES: dict[str, Callable[..., object]] = {
 # Stages run once per named entry of a params mapping (dvc.yaml: foreach over it, STAGE@NAME).
 PER_NAME: dict[str, str] = {"prepare_source": "sources.pipeline", "pretrain": "sources.pipeline",
                             "prepare_unlabeled": "data.unlabeled"}
+# Stages that train, and so run data-parallel with compute.processes > 1 (components/distributed.py).
+TRAINING_STAGES = ("pretrain", "baseline", "finetune")
 
 
 def _names(params: Params, key: str) -> list[str]:
@@ -365,5 +372,15 @@ def run_stage(name: str, params_path: str | Path = "params.yaml") -> object:
         names = _names(params, PER_NAME[stage])
         if key not in names:
             raise UnknownStage(f"stage {name!r}: {key!r} is not an entry of {PER_NAME[stage]}; entries: {', '.join(names) or 'none'}")
-        return STAGES[stage](params, key)
-    return STAGES[stage](params)
+    run = partial(STAGES[stage], params, key) if stage in PER_NAME else partial(STAGES[stage], params)
+    if stage not in TRAINING_STAGES:
+        return run()
+    if distributed.under_launcher():
+        distributed.init(resolve_compute(params.compute).device)
+        try:
+            return run()
+        finally:
+            distributed.finish()
+    if params.compute.processes > 1:
+        return distributed.launch(["stage", name, "--params", str(params_path)], params.compute.processes)
+    return run()

@@ -20,6 +20,7 @@ import torch.utils.deterministic
 from torch import nn
 from tqdm import tqdm
 
+from components import distributed
 from components.artifacts import atomic_path
 from components.compute import FP32_CPU, Compute
 from components.config import Augment, FinetuneParams, TrainParams
@@ -200,6 +201,27 @@ def _set_batchnorm_momentum(model: nn.Module, momentum: float | None) -> None:
                 module.momentum = momentum
 
 
+class _Forward(nn.Module):
+    """What a training step runs forward, the backbone (compiled or not) and the head, as one module: the unit
+    DistributedDataParallel wraps to average the gradients of every process."""
+
+    def __init__(self, model: GraftNet, features_of) -> None:
+        super().__init__()
+        self.model, self.features_of = model, features_of
+
+    def forward(self, inputs: torch.Tensor, labelled: int) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.features_of(inputs)
+        return features, self.model.head(features[:labelled])
+
+
+def _replica(forward: _Forward, group: distributed.Group, device: str) -> nn.Module:
+    """`forward` itself in one process; across processes, a DDP wrapper over the parameters that train now (built
+    again whenever that set changes: DDP registers its gradient hooks once, on what requires grad)."""
+    if group.world_size == 1:
+        return forward
+    return nn.parallel.DistributedDataParallel(forward, device_ids=[group.local_rank] if device == "cuda" else None)
+
+
 def train(
     model: GraftNet, data: Splits, params: TrainParams, phases: list[Phase], seed: int, desc: str = "train",
     resume: Resume | None = None, tuning: Tuning = Tuning(), terms: tuple[Term, ...] = (), compute: Compute = FP32_CPU,
@@ -215,7 +237,15 @@ def train(
     there and ends exactly as an uninterrupted run would.
 
     `compute` says where and in what precision (components/compute.py): the model and each term's modules move
-    there for training and come back to the CPU, fp32 and contiguous, at the end."""
+    there for training and come back to the CPU, fp32 and contiguous, at the end.
+
+    Started as one of N processes (components/distributed.py), every process draws the same batches and
+    augmentation, trains on its slice of each batch and DDP averages the gradients; only the first process
+    evaluates, shows progress and saves resume points, and the history it returns has the train loss and
+    accuracy of whole batches."""
+    group = distributed.current()
+    if terms and group.world_size > 1:
+        raise distributed.DistributedError("the extra terms of the objective train in one process; set compute.processes: 1")
     torch.use_deterministic_algorithms(True, warn_only=True)
     # Filling every new tensor with NaN only helps find reads of uninitialised memory; it cost 25% of a
     # training step on CPU (EfficientNet-Lite0 @64, same losses either way).
@@ -226,7 +256,7 @@ def train(
     for term in terms:
         term.modules.to(compute.device)
     scaler = torch.amp.GradScaler(compute.device, enabled=compute.precision == "fp16")  # fp16 only: bf16 has fp32's range
-    features_of = compute.features(model)
+    forward = _Forward(model, compute.features(model))
     generator = torch.Generator().manual_seed(seed)
     normalize = Normalizer.of(model.spec.contract)
     x_train, y_train = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
@@ -250,7 +280,7 @@ def train(
             term.modules.load_state_dict(state["modules"])
             term_sampler.queue = state["queue"]
         print(f"{desc}: resuming from step {global_step} of {total} ({resume.path})", file=sys.stderr)
-    with tqdm(total=total, initial=global_step, desc=desc, unit="step", mininterval=1.0) as bar:
+    with tqdm(total=total, initial=global_step, desc=desc, unit="step", mininterval=1.0, disable=not group.writer) as bar:
         for phase_index, phase in enumerate(phases):
             if saved and phase_index < saved["phase"]:
                 continue
@@ -265,20 +295,23 @@ def train(
                 running_loss, running_correct, running_seen, running_terms = saved["running"]
                 first_step = saved["step"]
             tuning.set_modes(model, backbone_trains, first_step)
+            replica = _replica(forward, group, compute.device)
             for term in terms:
                 term.modules.train()
             for step in range(first_step, phase.steps):
                 if tuning.unfreeze_every_steps and step % tuning.unfreeze_every_steps == 0:
                     tuning.set_modes(model, backbone_trains, step)
+                    replica = _replica(forward, group, compute.device)
                 index = sampler.next()
                 term_batches = [term_sampler.next() for term_sampler in term_samplers]
                 pixels = torch.cat([x_train[index], *(term.pixels[batch] for term, batch in zip(terms, term_batches))])
                 pixels = augment_batch(normalize.scaled(pixels), params.augment, generator)
+                if group.world_size > 1:  # the whole batch was drawn and augmented, so every generator stays in step
+                    index, pixels = distributed.shard(index, group), distributed.shard(pixels, group)
                 inputs = compute.images_to_device(normalize(pixels))
                 labels = y_train[index].to(compute.device, non_blocking=True)
                 with compute.autocast():
-                    all_features = features_of(inputs)
-                    logits = model.head(all_features[: len(index)])
+                    all_features, logits = replica(inputs, len(index))
                 # Losses, penalties and the terms (small heads, feature statistics) in fp32.
                 all_features, logits = all_features.float(), logits.float()
                 features = all_features[: len(index)]
@@ -304,7 +337,10 @@ def train(
                 running_seen += len(index)
                 bar.update(1)
                 if global_step % eval_every == 0 or step == phase.steps - 1:
-                    val = evaluate_split(model, data.x_val, data.y_val, normalize) if len(data.y_val) else {}
+                    running_loss, running_correct, running_seen = distributed.sum_across(
+                        [running_loss, running_correct, running_seen], group)
+                    evaluates = group.writer and len(data.y_val)
+                    val = evaluate_split(model, data.x_val, data.y_val, normalize) if evaluates else {}
                     record = {
                         "step": global_step,
                         "epoch": round(global_step / steps_per_epoch, 3),
@@ -319,7 +355,8 @@ def train(
                     bar.set_postfix(loss=f"{record['train_loss']:.3f}", val_acc=f"{record.get('val_accuracy', float('nan')):.3f}")
                     running_loss, running_correct, running_seen, running_terms = 0.0, 0, 0, {}
                     tuning.set_modes(model, backbone_trains, step + 1)
-                if resume and resume.every_steps and global_step % resume.every_steps == 0:
+                    replica = _replica(forward, group, compute.device)
+                if resume and resume.every_steps and global_step % resume.every_steps == 0 and group.writer:
                     resume.save({
                         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                         "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "queue": sampler.queue,
