@@ -263,11 +263,14 @@ class SweepDask(_Strict):
     """Where `graft sweep`'s branches run with executor dask (flows/sweep.py)."""
 
     address: str | None = None  # a running Dask scheduler (tcp://host:8786); DASK_SCHEDULER_ADDRESS wins; null: a LocalCluster
-    workers: int = Field(default=2, ge=1)            # the LocalCluster's worker processes
-    threads_per_worker: int = Field(default=1, ge=1)  # torch threads a branch uses
+    workers: int = Field(default=2, ge=1)                    # the LocalCluster's worker processes
+    threads_per_worker: int | None = Field(default=None, ge=1)  # torch threads a branch uses; null: cores / workers
 
     def scheduler_address(self) -> str | None:
         return os.environ.get("DASK_SCHEDULER_ADDRESS") or self.address
+
+    def threads(self) -> int:
+        return self.threads_per_worker or max(1, (os.cpu_count() or 1) // self.workers)
 
 
 class SweepParams(_Strict):
@@ -375,6 +378,10 @@ class RegistryParams(_Strict):
     model_name: str = "graft-classifier"
 
 
+class StorageParams(_Strict):
+    dvc_remote: str | None = None  # a folder, ssh://..., s3://...: each successful run pushes there (dvc push)
+
+
 class Params(_Strict):
     seed: int = 0
     data: DataParams
@@ -390,6 +397,7 @@ class Params(_Strict):
     schedule: ScheduleParams = ScheduleParams()
     sweep: SweepParams = SweepParams()
     compute: ComputeParams = ComputeParams()
+    storage: StorageParams = StorageParams()
 
     @model_validator(mode="after")
     def _sweep_strategies_are_finetune_settings(self) -> Params:

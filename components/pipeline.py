@@ -250,6 +250,30 @@ def format_table(summary: dict, markdown: bool = False) -> str:
     return "\n".join([rule, *(f"{k.ljust(width)}  {v}" for k, v in rows), rule])
 
 
+REMOTE_NAME = "graft"  # the DVC remote storage.dvc_remote becomes, in .dvc/config (committed: clones can pull)
+
+
+class RemoteError(GraftError, RuntimeError):
+    """The DVC remote could not be set or written."""
+
+
+def push_to_remote(root: str | Path, url: str) -> str:
+    """The data and every cached stage output to the DVC remote at `url`, made this project's default remote; DVC
+    sends only what the remote lacks, so a second push of the same run sends nothing. Returns DVC's last line."""
+    root = Path(root).resolve()
+    if "://" not in url:  # a folder, relative to the project (DVC would read it relative to .dvc/)
+        url = str((root / url).resolve())
+    status, _ = _dvc(root, "remote", "add", "--force", "--default", REMOTE_NAME, url)
+    if status != 0:
+        raise RemoteError(f"storage.dvc_remote {url!r}: DVC refused it as a remote (exit {status}; its message is "
+                          "above); use a folder, ssh://USER@HOST/PATH or s3://BUCKET/PATH")
+    status, output = _dvc(root, "push")
+    if status != 0:
+        raise RemoteError(f"dvc push to {url} failed (exit {status}; its message is above); the model is published, "
+                          "the files are not: make the remote reachable and writable, then run `dvc push`")
+    return output.strip().splitlines()[-1] if output.strip() else "pushed"
+
+
 def track_raw_data(paths: list[Path], root: str | Path = ".") -> list[Path]:
     """`dvc add` raw data folders, so their content hash is the data version DVC pins in git."""
     status, _ = _dvc(Path(root).resolve(), "add", "-q", *[str(p) for p in paths])

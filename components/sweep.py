@@ -1,18 +1,27 @@
 """`graft sweep`: learning curves. Strategies x labels per class x seeds over one prepared data set and the
 selected source, each branch an MLflow child run under one parent run.
 
-The target is prepared once with every training label; a branch keeps k labels a class drawn with its seed
+The target is prepared once with every training label, before any branch starts; a branch keeps k labels a class drawn with its seed
 (the same draw the pipeline makes with data.target.labels_per_class: k and seed) and trains with its strategy's
 finetune params (sweep.strategies: changes to params.yaml's `finetune`). Val and test splits are the
 pipeline's, for every branch. The parent run is found again by the sweep's identity (its params, the data
 version, the source), so a sweep that stopped resumes: a branch with a finished child run is not redone.
+
+A branch is a plain function of plain values (`run_logged_branch`: the plan, the params, the branch), so it runs
+the same in this process (sweep.executor: sequential) or on any Dask worker (flows/sweep.py): it logs its own
+child run straight to the tracking store, tagged with the worker that ran it.
 
 Negative transfer, transfer below scratch, is marked only beyond the seed noise: on every seed, and by more on
 average than the larger seed spread (standard deviation) of the two.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import os
+import socket
 import statistics
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -20,6 +29,8 @@ import matplotlib
 import mlflow
 import numpy as np
 from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from tqdm import tqdm
 
 matplotlib.use("Agg")
@@ -37,6 +48,8 @@ from components.stages import predict_classes, train_target  # noqa: E402
 
 SWEEP_ID_TAG = "graft.sweep.id"
 BRANCH_TAG = "graft.sweep.branch"
+WORKER_TAG = "graft.sweep.worker"  # host:pid of the process that ran a branch
+POOL_FILE = "target-all-labels.npz"
 REPORT = Path("reports/sweep.json")
 MARKDOWN = Path("reports/sweep.md")
 PLOT = Path("plots/sweep-learning-curves.png")
@@ -74,13 +87,14 @@ def labelled_subset(pool: data_mod.Splits, labels: int | None, seed: int) -> dat
 def prepare_pool(params: Params, image_size: int, folder: Path) -> data_mod.Splits:
     """The target with every training label, at the selected source's input size (prepared once a sweep)."""
     target = params.data.target.model_copy(update={"labels_per_class": None})
-    path = folder / "target-all-labels.npz"
-    data_mod.prepare(target, params.data, params.data.channels, [image_size], params.seed, path, folder / "target-all-labels.json")
+    path = folder / POOL_FILE
+    data_mod.prepare(target, params.data, params.data.channels, [image_size], params.seed, path, path.with_suffix(".json"))
     return data_mod.load_splits(path)
 
 
 def sweep_identity(params: Params, pool: data_mod.Splits, source: dict) -> str:
-    return sha256_json({"sweep": params.sweep.model_dump(mode="json"), "finetune": params.finetune.model_dump(mode="json"),
+    # Where the branches run (executor, Dask) is not what they compute: a sweep resumes on another executor.
+    return sha256_json({"sweep": params.sweep.model_dump(mode="json", exclude={"executor", "dask"}), "finetune": params.finetune.model_dump(mode="json"),
                         "data_version": pool.data_version, "source": source})[:16]
 
 
@@ -107,9 +121,23 @@ def run_branch(params: Params, branch: Branch, pool: data_mod.Splits) -> dict:
     return metrics
 
 
-def run_sweep(root: str | Path, params: Params) -> dict:
-    """Every branch not finished yet, then the table, the plot and the report (also on the parent run)."""
-    root = Path(root)
+@dataclass(frozen=True)
+class SweepPlan:
+    """What every branch needs, wherever it runs: plain values, sent to Dask workers as they are."""
+
+    root: str               # the project folder, absolute (a worker on another machine needs it on shared storage)
+    tracking_uri: str
+    experiment_id: str
+    sweep_id: str
+    parent_run_id: str
+    pool: str               # the target with every label, prepared once for all branches
+    todo: tuple[Branch, ...]
+    done: dict[str, dict]   # branch key -> its metrics and run id, for branches finished before
+
+
+def open_sweep(root: str | Path, params: Params) -> SweepPlan:
+    """The sweep's data prepared once, its parent run found again or created, and the branches still to run."""
+    root = Path(root).resolve()
     if not (root / Layout.selected_source).exists():
         raise SweepError("no selected source yet: the sweep reuses the pipeline's; run `dvc repro select_source` first")
     source = read_json(root / Layout.selected_source)
@@ -123,33 +151,75 @@ def run_sweep(root: str | Path, params: Params) -> dict:
     pool = prepare_pool(params, source["image_size"], folder)
     sweep_id = sweep_identity(params, pool, source)
     parent_id, done = _finished_branches(client, experiment_id, sweep_id)
+    if parent_id is None:
+        parent_id = client.create_run(experiment_id, run_name=f"sweep-{sweep_id}", tags={SWEEP_ID_TAG: sweep_id}).info.run_id
+        client.log_batch(parent_id, params=[Param(k, str(v)) for k, v in {
+            "source": source["name"], "data_version": pool.data_version, "labels_per_class": params.sweep.labels_per_class,
+            "seeds": params.sweep.seeds, "strategies": ", ".join(params.sweep.strategies)}.items()])
     plan = branches(params)
-    todo = [b for b in plan if b.key not in done]
+    todo = tuple(b for b in plan if b.key not in done)
     print(f"sweep {sweep_id}: {len(plan)} branches ({len(params.sweep.strategies)} strategies x "
           f"{len(params.sweep.labels_per_class)} label counts x {len(params.sweep.seeds)} seeds) on source "
           f"{source['name']}; {len(plan) - len(todo)} finished before, {len(todo)} to run", flush=True)
-    with mlflow.start_run(run_id=parent_id, run_name=None if parent_id else f"sweep-{sweep_id}",
-                          tags={SWEEP_ID_TAG: sweep_id}) as parent:
-        if parent_id is None:
-            mlflow.log_params({"source": source["name"], "data_version": pool.data_version,
-                               "labels_per_class": str(params.sweep.labels_per_class), "seeds": str(params.sweep.seeds),
-                               "strategies": ", ".join(params.sweep.strategies)})
-        for branch in tqdm(todo, desc="sweep", unit="branch"):
-            with mlflow.start_run(run_name=branch.key, nested=True, tags={SWEEP_ID_TAG: sweep_id, BRANCH_TAG: branch.key}) as child:
-                mlflow.log_params({"strategy": branch.strategy, "labels_per_class": branch.labels or "all", "seed": branch.seed,
-                                   "changes": str(params.sweep.strategies[branch.strategy])})
-                metrics = run_branch(params, branch, pool)
-                mlflow.log_metrics(metrics)
-            done[branch.key] = {"run_id": child.info.run_id, **metrics}
-        report = summarise(params, plan, done, pool)
-        report.update(sweep_id=sweep_id, parent_run_id=parent.info.run_id, source=source["name"], data_version=pool.data_version)
-        write_json(root / REPORT, report)
-        with atomic_path(root / MARKDOWN) as tmp:
-            tmp.write_text(markdown_table(report))
-        plot_learning_curves(report, root / PLOT)
-        for path in (REPORT, MARKDOWN, PLOT):
-            mlflow.log_artifact(str(root / path), "sweep")
+    return SweepPlan(str(root), mlflow.get_tracking_uri(), experiment_id, sweep_id, parent_id,
+                     str(folder / POOL_FILE), todo, done)
+
+
+@functools.lru_cache(maxsize=1)
+def _pool(path: str, modified_ns: int) -> data_mod.Splits:
+    """A worker reads the prepared pool once, however many branches it runs (its modification time keys the cache)."""
+    return data_mod.load_splits(Path(path))
+
+
+def run_logged_branch(plan: SweepPlan, params: Params, branch: Branch) -> dict:
+    """One branch as an MLflow child run of the sweep's parent, in this process (the sweep's own, or a Dask
+    worker's): its metrics, run id and the worker that ran it."""
+    client = MlflowClient(plan.tracking_uri)
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+    run_id = client.create_run(plan.experiment_id, run_name=branch.key, tags={
+        SWEEP_ID_TAG: plan.sweep_id, BRANCH_TAG: branch.key, WORKER_TAG: worker,
+        MLFLOW_PARENT_RUN_ID: plan.parent_run_id}).info.run_id
+    try:
+        client.log_batch(run_id, params=[Param("strategy", branch.strategy), Param("labels_per_class", str(branch.labels or "all")),
+                                         Param("seed", str(branch.seed)),
+                                         Param("changes", str(params.sweep.strategies[branch.strategy]))])
+        with contextlib.chdir(plan.root):  # the stages' paths (the selected source) are relative to the project
+            pool = _pool(plan.pool, os.stat(plan.pool).st_mtime_ns)
+            metrics = run_branch(params, branch, pool)
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    return {"run_id": run_id, "worker": worker, **metrics}
+
+
+def close_sweep(plan: SweepPlan, params: Params, results: dict[str, dict]) -> dict:
+    """The table, the plot and the report from every branch (earlier ones and `results`), also on the parent run."""
+    root = Path(plan.root)
+    done = {**plan.done, **results}
+    pool = _pool(plan.pool, os.stat(plan.pool).st_mtime_ns)
+    report = summarise(params, branches(params), done, pool)
+    report.update(sweep_id=plan.sweep_id, parent_run_id=plan.parent_run_id, source=read_json(root / Layout.selected_source)["name"],
+                  data_version=pool.data_version, workers=sorted({r["worker"] for r in results.values()}))
+    write_json(root / REPORT, report)
+    with atomic_path(root / MARKDOWN) as tmp:
+        tmp.write_text(markdown_table(report))
+    plot_learning_curves(report, root / PLOT)
+    client = MlflowClient(plan.tracking_uri)
+    for path in (REPORT, MARKDOWN, PLOT):
+        client.log_artifact(plan.parent_run_id, str(root / path), "sweep")
+    client.set_terminated(plan.parent_run_id, "FINISHED")
     return report
+
+
+def run_sweep(root: str | Path, params: Params) -> dict:
+    """The whole sweep in this process, one branch after another (`graft sweep` with sweep.executor: sequential;
+    flows/sweep.py runs the same branches in parallel on Dask)."""
+    plan = open_sweep(root, params)
+    results = {branch.key: run_logged_branch(plan, params, branch) for branch in tqdm(plan.todo, desc="sweep", unit="branch")}
+    return close_sweep(plan, params, results)
 
 
 def summarise(params: Params, plan: list[Branch], done: dict[str, dict], pool: data_mod.Splits) -> dict:

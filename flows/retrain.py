@@ -22,6 +22,7 @@ from components.pipeline import (
     format_table,
     pending_stages,
     project_lock,
+    push_to_remote,
     reproduce_stage,
     summary_text,
     unchanged_message,
@@ -87,6 +88,12 @@ def publish_candidate(root: str, params: Params, report: GateReport) -> dict:
     return publish(root, params, report)
 
 
+@task(task_run_name="push_to_remote", retries=2, retry_delay_seconds=10)
+def push_files(root: str, url: str) -> str:
+    """The run's data and stage outputs to the DVC remote (storage.dvc_remote): any clone can `dvc pull` them."""
+    return push_to_remote(root, url)
+
+
 @task(task_run_name="announce")
 def announce(registration: dict, report: GateReport) -> str:
     """A Prefect event for what happened to the version, for automations (alerts, a deploy) to follow."""
@@ -110,7 +117,8 @@ def announce(registration: dict, report: GateReport) -> str:
 def retrain(root: str = ".", force: bool = False):
     """check params -> (lock) -> resolve_sources -> check inputs -> [nothing changed and the registry holds the
     candidate: done] -> prepare_source@NAME -> prepare_target -> pretrain@NAME -> select_source -> baseline
-    -> finetune -> evaluate -> export -> judge -> publish -> announce  (NAME: each pipeline source)"""
+    -> finetune -> evaluate -> export -> judge -> publish -> [push_to_remote] -> announce  (NAME: each pipeline
+    source; push_to_remote with storage.dvc_remote)"""
     root = str(Path(root).resolve())
     params = check_params(root)
     holder = f"flow run {get_run_context().flow_run.name}"
@@ -129,6 +137,8 @@ def retrain(root: str = ".", force: bool = False):
         outcomes += [run_stage(root, name) for name in stage_order(params) if name not in ALWAYS_RUN]
         report = judge_candidate.with_options(**registry_step)(root, params)
         registration = publish_candidate.with_options(**registry_step)(root, params, report)
+        if params.storage.dvc_remote:
+            print(f"dvc remote {params.storage.dvc_remote}: {push_files(root, params.storage.dvc_remote)}")
         summary = collect_summary(root, outcomes)
         create_markdown_artifact(format_table(summary, markdown=True) + "\n\n" + report.markdown(), key="retrain-summary",
                                  description="Graft retrain summary")

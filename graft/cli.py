@@ -136,7 +136,13 @@ def _sweep(args: argparse.Namespace) -> int:
     for stage in ("select_source", *(f"prepare_unlabeled@{name}" for name in params.data.unlabeled)):
         reproduce_stage(args.root, stage, with_upstream=True)
     with contextlib.chdir(args.root):  # the stages' paths are relative to the project folder
-        print(markdown_table(run_sweep(".", params)))
+        if params.sweep.executor == "dask":
+            from flows.sweep import run_sweep_on_dask
+
+            report = run_sweep_on_dask(".", params)
+        else:
+            report = run_sweep(".", params)
+    print(markdown_table(report))
     return 0
 
 

@@ -6,6 +6,7 @@ import yaml
 
 from components.export import export_onnx
 from components.model import build
+from deploy.stack import MLFLOW_SERVER_ENV, PREFECT_DATABASE_SETTING, mlflow_server_args
 from tests.conftest import PROJECT, tiny_spec
 
 
@@ -39,6 +40,24 @@ def test_compose_stack_binds_loopback_and_gives_the_server_a_gpu():
     assert services["graft-server"]["environment"]["GRAFT_STRICT"] == "1"
     assert services["graft-server"]["environment"]["GRAFT_API_TOKEN"].startswith("${GRAFT_API_TOKEN:?"), \
         "the production server listens beyond loopback in its container: it must get a token, never run without"
+
+
+def test_compose_runs_the_tracking_and_orchestration_services_as_the_postgres_test_does():
+    services = yaml.safe_load((PROJECT / "deploy" / "compose.yaml").read_text())["services"]
+    mlflow = services["mlflow"]["command"].split()
+    tested = mlflow_server_args("postgresql://u:p@h/mlflow", "s3://bucket/", "0.0.0.0", 5000)
+    assert mlflow[:2] == ["mlflow", tested[0]]
+    assert [w for w in mlflow if w.startswith("--")] == [w for w in tested if w.startswith("--")]  # the same flags
+    assert mlflow[mlflow.index("--workers") + 1] == tested[tested.index("--workers") + 1]
+    assert mlflow[mlflow.index("--backend-store-uri") + 1].startswith("postgresql://")
+    assert MLFLOW_SERVER_ENV.items() <= services["mlflow"]["environment"].items()
+    database = services["prefect-server"]["environment"][PREFECT_DATABASE_SETTING]
+    assert database.startswith("postgresql+asyncpg://") and "@postgres/prefect" in database
+    assert "CREATE DATABASE prefect" in (PROJECT / "deploy" / "docker" / "init-db.sql").read_text()
+    # The sweep's branches go to the Dask scheduler; its workers log to the same MLflow server.
+    assert services["prefect-worker"]["environment"]["DASK_SCHEDULER_ADDRESS"] == "tcp://dask-scheduler:8786"
+    assert "tcp://dask-scheduler:8786" in services["dask-worker"]["command"]
+    assert services["dask-worker"]["environment"]["MLFLOW_TRACKING_URI"] == services["prefect-worker"]["environment"]["MLFLOW_TRACKING_URI"]
 
 
 def test_serving_code_needs_neither_torch_nor_training_code():
