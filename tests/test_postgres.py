@@ -124,8 +124,11 @@ def test_pipeline_promotion_and_serving_on_postgres(postgres, stack, candidate_t
 
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["finetune"]["steps"] = 16  # a second candidate
+    params["storage"]["dvc_remote"] = str(tmp_path / "dvc-remote")  # and its files pushed at the end of the run
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    graft(root, stack, "run")
+    second = graft(root, stack, "run")
+    assert f"dvc remote {tmp_path / 'dvc-remote'}:" in second.stdout + second.stderr
+    assert any((tmp_path / "dvc-remote").rglob("*"))
     assert alias_version(client, MODEL, CHALLENGER) == "2" and alias_version(client, MODEL, CHAMPION) == "1"
     graft(root, stack, "promote", "--reason", "on postgres")
     assert alias_version(client, MODEL, CHAMPION) == "2"

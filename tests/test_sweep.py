@@ -3,6 +3,8 @@ through Prefect, MLflow child runs under one parent, resumable (and the same num
 table and the learning-curve plot; negative transfer marked only beyond the seed noise."""
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -19,7 +21,14 @@ from components.sweep import (
     labelled_subset,
     summarise,
 )
-from tests.conftest import copy_workspace, graft_cli, make_small_target, tiny_params
+from tests.conftest import (
+    copy_workspace,
+    free_port,
+    graft_cli,
+    make_small_target,
+    stop_process_group,
+    tiny_params,
+)
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +102,45 @@ def test_a_resumed_sweep_redoes_only_the_branches_that_did_not_finish(swept):
     assert here.data.metrics["train_examples"] == on_dask.data.metrics["train_examples"]
     assert abs(here.data.metrics["test_accuracy"] - on_dask.data.metrics["test_accuracy"]) <= 0.05
     assert json.loads((root / "reports" / "sweep.json").read_text())["parent_run_id"] == report["parent_run_id"]
+
+
+@pytest.fixture
+def dask_scheduler(tmp_path):
+    """A Dask scheduler and one worker process started from the command line, as an operator runs them."""
+    from distributed import Client
+
+    address = f"tcp://127.0.0.1:{free_port()}"
+    scheduler = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+                                  "--port", address.rpartition(":")[2], "--no-dashboard"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    worker = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address, "--nworkers", "1",
+                               "--nthreads", "1", "--host", "127.0.0.1", "--no-dashboard"], cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(1, timeout=60)
+            worker_pid = next(iter(client.run(os.getpid).values()))
+        yield address, worker_pid
+    finally:
+        stop_process_group(worker)
+        stop_process_group(scheduler)
+
+
+def test_a_sweep_runs_on_the_dask_scheduler_named_in_the_environment(swept, dask_scheduler, monkeypatch):
+    root, url, _ = swept
+    address, worker_pid = dask_scheduler
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["sweep"].update(executor="dask", labels_per_class=[2], seeds=[5], strategies={"finetune": {"strategy": "finetune"}})
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", address)
+    done = graft_cli(root, url, "sweep")
+    assert f"branches on the Dask scheduler at {address}" in done.stdout
+    report = json.loads((root / "reports" / "sweep.json").read_text())
+    assert [worker.rpartition(":")[2] for worker in report["workers"]] == [str(worker_pid)]  # that worker ran it
+    child = MlflowClient(tracking_uri=url).search_runs(
+        [MlflowClient(tracking_uri=url).get_run(report["parent_run_id"]).info.experiment_id],
+        f"tags.mlflow.parentRunId = '{report['parent_run_id']}'")
+    assert [r.data.tags[BRANCH_TAG] for r in child] == ["finetune/k=2/seed=5"]
 
 
 def test_a_branch_draws_the_labels_the_pipeline_would_draw_with_its_seed(tmp_path):
