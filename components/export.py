@@ -102,8 +102,6 @@ def read_metadata(path: Path) -> dict[str, str]:
     return {prop.key: prop.value for prop in onnx.load(str(path), load_external_data=False).metadata_props}
 
 
-
-
 def median_ms(run: Callable[[np.ndarray], object], batch: np.ndarray, repeats: int) -> float:
     run(batch)  # warm-up: the first call allocates
     timings = []

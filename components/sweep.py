@@ -84,18 +84,29 @@ def labelled_subset(pool: data_mod.Splits, labels: int | None, seed: int) -> dat
     return replace(pool, x_train=pool.x_train[keep], y_train=pool.y_train[keep], origin_train=pool.origin_train[keep])
 
 
-def prepare_pool(params: Params, image_size: int, folder: Path) -> data_mod.Splits:
+def prepare_pool(params: Params, image_size: int, folder: Path) -> Path:
     """The target with every training label, at the selected source's input size (prepared once a sweep)."""
     target = params.data.target.model_copy(update={"labels_per_class": None})
     path = folder / POOL_FILE
     data_mod.prepare(target, params.data, params.data.channels, [image_size], params.seed, path, path.with_suffix(".json"))
-    return data_mod.load_splits(path)
+    return path
+
+
+@functools.lru_cache(maxsize=1)
+def _read_pool(path: str, modified_ns: int) -> data_mod.Splits:
+    return data_mod.load_splits(Path(path))
+
+
+def load_pool(path: str | Path) -> data_mod.Splits:
+    """The prepared pool, read once a process however many branches it runs (a rewritten file is read again)."""
+    return _read_pool(str(path), os.stat(path).st_mtime_ns)
 
 
 def sweep_identity(params: Params, pool: data_mod.Splits, source: dict) -> str:
     # Where the branches run (executor, Dask) is not what they compute: a sweep resumes on another executor.
-    return sha256_json({"sweep": params.sweep.model_dump(mode="json", exclude={"executor", "dask"}), "finetune": params.finetune.model_dump(mode="json"),
-                        "data_version": pool.data_version, "source": source})[:16]
+    return sha256_json({"sweep": params.sweep.model_dump(mode="json", exclude={"executor", "dask"}),
+                        "finetune": params.finetune.model_dump(mode="json"), "data_version": pool.data_version,
+                        "source": source})[:16]
 
 
 def _finished_branches(client: MlflowClient, experiment_id: str, sweep_id: str) -> tuple[str | None, dict[str, dict]]:
@@ -148,7 +159,8 @@ def open_sweep(root: str | Path, params: Params) -> SweepPlan:
     client = MlflowClient()
     folder = root / ".graft" / "sweep"
     folder.mkdir(parents=True, exist_ok=True)
-    pool = prepare_pool(params, source["image_size"], folder)
+    pool_path = prepare_pool(params, source["image_size"], folder)
+    pool = load_pool(pool_path)
     sweep_id = sweep_identity(params, pool, source)
     parent_id, done = _finished_branches(client, experiment_id, sweep_id)
     if parent_id is None:
@@ -161,14 +173,7 @@ def open_sweep(root: str | Path, params: Params) -> SweepPlan:
     print(f"sweep {sweep_id}: {len(plan)} branches ({len(params.sweep.strategies)} strategies x "
           f"{len(params.sweep.labels_per_class)} label counts x {len(params.sweep.seeds)} seeds) on source "
           f"{source['name']}; {len(plan) - len(todo)} finished before, {len(todo)} to run", flush=True)
-    return SweepPlan(str(root), mlflow.get_tracking_uri(), experiment_id, sweep_id, parent_id,
-                     str(folder / POOL_FILE), todo, done)
-
-
-@functools.lru_cache(maxsize=1)
-def _pool(path: str, modified_ns: int) -> data_mod.Splits:
-    """A worker reads the prepared pool once, however many branches it runs (its modification time keys the cache)."""
-    return data_mod.load_splits(Path(path))
+    return SweepPlan(str(root), mlflow.get_tracking_uri(), experiment_id, sweep_id, parent_id, str(pool_path), todo, done)
 
 
 def run_logged_branch(plan: SweepPlan, params: Params, branch: Branch) -> dict:
@@ -184,8 +189,7 @@ def run_logged_branch(plan: SweepPlan, params: Params, branch: Branch) -> dict:
                                          Param("seed", str(branch.seed)),
                                          Param("changes", str(params.sweep.strategies[branch.strategy]))])
         with contextlib.chdir(plan.root):  # the stages' paths (the selected source) are relative to the project
-            pool = _pool(plan.pool, os.stat(plan.pool).st_mtime_ns)
-            metrics = run_branch(params, branch, pool)
+            metrics = run_branch(params, branch, load_pool(plan.pool))
         now = int(time.time() * 1000)
         client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
     except BaseException:
@@ -199,7 +203,7 @@ def close_sweep(plan: SweepPlan, params: Params, results: dict[str, dict]) -> di
     """The table, the plot and the report from every branch (earlier ones and `results`), also on the parent run."""
     root = Path(plan.root)
     done = {**plan.done, **results}
-    pool = _pool(plan.pool, os.stat(plan.pool).st_mtime_ns)
+    pool = load_pool(plan.pool)  # in the process that opened the sweep: already read
     report = summarise(params, branches(params), done, pool)
     report.update(sweep_id=plan.sweep_id, parent_run_id=plan.parent_run_id, source=read_json(root / Layout.selected_source)["name"],
                   data_version=pool.data_version, workers=sorted({r["worker"] for r in results.values()}))
