@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import hmac
 import ipaddress
 import logging
 import math
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -272,7 +274,8 @@ def _authorised(headers: dict[bytes, bytes], token: str) -> bool:
 
 
 class BindRefused(ValueError):
-    """The server was asked to listen beyond loopback with no token and no explicit --insecure-no-auth."""
+    """The server may not or cannot listen where it was asked: beyond loopback with no token and no explicit
+    --insecure-no-auth, or on an address it cannot bind (a port in use)."""
 
 
 def check_bind(host: str, token: str, insecure: bool) -> None:
@@ -367,12 +370,22 @@ def wants_binary_output(body: dict) -> bool:
         for o in outputs)
 
 
+# An error answered before the body is read (a 413 from the declared length, a 401, a chunked body past the limit)
+# leaves the client still sending. Closing then makes the kernel reset the connection, and a client that sends its
+# whole body before reading (urllib, requests) gets "connection reset" instead of the answer. So the answer is sent,
+# the rest of the body read and thrown away, and only then the connection closed; bounded, so that a client
+# claiming gigabytes cannot hold the server: past these the connection is closed (and reset) at once.
+DRAIN_BYTES = 128 * 2**20  # or 4x max_body_bytes when that is more: a 64 MB upload to a 10 MB limit is drained
+DRAIN_SECONDS = 5.0
+
+
 class Guard:
     """Every request: the API token, the body limit, latency and counts. Plain ASGI: Starlette's
     BaseHTTPMiddleware costs a task and a stream per request, a large part of a small request's time."""
 
     def __init__(self, app, settings: ServerSettings, metrics: Metrics) -> None:
         self.app, self.settings, self.metrics = app, settings, metrics
+        self.drain_bytes = max(DRAIN_BYTES, 4 * settings.max_body_bytes)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -381,15 +394,30 @@ class Guard:
         endpoint = path if not path.startswith("/v2/models/") else "/v2/models/" + path.rsplit("/", 1)[-1]
         started = time.perf_counter()
         status = 500
-
-        async def send_noting_status(message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
         headers = dict(scope["headers"])
         length = headers.get(b"content-length")
+        body_unread = (length is not None and length != b"0") or b"transfer-encoding" in headers
+        # A client that waits for "100 Continue" sends no body after an early answer: nothing to drain.
+        drain = (headers.get(b"expect", b"").lower() != b"100-continue"
+                 and (length is None or not length.isdigit() or int(length) <= self.drain_bytes))
+        held = False  # the answer's end, held back while the body is drained
+
+        async def receive_noting_end():
+            nonlocal body_unread
+            message = await receive()
+            body_unread = body_unread and message.get("more_body", False)  # also False on http.disconnect
+            return message
+
+        async def send_noting_status(message) -> None:
+            nonlocal status, held
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                if status >= 400 and body_unread:  # close after it: no keep-alive client has the server read on and on
+                    message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            elif status >= 400 and body_unread and drain and not message.get("more_body", False):
+                message, held = {**message, "more_body": True}, True
+            await send(message)
+
         refusal = None
         if self.settings.token and not path.startswith("/v2/health/") and not _authorised(headers, self.settings.token):
             refusal = _error(401, "this server needs an API token: send the header 'Authorization: Bearer <token>'")
@@ -398,9 +426,26 @@ class Guard:
         elif length is not None and (not length.isdigit() or int(length) > self.settings.max_body_bytes):
             refusal = _error(413, f"body of {length.decode('latin-1')} bytes is over the limit of {self.settings.max_body_bytes}")
             self.metrics.errors.labels(endpoint, "too_large").inc()
-        await (refusal or self.app)(scope, receive, send_noting_status)
+        await (refusal or self.app)(scope, receive_noting_end, send_noting_status)
         self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
         self.metrics.requests.labels(endpoint, str(status)).inc()
+        if held:
+            await self._drain(receive)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})  # the server closes now
+
+    async def _drain(self, receive) -> None:
+        """Read and drop the rest of the body, bounded in bytes and time. Memory stays small: uvicorn stops reading
+        the socket past 64 kB not yet received here."""
+        drained = 0
+        try:
+            async with asyncio.timeout(DRAIN_SECONDS):
+                while drained <= self.drain_bytes:
+                    message = await receive()
+                    drained += len(message.get("body", b""))
+                    if not message.get("more_body", False):
+                        return
+        except TimeoutError:
+            pass
 
 
 def create_app(source: FileSource | RegistrySource, settings: ServerSettings) -> FastAPI:
@@ -564,12 +609,34 @@ def build_source(tracking_uri: str | None, model_name: str, alias: str, onnx_fil
     return RegistrySource(tracking_uri, model_name, alias, cache_dir)
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound here before any model is loaded, as uvicorn binds one for its workers. Left to
+    uvicorn, a port in use gave its log lines and exit status 3 (graft's status for a rejected candidate)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart need not wait out TIME_WAIT
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        if error.errno == errno.EADDRINUSE:
+            raise BindRefused(f"port {port} on {host} is already in use (another server?); stop it or pass --port N") from None
+        raise BindRefused(f"cannot listen on {host} port {port}: {error.strerror or error}; pass --host or --port") from None
+    return sock
+
+
 def serve(source, settings: ServerSettings, host: str, port: int, log_level: str = "info", insecure: bool = False) -> None:
     import uvicorn
 
     check_bind(host, settings.token, insecure)
+    sock = bind(host, port)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(source, settings), host=host, port=port, log_level=log_level, access_log=False)
+    server = uvicorn.Server(uvicorn.Config(create_app(source, settings), host=host, port=port, log_level=log_level,
+                                           access_log=False))
+    log.info("bound %s port %d: listening once the application has started", host, port)
+    try:
+        server.run(sockets=[sock])  # uvicorn serves the socket bound above: no second bind that could fail
+    except KeyboardInterrupt:  # uvicorn has shut down on Ctrl+C and raised it again, as uvicorn.run ignores it
+        pass
 
 
 def main() -> None:

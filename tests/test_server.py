@@ -431,7 +431,8 @@ def test_health_answers_at_once_while_30_large_images_are_decoded(server):
 
 def test_an_over_limit_body_gets_a_413_the_client_reads(server):
     """A declared length over the limit, without `Expect: 100-continue`, and a chunked multipart upload (no length
-    at all) both get an answer the client receives, not a reset; the chunked upload is not read to its end."""
+    at all) both get an answer the client receives, not a reset; the chunked upload is not kept past the limit (the
+    rest is read and dropped: test_server_errors.py)."""
     declared = httpx.post(f"{server}/predict", content=b"\0" * 3_000_000)
     assert declared.status_code == 413 and "over the limit of 200000" in declared.json()["error"]
 
