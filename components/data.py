@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
 import struct
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ class Sample:
     origin: str          # file path, or "<idx file>#<index>", for the report
     label: int
     pixels: np.ndarray   # decoded at the original size, already in the target channel mode
+    mode: str = "L"      # what the file holds (file_mode): what data.channels should be; IDX files are gray bytes
 
 
 @dataclass
@@ -51,6 +53,25 @@ class Quarantine:
 
     def add(self, origin: str, reason: str) -> None:
         self.entries.append({"file": origin, "reason": reason})
+
+
+@dataclass
+class Problems:
+    """Problems no skipping can fix (an empty class, a symlink out of the folder, a class too small). The prepare
+    stage stops at the first (collect=False: `add` raises); a check collects them all, so that one pass names
+    everything to fix (`graft data add`)."""
+
+    collect: bool = False
+    found: list[str] = field(default_factory=list)
+
+    def add(self, message: str) -> None:
+        if not self.collect:
+            raise DataError(message)
+        self.found.append(message)
+
+
+STOP = Problems()  # the default: raises at the first problem, so it never holds one
+FOLDER_LAYOUT = "<class name>/<image files>"
 
 
 SPLITS = ("train", "val", "test")
@@ -127,23 +148,55 @@ def read_idx_split(root: Path, split: str) -> tuple[list[Sample], tuple[str, ...
     return samples, classes
 
 
-def _decode(path: Path, channels: int) -> np.ndarray:
+ALPHA_MODES = ("RGBA", "LA")  # what convert_mode composites onto black (a palette with transparency: file_mode)
+GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+def file_mode(image: Image.Image) -> str:
+    """What an image file holds, by PIL's mode name; a palette image named by what its palette holds (L or RGB,
+    LA or RGBA when it has transparency), since a palette of grays is a gray image."""
+    if image.mode not in ("P", "PA"):
+        return image.mode
+    palette = np.array(image.getpalette() or [0, 0, 0]).reshape(-1, 3)
+    colour = bool((palette != palette[:, :1]).any())
+    alpha = image.mode == "PA" or "transparency" in image.info
+    return ("RGB" if colour else "L") + ("A" if alpha else "")
+
+
+def _decode(path: Path, channels: int) -> tuple[np.ndarray, str]:
     with Image.open(path) as image:
         image.load()  # decodes fully: raises on truncated or corrupt data
-        return np.asarray(convert_mode(image, COLOR_MODES[channels]))
+        return np.asarray(convert_mode(image, COLOR_MODES[channels])), file_mode(image)
 
 
-def class_folders(root: Path) -> list[Path]:
+def require_folder(path: Path, holding: str) -> None:
+    """`path` is a folder; a file or nothing there is named as such, with what the folder should hold."""
+    if path.is_file():
+        raise DataError(f"{path} is a file, not a folder; give the folder holding {holding}")
+    if not path.is_dir():
+        raise DataError(f"{path}: no such folder; give the folder holding {holding}")
+
+
+def _count_files(folder: Path) -> int:
+    with os.scandir(folder) as entries:  # the file type comes with the listing: no stat a file
+        return sum(1 for entry in entries if entry.is_file())
+
+
+def class_file_counts(root: Path, problems: Problems = STOP) -> dict[str, int]:
+    """A folder data set's classes and the files each holds, no file opened (fast: 10k files in ms): at least two
+    class folders, none of them empty (an empty one is a problem, left out of what is returned)."""
+    require_folder(root, FOLDER_LAYOUT)
+    counts = {d.name: _count_files(d) for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")}
+    if len(counts) < 2:
+        raise DataError(f"{root}: found {len(counts)} class folder(s); need at least 2 ({FOLDER_LAYOUT})")
+    if empty := [name for name, count in counts.items() if not count]:
+        problems.add(f"{root}: empty class folder(s): {', '.join(empty)}; add images to them or remove them")
+    return {name: count for name, count in counts.items() if count}
+
+
+def class_folders(root: Path, problems: Problems = STOP) -> list[Path]:
     """A folder data set's classes: at least two folders, none of them empty."""
-    if not root.is_dir():
-        raise DataError(f"{root}: no such folder; a folder data set needs <path>/<class name>/<image files>")
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if len(class_dirs) < 2:
-        raise DataError(f"{root}: found {len(class_dirs)} class folder(s); need at least 2 (<path>/<class name>/<images>)")
-    empty = [d.name for d in class_dirs if not any(f.is_file() for f in d.iterdir())]
-    if empty:
-        raise DataError(f"{root}: empty class folder(s): {', '.join(empty)}; add images to them or remove them")
-    return class_dirs
+    return [root / name for name in class_file_counts(root, problems)]
 
 
 def _outside(path: Path, root: Path) -> bool:
@@ -152,17 +205,16 @@ def _outside(path: Path, root: Path) -> bool:
     return not path.resolve().is_relative_to(root.resolve())
 
 
-def read_folder(root: Path, channels: int, quarantine: Quarantine, fail_fast: bool,
-                min_side: int = 1) -> tuple[list[Sample], tuple[str, ...]]:
-    class_dirs = class_folders(root)
+def read_folder(root: Path, channels: int, quarantine: Quarantine, fail_fast: bool, min_side: int = 1,
+                problems: Problems = STOP) -> tuple[list[Sample], tuple[str, ...]]:
+    class_dirs = class_folders(root, problems)
     files = [(label, f) for label, d in enumerate(class_dirs) for f in sorted(d.iterdir()) if f.is_file()]
-    return _read_files(root, files, channels, quarantine, fail_fast, min_side), tuple(d.name for d in class_dirs)
+    return _read_files(root, files, channels, quarantine, fail_fast, min_side, problems), tuple(d.name for d in class_dirs)
 
 
 def read_unlabeled(root: Path, channels: int, quarantine: Quarantine, fail_fast: bool, min_side: int = 1) -> list[Sample]:
     """Every image file under an unlabelled folder (subfolders too; hidden files and folders skipped), label -1."""
-    if not root.is_dir():
-        raise DataError(f"{root}: no such folder; unlabelled images go in one folder (subfolders allowed)")
+    require_folder(root, "the unlabelled image files (subfolders allowed)")
     files = [(-1, f) for f in sorted(root.rglob("*")) if f.is_file()
              and not any(part.startswith(".") for part in f.relative_to(root).parts)]
     if not files:
@@ -171,14 +223,15 @@ def read_unlabeled(root: Path, channels: int, quarantine: Quarantine, fail_fast:
 
 
 def _read_files(root: Path, files: list[tuple[int, Path]], channels: int, quarantine: Quarantine, fail_fast: bool,
-                min_side: int) -> list[Sample]:
-    if escaped := [str(f) for _, f in files if _outside(f, root)]:
-        raise DataError(f"{', '.join(escaped[:3])}{' and more' if len(escaped) > 3 else ''}: a symlink out of the data "
-                        f"folder {root}; copy the image(s) into the folder instead")
+                min_side: int, problems: Problems = STOP) -> list[Sample]:
+    if escaped := [f for _, f in files if _outside(f, root)]:
+        problems.add(f"{', '.join(map(str, escaped[:3]))}{' and more' if len(escaped) > 3 else ''}: a symlink out of the "
+                     f"data folder {root}; copy the image(s) into the folder instead")
+        files = [(label, f) for label, f in files if f not in escaped]  # collecting: the rest is still checked
     samples: list[Sample] = []
     for label, path in tqdm(files, desc=f"decode {root.name}", unit="img", leave=False, mininterval=1.0):
         try:
-            pixels = _decode(path, channels)
+            pixels, mode = _decode(path, channels)
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
             pixels, reason = None, "not an image file" if isinstance(error, UnidentifiedImageError) else f"cannot decode: {error}"
         if pixels is not None and min(pixels.shape[:2]) < min_side:
@@ -188,7 +241,7 @@ def _read_files(root: Path, files: list[tuple[int, Path]], channels: int, quaran
                 raise DataError(f"{path}: {reason}; fix or remove the file, or set data.bad_files: quarantine")
             quarantine.add(str(path), reason)
             continue
-        samples.append(Sample(str(path), label, pixels))
+        samples.append(Sample(str(path), label, pixels, mode))
     return samples
 
 
@@ -246,16 +299,26 @@ def to_pixels(samples: list[Sample], size: int, channels: int) -> np.ndarray:
 # ---------------------------------------------------------------- splitting
 
 
+def stratified_quota(counts: np.ndarray, n: int) -> np.ndarray:
+    """How many of n examples each class gives: one each first when n allows it (a split that leaves a class out
+    cannot measure it), the rest in proportion to what each class has left (largest remainder). Classes of equal
+    size get what proportions alone would give them."""
+    counts = np.asarray(counts, dtype=np.int64)
+    first = (counts > 0).astype(np.int64) if n >= np.count_nonzero(counts) else np.zeros_like(counts)
+    spare, rest = counts - first, n - int(first.sum())
+    exact = spare * rest / max(int(spare.sum()), 1)
+    quota = np.floor(exact).astype(np.int64)
+    for i in np.argsort(-(exact - quota), kind="stable")[: rest - int(quota.sum())]:
+        quota[i] += 1
+    return first + quota
+
+
 def stratified_take(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """Indices of n examples drawn class by class in proportion to class sizes (largest remainder)."""
+    """Indices of n examples drawn class by class (stratified_quota)."""
     if n == 0:
         return np.array([], dtype=np.int64)
     classes, counts = np.unique(labels, return_counts=True)
-    exact = counts * n / counts.sum()
-    quota = np.floor(exact).astype(int)
-    for i in np.argsort(-(exact - quota), kind="stable")[: n - quota.sum()]:
-        quota[i] += 1
-    picked = [rng.permutation(np.flatnonzero(labels == c))[:q] for c, q in zip(classes, quota)]
+    picked = [rng.permutation(np.flatnonzero(labels == c))[:q] for c, q in zip(classes, stratified_quota(counts, n))]
     return np.sort(np.concatenate(picked))
 
 
@@ -269,9 +332,9 @@ def _short_classes(y: np.ndarray, classes: tuple[str, ...], minimum: int) -> lis
     return [(classes[c], int(counts[c])) for c in range(len(classes)) if counts[c] < minimum]
 
 
-def check_class_sizes(y: np.ndarray, classes: tuple[str, ...], minimum: int, where: str) -> None:
+def check_class_sizes(y: np.ndarray, classes: tuple[str, ...], minimum: int, where: str, problems: Problems = STOP) -> None:
     if too_few := _short_classes(y, classes, minimum):
-        raise DataError(
+        problems.add(
             f"{where}: class(es) with fewer than {minimum} usable images: {', '.join(f'{n} ({c})' for n, c in too_few)}; "
             "add images, fix the quarantined ones, or lower data.min_images_per_class"
         )
@@ -305,6 +368,69 @@ def split_indices(
     if dataset.labels_per_class:
         train_idx = train_idx[k_per_class(y[train_idx], dataset.labels_per_class, np.random.default_rng(seed))]
     return {"train": train_idx, "val": val_idx, "test": test_idx}
+
+
+TEST_FRACTION, VAL_FRACTION = 0.15, 0.10  # a proposed split: a test set the gates can judge, val to watch training
+
+
+def split_counts(counts: np.ndarray, test_size: int, val_size: int) -> dict[str, np.ndarray]:
+    """Each class's share of each split, as split_indices draws them, from the class sizes alone
+    (test_size + val_size below the total)."""
+    test = stratified_quota(counts, test_size)
+    val = stratified_quota(counts - test, val_size)
+    return {"train": counts - test - val, "val": val, "test": test}
+
+
+def split_shortfalls(counts: dict[str, int], dataset: DatasetParams) -> list[str]:
+    """Why the configured split does not fit these class sizes (nothing: it fits). It fits when every class is in
+    each split asked for (val_size, test_size > 0) and keeps labels_per_class (at least one) to train on."""
+    names, sizes = list(counts), np.array(list(counts.values()), dtype=np.int64)
+    total, need = int(sizes.sum()), dataset.labels_per_class or 1
+    if dataset.test_size + dataset.val_size >= total:
+        return [f"test_size {dataset.test_size} + val_size {dataset.val_size} leave none of {total} images to train on"]
+    few = [f"{key} {size} < {len(names)} classes" for key, size in (("test_size", dataset.test_size),
+                                                                    ("val_size", dataset.val_size)) if 0 < size < len(names)]
+    train = split_counts(sizes, dataset.test_size, dataset.val_size)["train"]
+    if len(short := np.flatnonzero(train < need)):
+        listed = ", ".join(f"{names[i]} keeps {train[i]}" for i in short[:3])
+        listed += f" and {len(short) - 3} more" if len(short) > 3 else ""
+        few.append(f"{listed} to train on, need {need}{' (labels_per_class)' if dataset.labels_per_class else ''}")
+    return few
+
+
+def propose_split(counts: dict[str, int], dataset: DatasetParams) -> DatasetParams | None:
+    """val_size and test_size at sensible fractions, every class in each split; labels_per_class (when set) lowered
+    to what the smallest class keeps for training. The fractions give way to one image a class in val and test
+    when a class is too small for them; None when even that leaves a class no training image (under 3 images)."""
+    sizes = np.array(list(counts.values()), dtype=np.int64)
+    total, classes = int(sizes.sum()), len(sizes)
+    for test_fraction, val_fraction in ((TEST_FRACTION, VAL_FRACTION), (0.0, 0.0)):
+        test, val = max(classes, round(test_fraction * total)), max(classes, round(val_fraction * total))
+        if test + val < total and (kept := int(split_counts(sizes, test, val)["train"].min())) >= 1:
+            labels = min(dataset.labels_per_class, kept) if dataset.labels_per_class else None
+            return dataset.model_copy(update={"test_size": test, "val_size": val, "labels_per_class": labels})
+    return None
+
+
+def fitting_split(counts: dict[str, int], dataset: DatasetParams, where: str, problems: Problems = STOP) -> DatasetParams | None:
+    """`dataset` when its split fits these class sizes, else the split propose_split proposes; None when no split
+    fits (a problem: a class too small for one image in each split)."""
+    if not split_shortfalls(counts, dataset):
+        return dataset
+    if proposal := propose_split(counts, dataset):
+        return proposal
+    smallest = min(counts, key=counts.__getitem__)
+    problems.add(f"{where}: no split fits: {smallest} has {counts[smallest]} image(s), and every class needs one in val, "
+                 f"one in test and one to train on; add images to it or remove it")
+    return None
+
+
+SPLIT_KEYS = ("test_size", "val_size", "labels_per_class")
+
+
+def split_changes(before: DatasetParams, after: DatasetParams) -> dict[str, tuple]:
+    """The split keys that differ: key -> (before, after)."""
+    return {key: (getattr(before, key), getattr(after, key)) for key in SPLIT_KEYS if getattr(before, key) != getattr(after, key)}
 
 
 def content_version(samples: list[Sample], index: dict[str, np.ndarray]) -> str:
@@ -384,8 +510,7 @@ def prepare(dataset: DatasetParams, data: DataParams, channels: int, sizes: list
     root = Path(dataset.path)
     test_idx = None
     if dataset.format == "idx":
-        if not root.is_dir():
-            raise DataError(f"{root}: no such folder; an idx data set needs <path>/train-*-idx*-ubyte.gz and t10k files")
+        require_folder(root, "train-*-idx*-ubyte.gz and t10k-* files")
         samples, classes = read_idx_split(root, "train")
         if dataset.test_size == 0:
             test_samples, _ = read_idx_split(root, "test")

@@ -2,31 +2,56 @@
 half done by hand.
 
 It checks the folder exactly as the prepare stage will (class folders, every image decoded, sizes, duplicates
-at the training sizes, class sizes, the split) and reports what would be quarantined; brings the folder into
-the project when it lies outside (DVC versions files inside the project: its `dvc add` would copy a symlink's
-target anyway, silently); versions it with DVC; and points params.yaml's `data.target` at it. dvc.yaml needs no
-edit: prepare_target's dependency is `${data.target.path}`.
+at the training sizes, class sizes) and names every problem at once; sets what the data decides in params.yaml: a
+split that fits it, the colour mode its images have, a registry model of its own for a new class set; brings the
+folder into the project when it lies outside (DVC versions files inside the project: its `dvc add` would copy a
+symlink's target anyway, silently); versions it with DVC; and points params.yaml's `data.target` at it. dvc.yaml
+needs no edit: prepare_target's dependency is `${data.target.path}`. A folder with a problem changes nothing.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import shutil
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import yaml
 
-from components.config import DatasetParams, Params, load_params
+from components.config import DatasetParams, Params, ParamsError, load_params, parse_params
 from components.data import (
+    ALPHA_MODES,
+    FOLDER_LAYOUT,
+    GRAY_MODES,
+    SPLIT_KEYS,
     DataError,
+    Problems,
     Quarantine,
     check_class_sizes,
+    class_file_counts,
     drop_duplicates,
+    fitting_split,
     read_folder,
-    split_indices,
+    require_folder,
+    split_changes,
 )
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+MODE_NAMES = {"L": "gray", "LA": "gray+alpha", "I;16": "16-bit gray", "I": "32-bit gray"}  # others: PIL's names
+
+
+@dataclass(frozen=True)
+class CheckedFolder:
+    """What the prepare stage will make of a folder."""
+
+    classes: tuple[str, ...]
+    usable: int
+    modes: dict[str, int]                      # usable images by what each file holds (data.file_mode)
+    quarantine: list[dict]
+    split: DatasetParams                       # the target with a split that fits (the configured one if it does)
 
 
 @dataclass(frozen=True)
@@ -37,49 +62,154 @@ class AddedTarget:
     usable: int
     quarantine: list[dict] = field(default_factory=list)
     copied: bool = False
-    split_problem: str = ""  # the configured split does not fit this data: what to change
+    notes: tuple[str, ...] = ()  # one line for each setting the data decided: colour mode, split, registry model
 
 
-def check_folder(folder: Path, dataset: DatasetParams, params: Params) -> AddedTarget:
-    """What the prepare stage will make of `folder`: usable images per class, the quarantine, the split."""
-    quarantine = Quarantine()
-    samples, classes = read_folder(folder, params.data.channels, quarantine, fail_fast=False,
-                                   min_side=params.data.min_image_side)
-    samples = drop_duplicates(samples, classes, quarantine, fail_fast=False, sizes=tuple(sorted(params.sources.image_sizes())))
+def check_folder(folder: Path, dataset: DatasetParams, params: Params, channels: int) -> CheckedFolder:
+    """Read `folder` as the prepare stage will, in `channels`; every problem no skipping can fix (an empty class, a
+    symlink out of the folder, a class too small, no split that fits) raises one DataError naming them all."""
+    problems, quarantine = Problems(collect=True), Quarantine()
+    samples, classes = read_folder(folder, channels, quarantine, fail_fast=False, min_side=params.data.min_image_side,
+                                   problems=problems)
+    samples = drop_duplicates(samples, classes, quarantine, fail_fast=False, sizes=tuple(params.sources.image_sizes()))
     labels = np.array([s.label for s in samples], dtype=np.int64)
-    check_class_sizes(labels, classes, params.data.min_images_per_class, str(folder))
+    check_class_sizes(labels, classes, params.data.min_images_per_class, str(folder), problems)
+    counts = dict(zip(classes, np.bincount(labels, minlength=len(classes)).tolist()))
+    # A class below min_images_per_class is named already; the split is judged on classes that can be used.
+    usable = min(counts.values(), default=0) >= params.data.min_images_per_class
+    split = fitting_split(counts, dataset, str(folder), problems) if usable else None
+    if problems.found or split is None:
+        raise DataError(_problem_report(folder, problems.found, quarantine.entries))
+    modes = dict(Counter(s.mode for s in samples).most_common())
+    return CheckedFolder(classes, len(samples), modes, quarantine.entries, split)
+
+
+def _problem_report(folder: Path, problems: list[str], quarantine: list[dict], shown: int = 10) -> str:
+    lines = [f"{folder}: {len(problems)} problem(s) to fix; nothing was changed:"]
+    lines += [f"  - {problem.removeprefix(f'{folder}: ')}" for problem in problems]
+    if quarantine:
+        lines.append(f"  and {len(quarantine)} file(s) that would be skipped:")
+        lines += [f"    {entry['file']}: {entry['reason']}" for entry in quarantine[:shown]]
+        lines += [f"    ... and {len(quarantine) - shown} more"] if len(quarantine) > shown else []
+    return "\n".join(lines)
+
+
+def channels_for(modes: dict[str, int]) -> int:
+    """3 when any image holds colour (a gray model would throw it away), 1 when every image is gray."""
+    return 3 if any(mode not in GRAY_MODES for mode in modes) else 1
+
+
+def images_line(modes: dict[str, int], before: int, after: int) -> str:
+    counts = ", ".join(f"{count} {MODE_NAMES.get(mode, mode)}" for mode, count in modes.items())
+    alpha = " (alpha: transparent pixels become black)" if any(mode in ALPHA_MODES for mode in modes) else ""
+    return f"images: {counts}{alpha} -> data.channels: {after} ({f'was {before}' if after != before else 'unchanged'})"
+
+
+def split_line(before: DatasetParams, checked: CheckedFolder) -> str:
+    changes = split_changes(before, checked.split)
+    found = f"({len(checked.classes)} classes, {checked.usable} usable images; every class in each split)"
+    if changes:
+        return "split: data.target." + ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changes.items()) + f" {found}"
+    kept = ", ".join(f"{key} {getattr(before, key)}" for key in SPLIT_KEYS if getattr(before, key) is not None)
+    return f"split: data.target.{kept} fit {found}"
+
+
+def current_classes(root: Path, dataset: DatasetParams) -> tuple[str, ...] | None:
+    """The classes of the target params.yaml names now; None when they cannot be listed (an IDX set, a folder gone)."""
+    if dataset.format != "folder":
+        return None
     try:
-        split_indices(labels, dataset, params.data.split_seed, params.seed, classes)
-        problem = ""
-    except DataError as error:
-        problem = str(error)
-    return AddedTarget(str(folder), dataset.name, classes, len(samples), quarantine.entries, split_problem=problem)
+        return tuple(class_file_counts(root / dataset.path, Problems(collect=True)))
+    except DataError:
+        return None
 
 
-def set_target_in_params(params_text: str, name: str, path: str) -> str:
-    """params.yaml with data.target's name, format and path replaced, comments and layout kept."""
-    block = re.search(r"^data:[^\n]*\n(?:(?:[ \t]+[^\n]*|)\n)*?^  target:[^\n]*\n((?:^    [^\n]*\n)+)", params_text, re.M)
-    if block is None:
-        raise DataError("params.yaml: no block `data:` / `  target:` with its keys on their own lines; set "
-                        f"data.target.name: {name}, format: folder, path: {path} by hand")
-    body = block.group(1)
-    for key, value in (("name", name), ("format", "folder"), ("path", path)):
-        body, found = re.subn(rf"^(    {key}:[ \t]*)[^#\n]*?([ \t]*(#[^\n]*)?)$", rf"\g<1>{value}\g<2>", body, count=1, flags=re.M)
-        if not found:
-            body += f"    {key}: {value}\n"
-    return params_text[:block.start(1)] + body + params_text[block.end(1):]
+def model_name_for(name: str, classes: tuple[str, ...], current: str) -> str:
+    """The registry model of a data set: graft-NAME; with its class set's digest when the current model already
+    has that name (a class added to the same data set is still a new model)."""
+    candidate = f"graft-{name}"
+    if candidate != current:
+        return candidate
+    digest = hashlib.blake2b("\n".join(classes).encode(), digest_size=3).hexdigest()
+    return f"{candidate}-{digest}"
+
+
+def _scalar(value: object) -> str:
+    """A YAML scalar that reads back as `value` (quoted when plain text would read as something else)."""
+    if value is None:
+        return "null"
+    text = str(value)
+    try:
+        plain = yaml.safe_load(text) == value
+    except yaml.YAMLError:
+        plain = False
+    return text if plain else json.dumps(text)
+
+
+KEY_LINE = re.compile(r"^(?P<indent> *)(?P<key>[^\s#:][^:#\n]*?):(?P<gap>[ \t]*)(?P<value>[^#\n]*?)(?P<comment>[ \t]+#[^\n]*)?$")
+
+
+def _key_lines(lines: list[str], start: int, end: int) -> list[tuple[int, re.Match]]:
+    return [(i, m) for i in range(start, end) if (m := KEY_LINE.match(lines[i].rstrip("\n")))]
+
+
+def _set_key(lines: list[str], dotted: str, value: str) -> None:
+    """Set one block-style key (a.b.c) in `lines`, in place; a missing last key is added at the end of its block."""
+    start, end, indent = 0, len(lines), 0
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        found = [(i, m) for i, m in _key_lines(lines, start, end) if len(m["indent"]) == indent and m["key"] == part]
+        if not found or found[0][1]["value"]:
+            raise ParamsError(f"params.yaml: no block `{part}:` with its keys on their own lines; set {dotted}: {value} by hand")
+        start = found[0][0] + 1
+        end = next((i for i, m in _key_lines(lines, start, end) if len(m["indent"]) <= indent), end)
+        children = _key_lines(lines, start, end)
+        indent = len(children[0][1]["indent"]) if children else indent + 2
+    for i, m in _key_lines(lines, start, end):
+        if len(m["indent"]) == indent and m["key"] == leaf:
+            lines[i] = _with_value(m, value) + "\n"
+            return
+    last = max((i for i in range(start, end) if lines[i].strip()), default=start - 1)
+    lines.insert(last + 1, f"{' ' * indent}{leaf}: {value}\n")
+
+
+def _with_value(match: re.Match, value: str) -> str:
+    """The key's line with `value`, its comment kept where it was (when the value leaves room)."""
+    head = f"{match['indent']}{match['key']}:{match['gap'] or ' '}"
+    comment = match["comment"] or ""
+    if not comment:
+        return head + value
+    width = len(match["value"]) + len(comment) - len(comment.lstrip())  # from the value's start to the '#'
+    return head + value + " " * max(1, width - len(value)) + comment.lstrip()
+
+
+def set_params(params_text: str, changes: dict[str, object]) -> str:
+    """params.yaml with each dotted key (data.target.test_size, data.channels, registry.model_name, ...) set,
+    comments and layout kept; checked by reading the result back as params."""
+    lines = params_text.splitlines(keepends=True)
+    for dotted, value in changes.items():
+        _set_key(lines, dotted, _scalar(value))
+    text = "".join(lines)
+    raw = yaml.safe_load(text)
+    for dotted, value in changes.items():
+        node = raw
+        for part in dotted.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node != value:
+            raise ParamsError(f"params.yaml: could not set {dotted} (it reads {node!r}); set {dotted}: {value} by hand")
+    parse_params(raw)
+    return text
 
 
 def add_target(root: str | Path, folder: str | Path, name: str | None = None) -> AddedTarget:
-    """Check `folder`, bring it into data/raw/NAME when it lies outside the project, `dvc add` it and point
-    params.yaml's data.target at it. Nothing is changed when the check fails."""
+    """Check `folder`, decide the settings its data asks for, bring it into data/raw/NAME when it lies outside the
+    project, `dvc add` it and point params.yaml's data.target at it. Nothing is changed when the check fails."""
     from components.pipeline import track_raw_data
 
     root, folder = Path(root).resolve(), Path(folder)
     params_file = root / "params.yaml"
     params = load_params(params_file)
-    if not folder.is_dir():
-        raise DataError(f"{folder}: no such folder; give a folder of <class name>/<image files>")
+    require_folder(folder, FOLDER_LAYOUT)
     name = name or folder.resolve().name
     if not NAME.match(name):
         raise DataError(f"{name!r} is not a usable data set name: letters, digits, '.', '_' and '-' only; pass --name")
@@ -87,17 +217,29 @@ def add_target(root: str | Path, folder: str | Path, name: str | None = None) ->
     dest = folder.resolve() if inside else root / "data" / "raw" / name
     if not inside and dest.exists():
         raise DataError(f"{dest.relative_to(root)} already exists; pass another --name, or remove it first")
-    dataset = params.data.target.model_copy(update={"name": name, "format": "folder", "path": str(folder)})
-    checked = check_folder(folder, dataset, params)  # before anything is changed
+    relative = dest.relative_to(root).as_posix()
+    dataset = params.data.target.model_copy(update={"name": name, "format": "folder", "path": relative})
+    checked = check_folder(folder, dataset, params, params.data.channels)
+    channels = channels_for(checked.modes)
+    if channels != params.data.channels:
+        # Read again in the mode the prepare stage will use: duplicates are judged on the converted pixels.
+        checked = check_folder(folder, dataset, params, channels)
+    changes: dict[str, object] = {"data.target.name": name, "data.target.format": "folder", "data.target.path": relative}
+    changes |= {f"data.target.{key}": new for key, (_, new) in split_changes(dataset, checked.split).items()}
+    notes = [images_line(checked.modes, params.data.channels, channels), split_line(dataset, checked)]
+    if channels != params.data.channels:
+        changes["data.channels"] = channels
+    old_model = params.registry.model_name
+    if current_classes(root, params.data.target) != checked.classes:
+        model = model_name_for(name, checked.classes, old_model)
+        changes["registry.model_name"] = model
+        notes.append(f"registry: model name {old_model} -> {model} (a new class set is a new model; "
+                     f"{old_model}'s champion is untouched)")
+    params_text = set_params(params_file.read_text(), changes)  # before anything is changed
     if not inside:
         # Copies the bytes symlinks point at: what DVC versions must be files in the project.
         shutil.copytree(folder, dest, symlinks=False)
-    relative = dest.relative_to(root).as_posix()
     track_raw_data([Path(relative)], root)
-    params_file.write_text(set_target_in_params(params_file.read_text(), name, relative))
-    written = load_params(params_file).data.target
-    if (written.name, written.path, written.format) != (name, relative, "folder"):
-        raise DataError(f"params.yaml: could not set data.target (it reads {written.path!r}); set path: {relative} by hand")
+    params_file.write_text(params_text)
     quarantine = [{key: text.replace(str(folder), relative) for key, text in entry.items()} for entry in checked.quarantine]
-    return AddedTarget(relative, name, checked.classes, checked.usable, quarantine, copied=not inside,
-                       split_problem=checked.split_problem)
+    return AddedTarget(relative, name, checked.classes, checked.usable, quarantine, copied=not inside, notes=tuple(notes))

@@ -31,17 +31,19 @@ def _data_add(args: argparse.Namespace) -> int:
         print(f"  {entry['file']}: {entry['reason']}")
     if len(added.quarantine) > 10:
         print(f"  ... and {len(added.quarantine) - 10} more (all in reports/prepare-target.json after the next run)")
-    if added.copied:
-        print(f"copied into {added.path} (DVC versions files inside the project)")
-    print(f"dvc: tracking {added.path}\nparams.yaml: data.target is now {added.name} (folder, {added.path})")
-    if added.split_problem:
-        print(f"before `graft run`: {added.split_problem}")
-    print(f"next: git add {added.path}.dvc params.yaml, then graft run")
+    print("\n".join(added.notes))
+    copied = f"copied into {added.path}, " if added.copied else ""
+    print(f"{copied}tracked with DVC ({added.path}.dvc); params.yaml: data.target is now {added.name}")
+    print(f"next: git add {added.path}.dvc params.yaml && graft run")
     return 0
 
 
 def _run(args: argparse.Namespace) -> int:
+    from components import runlog
     from components.config import check_raw_data, load_params
+
+    log = runlog.start(args.root, "run", args.verbose)
+    runlog.route_logging()
 
     # Refuse bad params and missing data in a second, before Prefect (and its server) starts.
     params = load_params(Path(args.root) / "params.yaml")
@@ -49,8 +51,9 @@ def _run(args: argparse.Namespace) -> int:
     if not args.force:
         from components.pipeline import nothing_to_do
 
-        if message := nothing_to_do(args.root, params):
-            print(message)  # no flow run: an unchanged project is answered without starting Prefect
+        if judged := nothing_to_do(args.root, params):
+            judged.enforce()  # no flow run: an unchanged project is answered without starting Prefect
+            print(judged.message())
             return 0
     from flows.retrain import retrain
 

@@ -5,6 +5,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -213,12 +214,12 @@ def _png_bytes(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
 
 
 def _stored(tmp_path: Path, name: str) -> np.ndarray:
-    """The prepared 28 px image that came from the file `name`, wherever the split put it."""
+    """The prepared 28 px image (C, H, W) that came from the file `name`, wherever the split put it."""
     splits = load_splits(tmp_path / "out.npz")
     for split in ("train", "val", "test"):
         origins = [Path(o).name for o in getattr(splits, f"origin_{split}")]
         if name in origins:
-            return getattr(splits, f"x_{split}")[origins.index(name)][0].astype(float)
+            return getattr(splits, f"x_{split}")[origins.index(name)].astype(float)
     raise AssertionError(f"{name} was not kept")
 
 
@@ -246,12 +247,12 @@ def test_odd_images_are_converted_correctly_or_quarantined(tmp_path):
 
     _, report = _prepare_target(root, tmp_path)
     reasons = {Path(e["file"]).name: e["reason"] for e in report["quarantine"]}
-    assert abs(_stored(tmp_path, "sixteen-bit.png").mean() - 127.5) < 3, "scaled to 8 bits, not clipped to white"
-    assert abs(_stored(tmp_path, "palette.png").mean() - 200) < 1
-    assert _stored(tmp_path, "cmyk.jpg").mean() > 250
-    alpha = _stored(tmp_path, "alpha.png")
+    assert abs(_stored(tmp_path, "sixteen-bit.png")[0].mean() - 127.5) < 3, "scaled to 8 bits, not clipped to white"
+    assert abs(_stored(tmp_path, "palette.png")[0].mean() - 200) < 1
+    assert _stored(tmp_path, "cmyk.jpg")[0].mean() > 250
+    alpha = _stored(tmp_path, "alpha.png")[0]
     assert alpha[:12].mean() > 250 and alpha[-12:].mean() < 5, "transparent pixels are black, opaque ones white"
-    rotated = _stored(tmp_path, "rotated.jpg")
+    rotated = _stored(tmp_path, "rotated.jpg")[0]
     assert rotated[:12].mean() > 200 and rotated[-12:].mean() < 50, "turned upright by its EXIF orientation"
     assert reasons["float.tif"].startswith("cannot decode: a floating-point image has no defined pixel range")
     assert reasons["tiny.png"] == "too small: 4x4 px, below data.min_image_side (8)"
@@ -273,3 +274,67 @@ def test_an_image_reached_through_a_symlink_out_of_the_data_folder_is_refused(tm
     (root / "dog" / "inside-link.png").symlink_to(sorted((root / "dog").iterdir())[0])  # stays inside: fine
     with pytest.raises(DataError, match=r"cat/link.png: a symlink out of the data folder .*copy the image\(s\) into"):
         _prepare_target(root, tmp_path)
+
+
+def test_a_file_given_for_the_folder_is_named_as_a_file(tmp_path):
+    image = tmp_path / "one.png"
+    image.write_bytes(_png_bytes(Image.fromarray(np.full((28, 28), 7, np.uint8))))
+    with pytest.raises(DataError, match=r"one.png is a file, not a folder; give the folder holding <class name>/<image files>"):
+        _prepare_target(image, tmp_path)
+
+
+def test_transparent_pixels_become_black_in_colour_too(tmp_path):
+    root = make_small_target(tmp_path / "raw", per_class=20, classes=2)
+    rgba = np.zeros((32, 32, 4), np.uint8)
+    rgba[..., 0], rgba[:, :16, 3] = 255, 255  # red; left half opaque, right half transparent
+    (root / "bear" / "alpha.png").write_bytes(_png_bytes(Image.fromarray(rgba, "RGBA")))
+    _prepare_target(root, tmp_path, **{"data.channels": 3, "data.target.test_size": 10, "data.target.val_size": 4,
+                                       "data.target.labels_per_class": None})
+    alpha = _stored(tmp_path, "alpha.png")
+    assert alpha[0, :, :12].mean() > 250 and alpha[1:, :, :12].max() < 5, "opaque red stays red"
+    assert alpha[:, :, -12:].max() < 5, "transparent pixels are black"
+
+
+def test_file_mode_names_what_a_file_holds():
+    from components.data import file_mode
+
+    gray_palette = Image.fromarray(np.full((8, 8), 90, np.uint8)).convert("P")
+    colour_palette = Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)).convert("P")
+    colour_palette.info["transparency"] = 0
+    assert [file_mode(i) for i in (gray_palette, colour_palette, Image.new("LA", (4, 4)), Image.new("CMYK", (4, 4)))] == \
+        ["L", "RGBA", "LA", "CMYK"]
+
+
+def test_every_class_is_in_each_split_and_a_split_that_fits_is_proposed():
+    from components.config import DatasetParams
+    from components.data import propose_split, split_counts, split_shortfalls, stratified_quota
+
+    assert list(stratified_quota(np.full(10, 1000), 2000)) == [200] * 10, "equal classes: proportions, as before"
+    assert list(stratified_quota(np.array([500, 3, 60]), 10)) == [7, 1, 2], "a small class is not left out (was 9, 0, 1)"
+    configured = DatasetParams(name="parts", format="folder", path="p", val_size=500, test_size=2000, labels_per_class=10)
+    counts = {"bolt": 150, "clip": 5, "gear": 90, "hinge": 60, "nut": 120, "spring": 70, "washer": 68}  # 563
+    assert split_shortfalls(counts, configured) == ["test_size 2000 + val_size 500 leave none of 563 images to train on"]
+    proposed = propose_split(counts, configured)
+    assert (proposed.test_size, proposed.val_size, proposed.labels_per_class) == (84, 56, 2)  # clip keeps 2
+    shares = split_counts(np.array(list(counts.values())), proposed.test_size, proposed.val_size)
+    assert all(shares[split].min() >= 1 for split in shares) and split_shortfalls(counts, proposed) == []
+    assert propose_split({**counts, "clip": 3}, configured).labels_per_class == 1
+    assert propose_split({**counts, "clip": 2}, configured) is None, "one image each for val, test and training"
+    assert split_shortfalls(counts, proposed.model_copy(update={"test_size": 5})) == ["test_size 5 < 7 classes"]
+
+
+def test_check_raw_data_counts_files_in_milliseconds_and_names_a_split_that_fits():
+    """What `graft run` checks before anything starts, on the real 10k-file default target."""
+    from components.config import check_raw_data, load_params
+
+    params = load_params(PROJECT / "params.yaml")
+    check_raw_data(PROJECT, params)  # imports once
+    start = time.perf_counter()
+    check_raw_data(PROJECT, params)
+    assert time.perf_counter() - start < 0.5, "counts files, opens none"
+    target = params.data.target.model_copy(update={"labels_per_class": 950})
+    unfit = params.model_copy(update={"data": params.data.model_copy(update={"target": target})})
+    with pytest.raises(DataError, match=r"data.target: the split does not fit data/raw/animal-mnist \(10 classes, 10000 files\): "
+                                        r"bear keeps 750, .* need 950 \(labels_per_class\)\. Set data.target.test_size: 1500, "
+                                        r"data.target.val_size: 1000, data.target.labels_per_class: 750"):
+        check_raw_data(PROJECT, unfit)

@@ -1,17 +1,23 @@
-"""`graft data add PATH --as target`: a user's folder checked, versioned and made the target in one command."""
+"""`graft data add PATH --as target`: a user's folder checked, versioned and made the target in one command, and
+the settings its data decides (split, colour mode, registry model) written into params.yaml."""
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
+import pytest
 import yaml
+from PIL import Image
 
-from components.config import load_params
+from components.config import ParamsError, check_raw_data, load_params
+from components.data import prepare
 from components.pipeline import dvc_status, pending_stages
-from tests.conftest import PROJECT, make_small_target
+from tests.conftest import PROJECT, make_small_target, tiny_params
 
 
 def _graft(root: Path, *args: str) -> subprocess.CompletedProcess:
@@ -19,30 +25,60 @@ def _graft(root: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "graft", *args], cwd=root, env=env, capture_output=True, text=True)
 
 
+def _colour_folder(dest: Path, classes: tuple[str, ...], per_class: int) -> Path:
+    """Tiny random RGB images (distinct at every training size), as a user's photos would be."""
+    rng = np.random.default_rng(0)
+    for name in classes:
+        (dest / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(dest / name / f"{i}.png")
+    return dest
+
+
+def _half_transparent(path: Path) -> None:
+    pixels = np.random.default_rng(len(str(path))).integers(0, 256, (16, 16, 4), dtype=np.uint8)
+    pixels[8:, :, 3] = 0
+    Image.fromarray(pixels, "RGBA").save(path)
+
+
+def _comments(text: str) -> list[tuple[int, str]]:
+    """Each comment and the column it starts at."""
+    return [(line.index(" #"), line[line.index(" #"):]) for line in text.splitlines() if " #" in line]
+
+
+def _prepared(root: Path, tmp: Path) -> dict:
+    """The prepare stage's report on the target params.yaml names now."""
+    params = load_params(root / "params.yaml")
+    target = params.data.target.model_copy(update={"path": str(root / params.data.target.path)})
+    prepare(target, params.data, params.data.channels, [28], params.seed, tmp / "t.npz", tmp / "t.json")
+    return json.loads((tmp / "t.json").read_text())
+
+
 def test_data_add_checks_copies_versions_and_points_params_at_the_folder(workspace_factory, tmp_path):
     root = workspace_factory("data-add")
-    params_before = (root / "params.yaml").read_text()
-
-    broken = make_small_target(tmp_path / "broken", per_class=5, classes=3)
-    (broken / "unicorn").mkdir()
-    refused = _graft(root, "data", "add", str(broken), "--as", "target")
-    assert refused.returncode == 2 and "empty class folder(s): unicorn" in refused.stderr, refused.stderr
-    assert (root / "params.yaml").read_text() == params_before and not (root / "data/raw/broken").exists(), \
-        "a folder that fails the check changes nothing"
-
     parts = make_small_target(tmp_path / "parts", per_class=12, classes=3)
     (parts / "bear" / "notes.txt").write_text("not an image")
     done = _graft(root, "data", "add", str(parts), "--as", "target")
     assert done.returncode == 0, done.stdout + done.stderr
     usable = int(re.search(r"3 classes \(bear, bird, cat\), (\d+) usable images, \d+ to be quarantined:", done.stdout)[1])
     assert "  data/raw/parts/bear/notes.txt: not an image file" in done.stdout
-    assert "copied into data/raw/parts" in done.stdout
-    assert f"before `graft run`: parts: test_size 60 >= {usable} usable images" in done.stdout, "the split is checked too"
+    assert f"images: {usable} gray -> data.channels: 1 (unchanged)" in done.stdout
+    proposed = re.search(r"^split: data\.target\.test_size 60 -> (\d+), val_size 40 -> (\d+)(?:, labels_per_class 5 -> (\d+))? "
+                         rf"\(3 classes, {usable} usable images; every class in each split\)$", done.stdout, re.M)
+    assert proposed, done.stdout
+    assert "registry: model name graft-classifier -> graft-parts (a new class set is a new model; graft-classifier's " \
+           "champion is untouched)" in done.stdout
+    assert "copied into data/raw/parts, tracked with DVC (data/raw/parts.dvc)" in done.stdout
+    assert done.stdout.splitlines()[-1] == "next: git add data/raw/parts.dvc params.yaml && graft run"
 
-    target = load_params(root / "params.yaml").data.target
+    params = load_params(root / "params.yaml")
+    target = params.data.target
     assert (target.name, target.format, target.path) == ("parts", "folder", "data/raw/parts")
-    text = (root / "params.yaml").read_text()
-    assert yaml.safe_load(text)["data"]["target"]["val_size"] == yaml.safe_load(params_before)["data"]["target"]["val_size"]
+    assert (target.test_size, target.val_size) == (int(proposed[1]), int(proposed[2]))
+    assert target.labels_per_class == int(proposed[3] or 5) and params.registry.model_name == "graft-parts"
+    check_raw_data(root, params)  # what `graft run` checks first agrees
+    report = _prepared(root, tmp_path)
+    assert all(min(report["per_class"][split].values()) >= 1 for split in ("train", "val", "test")), report["per_class"]
     assert sorted(p.name for p in (root / "data/raw/parts/cat").iterdir()) == sorted(p.name for p in (parts / "cat").iterdir())
     assert (root / "data/raw/parts.dvc").is_file()
     status = dvc_status(root)
@@ -56,12 +92,107 @@ def test_data_add_checks_copies_versions_and_points_params_at_the_folder(workspa
     assert not [name for name in pending_stages(status, data_paths) if name.endswith(".dvc")], json.dumps(status)
 
 
-def test_setting_the_target_keeps_params_yaml_comments_and_layout():
-    from components.userdata import set_target_in_params
+def test_a_colour_folder_gets_three_channels_a_split_that_fits_and_a_model_of_its_own(workspace_factory, tmp_path):
+    """A newcomer's case: the shipped params.yaml (gray, test_size 2000), a small folder of colour photos."""
+    root = workspace_factory("data-add-colour")
+    shutil.copy(PROJECT / "params.yaml", root / "params.yaml")  # its comments and layout, its defaults
+    before = (root / "params.yaml").read_text()
+    shop = _colour_folder(tmp_path / "shop-parts", ("bolt", "clip", "gear", "hinge", "nut", "spring", "washer"), 9)
+    _half_transparent(shop / "gear" / "see-through.png")
+    _half_transparent(shop / "nut" / "see-through.png")
+    done = _graft(root, "data", "add", str(shop), "--as", "target")
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[1:4] == [
+        "images: 63 RGB, 2 RGBA (alpha: transparent pixels become black) -> data.channels: 3 (was 1)",
+        "split: data.target.test_size 2000 -> 10, val_size 500 -> 7, labels_per_class 10 -> 6 "
+        "(7 classes, 65 usable images; every class in each split)",
+        "registry: model name graft-classifier -> graft-shop-parts (a new class set is a new model; graft-classifier's "
+        "champion is untouched)",
+    ], done.stdout
+    assert len(lines) == 6 and lines[-1] == "next: git add data/raw/shop-parts.dvc params.yaml && graft run"
+
+    after = (root / "params.yaml").read_text()
+    assert _comments(after) == _comments(before) and len(after.splitlines()) == len(before.splitlines())
+    raw = yaml.safe_load(after)
+    assert raw["data"]["target"] == {"name": "shop-parts", "format": "folder", "path": "data/raw/shop-parts",
+                                     "val_size": 7, "test_size": 10, "labels_per_class": 6}
+    assert (raw["data"]["channels"], raw["registry"]["model_name"]) == (3, "graft-shop-parts")
+    check_raw_data(root, load_params(root / "params.yaml"))
+    report = _prepared(root, tmp_path)
+    assert report["channels"] == 3 and report["counts"] == {"train": 42, "val": 7, "test": 10}
+
+
+def test_data_add_names_every_problem_in_one_pass_and_changes_nothing(workspace_factory, tmp_path):
+    root = workspace_factory("data-add-refused")
+    params_before, raw_before = (root / "params.yaml").read_text(), sorted((root / "data/raw").iterdir())
+
+    def refused(folder: Path) -> str:
+        done = _graft(root, "data", "add", str(folder), "--as", "target")
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stdout + done.stderr
+        assert (root / "params.yaml").read_text() == params_before and sorted((root / "data/raw").iterdir()) == raw_before, \
+            "a refused folder changes nothing"
+        return done.stderr
+
+    broken = make_small_target(tmp_path / "broken", per_class=6, classes=4)
+    (broken / "unicorn").mkdir()                                           # an empty class
+    outside = tmp_path / "elsewhere.png"
+    Image.fromarray(np.full((28, 28), 7, np.uint8)).save(outside)
+    (broken / "cat" / "link.png").symlink_to(outside)                     # a symlink out of the folder
+    for image in sorted((broken / "bird").iterdir())[2:]:                 # a class too small once its bad files go
+        image.write_bytes(b"broken")
+    message = refused(broken)
+    assert message.count("graft: error:") == 1 and "3 problem(s) to fix; nothing was changed" in message, message
+    assert "  - empty class folder(s): unicorn; add images to them or remove them" in message
+    assert "cat/link.png: a symlink out of the data folder" in message
+    assert "fewer than 3 usable images: bird (2)" in message
+    assert "file(s) that would be skipped:" in message and re.search(r"bird/\d+\.png: not an image file", message), message
+
+    assert f"{outside} is a file, not a folder; give the folder holding <class name>/<image files>" in refused(outside)
+
+    # min_images_per_class allows a class of two, but no split does: one image each for val, test and training.
+    (root / "params.yaml").write_text(params_before.replace("min_images_per_class: 3", "min_images_per_class: 1"))
+    params_before = (root / "params.yaml").read_text()
+    small = make_small_target(tmp_path / "small", per_class=8, classes=3)
+    for image in sorted((small / "bird").iterdir())[2:]:
+        image.unlink()
+    assert "no split fits: bird has 2 image(s)" in refused(small)
+
+
+def test_graft_run_refuses_a_split_that_does_not_fit_before_anything_starts(workspace_factory, tmp_path):
+    root = workspace_factory("run-split", tiny_params(**{"data.target.test_size": 2000}))
+    start = time.monotonic()
+    done = _graft(root, "run")
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert time.monotonic() - start < 20 and not (root / "dvc.lock").exists(), "refused before any stage (or Prefect)"
+    assert "data.target: the split does not fit data/raw/animal-mnist (10 classes, 300 files): test_size 2000 + val_size 40 " \
+           "leave none of 300 images to train on. Set data.target.test_size: 45, data.target.val_size: 30" in done.stderr, done.stderr
+
+    # data add on the same classes proposes the split, and keeps the model: its champion is comparable.
+    same = make_small_target(tmp_path / "animals-v2", per_class=20)
+    added = _graft(root, "data", "add", str(same), "--as", "target")
+    assert added.returncode == 0 and "registry:" not in added.stdout, added.stdout + added.stderr
+    params = load_params(root / "params.yaml")
+    assert params.registry.model_name == "graft-classifier" and params.data.target.test_size < 200
+    check_raw_data(root, params)
+
+
+def test_setting_params_keeps_params_yaml_comments_and_layout():
+    from components.userdata import set_params
 
     text = (PROJECT / "params.yaml").read_text()
-    changed = set_target_in_params(text, "parts", "data/raw/parts")
-    assert yaml.safe_load(changed)["data"]["target"] == {**yaml.safe_load(text)["data"]["target"], "name": "parts",
-                                                         "path": "data/raw/parts"}
-    assert len(changed.splitlines()) == len(text.splitlines())
-    assert [line for line in changed.splitlines() if "#" in line] == [line for line in text.splitlines() if "#" in line]
+    changes = {"data.target.name": "parts", "data.target.path": "data/raw/parts", "data.target.test_size": 84,
+               "data.target.labels_per_class": 6, "data.channels": 3, "registry.model_name": "graft-parts"}
+    changed = set_params(text, changes)
+    raw, expected = yaml.safe_load(changed), yaml.safe_load(text)
+    expected["data"]["target"].update(name="parts", path="data/raw/parts", test_size=84, labels_per_class=6)
+    expected["data"]["channels"], expected["registry"]["model_name"] = 3, "graft-parts"
+    assert raw == expected
+    assert len(changed.splitlines()) == len(text.splitlines()) and _comments(changed) == _comments(text)
+
+    # A key its block lacks is added to that block; a name YAML would read as a number stays a string.
+    without = text.replace("    labels_per_class: 10     # cut the training split to k labelled images a class; null keeps all\n", "")
+    added = yaml.safe_load(set_params(without, {"data.target.labels_per_class": 4, "data.target.name": "2024"}))
+    assert added["data"]["target"]["labels_per_class"] == 4 and added["data"]["target"]["name"] == "2024"
+    with pytest.raises(ParamsError, match="set sources.pipeline.fashion-mnist.data.val_size: 10 by hand"):
+        set_params(text, {"sources.pipeline.fashion-mnist.data.val_size": 10})
