@@ -49,16 +49,26 @@ def registry_call(what: str, uri: str) -> Iterator[None]:
     """Talk to the registry; a connection failure anywhere in the cause chain becomes RegistryUnavailable.
 
     MLflow wraps the requests error it gave up on in an MlflowException (as its cause or context), so the
-    chain is walked. A full disk, a permission error or a refused request is not transient and passes as is."""
+    chain is walked. deploy/ (which cannot import these kinds) says the same with its own types: its
+    RegistryUnreachable is transient, any other SourceError (no such store, alias or version; a changed file) is
+    the user's to fix. A full disk, a permission error or a refused request is not transient and passes as is."""
     try:
         yield
+    except RegistryUnavailable:
+        raise  # classified already, by a registry_call inside this one
     except Exception as error:
+        from deploy.source import RegistryUnreachable, SourceError
+
         cause: BaseException | None = error
         while cause is not None:
+            if isinstance(cause, RegistryUnreachable):
+                raise RegistryUnavailable(f"{what}: {cause}") from error
             if _unreachable(cause):
                 raise RegistryUnavailable(f"{what}: the MLflow registry at {uri} is unreachable "
                                           f"({type(cause).__name__}); is the server running?") from error
             cause = cause.__cause__ or cause.__context__
+        if isinstance(error, SourceError):
+            raise GraftError(f"{what}: {error}") from error
         raise
 
 

@@ -9,6 +9,7 @@ interrupted move.
 """
 from __future__ import annotations
 
+import functools
 import getpass
 import json
 import os
@@ -30,6 +31,7 @@ from components.config import Params, RegistryParams, load_params
 from components.errors import GraftError, registry_call
 from components.layout import Layout
 from deploy.digest import sha256_file
+from deploy.source import check_server, check_store_exists
 
 if TYPE_CHECKING:
     from deploy.model import LoadedModel
@@ -71,8 +73,11 @@ def tracking_uri(registry: RegistryParams, root: str | Path = ".") -> str:
 
 
 def use_store(registry: RegistryParams, root: str | Path = ".") -> str:
-    """Point MLflow at the configured store; its URI."""
+    """Point MLflow at the configured store; its URI. A server that does not answer is named within seconds."""
     uri = tracking_uri(registry, root)
+    if uri.startswith(("http://", "https://")):
+        with registry_call("opening the registry", uri):
+            check_server(uri)
     users_choice = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     # MLflow also writes the URI into this process's environment; the variable stays the user's choice, else
@@ -103,10 +108,27 @@ def use_experiment(registry: RegistryParams, root: str | Path = ".") -> str:
 
 
 def open_registry(params_path: str | Path) -> tuple[MlflowClient, str]:
-    """A client on the configured store, and the registered model's name: what alias commands work on."""
+    """A client on the configured store, and the registered model's name: what alias commands work on. They only
+    read the store (and move aliases in it): a store that does not exist is refused, never created empty."""
     params = load_params(params_path)
-    use_store(params.registry, Path(params_path).parent)  # alias commands log no runs: no experiment needed
+    root = Path(params_path).parent
+    uri = tracking_uri(params.registry, root)
+    with registry_call("opening the registry", uri):
+        check_store_exists(uri)
+    use_store(params.registry, root)  # alias commands log no runs: no experiment needed
     return MlflowClient(), params.registry.model_name
+
+
+def _classified(what: str):
+    """For an alias command (called with the client first): its registry calls are classified at the boundary, so
+    a server that stops answering part-way is RegistryUnavailable (exit 75), not a bug."""
+    def wrap(command):
+        @functools.wraps(command)
+        def call(client: MlflowClient, *args, **kwargs):
+            with registry_call(what, client.tracking_uri):
+                return command(client, *args, **kwargs)
+        return call
+    return wrap
 
 
 def candidate_key(root: Path, params: Params) -> str:
@@ -173,6 +195,7 @@ def move_alias(client: MlflowClient, name: str, alias: str, version: str, action
     return _record(client, name, AliasMove(**{**asdict(started), "status": "completed"}))
 
 
+@_classified("reading the alias history")
 def history(client: MlflowClient, name: str) -> list[AliasMove]:
     """Every alias move, oldest first; a move whose `completed` record is missing shows as interrupted."""
     try:
@@ -234,6 +257,7 @@ def verify_artifact(client: MlflowClient, name: str, version: str) -> None:
         pass
 
 
+@_classified("promoting")
 def promote(client: MlflowClient, name: str, version: str | None = None, reason: str = "", run_id: str = "") -> AliasMove:
     """Move champion to `version` (default: the challenger) after re-checking its gates and its artifact."""
     version = version or alias_version(client, name, CHALLENGER)
@@ -261,6 +285,7 @@ def champion_lineage(moves: list[AliasMove]) -> list[str]:
     return stack
 
 
+@_classified("rolling back")
 def rollback(client: MlflowClient, name: str, reason: str = "") -> AliasMove:
     stack = champion_lineage(history(client, name))
     if len(stack) < 2:

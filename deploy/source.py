@@ -7,9 +7,11 @@ ask, so the mlflow package is imported for that case only.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote, unquote, urlparse
@@ -27,6 +29,8 @@ from deploy.variants import (
     variant_path,
 )
 
+log = logging.getLogger("graft.registry")
+
 
 class SourceError(RuntimeError):
     pass
@@ -34,6 +38,60 @@ class SourceError(RuntimeError):
 
 class IntegrityError(SourceError):
     """The registry's copy of a version is not the file that was registered: it is refused, never served."""
+
+
+class RegistryUnreachable(SourceError):
+    """No MLflow server answered at the tracking URI (refused, timed out, or a 5xx answer): trying later may pass."""
+
+
+class NoRegistry(SourceError):
+    """The local store named does not exist; opening it would create an empty one, whose alias never appears."""
+
+
+def configured_by() -> str:
+    """Where the tracking URI in use was set, for messages (the variable wins over params.yaml)."""
+    return "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "registry.tracking_uri"
+
+
+def check_server(tracking_uri: str, attempts: int = 3, pause: float = 1.0, timeout: float = 2.0) -> None:
+    """Ask an MLflow server's /health a few times, quickly: a server that is not there is named in seconds.
+
+    MLflow's own client retries a refused connection for minutes without a word (MLFLOW_HTTP_REQUEST_MAX_RETRIES,
+    _BACKOFF_FACTOR), which suits a server that blinks mid-run, not one that was never started."""
+    for attempt in range(1, attempts + 1):
+        try:
+            # Only "is a server there" is asked: no credentials go out and nothing in the answer is trusted, so the
+            # certificate is left to the client that makes the real calls (it may be told a private CA).
+            status = httpx.get(f"{tracking_uri.rstrip('/')}/health", timeout=timeout, verify=False).status_code
+            if status < 500:  # any answer from the server itself (a 401 or 404 too): the real calls will tell
+                return
+            why = f"it answered {status}"
+        except httpx.TransportError as error:
+            why = str(error) or type(error).__name__
+        if attempt < attempts:
+            log.warning("registry at %s not answering (attempt %d/%d: %s), retrying in %g s", tracking_uri, attempt,
+                        attempts, why, pause)
+            time.sleep(pause)
+    parsed = urlparse(tracking_uri)
+    fix = ("unset MLFLOW_TRACKING_URI to use the project's own store" if configured_by() == "MLFLOW_TRACKING_URI"
+           else "fix registry.tracking_uri in params.yaml")
+    raise RegistryUnreachable(
+        f"no MLflow server answers at {tracking_uri} ({why}; {attempts} attempts): start it (mlflow server --host "
+        f"{parsed.hostname} --port {parsed.port or (443 if parsed.scheme == 'https' else 80)} --backend-store-uri "
+        f"sqlite:///mlflow.db) or {fix}")
+
+
+def check_store_exists(tracking_uri: str) -> None:
+    """For a reader: refuse a sqlite store whose file is missing (a mistyped path), which MLflow would create empty."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return
+    name = unquote(tracking_uri.removeprefix("sqlite:///").split("?")[0])
+    if name in ("", ":memory:"):
+        return
+    path = Path(name).resolve()
+    if not path.exists():
+        raise NoRegistry(f"no MLflow registry at {path} ({configured_by()}): check the path; a registry is created by "
+                         f"the first `graft run`")
 
 
 def registry_identity(tracking_uri: str) -> str:
@@ -83,6 +141,11 @@ class RegistrySource:
         identity = registry_identity(self.tracking_uri)
         self.cache_dir = Path(cache_dir) / f"{urlparse(self.tracking_uri).scheme}-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
         self.remote = urlparse(tracking_uri).scheme in ("http", "https")
+        # Reading only: a server that is not there, or a store file that is not, is named now, not waited on.
+        if self.remote:
+            check_server(self.tracking_uri)
+        else:
+            check_store_exists(self.tracking_uri)
         self._http = httpx.Client(base_url=self.tracking_uri, timeout=timeout) if self.remote else None
         self._client = None
 
@@ -95,9 +158,11 @@ class RegistrySource:
         try:
             response = self._http.get(f"/api/2.0/mlflow/{path}", params=params)
         except httpx.TransportError as error:
-            raise SourceError(f"cannot reach the registry at {self.tracking_uri}: {error}") from None
+            raise RegistryUnreachable(f"cannot reach the registry at {self.tracking_uri}: {error}") from None
         if response.status_code in (400, 404) and "not found" in response.text:  # no such model, version or alias
             raise SourceError(f"{self.name}@{self.alias} not found at {self.tracking_uri}: {response.text[:200]}")
+        if response.status_code >= 500:  # the server's trouble, not the request's
+            raise RegistryUnreachable(f"registry at {self.tracking_uri} answered {response.status_code}: {response.text[:200]}")
         if response.status_code >= 400:
             raise SourceError(f"registry at {self.tracking_uri} answered {response.status_code}: {response.text[:200]}")
         return response.json()

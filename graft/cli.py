@@ -177,7 +177,7 @@ def _history(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from components.config import load_params
-    from components.errors import GraftError
+    from components.errors import GraftError, registry_call
     from components.registry import tracking_uri
     from deploy.server import (
         TOKEN_VARIABLE,
@@ -196,8 +196,9 @@ def _serve(args: argparse.Namespace) -> int:
         max_body_bytes=serving.max_body_bytes, poll_seconds=serving.poll_seconds, threads=serving.threads,
         token=os.environ.get(TOKEN_VARIABLE, ""),
     )
-    source = build_source(tracking_uri(params.registry, Path(args.params).parent), params.registry.model_name, args.alias or serving.alias,
-                          args.onnx_file, settings.cache_dir)
+    uri = tracking_uri(params.registry, Path(args.params).parent)
+    with registry_call("opening the served model's registry", uri):
+        source = build_source(uri, params.registry.model_name, args.alias or serving.alias, args.onnx_file, settings.cache_dir)
     try:
         serve(source, settings, args.host or serving.host, args.port or serving.port, insecure=args.insecure_no_auth)
     except BindRefused as error:
@@ -209,6 +210,7 @@ def _export_triton(args: argparse.Namespace) -> int:
     import tempfile
 
     from components.config import load_params
+    from components.errors import registry_call
     from components.registry import tracking_uri
     from deploy.source import RegistrySource
     from deploy.triton import write_repository
@@ -219,9 +221,11 @@ def _export_triton(args: argparse.Namespace) -> int:
         if args.onnx_file:
             onnx_file, version = Path(args.onnx_file), "1"
         else:
-            source = RegistrySource(tracking_uri(params.registry, Path(args.params).parent), name, args.alias or params.serving.alias, cache)
-            version = source.current_version()
-            onnx_file = source.fetch(version).onnx_path
+            uri = tracking_uri(params.registry, Path(args.params).parent)
+            with registry_call("reading the aliased model", uri):
+                source = RegistrySource(uri, name, args.alias or params.serving.alias, cache)
+                version = source.current_version()
+                onnx_file = source.fetch(version).onnx_path
         folder = write_repository(onnx_file, Path(args.out), name, version, params.serving.max_batch_size,
                                   int(params.serving.max_queue_delay_ms * 1000), gpu=not args.cpu)
     print(f"Triton model repository: {folder} (version {version}); run: tritonserver --model-repository {args.out}")

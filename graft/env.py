@@ -8,6 +8,10 @@ DEFAULTS = {
     "ORT_DISABLE_TELEMETRY": "1",
     "DVC_NO_ANALYTICS": "1",
     "GIT_PYTHON_REFRESH": "quiet",
+    # MLflow's client retries an unanswered request 7 times with backoff factor 2: four silent minutes. Graft names
+    # an absent server within seconds (deploy/source.py check_server); the flow's own retries do the long waiting.
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
 }
 
 

@@ -19,7 +19,7 @@ from components.registry import (
     history,
     move_alias,
 )
-from tests.conftest import copy_workspace, graft_cli
+from tests.conftest import copy_workspace, free_port, graft_cli, tiny_params
 
 MODEL = "graft-classifier"
 
@@ -84,3 +84,22 @@ def test_a_move_without_its_completed_record_shows_as_interrupted(http_workspace
     _record(client, MODEL, AliasMove(CHAMPION, "2", "1", "promote", "tester", "", "killed here", "started", "2026-01-01T00:00:00+00:00"))
     last = history(client, MODEL)[-1]
     assert (last.status, last.reason) == ("interrupted", "killed here")
+
+
+def test_a_server_that_is_not_there_is_named_within_seconds(tmp_path):
+    """Nothing listens at MLFLOW_TRACKING_URI: history, promote and serve retry a short /health probe, saying so on
+    stderr, then name the URI and how to start the server, with the transient status (75), not minutes later."""
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
+    port = free_port()  # nothing listens there
+    url = f"http://127.0.0.1:{port}"
+    for command in (["history"], ["promote"], ["serve", "--port", str(free_port())]):
+        started = time.monotonic()
+        done = subprocess.run([sys.executable, "-m", "graft", *command], cwd=tmp_path, capture_output=True, text=True,
+                              env={**os.environ, "MLFLOW_TRACKING_URI": url}, timeout=120)  # never hang the suite
+        seconds = time.monotonic() - started
+        assert done.returncode == 75 and "Traceback" not in done.stderr, done.stderr[-2000:]
+        assert f"registry at {url} not answering (attempt 2/3: " in done.stderr and "retrying in 1 s" in done.stderr
+        assert (f"no MLflow server answers at {url} " in done.stderr and
+                f"mlflow server --host 127.0.0.1 --port {port}" in done.stderr and
+                "unset MLFLOW_TRACKING_URI" in done.stderr), done.stderr[-2000:]
+        assert seconds < 15, f"graft {command[0]}: {seconds:.1f} s to the error"
