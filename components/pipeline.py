@@ -17,8 +17,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from components import runlog
 from components.artifacts import read_json
-from components.errors import ERROR_FILE_VARIABLE, GraftError, RegistryUnavailable
+from components.errors import (
+    ERROR_FILE_VARIABLE,
+    CandidateRejected,
+    GraftError,
+    RegistryUnavailable,
+    registry_call,
+)
 from components.layout import Layout
 
 # Runs every time (it checks the weights files outside the project); what depends on it reruns only when its
@@ -34,7 +41,8 @@ class StageOutcome:
 
 
 # DVC's per-command hints about git and remotes: noise in a run that commits nothing itself.
-_DVC_HINTS = ("To track the changes with git", "\tgit add", "Use `dvc push`", "To enable auto staging")
+_DVC_HINTS = ("To track the changes with git", "git add", "Use `dvc push`", "To enable auto staging",
+              "dvc config core.autostage")
 
 
 def _dvc_env(error_file: Path | None = None) -> dict[str, str]:
@@ -48,15 +56,16 @@ def _dvc_env(error_file: Path | None = None) -> dict[str, str]:
 
 def _dvc(root: Path, *args: str, error_file: Path | None = None) -> tuple[int, str]:
     """DVC's own command line in the project folder, as a user runs it (DVC resolves stage names, its lock and
-    its run cache against the working folder, which this process leaves alone). Its output is passed on as it
-    comes, without DVC's hints, and returned."""
+    its run cache against the working folder, which this process leaves alone). Its output goes to the command's
+    log file as it comes, without DVC's hints (components/runlog.py), and is returned; the stages' progress bars
+    (their stderr) reach the terminal."""
     process = subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=root, env=_dvc_env(error_file), text=True,
                                stdout=subprocess.PIPE)
     lines = []
     for line in process.stdout:
         lines.append(line)
-        if not line.startswith(_DVC_HINTS) and line.strip():
-            print(line, end="", flush=True)
+        if not line.lstrip().startswith(_DVC_HINTS) and line.strip():
+            runlog.write(line)
     return process.wait(), "".join(lines)
 
 
@@ -99,32 +108,68 @@ class ProjectBusy(GraftError):
     pass
 
 
-def nothing_to_do(root: str | Path, params) -> str | None:
-    """Why a run has nothing to do: data, params, code and source weights unchanged since the last run, and the
-    registry in use holds that candidate judged with today's gates. None when there is work (or it cannot be
+@dataclass(frozen=True)
+class AlreadyJudged:
+    """The registry in use holds this very candidate (same data, params, code and source weights), judged with
+    today's gates: a run would only repeat that verdict."""
+
+    model_name: str
+    version: str
+    failed_gates: tuple[str, ...]  # with each gate's value and bound; empty: it passed every gate
+
+    def message(self) -> str:
+        unchanged = "data, params, code and source weights are unchanged since"
+        if not self.failed_gates:
+            return (f"nothing to do: {unchanged} the run that registered this candidate as {self.model_name} "
+                    f"v{self.version}, which passed every gate")
+        return (f"this candidate was judged already and rejected: {self.model_name} v{self.version} failed "
+                f"{'; '.join(self.failed_gates)} ({unchanged} then). Change the data or the params that make the "
+                "model (finetune, sources, data), or run `graft run --force` to judge it again (e.g. after the "
+                "champion moved)")
+
+    def enforce(self) -> None:
+        """A rejected candidate ends the run as its first judging did (exit status 3), not as "done"."""
+        if self.failed_gates:
+            raise CandidateRejected(self.message())
+
+
+def already_judged(root: str | Path, params) -> AlreadyJudged | None:
+    """The registry's version of this candidate and the gates it failed, when it holds one judged with today's gates."""
+    from mlflow import MlflowClient
+
+    from components.registry import published_version, tracking_uri
+
+    version = published_version(root, params)
+    if version is None:
+        return None
+    name = params.registry.model_name
+    with registry_call("reading the candidate's verdict", tracking_uri(params.registry, root)):
+        tags = MlflowClient().get_model_version(name, version).tags  # published_version pointed MLflow at the store
+    failed = sorted(key.removeprefix("gate.").removesuffix(".verdict") for key, value in tags.items()
+                    if key.startswith("gate.") and key.endswith(".verdict") and value == "failed")
+    return AlreadyJudged(name, version, tuple(
+        f"{gate} ({tags.get(f'gate.{gate}.value', '')} vs {tags.get(f'gate.{gate}.bound', '')})" for gate in failed))
+
+
+def nothing_to_do(root: str | Path, params) -> AlreadyJudged | None:
+    """Whether a run has nothing to do: data, params, code and source weights unchanged since the last run, and
+    the registry in use holds that candidate judged with today's gates. None when there is work (or it cannot be
     told at once: another run holds the project, the registry does not answer); the flow then decides.
 
     What the flow checks first, without the flow: `graft run` answers an unchanged project in seconds instead
     of starting Prefect to learn that. The registry is asked while DVC looks at the weights (other core)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from components.registry import published_version
-
     try:
         with project_lock(root, 0, "graft run, checking for changes"), ThreadPoolExecutor(1) as pool:
-            registry = pool.submit(published_version, root, params)
+            registry = pool.submit(already_judged, root, params)
             for name in ALWAYS_RUN:
                 reproduce_stage(root, name)
             changed = pending_stages(dvc_status(root), list(params.raw_data_paths().values()))
-            version = registry.result()
+            judged = registry.result()
     except (ProjectBusy, RegistryUnavailable):
         return None
-    return None if changed or version is None else unchanged_message(params.registry.model_name, version)
-
-
-def unchanged_message(model_name: str, version: str) -> str:
-    return (f"nothing to do: data, params, code and source weights are unchanged, and the registry in use holds this "
-            f"candidate as {model_name} v{version}")
+    return None if changed else judged
 
 
 class StageRefused(GraftError):

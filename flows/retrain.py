@@ -10,12 +10,14 @@ from prefect.context import get_run_context
 from prefect.events import emit_event
 from prefect.states import Completed
 
+from components import runlog
 from components.config import Params, check_raw_data, load_params
 from components.errors import RegistryUnavailable
 from components.gates import GateReport
 from components.judge import judge
 from components.pipeline import (
     ALWAYS_RUN,
+    AlreadyJudged,
     StageOutcome,
     collect_summary,
     dvc_status,
@@ -24,13 +26,17 @@ from components.pipeline import (
     project_lock,
     push_to_remote,
     reproduce_stage,
+    already_judged,
     summary_text,
-    unchanged_message,
 )
 from components.register import publish
-from components.registry import published_version
 from components.stages import stage_order
 from components.tracked_data import check_tracked_data
+
+
+def say(message: str) -> None:
+    """A line for the terminal (and the run's log in Prefect); the rest of a run's output goes to its log file."""
+    get_run_logger().info(message, extra={runlog.TERMINAL: True})
 
 
 def retry_when_unreachable(task, task_run, state) -> bool:
@@ -58,7 +64,7 @@ def check_inputs(root: str, params: Params) -> list[str]:
     status = dvc_status(root)
     keys = {path: key for key, path in params.raw_data_paths().items()}
     if repair := check_tracked_data(root, status, keys):
-        print(repair)
+        say(repair)
         status = dvc_status(root)
     return pending_stages(status, list(keys))
 
@@ -66,14 +72,14 @@ def check_inputs(root: str, params: Params) -> list[str]:
 @task(task_run_name="{name}")
 def run_stage(root: str, name: str) -> StageOutcome:
     outcome = reproduce_stage(root, name)
-    get_run_logger().info("stage %s %s in %.1fs", name, "ran" if outcome.ran else "was up to date", outcome.seconds)
+    say(f"stage {name} {'ran in' if outcome.ran else 'up to date,'} {outcome.seconds:.1f}s")
     return outcome
 
 
 @task(task_run_name="check_registry")
-def check_registry(root: str, params: Params) -> str | None:
-    """The version holding this very candidate, judged with today's gates, in the registry in use."""
-    return published_version(root, params)
+def check_registry(root: str, params: Params) -> AlreadyJudged | None:
+    """The version holding this very candidate, judged with today's gates, in the registry in use, and its verdict."""
+    return already_judged(root, params)
 
 
 @task(task_run_name="judge")
@@ -85,7 +91,8 @@ def judge_candidate(root: str, params: Params) -> GateReport:
 
 @task(task_run_name="publish")
 def publish_candidate(root: str, params: Params, report: GateReport) -> dict:
-    return publish(root, params, report)
+    with runlog.quiet():
+        return publish(root, params, report)
 
 
 @task(task_run_name="push_to_remote", retries=2, retry_delay_seconds=10)
@@ -113,7 +120,7 @@ def announce(registration: dict, report: GateReport) -> str:
     return name
 
 
-@flow(name="retrain", log_prints=True)
+@flow(name="retrain")
 def retrain(root: str = ".", force: bool = False):
     """check params -> (lock) -> resolve_sources -> check inputs -> [nothing changed and the registry holds the
     candidate: done] -> prepare_source@NAME -> prepare_target -> pretrain@NAME -> select_source -> baseline
@@ -129,20 +136,21 @@ def retrain(root: str = ".", force: bool = False):
         # The sources' weights live outside the project: look at them first, then ask DVC what changed.
         outcomes = [run_stage(root, name) for name in ALWAYS_RUN]
         changed = check_inputs(root, params)
-        if not changed and not force and (version := check_registry.with_options(**registry_step)(root, params)):
-            message = unchanged_message(params.registry.model_name, version)
+        if not changed and not force and (judged := check_registry.with_options(**registry_step)(root, params)):
+            message = judged.message()
             create_markdown_artifact(f"**{message}**", key="retrain-summary", description="Graft retrain summary")
-            print(message)
+            judged.enforce()
+            say(message)
             return Completed(message=message, data={"run": message})
         outcomes += [run_stage(root, name) for name in stage_order(params) if name not in ALWAYS_RUN]
         report = judge_candidate.with_options(**registry_step)(root, params)
         registration = publish_candidate.with_options(**registry_step)(root, params, report)
         if params.storage.dvc_remote:
-            print(f"dvc remote {params.storage.dvc_remote}: {push_files(root, params.storage.dvc_remote)}")
+            say(f"dvc remote {params.storage.dvc_remote}: {push_files(root, params.storage.dvc_remote)}")
         summary = collect_summary(root, outcomes)
         create_markdown_artifact(format_table(summary, markdown=True) + "\n\n" + report.markdown(), key="retrain-summary",
                                  description="Graft retrain summary")
-        print("\n" + summary_text(root, summary))
+        say("\n" + summary_text(root, summary))
         announce(registration, report)
         report.enforce()
     return summary

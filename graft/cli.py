@@ -62,6 +62,7 @@ def _run(args: argparse.Namespace) -> int:
     if not state.is_completed():
         state.result()  # raises what failed the run, for main() to report
         raise RuntimeError(f"the retrain flow ended {state.name}: {state.message}")
+    print(f"full log: {os.path.relpath(log)}")
     return 0
 
 
@@ -122,7 +123,10 @@ def _schedule(args: argparse.Namespace) -> int:
 
 
 def _stage(args: argparse.Namespace) -> int:
+    from components import runlog
     from components.stages import run_stage
+
+    runlog.route_logging()  # under `graft run`: the libraries' lines go to its log file, progress bars stay
 
     run_stage(args.name, args.params)
     return 0
@@ -234,6 +238,9 @@ def _export_triton(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="graft", description="Transfer-learning retraining pipeline")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show everything on the terminal (DVC's, Prefect's and MLflow's own lines), not only "
+                             "progress, one line a stage and the summary; the run's log file keeps it all anyway")
     commands = parser.add_subparsers(dest="command", required=True)
 
     fetch = commands.add_parser("fetch-data", help="write the embedded default data to data/raw and track it with DVC")

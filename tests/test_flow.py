@@ -63,7 +63,7 @@ def test_flow_runs_each_stage_as_a_task_then_skips_when_nothing_changed(prefect_
     started = time.monotonic()
     again = retrain(root=str(root), return_state=True)
     assert again.is_completed() and again.message.startswith("nothing to do")
-    assert "holds this candidate as graft-classifier v1" in again.message
+    assert "registered this candidate as graft-classifier v1, which passed every gate" in again.message
     assert time.monotonic() - started < 30
 
     # Another registry (the operator points MLFLOW_TRACKING_URI elsewhere): it lacks the candidate, so the
