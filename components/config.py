@@ -490,7 +490,7 @@ def parse_params(raw: dict) -> Params:
 def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     if not path.is_file():
-        raise ParamsError(f"{path}: no such file; run graft from the project folder or pass --params")
+        raise ParamsError(f"{path}: no such file; run graft from the project folder or pass --root")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:

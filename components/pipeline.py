@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -188,17 +189,24 @@ def project_lock(root: str | Path, wait_seconds: float, holder: str) -> Iterator
     path = Path(root) / ".graft.lock"
     deadline = time.monotonic() + wait_seconds
     with open(path, "a+") as handle:
+        said = False
         while True:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
+                handle.seek(0)
+                other = handle.read().strip() or "unknown"
                 if time.monotonic() >= deadline:
-                    handle.seek(0)
                     raise ProjectBusy(
-                        f"another retraining run is using {Path(root).resolve()} ({handle.read().strip() or 'unknown'}); "
+                        f"another retraining run is using {Path(root).resolve()} ({other}); "
                         f"waited {wait_seconds:.0f}s. Try again when it ends, or raise schedule.lock_wait_seconds."
                     ) from None
+                if not said:  # a wait that says nothing looks like a hang
+                    logging.getLogger("graft.lock").warning(
+                        "waiting up to %.0fs (schedule.lock_wait_seconds) for another run of this project to end: %s",
+                        wait_seconds, other)
+                    said = True
                 time.sleep(0.5)
         handle.seek(0)
         handle.truncate()

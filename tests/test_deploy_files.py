@@ -14,7 +14,7 @@ def test_export_triton_writes_a_repository(tmp_path):
     model = build(tiny_spec(("a", "b", "c")), 0)
     onnx_file = export_onnx(model, tmp_path / "model.onnx", 20)
     done = subprocess.run([sys.executable, "-m", "graft", "export-triton", "--onnx-file", str(onnx_file),
-                           "--out", str(tmp_path / "repo"), "--params", str(PROJECT / "params.yaml")],
+                           "--out", str(tmp_path / "repo"), "--root", str(PROJECT)],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     folder = tmp_path / "repo" / "graft-classifier"

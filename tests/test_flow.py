@@ -1,6 +1,7 @@
 """The retrain flow through Prefect's real test harness (a real local Prefect API and database)."""
 import asyncio
 import json
+import logging
 import subprocess
 import sys
 import threading
@@ -109,13 +110,16 @@ def test_bad_data_fails_once_with_the_reason_and_is_not_retried(prefect_api, wor
         state.result()
 
 
-def test_second_run_waits_for_the_lock_then_refuses(prefect_api, workspace_factory):
+def test_second_run_waits_for_the_lock_then_refuses(prefect_api, workspace_factory, caplog):
     from components.pipeline import ProjectBusy, project_lock
 
     root = workspace_factory("locked", tiny_params(**{"schedule.lock_wait_seconds": 1}))
-    with project_lock(root, 0, "a test holding the project"):
+    with project_lock(root, 0, "a test holding the project"), caplog.at_level(logging.WARNING, logger="graft.lock"):
         state = retrain(root=str(root), return_state=True)
     assert state.is_failed()
+    waiting = [r.getMessage() for r in caplog.records if r.name == "graft.lock"]
+    assert len(waiting) == 1 and "waiting up to 1s (schedule.lock_wait_seconds)" in waiting[0], waiting
+    assert "a test holding the project" in waiting[0], "says for whom it waits"
     with pytest.raises(ProjectBusy, match="another retraining run is using .*a test holding the project"):
         state.result()
 
