@@ -151,11 +151,23 @@ class SourcesParams(_Strict):
         return sorted({c.image_size for c in (*self.pipeline.values(), *self.pretrained.values())})
 
 
+class RaceParams(_Strict):
+    """When the scores cannot decide, a short fine-tuning race on the validation split does (components/race.py)."""
+
+    when: Literal["auto", "always", "never"] = "auto"  # auto: when the scores disagree or the lead is within noise
+    bootstrap: int = Field(default=30, ge=2)        # resamples of the training images: the deciding score's noise
+    min_lead_share: float = Field(default=0.95, gt=0.5, le=1)  # the leader must lead in this share of them
+    candidates: int = Field(default=4, ge=2)        # the best this many by the deciding score race
+    first_steps: int = Field(default=40, ge=2)      # fine-tuning steps a candidate in the first rung; doubled each rung
+    budget_seconds: float = Field(default=600, gt=0)  # no new rung that would end past this: the last rung decides
+
+
 class SelectionParams(_Strict):
     mode: Literal["auto", "report"] = "auto"  # auto: fine-tune the best-scoring candidate; report: score all, fine-tune `use`
     score: Literal["logme", "leep", "nce"] = "logme"
     use: str | None = None                    # report mode: the candidate to fine-tune (default: the first listed)
     batch_size: int = Field(default=64, ge=1)  # feature extraction batch
+    race: RaceParams = RaceParams()
 
 
 class Augment(_Strict):

@@ -238,7 +238,8 @@ def collect_summary(root: str | Path, outcomes: list[StageOutcome] | None = None
                        f"(train {target['counts']['train']}, test {target['counts']['test']}, quarantined {target['quarantined']})",
         "source": f"{source['name']} ({source['kind']}: {source['architecture']}, {source['weights'] or source['file']}, "
                   f"{source['image_size']} px)" + _pretrained_line(root, source),
-        "selection": f"{selection['mode']} by {selection['score']}: {ranking}",
+        "source scores": f"{selection['score']}: {ranking}",
+        "selection": f"{selection['chosen']}, {selection['decided_by']}",
         "strategy": transfer_meta["strategy"],
         "transfer test acc": f"{evaluation['transfer']['accuracy']:.4f} (macro-F1 {evaluation['transfer']['macro_f1']:.4f})",
         "scratch test acc": f"{evaluation['scratch']['accuracy']:.4f} (macro-F1 {evaluation['scratch']['macro_f1']:.4f}), same architecture",

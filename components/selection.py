@@ -10,7 +10,7 @@ Higher is better for all three. LEEP and NCE use the source's own classifier, wh
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +18,7 @@ import numpy as np
 from components.artifacts import atomic_path, write_json
 
 SCORES = ("logme", "leep", "nce")
+_LABEL = {"logme": "LogME", "leep": "LEEP", "nce": "NCE"}
 
 
 def _evidence(singular: np.ndarray, projected: np.ndarray, target_norm2: float, n: int, dims: int,
@@ -126,6 +127,39 @@ def score_candidate(name: str, kind: str, description: str, image_size: int, fea
                           leep(source_probabilities, labels), nce(source_probabilities, labels), seconds)
 
 
+def score_of(score: str, features: np.ndarray, source_probabilities: np.ndarray, labels: np.ndarray) -> float:
+    return logme(features, labels) if score == "logme" else globals()[score](source_probabilities, labels)
+
+
+def lead_share(leader: tuple[np.ndarray, np.ndarray], runner_up: tuple[np.ndarray, np.ndarray], labels: np.ndarray,
+               score: str, resamples: int, seed: int) -> float:
+    """The share of bootstrap resamples of the training images (both candidates scored on the same draw) in which
+    the leader's score stays above the runner-up's: how far the lead is from noise. Each argument pair is a
+    candidate's (features, source probabilities)."""
+    rng = np.random.default_rng(seed)
+    leads = 0
+    for _ in range(resamples):
+        draw = rng.integers(0, len(labels), len(labels))
+        if len(np.unique(labels[draw])) < 2:
+            continue  # a draw of one class scores nothing
+        a, b = (score_of(score, f[draw], p[draw], labels[draw]) for f, p in (leader, runner_up))
+        leads += a > b
+    return leads / resamples
+
+
+def why_race(candidates: list[CandidateScore], score: str, share: float | None, min_share: float, resamples: int) -> str:
+    """Why the scores cannot decide ('' when they can): they name different leaders, or the deciding score's lead
+    is within its noise."""
+    leaders = {name: max(candidates, key=lambda c: getattr(c, name)).name for name in SCORES}
+    if len(set(leaders.values())) > 1:
+        return "the scores disagree: " + ", ".join(f"{_LABEL[name]} picks {leader}" for name, leader in leaders.items())
+    if share is not None and share < min_share:
+        ranked = sorted(candidates, key=lambda c: -getattr(c, score))
+        return (f"{ranked[0].name} leads {ranked[1].name} on {_LABEL[score]} in only {share:.0%} of {resamples} "
+                f"bootstrap resamples of the training images (within noise; {min_share:.0%} needed)")
+    return ""
+
+
 @dataclass(frozen=True)
 class Selection:
     mode: str
@@ -133,6 +167,8 @@ class Selection:
     chosen: str
     candidates: list[CandidateScore]
     examples: int
+    decided_by: str = ""     # the rule that chose, in words
+    race: dict | None = None  # components/race.py RaceResult.to_dict(), when a race decided
 
     def ranking(self) -> list[CandidateScore]:
         """Best first by the deciding score (ties keep the order of params.yaml)."""
@@ -140,11 +176,12 @@ class Selection:
 
     def to_dict(self) -> dict:
         return {"mode": self.mode, "score": self.score, "chosen": self.chosen, "examples": self.examples,
+                "decided_by": self.decided_by, "race": self.race,
                 "ranking": [c.name for c in self.ranking()], "candidates": [asdict(c) for c in self.candidates]}
 
     def markdown(self) -> str:
-        how = f"best {self.score}" if self.mode == "auto" else "selection.use (mode: report)"
-        rows = [f"## Source selection: {self.chosen} ({how}, {self.examples} target training images)", "",
+        rows = [f"## Source selection: {self.chosen} ({self.examples} target training images)", "",
+                f"Decided by: {self.decided_by}", "",
                 "| rank | candidate | kind | source | size | features | LogME | LEEP | NCE | seconds |",
                 "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for rank, c in enumerate(self.ranking(), 1):
@@ -155,9 +192,11 @@ class Selection:
 
 
 def choose(candidates: list[CandidateScore], mode: str, score: str, use: str, examples: int) -> Selection:
+    """The choice the scores make: the best by `score` (auto), or `use` (report)."""
     selection = Selection(mode, score, "", candidates, examples)
-    chosen = selection.ranking()[0].name if mode == "auto" else use
-    return Selection(mode, score, chosen, candidates, examples)
+    if mode == "auto":
+        return replace(selection, chosen=selection.ranking()[0].name, decided_by=f"best {_LABEL[score]}")
+    return replace(selection, chosen=use, decided_by="selection.use (mode: report)")
 
 
 def write_selection(selection: Selection, report: Path, markdown: Path, plot: Path) -> None:

@@ -53,7 +53,8 @@ def test_flow_runs_each_stage_as_a_task_then_skips_when_nothing_changed(prefect_
     assert [r.name for r in runs] == ["check_params", STAGES[0], "check_inputs", *STAGES[1:], "judge", "publish", "announce"]
     assert all(r.state.is_completed() and r.total_run_time.total_seconds() > 0 for r in runs)
     assert all(f"{name} ran" in summary["stages"] for name in STAGES)
-    assert summary["selection"].startswith("report by logme: ") and "efficientnet-lite0" in summary["selection"]
+    assert summary["selection"] == "fashion-mnist, selection.use (mode: report)"
+    assert summary["source scores"].startswith("logme: ") and "efficientnet-lite0" in summary["source scores"]
 
     # Same params and data as the `dvc repro` workspace: the same metrics, to the last digit.
     _, _, repro_metrics = repro_workspace

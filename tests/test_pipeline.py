@@ -159,7 +159,8 @@ def test_the_joint_objective_and_domain_adaptation_are_params_and_unlabelled_ima
 def pretrained_only(workspace_factory):
     """No pipeline source: real ImageNet EfficientNet-Lite0 and a torchvision network from a local weights file."""
     torch.manual_seed(0)
-    params = tiny_params(**{"selection.mode": "auto", "selection.use": None})
+    params = tiny_params(**{"selection.mode": "auto", "selection.use": None, "selection.race.when": "always",
+                            "selection.race.first_steps": 4})
     params["sources"]["pipeline"] = {}
     params["sources"]["pretrained"]["local-mobilenet"] = {"architecture": "mobilenet_v3_small",
                                                          "weights_file": "weights/mobilenet.pth", "image_size": 32}
@@ -171,12 +172,18 @@ def pretrained_only(workspace_factory):
     return root, stages_ran(done.stdout)
 
 
-def test_a_pretrained_source_has_no_pretraining_and_auto_picks_the_best_score(pretrained_only):
+def test_a_pretrained_source_has_no_pretraining_and_auto_mode_races_the_candidates(pretrained_only):
     root, ran = pretrained_only
     assert ran == ["resolve_sources", "prepare_target", "select_source", "baseline", "finetune", "evaluate", "export"]
     selection = _json(root, "reports/source-selection.json")
-    best = max(selection["candidates"], key=lambda c: c["logme"])["name"]
+    race = selection["race"]
+    assert [(rung["steps"], sorted(rung["accuracy"])) for rung in race["rungs"]] == [(4, ["efficientnet-lite0", "local-mobilenet"])]
+    assert all(0 <= accuracy <= 1 for accuracy in race["rungs"][0]["accuracy"].values())
+    best = race["winner"]
+    assert best == next(iter(race["rungs"][0]["accuracy"])), "the better validation accuracy wins"
     assert selection["chosen"] == best == _json(root, "models/selected/source.json")["name"]
+    assert selection["decided_by"].startswith("a fine-tuning race on the validation split, because selection.race.when: always")
+    assert "Decided by: a fine-tuning race" in (root / "reports/source-selection.md").read_text()
     version = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}").get_model_version("graft-classifier", "1")
     identity = _json(root, "models/sources.json")[best]
     assert (version.tags["graft.source.name"], version.tags["graft.source.sha256"]) == (best, identity["sha256"])

@@ -2,14 +2,17 @@
 import numpy as np
 import pytest
 
+from components.race import successive_halving
 from components.selection import (
     CandidateScore,
     _evidence,
     choose,
     kendall_tau,
+    lead_share,
     leep,
     logme,
     nce,
+    why_race,
 )
 
 
@@ -68,3 +71,51 @@ def test_auto_picks_the_best_score_and_report_keeps_the_users_choice():
     report = choose(candidates, "report", "logme", "a", 50)
     assert report.chosen == "a" and report.to_dict()["ranking"] == ["b", "c", "a"]
     assert "| 3 | **a** |" in report.markdown()
+
+
+def test_the_scores_decide_only_when_they_agree_beyond_their_noise():
+    agree = [_candidate("a", -0.5, -1.0), _candidate("b", -0.9, -2.0)]
+    assert why_race(agree, "logme", share=1.0, min_share=0.95, resamples=30) == ""
+    assert why_race(agree, "logme", share=0.6, min_share=0.95, resamples=30) == (
+        "a leads b on LogME in only 60% of 30 bootstrap resamples of the training images (within noise; 95% needed)")
+    disagree = [_candidate("a", -0.5, -2.0), _candidate("b", -0.9, -1.0)]
+    assert why_race(disagree, "logme", share=1.0, min_share=0.95, resamples=30) == (
+        "the scores disagree: LogME picks a, LEEP picks b, NCE picks b")
+
+
+def test_a_clear_lead_holds_in_every_resample_and_a_tie_in_none():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(5), 20)
+    noise = rng.normal(size=(100, 32))
+    probabilities = np.full((100, 3), 1 / 3)
+    separating = (noise + 3 * np.eye(32)[labels], probabilities)
+    assert lead_share(separating, (noise, probabilities), labels, "logme", 20, seed=0) == 1.0
+    assert lead_share((noise, probabilities), (noise, probabilities), labels, "logme", 20, seed=0) == 0.0, "a tie is no lead"
+
+
+def test_successive_halving_keeps_the_better_half_at_twice_the_steps():
+    skill = {"a": 0.5, "b": 0.9, "c": 0.7, "d": 0.1}
+    calls = []
+
+    def fine_tune(name, steps):
+        calls.append((name, steps))
+        return skill[name] * min(1.0, steps / 20)
+
+    result = successive_halving(["a", "b", "c", "d"], fine_tune, first_steps=5, budget_seconds=3600)
+    assert result.winner == "b" and not result.stopped_by_budget
+    assert [(r.steps, list(r.accuracy)) for r in result.rungs] == [(5, ["b", "c", "a", "d"]), (10, ["b", "c"])]
+    assert calls == [("a", 5), ("b", 5), ("c", 5), ("d", 5), ("b", 10), ("c", 10)]
+    tied = successive_halving(["x", "y"], lambda name, steps: 0.5, first_steps=5, budget_seconds=3600)
+    assert tied.winner == "x", "a tie keeps the scores' order"
+
+
+def test_the_race_stops_at_the_budget_and_the_last_rung_decides():
+    now = [0.0]
+
+    def fine_tune(name, steps):
+        now[0] += steps  # a step costs a second
+        return {"a": 0.2, "b": 0.4, "c": 0.3}[name]
+
+    result = successive_halving(["a", "b", "c"], fine_tune, first_steps=10, budget_seconds=40, clock=lambda: now[0])
+    assert result.stopped_by_budget and result.winner == "b" and len(result.rungs) == 1, "the next rung would end at 70 s"
+    assert "stopped by the time budget" in result.summary()
