@@ -200,6 +200,9 @@ def run_record(root: Path, params: Params) -> RunRecord:
     }
     for candidate in selection["candidates"]:
         metrics.update({f"selection.{candidate['name']}.{score}": candidate[score] for score in SCORES})
+    if race := selection.get("race"):  # each racer's validation accuracy in the last rung it ran
+        for rung in race["rungs"]:
+            metrics.update({f"selection.{name}.race_val_accuracy": value for name, value in rung["accuracy"].items()})
     for name, scores in read_json(root / Layout.per_class)["transfer"].items():
         metrics.update({f"test.{metric}.{name}": value for metric, value in scores.items() if metric in SCORE_NAMES})
     tags = {
@@ -207,6 +210,7 @@ def run_record(root: Path, params: Params) -> RunRecord:
         "graft.data_version": transfer_meta["data_version"],
         "graft.strategy": transfer_meta["strategy"],
         "graft.selection": f"{selection['mode']}: {selection['chosen']} by {selection['score']} over {', '.join(selection['ranking'])}",
+        "graft.selection.decided_by": selection["decided_by"][:5000],  # MLflow's tag values hold 8000 characters
     }
     splits = data_mod.load_splits(root / Layout.selected_data)
     contract = ModelSpec.from_dict(read_json(root / Layout.selected_architecture)).contract
