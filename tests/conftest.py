@@ -195,9 +195,10 @@ def start_mlflow_server(root: Path, port: int, wait: bool = True) -> tuple[subpr
     return server, url
 
 
-def wait_healthy(url: str, seconds: float) -> bool:
+def wait_healthy(url: str, seconds: float, process: subprocess.Popen | None = None) -> bool:
+    """Whether `url` answers 200 within `seconds` (not waiting on when the server's `process` has ended)."""
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and (process is None or process.poll() is None):
         try:
             if httpx.get(url, timeout=2).status_code == 200:
                 return True

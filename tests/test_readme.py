@@ -22,7 +22,6 @@ import re
 import shlex
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -31,7 +30,7 @@ import yaml
 from mlflow import MlflowClient
 
 from graft.cli import build_parser
-from tests.conftest import PROJECT, RAW, copy_workspace, free_port, graft_cli, stop_process_group
+from tests.conftest import PROJECT, RAW, copy_workspace, free_port, graft_cli, stop_process_group, wait_healthy
 
 README = PROJECT / "README.md"
 VENV_BIN = Path(sys.executable).parent
@@ -252,15 +251,8 @@ def test_readme_examples_run_as_written(readme_project, tmp_path):
 
 
 def wait_ready(base: str, server: subprocess.Popen, log: Path, where: str, seconds: float = 90) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and server.poll() is None:
-        try:
-            if httpx.get(f"{base}/v2/health/ready", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise AssertionError(f"{where}: the server never became ready:\n{log.read_text()[-3000:]}")
+    if not wait_healthy(f"{base}/v2/health/ready", seconds, server):
+        raise AssertionError(f"{where}: the server never became ready:\n{log.read_text()[-3000:]}")
 
 
 def example_image() -> str:

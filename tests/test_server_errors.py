@@ -1,7 +1,6 @@
 """The model server's answers to what users hit at its edges, over real HTTP: a port already in use, and bodies over
 the limit sent whole by clients that read the answer only afterwards (urllib, requests)."""
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import yaml
 from components.export import export_onnx
 from components.model import build
 from deploy.server import DRAIN_SECONDS
-from tests.conftest import free_port, tiny_params, tiny_spec
+from tests.conftest import free_port, tiny_params, tiny_spec, wait_healthy
 
 MODEL = "edge-classifier"
 LIMIT = 10_000_000  # serving.max_body_bytes as shipped
@@ -37,15 +36,7 @@ def server(onnx_file):
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if httpx.get(f"{base}/v2/health/ready", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    else:
+    if not wait_healthy(f"{base}/v2/health/ready", 60, process):
         process.kill()
         raise AssertionError("server did not come up")
     yield base, port, process.pid
