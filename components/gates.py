@@ -38,6 +38,10 @@ class Gate:
     detail: str = ""
 
 
+QUALITY_FIX = ("more labelled images (data.target.labels_per_class: null trains on all of them), a stronger source or "
+               "recipe, or a floor that fits this data")
+
+
 @dataclass
 class GateReport:
     gates: list[Gate]
@@ -75,7 +79,8 @@ class GateReport:
     def enforce(self) -> None:
         """A rejected candidate ends the run (exit status 3 on the command line) with every failed gate named."""
         if not self.passed:
-            raise CandidateRejected(f"candidate rejected by {len(self.failures)} gate(s): {self.failure_text()}")
+            fix = f". What helps: {QUALITY_FIX}" if any(g.name.startswith("quality.") for g in self.failures) else ""
+            raise CandidateRejected(f"candidate rejected by {len(self.failures)} gate(s): {self.failure_text()}{fix}")
 
     def failure_text(self) -> str:
         return "; ".join(f"{g.name}: {g.detail or f'{g.value} vs {g.bound}'}" for g in self.failures)
@@ -94,8 +99,10 @@ def _at_most(name: str, value: float, bound: float, detail_failed: str = "") -> 
 def quality_gates(evaluation: dict, gates: GateParams) -> list[Gate]:
     transfer = evaluation["transfer"]
     return [
-        _at_least("quality.accuracy", transfer["accuracy"], gates.min_accuracy, "test accuracy below the quality floor"),
-        _at_least("quality.macro_f1", transfer["macro_f1"], gates.min_macro_f1, "test macro-F1 below the quality floor"),
+        _at_least("quality.accuracy", transfer["accuracy"], gates.min_accuracy,
+                  f"test accuracy {transfer['accuracy']:.4f} is below the quality floor gates.min_accuracy {gates.min_accuracy:g}"),
+        _at_least("quality.macro_f1", transfer["macro_f1"], gates.min_macro_f1,
+                  f"test macro-F1 {transfer['macro_f1']:.4f} is below the quality floor gates.min_macro_f1 {gates.min_macro_f1:g}"),
     ]
 
 

@@ -105,11 +105,15 @@ def images_line(modes: dict[str, int], before: int, after: int) -> str:
     return f"images: {counts}{alpha} -> data.channels: {after} ({f'was {before}' if after != before else 'unchanged'})"
 
 
+def _shown(value: int | None) -> str:
+    return "null (every training image)" if value is None else str(value)
+
+
 def split_line(before: DatasetParams, checked: CheckedFolder) -> str:
     changes = split_changes(before, checked.split)
     found = f"({len(checked.classes)} classes, {checked.usable} usable images; every class in each split)"
     if changes:
-        return "split: data.target." + ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changes.items()) + f" {found}"
+        return "split: data.target." + ", ".join(f"{key} {_shown(old)} -> {_shown(new)}" for key, (old, new) in changes.items()) + f" {found}"
     kept = ", ".join(f"{key} {getattr(before, key)}" for key in SPLIT_KEYS if getattr(before, key) is not None)
     return f"split: data.target.{kept} fit {found}"
 
@@ -218,15 +222,17 @@ def add_target(root: str | Path, folder: str | Path, name: str | None = None) ->
     if not inside and dest.exists():
         raise DataError(f"{dest.relative_to(root)} already exists; pass another --name, or remove it first")
     relative = dest.relative_to(root).as_posix()
-    dataset = params.data.target.model_copy(update={"name": name, "format": "folder", "path": relative})
+    # A user's own labels are all for training: labels_per_class (the default's 10, a few-labels study) is not kept.
+    dataset = params.data.target.model_copy(update={"name": name, "format": "folder", "path": relative,
+                                                    "labels_per_class": None})
     checked = check_folder(folder, dataset, params, params.data.channels)
     channels = channels_for(checked.modes)
     if channels != params.data.channels:
         # Read again in the mode the prepare stage will use: duplicates are judged on the converted pixels.
         checked = check_folder(folder, dataset, params, channels)
     changes: dict[str, object] = {"data.target.name": name, "data.target.format": "folder", "data.target.path": relative}
-    changes |= {f"data.target.{key}": new for key, (_, new) in split_changes(dataset, checked.split).items()}
-    notes = [images_line(checked.modes, params.data.channels, channels), split_line(dataset, checked)]
+    changes |= {f"data.target.{key}": new for key, (_, new) in split_changes(params.data.target, checked.split).items()}
+    notes = [images_line(checked.modes, params.data.channels, channels), split_line(params.data.target, checked)]
     if channels != params.data.channels:
         changes["data.channels"] = channels
     old_model = params.registry.model_name

@@ -35,7 +35,8 @@ def _data_add(args: argparse.Namespace) -> int:
     print("\n".join(added.notes))
     copied = f"copied into {added.path}, " if added.copied else ""
     print(f"{copied}tracked with DVC ({added.path}.dvc); params.yaml: data.target is now {added.name}")
-    print(f"next: git add {added.path}.dvc params.yaml && graft run")
+    gitignore = Path(added.path).parent / ".gitignore"  # dvc add keeps the data itself out of git there
+    print(f"next: git add {added.path}.dvc {gitignore} params.yaml && graft run")
     return 0
 
 

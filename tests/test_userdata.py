@@ -63,19 +63,20 @@ def test_data_add_checks_copies_versions_and_points_params_at_the_folder(workspa
     usable = int(re.search(r"3 classes \(bear, bird, cat\), (\d+) usable images, \d+ to be quarantined:", done.stdout)[1])
     assert "  data/raw/parts/bear/notes.txt: not an image file" in done.stdout
     assert f"images: {usable} gray -> data.channels: 1 (unchanged)" in done.stdout
-    proposed = re.search(r"^split: data\.target\.test_size 60 -> (\d+), val_size 40 -> (\d+)(?:, labels_per_class 5 -> (\d+))? "
+    proposed = re.search(r"^split: data\.target\.test_size 60 -> (\d+), val_size 40 -> (\d+), labels_per_class 5 -> null "
+                         r"\(every training image\) "
                          rf"\(3 classes, {usable} usable images; every class in each split\)$", done.stdout, re.M)
     assert proposed, done.stdout
     assert "registry: model name graft-classifier -> graft-parts (a new class set is a new model; graft-classifier's " \
            "champion is untouched)" in done.stdout
     assert "copied into data/raw/parts, tracked with DVC (data/raw/parts.dvc)" in done.stdout
-    assert done.stdout.splitlines()[-1] == "next: git add data/raw/parts.dvc params.yaml && graft run"
+    assert done.stdout.splitlines()[-1] == "next: git add data/raw/parts.dvc data/raw/.gitignore params.yaml && graft run"
 
     params = load_params(root / "params.yaml")
     target = params.data.target
     assert (target.name, target.format, target.path) == ("parts", "folder", "data/raw/parts")
     assert (target.test_size, target.val_size) == (int(proposed[1]), int(proposed[2]))
-    assert target.labels_per_class == int(proposed[3] or 5) and params.registry.model_name == "graft-parts"
+    assert target.labels_per_class is None and params.registry.model_name == "graft-parts", "a user's labels all train"
     check_raw_data(root, params)  # what `graft run` checks first agrees
     report = _prepared(root, tmp_path)
     assert all(min(report["per_class"][split].values()) >= 1 for split in ("train", "val", "test")), report["per_class"]
@@ -105,22 +106,22 @@ def test_a_colour_folder_gets_three_channels_a_split_that_fits_and_a_model_of_it
     lines = done.stdout.splitlines()
     assert lines[1:4] == [
         "images: 63 RGB, 2 RGBA (alpha: transparent pixels become black) -> data.channels: 3 (was 1)",
-        "split: data.target.test_size 2000 -> 10, val_size 500 -> 7, labels_per_class 10 -> 6 "
+        "split: data.target.test_size 2000 -> 10, val_size 500 -> 7, labels_per_class 10 -> null (every training image) "
         "(7 classes, 65 usable images; every class in each split)",
         "registry: model name graft-classifier -> graft-shop-parts (a new class set is a new model; graft-classifier's "
         "champion is untouched)",
     ], done.stdout
-    assert len(lines) == 6 and lines[-1] == "next: git add data/raw/shop-parts.dvc params.yaml && graft run"
+    assert len(lines) == 6 and lines[-1] == "next: git add data/raw/shop-parts.dvc data/raw/.gitignore params.yaml && graft run"
 
     after = (root / "params.yaml").read_text()
     assert _comments(after) == _comments(before) and len(after.splitlines()) == len(before.splitlines())
     raw = yaml.safe_load(after)
     assert raw["data"]["target"] == {"name": "shop-parts", "format": "folder", "path": "data/raw/shop-parts",
-                                     "val_size": 7, "test_size": 10, "labels_per_class": 6}
+                                     "val_size": 7, "test_size": 10, "labels_per_class": None}
     assert (raw["data"]["channels"], raw["registry"]["model_name"]) == (3, "graft-shop-parts")
     check_raw_data(root, load_params(root / "params.yaml"))
     report = _prepared(root, tmp_path)
-    assert report["channels"] == 3 and report["counts"] == {"train": 42, "val": 7, "test": 10}
+    assert report["channels"] == 3 and report["counts"] == {"train": 48, "val": 7, "test": 10}
 
 
 def test_data_add_names_every_problem_in_one_pass_and_changes_nothing(workspace_factory, tmp_path):
