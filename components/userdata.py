@@ -40,6 +40,7 @@ from components.data import (
 )
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+QUALITY_FLOORS = ("min_accuracy", "min_macro_f1")  # gates that hold the candidate to an absolute score on its data
 MODE_NAMES = {"L": "gray", "LA": "gray+alpha", "I;16": "16-bit gray", "I": "32-bit gray"}  # others: PIL's names
 
 
@@ -241,6 +242,13 @@ def add_target(root: str | Path, folder: str | Path, name: str | None = None) ->
         changes["registry.model_name"] = model
         notes.append(f"registry: model name {old_model} -> {model} (a new class set is a new model; "
                      f"{old_model}'s champion is untouched)")
+        # An accuracy floor is a fact about one data set: one set for the previous target would judge this one blind.
+        floors = {f"gates.{key}": getattr(params.gates, key) for key in QUALITY_FLOORS if getattr(params.gates, key)}
+        if floors:
+            changes |= {key: 0.0 for key in floors}
+            notes.append("gates: " + ", ".join(f"{key.removeprefix('gates.')} {value:g}" for key, value in floors.items())
+                         + f" were set for {params.data.target.name} -> 0 for {model}; set the floor your use needs "
+                         "once you have seen its first run")
     params_text = set_params(params_file.read_text(), changes)  # before anything is changed
     if not inside:
         # Copies the bytes symlinks point at: what DVC versions must be files in the project.

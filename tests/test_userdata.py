@@ -104,14 +104,16 @@ def test_a_colour_folder_gets_three_channels_a_split_that_fits_and_a_model_of_it
     done = _graft(root, "data", "add", str(shop), "--as", "target")
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.splitlines()
-    assert lines[1:4] == [
+    assert lines[1:5] == [
         "images: 63 RGB, 2 RGBA (alpha: transparent pixels become black) -> data.channels: 3 (was 1)",
         "split: data.target.test_size 2000 -> 10, val_size 500 -> 7, labels_per_class 10 -> null (every training image) "
         "(7 classes, 65 usable images; every class in each split)",
         "registry: model name graft-classifier -> graft-shop-parts (a new class set is a new model; graft-classifier's "
         "champion is untouched)",
+        "gates: min_accuracy 0.75, min_macro_f1 0.75 were set for animal-mnist -> 0 for graft-shop-parts; set the floor "
+        "your use needs once you have seen its first run",
     ], done.stdout
-    assert len(lines) == 6 and lines[-1] == "next: git add data/raw/shop-parts.dvc data/raw/.gitignore params.yaml && graft run"
+    assert len(lines) == 7 and lines[-1] == "next: git add data/raw/shop-parts.dvc data/raw/.gitignore params.yaml && graft run"
 
     after = (root / "params.yaml").read_text()
     assert _comments(after) == _comments(before) and len(after.splitlines()) == len(before.splitlines())
@@ -119,6 +121,7 @@ def test_a_colour_folder_gets_three_channels_a_split_that_fits_and_a_model_of_it
     assert raw["data"]["target"] == {"name": "shop-parts", "format": "folder", "path": "data/raw/shop-parts",
                                      "val_size": 7, "test_size": 10, "labels_per_class": None}
     assert (raw["data"]["channels"], raw["registry"]["model_name"]) == (3, "graft-shop-parts")
+    assert (raw["gates"]["min_accuracy"], raw["gates"]["min_macro_f1"]) == (0, 0), "the old target's floors do not carry over"
     check_raw_data(root, load_params(root / "params.yaml"))
     report = _prepared(root, tmp_path)
     assert report["channels"] == 3 and report["counts"] == {"train": 48, "val": 7, "test": 10}
