@@ -55,7 +55,7 @@ from deploy.model import (
     softmax,
 )
 from deploy.page import render_page
-from deploy.source import FileSource, IntegrityError, RegistrySource, SourceError
+from deploy.source import FileSource, IntegrityError, RegistrySource, RegistryUnreachable, SourceError
 from deploy.variants import AUTO, VARIANTS, VariantError, choose
 
 log = logging.getLogger("graft.serve")
@@ -671,9 +671,9 @@ def main() -> None:
     try:
         serve(build_source(args.tracking_uri, args.model, args.alias, args.onnx_file, args.cache_dir), settings, args.host,
               args.port, insecure=args.insecure_no_auth)
-    except BindRefused as error:
+    except (BindRefused, SourceError) as error:  # a port in use, no such store, no server at the URI: said in a line
         print(f"graft-server: error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(75 if isinstance(error, RegistryUnreachable) else 2) from None
 
 
 if __name__ == "__main__":

@@ -118,3 +118,11 @@ def test_the_drain_is_bounded_in_bytes_and_time(server):
     answer, seconds = _answer_and_close(port, head % 60_000_000, b"\0" * 1_000_000)
     assert answer.startswith(b"HTTP/1.1 413") and DRAIN_SECONDS - 1 < seconds < DRAIN_SECONDS + 2, seconds
     assert b"connection: close" in answer.lower()
+
+
+def test_the_server_names_a_registry_it_cannot_open_and_creates_none(tmp_path):
+    missing = tmp_path / "mlfow.db"
+    done = subprocess.run([sys.executable, "-m", "deploy.server", "--tracking-uri", f"sqlite:///{missing}",
+                           "--port", str(free_port())], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert f"graft-server: error: no MLflow registry at {missing}" in done.stderr and not missing.exists()
