@@ -1,6 +1,7 @@
 """Faults injected for real: SIGKILL part-way through each step of `graft run`, an MLflow server that stops
 while a candidate is being published. After each, the next run completes, reuses every finished stage, and
 nothing half-written is read back, registered or served."""
+import codecs
 import json
 import os
 import re
@@ -39,13 +40,15 @@ class GraftRun:
     def __init__(self, root: Path, env: dict) -> None:
         self.root, self.output, self.started = root, "", time.time()
         self.process = subprocess.Popen([sys.executable, "-m", "graft", "run"], cwd=root, env=env, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                                        stderr=subprocess.STDOUT, start_new_session=True)
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
 
     def _read(self) -> None:
-        for chunk in iter(lambda: self.process.stdout.read(256), ""):
-            self.output += chunk
+        # os.read returns what has arrived: a quiet terminal's last line is seen when it is written, not 256 bytes later.
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a chunk may end inside a character
+        for chunk in iter(lambda: os.read(self.process.stdout.fileno(), 4096), b""):
+            self.output += decoder.decode(chunk)
 
     def kill_when(self, condition: Callable[[], bool], what: str, seconds: float = 600) -> None:
         deadline = time.monotonic() + seconds

@@ -97,10 +97,12 @@ def test_flow_fails_on_bad_params_and_registers_nothing(prefect_api, workspace_f
 
 def test_bad_data_fails_once_with_the_reason_and_is_not_retried(prefect_api, workspace_factory):
     root = workspace_factory("bad-data", tiny_params(**{"schedule.retries": 2, "schedule.retry_delay_seconds": 0}))
-    unicorns = root / "data/raw/animal-mnist/unicorn"  # a class whose only files are not images
+    # A class whose files are not images: enough of them for the split to fit by count (checked before any stage),
+    # so the prepare stage is what finds none of them usable.
+    unicorns = root / "data/raw/animal-mnist/unicorn"
     unicorns.mkdir()
-    for name in ("a.png", "b.png"):
-        (unicorns / name).write_bytes(b"not a png")
+    for i in range(20):
+        (unicorns / f"{i}.png").write_bytes(b"not a png")
     state = retrain(root=str(root), return_state=True)
     assert state.is_failed()
     runs = asyncio.run(_task_runs(state.state_details.flow_run_id))
