@@ -221,8 +221,12 @@ def project_lock(root: str | Path, wait_seconds: float, holder: str) -> Iterator
 def collect_summary(root: str | Path, outcomes: list[StageOutcome] | None = None) -> dict:
     """The run at a glance, read from the stages' declared outputs."""
     root = Path(root)
-    if not (root / Layout.evaluate_metrics).exists():
-        raise NoRunYet(f"no pipeline outputs in {root.resolve()}: run `graft run` (or `dvc repro`) first")
+    needed = (Layout.evaluate_metrics, Layout.target_report, Layout.selection_report, Layout.selected_source,
+              Layout.export_metrics, Layout.transfer_model.with_suffix(".json"), Layout.per_class)
+    if missing := [str(path) for path in needed if not (root / path).exists()]:
+        # A clone has the committed metrics and reports but not DVC's outputs until a run or `dvc pull`.
+        raise NoRunYet(f"no pipeline outputs in {root.resolve()} ({', '.join(missing)} missing): run `graft run` "
+                       "(or `dvc repro`) first, or `dvc pull` them from the project's DVC remote")
     target = read_json(root / Layout.target_report)
     selection = read_json(root / Layout.selection_report)
     source = read_json(root / Layout.selected_source)

@@ -96,3 +96,11 @@ def test_every_project_command_takes_root_and_every_option_says_what_it_does():
         undocumented = [action.dest for action in sub._actions if not action.help]
         assert not undocumented, f"graft {name}: options without help: {undocumented}"
     assert {"run", "data add", "promote", "serve", "history", "export-triton"} <= set(found)
+
+
+def test_summary_before_any_run_says_how_to_get_the_outputs(project):
+    """A clone holds the committed metrics and reports but none of DVC's outputs (models/transfer.json)."""
+    (project / "metrics").mkdir()
+    (project / "metrics/evaluate.json").write_text("{}")
+    message = _refusal(_graft(project, "summary"), 2)
+    assert "no pipeline outputs in" in message and "models/transfer.json" in message and "graft run" in message
