@@ -138,7 +138,7 @@ def already_judged(root: str | Path, params) -> AlreadyJudged | None:
     """The registry's version of this candidate and the gates it failed, when it holds one judged with today's gates."""
     from mlflow import MlflowClient
 
-    from components.registry import published_version, tracking_uri
+    from components.registry import failed_gates, published_version, tracking_uri
 
     version = published_version(root, params)
     if version is None:
@@ -146,10 +146,8 @@ def already_judged(root: str | Path, params) -> AlreadyJudged | None:
     name = params.registry.model_name
     with registry_call("reading the candidate's verdict", tracking_uri(params.registry, root)):
         tags = MlflowClient().get_model_version(name, version).tags  # published_version pointed MLflow at the store
-    failed = sorted(key.removeprefix("gate.").removesuffix(".verdict") for key, value in tags.items()
-                    if key.startswith("gate.") and key.endswith(".verdict") and value == "failed")
     return AlreadyJudged(name, version, tuple(
-        f"{gate} ({tags.get(f'gate.{gate}.value', '')} vs {tags.get(f'gate.{gate}.bound', '')})" for gate in failed))
+        f"{gate} ({tags.get(f'gate.{gate}.value', '')} vs {tags.get(f'gate.{gate}.bound', '')})" for gate in failed_gates(tags)))
 
 
 def nothing_to_do(root: str | Path, params) -> AlreadyJudged | None:

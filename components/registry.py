@@ -227,11 +227,17 @@ def _version_tags(client: MlflowClient, name: str, version: str) -> dict[str, st
                         f"(see `graft history` for the aliases)") from None
 
 
+def failed_gates(tags: dict[str, str]) -> list[str]:
+    """The gates a registered version failed, by name, from its tags (gate.NAME.verdict)."""
+    return sorted(k.removeprefix("gate.").removesuffix(".verdict") for k, v in tags.items()
+                  if k.startswith("gate.") and k.endswith(".verdict") and v == "failed")
+
+
 def gates_passed(client: MlflowClient, name: str, version: str) -> tuple[bool, str]:
     tags = _version_tags(client, name, version)
     verdict = tags.get(GATES_TAG)
     if verdict != "passed":
-        failed = sorted(k.removeprefix("gate.").removesuffix(".verdict") for k, v in tags.items() if k.endswith(".verdict") and v == "failed")
+        failed = failed_gates(tags)
         why = f"failed gates: {', '.join(failed)}" if failed else f"gate verdict is {verdict!r}"
         return False, why
     return True, "every gate passed"
