@@ -72,33 +72,34 @@ def _cpu() -> str:
 
 
 def study_target(name: str, folder: Path, channels: int, raw_params: dict, seeds: list[int]) -> dict:
-    from components import stages
+    from components.predict import predict_classes
+    from components.stages import prepare, select_source, train_target
     from components.data import load_splits
     from components.layout import Layout
 
     runs = []
     for seed in seeds:
         params = _params(name, folder, channels, {**raw_params, "seed": seed})
-        stages.prepare_target(params)
+        prepare.prepare_target(params)
         started = time.perf_counter()
-        selection = stages.select_source(params)
+        selection = select_source.select_source(params)
         selection_seconds = time.perf_counter() - started
         # What a race would have picked, and at what cost, also where the scores decided (selection.race.when: always).
         raced = params.model_copy(update={"selection": params.selection.model_copy(
             update={"race": params.selection.race.model_copy(update={"when": "always"})})})
         started = time.perf_counter()
-        race = stages.select_source(raced)
+        race = select_source.select_source(raced)
         race_seconds = time.perf_counter() - started
         accuracy, finetune_seconds = {}, {}
         for candidate in params.sources.names():
             fixed = params.model_copy(update={"selection": params.selection.model_copy(
                 update={"mode": "report", "use": candidate})})
-            stages.select_source(fixed)  # the candidate's architecture and data at its size; features are cached
+            select_source.select_source(fixed)  # the candidate's architecture and data at its size; features are cached
             started = time.perf_counter()
-            model, _, _ = stages.train_target(fixed, params.finetune.strategy, load_splits(Layout.selected_data))
+            model, _, _ = train_target.train_target(fixed, params.finetune.strategy, load_splits(Layout.selected_data))
             finetune_seconds[candidate] = time.perf_counter() - started
             splits = load_splits(Layout.selected_data)
-            accuracy[candidate] = float((stages.predict_classes(model, splits.x_test) == splits.y_test).mean())
+            accuracy[candidate] = float((predict_classes(model, splits.x_test) == splits.y_test).mean())
         runs.append({"seed": seed, "chosen": selection["chosen"], "decided_by": selection["decided_by"],
                      "scores": {c["name"]: {s: c[s] for s in ("logme", "leep", "nce")} for c in selection["candidates"]},
                      "race": selection["race"], "selection_seconds": selection_seconds, "test_accuracy": accuracy,
@@ -157,7 +158,7 @@ def main() -> None:
     from graft.env import apply_defaults
 
     apply_defaults()
-    from components import stages
+    from components.stages import prepare, pretrain, resolve_sources
 
     raw_params = yaml.safe_load((PROJECT / "params.yaml").read_text())
     fashion = raw_params["sources"]["pipeline"]["fashion-mnist"]["data"]
@@ -170,10 +171,10 @@ def main() -> None:
     results = []
     with contextlib.chdir(args.work):
         params = _params(*targets[0], raw_params)
-        stages.resolve_sources(params)
+        resolve_sources.resolve_sources(params)
         if not Path("models/sources/fashion-mnist.pt").exists():  # the pipeline source, pretrained once
-            stages.prepare_source(params, "fashion-mnist")
-            stages.pretrain(params, "fashion-mnist")
+            prepare.prepare_source(params, "fashion-mnist")
+            pretrain.pretrain(params, "fashion-mnist")
         for name, folder, channels in targets:
             results.append(study_target(name, folder, channels, raw_params, args.seeds))
         cpu = _cpu()

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from components.compute import cpu_model
-from components.config import load_params
+from components.settings import load_settings
 from components.sweep import run_sweep
 from flows.sweep import run_sweep_on_dask
 
@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/sweep_benchmark.json"))
     args = parser.parse_args()
     root = args.root.resolve()
-    params = load_params(root / "params.yaml")
+    params = load_settings(root / "params.yaml")
     sweep = params.sweep.model_copy(update={"labels_per_class": [5, 10], "seeds": [0, 1],
                                             "strategies": {"scratch": {"strategy": "scratch"}, "finetune": {"strategy": "finetune"}}})
     params = params.model_copy(update={"sweep": sweep, "finetune": params.finetune.model_copy(

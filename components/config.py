@@ -5,10 +5,9 @@ message that names the key, what was given and what is allowed.
 """
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -30,18 +29,17 @@ class ParamsError(GraftError, ValueError):
     """params.yaml is missing, unreadable or invalid; the message names each bad key."""
 
 
-class MissingData(GraftError):
-    """A data folder that params.yaml names does not exist."""
-
-
-class _Strict(BaseModel):
+class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+M = TypeVar("M", bound=BaseModel)
 
 
 SOURCE_NAME = r"^[a-z0-9][a-z0-9._-]*$"  # a DVC stage suffix and a file name
 
 
-class DatasetParams(_Strict):
+class DatasetParams(Strict):
     name: str = Field(min_length=1)
     format: Literal["idx", "folder"]
     path: str
@@ -50,13 +48,13 @@ class DatasetParams(_Strict):
     labels_per_class: int | None = Field(default=None, ge=1)
 
 
-class UnlabeledParams(_Strict):
+class UnlabeledParams(Strict):
     """A folder of target images without classes (a new camera, a new factory): what domain adaptation aligns to."""
 
     path: str  # every image file in the folder (subfolders included); DVC versions it like the rest
 
 
-class DataParams(_Strict):
+class DataParams(Strict):
     """The target: the small data set the model is fine-tuned on, and how it is split."""
 
     target: DatasetParams
@@ -74,7 +72,7 @@ class DataParams(_Strict):
         return self
 
 
-class _Normalised(_Strict):
+class _Normalised(Strict):
     image_size: int = Field(ge=8, le=1024)  # the source network's input size; the target is resized to it
 
     @model_validator(mode="after")
@@ -124,7 +122,7 @@ class PretrainedSource(_Normalised):
         return self
 
 
-class SourcesParams(_Strict):
+class SourcesParams(Strict):
     """The candidates to transfer from, by kind; `select_source` scores each on the target before fine-tuning."""
 
     pipeline: dict[str, PipelineSource] = {}
@@ -151,7 +149,7 @@ class SourcesParams(_Strict):
         return sorted({c.image_size for c in (*self.pipeline.values(), *self.pretrained.values())})
 
 
-class RaceParams(_Strict):
+class RaceParams(Strict):
     """When the scores cannot decide, a short fine-tuning race on the validation split does (components/race.py)."""
 
     when: Literal["auto", "always", "never"] = "auto"  # auto: when the scores disagree or the lead is within noise
@@ -162,7 +160,7 @@ class RaceParams(_Strict):
     budget_seconds: float = Field(default=600, gt=0)  # no new rung that would end past this: the last rung decides
 
 
-class SelectionParams(_Strict):
+class SelectionParams(Strict):
     mode: Literal["auto", "report"] = "auto"  # auto: fine-tune the best-scoring candidate; report: score all, fine-tune `use`
     score: Literal["logme", "leep", "nce"] = "logme"
     use: str | None = None                    # report mode: the candidate to fine-tune (default: the first listed)
@@ -170,14 +168,14 @@ class SelectionParams(_Strict):
     race: RaceParams = RaceParams()
 
 
-class Augment(_Strict):
+class Augment(Strict):
     flip: bool = False
     rotate_degrees: float = Field(default=0.0, ge=0, le=180)
     scale: tuple[float, float] = (1.0, 1.0)
     shift_pixels: float = Field(default=0.0, ge=0)
 
 
-class TrainParams(_Strict):
+class TrainParams(Strict):
     """Knobs of the one training loop; pretraining and fine-tuning each get a copy."""
 
     batch_size: int = Field(ge=1)
@@ -192,7 +190,7 @@ class TrainParams(_Strict):
     eval_every_steps: int = Field(default=0, ge=0)
 
 
-class ComputeParams(_Strict):
+class ComputeParams(Strict):
     """Where and in what precision the training loop runs (components/compute.py); auto: chosen from the machine."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -208,7 +206,7 @@ class PretrainParams(TrainParams):
     seed: int = 0  # its own seed: changing the target's `seed` must not redo the expensive pretraining
 
 
-class RegularizerParams(_Strict):
+class RegularizerParams(Strict):
     """Omega(f) in min_f L_T(f) + Omega(f) (components/tuning.py)."""
 
     kind: Literal["none", "l2", "l2_sp", "bss"] = "none"
@@ -217,7 +215,7 @@ class RegularizerParams(_Strict):
     bss_k: int = Field(default=1, ge=1)               # bss: how many of the smallest singular values are shrunk
 
 
-class JointParams(_Strict):
+class JointParams(Strict):
     """The joint objective L_T + lambda(t) * L_S + Omega: keep training on the source's labelled data (components/objectives.py)."""
 
     weight: float = Field(default=0.0, ge=0)               # lambda; 0: off
@@ -229,7 +227,7 @@ class JointParams(_Strict):
     keep_classes: int = Field(default=5, ge=1)             # class: the source classes nearest the target's kept
 
 
-class AdaptationParams(_Strict):
+class AdaptationParams(Strict):
     """Domain adaptation toward unlabelled target images (data.unlabeled): align the features (components/objectives.py)."""
 
     method: Literal["none", "coral", "mmd", "dann"] = "none"
@@ -260,60 +258,7 @@ class FinetuneParams(TrainParams):
         return self
 
 
-DEFAULT_SWEEP_STRATEGIES = {
-    "scratch": {"strategy": "scratch"},
-    "linear_probe": {"strategy": "linear_probe"},
-    "finetune": {"strategy": "finetune"},
-    "lp_ft": {"strategy": "lp_ft"},
-    "l2_sp": {"strategy": "finetune", "regularizer": {"kind": "l2_sp"}},
-    "joint": {"strategy": "finetune", "joint": {"weight": 1.0}},
-    "joint_iw": {"strategy": "finetune", "joint": {"weight": 1.0, "instance_weights": "domain"}},
-}
-
-
-class SweepDask(_Strict):
-    """Where `graft sweep`'s branches run with executor dask (flows/sweep.py)."""
-
-    address: str | None = None  # a running Dask scheduler (tcp://host:8786); DASK_SCHEDULER_ADDRESS wins; null: a LocalCluster
-    workers: int = Field(default=2, ge=1)                    # the LocalCluster's worker processes
-    threads_per_worker: int | None = Field(default=None, ge=1)  # torch threads a branch uses; null: cores / workers
-
-    def scheduler_address(self) -> str | None:
-        return os.environ.get("DASK_SCHEDULER_ADDRESS") or self.address
-
-    def threads(self) -> int:
-        return self.threads_per_worker or max(1, (os.cpu_count() or 1) // self.workers)
-
-
-class SweepParams(_Strict):
-    """`graft sweep`: learning curves, strategies x labels per class x seeds (components/sweep.py)."""
-
-    executor: Literal["dask", "sequential"] = "dask"  # dask: branches in parallel (Prefect + prefect-dask); sequential: one process
-    dask: SweepDask = SweepDask()
-
-    labels_per_class: list[int | None] = Field(default=[1, 5, 10, 25, 50, None], min_length=1)  # None: every label
-    seeds: list[int] = Field(default=[0, 1, 2], min_length=1)
-    # name: what it changes in `finetune` (a partial finetune mapping); "scratch" is the reference line
-    strategies: dict[str, dict] = Field(default=DEFAULT_SWEEP_STRATEGIES, min_length=1)
-
-    @model_validator(mode="after")
-    def _counts_positive(self) -> SweepParams:
-        if bad := [k for k in self.labels_per_class if k is not None and k < 1]:
-            raise ValueError(f"sweep.labels_per_class: {bad} must be >= 1 (or null: every label)")
-        if bad := [n for n in self.strategies if not re.match(SOURCE_NAME, n)]:
-            raise ValueError(f"sweep.strategies name(s) {bad}: use lower-case letters, digits, '.', '_' and '-'")
-        return self
-
-
-def merged(base: dict, changes: dict) -> dict:
-    """`base` with `changes` applied key by key, nested mappings merged rather than replaced."""
-    out = dict(base)
-    for key, value in changes.items():
-        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-class ExportParams(_Strict):
+class ExportParams(Strict):
     opset: int = Field(default=20, ge=17)
     parity_atol: float = Field(default=1e-3, gt=0)   # every |ONNX logit - PyTorch logit| <= atol + rtol * |PyTorch logit|
     parity_rtol: float = Field(default=1e-3, ge=0)   # (NumPy's allclose rule: deep networks have large logits)
@@ -331,70 +276,10 @@ class ExportParams(_Strict):
         return variants
 
 
-class GateParams(_Strict):
-    min_accuracy: float = Field(default=0.0, ge=0, le=1)
-    min_macro_f1: float = Field(default=0.0, ge=0, le=1)
-    # Transfer vs scratch and candidate vs champion are paired comparisons on the same test examples:
-    # "worse" only when McNemar's exact test is significant at `confidence` and the gap is at least `min_effect`.
-    confidence: float = Field(default=0.95, gt=0.5, lt=1)
-    min_effect: float = Field(default=0.01, ge=0, le=1)
-    transfer: Literal["not_worse", "better", "off"] = "not_worse"
-    max_skew: float = Field(default=0.002, ge=0, le=1)  # |served minus evaluated test accuracy| allowed
-    large_batch: int = Field(default=256, ge=2)
-    max_latency_ms_batch1: float = Field(default=50.0, gt=0)
-    max_latency_ms_large_batch: float = Field(default=1000.0, gt=0)
-    max_model_mb: float = Field(default=100.0, gt=0)
+class Params(Strict):
+    """The candidate params: everything that changes the model a run produces (the DVC stages read only these).
+    The operations settings (gates, registry, serving, schedule, storage, sweep) are components/settings.py's."""
 
-
-class PromotionParams(_Strict):
-    auto_promote: bool = False  # the first model that passes every gate is always promoted
-
-
-ProviderName = Literal["auto", "tensorrt", "cuda", "cpu"]
-
-
-class ServingParams(_Strict):
-    alias: str = "champion"
-    providers: list[ProviderName] = Field(default=["auto"], min_length=1)
-    variant: Literal["auto", "fp32", "int8", "fp16"] = "auto"  # auto: INT8 on CPU, FP16 on CUDA, when published
-    strict: bool = False  # refuse to serve on CPU when a GPU provider was asked for
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=1, le=65535)
-    max_batch_size: int = Field(default=32, ge=1)
-    max_queue_delay_ms: float = Field(default=0.0, ge=0)
-    max_body_bytes: int = Field(default=10_000_000, ge=1024)
-    poll_seconds: float = Field(default=5.0, gt=0)
-    threads: int = Field(default=0, ge=0)  # ONNX Runtime intra-op threads; 0: its default
-
-
-class ScheduleParams(_Strict):
-    cron: str = "0 2 * * *"
-    timezone: str = "UTC"
-    work_pool: str = "graft"
-    deployment: str = "nightly-retrain"
-    retries: int = Field(default=3, ge=0)           # transient failures only: bad data or params are never retried
-    retry_delay_seconds: float = Field(default=30, ge=0)  # doubles on each retry
-    lock_wait_seconds: float = Field(default=600, ge=0)   # a second run waits this long for the first, then refuses
-
-    @model_validator(mode="after")
-    def _cron_has_five_fields(self) -> ScheduleParams:
-        if len(self.cron.split()) != 5:
-            raise ValueError(f"schedule.cron must have 5 fields (minute hour day month weekday), got {self.cron!r}")
-        return self
-
-
-class RegistryParams(_Strict):
-    tracking_uri: str = "sqlite:///mlflow.db"
-    artifact_location: str = "mlartifacts"
-    experiment: str = "graft"
-    model_name: str = "graft-classifier"
-
-
-class StorageParams(_Strict):
-    dvc_remote: str | None = None  # a folder, ssh://..., s3://...: each successful run pushes there (dvc push)
-
-
-class Params(_Strict):
     seed: int = 0
     data: DataParams
     sources: SourcesParams
@@ -402,27 +287,7 @@ class Params(_Strict):
     pretrain: PretrainParams
     finetune: FinetuneParams
     export: ExportParams = ExportParams()
-    gates: GateParams = GateParams()
-    promotion: PromotionParams = PromotionParams()
-    registry: RegistryParams = RegistryParams()
-    serving: ServingParams = ServingParams()
-    schedule: ScheduleParams = ScheduleParams()
-    sweep: SweepParams = SweepParams()
     compute: ComputeParams = ComputeParams()
-    storage: StorageParams = StorageParams()
-
-    @model_validator(mode="after")
-    def _sweep_strategies_are_finetune_settings(self) -> Params:
-        for name in self.sweep.strategies:
-            try:
-                self.sweep_finetune(name)
-            except ValidationError as error:
-                raise ValueError(f"sweep.strategies.{name} is not a valid change of finetune:\n{_describe(error)}") from None
-        return self
-
-    def sweep_finetune(self, name: str) -> FinetuneParams:
-        """The finetune params of one sweep strategy: params.yaml's, with the strategy's changes."""
-        return FinetuneParams.model_validate(merged(self.finetune.model_dump(), self.sweep.strategies[name]))
 
     @model_validator(mode="after")
     def _selection_names_a_candidate(self) -> Params:
@@ -476,7 +341,7 @@ class Params(_Strict):
         return self.selection.use or self.sources.names()[0]
 
 
-def _describe(error: ValidationError) -> str:
+def describe(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"]) or "(top level)"
@@ -492,14 +357,20 @@ def _describe(error: ValidationError) -> str:
 FOREACH_KEYS = ("sources.pipeline", "data.unlabeled")  # dvc.yaml: foreach over each
 
 
-def parse_params(raw: dict) -> Params:
+def validated(model: type[M], raw: dict) -> M:
     try:
-        return Params.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as error:
-        raise ParamsError(f"invalid params:\n{_describe(error)}") from None
+        raise ParamsError(f"invalid params:\n{describe(error)}") from None
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
+def parse_params(raw: dict) -> Params:
+    """The candidate params of a params.yaml mapping; its other sections are left to components/settings.py."""
+    return validated(Params, {key: value for key, value in raw.items() if key in Params.model_fields})
+
+
+def read_params_file(path: str | Path) -> dict:
+    """params.yaml's mapping, or a ParamsError naming the file and what is wrong with it."""
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: no such file; run graft from the project folder or pass --root")
@@ -509,45 +380,17 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise ParamsError(f"{path}: not valid YAML: {error}") from None
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: expected a mapping of keys at the top level")
-    try:
-        params = parse_params(raw)
-    except ParamsError as error:
-        raise ParamsError(f"{path}: {error}") from None
     # dvc.yaml iterates over these mappings (foreach), and DVC reads params.yaml itself: an absent key is an error
     # there, even where Graft's default (no entries) would do.
     if missing := [key for key in FOREACH_KEYS if not isinstance((raw.get(key.split(".")[0]) or {}).get(key.split(".")[1]), dict)]:
         raise ParamsError(f"{path}: {', '.join(missing)}: missing; dvc.yaml runs a stage per entry, so write it out, "
                           f"empty if none: {'; '.join(f'{k}: {{}}' for k in missing)}")
-    return params
+    return raw
 
 
-def check_raw_data(root: str | Path, params: Params) -> None:
-    """Every data folder the stages read exists, a folder data set's class folders hold files, and its split fits
-    them, before any stage (or server) starts. (DVC does not see an empty folder: a class added without images would
-    change nothing.) Files are counted, not opened: milliseconds for the default target's 10k."""
-    missing = [(key, path) for key, path in params.raw_data_paths().items() if not (Path(root) / path).exists()]
-    if not missing:
-        for key, dataset in params.raw_datasets().items():
-            if dataset.format == "folder":
-                check_split_fits(key, dataset, Path(root) / dataset.path)
-        return
-    names = ", ".join(f"{path} ({key})" for key, path in missing)
-    tracked = [f"{path}.dvc" for _, path in missing if (Path(root) / f"{path}.dvc").exists()]
-    if tracked:
-        raise MissingData(f"no data at {names}, which DVC tracks: restore it with `dvc checkout {' '.join(tracked)}` "
-                          f"(from DVC's cache) or `dvc pull {' '.join(tracked)}` (from the DVC remote)")
-    raise MissingData(f"no data at {names}. For the embedded default data run `graft fetch-data`; for your own, "
-                      f"point the key at a folder that exists")
-
-
-def check_split_fits(key: str, dataset: DatasetParams, folder: Path) -> None:
-    """The split `key` configures fits the class folders' file counts (an upper bound on the usable images: the
-    prepare stage has the last word); else a DataError naming the values that fit."""
-    from components.data import DataError, class_file_counts, fitting_split, split_changes, split_shortfalls
-
-    counts = class_file_counts(folder)
-    if shortfalls := split_shortfalls(counts, dataset):
-        fitting = fitting_split(counts, dataset, dataset.path)
-        values = ", ".join(f"{key}.{name}: {after}" for name, (_, after) in split_changes(dataset, fitting).items())
-        raise DataError(f"{key}: the split does not fit {dataset.path} ({len(counts)} classes, {sum(counts.values())} files): "
-                        f"{'; '.join(shortfalls)}. Set {values} (every class in each split)")
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """The candidate params of the file at `path` (graft validates the whole file first: components/settings.py)."""
+    try:
+        return parse_params(read_params_file(path))
+    except ParamsError as error:
+        raise ParamsError(f"{path}: {error}") from None

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from components.config import GateParams, ServingParams
+from components.settings import GateParams
+from deploy.settings import ServingSettings
 from components.data import Splits
 from components.errors import CandidateRejected
 from components.evaluate import score
@@ -229,7 +230,7 @@ def skew_gate(served: float | None, evaluated: float, gates: GateParams) -> Gate
 
 
 def serving_gates(onnx_path: Path, x_test: np.ndarray, y_test: np.ndarray, gates: GateParams,
-                  serving: ServingParams) -> tuple[list[Gate], str, dict]:
+                  serving: ServingSettings) -> tuple[list[Gate], str, dict]:
     """Load the artifact in a fresh session exactly as `graft serve` does and query it with test images."""
     try:
         model = load_model(onnx_path, providers=list(serving.providers), strict=serving.strict)

@@ -15,13 +15,12 @@ import numpy as np
 from components import data as data_mod
 from components import gates as gates_mod
 from components.artifacts import atomic_path, read_json, write_json
-from components.config import Params
-from components.errors import registry_call
+from components.settings import Settings
 from components.layout import Layout
 from deploy.model import load_model
 
 
-def champion_predictions(params: Params, splits: data_mod.Splits, root: Path) -> tuple[str | None, np.ndarray | None, str]:
+def champion_predictions(params: Settings, splits: data_mod.Splits, root: Path) -> tuple[str | None, np.ndarray | None, str]:
     """The current champion's class for each test example, scored as it is served: its own contract applied to
     the test files (a champion at another input size is still compared on the same images). Returns the
     version (None: no champion), the predictions, and why they are not comparable ("" when they are)."""
@@ -31,6 +30,7 @@ def champion_predictions(params: Params, splits: data_mod.Splits, root: Path) ->
         CHAMPION,
         alias_version,
         loaded_version,
+        registry_call,
         tracking_uri,
         use_experiment,
     )
@@ -52,7 +52,7 @@ def champion_predictions(params: Params, splits: data_mod.Splits, root: Path) ->
     return version, predicted, ""
 
 
-def judge(root: str | Path, params: Params) -> gates_mod.GateReport:
+def judge(root: str | Path, params: Settings) -> gates_mod.GateReport:
     """Every gate, its value, bound and verdict; the report is written whether the gates pass or not."""
     root = Path(root)
     gates = params.gates

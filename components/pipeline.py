@@ -25,7 +25,6 @@ from components.errors import (
     CandidateRejected,
     GraftError,
     RegistryUnavailable,
-    registry_call,
 )
 from components.layout import Layout
 
@@ -71,7 +70,7 @@ def _dvc(root: Path, *args: str, error_file: Path | None = None) -> tuple[int, s
 
 
 def reproduce_stage(root: str | Path, name: str, with_upstream: bool = False) -> StageOutcome:
-    """Run one stage (a name from stages.stage_order) if DVC finds it out of date; its upstream stages must
+    """Run one stage (a name from stage_runner.stage_order) if DVC finds it out of date; its upstream stages must
     already be up to date, unless `with_upstream` (then DVC brings those up to date first)."""
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -138,7 +137,7 @@ def already_judged(root: str | Path, params) -> AlreadyJudged | None:
     """The registry's version of this candidate and the gates it failed, when it holds one judged with today's gates."""
     from mlflow import MlflowClient
 
-    from components.registry import failed_gates, published_version, tracking_uri
+    from components.registry import failed_gates, published_version, registry_call, tracking_uri
 
     version = published_version(root, params)
     if version is None:

@@ -26,14 +26,14 @@ from mlflow.models import infer_signature
 
 from components import data as data_mod
 from components.artifacts import read_json, write_json
-from components.config import Params
-from components.errors import registry_call
+from components.settings import Settings
 from components.evaluate import SCORE_NAMES, read_history
 from components.export import cpu_session
 from components.gates import GateReport
 from components.layout import Layout
 from components.model import ModelSpec
 from components.registry import (
+    registry_call,
     CANDIDATE_TAG,
     JUDGED_TAG,
     candidate_key,
@@ -80,7 +80,7 @@ def log_history(history: list[dict], prefix: str) -> None:
         mlflow.log_metrics(metrics, step=int(record["step"]))
 
 
-def source_run(params: Params, identity, checkpoint: Path, history: list[dict], metrics: dict, data_version: str) -> str:
+def source_run(params: Settings, identity, checkpoint: Path, history: list[dict], metrics: dict, data_version: str) -> str:
     """The MLflow run that pretrained this pipeline source checkpoint: found by its sha256, or logged now."""
     query = f"tags.`{SOURCE_SHA_TAG}` = '{identity.sha256}' and tags.`graft.stage` = 'pretrain'"
     found = mlflow.search_runs(filter_string=query, max_results=1, output_format="list")
@@ -102,7 +102,7 @@ def source_run(params: Params, identity, checkpoint: Path, history: list[dict], 
 class RunRecord:
     """What one pipeline run produced, gathered from the stages' declared outputs."""
 
-    params: Params
+    params: Settings
     tags: dict[str, str]
     metrics: dict[str, float]
     histories: dict[str, list[dict]]
@@ -169,7 +169,7 @@ def log_variants(model_id: str, onnx_path: Path, scores: dict[str, dict]) -> dic
     return tags
 
 
-def lineage_tags(identity: SourceIdentity, params: Params) -> dict[str, str]:
+def lineage_tags(identity: SourceIdentity, params: Settings) -> dict[str, str]:
     """What the registered version says about where it came from."""
     return {
         "graft.source.name": identity.name,
@@ -183,7 +183,7 @@ def lineage_tags(identity: SourceIdentity, params: Params) -> dict[str, str]:
     }
 
 
-def run_record(root: Path, params: Params) -> RunRecord:
+def run_record(root: Path, params: Settings) -> RunRecord:
     """Everything a run logs, read from the stages' declared outputs and the judge's report."""
     identity = SourceIdentity.from_dict(read_json(root / Layout.selected_source))
     evaluation = read_json(root / Layout.evaluate_metrics)
@@ -228,7 +228,7 @@ def run_record(root: Path, params: Params) -> RunRecord:
     )
 
 
-def _source_run_id(root: Path, params: Params) -> str:
+def _source_run_id(root: Path, params: Settings) -> str:
     identity = SourceIdentity.from_dict(read_json(root / Layout.selected_source))
     if identity.kind != "pipeline":
         return ""
@@ -245,7 +245,7 @@ def _existing(client: MlflowClient, name: str, version: str) -> Registration:
                         new=False)
 
 
-def publish(root: str | Path, params: Params, report: GateReport) -> dict:
+def publish(root: str | Path, params: Settings, report: GateReport) -> dict:
     """Register the candidate unless the registry already holds it, then apply the verdict (tags, aliases)."""
     root = Path(root)
     name = params.registry.model_name
@@ -262,7 +262,7 @@ def publish(root: str | Path, params: Params, report: GateReport) -> dict:
     return outcome
 
 
-def apply_gate_verdict(params: Params, registration: dict, report: GateReport) -> dict:
+def apply_gate_verdict(params: Settings, registration: dict, report: GateReport) -> dict:
     """Tag the version with every gate's result; give it `challenger` only if all passed; promote it when
     promotion.auto_promote is on, or when there is no champion yet. Applying a verdict twice changes nothing."""
     from components.registry import (

@@ -27,11 +27,11 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from components.artifacts import read_json, sha256_json
-from components.config import Params, RegistryParams, load_params
-from components.errors import GraftError, registry_call
+from components.settings import RegistryParams, Settings, load_settings
+from components.errors import GraftError, RegistryUnavailable
 from components.layout import Layout
 from deploy.digest import sha256_file
-from deploy.source import check_server, check_store_exists
+from deploy.source import RegistryUnreachable, SourceError, check_server, check_store_exists
 
 if TYPE_CHECKING:
     from deploy.model import LoadedModel
@@ -44,6 +44,45 @@ CANDIDATE_PARAMS = ("seed", "data", "sources", "selection", "pretrain", "finetun
 CHAMPION, CHALLENGER = "champion", "challenger"
 AUDIT_PREFIX = "graft.audit."
 GATES_TAG = "graft.gates"
+
+
+def _unreachable(error: BaseException) -> bool:
+    """A connection that failed or timed out, or a 5xx answer: the server, not the request, was at fault."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    # RetryError: urllib3 gave up on 429 / 5xx answers (MLflow's client retries those with backoff).
+    if isinstance(error, (requests.ConnectionError, requests.Timeout, requests.exceptions.RetryError, ConnectionError,
+                          TimeoutError)):
+        return True
+    return isinstance(error, MlflowException) and error.error_code == "TEMPORARILY_UNAVAILABLE"
+
+
+@contextmanager
+def registry_call(what: str, uri: str) -> Iterator[None]:
+    """Talk to the registry; a connection failure anywhere in the cause chain becomes RegistryUnavailable.
+
+    MLflow wraps the requests error it gave up on in an MlflowException (as its cause or context), so the
+    chain is walked. deploy/ (which cannot import these kinds) says the same with its own types: its
+    RegistryUnreachable is transient, any other SourceError (no such store, alias or version; a changed file) is
+    the user's to fix. A full disk, a permission error or a refused request is not transient and passes as is."""
+    try:
+        yield
+    except RegistryUnavailable:
+        raise  # classified already, by a registry_call inside this one
+    except Exception as error:
+        cause: BaseException | None = error
+        while cause is not None:
+            if isinstance(cause, RegistryUnreachable):
+                raise RegistryUnavailable(f"{what}: {cause}") from error
+            if _unreachable(cause):
+                raise RegistryUnavailable(f"{what}: the MLflow registry at {uri} is unreachable "
+                                          f"({type(cause).__name__}); is the server running?") from error
+            cause = cause.__cause__ or cause.__context__
+        if isinstance(error, SourceError):
+            raise GraftError(f"{what}: {error}") from error
+        raise
+
 
 
 class RegistryError(GraftError):
@@ -110,7 +149,7 @@ def use_experiment(registry: RegistryParams, root: str | Path = ".") -> str:
 def open_registry(params_path: str | Path) -> tuple[MlflowClient, str]:
     """A client on the configured store, and the registered model's name: what alias commands work on. They only
     read the store (and move aliases in it): a store that does not exist is refused, never created empty."""
-    params = load_params(params_path)
+    params = load_settings(params_path)
     root = Path(params_path).parent
     uri = tracking_uri(params.registry, root)
     with registry_call("opening the registry", uri):
@@ -131,7 +170,7 @@ def _classified(what: str):
     return wrap
 
 
-def candidate_key(root: Path, params: Params) -> str:
+def candidate_key(root: Path, params: Settings) -> str:
     """The candidate's identity: its ONNX bytes, data version, source weights and the params that made it."""
     meta = read_json(root / Layout.transfer_model.with_suffix(".json"))
     made_by = {k: v for k, v in params.model_dump(mode="json").items() if k in CANDIDATE_PARAMS}
@@ -139,7 +178,7 @@ def candidate_key(root: Path, params: Params) -> str:
                     "source": meta.get("source", {}).get("sha256", ""), "params": made_by})
 
 
-def judged_key(params: Params) -> str:
+def judged_key(params: Settings) -> str:
     return sha256_json({"gates": params.gates.model_dump(mode="json"), "serving": params.serving.model_dump(mode="json")})
 
 
@@ -149,7 +188,7 @@ def find_candidate(client: MlflowClient, name: str, key: str) -> str | None:
     return min((str(v.version) for v in found), key=int, default=None)
 
 
-def published_version(root: str | Path, params: Params) -> str | None:
+def published_version(root: str | Path, params: Settings) -> str | None:
     """The version holding this candidate, judged with today's gate params, in the registry in use; else None
     (also when the project has produced no candidate yet)."""
     name = params.registry.model_name

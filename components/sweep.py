@@ -38,13 +38,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from components import data as data_mod  # noqa: E402
 from components.artifacts import atomic_path, read_json, sha256_json, write_json  # noqa: E402
-from components.config import Params  # noqa: E402
+from components.settings import Settings  # noqa: E402
 from components.errors import GraftError  # noqa: E402
 from components.evaluate import score  # noqa: E402
 from components.layout import Layout  # noqa: E402
 from components.objectives import require_source_data  # noqa: E402
 from components.registry import use_experiment  # noqa: E402
-from components.stages import predict_classes, train_target  # noqa: E402
+from components.predict import predict_classes  # noqa: E402
+from components.stages.train_target import train_target  # noqa: E402
 
 SWEEP_ID_TAG = "graft.sweep.id"
 BRANCH_TAG = "graft.sweep.branch"
@@ -70,7 +71,7 @@ class Branch:
         return f"{self.strategy}/k={self.labels or 'all'}/seed={self.seed}"
 
 
-def branches(params: Params) -> list[Branch]:
+def branches(params: Settings) -> list[Branch]:
     """Fewest labels first, so the curve fills from the left; every strategy of a (k, seed) together."""
     return [Branch(strategy, labels, seed) for labels in params.sweep.labels_per_class for seed in params.sweep.seeds
             for strategy in params.sweep.strategies]
@@ -84,7 +85,7 @@ def labelled_subset(pool: data_mod.Splits, labels: int | None, seed: int) -> dat
     return replace(pool, x_train=pool.x_train[keep], y_train=pool.y_train[keep], origin_train=pool.origin_train[keep])
 
 
-def prepare_pool(params: Params, image_size: int, folder: Path) -> Path:
+def prepare_pool(params: Settings, image_size: int, folder: Path) -> Path:
     """The target with every training label, at the selected source's input size (prepared once a sweep)."""
     target = params.data.target.model_copy(update={"labels_per_class": None})
     path = folder / POOL_FILE
@@ -102,7 +103,7 @@ def load_pool(path: str | Path) -> data_mod.Splits:
     return _read_pool(str(path), os.stat(path).st_mtime_ns)
 
 
-def sweep_identity(params: Params, pool: data_mod.Splits, source: dict) -> str:
+def sweep_identity(params: Settings, pool: data_mod.Splits, source: dict) -> str:
     # Where the branches run (executor, Dask) is not what they compute: a sweep resumes on another executor.
     return sha256_json({"sweep": params.sweep.model_dump(mode="json", exclude={"executor", "dask"}),
                         "finetune": params.finetune.model_dump(mode="json"), "data_version": pool.data_version,
@@ -117,7 +118,7 @@ def _finished_branches(client: MlflowClient, experiment_id: str, sweep_id: str) 
     return parent, done
 
 
-def run_branch(params: Params, branch: Branch, pool: data_mod.Splits) -> dict:
+def run_branch(params: Settings, branch: Branch, pool: data_mod.Splits) -> dict:
     finetune = params.sweep_finetune(branch.strategy)
     branch_params = params.model_copy(update={"finetune": finetune, "seed": branch.seed})
     splits = labelled_subset(pool, branch.labels, branch.seed)
@@ -146,7 +147,7 @@ class SweepPlan:
     done: dict[str, dict]   # branch key -> its metrics and run id, for branches finished before
 
 
-def open_sweep(root: str | Path, params: Params) -> SweepPlan:
+def open_sweep(root: str | Path, params: Settings) -> SweepPlan:
     """The sweep's data prepared once, its parent run found again or created, and the branches still to run."""
     root = Path(root).resolve()
     if not (root / Layout.selected_source).exists():
@@ -176,7 +177,7 @@ def open_sweep(root: str | Path, params: Params) -> SweepPlan:
     return SweepPlan(str(root), mlflow.get_tracking_uri(), experiment_id, sweep_id, parent_id, str(pool_path), todo, done)
 
 
-def run_logged_branch(plan: SweepPlan, params: Params, branch: Branch) -> dict:
+def run_logged_branch(plan: SweepPlan, params: Settings, branch: Branch) -> dict:
     """One branch as an MLflow child run of the sweep's parent, in this process (the sweep's own, or a Dask
     worker's): its metrics, run id and the worker that ran it."""
     client = MlflowClient(plan.tracking_uri)
@@ -199,7 +200,7 @@ def run_logged_branch(plan: SweepPlan, params: Params, branch: Branch) -> dict:
     return {"run_id": run_id, "worker": worker, **metrics}
 
 
-def close_sweep(plan: SweepPlan, params: Params, results: dict[str, dict]) -> dict:
+def close_sweep(plan: SweepPlan, params: Settings, results: dict[str, dict]) -> dict:
     """The table, the plot and the report from every branch (earlier ones and `results`), also on the parent run."""
     root = Path(plan.root)
     done = {**plan.done, **results}
@@ -218,7 +219,7 @@ def close_sweep(plan: SweepPlan, params: Params, results: dict[str, dict]) -> di
     return report
 
 
-def run_sweep(root: str | Path, params: Params) -> dict:
+def run_sweep(root: str | Path, params: Settings) -> dict:
     """The whole sweep in this process, one branch after another (`graft sweep` with sweep.executor: sequential;
     flows/sweep.py runs the same branches in parallel on Dask)."""
     plan = open_sweep(root, params)
@@ -226,7 +227,7 @@ def run_sweep(root: str | Path, params: Params) -> dict:
     return close_sweep(plan, params, results)
 
 
-def summarise(params: Params, plan: list[Branch], done: dict[str, dict], pool: data_mod.Splits) -> dict:
+def summarise(params: Settings, plan: list[Branch], done: dict[str, dict], pool: data_mod.Splits) -> dict:
     """Per strategy and label count: the test accuracy of each seed, mean, spread, and against scratch."""
     reference = next((name for name in params.sweep.strategies if params.sweep_finetune(name).strategy == "scratch"), None)
     per_class_all = len(pool.y_train) / len(pool.classes)

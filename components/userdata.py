@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from components.config import DatasetParams, Params, ParamsError, load_params, parse_params
+from components.config import DatasetParams, Params, ParamsError
 from components.data import (
     ALPHA_MODES,
     FOLDER_LAYOUT,
@@ -37,7 +37,10 @@ from components.data import (
     read_folder,
     require_folder,
     split_changes,
+    split_shortfalls,
 )
+from components.errors import GraftError
+from components.settings import load_settings, parse_settings
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 QUALITY_FLOORS = ("min_accuracy", "min_macro_f1")  # gates that hold the candidate to an absolute score on its data
@@ -202,7 +205,7 @@ def set_params(params_text: str, changes: dict[str, object]) -> str:
             node = node.get(part) if isinstance(node, dict) else None
         if node != value:
             raise ParamsError(f"params.yaml: could not set {dotted} (it reads {node!r}); set {dotted}: {value} by hand")
-    parse_params(raw)
+    parse_settings(raw)
     return text
 
 
@@ -213,7 +216,7 @@ def add_target(root: str | Path, folder: str | Path, name: str | None = None) ->
 
     root, folder = Path(root).resolve(), Path(folder)
     params_file = root / "params.yaml"
-    params = load_params(params_file)
+    params = load_settings(params_file)
     require_folder(folder, FOLDER_LAYOUT)
     name = name or folder.resolve().name
     if not NAME.match(name):
@@ -257,3 +260,37 @@ def add_target(root: str | Path, folder: str | Path, name: str | None = None) ->
     params_file.write_text(params_text)
     quarantine = [{key: text.replace(str(folder), relative) for key, text in entry.items()} for entry in checked.quarantine]
     return AddedTarget(relative, name, checked.classes, checked.usable, quarantine, copied=not inside, notes=tuple(notes))
+
+
+class MissingData(GraftError):
+    """A data folder that params.yaml names does not exist."""
+
+
+def check_raw_data(root: str | Path, params: Params) -> None:
+    """Every data folder the stages read exists, a folder data set's class folders hold files, and its split fits
+    them, before any stage (or server) starts. (DVC does not see an empty folder: a class added without images would
+    change nothing.) Files are counted, not opened: milliseconds for the default target's 10k."""
+    missing = [(key, path) for key, path in params.raw_data_paths().items() if not (Path(root) / path).exists()]
+    if not missing:
+        for key, dataset in params.raw_datasets().items():
+            if dataset.format == "folder":
+                check_split_fits(key, dataset, Path(root) / dataset.path)
+        return
+    names = ", ".join(f"{path} ({key})" for key, path in missing)
+    tracked = [f"{path}.dvc" for _, path in missing if (Path(root) / f"{path}.dvc").exists()]
+    if tracked:
+        raise MissingData(f"no data at {names}, which DVC tracks: restore it with `dvc checkout {' '.join(tracked)}` "
+                          f"(from DVC's cache) or `dvc pull {' '.join(tracked)}` (from the DVC remote)")
+    raise MissingData(f"no data at {names}. For the embedded default data run `graft fetch-data`; for your own, "
+                      f"point the key at a folder that exists")
+
+
+def check_split_fits(key: str, dataset: DatasetParams, folder: Path) -> None:
+    """The split `key` configures fits the class folders' file counts (an upper bound on the usable images: the
+    prepare stage has the last word); else a DataError naming the values that fit."""
+    counts = class_file_counts(folder)
+    if shortfalls := split_shortfalls(counts, dataset):
+        fitting = fitting_split(counts, dataset, dataset.path)
+        values = ", ".join(f"{key}.{name}: {after}" for name, (_, after) in split_changes(dataset, fitting).items())
+        raise DataError(f"{key}: the split does not fit {dataset.path} ({len(counts)} classes, {sum(counts.values())} files): "
+                        f"{'; '.join(shortfalls)}. Set {values} (every class in each split)")

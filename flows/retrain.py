@@ -11,7 +11,7 @@ from prefect.events import emit_event
 from prefect.states import Completed
 
 from components import runlog
-from components.config import Params, check_raw_data, load_params
+from components.settings import Settings, load_settings
 from components.errors import RegistryUnavailable
 from components.gates import GateReport
 from components.judge import judge
@@ -30,8 +30,9 @@ from components.pipeline import (
     summary_text,
 )
 from components.register import publish
-from components.stages import stage_order
+from components.stage_runner import stage_order
 from components.tracked_data import check_tracked_data
+from components.userdata import check_raw_data
 
 
 def say(message: str) -> None:
@@ -51,13 +52,13 @@ def retry_when_unreachable(task, task_run, state) -> bool:
 
 
 @task(task_run_name="check_params")
-def check_params(root: str) -> Params:
+def check_params(root: str) -> Settings:
     """Fail in a second, naming the bad key, rather than minutes later inside a stage."""
-    return load_params(Path(root) / "params.yaml")
+    return load_settings(Path(root) / "params.yaml")
 
 
 @task(task_run_name="check_inputs")
-def check_inputs(root: str, params: Params) -> list[str]:
+def check_inputs(root: str, params: Settings) -> list[str]:
     """The data folders exist and DVC's cache holds them intact (repairing it from the project's copy where it can);
     what changed since the last successful run: data, params or code behind a stage."""
     check_raw_data(root, params)
@@ -77,20 +78,20 @@ def run_stage(root: str, name: str) -> StageOutcome:
 
 
 @task(task_run_name="check_registry")
-def check_registry(root: str, params: Params) -> AlreadyJudged | None:
+def check_registry(root: str, params: Settings) -> AlreadyJudged | None:
     """The version holding this very candidate, judged with today's gates, in the registry in use, and its verdict."""
     return already_judged(root, params)
 
 
 @task(task_run_name="judge")
-def judge_candidate(root: str, params: Params) -> GateReport:
+def judge_candidate(root: str, params: Settings) -> GateReport:
     report = judge(root, params)
     create_markdown_artifact(report.markdown(), key="gate-report", description="Graft gate report")
     return report
 
 
 @task(task_run_name="publish")
-def publish_candidate(root: str, params: Params, report: GateReport) -> dict:
+def publish_candidate(root: str, params: Settings, report: GateReport) -> dict:
     with runlog.quiet():
         return publish(root, params, report)
 

@@ -10,7 +10,7 @@ from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.exceptions import ObjectNotFound
 from prefect.schedules import Cron
 
-from components.config import ScheduleParams
+from components.settings import ScheduleParams
 
 ENTRYPOINT = "flows/retrain.py:retrain"
 

@@ -14,7 +14,7 @@ from prefect.server.api.server import SubprocessASGIServer
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect_dask import DaskTaskRunner
 
-from components.config import Params, SweepDask
+from components.settings import Settings, SweepDask
 from components.sweep import (
     Branch,
     SweepPlan,
@@ -25,19 +25,19 @@ from components.sweep import (
 
 
 @task(task_run_name="open sweep")
-def open_task(root: str, params: Params) -> SweepPlan:
+def open_task(root: str, params: Settings) -> SweepPlan:
     return open_sweep(root, params)
 
 
 @task(task_run_name="branch {branch.key}")
-def branch_task(plan: SweepPlan, params: Params, branch: Branch) -> dict:
+def branch_task(plan: SweepPlan, params: Settings, branch: Branch) -> dict:
     # Computed on the worker, of the worker's machine: its share of the cores, not every core once a worker.
     torch.set_num_threads(params.sweep.dask.threads())
     return run_logged_branch(plan, params, branch)
 
 
 @task(task_run_name="close sweep")
-def close_task(plan: SweepPlan, params: Params, results: dict[str, dict]) -> dict:
+def close_task(plan: SweepPlan, params: Settings, results: dict[str, dict]) -> dict:
     return close_sweep(plan, params, results)
 
 
@@ -57,7 +57,7 @@ def dask_runner(dask: SweepDask) -> DaskTaskRunner:
 
 
 @flow(name="sweep", log_prints=True)
-def sweep_flow(root: str, params: Params) -> dict:
+def sweep_flow(root: str, params: Settings) -> dict:
     plan = open_task(root, params)
     futures = {branch.key: branch_task.submit(plan, params, branch)
                for branch in plan.todo}
@@ -84,6 +84,6 @@ def prefect_api_for_workers():
         server.stop()
 
 
-def run_sweep_on_dask(root: str, params: Params) -> dict:
+def run_sweep_on_dask(root: str, params: Settings) -> dict:
     with prefect_api_for_workers():
         return sweep_flow.with_options(task_runner=dask_runner(params.sweep.dask))(root, params)

@@ -42,13 +42,14 @@ def _data_add(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from components import runlog
-    from components.config import check_raw_data, load_params
+    from components.settings import load_settings
+    from components.userdata import check_raw_data
 
     log = runlog.start(args.root, "run", args.verbose)
     runlog.route_logging()
 
     # Refuse bad params and missing data in a second, before Prefect (and its server) starts.
-    params = load_params(Path(args.root) / "params.yaml")
+    params = load_settings(Path(args.root) / "params.yaml")
     check_raw_data(args.root, params)
     if not args.force:
         from components.pipeline import nothing_to_do
@@ -90,12 +91,12 @@ def _no_tracebacks_on_console_for_refusals() -> None:
 
 
 def _publish(args: argparse.Namespace) -> int:
-    from components.config import load_params
+    from components.settings import load_settings
     from components.judge import judge
     from components.pipeline import collect_summary, summary_text
     from components.register import publish
 
-    params = load_params(Path(args.root) / "params.yaml")
+    params = load_settings(Path(args.root) / "params.yaml")
     report = judge(args.root, params)
     publish(args.root, params, report)
     print(summary_text(args.root, collect_summary(args.root)))
@@ -106,7 +107,7 @@ def _publish(args: argparse.Namespace) -> int:
 def _schedule(args: argparse.Namespace) -> int:
     import os
 
-    from components.config import load_params
+    from components.settings import load_settings
     from flows.schedule import deploy_retrain
 
     if not os.environ.get("PREFECT_API_URL"):
@@ -116,7 +117,7 @@ def _schedule(args: argparse.Namespace) -> int:
             print("graft: error: no Prefect server configured; start one (prefect server start --host 127.0.0.1) and "
                   "export PREFECT_API_URL=http://127.0.0.1:4200/api", file=sys.stderr)
             return 2
-    schedule = load_params(Path(args.root) / "params.yaml").schedule
+    schedule = load_settings(Path(args.root) / "params.yaml").schedule
     deployment_id = deploy_retrain(Path(args.root), schedule, paused=args.paused)
     print(f"deployment retrain/{schedule.deployment} ({deployment_id}): cron '{schedule.cron}' {schedule.timezone} "
           f"on work pool '{schedule.work_pool}'.\nStart a worker: prefect worker start --pool {schedule.work_pool}\n"
@@ -126,20 +127,23 @@ def _schedule(args: argparse.Namespace) -> int:
 
 def _stage(args: argparse.Namespace) -> int:
     from components import runlog
-    from components.stages import run_stage
+    from components.settings import load_settings
+    from components.stage_runner import run_stage
 
     runlog.route_logging()  # under `graft run`: the libraries' lines go to its log file, progress bars stay
 
+    load_settings(args.params)  # the whole file, though a stage reads only the candidate params
     run_stage(args.name, args.params)
     return 0
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from components.config import check_raw_data, load_params
+    from components.settings import load_settings
+    from components.userdata import check_raw_data
     from components.pipeline import reproduce_stage
     from components.sweep import markdown_table, run_sweep
 
-    params = load_params(Path(args.root) / "params.yaml")
+    params = load_settings(Path(args.root) / "params.yaml")
     check_raw_data(args.root, params)
     # The sweep reuses the pipeline's prepared data and selected source (DVC: nothing runs when up to date).
     for stage in ("select_source", *(f"prepare_unlabeled@{name}" for name in params.data.unlabeled)):
@@ -182,8 +186,9 @@ def _history(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from components.config import load_params
-    from components.errors import GraftError, registry_call
+    from components.settings import load_settings
+    from components.errors import GraftError
+    from components.registry import registry_call
     from components.registry import tracking_uri
     from deploy.server import (
         TOKEN_VARIABLE,
@@ -193,7 +198,7 @@ def _serve(args: argparse.Namespace) -> int:
         serve,
     )
 
-    params = load_params(_params_file(args))
+    params = load_settings(_params_file(args))
     serving = params.serving
     settings = ServerSettings(
         model_name=params.registry.model_name, providers=tuple(serving.providers), variant=serving.variant,
@@ -215,13 +220,13 @@ def _serve(args: argparse.Namespace) -> int:
 def _export_triton(args: argparse.Namespace) -> int:
     import tempfile
 
-    from components.config import load_params
-    from components.errors import registry_call
+    from components.settings import load_settings
+    from components.registry import registry_call
     from components.registry import tracking_uri
     from deploy.source import RegistrySource
     from deploy.triton import write_repository
 
-    params = load_params(_params_file(args))
+    params = load_settings(_params_file(args))
     name = params.registry.model_name
     with tempfile.TemporaryDirectory() as cache:
         if args.onnx_file:

@@ -3,12 +3,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.config import ParamsError, load_params, parse_params
+from components.config import Params, ParamsError, load_params
+from components.settings import Settings, load_settings, parse_settings
 from tests.conftest import PROJECT, tiny_params
 
 
 def test_project_params_load():
-    params = load_params(PROJECT / "params.yaml")
+    params = load_settings(PROJECT / "params.yaml")
     assert params.finetune.strategy == "finetune"
     assert params.data.target.labels_per_class == 10
     assert params.sources.names() == ["fashion-mnist", "efficientnet-lite0"]
@@ -17,7 +18,7 @@ def test_project_params_load():
 
 def test_bad_strategy_names_key_and_allowed_values():
     with pytest.raises(ParamsError) as error:
-        parse_params(tiny_params(**{"finetune.strategy": "full"}))
+        parse_settings(tiny_params(**{"finetune.strategy": "full"}))
     message = str(error.value)
     assert "finetune.strategy" in message
     for allowed in ("scratch", "linear_probe", "finetune", "lp_ft"):
@@ -29,57 +30,57 @@ def test_unknown_key_is_rejected_by_name():
     raw = tiny_params()
     raw["finetune"]["stepz"] = 3
     with pytest.raises(ParamsError, match=r"finetune\.stepz: unknown key"):
-        parse_params(raw)
+        parse_settings(raw)
 
 
 def test_normalisation_needs_one_value_per_channel():
     with pytest.raises(ParamsError, match=r"sources.pipeline.fashion-mnist: .*mean/std need one value a channel"):
-        parse_params(tiny_params(**{"sources.pipeline.fashion-mnist.channels": 3}))
+        parse_settings(tiny_params(**{"sources.pipeline.fashion-mnist.channels": 3}))
     with pytest.raises(ParamsError, match="need 3 values"):
-        parse_params(tiny_params(**{"sources.pretrained.efficientnet-lite0.mean": [0.5],
+        parse_settings(tiny_params(**{"sources.pretrained.efficientnet-lite0.mean": [0.5],
                                     "sources.pretrained.efficientnet-lite0.std": [0.5]}))
 
 
 def test_a_pretrained_source_names_exactly_one_origin_of_weights():
     with pytest.raises(ParamsError, match="exactly one of weights .* or weights_file"):
-        parse_params(tiny_params(**{"sources.pretrained.efficientnet-lite0.weights_file": "w.pth"}))
+        parse_settings(tiny_params(**{"sources.pretrained.efficientnet-lite0.weights_file": "w.pth"}))
     with pytest.raises(ParamsError, match="exactly one of weights"):
-        parse_params(tiny_params(**{"sources.pretrained.efficientnet-lite0.weights": None}))
+        parse_settings(tiny_params(**{"sources.pretrained.efficientnet-lite0.weights": None}))
 
 
 def test_sources_need_a_candidate_and_selection_names_one():
     raw = tiny_params()
     raw["sources"] = {"pipeline": {}, "pretrained": {}}
     with pytest.raises(ParamsError, match="at least one candidate"):
-        parse_params(raw)
+        parse_settings(raw)
     with pytest.raises(ParamsError, match="'imagenet-resnet' is not a candidate; candidates: fashion-mnist, efficientnet-lite0"):
-        parse_params(tiny_params(**{"selection.use": "imagenet-resnet"}))
+        parse_settings(tiny_params(**{"selection.use": "imagenet-resnet"}))
     with pytest.raises(ParamsError, match=r"selection.mode: .*'auto' or 'report'"):
-        parse_params(tiny_params(**{"selection.mode": "best"}))
-    assert parse_params(tiny_params(**{"selection.mode": "report"})).chosen_in_report_mode() == "fashion-mnist"
+        parse_settings(tiny_params(**{"selection.mode": "best"}))
+    assert parse_settings(tiny_params(**{"selection.mode": "report"})).chosen_in_report_mode() == "fashion-mnist"
 
 
 def test_lp_steps_must_fit_inside_steps():
     with pytest.raises(ParamsError, match=r"lp_steps \(12\) must be < finetune.steps \(12\)"):
-        parse_params(tiny_params(**{"finetune.strategy": "lp_ft", "finetune.lp_steps": 12}))
+        parse_settings(tiny_params(**{"finetune.strategy": "lp_ft", "finetune.lp_steps": 12}))
 
 
 def test_negative_values_are_rejected():
     with pytest.raises(ParamsError, match=r"pretrain.lr: Input should be greater than 0 \(got -0.1\)"):
-        parse_params(tiny_params(**{"pretrain.lr": -0.1}))
+        parse_settings(tiny_params(**{"pretrain.lr": -0.1}))
 
 
 def test_missing_and_malformed_files(tmp_path: Path):
     with pytest.raises(ParamsError, match="no such file"):
-        load_params(tmp_path / "params.yaml")
+        load_settings(tmp_path / "params.yaml")
     broken = tmp_path / "broken.yaml"
     broken.write_text("seed: [1, 2\n")
     with pytest.raises(ParamsError, match="not valid YAML"):
-        load_params(broken)
+        load_settings(broken)
     listed = tmp_path / "list.yaml"
     listed.write_text(yaml.safe_dump([1, 2]))
     with pytest.raises(ParamsError, match="mapping"):
-        load_params(listed)
+        load_settings(listed)
 
 
 def test_the_mappings_dvc_iterates_over_must_be_written_out(tmp_path: Path):
@@ -87,18 +88,18 @@ def test_the_mappings_dvc_iterates_over_must_be_written_out(tmp_path: Path):
     del raw["data"]["unlabeled"]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(ParamsError, match=r"data.unlabeled: missing; .*data.unlabeled: \{\}"):
-        load_params(tmp_path / "params.yaml")
+        load_settings(tmp_path / "params.yaml")
 
 
 def test_sweep_strategies_and_adaptation_name_what_they_need():
     bad_strategy = tiny_params(**{"sweep.strategies": {"mine": {"joint": {"weight": -1}}}})
     with pytest.raises(ParamsError, match=r"sweep.strategies.mine is not a valid change of finetune:\s+joint.weight"):
-        parse_params(bad_strategy)
+        parse_settings(bad_strategy)
     without_images = tiny_params(**{"finetune.adaptation.method": "coral"})
     with pytest.raises(ParamsError, match=r"finetune.adaptation.method 'coral' needs unlabelled target images.*entries: none"):
-        parse_params(without_images)
+        parse_settings(without_images)
     named = tiny_params(**{"finetune.adaptation.method": "dann", "data.unlabeled": {"cam": {"path": "x"}}})
-    assert parse_params(named).unlabeled_for_adaptation() == "cam"
+    assert parse_settings(named).unlabeled_for_adaptation() == "cam"
 
 
 @pytest.mark.parametrize("key, value, expected", [
@@ -110,4 +111,14 @@ def test_sweep_strategies_and_adaptation_name_what_they_need():
 ])
 def test_export_variants_and_the_served_variant_are_checked_by_name(key, value, expected):
     with pytest.raises(ParamsError, match=expected):
-        parse_params(tiny_params(**{key: value}))
+        parse_settings(tiny_params(**{key: value}))
+
+
+def test_the_stages_read_the_candidate_params_and_nothing_else():
+    """params.yaml splits into what changes a model (the DVC stages' Params) and the operations settings beside
+    it; together they are the file, and a stage reading the file sees only the candidate part."""
+    raw = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    candidate, operations = set(Params.model_fields), set(Settings.model_fields) - set(Params.model_fields)
+    assert candidate | operations == set(raw) and {"serving", "schedule", "registry", "storage", "gates"} <= operations
+    assert type(load_params(PROJECT / "params.yaml")) is Params
+    assert load_params(PROJECT / "params.yaml").model_dump() == {k: v for k, v in load_settings(PROJECT / "params.yaml").model_dump().items() if k in candidate}

@@ -325,9 +325,10 @@ def test_every_class_is_in_each_split_and_a_split_that_fits_is_proposed():
 
 def test_check_raw_data_counts_files_in_milliseconds_and_names_a_split_that_fits():
     """What `graft run` checks before anything starts, on the real 10k-file default target."""
-    from components.config import check_raw_data, load_params
+    from components.settings import load_settings
+    from components.userdata import check_raw_data
 
-    params = load_params(PROJECT / "params.yaml")
+    params = load_settings(PROJECT / "params.yaml")
     check_raw_data(PROJECT, params)  # imports once
     start = time.perf_counter()
     check_raw_data(PROJECT, params)

@@ -19,7 +19,7 @@ from components.export import (
 )
 from components.layout import Layout
 from components.model import build
-from components.stages import export_variants
+from components.stages.export import export_variants
 from components.train import Normalizer
 from deploy.contract import CLASSES_KEY, CONTRACT_KEY
 from tests.conftest import tiny_params, tiny_spec

@@ -12,10 +12,11 @@ import yaml
 from prefect.client.orchestration import get_client
 from prefect.testing.utilities import prefect_test_harness
 
-from components.config import ParamsError, parse_params
+from components.config import ParamsError
+from components.settings import parse_settings
 from components.errors import CandidateRejected
 from components.pipeline import StageRefused
-from components.stages import stage_order
+from components.stage_runner import stage_order
 from flows.retrain import retrain
 from tests.conftest import (
     copy_workspace,
@@ -25,7 +26,7 @@ from tests.conftest import (
     tiny_params,
 )
 
-STAGES = stage_order(parse_params(tiny_params()))
+STAGES = stage_order(parse_settings(tiny_params()))
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +173,7 @@ def test_mlflow_outage_is_retried_until_it_is_back(prefect_api, candidate_templa
 
 
 def test_promote_and_rollback_flows_move_the_champion(prefect_api, candidate_template, tmp_path):
-    from components.config import load_params
+    from components.settings import load_settings
     from components.judge import judge
     from components.register import publish
     from flows.promote import promote_flow, rollback_flow
@@ -182,7 +183,7 @@ def test_promote_and_rollback_flows_move_the_champion(prefect_api, candidate_tem
         params_file = root / "params.yaml"
         params_file.write_text(yaml.safe_dump(tiny_params(**{"export.parity_atol": atol}), sort_keys=False))
         subprocess.run([sys.executable, "-m", "graft", "stage", "export"], cwd=root, check=True, capture_output=True)
-        params = load_params(params_file)
+        params = load_settings(params_file)
         newest = publish(root, params, judge(root, params))["version"]
     promoted = promote_flow(params_path=str(root / "params.yaml"), reason="flow test")
     assert promoted["champion"] == newest == "2" and promoted["previous"] == "1"

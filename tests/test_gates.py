@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from components.config import GateParams, ServingParams
+from components.settings import GateParams
+from deploy.settings import ServingSettings
 from components.data import Splits
 from components.export import export_onnx
 from components.gates import (
@@ -118,19 +119,19 @@ def onnx_file(tmp_path_factory):
 def test_serving_check_reports_the_provider_that_ran_and_runs_the_configured_batch(onnx_file):
     x = np.random.default_rng(0).integers(0, 256, (40, 1, 28, 28), dtype=np.uint8)
     y = np.arange(40) % 10
-    gates, provider, extra = serving_gates(onnx_file, x, y, GateParams(large_batch=100), ServingParams())
+    gates, provider, extra = serving_gates(onnx_file, x, y, GateParams(large_batch=100), ServingSettings())
     assert provider == "CPUExecutionProvider"  # asked for TensorRT, CUDA, CPU on a machine without a GPU
     assert extra["requested_providers"][:2] == ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
     assert {g.name for g in gates} == {"serving.answers", "serving.latency_ms_batch1", "serving.latency_ms_batch100", "serving.model_mb"}, \
         "a split of 40 still checks the configured batch of 100 (examples repeated)"
     assert all(g.verdict == PASSED for g in gates)
-    tight = serving_gates(onnx_file, x, y, GateParams(large_batch=32, max_model_mb=0.01, max_latency_ms_batch1=1e-6), ServingParams())[0]
+    tight = serving_gates(onnx_file, x, y, GateParams(large_batch=32, max_model_mb=0.01, max_latency_ms_batch1=1e-6), ServingSettings())[0]
     assert {g.name for g in tight if g.verdict == FAILED} == {"serving.model_mb", "serving.latency_ms_batch1"}
 
 
 def test_serving_check_in_strict_mode_refuses_cpu(onnx_file):
     x = np.zeros((4, 1, 28, 28), np.uint8)
-    gates, provider, _ = serving_gates(onnx_file, x, np.zeros(4, int), GateParams(large_batch=4), ServingParams(strict=True))
+    gates, provider, _ = serving_gates(onnx_file, x, np.zeros(4, int), GateParams(large_batch=4), ServingSettings(strict=True))
     assert [(g.name, g.verdict) for g in gates] == [("serving.load", FAILED)] and provider == ""
     assert "in strict mode, but no GPU provider can load here (tensorrt: " in gates[0].detail
     with pytest.raises(ProviderError, match=r"no GPU provider can load here \(cuda: \S+ is missing\)"):

@@ -14,8 +14,8 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
 
-from components.config import parse_params
-from components.stages import stage_order
+from components.settings import parse_settings
+from components.stage_runner import stage_order
 from deploy.digest import sha256_file
 from deploy.variants import sha_tag
 from tests.conftest import copy_workspace, dvc_repro, graft_cli, stages_ran, tiny_params
@@ -31,7 +31,7 @@ def _json(root, path) -> dict:
 
 def test_first_repro_runs_every_stage_in_order(repro_workspace):
     root, ran, metrics = repro_workspace
-    assert sorted(ran) == sorted(stage_order(parse_params(_params(root))))
+    assert sorted(ran) == sorted(stage_order(parse_settings(_params(root))))
     position = {stage: i for i, stage in enumerate(ran)}
     for before, after in [("prepare_source@fashion-mnist", "pretrain@fashion-mnist"), ("pretrain@fashion-mnist", "select_source"),
                           ("prepare_target", "select_source"), ("select_source", "baseline"), ("select_source", "finetune"),
@@ -217,7 +217,7 @@ def test_a_changed_weights_file_is_a_new_source(pretrained_only):
 def test_an_rgb_target_on_a_gray_source_is_adapted_and_served_as_rgb(tmp_path, monkeypatch):
     """The stage functions in-process, as `graft stage NAME` calls them: an RGB target, a gray pipeline source."""
     from components.judge import judge
-    from components.stages import run_stage
+    from components.stage_runner import run_stage
     from deploy.model import load_model
     from tests.conftest import make_workspace
 
@@ -225,9 +225,9 @@ def test_an_rgb_target_on_a_gray_source_is_adapted_and_served_as_rgb(tmp_path, m
     params["sources"]["pretrained"] = {}
     root = make_workspace(tmp_path / "rgb", params)
     monkeypatch.chdir(root)
-    for name in stage_order(parse_params(params)):
+    for name in stage_order(parse_settings(params)):
         run_stage(name)
-    report = judge(root, parse_params(params))
+    report = judge(root, parse_settings(params))
     spec = _json(root, "models/selected/architecture.json")
     assert (spec["contract"]["color_mode"], spec["source_channels"], spec["channel_adapter"]) == ("RGB", 1, "replicate")
     assert load_model(root / "models/model.onnx", providers=["cpu"]).contract.shape == (3, 28, 28)

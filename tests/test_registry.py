@@ -12,7 +12,7 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
-from components.config import load_params
+from components.settings import load_settings
 from components.judge import judge
 from components.layout import Layout
 from components.model import load_checkpoint, save_checkpoint
@@ -63,7 +63,7 @@ def _versions(client) -> list[str]:
 
 def _judge_and_publish(root) -> tuple[dict, dict]:
     """What `graft publish` (and the flow after the stages) does, in-process."""
-    params = load_params(root / "params.yaml")
+    params = load_settings(root / "params.yaml")
     report = judge(root, params)
     return report.to_dict(), publish(root, params, report)
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from components.config import SweepDask, parse_params
+from components.settings import SweepDask, parse_settings
 from components.data import load_splits, prepare
 from components.sweep import (
     BRANCH_TAG,
@@ -145,7 +145,7 @@ def test_a_sweep_runs_on_the_dask_scheduler_named_in_the_environment(swept, dask
 
 def test_a_branch_draws_the_labels_the_pipeline_would_draw_with_its_seed(tmp_path):
     raw = make_small_target(tmp_path / "raw", per_class=12, classes=4)
-    params = parse_params(tiny_params(**{"data.target.path": str(raw), "data.target.val_size": 8, "data.target.test_size": 8}))
+    params = parse_settings(tiny_params(**{"data.target.path": str(raw), "data.target.val_size": 8, "data.target.test_size": 8}))
     everything = params.data.target.model_copy(update={"labels_per_class": None})
     prepare(everything, params.data, 1, [28], 0, tmp_path / "all.npz", tmp_path / "all.json")
     for seed in (0, 3):
@@ -156,7 +156,7 @@ def test_a_branch_draws_the_labels_the_pipeline_would_draw_with_its_seed(tmp_pat
 
 
 def _summary(scratch: list[float], transfer: list[float]) -> dict:
-    params = parse_params(tiny_params(**{"sweep": {"labels_per_class": [5], "seeds": [0, 1, 2],
+    params = parse_settings(tiny_params(**{"sweep": {"labels_per_class": [5], "seeds": [0, 1, 2],
                                                    "strategies": {"scratch": {"strategy": "scratch"}, "ft": {}}}}))
     done = {Branch(s, 5, seed).key: {"test_accuracy": a} for s, accs in (("scratch", scratch), ("ft", transfer))
             for seed, a in enumerate(accs)}

@@ -14,7 +14,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from components.config import ParamsError, check_raw_data, load_params
+from components.config import ParamsError
+from components.settings import load_settings
+from components.userdata import check_raw_data
 from components.data import prepare
 from components.pipeline import dvc_status, pending_stages
 from tests.conftest import PROJECT, make_small_target, tiny_params
@@ -48,7 +50,7 @@ def _comments(text: str) -> list[tuple[int, str]]:
 
 def _prepared(root: Path, tmp: Path) -> dict:
     """The prepare stage's report on the target params.yaml names now."""
-    params = load_params(root / "params.yaml")
+    params = load_settings(root / "params.yaml")
     target = params.data.target.model_copy(update={"path": str(root / params.data.target.path)})
     prepare(target, params.data, params.data.channels, [28], params.seed, tmp / "t.npz", tmp / "t.json")
     return json.loads((tmp / "t.json").read_text())
@@ -72,7 +74,7 @@ def test_data_add_checks_copies_versions_and_points_params_at_the_folder(workspa
     assert "copied into data/raw/parts, tracked with DVC (data/raw/parts.dvc)" in done.stdout
     assert done.stdout.splitlines()[-1] == "next: git add data/raw/parts.dvc data/raw/.gitignore params.yaml && graft run"
 
-    params = load_params(root / "params.yaml")
+    params = load_settings(root / "params.yaml")
     target = params.data.target
     assert (target.name, target.format, target.path) == ("parts", "folder", "data/raw/parts")
     assert (target.test_size, target.val_size) == (int(proposed[1]), int(proposed[2]))
@@ -89,7 +91,7 @@ def test_data_add_checks_copies_versions_and_points_params_at_the_folder(workspa
     shutil.rmtree(root / "data/raw/animal-mnist")
     status = dvc_status(root)
     assert "data/raw/animal-mnist.dvc" in status
-    data_paths = list(load_params(root / "params.yaml").raw_data_paths().values())
+    data_paths = list(load_settings(root / "params.yaml").raw_data_paths().values())
     assert not [name for name in pending_stages(status, data_paths) if name.endswith(".dvc")], json.dumps(status)
 
 
@@ -122,7 +124,7 @@ def test_a_colour_folder_gets_three_channels_a_split_that_fits_and_a_model_of_it
                                      "val_size": 7, "test_size": 10, "labels_per_class": None}
     assert (raw["data"]["channels"], raw["registry"]["model_name"]) == (3, "graft-shop-parts")
     assert (raw["gates"]["min_accuracy"], raw["gates"]["min_macro_f1"]) == (0, 0), "the old target's floors do not carry over"
-    check_raw_data(root, load_params(root / "params.yaml"))
+    check_raw_data(root, load_settings(root / "params.yaml"))
     report = _prepared(root, tmp_path)
     assert report["channels"] == 3 and report["counts"] == {"train": 48, "val": 7, "test": 10}
 
@@ -176,7 +178,7 @@ def test_graft_run_refuses_a_split_that_does_not_fit_before_anything_starts(work
     same = make_small_target(tmp_path / "animals-v2", per_class=20)
     added = _graft(root, "data", "add", str(same), "--as", "target")
     assert added.returncode == 0 and "registry:" not in added.stdout, added.stdout + added.stderr
-    params = load_params(root / "params.yaml")
+    params = load_settings(root / "params.yaml")
     assert params.registry.model_name == "graft-classifier" and params.data.target.test_size < 200
     check_raw_data(root, params)
 

@@ -1,0 +1,159 @@
+"""The whole of params.yaml: the candidate params (components/config.py, what the DVC stages read) and the
+operations settings beside them, which judge, publish, serve, schedule and store a candidate but never change it:
+editing one reruns no stage (dvc.yaml lists only candidate code and keys)."""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, model_validator
+
+from components.config import (
+    SOURCE_NAME,
+    FinetuneParams,
+    Params,
+    ParamsError,
+    Strict,
+    describe,
+    read_params_file,
+    validated,
+)
+from deploy.settings import ServingSettings
+
+DEFAULT_SWEEP_STRATEGIES = {
+    "scratch": {"strategy": "scratch"},
+    "linear_probe": {"strategy": "linear_probe"},
+    "finetune": {"strategy": "finetune"},
+    "lp_ft": {"strategy": "lp_ft"},
+    "l2_sp": {"strategy": "finetune", "regularizer": {"kind": "l2_sp"}},
+    "joint": {"strategy": "finetune", "joint": {"weight": 1.0}},
+    "joint_iw": {"strategy": "finetune", "joint": {"weight": 1.0, "instance_weights": "domain"}},
+}
+
+
+
+class SweepDask(Strict):
+    """Where `graft sweep`'s branches run with executor dask (flows/sweep.py)."""
+
+    address: str | None = None  # a running Dask scheduler (tcp://host:8786); DASK_SCHEDULER_ADDRESS wins; null: a LocalCluster
+    workers: int = Field(default=2, ge=1)                    # the LocalCluster's worker processes
+    threads_per_worker: int | None = Field(default=None, ge=1)  # torch threads a branch uses; null: cores / workers
+
+    def scheduler_address(self) -> str | None:
+        return os.environ.get("DASK_SCHEDULER_ADDRESS") or self.address
+
+    def threads(self) -> int:
+        return self.threads_per_worker or max(1, (os.cpu_count() or 1) // self.workers)
+
+
+class SweepParams(Strict):
+    """`graft sweep`: learning curves, strategies x labels per class x seeds (components/sweep.py)."""
+
+    executor: Literal["dask", "sequential"] = "dask"  # dask: branches in parallel (Prefect + prefect-dask); sequential: one process
+    dask: SweepDask = SweepDask()
+
+    labels_per_class: list[int | None] = Field(default=[1, 5, 10, 25, 50, None], min_length=1)  # None: every label
+    seeds: list[int] = Field(default=[0, 1, 2], min_length=1)
+    # name: what it changes in `finetune` (a partial finetune mapping); "scratch" is the reference line
+    strategies: dict[str, dict] = Field(default=DEFAULT_SWEEP_STRATEGIES, min_length=1)
+
+    @model_validator(mode="after")
+    def _counts_positive(self) -> SweepParams:
+        if bad := [k for k in self.labels_per_class if k is not None and k < 1]:
+            raise ValueError(f"sweep.labels_per_class: {bad} must be >= 1 (or null: every label)")
+        if bad := [n for n in self.strategies if not re.match(SOURCE_NAME, n)]:
+            raise ValueError(f"sweep.strategies name(s) {bad}: use lower-case letters, digits, '.', '_' and '-'")
+        return self
+
+
+def merged(base: dict, changes: dict) -> dict:
+    """`base` with `changes` applied key by key, nested mappings merged rather than replaced."""
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+
+class GateParams(Strict):
+    min_accuracy: float = Field(default=0.0, ge=0, le=1)
+    min_macro_f1: float = Field(default=0.0, ge=0, le=1)
+    # Transfer vs scratch and candidate vs champion are paired comparisons on the same test examples:
+    # "worse" only when McNemar's exact test is significant at `confidence` and the gap is at least `min_effect`.
+    confidence: float = Field(default=0.95, gt=0.5, lt=1)
+    min_effect: float = Field(default=0.01, ge=0, le=1)
+    transfer: Literal["not_worse", "better", "off"] = "not_worse"
+    max_skew: float = Field(default=0.002, ge=0, le=1)  # |served minus evaluated test accuracy| allowed
+    large_batch: int = Field(default=256, ge=2)
+    max_latency_ms_batch1: float = Field(default=50.0, gt=0)
+    max_latency_ms_large_batch: float = Field(default=1000.0, gt=0)
+    max_model_mb: float = Field(default=100.0, gt=0)
+
+
+class PromotionParams(Strict):
+    auto_promote: bool = False  # the first model that passes every gate is always promoted
+
+
+class ScheduleParams(Strict):
+    cron: str = "0 2 * * *"
+    timezone: str = "UTC"
+    work_pool: str = "graft"
+    deployment: str = "nightly-retrain"
+    retries: int = Field(default=3, ge=0)           # transient failures only: bad data or params are never retried
+    retry_delay_seconds: float = Field(default=30, ge=0)  # doubles on each retry
+    lock_wait_seconds: float = Field(default=600, ge=0)   # a second run waits this long for the first, then refuses
+
+    @model_validator(mode="after")
+    def _cron_has_five_fields(self) -> ScheduleParams:
+        if len(self.cron.split()) != 5:
+            raise ValueError(f"schedule.cron must have 5 fields (minute hour day month weekday), got {self.cron!r}")
+        return self
+
+
+class RegistryParams(Strict):
+    tracking_uri: str = "sqlite:///mlflow.db"
+    artifact_location: str = "mlartifacts"
+    experiment: str = "graft"
+    model_name: str = "graft-classifier"
+
+
+class StorageParams(Strict):
+    dvc_remote: str | None = None  # a folder, ssh://..., s3://...: each successful run pushes there (dvc push)
+
+
+class Settings(Params):
+    """params.yaml, every section: what `graft` validates before any stage or server starts."""
+
+    gates: GateParams = GateParams()
+    promotion: PromotionParams = PromotionParams()
+    registry: RegistryParams = RegistryParams()
+    serving: ServingSettings = ServingSettings()
+    schedule: ScheduleParams = ScheduleParams()
+    sweep: SweepParams = SweepParams()
+    storage: StorageParams = StorageParams()
+
+    @model_validator(mode="after")
+    def _sweep_strategies_are_finetune_settings(self) -> Settings:
+        for name in self.sweep.strategies:
+            try:
+                self.sweep_finetune(name)
+            except ValidationError as error:
+                raise ValueError(f"sweep.strategies.{name} is not a valid change of finetune:\n{describe(error)}") from None
+        return self
+
+    def sweep_finetune(self, name: str) -> FinetuneParams:
+        """The finetune params of one sweep strategy: params.yaml's, with the strategy's changes."""
+        return FinetuneParams.model_validate(merged(self.finetune.model_dump(), self.sweep.strategies[name]))
+
+
+def parse_settings(raw: dict) -> Settings:
+    return validated(Settings, raw)
+
+
+def load_settings(path: str | Path = "params.yaml") -> Settings:
+    try:
+        return parse_settings(read_params_file(path))
+    except ParamsError as error:
+        raise ParamsError(f"{path}: {error}") from None

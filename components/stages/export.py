@@ -1,0 +1,65 @@
+"""export: the fine-tuned model as ONNX, checked for parity with PyTorch, and its INT8 / FP16 variants, each scored."""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict
+
+import numpy as np
+
+from components import data as data_mod
+from components.artifacts import write_json
+from components.config import Params
+from components.export import ParityFailed, build_variant, check_parity, export_onnx, score_onnx
+from components.layout import Layout
+from components.model import load_checkpoint
+from deploy.contract import SOURCE_KEY
+from deploy.variants import FP32, variant_path
+
+
+def export(params: Params) -> dict:
+    model, meta = load_checkpoint(Layout.transfer_model)
+    export_onnx(model, Layout.onnx_model, params.export.opset, {
+        "graft.strategy": meta["strategy"], "graft.data_version": meta["data_version"],
+        SOURCE_KEY: json.dumps(meta.get("source", {}), sort_keys=True),
+    })
+    splits = data_mod.load_splits(Layout.selected_data)
+    parity = check_parity(model, Layout.onnx_model, splits.x_test, params.export.parity_atol, params.export.parity_rtol)
+    # Metrics only: the exporter's bytes are not reproducible (DVC's lock keeps the file's hash).
+    result = {**asdict(parity), "passed": parity.passed, "onnx_bytes": Layout.onnx_model.stat().st_size}
+    if not parity.passed:
+        write_json(Layout.export_metrics, result)
+        raise ParityFailed(
+            f"ONNX parity failed: max |diff| {parity.max_abs_diff:.2e} is {parity.worst_tolerance_ratio:.2f}x the allowed "
+            f"atol {parity.atol:.0e} + rtol {parity.rtol:.0e} * |logit|, "
+            f"top-1 agreement {parity.argmax_agreement:.4f} (need 1.0); the model is not registered"
+        )
+    result["variants"] = export_variants(params, model.spec.contract, splits)
+    write_json(Layout.export_metrics, result)
+    return result
+
+
+def export_variants(params: Params, contract, splits: data_mod.Splits) -> dict[str, dict]:
+    """Every configured variant built from the FP32 file, scored on the test split beside it, and written to
+    models/variants/ only when it loses at most export.max_accuracy_drop: a variant that exists is published."""
+    settings = params.export
+    fp32 = score_onnx(Layout.onnx_model, contract, splits.x_test, splits.y_test)
+    scores = {FP32: {**asdict(fp32), "accuracy_drop": 0.0, "published": True}}
+    calibration = contract.normalize(np.concatenate([splits.x_train, splits.x_val])[: settings.calibration_images])
+    if Layout.onnx_variants.exists():
+        shutil.rmtree(Layout.onnx_variants)
+    Layout.onnx_variants.mkdir(parents=True)
+    for variant in settings.variants:
+        path = variant_path(Layout.onnx_model, variant)
+        build_variant(variant, Layout.onnx_model, path, calibration, settings.calibration_method,
+                      settings.calibration_percentile)
+        measured = score_onnx(path, contract, splits.x_test, splits.y_test)
+        drop = fp32.accuracy - measured.accuracy
+        published = drop <= settings.max_accuracy_drop
+        scores[variant] = {**asdict(measured), "accuracy_drop": drop, "published": published,
+                           "speedup_batch64_cpu": fp32.latency_ms_batch64 / measured.latency_ms_batch64}
+        if not published:
+            path.unlink()
+            scores[variant]["why_not"] = (f"{100 * drop:.2f} points below FP32 on the test split, more than "
+                                          f"export.max_accuracy_drop {100 * settings.max_accuracy_drop:g}")
+    return scores

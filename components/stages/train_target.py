@@ -1,0 +1,84 @@
+"""baseline and finetune: the target model trained from scratch (what transfer must beat) and grafted onto the
+selected source, with the same data, steps and augmentation."""
+from __future__ import annotations
+
+import time
+from functools import partial
+from pathlib import Path
+
+from components import data as data_mod
+from components import distributed
+from components.artifacts import read_json
+from components.compute import resolve_compute
+from components.config import Params
+from components.evaluate import write_history
+from components.layout import Layout
+from components.model import GraftNet, ModelSpec, build, graft, save_checkpoint
+from components.objectives import Alignment, Term, joint_term, require_source_data
+from components.sources import LoadedSource, SourceIdentity, load_source
+from components.train import Normalizer, predict_features, strategy_phases, train
+from components.tuning import Tuning
+
+
+def train_target(params: Params, strategy: str, splits: data_mod.Splits) -> tuple[GraftNet, list[dict], dict]:
+    """Train one target model on `splits` with params.finetune: from scratch, or grafted onto the selected source.
+    Returns the model, its history and what its checkpoint records (strategy, data, source, objective, time)."""
+    spec = ModelSpec.from_dict(read_json(Layout.selected_architecture))
+    extra = {"strategy": strategy, "data_version": splits.data_version}
+    if strategy == "scratch":
+        model = build(spec, params.seed)
+    else:
+        source = load_source(SourceIdentity.from_dict(read_json(Layout.selected_source)))
+        model = graft(source.backbone, spec, params.seed)
+        extra["source"] = source.identity.to_dict()
+    started = time.perf_counter()
+    # The backbone knobs (regulariser toward the source, unfreezing, lr decay) and the extra terms (the source's
+    # data, unlabelled target images) are about transfer: the scratch baseline has neither.
+    tuning, terms = Tuning(), ()
+    if strategy != "scratch":
+        tuning = Tuning.of(params.finetune, model, params.seed)
+        terms = objective_terms(params, model, splits, source)
+        extra["objective"] = [term.summary() for term in terms]
+    compute = resolve_compute(params.compute, model)
+    extra["compute"] = compute.to_dict()
+    history = train(model, splits, params.finetune, strategy_phases(params.finetune, strategy), params.seed, desc=strategy,
+                    tuning=tuning, terms=terms, compute=compute)
+    extra["train_seconds"] = time.perf_counter() - started
+    return model, history, extra
+
+
+def _train_target(params: Params, strategy: str, out: Path, history_path: Path) -> dict:
+    model, history, extra = train_target(params, strategy, data_mod.load_splits(Layout.selected_data))
+    if not distributed.current().writer:
+        return extra  # the first process writes every output
+    save_checkpoint(model, out, extra)
+    write_history(history, history_path)
+    return extra
+
+
+def objective_terms(params: Params, model: GraftNet, splits: data_mod.Splits, source: LoadedSource) -> tuple[Term, ...]:
+    """The joint objective's source term and the domain-adaptation term that params.finetune asks for; `model` was
+    just grafted from `source`."""
+    terms: list[Term] = []
+    featurize = partial(predict_features, model, normalize=Normalizer.of(model.spec.contract))
+    if params.finetune.joint.weight > 0:
+        identity = source.identity
+        require_source_data(identity.name, identity.kind, list(params.sources.pipeline), "finetune.joint",
+                            "set finetune.joint.weight: 0")
+        source_data = data_mod.load_splits(Layout.source_data(identity.name), identity.image_size)
+        terms.append(joint_term(params.finetune.joint, source_data, splits, source.head, featurize, params.seed))
+    if params.finetune.adaptation.method != "none":
+        name = params.unlabeled_for_adaptation()
+        unlabeled = data_mod.load_unlabeled(Layout.unlabeled_data(name), splits.image_size)
+        terms.append(Alignment(params.finetune.adaptation, unlabeled, model.head.in_features, params.seed))
+    return tuple(terms)
+
+
+def baseline(params: Params) -> dict:
+    """The from-scratch model: the chosen source's architecture without its weights, on the same target data,
+    steps and augmentation: what transfer must beat."""
+    return _train_target(params, "scratch", Layout.scratch_model, Layout.scratch_history)
+
+
+def finetune(params: Params) -> dict:
+    return _train_target(params, params.finetune.strategy, Layout.transfer_model, Layout.transfer_history)
