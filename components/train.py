@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -222,6 +222,219 @@ def _replica(forward: _Forward, group: distributed.Group, device: str) -> nn.Mod
     return nn.parallel.DistributedDataParallel(forward, device_ids=[group.local_rank] if device == "cuda" else None)
 
 
+@dataclass
+class _RunningSums:
+    """What a history record averages: the labelled examples' loss and hits since the last record, and the sum of
+    each term metric's per-step value."""
+
+    loss: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    terms: dict[str, float] = field(default_factory=dict)
+
+    def add_terms(self, metrics: dict[str, float]) -> None:
+        for key, value in metrics.items():
+            self.terms[key] = self.terms.get(key, 0.0) + value
+
+    def add_batch(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.loss += loss.item() * len(labels)
+        self.correct += int((logits.argmax(1) == labels).sum())
+        self.seen += len(labels)
+
+    def as_list(self) -> list:
+        """As a resume point keeps them."""
+        return [self.loss, self.correct, self.seen, self.terms]
+
+
+@dataclass
+class _PhaseState:
+    """A phase under way: its optimizer and schedule (new each phase), the running sums since the last record, and
+    the replica over the parameters that train now."""
+
+    index: int
+    phase: Phase
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LambdaLR
+    sums: _RunningSums
+    first_step: int  # > 0 when the phase continues from a resume point
+    replica: nn.Module
+
+
+def _deterministic_torch() -> None:
+    """The same seed gives the same weights, which is also what lets a resumed run end as an uninterrupted one."""
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    # Filling every new tensor with NaN only helps find reads of uninitialised memory; it cost 25% of a
+    # training step on CPU (EfficientNet-Lite0 @64, same losses either way).
+    torch.utils.deterministic.fill_uninitialized_memory = False
+
+
+class _TrainingRun:
+    """One call of `train`: what it sets up once (model and terms on the device, the seeded generator and the
+    samplers drawing from it), and what moves on over the phases: the global step and the history."""
+
+    def __init__(self, model: GraftNet, data: Splits, params: TrainParams, phases: list[Phase], seed: int, desc: str,
+                 resume: Resume | None, tuning: Tuning, terms: tuple[Term, ...], compute: Compute) -> None:
+        self.group = distributed.current()
+        if terms and self.group.world_size > 1:
+            raise distributed.DistributedError("the extra terms of the objective train in one process; set compute.processes: 1")
+        self.model, self.data, self.params, self.desc = model, data, params, desc
+        self.resume, self.tuning, self.terms, self.compute = resume, tuning, terms, compute
+        _deterministic_torch()
+        _set_batchnorm_momentum(model, params.bn_momentum)
+        print(f"{desc}: training on {compute.describe()}", file=sys.stderr)
+        model.to(compute.device, memory_format=compute.memory_format)
+        for term in terms:
+            term.modules.to(compute.device)
+        self.scaler = torch.amp.GradScaler(compute.device, enabled=compute.precision == "fp16")  # fp16 only: bf16 has fp32's range
+        self.forward = _Forward(model, compute.features(model))
+        self.generator = torch.Generator().manual_seed(seed)
+        self.normalize = Normalizer.of(model.spec.contract)
+        self.x_train, self.y_train = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
+        self.sampler = BatchSampler(len(self.y_train), params.batch_size, self.generator)
+        self.term_samplers = [BatchSampler(term.pool, term.batch_size, self.generator) for term in terms]
+        self.steps_per_epoch = math.ceil(len(self.y_train) / params.batch_size)
+        self.eval_every = params.eval_every_steps or self.steps_per_epoch
+        self.total = sum(phase.steps for phase in phases)
+        self.global_step = 0
+        self.history: list[dict] = []
+
+    def restore(self) -> dict | None:
+        """Continue from this run's resume point, if there is one; returns it, for its phase to continue from too."""
+        saved = self.resume.load() if self.resume else None
+        if not saved:
+            return None
+        self.model.load_state_dict(saved["model"])
+        self.generator.set_state(saved["generator"])
+        torch.set_rng_state(saved["torch_rng"])
+        self.sampler.queue, self.sampler.epochs_started = saved["queue"], saved["epochs_started"]
+        self.history, self.global_step = saved["history"], saved["global_step"]
+        if "scaler" in saved:
+            self.scaler.load_state_dict(saved["scaler"])
+        for term, term_sampler, term_state in zip(self.terms, self.term_samplers, saved.get("terms", ())):
+            term.modules.load_state_dict(term_state["modules"])
+            term_sampler.queue = term_state["queue"]
+        print(f"{self.desc}: resuming from step {self.global_step} of {self.total} ({self.resume.path})", file=sys.stderr)
+        return saved
+
+    def start_phase(self, index: int, phase: Phase, saved: dict | None) -> _PhaseState:
+        """A fresh optimizer and schedule for the phase, or, with `saved`, theirs where the resume point left them."""
+        optimizer = _optimizer(self.model, self.params, phase, self.tuning, self.terms)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(phase.steps, self.params.warmup_fraction))
+        sums, first_step = _RunningSums(), 0
+        if saved:
+            optimizer.load_state_dict(saved["optimizer"])
+            schedule.load_state_dict(saved["schedule"])
+            sums, first_step = _RunningSums(*saved["running"]), saved["step"]
+        state = _PhaseState(index, phase, optimizer, schedule, sums, first_step, self.set_modes(phase, first_step))
+        for term in self.terms:
+            term.modules.train()
+        return state
+
+    def set_modes(self, phase: Phase, phase_step: int) -> nn.Module:
+        """Sets which blocks train (and in which BatchNorm mode) at this step of the phase; returns a replica over
+        them."""
+        self.tuning.set_modes(self.model, phase.backbone_lr_scale is not None, phase_step)
+        return _replica(self.forward, self.group, self.compute.device)
+
+    def next_batch(self) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        """The labelled batch's indices, each term's batch of indices, and the augmented pixels of all of them;
+        across processes, this process's slice of the labelled indices and of the pixels."""
+        index = self.sampler.next()
+        term_batches = [term_sampler.next() for term_sampler in self.term_samplers]
+        pixels = torch.cat([self.x_train[index], *(term.pixels[batch] for term, batch in zip(self.terms, term_batches))])
+        pixels = augment_batch(self.normalize.scaled(pixels), self.params.augment, self.generator)
+        if self.group.world_size > 1:  # the whole batch was drawn and augmented, so every generator stays in step
+            index, pixels = distributed.shard(index, self.group), distributed.shard(pixels, self.group)
+        return index, term_batches, pixels
+
+    def objective(self, all_features: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
+                  term_batches: list[torch.Tensor], sums: _RunningSums) -> torch.Tensor:
+        """The labelled batch's loss, the regulariser's penalty, and each term's loss on the features of its own
+        batch (which follow the labelled batch's in `all_features`); the terms' metrics go into `sums`."""
+        features = all_features[: len(labels)]
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.params.label_smoothing)
+        if self.tuning.regularizer is not None:
+            loss = loss + self.tuning.regularizer.penalty(self.model, features)
+        start = len(labels)
+        for term, batch in zip(self.terms, term_batches):
+            term_loss, term_metrics = term.loss(batch, all_features[start : start + len(batch)], features,
+                                                self.global_step / self.total)
+            start += len(batch)
+            loss = loss + term_loss
+            sums.add_terms(term_metrics)
+        return loss
+
+    def step(self, state: _PhaseState, phase_step: int) -> None:
+        """One optimisation step on the next batch."""
+        if self.tuning.unfreeze_every_steps and phase_step % self.tuning.unfreeze_every_steps == 0:
+            state.replica = self.set_modes(state.phase, phase_step)
+        index, term_batches, pixels = self.next_batch()
+        inputs = self.compute.images_to_device(self.normalize(pixels))
+        labels = self.y_train[index].to(self.compute.device, non_blocking=True)
+        with self.compute.autocast():
+            all_features, logits = state.replica(inputs, len(index))
+        # Losses, penalties and the terms (small heads, feature statistics) in fp32.
+        all_features, logits = all_features.float(), logits.float()
+        loss = self.objective(all_features, logits, labels, term_batches, state.sums)
+        state.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(state.optimizer)
+        self.scaler.update()
+        state.schedule.step()
+        self.global_step += 1
+        state.sums.add_batch(loss, logits, labels)
+
+    def record_due(self, state: _PhaseState, phase_step: int) -> bool:
+        return self.global_step % self.eval_every == 0 or phase_step == state.phase.steps - 1
+
+    def record(self, state: _PhaseState, phase_step: int) -> dict:
+        """Appends a history record: the running means since the last one (over every process), and the val
+        split's loss and accuracy (evaluated by the writer); the running sums start again."""
+        loss, correct, seen = distributed.sum_across([state.sums.loss, state.sums.correct, state.sums.seen], self.group)
+        evaluates = self.group.writer and len(self.data.y_val)
+        val = evaluate_split(self.model, self.data.x_val, self.data.y_val, self.normalize) if evaluates else {}
+        # Each term metric is a per-step value and every labelled batch holds `batch_size` examples (terms train
+        # in one process): sum * batch_size / seen is its mean over the steps.
+        record = {
+            "step": self.global_step,
+            "epoch": round(self.global_step / self.steps_per_epoch, 3),
+            "phase": state.phase.name,
+            "lr": state.optimizer.param_groups[0]["lr"],
+            "train_loss": loss / seen,
+            "train_accuracy": correct / seen,
+            **{key: total_value * self.params.batch_size / seen for key, total_value in state.sums.terms.items()},
+            **{f"val_{k}": v for k, v in val.items()},
+        }
+        self.history.append(record)
+        state.sums = _RunningSums()
+        state.replica = self.set_modes(state.phase, phase_step + 1)  # evaluation left the model in eval mode
+        return record
+
+    def resume_point_due(self) -> bool:
+        return bool(self.resume and self.resume.every_steps and self.global_step % self.resume.every_steps == 0
+                    and self.group.writer)
+
+    def save_resume_point(self, state: _PhaseState, phase_step: int) -> None:
+        """Everything an interrupted run needs to end exactly as an uninterrupted one, after `phase_step`."""
+        self.resume.save({
+            "model": self.model.state_dict(), "optimizer": state.optimizer.state_dict(), "schedule": state.schedule.state_dict(),
+            "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(), "queue": self.sampler.queue,
+            "epochs_started": self.sampler.epochs_started, "history": self.history, "global_step": self.global_step,
+            "phase": state.index, "step": phase_step + 1,
+            "running": state.sums.as_list(),
+            "terms": [{"modules": term.modules.state_dict(), "queue": term_sampler.queue}
+                      for term, term_sampler in zip(self.terms, self.term_samplers)],
+            "scaler": self.scaler.state_dict(),
+        })
+
+    def finish(self) -> None:
+        """Model and terms back on the CPU, fp32 and contiguous, in eval mode."""
+        self.model.to("cpu", memory_format=torch.contiguous_format)
+        for term in self.terms:
+            term.modules.to("cpu")
+        self.model.eval()
+
+
 def train(
     model: GraftNet, data: Splits, params: TrainParams, phases: list[Phase], seed: int, desc: str = "train",
     resume: Resume | None = None, tuning: Tuning = Tuning(), terms: tuple[Term, ...] = (), compute: Compute = FP32_CPU,
@@ -243,132 +456,19 @@ def train(
     augmentation, trains on its slice of each batch and DDP averages the gradients; only the first process
     evaluates, shows progress and saves resume points, and the history it returns has the train loss and
     accuracy of whole batches."""
-    group = distributed.current()
-    if terms and group.world_size > 1:
-        raise distributed.DistributedError("the extra terms of the objective train in one process; set compute.processes: 1")
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    # Filling every new tensor with NaN only helps find reads of uninitialised memory; it cost 25% of a
-    # training step on CPU (EfficientNet-Lite0 @64, same losses either way).
-    torch.utils.deterministic.fill_uninitialized_memory = False
-    _set_batchnorm_momentum(model, params.bn_momentum)
-    print(f"{desc}: training on {compute.describe()}", file=sys.stderr)
-    model.to(compute.device, memory_format=compute.memory_format)
-    for term in terms:
-        term.modules.to(compute.device)
-    scaler = torch.amp.GradScaler(compute.device, enabled=compute.precision == "fp16")  # fp16 only: bf16 has fp32's range
-    forward = _Forward(model, compute.features(model))
-    generator = torch.Generator().manual_seed(seed)
-    normalize = Normalizer.of(model.spec.contract)
-    x_train, y_train = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
-    sampler = BatchSampler(len(y_train), params.batch_size, generator)
-    term_samplers = [BatchSampler(term.pool, term.batch_size, generator) for term in terms]
-    steps_per_epoch = math.ceil(len(y_train) / params.batch_size)
-    eval_every = params.eval_every_steps or steps_per_epoch
-    history: list[dict] = []
-    global_step = 0
-    total = sum(p.steps for p in phases)
-    saved = resume.load() if resume else None
-    if saved:
-        model.load_state_dict(saved["model"])
-        generator.set_state(saved["generator"])
-        torch.set_rng_state(saved["torch_rng"])
-        sampler.queue, sampler.epochs_started = saved["queue"], saved["epochs_started"]
-        history, global_step = saved["history"], saved["global_step"]
-        if "scaler" in saved:
-            scaler.load_state_dict(saved["scaler"])
-        for term, term_sampler, state in zip(terms, term_samplers, saved.get("terms", ())):
-            term.modules.load_state_dict(state["modules"])
-            term_sampler.queue = state["queue"]
-        print(f"{desc}: resuming from step {global_step} of {total} ({resume.path})", file=sys.stderr)
-    with tqdm(total=total, initial=global_step, desc=desc, unit="step", mininterval=1.0, disable=not group.writer) as bar:
-        for phase_index, phase in enumerate(phases):
-            if saved and phase_index < saved["phase"]:
-                continue
-            optimizer = _optimizer(model, params, phase, tuning, terms)
-            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(phase.steps, params.warmup_fraction))
-            backbone_trains = phase.backbone_lr_scale is not None
-            running_loss, running_correct, running_seen, running_terms = 0.0, 0, 0, {}
-            first_step = 0
-            if saved and phase_index == saved["phase"]:
-                optimizer.load_state_dict(saved["optimizer"])
-                schedule.load_state_dict(saved["schedule"])
-                running_loss, running_correct, running_seen, running_terms = saved["running"]
-                first_step = saved["step"]
-            tuning.set_modes(model, backbone_trains, first_step)
-            replica = _replica(forward, group, compute.device)
-            for term in terms:
-                term.modules.train()
-            for step in range(first_step, phase.steps):
-                if tuning.unfreeze_every_steps and step % tuning.unfreeze_every_steps == 0:
-                    tuning.set_modes(model, backbone_trains, step)
-                    replica = _replica(forward, group, compute.device)
-                index = sampler.next()
-                term_batches = [term_sampler.next() for term_sampler in term_samplers]
-                pixels = torch.cat([x_train[index], *(term.pixels[batch] for term, batch in zip(terms, term_batches))])
-                pixels = augment_batch(normalize.scaled(pixels), params.augment, generator)
-                if group.world_size > 1:  # the whole batch was drawn and augmented, so every generator stays in step
-                    index, pixels = distributed.shard(index, group), distributed.shard(pixels, group)
-                inputs = compute.images_to_device(normalize(pixels))
-                labels = y_train[index].to(compute.device, non_blocking=True)
-                with compute.autocast():
-                    all_features, logits = replica(inputs, len(index))
-                # Losses, penalties and the terms (small heads, feature statistics) in fp32.
-                all_features, logits = all_features.float(), logits.float()
-                features = all_features[: len(index)]
-                loss = F.cross_entropy(logits, labels, label_smoothing=params.label_smoothing)
-                if tuning.regularizer is not None:
-                    loss = loss + tuning.regularizer.penalty(model, features)
-                start = len(index)
-                for term, batch in zip(terms, term_batches):
-                    term_loss, term_metrics = term.loss(batch, all_features[start : start + len(batch)], features,
-                                                        global_step / total)
-                    start += len(batch)
-                    loss = loss + term_loss
-                    for key, value in term_metrics.items():
-                        running_terms[key] = running_terms.get(key, 0.0) + value
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                schedule.step()
-                global_step += 1
-                running_loss += loss.item() * len(index)
-                running_correct += int((logits.argmax(1) == labels).sum())
-                running_seen += len(index)
+    run = _TrainingRun(model, data, params, phases, seed, desc, resume, tuning, terms, compute)
+    saved = run.restore()
+    first_phase = saved["phase"] if saved else 0
+    with tqdm(total=run.total, initial=run.global_step, desc=desc, unit="step", mininterval=1.0, disable=not run.group.writer) as bar:
+        for index, phase in enumerate(phases[first_phase:], first_phase):
+            state = run.start_phase(index, phase, saved if index == first_phase else None)
+            for phase_step in range(state.first_step, phase.steps):
+                run.step(state, phase_step)
                 bar.update(1)
-                if global_step % eval_every == 0 or step == phase.steps - 1:
-                    running_loss, running_correct, running_seen = distributed.sum_across(
-                        [running_loss, running_correct, running_seen], group)
-                    evaluates = group.writer and len(data.y_val)
-                    val = evaluate_split(model, data.x_val, data.y_val, normalize) if evaluates else {}
-                    record = {
-                        "step": global_step,
-                        "epoch": round(global_step / steps_per_epoch, 3),
-                        "phase": phase.name,
-                        "lr": optimizer.param_groups[0]["lr"],
-                        "train_loss": running_loss / running_seen,
-                        "train_accuracy": running_correct / running_seen,
-                        **{key: total_value * len(index) / running_seen for key, total_value in running_terms.items()},
-                        **{f"val_{k}": v for k, v in val.items()},
-                    }
-                    history.append(record)
+                if run.record_due(state, phase_step):
+                    record = run.record(state, phase_step)
                     bar.set_postfix(loss=f"{record['train_loss']:.3f}", val_acc=f"{record.get('val_accuracy', float('nan')):.3f}")
-                    running_loss, running_correct, running_seen, running_terms = 0.0, 0, 0, {}
-                    tuning.set_modes(model, backbone_trains, step + 1)
-                    replica = _replica(forward, group, compute.device)
-                if resume and resume.every_steps and global_step % resume.every_steps == 0 and group.writer:
-                    resume.save({
-                        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                        "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "queue": sampler.queue,
-                        "epochs_started": sampler.epochs_started, "history": history, "global_step": global_step,
-                        "phase": phase_index, "step": step + 1,
-                        "running": [running_loss, running_correct, running_seen, running_terms],
-                        "terms": [{"modules": term.modules.state_dict(), "queue": term_sampler.queue}
-                                  for term, term_sampler in zip(terms, term_samplers)],
-                        "scaler": scaler.state_dict(),
-                    })
-    model.to("cpu", memory_format=torch.contiguous_format)
-    for term in terms:
-        term.modules.to("cpu")
-    model.eval()
-    return history
+                if run.resume_point_due():
+                    run.save_resume_point(state, phase_step)
+    run.finish()
+    return run.history

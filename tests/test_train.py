@@ -15,6 +15,7 @@ from components.model import (
 from components.train import (
     BatchSampler,
     Phase,
+    Resume,
     augment_batch,
     strategy_phases,
     train,
@@ -94,6 +95,31 @@ def test_history_records_each_evaluation(target):
     assert [r["step"] for r in history] == [4, 8, 12]
     assert [r["phase"] for r in history] == ["linear_probe", "finetune", "finetune"]
     assert all(0 <= r["val_accuracy"] <= 1 and np.isfinite(r["train_loss"]) for r in history)
+
+
+class _Killed(Exception):
+    pass
+
+
+class _KilledAfterFirstResumePoint(Resume):
+    def save(self, state: dict) -> None:
+        super().save(state)
+        raise _Killed
+
+
+def test_a_run_killed_after_a_resume_point_continues_and_ends_as_an_uninterrupted_run(target, tmp_path, capsys):
+    params, splits = target
+    phases = strategy_phases(params.finetune, "lp_ft")  # 4 + 8 steps: the resume point at step 6 is in the second phase
+    model = build(_spec(splits), 0)
+    history = train(model, splits, params.finetune, phases, 0)
+    with pytest.raises(_Killed):
+        train(build(_spec(splits), 0), splits, params.finetune, phases, 0,
+              resume=_KilledAfterFirstResumePoint(tmp_path / "r.pt", 6, "run"))
+    resumed = build(_spec(splits), 0)
+    resumed_history = train(resumed, splits, params.finetune, phases, 0, resume=Resume(tmp_path / "r.pt", 6, "run"))
+    assert "resuming from step 6 of 12" in capsys.readouterr().err
+    assert resumed_history == history
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), resumed.state_dict().values()))
 
 
 def test_graft_refuses_a_backbone_that_does_not_fit(target):
