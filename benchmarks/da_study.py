@@ -33,7 +33,8 @@ from components.config import AdaptationParams, Augment, TrainParams
 from components.data import Splits, stratified_take
 from components.model import ModelSpec, build
 from components.objectives import Alignment
-from components.train import Normalizer, Phase, predict_logits, train
+from components.predict import Normalizer, predict_logits
+from components.train import Phase, train
 from deploy.contract import COLOR_MODES, Contract, resize_chw
 
 METHODS = ("source_only", "coral", "mmd", "dann", "oracle")  # source_only also reports its AdaBN variant

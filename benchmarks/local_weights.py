@@ -22,7 +22,8 @@ from components.data import load_splits, prepare
 from components.evaluate import score
 from components.model import ModelSpec, build
 from components.sources import IMAGENET_MEAN, IMAGENET_STD
-from components.train import Normalizer, Phase, predict_logits, train
+from components.predict import Normalizer, predict_logits
+from components.train import Phase, train
 from deploy.contract import Contract
 
 

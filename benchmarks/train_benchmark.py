@@ -28,7 +28,8 @@ from components.compute import Compute, cpu_flags, cpu_model
 from components.config import Augment, TrainParams
 from components.data import Splits
 from components.model import ModelSpec, build
-from components.train import BatchSampler, Normalizer, Phase, augment_batch, train
+from components.predict import Normalizer
+from components.train import BatchSampler, Phase, augment_batch, train
 from deploy.contract import COLOR_MODES, Contract
 
 MODELS = {  # name: (architecture, channels, size, batch)

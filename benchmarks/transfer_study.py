@@ -38,7 +38,8 @@ from components.sources import (
     pipeline_identity,
     resolve_pretrained,
 )
-from components.train import Normalizer, predict_logits, strategy_phases, train
+from components.predict import Normalizer, predict_logits
+from components.train import strategy_phases, train
 
 
 def _override(raw: dict, assignments: list[str]) -> dict:

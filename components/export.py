@@ -24,12 +24,9 @@ import torch
 from components.artifacts import atomic_path
 from components.errors import GraftError
 from components.model import GraftNet
-from components.train import Normalizer, predict_logits
-from deploy.contract import (  # the server reads exactly what export writes
-    CLASSES_KEY,
-    CONTRACT_KEY,
-    Contract,
-)
+from components.predict import Normalizer, predict_logits
+from deploy.contract import Contract
+from deploy.tags import CLASSES_KEY, CONTRACT_KEY  # the server reads exactly what export writes
 from deploy.variants import FP16, INT8
 
 

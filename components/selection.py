@@ -191,7 +191,7 @@ class Selection:
         return "\n".join(rows)
 
 
-def choose(candidates: list[CandidateScore], mode: str, score: str, use: str, examples: int) -> Selection:
+def choose_source(candidates: list[CandidateScore], mode: str, score: str, use: str, examples: int) -> Selection:
     """The choice the scores make: the best by `score` (auto), or `use` (report)."""
     selection = Selection(mode, score, "", candidates, examples)
     if mode == "auto":

@@ -39,6 +39,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from components import data as data_mod  # noqa: E402
 from components.artifacts import atomic_path, read_json, sha256_json, write_json  # noqa: E402
 from components.settings import Settings  # noqa: E402
+from deploy.tags import SWEEP_BRANCH_TAG, SWEEP_ID_TAG, SWEEP_WORKER_TAG  # noqa: E402
 from components.errors import GraftError  # noqa: E402
 from components.evaluate import score  # noqa: E402
 from components.layout import Layout  # noqa: E402
@@ -47,9 +48,6 @@ from components.registry import use_experiment  # noqa: E402
 from components.predict import predict_classes  # noqa: E402
 from components.stages.train_target import train_target  # noqa: E402
 
-SWEEP_ID_TAG = "graft.sweep.id"
-BRANCH_TAG = "graft.sweep.branch"
-WORKER_TAG = "graft.sweep.worker"  # host:pid of the process that ran a branch
 POOL_FILE = "target-all-labels.npz"
 REPORT = Path("reports/sweep.json")
 MARKDOWN = Path("reports/sweep.md")
@@ -112,9 +110,9 @@ def sweep_identity(params: Settings, pool: data_mod.Splits, source: dict) -> str
 
 def _finished_branches(client: MlflowClient, experiment_id: str, sweep_id: str) -> tuple[str | None, dict[str, dict]]:
     runs = client.search_runs([experiment_id], f"tags.`{SWEEP_ID_TAG}` = '{sweep_id}'", max_results=10000)
-    parent = next((r.info.run_id for r in runs if BRANCH_TAG not in r.data.tags), None)
-    done = {r.data.tags[BRANCH_TAG]: {"run_id": r.info.run_id, **r.data.metrics}
-            for r in runs if BRANCH_TAG in r.data.tags and r.info.status == "FINISHED"}
+    parent = next((r.info.run_id for r in runs if SWEEP_BRANCH_TAG not in r.data.tags), None)
+    done = {r.data.tags[SWEEP_BRANCH_TAG]: {"run_id": r.info.run_id, **r.data.metrics}
+            for r in runs if SWEEP_BRANCH_TAG in r.data.tags and r.info.status == "FINISHED"}
     return parent, done
 
 
@@ -183,7 +181,7 @@ def run_logged_branch(plan: SweepPlan, params: Settings, branch: Branch) -> dict
     client = MlflowClient(plan.tracking_uri)
     worker = f"{socket.gethostname()}:{os.getpid()}"
     run_id = client.create_run(plan.experiment_id, run_name=branch.key, tags={
-        SWEEP_ID_TAG: plan.sweep_id, BRANCH_TAG: branch.key, WORKER_TAG: worker,
+        SWEEP_ID_TAG: plan.sweep_id, SWEEP_BRANCH_TAG: branch.key, SWEEP_WORKER_TAG: worker,
         MLFLOW_PARENT_RUN_ID: plan.parent_run_id}).info.run_id
     try:
         client.log_batch(run_id, params=[Param("strategy", branch.strategy), Param("labels_per_class", str(branch.labels or "all")),

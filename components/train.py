@@ -27,8 +27,8 @@ from components.config import Augment, FinetuneParams, TrainParams
 from components.data import Splits
 from components.model import GraftNet
 from components.objectives import Term
+from components.predict import Normalizer, predict_logits
 from components.tuning import Tuning
-from deploy.contract import Contract
 
 
 @dataclass(frozen=True)
@@ -49,29 +49,6 @@ def strategy_phases(params: FinetuneParams, strategy: str | None = None) -> list
     if strategy == "lp_ft":
         return [Phase("linear_probe", params.lp_steps, None), Phase("finetune", params.steps - params.lp_steps, params.backbone_lr_scale)]
     raise ValueError(f"finetune.strategy: unknown strategy {strategy!r}; allowed: scratch, linear_probe, finetune, lp_ft")
-
-
-@dataclass(frozen=True)
-class Normalizer:
-    """The contract's scaling and normalisation, on torch tensors."""
-
-    scale: float
-    mean: torch.Tensor
-    std: torch.Tensor
-
-    @classmethod
-    def of(cls, contract: Contract) -> Normalizer:
-        return cls(contract.scale, torch.tensor(contract.mean).view(1, -1, 1, 1), torch.tensor(contract.std).view(1, -1, 1, 1))
-
-    def scaled(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, C, H, W) -> float32 in the contract's pixel scale (what augmentation works on)."""
-        return pixels.float() * self.scale
-
-    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, C, H, W), or already scaled floats -> normalised float32."""
-        if pixels.dtype == torch.uint8:
-            pixels = self.scaled(pixels)
-        return (pixels - self.mean) / self.std
 
 
 def augment_batch(pixels: torch.Tensor, augment: Augment, generator: torch.Generator) -> torch.Tensor:
@@ -159,28 +136,6 @@ def _optimizer(model: GraftNet, params: TrainParams, phase: Phase, tuning: Tunin
     if params.optimizer == "sgd":
         return torch.optim.SGD(groups, momentum=params.momentum, nesterov=params.momentum > 0, weight_decay=params.weight_decay)
     return torch.optim.AdamW(groups, weight_decay=params.weight_decay)
-
-
-def _batches(model: nn.Module, x: np.ndarray, normalize: Normalizer, batch_size: int):
-    """Normalised fp32 batches of x on the model's device."""
-    device = next(model.parameters()).device
-    for i in range(0, len(x), batch_size):
-        yield normalize(torch.from_numpy(x[i : i + batch_size])).to(device)
-
-
-@torch.no_grad()
-def predict_logits(model: nn.Module, x: np.ndarray, normalize: Normalizer, batch_size: int = 512) -> torch.Tensor:
-    """fp32 logits on the CPU, whatever device the model is on."""
-    model.eval()
-    chunks = [model(batch).cpu() for batch in _batches(model, x, normalize, batch_size)]
-    return torch.cat(chunks) if chunks else torch.empty(0)
-
-
-@torch.no_grad()
-def predict_features(model: GraftNet, x: np.ndarray, normalize: Normalizer, batch_size: int = 512) -> np.ndarray:
-    """The backbone's output (what the head sees), in eval mode, float32 (N, D)."""
-    model.eval()
-    return torch.cat([model.features(batch).flatten(1).cpu() for batch in _batches(model, x, normalize, batch_size)]).numpy()
 
 
 def evaluate_split(model: nn.Module, x: np.ndarray, y: np.ndarray, normalize: Normalizer) -> dict[str, float]:

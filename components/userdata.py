@@ -212,7 +212,7 @@ def set_params(params_text: str, changes: dict[str, object]) -> str:
 def add_target(root: str | Path, folder: str | Path, name: str | None = None) -> AddedTarget:
     """Check `folder`, decide the settings its data asks for, bring it into data/raw/NAME when it lies outside the
     project, `dvc add` it and point params.yaml's data.target at it. Nothing is changed when the check fails."""
-    from components.pipeline import track_raw_data
+    from components.dvc_runner import track_raw_data
 
     root, folder = Path(root).resolve(), Path(folder)
     params_file = root / "params.yaml"

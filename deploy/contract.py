@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
-CONTRACT_KEY, CLASSES_KEY, SOURCE_KEY = "graft.preprocess", "graft.classes", "graft.source"
 INPUT_NAME, OUTPUT_NAME = "pixels", "logits"
 CHANNELS = {"L": 1, "RGB": 3}
 COLOR_MODES = {channels: mode for mode, channels in CHANNELS.items()}

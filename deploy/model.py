@@ -24,7 +24,8 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image, UnidentifiedImageError
 
-from deploy.contract import CLASSES_KEY, CONTRACT_KEY, Contract, ContractError
+from deploy.contract import Contract, ContractError
+from deploy.tags import CLASSES_KEY, CONTRACT_KEY
 from deploy.variants import FP32
 
 PROVIDER_NAMES = {

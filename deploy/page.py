@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from html import escape
 
+from deploy.tags import LINEAGE_TAGS, METRIC_PREFIX, gate_verdicts, metric_tag
+
 
 def _rows(items: list[tuple[str, str]]) -> str:
     return "".join(f"<tr><th>{escape(k)}</th><td>{escape(v)}</td></tr>" for k, v in items)
@@ -12,12 +14,10 @@ def render_page(model: str, version: str | None, provider: str | None, tags: dic
     if version is None:
         body = "<p id='status'>Loading the model&hellip; this page works once /v2/health/ready says ready.</p>"
     else:
-        shown = ("metric.test.accuracy", "metric.test.macro_f1", "metric.scratch.test.accuracy", "metric.transfer_gain")
-        metrics = [(k.removeprefix("metric."), tags[k]) for k in shown if k in tags]
-        gates = sorted((k.removeprefix("gate.").removesuffix(".verdict"), v) for k, v in tags.items()
-                       if k.startswith("gate.") and k.endswith(".verdict"))
-        lineage = [(k.removeprefix("graft."), v) for k, v in sorted(tags.items())
-                   if k in ("graft.strategy", "graft.data_version", "graft.gates", "graft.source_data_version")]
+        shown = [metric_tag(name) for name in ("test.accuracy", "test.macro_f1", "scratch.test.accuracy", "transfer_gain")]
+        metrics = [(k.removeprefix(METRIC_PREFIX), tags[k]) for k in shown if k in tags]
+        gates = sorted(gate_verdicts(tags).items())
+        lineage = [(k.removeprefix("graft."), v) for k, v in sorted(tags.items()) if k in LINEAGE_TAGS]
         body = f"""
 <p id="status">Serving <b id="model">{escape(model)}</b> version <b id="version">{escape(version)}</b>
 on <b id="provider">{escape(provider or '')}</b>.</p>

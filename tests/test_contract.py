@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from components.train import Normalizer
+from components.predict import Normalizer
 from deploy.contract import Contract, ContractError, resize_chw
 from deploy.model import ModelLoadError, read_contract
 

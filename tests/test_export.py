@@ -20,8 +20,8 @@ from components.export import (
 from components.layout import Layout
 from components.model import build
 from components.stages.export import export_variants
-from components.train import Normalizer
-from deploy.contract import CLASSES_KEY, CONTRACT_KEY
+from components.predict import Normalizer
+from deploy.tags import CLASSES_KEY, CONTRACT_KEY
 from tests.conftest import tiny_params, tiny_spec
 
 

@@ -19,7 +19,7 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
 
-from components.pipeline import dvc_status, pending_stages
+from components.dvc_runner import dvc_status, pending_stages
 from components.tracked_data import DataLost, check_tracked_data, md5_of
 from deploy.model import load_model
 from tests.conftest import (

@@ -2,8 +2,6 @@
 import asyncio
 import json
 import logging
-import subprocess
-import sys
 import threading
 import time
 
@@ -15,7 +13,7 @@ from prefect.testing.utilities import prefect_test_harness
 from components.config import ParamsError
 from components.settings import parse_settings
 from components.errors import CandidateRejected
-from components.pipeline import StageRefused
+from components.dvc_runner import StageRefused
 from components.stage_runner import stage_order
 from flows.retrain import retrain
 from tests.conftest import (
@@ -51,7 +49,7 @@ def test_flow_runs_each_stage_as_a_task_then_skips_when_nothing_changed(prefect_
     summary = state.result()
     assert summary["model version"] == "graft-classifier v1 (challenger, champion)"
     runs = asyncio.run(_task_runs(state.state_details.flow_run_id))
-    assert [r.name for r in runs] == ["check_params", STAGES[0], "check_inputs", *STAGES[1:], "judge", "publish", "announce"]
+    assert [r.name for r in runs] == ["check_params", "plan", *STAGES[1:], "judge", "publish", "announce"]
     assert all(r.state.is_completed() and r.total_run_time.total_seconds() > 0 for r in runs)
     assert all(f"{name} ran" in summary["stages"] for name in STAGES)
     assert summary["selection"] == "fashion-mnist, selection.use (mode: report)"
@@ -115,7 +113,7 @@ def test_bad_data_fails_once_with_the_reason_and_is_not_retried(prefect_api, wor
 
 
 def test_second_run_waits_for_the_lock_then_refuses(prefect_api, workspace_factory, caplog):
-    from components.pipeline import ProjectBusy, project_lock
+    from components.project_lock import ProjectBusy, project_lock
 
     root = workspace_factory("locked", tiny_params(**{"schedule.lock_wait_seconds": 1}))
     with project_lock(root, 0, "a test holding the project"), caplog.at_level(logging.WARNING, logger="graft.lock"):
@@ -168,24 +166,5 @@ def test_mlflow_outage_is_retried_until_it_is_back(prefect_api, candidate_templa
             stop_process_group(server["process"])
     assert state.is_completed(), state.message
     runs = {r.name: r for r in asyncio.run(_task_runs(state.state_details.flow_run_id))}
-    assert runs["check_registry"].run_count > 1, "the registry look-up was retried"
+    assert runs["plan"].run_count > 1, "the registry look-up was retried"
     assert json.loads((root / "outputs" / "registration.json").read_text())["tracking_uri"] == url
-
-
-def test_promote_and_rollback_flows_move_the_champion(prefect_api, candidate_template, tmp_path):
-    from components.settings import load_settings
-    from components.judge import judge
-    from components.register import publish
-    from flows.promote import promote_flow, rollback_flow
-
-    root = _finished_workspace(candidate_template[0], tmp_path / "ws")
-    for atol in (1e-3, 2e-3):  # two candidates: the second made with other params
-        params_file = root / "params.yaml"
-        params_file.write_text(yaml.safe_dump(tiny_params(**{"export.parity_atol": atol}), sort_keys=False))
-        subprocess.run([sys.executable, "-m", "graft", "stage", "export"], cwd=root, check=True, capture_output=True)
-        params = load_settings(params_file)
-        newest = publish(root, params, judge(root, params))["version"]
-    promoted = promote_flow(params_path=str(root / "params.yaml"), reason="flow test")
-    assert promoted["champion"] == newest == "2" and promoted["previous"] == "1"
-    rolled = rollback_flow(params_path=str(root / "params.yaml"))
-    assert rolled["champion"] == "1"

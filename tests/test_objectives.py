@@ -17,7 +17,8 @@ from components.objectives import (
     mmd,
     schedule_factor,
 )
-from components.train import Normalizer, Phase, predict_features, train
+from components.predict import Normalizer, predict_features
+from components.train import Phase, train
 from tests.conftest import make_small_source, prepared_small_target, tiny_spec
 
 

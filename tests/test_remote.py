@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from components.pipeline import RemoteError, push_to_remote
+from components.dvc_runner import RemoteError, push_to_remote
 from tests.conftest import copy_workspace
 
 

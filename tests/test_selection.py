@@ -6,7 +6,7 @@ from components.race import successive_halving
 from components.selection import (
     CandidateScore,
     _evidence,
-    choose,
+    choose_source,
     kendall_tau,
     lead_share,
     leep,
@@ -64,11 +64,11 @@ def _candidate(name, logme_value, leep_value):
 
 def test_auto_picks_the_best_score_and_report_keeps_the_users_choice():
     candidates = [_candidate("a", -0.9, -2.0), _candidate("b", -0.5, -3.0), _candidate("c", -0.7, -1.0)]
-    auto = choose(candidates, "auto", "logme", "a", 50)
+    auto = choose_source(candidates, "auto", "logme", "a", 50)
     assert auto.chosen == "b" and [c.name for c in auto.ranking()] == ["b", "c", "a"]
-    by_leep = choose(candidates, "auto", "leep", "a", 50)
+    by_leep = choose_source(candidates, "auto", "leep", "a", 50)
     assert by_leep.chosen == "c" and [c.name for c in by_leep.ranking()] == ["c", "a", "b"]
-    report = choose(candidates, "report", "logme", "a", 50)
+    report = choose_source(candidates, "report", "logme", "a", 50)
     assert report.chosen == "a" and report.to_dict()["ranking"] == ["b", "c", "a"]
     assert "| 3 | **a** |" in report.markdown()
 

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from components.config import Params
-from components.pipeline import dvc_status, pending_stages
+from components.dvc_runner import dvc_status, pending_stages
 from components.settings import load_settings
 from tests.conftest import PROJECT, copy_workspace
 from tests.test_stage_declarations import DVC_STAGES, stage_code

@@ -14,13 +14,12 @@ from mlflow import MlflowClient
 from components.settings import SweepDask, parse_settings
 from components.data import load_splits, prepare
 from components.sweep import (
-    BRANCH_TAG,
     POOL_FILE,
-    WORKER_TAG,
     Branch,
     labelled_subset,
     summarise,
 )
+from deploy.tags import SWEEP_BRANCH_TAG, SWEEP_WORKER_TAG
 from tests.conftest import (
     copy_workspace,
     free_port,
@@ -52,9 +51,9 @@ def test_every_branch_is_a_child_run_of_one_parent_with_its_test_accuracy(swept)
     children = client.search_runs([client.get_run(report["parent_run_id"]).info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{report['parent_run_id']}'")
     assert len(children) == 3 * 2 * 2 and all(r.info.status == "FINISHED" for r in children)
-    assert {r.data.tags[BRANCH_TAG] for r in children} == {Branch(s, k, seed).key for s in ("scratch", "finetune", "joint_iw")
+    assert {r.data.tags[SWEEP_BRANCH_TAG] for r in children} == {Branch(s, k, seed).key for s in ("scratch", "finetune", "joint_iw")
                                                            for k in (1, 3) for seed in (0, 1)}
-    by_key = {r.data.tags[BRANCH_TAG]: r for r in children}
+    by_key = {r.data.tags[SWEEP_BRANCH_TAG]: r for r in children}
     assert by_key["finetune/k=3/seed=1"].data.metrics["train_examples"] == 3 * 10  # the tiny target has 10 classes
     row = next(r for r in report["rows"] if (r["strategy"], r["labels_per_class"]) == ("joint_iw", 3))
     assert row["accuracy"] == [by_key[f"joint_iw/k=3/seed={s}"].data.metrics["test_accuracy"] for s in (0, 1)]
@@ -73,7 +72,7 @@ def test_branches_ran_in_parallel_on_two_dask_workers_after_the_data_was_prepare
     client = MlflowClient(tracking_uri=url)
     children = client.search_runs([client.get_run(report["parent_run_id"]).info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{report['parent_run_id']}'")
-    workers = {r.data.tags[WORKER_TAG] for r in children}
+    workers = {r.data.tags[SWEEP_WORKER_TAG] for r in children}
     assert len(workers) == 2 and sorted(workers) == report["workers"]
     # Two branches overlapped in time: they ran side by side, not one after the other.
     spans = sorted((r.info.start_time, r.info.end_time) for r in children)
@@ -87,14 +86,14 @@ def test_a_resumed_sweep_redoes_only_the_branches_that_did_not_finish(swept):
     report = json.loads((root / "reports" / "sweep.json").read_text())
     client = MlflowClient(tracking_uri=url)
     experiment = client.get_run(report["parent_run_id"]).info.experiment_id
-    broken = client.search_runs([experiment], f"tags.`{BRANCH_TAG}` = 'finetune/k=1/seed=0'")[0]
+    broken = client.search_runs([experiment], f"tags.`{SWEEP_BRANCH_TAG}` = 'finetune/k=1/seed=0'")[0]
     client.set_terminated(broken.info.run_id, "FAILED")  # as a branch killed part-way leaves it
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["sweep"]["executor"] = "sequential"  # the same branch, now in graft's own process
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     again = graft_cli(root, url, "sweep")
     assert "11 finished before, 1 to run" in again.stdout + again.stderr
-    rerun = client.search_runs([experiment], f"tags.`{BRANCH_TAG}` = 'finetune/k=1/seed=0'")
+    rerun = client.search_runs([experiment], f"tags.`{SWEEP_BRANCH_TAG}` = 'finetune/k=1/seed=0'")
     assert sorted(r.info.status for r in rerun) == ["FAILED", "FINISHED"]
     on_dask, here = sorted(rerun, key=lambda r: r.info.status)
     # The same seeded branch; a Dask worker trains with 1 torch thread, this process with every core, and float
@@ -140,7 +139,7 @@ def test_a_sweep_runs_on_the_dask_scheduler_named_in_the_environment(swept, dask
     child = MlflowClient(tracking_uri=url).search_runs(
         [MlflowClient(tracking_uri=url).get_run(report["parent_run_id"]).info.experiment_id],
         f"tags.mlflow.parentRunId = '{report['parent_run_id']}'")
-    assert [r.data.tags[BRANCH_TAG] for r in child] == ["finetune/k=2/seed=5"]
+    assert [r.data.tags[SWEEP_BRANCH_TAG] for r in child] == ["finetune/k=2/seed=5"]
 
 
 def test_a_branch_draws_the_labels_the_pipeline_would_draw_with_its_seed(tmp_path):

@@ -18,7 +18,7 @@ from components.config import ParamsError
 from components.settings import load_settings
 from components.userdata import check_raw_data
 from components.data import prepare
-from components.pipeline import dvc_status, pending_stages
+from components.dvc_runner import dvc_status, pending_stages
 from tests.conftest import PROJECT, make_small_target, tiny_params
 
 

@@ -13,14 +13,14 @@ from components.config import Params
 from components.export import ParityFailed, build_variant, check_parity, export_onnx, score_onnx
 from components.layout import Layout
 from components.model import load_checkpoint
-from deploy.contract import SOURCE_KEY
+from deploy.tags import DATA_VERSION_KEY, SOURCE_KEY, STRATEGY_KEY
 from deploy.variants import FP32, variant_path
 
 
 def export(params: Params) -> dict:
     model, meta = load_checkpoint(Layout.transfer_model)
     export_onnx(model, Layout.onnx_model, params.export.opset, {
-        "graft.strategy": meta["strategy"], "graft.data_version": meta["data_version"],
+        STRATEGY_KEY: meta["strategy"], DATA_VERSION_KEY: meta["data_version"],
         SOURCE_KEY: json.dumps(meta.get("source", {}), sort_keys=True),
     })
     splits = data_mod.load_splits(Layout.selected_data)

@@ -15,7 +15,7 @@ from components.errors import GraftError
 from components.layout import Layout
 from components.model import graft
 from components.race import successive_halving
-from components.selection import Selection, choose, lead_share, score_candidate, why_race, write_selection
+from components.selection import Selection, choose_source, lead_share, score_candidate, why_race, write_selection
 from components.sources import SourceError, SourceIdentity, extract_features, load_source, pipeline_identity
 from components.train import strategy_phases, train
 from components.tuning import Tuning
@@ -48,7 +48,7 @@ def select_source(params: Params) -> dict:
                                       features.seconds))
         identities[identity.name] = identity
         scored[identity.name] = (features.features, features.source_probabilities)
-    selection = choose(scores, params.selection.mode, params.selection.score, params.chosen_in_report_mode(),
+    selection = choose_source(scores, params.selection.mode, params.selection.score, params.chosen_in_report_mode(),
                        examples=int(len(splits.y_train)))
     if params.selection.mode == "auto" and len(scores) > 1:
         selection = settle_by_race(params, selection, identities, scored, splits.y_train)

@@ -16,7 +16,8 @@ from components.layout import Layout
 from components.model import GraftNet, ModelSpec, build, graft, save_checkpoint
 from components.objectives import Alignment, Term, joint_term, require_source_data
 from components.sources import LoadedSource, SourceIdentity, load_source
-from components.train import Normalizer, predict_features, strategy_phases, train
+from components.predict import Normalizer, predict_features
+from components.train import strategy_phases, train
 from components.tuning import Tuning
 
 

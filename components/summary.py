@@ -1,0 +1,105 @@
+"""The run at a glance: a short table read from the stages' declared outputs, for the terminal and Prefect."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from components.artifacts import read_json
+from components.dvc_runner import StageOutcome
+from components.errors import GraftError
+from components.layout import Layout
+
+
+class NoRunYet(GraftError):
+    pass
+
+
+def collect_summary(root: str | Path, outcomes: list[StageOutcome] | None = None, registration: dict | None = None,
+                    gate_report: dict | None = None) -> dict:
+    """The run at a glance, read from the stages' declared outputs; the registration and gate report as the run
+    holds them (read from outputs/ and reports/ when not given: `graft summary`)."""
+    root = Path(root)
+    needed = (Layout.evaluate_metrics, Layout.target_report, Layout.selection_report, Layout.selected_source,
+              Layout.export_metrics, Layout.transfer_model.with_suffix(".json"), Layout.per_class)
+    if missing := [str(path) for path in needed if not (root / path).exists()]:
+        # A clone has the committed metrics and reports but not DVC's outputs until a run or `dvc pull`.
+        raise NoRunYet(f"no pipeline outputs in {root.resolve()} ({', '.join(missing)} missing): run `graft run` "
+                       "(or `dvc repro`) first, or `dvc pull` them from the project's DVC remote")
+    target = read_json(root / Layout.target_report)
+    selection = read_json(root / Layout.selection_report)
+    source = read_json(root / Layout.selected_source)
+    evaluation = read_json(root / Layout.evaluate_metrics)
+    parity = read_json(root / Layout.export_metrics)
+    transfer_meta = read_json(root / Layout.transfer_model.with_suffix(".json"))
+    if registration is None:
+        registration = read_json(root / Layout.registration) if (root / Layout.registration).exists() else {}
+    if gate_report is None and (root / Layout.gate_report).exists():
+        gate_report = read_json(root / Layout.gate_report)
+    scores = {c["name"]: c[selection["score"]] for c in selection["candidates"]}
+    ranking = ", ".join(f"{name} {scores[name]:.3f}" for name in selection["ranking"])
+    return {
+        "target data": f"{target['dataset']} @ {target['data_version']} "
+                       f"(train {target['counts']['train']}, test {target['counts']['test']}, quarantined {target['quarantined']})",
+        "source": f"{source['name']} ({source['kind']}: {source['architecture']}, {source['weights'] or source['file']}, "
+                  f"{source['image_size']} px)" + _pretrained_line(root, source),
+        "source scores": f"{selection['score']}: {ranking}",
+        "selection": f"{selection['chosen']}, {selection['decided_by']}",
+        "strategy": transfer_meta["strategy"],
+        "transfer test acc": f"{evaluation['transfer']['accuracy']:.4f} (macro-F1 {evaluation['transfer']['macro_f1']:.4f})",
+        "scratch test acc": f"{evaluation['scratch']['accuracy']:.4f} (macro-F1 {evaluation['scratch']['macro_f1']:.4f}), same architecture",
+        "transfer gain": f"{100 * evaluation['transfer_gain']:+.2f} points",
+        "ONNX parity": f"max |diff| {parity['max_abs_diff']:.1e}, top-1 agreement {parity['argmax_agreement']:.4f}",
+        "export variants": _variants_line(parity.get("variants", {})),
+        "gates": _gate_line(gate_report),
+        "model version": _version_line(registration),
+        "stages": ", ".join(f"{o.name} {'ran' if o.ran else 'skipped'} {o.seconds:.0f}s" for o in outcomes) if outcomes else "",
+    }
+
+
+def _pretrained_line(root: Path, source: dict) -> str:
+    if source["kind"] != "pipeline":
+        return ""
+    metrics = read_json(root / Layout.pretrain_metrics(source["name"]))
+    return f", source test acc {metrics['test_accuracy']:.4f}"
+
+
+def _variants_line(variants: dict[str, dict]) -> str:
+    """Each export variant's test accuracy and CPU batch-64 latency, and whether it was published."""
+    return "; ".join(
+        f"{name} {score['accuracy']:.4f}, {score['latency_ms_batch64']:.1f} ms/64 on CPU"
+        + ("" if score["published"] else f" (not published: {100 * score['accuracy_drop']:.2f} points below fp32)")
+        for name, score in variants.items())
+
+
+def _gate_line(report: dict | None) -> str:
+    if report is None:
+        return "not run"
+    failed = [g["name"] for g in report["gates"] if g["verdict"] == "failed"]
+    return ("all passed" if report["passed"] else f"FAILED: {', '.join(failed)}") + f" (serving check on {report['provider']})"
+
+
+def _version_line(registration: dict) -> str:
+    if not registration:
+        return "not registered"
+    aliases = [alias for alias, held in (("challenger", registration.get("challenger")), ("champion", registration.get("promoted"))) if held]
+    found = "" if registration.get("new", True) else ", already registered: not duplicated"
+    return (f"{registration['model_name']} v{registration['version']}"
+            + (f" ({', '.join(aliases)}{found})" if aliases else f" (no alias: gates failed{found})"))
+
+
+def summary_text(root: str | Path, summary: dict) -> str:
+    """The summary table, then the fine-tuned model's classification report on the test split."""
+    from components.evaluate import classification_report
+
+    root = Path(root)
+    accuracy = read_json(root / Layout.evaluate_metrics)["transfer"]["accuracy"]
+    report = classification_report(read_json(root / Layout.per_class)["transfer"], accuracy)
+    return f"{format_table(summary)}\n\nclassification report (transfer, test split)\n{report}"
+
+
+def format_table(summary: dict, markdown: bool = False) -> str:
+    rows = [(k, v) for k, v in summary.items() if v]
+    if markdown:
+        return "\n".join(["| item | value |", "| --- | --- |", *(f"| {k} | {v} |" for k, v in rows)])
+    width = max(len(k) for k, _ in rows)
+    rule = "-" * (width + 2 + max(len(str(v)) for _, v in rows))
+    return "\n".join([rule, *(f"{k.ljust(width)}  {v}" for k, v in rows), rule])
