@@ -26,15 +26,8 @@ from PIL import Image, UnidentifiedImageError
 
 from deploy.contract import Contract, ContractError
 from deploy.tags import CLASSES_KEY, CONTRACT_KEY
-from deploy.variants import FP32
-
-PROVIDER_NAMES = {
-    "tensorrt": "TensorrtExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "cpu": "CPUExecutionProvider",
-}
-AUTO = "auto"  # every provider that can load here, fastest first
-GPU_PROVIDERS = {"TensorrtExecutionProvider", "CUDAExecutionProvider"}
+from deploy.settings import GPU_PROVIDERS, PROVIDER_NAMES, default_cache_dir  # stated there: no ONNX Runtime
+from deploy.variants import AUTO, FP32
 
 
 class ModelLoadError(RuntimeError):
@@ -179,7 +172,9 @@ class LoadedModel:
 
 
 def engine_cache(cache_dir: str | Path | None) -> Path:
-    return Path(cache_dir or os.environ.get("GRAFT_ENGINE_CACHE", Path.home() / ".cache" / "graft"))
+    """The cache folder (TensorRT engines go in its tensorrt/ subfolder): `cache_dir`, else $GRAFT_CACHE_DIR,
+    else ~/.cache/graft."""
+    return Path(cache_dir or default_cache_dir())
 
 
 def load_model(path: str | Path, providers: list[str] | None = None, strict: bool = False,

@@ -4,7 +4,9 @@ It serves the model behind a registry alias, batches concurrent requests, and fo
 moves (promote, rollback) the new version is loaded beside the old one, warmed up and switched in with one
 reference swap. A request is answered entirely by the version it started on; none is dropped.
 
-Run: `graft serve` (reads params.yaml), or in a container `python -m deploy.server --tracking-uri ...`.
+Run: `graft serve` (reads params.yaml), or in a container `python -m deploy.server --tracking-uri ...`. Both take
+their settings from deploy/settings.py's ServingSettings: params.yaml's `serving`, one option per field, and for
+`python -m deploy.server` one environment variable per field (GRAFT_MAX_BATCH_SIZE for --max-batch-size).
 """
 from __future__ import annotations
 
@@ -23,7 +25,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
@@ -55,30 +56,43 @@ from deploy.model import (
     softmax,
 )
 from deploy.page import render_page
+from deploy.settings import (
+    CACHE_VARIABLE,
+    MODEL_VARIABLE,
+    TOKEN_VARIABLE,
+    ServingSettings,
+    SettingsError,
+    add_options,
+    default_cache_dir,
+    serving_from,
+    variables,
+)
 from deploy.source import FileSource, IntegrityError, RegistrySource, RegistryUnreachable, SourceError
-from deploy.variants import AUTO, VARIANTS, VariantError, choose
+from deploy.variants import VariantError, choose_variant
 
 log = logging.getLogger("graft.serve")
 T = TypeVar("T")
 disable_created_metrics()  # the *_created series double /metrics for no use here
-TOKEN_VARIABLE = "GRAFT_API_TOKEN"  # the API token comes from the environment (or a secret), never from a file in git
+TRACKING_VARIABLE = "MLFLOW_TRACKING_URI"
+DEFAULT_MODEL = "graft-classifier"
+
+
+def environment_variables() -> set[str]:
+    """Every environment variable `python -m deploy.server` reads: one per serving setting, and the rest."""
+    return {*variables().values(), TRACKING_VARIABLE, MODEL_VARIABLE, CACHE_VARIABLE, TOKEN_VARIABLE}
 
 
 @dataclass(frozen=True)
 class ServerSettings:
-    model_name: str = "graft-classifier"
-    providers: tuple[str, ...] = ("auto",)
-    variant: str = AUTO  # which export variant: auto (the provider's best published one), fp32, int8, fp16
-    strict: bool = False
-    max_batch_size: int = 32
-    max_queue_delay_ms: float = 0.0
-    max_body_bytes: int = 10_000_000
-    poll_seconds: float = 5.0
-    threads: int = 0
-    cache_dir: str = str(Path.home() / ".cache" / "graft")
+    """What one server runs with: the serving settings (params.yaml's `serving`, or the command line and
+    environment of `python -m deploy.server`), and what is not one of them."""
+
+    serving: ServingSettings = field(default_factory=ServingSettings)
+    model_name: str = DEFAULT_MODEL
+    cache_dir: str = field(default_factory=lambda: str(default_cache_dir()))
+    token: str = field(default="", repr=False)  # when set, every endpoint but /v2/health/* needs "Bearer <token>"
     warmup_rounds: int = 3
     decode_workers: int = 2  # threads that parse bodies and decode images, off the event loop
-    token: str = field(default="", repr=False)  # when set, every endpoint but /v2/health/* needs "Bearer <token>"
 
 
 @dataclass
@@ -139,23 +153,24 @@ class ModelServer:
     # ------------------------------------------------------------ loading and reloading
 
     def _load_variant(self, version: str, provider: str, available: list[str]) -> tuple[LoadedModel, dict[str, str]]:
+        serving = self.settings.serving
         try:
-            variant, why = choose(self.settings.variant, provider, available)
+            variant, why = choose_variant(serving.variant, provider, available)
         except VariantError as error:
             raise ModelLoadError(f"v{version}: {error}") from None
         resolved = self.source.fetch(version, variant)
-        model = load_model(resolved.onnx_path, list(self.settings.providers), self.settings.strict,
-                           Path(self.settings.cache_dir), self.settings.threads)
+        model = load_model(resolved.onnx_path, list(serving.providers), serving.strict,
+                           engine_cache(self.settings.cache_dir), serving.threads)
         model.variant, model.variant_note = variant, f"{variant} ({why})"
         return model, resolved.tags
 
     def _load(self, version: str) -> tuple[LoadedModel, dict[str, str]]:
         available = self.source.variants(version)
-        planned = planned_provider(list(self.settings.providers), engine_cache(self.settings.cache_dir))
+        planned = planned_provider(list(self.settings.serving.providers), engine_cache(self.settings.cache_dir))
         model, tags = self._load_variant(version, planned, available)
         if model.provider != planned:  # a GPU provider failed to start: serve the variant that fits what runs
             model, tags = self._load_variant(version, model.provider, available)
-        warm = np.zeros((self.settings.max_batch_size, *model.contract.shape), np.float32)
+        warm = np.zeros((self.settings.serving.max_batch_size, *model.contract.shape), np.float32)
         for _ in range(self.settings.warmup_rounds):  # first calls allocate and (on TensorRT) build engines
             model.run(warm[:1])
             model.run(warm)
@@ -164,7 +179,8 @@ class ModelServer:
     async def switch_to(self, version: str) -> None:
         async with self._swap_lock:
             model, tags = await asyncio.to_thread(self._load, version)
-            batcher = DynamicBatcher(model.run, self.settings.max_batch_size, self.settings.max_queue_delay_ms / 1000,
+            serving = self.settings.serving
+            batcher = DynamicBatcher(model.run, serving.max_batch_size, serving.max_queue_delay_ms / 1000,
                                      self.metrics.on_batch)
             batcher.start()
             old, self.served = self.served, Served(version, model, batcher, tags)  # the one atomic step
@@ -195,7 +211,7 @@ class ModelServer:
 
     async def _follow_alias(self) -> None:
         while True:
-            await asyncio.sleep(self.settings.poll_seconds)
+            await asyncio.sleep(self.settings.serving.poll_seconds)
             try:
                 if await self._switch_if_new():
                     self.metrics.reloads.labels("switched").inc()
@@ -216,9 +232,9 @@ class ModelServer:
             try:
                 await self.load_current()
             except Exception as error:  # whatever it was, stay live and try again: readiness tells the rest
-                log.warning("not ready: %s; retrying in %.1fs", error, self.settings.poll_seconds)
+                log.warning("not ready: %s; retrying in %.1fs", error, self.settings.serving.poll_seconds)
             if not self.ready:
-                await asyncio.sleep(self.settings.poll_seconds)
+                await asyncio.sleep(self.settings.serving.poll_seconds)
         if isinstance(self.source, RegistrySource):
             await self._follow_alias()
 
@@ -385,7 +401,8 @@ class Guard:
 
     def __init__(self, app, settings: ServerSettings, metrics: Metrics) -> None:
         self.app, self.settings, self.metrics = app, settings, metrics
-        self.drain_bytes = max(DRAIN_BYTES, 4 * settings.max_body_bytes)
+        self.limit = settings.serving.max_body_bytes
+        self.drain_bytes = max(DRAIN_BYTES, 4 * self.limit)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -423,8 +440,8 @@ class Guard:
             refusal = _error(401, "this server needs an API token: send the header 'Authorization: Bearer <token>'")
             refusal.headers["WWW-Authenticate"] = "Bearer"
             self.metrics.errors.labels(endpoint, "unauthorised").inc()
-        elif length is not None and (not length.isdigit() or int(length) > self.settings.max_body_bytes):
-            refusal = _error(413, f"body of {length.decode('latin-1')} bytes is over the limit of {self.settings.max_body_bytes}")
+        elif length is not None and (not length.isdigit() or int(length) > self.limit):
+            refusal = _error(413, f"body of {length.decode('latin-1')} bytes is over the limit of {self.limit}")
             self.metrics.errors.labels(endpoint, "too_large").inc()
         await (refusal or self.app)(scope, receive_noting_end, send_noting_status)
         self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
@@ -448,156 +465,189 @@ class Guard:
             pass
 
 
+# ------------------------------------------------------------ the application: each piece named, create_app wires them
+
+
+def _server(request: Request) -> ModelServer:
+    return request.app.state.server
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI):
+    server: ModelServer = app.state.server
+    if server.settings.serving.strict:
+        # Strict serving loads before it listens: a CPU fallback (ProviderError) stops the start.
+        await server.load_current()
+    server.start()
+    yield
+    await server.stop()
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, refused past `limit` bytes as it comes: chunked bodies carry no content-length."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def unknown_model(server: ModelServer, name: str) -> JSONResponse | None:
+    """A 404 when this server does not serve `name`, else None."""
+    if name != server.settings.model_name:
+        return _error(404, f"unknown model {name!r}; this server serves {server.settings.model_name!r}")
+    return None
+
+
+def check_model(server: ModelServer, name: str) -> JSONResponse | None:
+    """The answer for a request to model `name` that cannot be served (unknown model, not loaded yet), else None."""
+    if (problem := unknown_model(server, name)) is not None:
+        return problem
+    if not server.ready:
+        return _error(503, "the model is not loaded yet")
+    return None
+
+
+async def live():
+    return {"live": True}
+
+
+async def ready(request: Request):
+    server = _server(request)
+    return JSONResponse({"ready": server.ready}, status_code=200 if server.ready else 503)
+
+
+async def model_ready(request: Request, name: str):
+    server = _server(request)
+    if (problem := unknown_model(server, name)) is not None:
+        return problem
+    return JSONResponse({"name": name, "ready": server.ready}, status_code=200 if server.ready else 503)
+
+
+async def model_metadata(request: Request, name: str):
+    server = _server(request)
+    if (problem := check_model(server, name)) is not None:
+        return problem
+    served, serving = server.served, server.settings.serving
+    contract = served.model.contract
+    return {
+        "name": name, "versions": [served.version], "platform": "onnxruntime_onnx",
+        "inputs": [{"name": contract.input_name, "datatype": "FP32", "shape": [-1, *contract.shape]}],
+        "outputs": [{"name": contract.output_name, "datatype": "FP32", "shape": [-1, len(served.model.classes)]}],
+        "parameters": {
+            "version": served.version, "provider": served.model.provider,
+            "variant": served.model.variant, "variant_note": served.model.variant_note,
+            "requested_providers": list(served.model.requested_providers),
+            "active_providers": list(served.model.active_providers), "provider_note": served.model.provider_note,
+            "classes": list(served.model.classes),
+            "preprocess": contract.to_dict(),
+            "max_batch_size": serving.max_batch_size, "max_queue_delay_ms": serving.max_queue_delay_ms,
+            "max_body_bytes": serving.max_body_bytes,
+            "max_infer_rows": max_infer_rows(served.model, serving.max_body_bytes),
+        },
+    }
+
+
+async def infer(request: Request) -> Response:
+    """POST /v2/models/{name}/infer. A plain Starlette endpoint: FastAPI's parameter machinery costs more than the
+    rest of a small request."""
+    server = _server(request)
+    metrics, limit = server.metrics, server.settings.serving.max_body_bytes
+    name = request.path_params["name"]
+    if (problem := check_model(server, name)) is not None:
+        metrics.errors.labels("infer", "model").inc()
+        return problem
+    raw = b""
+    try:
+        raw = await read_body(request, limit)
+        header, binary = split_binary(raw, request.headers.get(BINARY_HEADER))
+        # Small bodies and binary tensors (a JSON header, then bytes numpy takes as they are) are parsed on the
+        # event loop: a hop to the decode pool costs more. Large JSON tensors are parsed in the pool.
+        inline = binary is not None or len(raw) <= INLINE_BODY_BYTES
+        body = orjson.loads(header) if inline else await server.off_loop(lambda: orjson.loads(header))
+        logits, served = await server.infer(lambda served: _parse_infer(
+            body, served.model, max_infer_rows(served.model, limit), binary), inline=inline)
+    except orjson.JSONDecodeError as error:
+        metrics.errors.labels("infer", "bad_json").inc()
+        if any(token in raw for token in (b"NaN", b"Infinity")):
+            return _error(400, "data holds NaN or infinity; send finite numbers")
+        return _error(400, f"body is not valid JSON: {error}")
+    except InputError as error:
+        metrics.errors.labels("infer", "bad_input").inc()
+        return _error(413 if isinstance(error, PayloadTooLarge) else 400, str(error))
+    output = {"name": served.model.contract.output_name, "datatype": "FP32", "shape": list(logits.shape)}
+    payload = {"model_name": name, "model_version": served.version, "id": body.get("id", ""), "outputs": [output]}
+    if wants_binary_output(body):
+        data = np.ascontiguousarray(logits, dtype="<f4").tobytes()
+        output["parameters"] = {"binary_data_size": len(data)}
+        header = orjson.dumps(payload)
+        return Response(header + data, media_type="application/octet-stream",
+                        headers={"Inference-Header-Content-Length": str(len(header))})
+    # orjson writes the numpy array directly; FastAPI's default encoder walks every float in Python.
+    output["data"] = logits.ravel()
+    return Response(orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")
+
+
+async def predict(request: Request) -> Response:
+    """POST /predict: an image file (raw bytes or a multipart upload) -> the top_k classes. Plain Starlette too."""
+    server = _server(request)
+    if not server.ready:
+        return _error(503, "the model is not loaded yet")
+    top_k = request.query_params.get("top_k", "3")
+    if not top_k.lstrip("-").isdigit():
+        return _error(422, f"top_k={top_k!r} must be an integer (the number of classes to return)")
+    try:
+        # Bounded, whatever the framing: multipart is parsed from these bytes.
+        blob = await read_body(request, server.settings.serving.max_body_bytes)
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            blob = await _multipart_file(request.headers, blob)
+
+        def prepare(served: Served) -> np.ndarray:
+            return served.model.contract.normalize(decode_image(blob, served.model.contract)[None])
+
+        # A small image decodes faster than a hop to the decode pool; a large one would stall the event loop.
+        logits, served = await server.infer(prepare, inline=declared_pixels(blob) <= INLINE_IMAGE_PIXELS)
+    except InputError as error:
+        server.metrics.errors.labels("predict", "bad_image").inc()
+        return _error(413 if isinstance(error, PayloadTooLarge) else 400, str(error))
+    probabilities = softmax(logits)[0]
+    order = np.argsort(-probabilities)[: max(1, min(int(top_k), len(probabilities)))]
+    return Response(orjson.dumps({
+        "model_version": served.version,
+        "predictions": [{"class": served.model.classes[i], "probability": float(probabilities[i])} for i in order],
+    }), media_type="application/json")
+
+
+async def prometheus(request: Request):
+    server = _server(request)
+    if server.served:
+        server.metrics.queue_depth.set(server.served.batcher.depth)
+    return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def page(request: Request):
+    server = _server(request)
+    served = server.served
+    return render_page(server.settings.model_name, served.version if served else None,
+                       served.model.provider if served else None, served.tags if served else {},
+                       list(served.model.classes) if served else [])
+
+
 def create_app(source: FileSource | RegistrySource, settings: ServerSettings) -> FastAPI:
     server = ModelServer(source, settings)
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        if settings.strict:
-            # Strict serving loads before it listens: a CPU fallback (ProviderError) stops the start.
-            await server.load_current()
-        server.start()
-        yield
-        await server.stop()
-
     app = FastAPI(title="Graft model server", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = server
-    metrics = server.metrics
-
-    app.add_middleware(Guard, settings=settings, metrics=metrics)
-
-    async def read_body(request: Request) -> bytes:
-        chunks, size = [], 0
-        async for chunk in request.stream():  # chunked bodies carry no content-length: count as they come
-            size += len(chunk)
-            if size > settings.max_body_bytes:
-                raise PayloadTooLarge(f"body is over the limit of {settings.max_body_bytes} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    def check_model(name: str) -> JSONResponse | None:
-        if name != settings.model_name:
-            return _error(404, f"unknown model {name!r}; this server serves {settings.model_name!r}")
-        if not server.ready:
-            return _error(503, "the model is not loaded yet")
-        return None
-
-    @app.get("/v2/health/live")
-    async def live():
-        return {"live": True}
-
-    @app.get("/v2/health/ready")
-    async def ready():
-        return JSONResponse({"ready": server.ready}, status_code=200 if server.ready else 503)
-
-    @app.get("/v2/models/{name}/ready")
-    async def model_ready(name: str):
-        if name != settings.model_name:
-            return _error(404, f"unknown model {name!r}; this server serves {settings.model_name!r}")
-        return JSONResponse({"name": name, "ready": server.ready}, status_code=200 if server.ready else 503)
-
-    @app.get("/v2/models/{name}")
-    async def model_metadata(name: str):
-        if (problem := check_model(name)) is not None:
-            return problem
-        served = server.served
-        contract = served.model.contract
-        return {
-            "name": name, "versions": [served.version], "platform": "onnxruntime_onnx",
-            "inputs": [{"name": contract.input_name, "datatype": "FP32", "shape": [-1, *contract.shape]}],
-            "outputs": [{"name": contract.output_name, "datatype": "FP32", "shape": [-1, len(served.model.classes)]}],
-            "parameters": {
-                "version": served.version, "provider": served.model.provider,
-                "variant": served.model.variant, "variant_note": served.model.variant_note,
-                "requested_providers": list(served.model.requested_providers),
-                "active_providers": list(served.model.active_providers), "provider_note": served.model.provider_note,
-                "classes": list(served.model.classes),
-                "preprocess": contract.to_dict(),
-                "max_batch_size": settings.max_batch_size, "max_queue_delay_ms": settings.max_queue_delay_ms,
-                "max_body_bytes": settings.max_body_bytes,
-                "max_infer_rows": max_infer_rows(served.model, settings.max_body_bytes),
-            },
-        }
-
-    async def infer(request: Request) -> Response:
-        # A plain Starlette endpoint: FastAPI's parameter machinery costs more than the rest of a small request.
-        name = request.path_params["name"]
-        if (problem := check_model(name)) is not None:
-            metrics.errors.labels("infer", "model").inc()
-            return problem
-        raw = b""
-        try:
-            raw = await read_body(request)
-            header, binary = split_binary(raw, request.headers.get(BINARY_HEADER))
-            # Small bodies and binary tensors (a JSON header, then bytes numpy takes as they are) are parsed on the
-            # event loop: a hop to the decode pool costs more. Large JSON tensors are parsed in the pool.
-            inline = binary is not None or len(raw) <= INLINE_BODY_BYTES
-            body = orjson.loads(header) if inline else await server.off_loop(lambda: orjson.loads(header))
-            logits, served = await server.infer(lambda served: _parse_infer(
-                body, served.model, max_infer_rows(served.model, settings.max_body_bytes), binary), inline=inline)
-        except orjson.JSONDecodeError as error:
-            metrics.errors.labels("infer", "bad_json").inc()
-            if any(token in raw for token in (b"NaN", b"Infinity")):
-                return _error(400, "data holds NaN or infinity; send finite numbers")
-            return _error(400, f"body is not valid JSON: {error}")
-        except InputError as error:
-            metrics.errors.labels("infer", "bad_input").inc()
-            return _error(413 if isinstance(error, PayloadTooLarge) else 400, str(error))
-        output = {"name": served.model.contract.output_name, "datatype": "FP32", "shape": list(logits.shape)}
-        payload = {"model_name": name, "model_version": served.version, "id": body.get("id", ""), "outputs": [output]}
-        if wants_binary_output(body):
-            data = np.ascontiguousarray(logits, dtype="<f4").tobytes()
-            output["parameters"] = {"binary_data_size": len(data)}
-            header = orjson.dumps(payload)
-            return Response(header + data, media_type="application/octet-stream",
-                            headers={"Inference-Header-Content-Length": str(len(header))})
-        # orjson writes the numpy array directly; FastAPI's default encoder walks every float in Python.
-        output["data"] = logits.ravel()
-        return Response(orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")
-
+    app.add_middleware(Guard, settings=settings, metrics=server.metrics)
+    app.add_api_route("/v2/health/live", live, methods=["GET"])
+    app.add_api_route("/v2/health/ready", ready, methods=["GET"])
+    app.add_api_route("/v2/models/{name}/ready", model_ready, methods=["GET"])
+    app.add_api_route("/v2/models/{name}", model_metadata, methods=["GET"])
     app.add_route("/v2/models/{name}/infer", infer, methods=["POST"])
-
-    async def predict(request: Request) -> Response:
-        if not server.ready:
-            return _error(503, "the model is not loaded yet")
-        top_k = request.query_params.get("top_k", "3")
-        if not top_k.lstrip("-").isdigit():
-            return _error(422, f"top_k={top_k!r} must be an integer (the number of classes to return)")
-        try:
-            blob = await read_body(request)  # bounded, whatever the framing: multipart is parsed from these bytes
-            if request.headers.get("content-type", "").startswith("multipart/form-data"):
-                blob = await _multipart_file(request.headers, blob)
-
-            def prepare(served: Served) -> np.ndarray:
-                return served.model.contract.normalize(decode_image(blob, served.model.contract)[None])
-
-            # A small image decodes faster than a hop to the decode pool; a large one would stall the event loop.
-            logits, served = await server.infer(prepare, inline=declared_pixels(blob) <= INLINE_IMAGE_PIXELS)
-        except InputError as error:
-            metrics.errors.labels("predict", "bad_image").inc()
-            return _error(413 if isinstance(error, PayloadTooLarge) else 400, str(error))
-        probabilities = softmax(logits)[0]
-        order = np.argsort(-probabilities)[: max(1, min(int(top_k), len(probabilities)))]
-        return Response(orjson.dumps({
-            "model_version": served.version,
-            "predictions": [{"class": served.model.classes[i], "probability": float(probabilities[i])} for i in order],
-        }), media_type="application/json")
-
     app.add_route("/predict", predict, methods=["POST"])
-
-    @app.get("/metrics")
-    async def prometheus():
-        if server.served:
-            metrics.queue_depth.set(server.served.batcher.depth)
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    @app.get("/", response_class=HTMLResponse)
-    async def page():
-        served = server.served
-        return render_page(settings.model_name, served.version if served else None,
-                           served.model.provider if served else None, served.tags if served else {},
-                           list(served.model.classes) if served else [])
-
+    app.add_api_route("/metrics", prometheus, methods=["GET"])
+    app.add_api_route("/", page, methods=["GET"], response_class=HTMLResponse)
     return app
 
 
@@ -624,9 +674,11 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(source, settings: ServerSettings, host: str, port: int, log_level: str = "info", insecure: bool = False) -> None:
+def serve(source, settings: ServerSettings, log_level: str = "info", insecure: bool = False) -> None:
+    """Listen on settings.serving's host and port and serve until stopped."""
     import uvicorn
 
+    host, port = settings.serving.host, settings.serving.port
     check_bind(host, settings.token, insecure)
     sock = bind(host, port)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -639,38 +691,37 @@ def serve(source, settings: ServerSettings, host: str, port: int, log_level: str
         pass
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Graft model server (ONNX Runtime)")
-    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"))
-    parser.add_argument("--model", default=os.environ.get("GRAFT_MODEL", "graft-classifier"))
-    parser.add_argument("--alias", default=os.environ.get("GRAFT_ALIAS", "champion"))
+def argument_parser() -> argparse.ArgumentParser:
+    """`python -m deploy.server`'s options: one per serving setting (deploy/settings.py: the option, its help and its
+    environment variable derived from the field), and where and what to serve."""
+    parser = argparse.ArgumentParser(prog="python -m deploy.server",
+                                     description="Graft model server (ONNX Runtime). Every option also reads an "
+                                     "environment variable, named in its help; the option wins.")
+    parser.add_argument("--tracking-uri", default=os.environ.get(TRACKING_VARIABLE),
+                        help=f"the MLflow registry to serve from (default: ${TRACKING_VARIABLE})")
+    parser.add_argument("--model", default=os.environ.get(MODEL_VARIABLE, DEFAULT_MODEL),
+                        help=f"the registered model to serve (default: ${MODEL_VARIABLE}, else {DEFAULT_MODEL})")
     parser.add_argument("--onnx-file", help="serve this file instead of a registry alias (no reloads)")
-    parser.add_argument("--host", default=os.environ.get("GRAFT_HOST", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=int(os.environ.get("GRAFT_PORT", "8000")))
-    parser.add_argument("--providers", default=os.environ.get("GRAFT_PROVIDERS", "auto"))
-    parser.add_argument("--variant", default=os.environ.get("GRAFT_VARIANT", AUTO),
-                        help="export variant: auto (INT8 on CPU, FP16 on CUDA, when published), fp32, int8, fp16")
-    parser.add_argument("--strict", action="store_true", default=os.environ.get("GRAFT_STRICT") == "1")
-    parser.add_argument("--max-batch-size", type=int, default=32)
-    parser.add_argument("--max-queue-delay-ms", type=float, default=0.0)
-    parser.add_argument("--max-body-bytes", type=int, default=10_000_000)
-    parser.add_argument("--poll-seconds", type=float, default=5.0)
-    parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--cache-dir", default=os.environ.get("GRAFT_CACHE_DIR", str(Path.home() / ".cache" / "graft")))
+    parser.add_argument("--cache-dir", help="the folder for downloaded versions and TensorRT engines (in tensorrt/) "
+                                            f"(default: ${CACHE_VARIABLE}, else ~/.cache/graft)")
     parser.add_argument("--insecure-no-auth", action="store_true",
-                        help=f"listen beyond loopback without an API token ({TOKEN_VARIABLE})")
-    args = parser.parse_args()
-    if args.variant not in (AUTO, *VARIANTS):
-        parser.error(f"--variant {args.variant!r}: allowed {', '.join((AUTO, *VARIANTS))}")
-    settings = ServerSettings(
-        model_name=args.model, providers=tuple(args.providers.split(",")), variant=args.variant, strict=args.strict,
-        max_batch_size=args.max_batch_size, max_queue_delay_ms=args.max_queue_delay_ms, max_body_bytes=args.max_body_bytes,
-        poll_seconds=args.poll_seconds, threads=args.threads, cache_dir=args.cache_dir,
-        token=os.environ.get(TOKEN_VARIABLE, ""),
-    )
+                        help=f"listen beyond loopback without an API token (${TOKEN_VARIABLE})")
+    add_options(parser, environment=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    options = argument_parser()
+    args = options.parse_args(argv)
     try:
-        serve(build_source(args.tracking_uri, args.model, args.alias, args.onnx_file, args.cache_dir), settings, args.host,
-              args.port, insecure=args.insecure_no_auth)
+        serving = serving_from(args, environ=os.environ)
+    except SettingsError as error:  # exit 2, naming the option or variable and what it allows
+        options.error(str(error))
+    settings = ServerSettings(serving=serving, model_name=args.model, cache_dir=str(args.cache_dir or default_cache_dir()),
+                              token=os.environ.get(TOKEN_VARIABLE, ""))
+    try:
+        serve(build_source(args.tracking_uri, args.model, serving.alias, args.onnx_file, settings.cache_dir), settings,
+              insecure=args.insecure_no_auth)
     except (BindRefused, SourceError) as error:  # a port in use, no such store, no server at the URI: said in a line
         print(f"graft-server: error: {error}", file=sys.stderr)
         raise SystemExit(75 if isinstance(error, RegistryUnreachable) else 2) from None

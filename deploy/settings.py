@@ -1,25 +1,149 @@
-"""The model server's settings: stated once, here, for params.yaml's `serving` section, `graft serve` and
-`python -m deploy.server` (pydantic only: the serving image has no training code)."""
+"""The model server's settings, stated once, here. params.yaml's `serving` section is validated by this model;
+`graft serve` and `python -m deploy.server` derive their options from its fields (`--max-batch-size` for
+`max_batch_size`, help from the field's description), the server its environment variables (`GRAFT_MAX_BATCH_SIZE`),
+and tests/test_serving_settings.py holds deploy/compose.yaml, deploy/.env.example and the server image to them.
+
+pydantic only, and nothing that loads ONNX Runtime: validating params.yaml stays fast, and the serving image has
+no training code.
+"""
 from __future__ import annotations
 
-from typing import Literal
+import argparse
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-ProviderName = Literal["auto", "tensorrt", "cuda", "cpu"]
+from deploy.variants import AUTO, VARIANTS
+
+# The execution providers by the names params.yaml and the command line use -> ONNX Runtime's names, fastest first.
+# `auto` (deploy.variants.AUTO) stands for every one that can load here.
+PROVIDER_NAMES = {
+    "tensorrt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+GPU_PROVIDERS = frozenset({PROVIDER_NAMES["tensorrt"], PROVIDER_NAMES["cuda"]})
+ProviderName = Literal[(AUTO, *PROVIDER_NAMES)]
+VariantName = Literal[(AUTO, *VARIANTS)]
+
+VARIABLE_PREFIX = "GRAFT_"  # a field's environment variable: GRAFT_ and its name in capitals
+# What the server reads beside its serving settings: not params.yaml's `serving`, but where and what it serves.
+MODEL_VARIABLE = "GRAFT_MODEL"  # the registered model's name (params.yaml registry.model_name)
+CACHE_VARIABLE = "GRAFT_CACHE_DIR"  # the one cache folder: registry downloads, and TensorRT engines in tensorrt/
+TOKEN_VARIABLE = "GRAFT_API_TOKEN"  # the API token comes from the environment (or a secret), never from a file in git
+
+
+def default_cache_dir() -> Path:
+    """The folder the server keeps downloaded versions and (under tensorrt/) TensorRT engines in."""
+    return Path(os.environ.get(CACHE_VARIABLE) or Path.home() / ".cache" / "graft")
+
+
+class SettingsError(ValueError):
+    """A serving setting given on the command line or in the environment is not allowed; the message names it."""
 
 
 class ServingSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    alias: str = "champion"
-    providers: list[ProviderName] = Field(default=["auto"], min_length=1)
-    variant: Literal["auto", "fp32", "int8", "fp16"] = "auto"  # auto: INT8 on CPU, FP16 on CUDA, when published
-    strict: bool = False  # refuse to serve on CPU when a GPU provider was asked for
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=1, le=65535)
-    max_batch_size: int = Field(default=32, ge=1)
-    max_queue_delay_ms: float = Field(default=0.0, ge=0)
-    max_body_bytes: int = Field(default=10_000_000, ge=1024)
-    poll_seconds: float = Field(default=5.0, gt=0)
-    threads: int = Field(default=0, ge=0)  # ONNX Runtime intra-op threads; 0: its default
+    alias: str = Field(default="champion", description="the registry alias to serve and follow")
+    providers: list[ProviderName] = Field(
+        default=[AUTO], min_length=1,
+        description="ONNX Runtime execution providers in order of preference, or auto: every one that can load "
+                    "here, fastest first")
+    variant: VariantName = Field(
+        default=AUTO,
+        description="the export variant to serve: auto (the provider's best published one: INT8 on CPU, FP16 on "
+                    "CUDA, else FP32), or that one (refused when not published)")
+    strict: bool = Field(default=False, description="refuse to serve on CPU when a GPU provider was asked for")
+    host: str = Field(default="127.0.0.1", description="the address to listen on")
+    port: int = Field(default=8000, ge=1, le=65535, description="the port to listen on")
+    max_batch_size: int = Field(default=32, ge=1,
+                                description="dynamic batching: at most this many requests in one model call")
+    max_queue_delay_ms: float = Field(
+        default=0.0, ge=0,
+        description="the longest a request waits for others to join its batch (0: batches form from the requests "
+                    "that queue while the model runs)")
+    max_body_bytes: int = Field(default=10_000_000, ge=1024, description="the largest request body accepted, in bytes")
+    poll_seconds: float = Field(default=5.0, gt=0, description="how often the server checks whether the alias moved")
+    threads: int = Field(default=0, ge=0, description="ONNX Runtime intra-op threads; 0: its default")
+
+
+FIELDS = ServingSettings.model_fields
+
+
+def variable(name: str) -> str:
+    """A serving setting's environment variable: `max_batch_size` -> GRAFT_MAX_BATCH_SIZE."""
+    return VARIABLE_PREFIX + name.upper()
+
+
+def option(name: str) -> str:
+    """A serving setting's command-line option: `max_batch_size` -> --max-batch-size."""
+    return "--" + name.replace("_", "-")
+
+
+def variables() -> dict[str, str]:
+    """Every serving setting's environment variable, by field name."""
+    return {name: variable(name) for name in FIELDS}
+
+
+def _is_list(name: str) -> bool:
+    return get_origin(FIELDS[name].annotation) is list
+
+
+def allowed(name: str) -> tuple | None:
+    """The values a setting allows, when the model states them as a Literal (a list's items for a list)."""
+    annotation = FIELDS[name].annotation
+    if _is_list(name):
+        annotation = get_args(annotation)[0]
+    return get_args(annotation) if get_origin(annotation) is Literal else None
+
+
+def _shown(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def add_options(parser: argparse.ArgumentParser, environment: bool) -> None:
+    """One `--kebab-name` per field, its help the field's description; a bool is `--name` / `--no-name`, a list
+    comma-separated. Every option defaults to None (not given): `serving_from` fills in the environment variable
+    (with `environment`), else params.yaml's value or the model's default, as the help says."""
+    group = parser.add_argument_group("serving settings (params.yaml serving; deploy/settings.py)")
+    for name, info in FIELDS.items():
+        choices = allowed(name)
+        metavar = None if choices is None else "{" + ",".join(choices) + "}" + (",..." if _is_list(name) else "")
+        default = (f"${variable(name)}, else {_shown(info.default)}" if environment
+                   else f"params.yaml serving.{name}")
+        help_text = f"{info.description} (default: {default})".replace("%", "%%")
+        if info.annotation is bool:
+            group.add_argument(option(name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            group.add_argument(option(name), metavar=metavar, default=None, help=help_text)
+
+
+def _value(name: str, text: Any) -> Any:
+    return [item.strip() for item in text.split(",")] if isinstance(text, str) and _is_list(name) else text
+
+
+def serving_from(args: argparse.Namespace, base: ServingSettings | None = None,
+                 environ: Mapping[str, str] | None = None) -> ServingSettings:
+    """The serving settings from the options `add_options` made: each given option, else (with `environ`) its
+    environment variable, else `base`'s value (params.yaml's) or the model's default; validated by the model.
+    A value it refuses raises SettingsError naming the option or variable and what is allowed."""
+    given: dict[str, tuple[str, Any]] = {}  # field -> (where it came from, value)
+    for name in FIELDS:
+        if (value := getattr(args, name, None)) is not None:
+            given[name] = (option(name), _value(name, value))
+        elif environ is not None and environ.get(variable(name)):  # set and not empty
+            given[name] = (variable(name), _value(name, environ[variable(name)]))
+    merged = {**(base.model_dump() if base is not None else {}), **{name: v for name, (_, v) in given.items()}}
+    try:
+        return ServingSettings.model_validate(merged)
+    except ValidationError as error:
+        problems = []
+        for problem in error.errors():  # pydantic's message names the allowed values or the bound
+            name = str(problem["loc"][0])
+            where = given[name][0] if name in given else f"serving.{name}"
+            problems.append(f"{where} {_shown(problem['input'])!r}: {problem['msg']}")
+        raise SettingsError("; ".join(problems)) from None

@@ -12,7 +12,7 @@ from pathlib import Path
 
 FP32, INT8, FP16 = "fp32", "int8", "fp16"
 VARIANTS = (FP32, INT8, FP16)
-AUTO = "auto"
+AUTO = "auto"  # the one `auto`: the provider's best variant; for providers (deploy/settings.py), every one that loads
 VARIANT_DIR = "variants"
 ONNX_FILE = "model.onnx"
 ONNX_SHA_TAG = "graft.onnx.sha256"  # the FP32 file's, recorded in the registering call
@@ -47,7 +47,7 @@ def published_in(tags: dict[str, str]) -> list[str]:
     return [v for v in VARIANTS if tags.get(sha_tag(v))]
 
 
-def choose(asked: str, provider: str, available: list[str]) -> tuple[str, str]:
+def choose_variant(asked: str, provider: str, available: list[str]) -> tuple[str, str]:
     """The variant to serve on `provider` from those `available`, and why. `auto`: the provider's preference;
     a named variant is served as asked, or refused by name when the model has none."""
     if asked != AUTO:

@@ -190,32 +190,24 @@ def _history(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from components.settings import load_settings
     from components.errors import GraftError
-    from components.registry import registry_call
-    from components.registry import tracking_uri
-    from deploy.server import (
-        TOKEN_VARIABLE,
-        BindRefused,
-        ServerSettings,
-        build_source,
-        serve,
-    )
+    from components.registry import registry_call, tracking_uri
+    from components.settings import load_settings
+    from deploy.server import TOKEN_VARIABLE, BindRefused, ServerSettings, build_source, serve
+    from deploy.settings import SettingsError, serving_from
 
     params = load_settings(_params_file(args))
-    serving = params.serving
-    settings = ServerSettings(
-        model_name=params.registry.model_name, providers=tuple(serving.providers), variant=serving.variant,
-        strict=serving.strict,
-        max_batch_size=serving.max_batch_size, max_queue_delay_ms=serving.max_queue_delay_ms,
-        max_body_bytes=serving.max_body_bytes, poll_seconds=serving.poll_seconds, threads=serving.threads,
-        token=os.environ.get(TOKEN_VARIABLE, ""),
-    )
+    try:  # params.yaml's serving section, with the options given here
+        serving = serving_from(args, base=params.serving)
+    except SettingsError as error:
+        raise GraftError(str(error)) from None
+    settings = ServerSettings(serving=serving, model_name=params.registry.model_name,
+                              token=os.environ.get(TOKEN_VARIABLE, ""))
     uri = tracking_uri(params.registry, args.root)
     with registry_call("opening the served model's registry", uri):
-        source = build_source(uri, params.registry.model_name, args.alias or serving.alias, args.onnx_file, settings.cache_dir)
+        source = build_source(uri, params.registry.model_name, serving.alias, args.onnx_file, settings.cache_dir)
     try:
-        serve(source, settings, args.host or serving.host, args.port or serving.port, insecure=args.insecure_no_auth)
+        serve(source, settings, insecure=args.insecure_no_auth)
     except BindRefused as error:
         raise GraftError(str(error)) from None
     return 0
@@ -314,12 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
     command("history", _history, "every alias move: version, from, when, by whom, why")
 
     serve = command("serve", _serve, "serve the model behind a registry alias over HTTP (ONNX Runtime)")
-    serve.add_argument("--alias", help="the registry alias to serve and follow (default: serving.alias)")
     serve.add_argument("--onnx-file", metavar="FILE", help="serve this ONNX file instead (no alias, no reloads)")
-    serve.add_argument("--host", help="the address to listen on (default: serving.host, 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="the port to listen on (default: serving.port)")
     serve.add_argument("--insecure-no-auth", action="store_true",
                        help="listen beyond loopback without an API token (GRAFT_API_TOKEN); refused otherwise")
+    from deploy.settings import add_options as serving_options  # loads pydantic: graft --help's one heavy import
+
+    serving_options(serve, environment=False)  # --alias, --host, --port, ...: one per params.yaml serving setting
 
     triton = command("export-triton", _export_triton, "write a Triton model repository for the aliased model")
     triton.add_argument("--out", default="triton_repository", metavar="DIR",

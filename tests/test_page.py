@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -23,6 +24,16 @@ from tests.conftest import free_port, tiny_spec, wait_healthy
 
 BROWSER = shutil.which("chromium-headless-shell") or shutil.which("chromium")
 pytestmark = pytest.mark.skipif(BROWSER is None, reason="no chromium: scripts/setup.sh installs chromium-headless-shell")
+
+
+def wait_until(condition: Callable[[], object], seconds: float, failure: str, every: float = 0.05):
+    """Poll `condition` until it holds (its value is returned) or `seconds` pass (AssertionError: `failure`)."""
+    deadline = time.monotonic() + seconds
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(failure)
+        time.sleep(every)
+    return value
 
 
 class DevTools:
@@ -44,12 +55,7 @@ class DevTools:
         return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
 
     def wait_for(self, expression: str, seconds: float = 20):
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            if value := self.evaluate(expression):
-                return value
-            time.sleep(0.1)
-        raise AssertionError(f"timed out waiting for {expression}")
+        return wait_until(lambda: self.evaluate(expression), seconds, f"timed out waiting for {expression}")
 
 
 @pytest.fixture(scope="module")
@@ -73,16 +79,14 @@ def browser(tmp_path):
     process = subprocess.Popen([BROWSER, "--headless", "--no-sandbox", "--disable-gpu", f"--remote-debugging-port={port}",
                                 f"--user-data-dir={tmp_path / 'profile'}", "about:blank"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    def pages() -> list[dict]:
+        try:
+            return [t for t in httpx.get(f"http://127.0.0.1:{port}/json/list", timeout=1).json() if t["type"] == "page"]
+        except httpx.HTTPError:
+            return []
+
     try:
-        for _ in range(200):
-            try:
-                pages = [t for t in httpx.get(f"http://127.0.0.1:{port}/json/list", timeout=1).json() if t["type"] == "page"]
-                if pages:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        tools = DevTools(pages[0]["webSocketDebuggerUrl"])
+        tools = DevTools(wait_until(pages, 20, "the browser opened no page")[0]["webSocketDebuggerUrl"])
         yield tools
         tools.socket.close()
     finally:

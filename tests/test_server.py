@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -27,6 +28,25 @@ MODEL = "served-classifier"
 PROBE = np.random.default_rng(7).normal(size=(2, 1, 28, 28)).astype(np.float32)
 
 
+def wait_until(condition: Callable[[], object], seconds: float, failure: str | Callable[[], str] = "timed out",
+               every: float = 0.05):
+    """Poll `condition` until it holds (its value is returned) or `seconds` pass (AssertionError: `failure`, called
+    when a function, so that it can say what was seen)."""
+    deadline = time.monotonic() + seconds
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(failure() if callable(failure) else failure)
+        time.sleep(every)
+    return value
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def start_server(url: str, model: str, cache: Path, *extra: str, env: dict | None = None) -> tuple[subprocess.Popen, str]:
     port = free_port()
     process = subprocess.Popen(
@@ -35,24 +55,17 @@ def start_server(url: str, model: str, cache: Path, *extra: str, env: dict | Non
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})},
     )
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            httpx.get(f"{base}/v2/health/live", timeout=1)
-            return process, base
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    process.kill()
-    raise AssertionError(f"server did not come up: {process.stdout.read()[-2000:]}")
+    try:
+        wait_until(lambda: process.poll() is not None or _answers(f"{base}/v2/health/live"), 60, "no answer in 60 s")
+        assert process.poll() is None, "the server ended"
+    except AssertionError as error:
+        process.kill()
+        raise AssertionError(f"server did not come up ({error}): {process.stdout.read()[-2000:]}") from None
+    return process, base
 
 
 def wait_ready(base: str, seconds: float = 30) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if httpx.get(f"{base}/v2/health/ready").status_code == 200:
-            return
-        time.sleep(0.2)
-    raise AssertionError("server never became ready")
+    wait_until(lambda: _answers(f"{base}/v2/health/ready"), seconds, "server never became ready")
 
 
 @pytest.fixture(scope="module")
@@ -246,21 +259,25 @@ def test_promote_and_rollback_under_traffic_fail_nothing_and_mix_nothing(server,
                 results.append((response.status_code, body.get("model_version"),
                                 np.array(body["outputs"][0]["data"]).reshape(2, 10) if body else None))
 
+    def answered(version: str, since: int = 0, at_least: int = 80) -> Callable[[], bool]:
+        """Whether `at_least` answers from `version` came back after the first `since` results."""
+        return lambda: sum(v == version for _, v, _ in results[since:]) >= at_least
+
+    def serves(version: str) -> Callable[[], bool]:
+        return lambda: httpx.get(f"{server}/v2/models/{MODEL}").json()["versions"] == [version]
+
     workers = [threading.Thread(target=traffic) for _ in range(8)]
     for worker in workers:
         worker.start()
     try:
-        time.sleep(1.5)
+        wait_until(answered("1"), 60, "traffic before the promotion")
         move_alias(client, MODEL, CHAMPION, "2", "promote", "test: promote under load")
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and httpx.get(f"{server}/v2/models/{MODEL}").json()["versions"] != ["2"]:
-            time.sleep(0.1)
-        time.sleep(1.5)
+        wait_until(serves("2"), 15, "the server did not follow the promotion")
+        wait_until(answered("2"), 60, "traffic on v2")
+        since = len(results)
         move_alias(client, MODEL, CHAMPION, "1", "rollback", "test: roll back under load")
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and httpx.get(f"{server}/v2/models/{MODEL}").json()["versions"] != ["1"]:
-            time.sleep(0.1)
-        time.sleep(1.0)
+        wait_until(serves("1"), 15, "the server did not follow the rollback")
+        wait_until(answered("1", since), 60, "traffic after the rollback")
     finally:
         stop.set()
         for worker in workers:
@@ -389,10 +406,8 @@ def test_two_registries_with_the_same_model_name_and_version_each_serve_their_ow
         other_client.set_registered_model_alias(MODEL, CHAMPION, tampered)
         base = servers[1][1]
         refused = f'graft_model_refused_total{{model="{MODEL}",version="{tampered}"}} 1.0'
-        deadline = time.monotonic() + 30
-        while refused not in httpx.get(f"{base}/metrics").text:
-            assert time.monotonic() < deadline, httpx.get(f"{base}/metrics").text[-2000:]
-            time.sleep(0.2)
+        wait_until(lambda: refused in httpx.get(f"{base}/metrics").text, 30,
+                   lambda: httpx.get(f"{base}/metrics").text[-2000:])
         assert httpx.get(f"{base}/v2/models/{MODEL}").json()["versions"] == ["1"], "the server keeps what it had"
         np.testing.assert_allclose(_served_logits(base), expected[other_bytes], atol=1e-5)
     finally:
@@ -420,7 +435,7 @@ def test_health_answers_at_once_while_30_large_images_are_decoded(server):
                 sent = time.perf_counter()
                 assert (await client.get(f"{server}/v2/health/live")).status_code == 200
                 waits.append(time.perf_counter() - sent)
-                await asyncio.sleep(0.02)
+                await asyncio.sleep(0.02)  # the probe's pace while the uploads run: what is measured, not a wait
             statuses = [(await task).status_code for task in uploads]
             return time.perf_counter() - started, max(waits), statuses
 

@@ -4,7 +4,7 @@ import pytest
 from deploy.variants import (
     AUTO,
     VariantError,
-    choose,
+    choose_variant,
     published_in,
     sha_tag,
     variant_path,
@@ -21,16 +21,16 @@ CPU, CUDA, TENSORRT = "CPUExecutionProvider", "CUDAExecutionProvider", "Tensorrt
     (TENSORRT, ["fp32", "int8", "fp16"], "fp32"),  # TensorRT builds its own FP16 engine from the FP32 graph
 ])
 def test_auto_serves_the_providers_best_published_variant(provider, available, expected):
-    variant, why = choose(AUTO, provider, available)
+    variant, why = choose_variant(AUTO, provider, available)
     assert variant == expected and provider in why
 
 
 def test_a_named_variant_is_served_as_asked_or_refused_by_name():
-    assert choose("fp16", CPU, ["fp32", "fp16"]) == ("fp16", "asked for")
+    assert choose_variant("fp16", CPU, ["fp32", "fp16"]) == ("fp16", "asked for")
     with pytest.raises(VariantError, match="no int8 variant .*it has fp32, fp16.*max_accuracy_drop"):
-        choose("int8", CPU, ["fp32", "fp16"])
+        choose_variant("int8", CPU, ["fp32", "fp16"])
     with pytest.raises(VariantError, match="unknown variant 'bf16'; allowed: auto, fp32, int8, fp16"):
-        choose("bf16", CPU, ["fp32"])
+        choose_variant("bf16", CPU, ["fp32"])
 
 
 def test_variants_live_beside_the_model_and_are_published_by_their_hash_tag(tmp_path):

@@ -1,6 +1,7 @@
 # GPU model server: CUDA 13 + cuDNN 9 runtime (what onnxruntime-gpu 1.31 links against), TensorRT from PyPI,
 # ONNX Runtime and the web stack. Only deploy/ is copied: no torch, no training code, starts in seconds.
 FROM nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
+# GRAFT_*: serving settings by their variables (deploy/settings.py) and the one cache folder; tests/test_serving_settings.py
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 ORT_DISABLE_TELEMETRY=1 \
     GRAFT_HOST=0.0.0.0 GRAFT_PORT=8000 GRAFT_CACHE_DIR=/var/cache/graft GRAFT_PROVIDERS=tensorrt,cuda,cpu GRAFT_STRICT=1
 RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv && rm -rf /var/lib/apt/lists/* \
