@@ -2,14 +2,22 @@
 
 1. quality floor   2. transfer pays (else: negative transfer)   3. no regression against the champion
 4. export parity   5. no train/serve skew (the test split's image files through the server's own decoding and
-normalisation, read from the model's metadata, score what the evaluate stage measured)   6. serving check (the
-artifact loaded as the server loads it, latency and size budgets)
+normalisation, read from the model's metadata, score what was measured before export)   6. serving check (the
+file loaded as the server loads it, latency and size budgets)
+
+5 and 6 judge what is served: every export variant the server may choose (FP32, and INT8 and FP16 as exported),
+each fetched through the server's own source (deploy/source.py) and loaded by its own load_model, under gate names
+that carry the variant (`contract.int8.skew`, `serving.int8.latency_ms_batch1`); `serving.variant` names the one
+`graft serve` would pick on this machine, and fails when it would refuse to serve (a variant asked for and not
+published).
 """
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -18,14 +26,18 @@ from deploy.settings import ServingSettings
 from components.data import Splits
 from components.errors import CandidateRejected
 from components.evaluate import score
-from components.export import median_ms
+from deploy.digest import sha256_file
 from deploy.model import (
     InputError,
     LoadedModel,
     ModelLoadError,
     decode_image,
+    engine_cache,
     load_model,
+    planned_provider,
 )
+from deploy.source import FileSource, RegistrySource, SourceError
+from deploy.variants import FP32, VARIANTS, VariantError, choose_variant
 
 PASSED, FAILED, SKIPPED = "passed", "failed", "skipped"
 
@@ -46,9 +58,11 @@ QUALITY_FIX = ("more labelled images (data.target.labels_per_class: null trains 
 @dataclass
 class GateReport:
     gates: list[Gate]
-    provider: str = ""
+    provider: str = ""  # the provider running the variant `graft serve` would serve here
     champion_version: str | None = None
     extra: dict = field(default_factory=dict)
+    served_variant: str = ""  # the variant `graft serve` would serve on this machine ("" when it would refuse)
+    variants: dict[str, dict] = field(default_factory=dict)  # each variant judged: its file, sha256, provider, ...
 
     @property
     def passed(self) -> bool:
@@ -60,13 +74,15 @@ class GateReport:
 
     def to_dict(self) -> dict:
         return {"passed": self.passed, "provider": self.provider, "champion_version": self.champion_version,
+                "served_variant": self.served_variant, "variants": self.variants,
                 "gates": [asdict(g) for g in self.gates], **self.extra}
 
     @classmethod
     def from_dict(cls, raw: dict) -> GateReport:
-        known = {"passed", "provider", "champion_version", "gates"}
+        known = {"passed", "provider", "champion_version", "gates", "served_variant", "variants"}
         return cls([Gate(**g) for g in raw["gates"]], raw.get("provider", ""), raw.get("champion_version"),
-                   {k: v for k, v in raw.items() if k not in known})
+                   {k: v for k, v in raw.items() if k not in known}, raw.get("served_variant", ""),
+                   raw.get("variants", {}))
 
     def markdown(self) -> str:
         verdict = "PASSED" if self.passed else "FAILED"
@@ -74,7 +90,17 @@ class GateReport:
         for g in self.gates:
             value = "" if g.value is None else f"{g.value:.6g}"
             rows.append(f"| {g.name} | {g.verdict} | {value} | {g.bound} | {g.detail} |")
-        rows += ["", f"Serving check ran on: {self.provider or 'n/a'}; champion compared: {self.champion_version or 'none'}"]
+        if self.variants:
+            rows += ["", "| variant | file | sha256 | runs on | served test accuracy | `graft serve` here |",
+                     "| --- | --- | --- | --- | --- | --- |"]
+            for name, seen in self.variants.items():
+                accuracy = seen.get("served_accuracy")
+                rows.append(f"| {name} | {seen.get('file', '')} | {seen.get('sha256', '')[:16]} | "
+                            f"{seen.get('provider') or 'did not load'} | {'' if accuracy is None else f'{accuracy:.4f}'} | "
+                            f"{'**serves this**' if name == self.served_variant else ''} |")
+        served = self.extra.get("served_variant_note") or self.served_variant or "n/a"
+        rows += ["", f"Serving check ran on: {self.provider or 'n/a'}; `graft serve` here would serve: {served}; "
+                     f"champion compared: {self.champion_version or 'none'}"]
         return "\n".join(rows)
 
     def enforce(self) -> None:
@@ -202,57 +228,158 @@ def parity_gates(parity: dict) -> list[Gate]:
     ]
 
 
-def served_predictions(model: LoadedModel, splits: Splits, root: Path = Path("."), batch_size: int = 256) -> np.ndarray | None:
-    """The exported model's class for each test example, every image file decoded and normalised by the
-    server's own code under the contract in the model's metadata. None when the test split has no image files
-    (IDX data) and the model cannot take the prepared arrays either."""
+def decoded_test_split(contract, splits: Splits, root: Path = Path(".")) -> np.ndarray | None:
+    """The test split as the server receives it: every image file decoded under `contract` by the server's own code.
+    For IDX data (no image files) the prepared arrays, when they have the contract's shape; else None."""
     files = [root / str(origin) for origin in splits.origin_test]
     if all(f.is_file() for f in files):
         try:
-            pixels = np.stack([decode_image(f.read_bytes(), model.contract) for f in files])
+            return np.stack([decode_image(f.read_bytes(), contract) for f in files])
         except InputError as error:
             raise ValueError(f"a test image no longer decodes ({error}); prepare the target again") from None
-    elif model.contract.shape == splits.x_test.shape[1:]:
-        pixels = splits.x_test
-    else:
+    if contract.shape == splits.x_test.shape[1:]:
+        return splits.x_test
+    return None
+
+
+def served_predictions(model: LoadedModel, splits: Splits, root: Path = Path("."), batch_size: int = 256,
+                       decoded: dict | None = None) -> np.ndarray | None:
+    """The exported model's class for each test example, every image file decoded and normalised by the
+    server's own code under the contract in the model's metadata. None when the test split has no image files
+    (IDX data) and the model cannot take the prepared arrays either. `decoded` keeps the decoded test split by
+    contract, for the next model (a model's variants share one contract: the files are decoded once)."""
+    decoded = {} if decoded is None else decoded
+    if model.contract not in decoded:
+        decoded[model.contract] = decoded_test_split(model.contract, splits, root)
+    pixels = decoded[model.contract]
+    if pixels is None:
         return None
     logits = np.concatenate([model.run(model.contract.normalize(pixels[i : i + batch_size])) for i in range(0, len(pixels), batch_size)])
     return logits.argmax(1)
 
 
-def skew_gate(served: float | None, evaluated: float, gates: GateParams) -> Gate:
+EVALUATED = "the evaluate stage"  # what measured FP32's accuracy (PyTorch, on the prepared arrays)
+
+
+def skew_gate(served: float | None, evaluated: float, gates: GateParams, variant: str = FP32,
+              measured_by: str = EVALUATED) -> Gate:
+    """`served`: the variant's accuracy on the test files through the server's decoding; `evaluated`: its accuracy
+    on the prepared arrays (`measured_by`: the evaluate stage for FP32, the export stage for a variant, whose
+    quantisation loss export.max_accuracy_drop bounds already): the gap is preprocessing, not the variant."""
+    name = f"contract.{variant}.skew"
     if served is None:
-        return Gate("contract.skew", SKIPPED, None, "", "the test split has no image files to decode (IDX data)")
+        return Gate(name, SKIPPED, None, "", "the test split has no image files to decode (IDX data)")
     gap = abs(served - evaluated)
-    detail = (f"train/serve skew: the test images decoded and normalised as the server does score {served:.4f}, the "
-              f"evaluate stage measured {evaluated:.4f}; the preprocessing contract is not what training used")
-    return _at_most("contract.skew", gap, gates.max_skew, detail)
+    detail = (f"train/serve skew: the test images decoded and normalised as the server does score {served:.4f} on "
+              f"{variant}, {measured_by} measured {evaluated:.4f}; the preprocessing contract is not what training used")
+    return _at_most(name, gap, gates.max_skew, detail)
 
 
-def serving_gates(onnx_path: Path, x_test: np.ndarray, y_test: np.ndarray, gates: GateParams,
-                  serving: ServingSettings) -> tuple[list[Gate], str, dict]:
-    """Load the artifact in a fresh session exactly as `graft serve` does and query it with test images."""
-    try:
-        model = load_model(onnx_path, providers=list(serving.providers), strict=serving.strict)
-    except ModelLoadError as error:  # includes strict mode refusing a CPU fallback
-        return [Gate("serving.load", FAILED, None, "loads", str(error))], "", {"requested_providers": list(serving.providers)}
-    # The configured batch, whatever the split's size: test examples repeated when the split is smaller.
+def _timed(run: Callable[[np.ndarray], np.ndarray], batch: np.ndarray, repeats: int) -> tuple[np.ndarray, float]:
+    """The first answer (the warm-up call: it allocates) and the median milliseconds of `repeats` calls after it."""
+    first = run(batch)
+    timings = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run(batch)
+        timings.append((time.perf_counter() - started) * 1000)
+    return first, float(np.median(timings))
+
+
+def load_served(path: Path, serving: ServingSettings) -> LoadedModel:
+    """A model file loaded in a fresh session exactly as `graft serve` loads it (deploy/server.py)."""
+    return load_model(path, providers=list(serving.providers), strict=serving.strict, threads=serving.threads)
+
+
+def serving_gates(model: LoadedModel, x_test: np.ndarray, y_test: np.ndarray, gates: GateParams,
+                  variant: str = FP32) -> tuple[list[Gate], dict]:
+    """A loaded variant queried with test images at batch 1 and at the configured large batch (test examples
+    repeated when the split is smaller): its answers, latency and file size; and what was seen."""
     repeat = np.resize(np.arange(len(x_test)), gates.large_batch)
-    large = x_test[repeat]
-    logits = model.run(model.contract.normalize(large))
-    answers_ok = logits.shape == (len(large), len(model.classes)) and bool(np.isfinite(logits).all())
-    accuracy = score(y_test[repeat], logits.argmax(1), model.classes).accuracy
-    single_ms = median_ms(model.run, model.contract.normalize(x_test[:1]), repeats=30)
-    large_ms = median_ms(model.run, model.contract.normalize(large), repeats=5)
+    logits, large_ms = _timed(model.run, model.contract.normalize(x_test[repeat]), repeats=5)
+    _, single_ms = _timed(model.run, model.contract.normalize(x_test[:1]), repeats=30)
+    answers_ok = logits.shape == (len(repeat), len(model.classes)) and bool(np.isfinite(logits).all())
+    accuracy = score(y_test[repeat], logits.argmax(1), model.classes).accuracy if answers_ok else None
     size_mb = model.size_bytes / 1e6
+    on = f"{variant} on {model.provider}"
     result = [
-        Gate("serving.answers", PASSED if answers_ok else FAILED, float(answers_ok), "== 1",
-             "" if answers_ok else f"the served model answered {logits.shape} or non-finite logits"),
-        _at_most("serving.latency_ms_batch1", single_ms, gates.max_latency_ms_batch1, f"batch 1 too slow on {model.provider}"),
-        _at_most(f"serving.latency_ms_batch{len(large)}", large_ms, gates.max_latency_ms_large_batch,
-                 f"batch {len(large)} too slow on {model.provider}"),
-        _at_most("serving.model_mb", size_mb, gates.max_model_mb, "model file over the size budget"),
+        Gate(f"serving.{variant}.answers", PASSED if answers_ok else FAILED, float(answers_ok), "== 1",
+             "" if answers_ok else f"{on} answered {logits.shape} or non-finite logits"),
+        _at_most(f"serving.{variant}.latency_ms_batch1", single_ms, gates.max_latency_ms_batch1, f"batch 1 too slow: {on}"),
+        _at_most(f"serving.{variant}.latency_ms_batch{len(repeat)}", large_ms, gates.max_latency_ms_large_batch,
+                 f"batch {len(repeat)} too slow: {on}"),
+        _at_most(f"serving.{variant}.model_mb", size_mb, gates.max_model_mb, f"the {variant} file is over the size budget"),
     ]
-    extra = {"serving_accuracy_on_large_batch": accuracy, "requested_providers": list(model.requested_providers),
-             "active_providers": list(model.active_providers), "provider_note": model.provider_note}
-    return result, model.provider, extra
+    return result, {"serving_accuracy_on_large_batch": accuracy, "latency_ms_batch1": single_ms,
+                    f"latency_ms_batch{len(repeat)}": large_ms}
+
+
+def served_choice(serving: ServingSettings, available: list[str], loaded: dict[str, LoadedModel]) -> tuple[str, str]:
+    """The variant `graft serve` would serve here, and why, decided as the server decides (deploy/server.py): for the
+    provider ONNX Runtime will try first, and again for the provider that really runs it when that one did not
+    start. VariantError when the server would refuse (a variant asked for that the model does not have)."""
+    planned = planned_provider(list(serving.providers), engine_cache(None))
+    variant, why = choose_variant(serving.variant, planned, available)
+    model = loaded.get(variant)
+    if model is not None and model.provider != planned:
+        variant, why = choose_variant(serving.variant, model.provider, available)
+    return variant, why
+
+
+@dataclass
+class ServedVariants:
+    """The served-model gates of every variant, and what `graft serve` would serve here."""
+
+    gates: list[Gate]
+    provider: str  # the provider running the variant `graft serve` would serve ("" when it did not load)
+    variant: str  # that variant ("" when `graft serve` would refuse the model)
+    variants: dict[str, dict]  # each variant: its file, sha256, provider, served accuracy, latencies (JSON)
+    extra: dict
+    predictions: dict[str, np.ndarray | None] = field(default_factory=dict)  # each loaded variant's test classes
+    loaded: dict[str, LoadedModel] = field(default_factory=dict)
+
+
+def judge_served(source: FileSource | RegistrySource, version: str, splits: Splits,
+                 references: dict[str, tuple[float, str]], gates: GateParams, serving: ServingSettings,
+                 root: Path = Path(".")) -> ServedVariants:
+    """Every variant the source holds for `version` (FP32, and INT8 and FP16 as exported or published), each fetched
+    (and, from a registry, checked against its sha256) and loaded as the server does, then gated: skew against
+    `references[variant]` (accuracy, what measured it; FP32's when the variant has none), answers, latency, size."""
+    available = [v for v in source.variants(version) if v in VARIANTS]
+    result: list[Gate] = []
+    facts: dict[str, dict] = {}
+    predictions: dict[str, np.ndarray | None] = {}
+    loaded: dict[str, LoadedModel] = {}
+    decoded: dict = {}
+    for variant in available:
+        try:
+            resolved = source.fetch(version, variant)
+            model = load_served(resolved.onnx_path, serving)
+        except (SourceError, ModelLoadError) as error:  # a changed file; strict serving refusing a CPU fallback
+            result.append(Gate(f"serving.{variant}.load", FAILED, None, "loads", str(error)))
+            facts[variant] = {"provider": "", "load_error": str(error)}
+            continue
+        loaded[variant] = model
+        predicted = predictions[variant] = served_predictions(model, splits, root, decoded=decoded)
+        served = None if predicted is None else float((predicted == splits.y_test).mean())
+        reference, measured_by = references.get(variant, references[FP32])
+        result.append(skew_gate(served, reference, gates, variant, measured_by))
+        serving_result, seen = serving_gates(model, splits.x_test, splits.y_test, gates, variant)
+        result += serving_result
+        path = Path(resolved.onnx_path)
+        facts[variant] = {"file": str(path.relative_to(root) if path.is_relative_to(root) else path),
+                          "sha256": sha256_file(path), "bytes": model.size_bytes, "provider": model.provider,
+                          "active_providers": list(model.active_providers), "provider_note": model.provider_note,
+                          "served_accuracy": served, "reference_accuracy": reference, "reference": measured_by, **seen}
+    try:
+        chosen, why = served_choice(serving, available, loaded)
+        note = f"{chosen} ({why})"
+        result.append(Gate("serving.variant", PASSED, None, "a published variant", f"`graft serve` here serves {note}"))
+    except VariantError as error:
+        chosen, note = "", ""
+        result.append(Gate("serving.variant", FAILED, None, "a published variant", f"`graft serve` would refuse it: {error}"))
+    model = loaded.get(chosen)
+    extra = {"requested_providers": list(model.requested_providers if model else serving.providers),
+             "active_providers": list(model.active_providers) if model else [],
+             "provider_note": model.provider_note if model else "", "served_variant_note": note}
+    return ServedVariants(result, model.provider if model else "", chosen, facts, extra, predictions, loaded)

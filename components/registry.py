@@ -31,7 +31,15 @@ from components.settings import RegistryParams, Settings, load_settings
 from components.errors import GraftError, RegistryUnavailable
 from components.layout import Layout
 from deploy.digest import sha256_file
-from deploy.source import RegistryUnreachable, SourceError, check_server, check_store_exists
+from deploy.source import (
+    IntegrityError,
+    RegistrySource,
+    RegistryUnreachable,
+    SourceError,
+    check_server,
+    check_store_exists,
+)
+from deploy.variants import FP32
 
 if TYPE_CHECKING:
     from deploy.model import LoadedModel
@@ -283,23 +291,46 @@ def gates_passed(client: MlflowClient, name: str, version: str) -> tuple[bool, s
 
 
 @contextmanager
-def loaded_version(name: str, version: str) -> Iterator[LoadedModel]:
-    """A registered version's ONNX file, downloaded and loaded on CPU as the server loads it."""
-    from mlflow.artifacts import download_artifacts
-
+def loaded_version(name: str, version: str, uri: str | None = None, variant: str = FP32) -> Iterator[LoadedModel]:
+    """A registered version's file (FP32 unless `variant`), fetched as the server fetches it (deploy/source.py
+    RegistrySource: downloaded into a fresh folder and checked against the sha256 registered for it, IntegrityError
+    when it does not match) and loaded on CPU as the server loads it. `uri`: the registry (default: MLflow's now)."""
     from deploy.model import (
         load_model,  # ONNX Runtime only where a model is loaded: alias commands start fast
     )
 
+    # A fresh cache: a copy verified earlier proves nothing about the bytes the store holds now.
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=tmp))
-        yield load_model(folder / "model.onnx", providers=["cpu"])
+        source = RegistrySource(uri or mlflow.get_tracking_uri(), name, CHAMPION, tmp)
+        yield load_model(source.fetch(version, variant).onnx_path, providers=["cpu"])
 
 
-def verify_artifact(client: MlflowClient, name: str, version: str) -> None:
-    """Download the version's ONNX file and load it as the server would: the alias never points at a broken file."""
-    with loaded_version(name, version):
-        pass
+def _refusal(refusing: str, name: str, version: str, error: Exception) -> RegistryError:
+    """One line: what is refused, which file, why, and what helps."""
+    if isinstance(error, IntegrityError) and error.expected and error.actual:
+        why = (f"its stored {error.file} no longer matches the sha256 registered for it (sha256 {error.actual[:16]}..., "
+               f"registered {error.expected[:16]}...): it was changed or replaced after registration and the server "
+               f"would refuse it too. Restore the file in the artifact store, or choose another version (graft history)")
+    elif isinstance(error, IntegrityError):
+        why = str(error)
+    else:
+        why = f"it does not load as the server loads it: {error}"
+    return RegistryError(" ".join(f"refusing to {refusing} {name} v{version}: {why}".split()))
+
+
+def verify_artifact(client: MlflowClient, name: str, version: str, refusing: str = "promote") -> None:
+    """Every file of the version the server may serve (FP32 and each published variant) fetched from the store and
+    checked against its registered sha256 exactly as the server does, and loaded on CPU: the alias never points at a
+    file the server would refuse. A mismatch is a RegistryError naming the file (`refusing`: the alias move)."""
+    from deploy.model import ModelLoadError, load_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        source = RegistrySource(client.tracking_uri, name, CHAMPION, tmp)
+        for variant in source.variants(version):
+            try:
+                load_model(source.fetch(version, variant).onnx_path, providers=["cpu"])
+            except (IntegrityError, ModelLoadError) as error:
+                raise _refusal(refusing, name, version, error) from None
 
 
 @_classified("promoting")
@@ -336,7 +367,7 @@ def rollback(client: MlflowClient, name: str, reason: str = "") -> AliasMove:
     if len(stack) < 2:
         raise RegistryError(f"{name} has no previous {CHAMPION} to roll back to (champion history: {stack or 'empty'})")
     target = stack[-2]
-    verify_artifact(client, name, target)
+    verify_artifact(client, name, target, refusing="roll back to")
     return move_alias(client, name, CHAMPION, target, "rollback", reason or f"rolled back from v{stack[-1]}")
 
 

@@ -163,10 +163,6 @@ class LoadedModel:
         """The provider that runs the model: the first one the session kept."""
         return self.active_providers[0]
 
-    @property
-    def on_gpu(self) -> bool:
-        return self.provider in GPU_PROVIDERS
-
     def run(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run([self.contract.output_name], {self.contract.input_name: batch})[0]
 

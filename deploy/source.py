@@ -37,7 +37,13 @@ class SourceError(RuntimeError):
 
 
 class IntegrityError(SourceError):
-    """The registry's copy of a version is not the file that was registered: it is refused, never served."""
+    """The registry's copy of a version is not the file that was registered: it is refused, never served. `file`
+    (relative to the version's folder), `actual` and `expected` (sha256) say which file and how; `expected` is ""
+    when the version has no hash to check against."""
+
+    def __init__(self, message: str, file: str = "", actual: str = "", expected: str = "") -> None:
+        super().__init__(message)
+        self.file, self.actual, self.expected = file, actual, expected
 
 
 class RegistryUnreachable(SourceError):
@@ -215,7 +221,11 @@ class RegistrySource:
         uri = self._local().get_model_version_download_uri(self.name, version)
         if urlparse(uri).scheme not in ("", "file"):
             raise SourceError(f"cannot read {uri!r} without a tracking server")
-        shutil.copyfile(Path(unquote(urlparse(uri).path)) / file, dest)
+        stored = Path(unquote(urlparse(uri).path)) / file
+        if not stored.is_file():
+            raise IntegrityError(f"{self.name} v{version} at {self.tracking_uri}: the artifact store has no {file} "
+                                 f"({stored}): refused (it was deleted or moved after registration)", file)
+        shutil.copyfile(stored, dest)
 
     def variants(self, version: str) -> list[str]:
         """The variants this version was published with (at least FP32, which every check below needs)."""
@@ -225,7 +235,8 @@ class RegistrySource:
         tags = self._tags(version)
         if not tags.get(ONNX_SHA_TAG):
             raise IntegrityError(f"{self.name} v{version} has no {ONNX_SHA_TAG} tag (registered by an older Graft, or not "
-                                 f"by Graft), so its file cannot be checked: publish it again with `graft publish`")
+                                 f"by Graft), so its file cannot be checked: publish it again with `graft publish`",
+                                 relative_path(FP32))
         expected = tags.get(sha_tag(variant))
         if not expected:
             raise SourceError(f"{self.name} v{version} has no {variant} variant ({sha_tag(variant)} is not among its tags)")
@@ -242,7 +253,7 @@ class RegistrySource:
             if actual != expected:
                 raise IntegrityError(f"{self.name} v{version} at {self.tracking_uri}: the artifact store's {file} has "
                                      f"sha256 {actual[:16]}..., the registered file {expected[:16]}...: refused (it was "
-                                     f"changed or replaced after registration)")
+                                     f"changed or replaced after registration)", file, actual, expected)
             os.replace(tmp, target)  # only whole, verified bytes take the final name
         finally:
             Path(tmp).unlink(missing_ok=True)

@@ -1,4 +1,5 @@
-"""Each gate's arithmetic and report, and the serving check on a real exported model."""
+"""Each gate's arithmetic and report, and the serving check on a real exported model and its variants."""
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -8,23 +9,25 @@ from PIL import Image
 from components.settings import GateParams
 from deploy.settings import ServingSettings
 from components.data import Splits
-from components.export import export_onnx
+from components.export import build_variant, export_onnx
 from components.gates import (
+    EVALUATED,
     FAILED,
     PASSED,
     SKIPPED,
     GateReport,
     PairedComparison,
+    judge_served,
     parity_gates,
     quality_gates,
     regression_gate,
     served_predictions,
-    serving_gates,
     skew_gate,
     transfer_gate,
 )
 from components.model import build
 from deploy.contract import Contract
+from deploy.digest import sha256_file
 from deploy.model import (
     PROVIDER_NAMES,
     ProviderError,
@@ -32,6 +35,8 @@ from deploy.model import (
     load_model,
     plan_providers,
 )
+from deploy.source import FileSource
+from deploy.variants import FP16, FP32, INT8, variant_path
 from tests.conftest import tiny_spec
 
 EVALUATION = {"transfer": {"accuracy": 0.80, "macro_f1": 0.78}, "scratch": {"accuracy": 0.83, "macro_f1": 0.82}}
@@ -112,31 +117,108 @@ def test_report_round_trip_and_markdown():
 
 @pytest.fixture(scope="module")
 def onnx_file(tmp_path_factory):
+    """A tiny model's FP32 file with its INT8 and FP16 variants beside it, as the export stage writes them."""
     model = build(tiny_spec(tuple("abcdefghij")), 0)
-    return export_onnx(model, tmp_path_factory.mktemp("gates") / "model.onnx", 20)
+    path = export_onnx(model, tmp_path_factory.mktemp("gates") / "model.onnx", 20)
+    calibration = model.spec.contract.normalize(np.random.default_rng(1).integers(0, 256, (40, 1, 28, 28), dtype=np.uint8))
+    for variant in (INT8, FP16):
+        variant_path(path, variant).parent.mkdir(exist_ok=True)
+        build_variant(variant, path, variant_path(path, variant), calibration, "minmax", 99.99)
+    return path
 
 
-def test_serving_check_reports_the_provider_that_ran_and_runs_the_configured_batch(onnx_file):
-    x = np.random.default_rng(0).integers(0, 256, (40, 1, 28, 28), dtype=np.uint8)
-    y = np.arange(40) % 10
-    gates, provider, extra = serving_gates(onnx_file, x, y, GateParams(large_batch=100), ServingSettings())
-    assert provider == "CPUExecutionProvider"  # asked for TensorRT, CUDA, CPU on a machine without a GPU
-    assert extra["requested_providers"][:2] == ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
-    assert {g.name for g in gates} == {"serving.answers", "serving.latency_ms_batch1", "serving.latency_ms_batch100", "serving.model_mb"}, \
-        "a split of 40 still checks the configured batch of 100 (examples repeated)"
-    assert all(g.verdict == PASSED for g in gates)
-    tight = serving_gates(onnx_file, x, y, GateParams(large_batch=32, max_model_mb=0.01, max_latency_ms_batch1=1e-6), ServingSettings())[0]
-    assert {g.name for g in tight if g.verdict == FAILED} == {"serving.model_mb", "serving.latency_ms_batch1"}
+def _idx_splits(n: int = 40) -> Splits:
+    """Test images without files (IDX data): the arrays go to the model, normalised under its contract."""
+    x = np.random.default_rng(0).integers(0, 256, (n, 1, 28, 28), dtype=np.uint8)
+    return Splits(*(x, np.arange(n) % 10) * 3, tuple("abcdefghij"), *(np.array(["x#1"] * n),) * 3, "v")
 
 
-def test_serving_check_in_strict_mode_refuses_cpu(onnx_file):
-    x = np.zeros((4, 1, 28, 28), np.uint8)
-    gates, provider, _ = serving_gates(onnx_file, x, np.zeros(4, int), GateParams(large_batch=4), ServingSettings(strict=True))
-    assert [(g.name, g.verdict) for g in gates] == [("serving.load", FAILED)] and provider == ""
-    assert "in strict mode, but no GPU provider can load here (tensorrt: " in gates[0].detail
+def _accuracy(path: Path, splits: Splits) -> float:
+    model = load_model(path, providers=["cpu"])
+    return float((model.run(model.contract.normalize(splits.x_test)).argmax(1) == splits.y_test).mean())
+
+
+def test_every_variant_is_judged_as_served_and_the_report_names_the_one_served_here(onnx_file):
+    """FP32, INT8 and FP16 each fetched through the server's own source and loaded by its load_model; each has its
+    own skew, answers, latency and size gates; the report says which one `graft serve` would serve on this CPU."""
+    splits = _idx_splits()
+    references = {FP32: (_accuracy(onnx_file, splits), EVALUATED),
+                  INT8: (_accuracy(variant_path(onnx_file, INT8), splits), "the export stage")}  # FP16: FP32's
+    served = judge_served(FileSource(onnx_file), "file", splits, references, GateParams(large_batch=100, max_skew=1.0),
+                          ServingSettings(), onnx_file.parent)
+    per_variant = ["contract.{}.skew", "serving.{}.answers", "serving.{}.latency_ms_batch1", "serving.{}.latency_ms_batch100",
+                   "serving.{}.model_mb"]
+    assert [g.name for g in served.gates] == [*(n.format(v) for v in (FP32, INT8, FP16) for n in per_variant),
+                                              "serving.variant"], "a split of 40 still checks the configured batch of 100"
+    assert all(g.verdict == PASSED for g in served.gates), served.gates
+    assert (served.variant, served.provider) == (INT8, "CPUExecutionProvider")  # auto on a machine without a GPU
+    assert served.gates[-1].detail == "`graft serve` here serves int8 (preferred on CPUExecutionProvider)"
+    assert served.extra["requested_providers"][:2] == ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
+    files = {FP32: "model.onnx", INT8: "variants/model.int8.onnx", FP16: "variants/model.fp16.onnx"}
+    for variant, file in files.items():
+        seen = served.variants[variant]
+        assert (seen["file"], seen["provider"]) == (file, "CPUExecutionProvider")
+        assert seen["sha256"] == sha256_file(onnx_file.parent / file) and seen["bytes"] == (onnx_file.parent / file).stat().st_size
+        assert served.gates[[g.name for g in served.gates].index(f"serving.{variant}.model_mb")].value == seen["bytes"] / 1e6
+    assert served.variants[INT8]["served_accuracy"] == references[INT8][0], "the arrays: no skew"
+    assert served.variants[FP16]["reference"] == EVALUATED, "no measurement of its own: FP32's"
+
+    report = GateReport(served.gates, served.provider, None, served.extra, served.variant, served.variants)
+    again = GateReport.from_dict(report.to_dict())
+    assert (again.gates, again.served_variant, again.variants) == (report.gates, INT8, served.variants)
+    markdown = report.markdown()
+    assert "`graft serve` here would serve: int8 (preferred on CPUExecutionProvider); champion compared: none" in markdown
+    assert f"| int8 | variants/model.int8.onnx | {served.variants[INT8]['sha256'][:16]} | CPUExecutionProvider |" in markdown
+    assert "| contract.fp16.skew | passed |" in markdown and "| serving.int8.latency_ms_batch1 | passed |" in markdown
+
+    measured = {**references, INT8: (0.0, "the export stage"), FP16: (_accuracy(variant_path(onnx_file, FP16), splits), "")}
+    tight = judge_served(FileSource(onnx_file), "file", splits, measured,
+                         GateParams(large_batch=32, max_model_mb=0.01, max_latency_ms_batch1=1e-6, max_skew=0.002),
+                         ServingSettings(), onnx_file.parent)
+    failed = {g.name: g for g in tight.gates if g.verdict == FAILED}
+    assert set(failed) == {*(f"serving.{v}.{gate}" for v in (FP32, INT8, FP16) for gate in ("model_mb", "latency_ms_batch1")),
+                           *(("contract.int8.skew",) if references[INT8][0] > 0.002 else ())}
+    assert failed["serving.fp16.latency_ms_batch1"].detail == "batch 1 too slow: fp16 on CPUExecutionProvider"
+
+
+def test_the_variant_asked_for_is_served_and_one_not_published_is_refused(onnx_file, tmp_path):
+    splits = _idx_splits(10)
+    references = {FP32: (0.0, EVALUATED)}
+    gates = GateParams(large_batch=8, max_skew=1.0)
+    asked = judge_served(FileSource(onnx_file), "file", splits, references, gates, ServingSettings(variant="fp16"))
+    assert asked.variant == FP16 and asked.gates[-1].detail == "`graft serve` here serves fp16 (asked for)"
+    alone = shutil.copy(onnx_file, tmp_path / "model.onnx")  # exported without variants (or none kept its accuracy)
+    only_fp32 = judge_served(FileSource(alone), "file", splits, references, gates, ServingSettings(variant="fp16"))
+    assert [g.name for g in only_fp32.gates][:2] == ["contract.fp32.skew", "serving.fp32.answers"]
+    assert not any(".int8." in g.name or ".fp16." in g.name for g in only_fp32.gates), "only what was exported"
+    refused = only_fp32.gates[-1]
+    assert (refused.name, refused.verdict, only_fp32.variant) == ("serving.variant", FAILED, "")
+    assert refused.detail.startswith("`graft serve` would refuse it: the model has no fp16 variant (it has fp32)")
+    assert judge_served(FileSource(alone), "file", splits, references, gates, ServingSettings()).variant == FP32
+
+
+def test_serving_check_in_strict_mode_refuses_cpu_and_a_broken_variant_fails_to_load(onnx_file, tmp_path):
+    splits = _idx_splits(4)
+    gates, references = GateParams(large_batch=4), {FP32: (0.0, EVALUATED)}
+    served = judge_served(FileSource(onnx_file), "file", splits, references, gates, ServingSettings(strict=True))
+    assert [(g.name, g.verdict) for g in served.gates] == [
+        ("serving.fp32.load", FAILED), ("serving.int8.load", FAILED), ("serving.fp16.load", FAILED), ("serving.variant", PASSED)]
+    assert served.provider == "" and served.variants[INT8] == {"provider": "", "load_error": served.gates[1].detail}
+    assert "in strict mode, but no GPU provider can load here (tensorrt: " in served.gates[0].detail
     with pytest.raises(ProviderError, match=r"no GPU provider can load here \(cuda: \S+ is missing\)"):
         load_model(onnx_file, providers=["cuda", "cpu"], strict=True)
     assert load_model(onnx_file, providers=["cpu"], strict=True).provider == "CPUExecutionProvider"
+
+    folder = tmp_path / "broken"
+    shutil.copytree(onnx_file.parent, folder)
+    (folder / "variants" / "model.fp16.onnx").write_bytes(b"not an onnx file")
+    broken = judge_served(FileSource(folder / "model.onnx"), "file", splits, references, GateParams(large_batch=4, max_skew=1.0),
+                          ServingSettings(), folder)
+    failed = [g for g in broken.gates if g.verdict == FAILED]
+    assert [g.name for g in failed] == ["serving.fp16.load"] and "ONNX Runtime cannot load it" in failed[0].detail
+    assert broken.variant == INT8 and broken.variants[FP16]["provider"] == ""
+    report = GateReport(broken.gates, broken.provider, None, broken.extra, broken.variant, broken.variants)
+    assert "| fp16 |  |  | did not load |  |  |" in report.markdown()
 
 
 def test_auto_asks_only_for_providers_that_load_here_quietly_and_says_why(onnx_file, capfd):
@@ -158,8 +240,11 @@ def test_auto_asks_only_for_providers_that_load_here_quietly_and_says_why(onnx_f
 def test_skew_gate_compares_the_served_path_with_evaluate():
     assert skew_gate(0.80, 0.80, GateParams(max_skew=0.002)).verdict == PASSED
     skewed = skew_gate(0.62, 0.80, GateParams(max_skew=0.002))
+    assert skewed.name == "contract.fp32.skew"
     assert skewed.verdict == FAILED and skewed.value == pytest.approx(0.18) and skewed.detail.startswith("train/serve skew")
     assert skew_gate(None, 0.80, GateParams()).verdict == SKIPPED
+    int8 = skew_gate(0.70, 0.80, GateParams(max_skew=0.002), INT8, "the export stage")
+    assert int8.name == "contract.int8.skew" and "score 0.7000 on int8, the export stage measured 0.8000" in int8.detail
 
 
 def test_served_accuracy_decodes_the_test_files_under_the_models_own_contract(onnx_file, tmp_path):
