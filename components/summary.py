@@ -74,7 +74,8 @@ def _gate_line(report: dict | None) -> str:
     if report is None:
         return "not run"
     failed = [g["name"] for g in report["gates"] if g["verdict"] == "failed"]
-    return ("all passed" if report["passed"] else f"FAILED: {', '.join(failed)}") + f" (serving check on {report['provider']})"
+    served = f"; graft serve here serves {report['served_variant']}" if report.get("served_variant") else ""
+    return ("all passed" if report["passed"] else f"FAILED: {', '.join(failed)}") + f" (serving check on {report['provider']}{served})"
 
 
 def _version_line(registration: dict) -> str:
