@@ -31,7 +31,7 @@ import torch
 from components.compute import cpu_flags, cpu_model
 from components.config import AdaptationParams, Augment, TrainParams
 from components.data import Splits, stratified_take
-from components.model import ModelSpec, build
+from components.network import ModelSpec, build
 from components.objectives import Alignment
 from components.predict import Normalizer, predict_logits
 from components.train import Phase, train

@@ -29,7 +29,7 @@ from components.compute import cpu_flags, cpu_model
 from components.config import load_params
 from components.data import load_splits
 from components.export import build_variant
-from components.model import load_checkpoint
+from components.network import load_checkpoint
 from deploy.model import read_contract
 from deploy.variants import FP32, VARIANTS, variant_path
 

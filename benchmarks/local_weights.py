@@ -20,8 +20,8 @@ import torch
 from components.config import load_params
 from components.data import load_splits, prepare
 from components.evaluate import score
-from components.model import ModelSpec, build
-from components.sources import IMAGENET_MEAN, IMAGENET_STD
+from components.network import ModelSpec, build
+from components.source_models import IMAGENET_MEAN, IMAGENET_STD
 from components.predict import Normalizer, predict_logits
 from components.train import Phase, train
 from deploy.contract import Contract
@@ -45,7 +45,7 @@ def pretrain_torchvision(architecture: str, source: str, image_size: int, epochs
     accuracy = score(splits.y_test, predicted, splits.classes).accuracy
     # The backbone is the torchvision network with its head replaced by Identity: its keys are torchvision's,
     # and the trained head goes back under the head's own name.
-    from components.model import head_path, imagenet_network
+    from components.network import head_path, imagenet_network
 
     head = head_path(imagenet_network(architecture), architecture)
     state = {k: v for k, v in model.backbone.state_dict().items() if not k.startswith(f"{head}.")}

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from components.compute import Compute, cpu_flags, cpu_model
 from components.config import Augment, TrainParams
 from components.data import Splits
-from components.model import ModelSpec, build
+from components.network import ModelSpec, build
 from components.predict import Normalizer
 from components.train import BatchSampler, Phase, augment_batch, train
 from deploy.contract import COLOR_MODES, Contract

@@ -28,9 +28,9 @@ from components.config import STRATEGIES, parse_params
 from components.data import load_splits, prepare
 from components.evaluate import score
 from components.layout import Layout
-from components.model import build, graft
+from components.network import build, graft
 from components.selection import SCORES, kendall_tau, score_candidate
-from components.sources import (
+from components.source_models import (
     LoadedSource,
     SourceIdentity,
     extract_features,

@@ -23,7 +23,7 @@ import torch
 
 from components.artifacts import atomic_path
 from components.errors import GraftError
-from components.model import GraftNet
+from components.network import GraftNet
 from components.predict import Normalizer, predict_logits
 from deploy.contract import Contract
 from deploy.tags import CLASSES_KEY, CONTRACT_KEY  # the server reads exactly what export writes

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from components.model import GraftNet
+from components.network import GraftNet
 from deploy.contract import Contract
 
 

@@ -31,7 +31,7 @@ from components.evaluate import SCORE_NAMES, read_history
 from components.export import cpu_session
 from components.gates import GateReport
 from components.layout import Layout
-from components.model import ModelSpec
+from components.network import ModelSpec
 from components.registry import (
     registry_call,
     CANDIDATE_TAG,
@@ -43,7 +43,7 @@ from components.registry import (
     use_experiment,
 )
 from components.selection import SCORES
-from components.sources import SourceIdentity
+from components.source_models import SourceIdentity
 from deploy.digest import sha256_file
 from deploy.variants import FP32, ONNX_SHA_TAG, VARIANT_DIR, sha_tag, variant_path
 

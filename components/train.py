@@ -25,7 +25,7 @@ from components.artifacts import atomic_path
 from components.compute import FP32_CPU, Compute
 from components.config import Augment, FinetuneParams, TrainParams
 from components.data import Splits
-from components.model import GraftNet
+from components.network import GraftNet
 from components.objectives import Term
 from components.predict import Normalizer, predict_logits
 from components.tuning import Tuning

@@ -20,7 +20,7 @@ from torch import nn
 
 from components.config import FinetuneParams, RegularizerParams
 from components.errors import GraftError
-from components.model import GraftNet
+from components.network import GraftNet
 
 
 def backbone_blocks(backbone: nn.Module) -> list[nn.Module]:

@@ -70,7 +70,7 @@ def make_small_target(dest: Path, per_class: int = 30, classes: int = 10) -> Pat
 
 def tiny_spec(classes, channels: int = 1, size: int = 28, widths=(8, 16, 32), mean=None, std=None):
     """Graft's own small ResNet, tiny: what tests export, gate and serve when the model's quality does not matter."""
-    from components.model import ModelSpec
+    from components.network import ModelSpec
     from deploy.contract import COLOR_MODES, Contract
 
     contract = Contract(COLOR_MODES[channels], size, size, tuple(mean or (0.5,) * channels), tuple(std or (0.5,) * channels))

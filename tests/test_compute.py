@@ -6,7 +6,7 @@ import torch
 
 from components.compute import Compute, ComputeError, resolve_compute
 from components.config import ComputeParams
-from components.model import build
+from components.network import build
 from components.train import Phase, train
 from tests.conftest import prepared_small_target, tiny_spec
 
@@ -29,7 +29,7 @@ def test_auto_takes_bf16_only_where_the_hardware_has_it():
 
 def test_auto_keeps_depthwise_networks_in_fp32_on_the_cpu():
     """Measured: EfficientNet-Lite0 trains slower in bf16 than in fp32 on an AMX CPU (benchmarks/README.md)."""
-    from components.model import ModelSpec, build
+    from components.network import ModelSpec, build
     from deploy.contract import COLOR_MODES, Contract
 
     contract = Contract(COLOR_MODES[3], 32, 32, (0.5,) * 3, (0.5,) * 3)

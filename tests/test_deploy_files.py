@@ -5,7 +5,7 @@ import sys
 import yaml
 
 from components.export import export_onnx
-from components.model import build
+from components.network import build
 from deploy.stack import MLFLOW_SERVER_ENV, PREFECT_DATABASE_SETTING, mlflow_server_args
 from tests.conftest import PROJECT, tiny_spec
 

@@ -18,7 +18,7 @@ from components.export import (
     read_metadata,
 )
 from components.layout import Layout
-from components.model import build
+from components.network import build
 from components.stages.export import export_variants
 from components.predict import Normalizer
 from deploy.tags import CLASSES_KEY, CONTRACT_KEY

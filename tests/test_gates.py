@@ -25,7 +25,7 @@ from components.gates import (
     skew_gate,
     transfer_gate,
 )
-from components.model import build
+from components.network import build
 from deploy.contract import Contract
 from deploy.digest import sha256_file
 from deploy.model import (

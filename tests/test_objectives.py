@@ -6,7 +6,7 @@ import torch
 
 from components.config import AdaptationParams, JointParams
 from components.data import load_splits, prepare
-from components.model import build, graft
+from components.network import build, graft
 from components.objectives import (
     Alignment,
     ObjectiveError,

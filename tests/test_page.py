@@ -19,7 +19,7 @@ from PIL import Image
 from websockets.sync.client import connect
 
 from components.export import export_onnx
-from components.model import build
+from components.network import build
 from tests.conftest import free_port, tiny_spec, wait_healthy
 
 BROWSER = shutil.which("chromium-headless-shell") or shutil.which("chromium")

@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 from components.settings import load_settings
 from components.judge import judge
 from components.layout import Layout
-from components.model import load_checkpoint, save_checkpoint
+from components.network import load_checkpoint, save_checkpoint
 from components.register import publish
 from components.registry import (
     CHALLENGER,

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from components.export import export_onnx
-from components.model import build
+from components.network import build
 from deploy.server import DRAIN_SECONDS
 from tests.conftest import free_port, tiny_params, tiny_spec, wait_healthy
 

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
 from components.export import export_onnx
-from components.model import build
+from components.network import build
 from tests.conftest import free_port, tiny_spec
 
 MODEL = "fuzzed-classifier"

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from components.config import parse_params
-from components.model import (
+from components.network import (
     ArchitectureError,
     ModelSpec,
     build,

@@ -6,7 +6,7 @@ import torch
 
 from components.config import RegularizerParams
 from components.errors import GraftError
-from components.model import build, graft
+from components.network import build, graft
 from components.train import Phase, train
 from components.tuning import (
     BatchSpectralShrinkage,

@@ -13,7 +13,7 @@ from components.evaluate import (
     write_predictions,
 )
 from components.layout import Layout
-from components.model import load_checkpoint
+from components.network import load_checkpoint
 from components.predict import predict_classes
 
 

@@ -12,7 +12,7 @@ from components.artifacts import write_json
 from components.config import Params
 from components.export import ParityFailed, build_variant, check_parity, export_onnx, score_onnx
 from components.layout import Layout
-from components.model import load_checkpoint
+from components.network import load_checkpoint
 from deploy.tags import DATA_VERSION_KEY, SOURCE_KEY, STRATEGY_KEY
 from deploy.variants import FP32, variant_path
 

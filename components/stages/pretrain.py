@@ -10,7 +10,7 @@ from components.compute import resolve_compute
 from components.config import Params
 from components.evaluate import score, write_history
 from components.layout import Layout
-from components.model import ModelSpec, build, save_checkpoint
+from components.network import ModelSpec, build, save_checkpoint
 from components.predict import predict_classes
 from components.train import Phase, Resume, train
 from deploy.contract import COLOR_MODES, Contract

@@ -4,7 +4,7 @@ from __future__ import annotations
 from components.artifacts import write_json
 from components.config import Params
 from components.layout import Layout
-from components.sources import resolve_pretrained_sources
+from components.source_models import resolve_pretrained_sources
 
 
 def resolve_sources(params: Params) -> dict:

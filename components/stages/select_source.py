@@ -13,10 +13,10 @@ from components.compute import resolve_compute
 from components.config import FinetuneParams, Params
 from components.errors import GraftError
 from components.layout import Layout
-from components.model import graft
+from components.network import graft
 from components.race import successive_halving
 from components.selection import Selection, choose_source, lead_share, score_candidate, why_race, write_selection
-from components.sources import SourceError, SourceIdentity, extract_features, load_source, pipeline_identity
+from components.source_models import SourceModelError, SourceIdentity, extract_features, load_source, pipeline_identity
 from components.train import strategy_phases, train
 from components.tuning import Tuning
 
@@ -31,7 +31,7 @@ def candidate_identities(params: Params) -> list[SourceIdentity]:
         elif name in resolved:
             identities.append(SourceIdentity.from_dict(resolved[name]))
         else:
-            raise SourceError(f"source {name} is not resolved yet; run the resolve_sources stage first (graft run, or dvc repro)")
+            raise SourceModelError(f"source {name} is not resolved yet; run the resolve_sources stage first (graft run, or dvc repro)")
     return identities
 
 

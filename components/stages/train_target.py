@@ -13,9 +13,9 @@ from components.compute import resolve_compute
 from components.config import Params
 from components.evaluate import write_history
 from components.layout import Layout
-from components.model import GraftNet, ModelSpec, build, graft, save_checkpoint
+from components.network import GraftNet, ModelSpec, build, graft, save_checkpoint
 from components.objectives import Alignment, Term, joint_term, require_source_data
-from components.sources import LoadedSource, SourceIdentity, load_source
+from components.source_models import LoadedSource, SourceIdentity, load_source
 from components.predict import Normalizer, predict_features
 from components.train import strategy_phases, train
 from components.tuning import Tuning

@@ -6,18 +6,18 @@ import torch
 import torchvision
 
 from components.config import ParamsError, PretrainedSource
-from components.model import (
+from components.network import (
     LUMA,
     ChannelAdapter,
     head_path,
     imagenet_network,
     split_head,
 )
-from components.sources import (
+from components.source_models import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     LITE_MEAN,
-    SourceError,
+    SourceModelError,
     extract_features,
     hub_file,
     load_source,
@@ -86,13 +86,13 @@ def test_a_model_trained_on_other_classes_keeps_its_own_head(tmp_path):
 def test_a_wrong_or_unreadable_weights_file_is_refused_by_name(tmp_path):
     other = tmp_path / "mobilenet.pth"
     torch.save(torchvision.models.mobilenet_v3_small().state_dict(), other)
-    with pytest.raises(SourceError, match=r"does not fit resnet18; \d+ key\(s\) missing .*check `architecture`"):
+    with pytest.raises(SourceModelError, match=r"does not fit resnet18; \d+ key\(s\) missing .*check `architecture`"):
         load_source(resolve_pretrained("x", _pretrained(architecture="resnet18", weights_file=str(other))))
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint")
-    with pytest.raises(SourceError, match="garbage.pth is not a loadable state_dict"):
+    with pytest.raises(SourceModelError, match="garbage.pth is not a loadable state_dict"):
         load_source(resolve_pretrained("x", _pretrained(architecture="resnet18", weights_file=str(garbage))))
-    with pytest.raises(SourceError, match=r"weights_file: .*missing.pth does not exist"):
+    with pytest.raises(SourceModelError, match=r"weights_file: .*missing.pth does not exist"):
         resolve_pretrained("x", _pretrained(architecture="resnet18", weights_file=str(tmp_path / "missing.pth")))
 
 
@@ -101,7 +101,7 @@ def test_a_weights_file_changed_after_resolving_is_refused(tmp_path):
     torch.save(torchvision.models.resnet18().state_dict(), path)
     identity = resolve_pretrained("w", _pretrained(architecture="resnet18", weights_file=str(path)))
     torch.save(torchvision.models.resnet18().state_dict(), path)  # other random weights, same name
-    with pytest.raises(SourceError, match=r"changed since it was resolved .*run graft run \(or dvc repro\) again"):
+    with pytest.raises(SourceModelError, match=r"changed since it was resolved .*run graft run \(or dvc repro\) again"):
         load_source(identity)
     assert resolve_pretrained("w", _pretrained(architecture="resnet18", weights_file=str(path))).sha256 != identity.sha256
 
@@ -113,7 +113,7 @@ def test_named_imagenet_weights_offline_and_not_cached_say_which_file_to_put_whe
     monkeypatch.delenv("no_proxy", raising=False)
     monkeypatch.delenv("NO_PROXY", raising=False)
     expected = tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
-    with pytest.raises(SourceError) as error:
+    with pytest.raises(SourceModelError) as error:
         resolve_pretrained("imagenet", _pretrained(architecture="resnet18", weights="IMAGENET1K_V1"))
     message = str(error.value)
     assert "not in the torch hub cache and cannot be downloaded" in message

