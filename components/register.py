@@ -33,21 +33,38 @@ from components.gates import GateReport
 from components.layout import Layout
 from components.network import ModelSpec
 from components.registry import (
-    registry_call,
-    CANDIDATE_TAG,
-    JUDGED_TAG,
     candidate_key,
     find_candidate,
     judged_key,
+    registry_call,
     tracking_uri,
     use_experiment,
 )
 from components.selection import SCORES
 from components.source_models import SourceIdentity
 from deploy.digest import sha256_file
-from deploy.variants import FP32, ONNX_SHA_TAG, VARIANT_DIR, sha_tag, variant_path
-
-SOURCE_SHA_TAG = "graft.source.sha256"
+from deploy.tags import (
+    CANDIDATE_TAG,
+    DATA_VERSION_KEY,
+    GATES_TAG,
+    JUDGED_TAG,
+    ONNX_SHA_TAG,
+    RUN_ID_TAG,
+    SELECTION_DECIDED_BY_TAG,
+    SELECTION_TAG,
+    SERVING_PROVIDER_TAG,
+    SOURCE_DATA_VERSION_TAG,
+    SOURCE_RUN_ID_TAG,
+    SOURCE_SHA_TAG,
+    STAGE_TAG,
+    STRATEGY_KEY,
+    TARGET_DATASET_TAG,
+    gate_tag,
+    metric_tag,
+    source_tag,
+    variant_score_tag,
+)
+from deploy.variants import FP32, VARIANT_DIR, sha_tag, variant_path
 ONNX_REQUIREMENTS = ["onnxruntime-gpu==1.31.1", "onnx==1.23.2", "numpy"]
 ONNX_PROVIDERS = ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
@@ -82,14 +99,14 @@ def log_history(history: list[dict], prefix: str) -> None:
 
 def source_run(params: Settings, identity, checkpoint: Path, history: list[dict], metrics: dict, data_version: str) -> str:
     """The MLflow run that pretrained this pipeline source checkpoint: found by its sha256, or logged now."""
-    query = f"tags.`{SOURCE_SHA_TAG}` = '{identity.sha256}' and tags.`graft.stage` = 'pretrain'"
+    query = f"tags.`{SOURCE_SHA_TAG}` = '{identity.sha256}' and tags.`{STAGE_TAG}` = 'pretrain'"
     found = mlflow.search_runs(filter_string=query, max_results=1, output_format="list")
     if found:
         return found[0].info.run_id
     candidate = params.sources.pipeline[identity.name]
     with mlflow.start_run(run_name=f"pretrain-{identity.name}-{identity.sha256[:8]}") as run:
-        mlflow.set_tags({SOURCE_SHA_TAG: identity.sha256, "graft.stage": "pretrain", "graft.source.name": identity.name,
-                         "graft.source_data_version": data_version})
+        mlflow.set_tags({SOURCE_SHA_TAG: identity.sha256, STAGE_TAG: "pretrain", source_tag("name"): identity.name,
+                         SOURCE_DATA_VERSION_TAG: data_version})
         mlflow.log_params(flatten({"source": candidate.model_dump(), "pretrain": params.pretrain.model_dump()}))
         log_history(history, "pretrain")
         mlflow.log_metrics({f"source_test.{k}": v for k, v in metrics.items()})
@@ -114,9 +131,9 @@ class RunRecord:
 
 def register(record: RunRecord, source_run_id: str, key: str) -> Registration:
     registry = record.params.registry
-    with mlflow.start_run(run_name=f"retrain-{record.tags['graft.strategy']}-{record.tags['graft.data_version']}") as run:
-        lineage = {"graft.source_run_id": source_run_id} if source_run_id else {}  # a pipeline source's pretraining run
-        mlflow.set_tags({**record.tags, "graft.stage": "retrain", CANDIDATE_TAG: key, **lineage})
+    with mlflow.start_run(run_name=f"retrain-{record.tags[STRATEGY_KEY]}-{record.tags[DATA_VERSION_KEY]}") as run:
+        lineage = {SOURCE_RUN_ID_TAG: source_run_id} if source_run_id else {}  # a pipeline source's pretraining run
+        mlflow.set_tags({**record.tags, STAGE_TAG: "retrain", CANDIDATE_TAG: key, **lineage})
         mlflow.log_params(flatten(record.params.model_dump()))
         for name, history in record.histories.items():
             log_history(history, name)
@@ -140,8 +157,8 @@ def register(record: RunRecord, source_run_id: str, key: str) -> Registration:
         # Registered only now that every file is stored, with every tag in the same call.
         # The bytes MLflow stored (it serialises the proto, external data off): what a server must find again.
         stored_sha = hashlib.sha256(proto.SerializeToString()).hexdigest()
-        tags = {**record.tags, **{f"metric.{k}": f"{v:.6g}" for k, v in record.metrics.items()},
-                "graft.run_id": run.info.run_id, CANDIDATE_TAG: key, ONNX_SHA_TAG: stored_sha, **lineage}
+        tags = {**record.tags, **{metric_tag(k): f"{v:.6g}" for k, v in record.metrics.items()},
+                RUN_ID_TAG: run.info.run_id, CANDIDATE_TAG: key, ONNX_SHA_TAG: stored_sha, **lineage}
         tags.update(log_variants(info.model_id, record.onnx_path, record.variant_scores))
         version = mlflow.register_model(info.model_uri, registry.model_name, tags={k: str(v) for k, v in tags.items()})
         return Registration(
@@ -164,7 +181,7 @@ def log_variants(model_id: str, onnx_path: Path, scores: dict[str, dict]) -> dic
             continue
         MlflowClient().log_model_artifact(model_id, str(path), VARIANT_DIR)
         tags[sha_tag(variant)] = sha256_file(path)
-        tags.update({f"graft.variant.{variant}.{key}": f"{score[key]:.6g}"
+        tags.update({variant_score_tag(variant, key): f"{score[key]:.6g}"
                      for key in ("accuracy", "accuracy_drop", "latency_ms_batch1", "latency_ms_batch64")})
     return tags
 
@@ -172,14 +189,14 @@ def log_variants(model_id: str, onnx_path: Path, scores: dict[str, dict]) -> dic
 def lineage_tags(identity: SourceIdentity, params: Settings) -> dict[str, str]:
     """What the registered version says about where it came from."""
     return {
-        "graft.source.name": identity.name,
-        "graft.source.kind": identity.kind,
-        "graft.source.architecture": identity.architecture,
-        "graft.source.weights": identity.weights or identity.file,
-        "graft.source.sha256": identity.sha256,
-        "graft.source.image_size": str(identity.image_size),
-        "graft.target_dataset": params.data.target.name,
-        **({"graft.source.dataset": params.sources.pipeline[identity.name].data.name} if identity.kind == "pipeline" else {}),
+        source_tag("name"): identity.name,
+        source_tag("kind"): identity.kind,
+        source_tag("architecture"): identity.architecture,
+        source_tag("weights"): identity.weights or identity.file,
+        SOURCE_SHA_TAG: identity.sha256,
+        source_tag("image_size"): str(identity.image_size),
+        TARGET_DATASET_TAG: params.data.target.name,
+        **({source_tag("dataset"): params.sources.pipeline[identity.name].data.name} if identity.kind == "pipeline" else {}),
     }
 
 
@@ -207,10 +224,10 @@ def run_record(root: Path, params: Settings) -> RunRecord:
         metrics.update({f"test.{metric}.{name}": value for metric, value in scores.items() if metric in SCORE_NAMES})
     tags = {
         **lineage_tags(identity, params),
-        "graft.data_version": transfer_meta["data_version"],
-        "graft.strategy": transfer_meta["strategy"],
-        "graft.selection": f"{selection['mode']}: {selection['chosen']} by {selection['score']} over {', '.join(selection['ranking'])}",
-        "graft.selection.decided_by": selection["decided_by"][:5000],  # MLflow's tag values hold 8000 characters
+        DATA_VERSION_KEY: transfer_meta["data_version"],
+        STRATEGY_KEY: transfer_meta["strategy"],
+        SELECTION_TAG: f"{selection['mode']}: {selection['chosen']} by {selection['score']} over {', '.join(selection['ranking'])}",
+        SELECTION_DECIDED_BY_TAG: selection["decided_by"][:5000],  # MLflow's tag values hold 8000 characters
     }
     splits = data_mod.load_splits(root / Layout.selected_data)
     contract = ModelSpec.from_dict(read_json(root / Layout.selected_architecture)).contract
@@ -241,7 +258,7 @@ def _source_run_id(root: Path, params: Settings) -> str:
 def _existing(client: MlflowClient, name: str, version: str) -> Registration:
     found = client.get_model_version(name, version)
     return Registration(run_id=found.run_id, model_name=name, version=version, model_uri=f"models:/{name}/{version}",
-                        source_run_id=found.tags.get("graft.source_run_id", ""), tracking_uri=mlflow.get_tracking_uri(),
+                        source_run_id=found.tags.get(SOURCE_RUN_ID_TAG, ""), tracking_uri=mlflow.get_tracking_uri(),
                         new=False)
 
 
@@ -268,7 +285,6 @@ def apply_gate_verdict(params: Settings, registration: dict, report: GateReport)
     from components.registry import (
         CHALLENGER,
         CHAMPION,
-        GATES_TAG,
         alias_version,
         move_alias,
         promote,
@@ -276,11 +292,11 @@ def apply_gate_verdict(params: Settings, registration: dict, report: GateReport)
 
     client = MlflowClient()
     name, version, run_id = registration["model_name"], registration["version"], registration["run_id"]
-    tags = {GATES_TAG: "passed" if report.passed else "failed", "graft.serving_provider": report.provider,
+    tags = {GATES_TAG: "passed" if report.passed else "failed", SERVING_PROVIDER_TAG: report.provider,
             JUDGED_TAG: judged_key(params)}
     for gate in report.gates:
         value = "" if gate.value is None else f"{gate.value:.6g}"
-        tags.update({f"gate.{gate.name}.verdict": gate.verdict, f"gate.{gate.name}.value": value, f"gate.{gate.name}.bound": gate.bound})
+        tags.update({gate_tag(gate.name, "verdict"): gate.verdict, gate_tag(gate.name, "value"): value, gate_tag(gate.name, "bound"): gate.bound})
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
     if not report.passed:

@@ -27,6 +27,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from components.artifacts import read_json, sha256_json
+from components.config import Params
 from components.settings import RegistryParams, Settings, load_settings
 from components.errors import GraftError, RegistryUnavailable
 from components.layout import Layout
@@ -39,19 +40,14 @@ from deploy.source import (
     check_server,
     check_store_exists,
 )
+from deploy.tags import AUDIT_PREFIX, CANDIDATE_TAG, GATES_TAG, JUDGED_TAG, gate_verdicts
 from deploy.variants import FP32
 
 if TYPE_CHECKING:
     from deploy.model import LoadedModel
 
-CANDIDATE_TAG = "graft.candidate"      # what the candidate is: candidate_key
-JUDGED_TAG = "graft.judged_with"       # the gate params its verdict was reached with: judged_key
-# The params that make the candidate; the rest (gates, registry, promotion, serving, schedule) judge or ship it.
-CANDIDATE_PARAMS = ("seed", "data", "sources", "selection", "pretrain", "finetune", "export")
 
 CHAMPION, CHALLENGER = "champion", "challenger"
-AUDIT_PREFIX = "graft.audit."
-GATES_TAG = "graft.gates"
 
 
 def _unreachable(error: BaseException) -> bool:
@@ -181,7 +177,7 @@ def _classified(what: str):
 def candidate_key(root: Path, params: Settings) -> str:
     """The candidate's identity: its ONNX bytes, data version, source weights and the params that made it."""
     meta = read_json(root / Layout.transfer_model.with_suffix(".json"))
-    made_by = {k: v for k, v in params.model_dump(mode="json").items() if k in CANDIDATE_PARAMS}
+    made_by = {k: v for k, v in params.model_dump(mode="json").items() if k in Params.model_fields}
     return sha256_json({"onnx": sha256_file(root / Layout.onnx_model), "data_version": meta["data_version"],
                     "source": meta.get("source", {}).get("sha256", ""), "params": made_by})
 
@@ -276,8 +272,7 @@ def _version_tags(client: MlflowClient, name: str, version: str) -> dict[str, st
 
 def failed_gates(tags: dict[str, str]) -> list[str]:
     """The gates a registered version failed, by name, from its tags (gate.NAME.verdict)."""
-    return sorted(k.removeprefix("gate.").removesuffix(".verdict") for k, v in tags.items()
-                  if k.startswith("gate.") and k.endswith(".verdict") and v == "failed")
+    return sorted(gate for gate, verdict in gate_verdicts(tags).items() if verdict == "failed")
 
 
 def gates_passed(client: MlflowClient, name: str, version: str) -> tuple[bool, str]:

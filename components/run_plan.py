@@ -11,6 +11,7 @@ from components.errors import CandidateRejected
 from components.settings import Settings
 from components.tracked_data import check_tracked_data
 from components.userdata import check_raw_data
+from deploy.tags import gate_tag
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ def already_judged(root: str | Path, params) -> AlreadyJudged | None:
     with registry_call("reading the candidate's verdict", tracking_uri(params.registry, root)):
         tags = MlflowClient().get_model_version(name, version).tags  # published_version pointed MLflow at the store
     return AlreadyJudged(name, version, tuple(
-        f"{gate} ({tags.get(f'gate.{gate}.value', '')} vs {tags.get(f'gate.{gate}.bound', '')})" for gate in failed_gates(tags)))
+        f"{gate} ({tags.get(gate_tag(gate, 'value'), '')} vs {tags.get(gate_tag(gate, 'bound'), '')})" for gate in failed_gates(tags)))
 
 
 @dataclass(frozen=True)

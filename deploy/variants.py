@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from deploy.tags import ONNX_SHA_TAG
+
 FP32, INT8, FP16 = "fp32", "int8", "fp16"
 VARIANTS = (FP32, INT8, FP16)
 AUTO = "auto"  # the one `auto`: the provider's best variant; for providers (deploy/settings.py), every one that loads
 VARIANT_DIR = "variants"
 ONNX_FILE = "model.onnx"
-ONNX_SHA_TAG = "graft.onnx.sha256"  # the FP32 file's, recorded in the registering call
 # What each execution provider runs best, in order of preference: INT8 kernels (VNNI/AMX) on CPU, FP16 on CUDA.
 # TensorRT builds its own FP16 engine from the FP32 graph (trt_fp16_enable): it takes the FP32 file.
 PREFERENCE = {
