@@ -29,7 +29,8 @@ from components.data import load_splits, prepare
 from components.evaluate import score
 from components.layout import Layout
 from components.network import build, graft
-from components.selection import SCORES, kendall_tau, score_candidate
+from components.config import SCORES
+from components.selection import kendall_tau, score_candidate
 from components.source_models import (
     LoadedSource,
     SourceIdentity,

@@ -20,9 +20,13 @@ from pydantic import (
 )
 
 from components.errors import GraftError
+from deploy.variants import FP16, FP32, INT8, VARIANTS
 
 Strategy = Literal["scratch", "linear_probe", "finetune", "lp_ft"]
 STRATEGIES: tuple[str, ...] = Strategy.__args__
+TransferScore = Literal["logme", "leep", "nce"]  # how well a source's frozen features fit the target (selection.py)
+SCORES: tuple[str, ...] = TransferScore.__args__
+ExportVariant = Literal[tuple(v for v in VARIANTS if v != FP32)]  # beside FP32, which is always exported
 
 
 class ParamsError(GraftError, ValueError):
@@ -162,7 +166,7 @@ class RaceParams(Strict):
 
 class SelectionParams(Strict):
     mode: Literal["auto", "report"] = "auto"  # auto: fine-tune the best-scoring candidate; report: score all, fine-tune `use`
-    score: Literal["logme", "leep", "nce"] = "logme"
+    score: TransferScore = "logme"
     use: str | None = None                    # report mode: the candidate to fine-tune (default: the first listed)
     batch_size: int = Field(default=64, ge=1)  # feature extraction batch
     race: RaceParams = RaceParams()
@@ -262,7 +266,7 @@ class ExportParams(Strict):
     opset: int = Field(default=20, ge=17)
     parity_atol: float = Field(default=1e-3, gt=0)   # every |ONNX logit - PyTorch logit| <= atol + rtol * |PyTorch logit|
     parity_rtol: float = Field(default=1e-3, ge=0)   # (NumPy's allclose rule: deep networks have large logits)
-    variants: list[Literal["int8", "fp16"]] = Field(default=["int8", "fp16"])  # beside FP32 (deploy/variants.py)
+    variants: list[ExportVariant] = Field(default=[INT8, FP16])
     max_accuracy_drop: float = Field(default=0.005, ge=0, le=1)  # a variant further below FP32 is not published
     calibration_images: int = Field(default=1024, ge=1)  # INT8 activation ranges: target train, then val, images
     calibration_method: Literal["percentile", "minmax", "entropy"] = "percentile"

@@ -40,7 +40,7 @@ from components.registry import (
     tracking_uri,
     use_experiment,
 )
-from components.selection import SCORES
+from components.config import SCORES
 from components.source_models import SourceIdentity
 from deploy.digest import sha256_file
 from deploy.tags import (

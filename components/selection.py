@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from components.artifacts import atomic_path, write_json
+from components.config import SCORES
 
-SCORES = ("logme", "leep", "nce")
 _LABEL = {"logme": "LogME", "leep": "LEEP", "nce": "NCE"}
 
 
