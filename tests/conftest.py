@@ -1,6 +1,12 @@
-"""Shared fixtures: small slices of the real data and a tiny, fast params.yaml.
+"""Shared fixtures: small slices of the real data and a tiny, fast params.yaml; one finished pipeline workspace,
+one Prefect server and one MLflow server for the whole run.
 
 The slices come from the real embedded default (`graft fetch-data` must have run: scripts/setup.sh does it).
+
+Tiers: `pytest -m "not slow"` is the everyday run (minutes); plain `pytest` runs everything (CI). A test is `slow`
+when it is marked so, or when it uses a fixture in SLOW_FIXTURES (it starts a server or needs the pipeline run).
+Session fixtures are shared, never changed: a test that changes a workspace works on its own copy (copy_workspace),
+and the session's finished workspaces are checked at the end of the run for changes (unchanged_at_teardown).
 """
 from __future__ import annotations
 
@@ -127,6 +133,58 @@ def make_workspace(root: Path, params: dict | None = None) -> Path:
     return root
 
 
+# Using any of these makes a test `slow`: each starts a server or needs the whole pipeline run once. (A fresh
+# project from workspace_factory takes a few seconds: a test that runs its pipeline is marked slow itself.)
+SLOW_FIXTURES = frozenset({"candidate_template", "repro_workspace", "mlflow_server", "prefect_server"})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+def wait_until(condition, seconds: float, what: str, interval: float = 0.05, process: subprocess.Popen | None = None):
+    """Poll `condition` until it returns something true (returned), failing after `seconds` or once `process` has ended:
+    a wait on the event itself, never a guess of how long it takes."""
+    deadline = time.monotonic() + seconds
+    while not (found := condition()):
+        assert process is None or process.poll() is None, f"the process ended before {what}"
+        assert time.monotonic() < deadline, f"no {what} within {seconds:g} s"
+        time.sleep(interval)
+    return found
+
+
+def _fingerprint(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file of a workspace (not git's, not the code symlinked from this checkout): its size and mtime."""
+    found = {}
+    for folder, dirs, files in os.walk(root):  # does not follow the symlinked code folders
+        dirs[:] = [d for d in dirs if d != ".git"]
+        for name in files:
+            path = Path(folder) / name
+            if not path.is_symlink():
+                stat = path.stat()
+                found[path.relative_to(root).as_posix()] = (stat.st_size, stat.st_mtime_ns)
+    return found
+
+
+def unchanged_at_teardown(root: Path):
+    """A context for a session fixture's yield: fails the run if a test wrote to the shared workspace (tests that
+    change a workspace change their own copy)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def guard():
+        before = _fingerprint(root)
+        yield
+        after = _fingerprint(root)
+        changed = sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name))
+        if changed:
+            pytest.fail(f"a test changed the shared workspace {root} (copy it with copy_workspace): {changed[:20]}")
+
+    return guard()
+
+
 @pytest.fixture(scope="session")
 def workspace_factory(tmp_path_factory):
     def make(name: str, params: dict | None = None) -> Path:
@@ -135,10 +193,10 @@ def workspace_factory(tmp_path_factory):
     return make
 
 
-def dvc_repro(root: Path) -> subprocess.CompletedProcess:
-    """`dvc repro` exactly as a user types it, with this venv's scripts on PATH."""
+def dvc_repro(root: Path, *targets: str) -> subprocess.CompletedProcess:
+    """`dvc repro [TARGETS]` exactly as a user types it, with this venv's scripts on PATH."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    done = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=root, env=env, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "dvc", "repro", *targets], cwd=root, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 
@@ -153,25 +211,50 @@ def candidate_template(workspace_factory):
     that need a finished pipeline copy it (copy_workspace), so one repro serves them all."""
     root = workspace_factory("template")
     done = dvc_repro(root)
-    return root, stages_ran(done.stdout)
+    with unchanged_at_teardown(root):
+        yield root, stages_ran(done.stdout)
 
 
-def copy_workspace(template: Path, dest: Path) -> Path:
-    """A copy of a workspace with its DVC cache and outputs, without its registry: DVC finds it up to date."""
-    shutil.copytree(template, dest, symlinks=True,
-                    ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts", "outputs", ".graft.lock"))
+def copy_workspace(template: Path, dest: Path, registry: bool = False) -> Path:
+    """A copy of a workspace with its DVC cache and outputs: DVC finds it up to date. Without its registry, or with
+    `registry` a copy of its own (the sqlite store, its artifacts and outputs/, every path in them moved to `dest`),
+    so that a test may publish, promote or resume there without touching the original."""
+    skip = (".graft.lock",) if registry else ("mlflow.db", "mlartifacts", "outputs", ".graft.lock")
+    shutil.copytree(template, dest, symlinks=True, ignore=shutil.ignore_patterns(*skip))
+    if registry:
+        _move_paths(dest, str(Path(template).resolve()), str(Path(dest).resolve()))
     return dest
+
+
+def _move_paths(root: Path, old: str, new: str) -> None:
+    """The copied registry's absolute paths (artifact locations, tracking URIs) point into the copy."""
+    import sqlite3
+
+    if (root / "mlflow.db").exists():
+        with sqlite3.connect(root / "mlflow.db") as db:
+            tables = [name for (name,) in db.execute("select name from sqlite_master where type = 'table'")]
+            for table in tables:
+                for column in [row[1] for row in db.execute(f'pragma table_info("{table}")') if "CHAR" in row[2].upper()
+                               or "TEXT" in row[2].upper()]:
+                    db.execute(f'update "{table}" set "{column}" = replace("{column}", ?, ?) where instr("{column}", ?) > 0',
+                               (old, new, old))
+        db.close()
+    for record in (root / "outputs").glob("*.json"):
+        record.write_text(record.read_text().replace(old, new))
 
 
 @pytest.fixture(scope="session")
 def repro_workspace(candidate_template, tmp_path_factory):
-    """`dvc repro` then `graft publish`, as a user of the DVC path runs them; the metrics as they were then."""
+    """`dvc repro` then `graft publish`, as a user of the DVC path runs them; the metrics as they were then. Read
+    only: a test that reruns DVC or publishes again does it in its own copy (copy_workspace(..., registry=True)
+    keeps the published version 1)."""
     template, ran = candidate_template
     root = copy_workspace(template, tmp_path_factory.mktemp("repro") / "ws")
     graft_cli(root, f"sqlite:///{root / 'mlflow.db'}", "publish")
     metrics = {name: json.loads((root / "metrics" / f"{name}.json").read_text()) for name in ("evaluate", "export")}
     metrics["pretrain"] = json.loads((root / "metrics" / "pretrain-fashion-mnist.json").read_text())
-    return root, ran, metrics
+    with unchanged_at_teardown(root):
+        yield root, ran, metrics
 
 
 def free_port() -> int:
@@ -220,13 +303,18 @@ def stop_process_group(process: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
+    """The run's one MLflow server: tests that need a registry over HTTP share it, each file under its own registered
+    model name (tests/test_server.py served-classifier, tests/test_registry_http.py graft-classifier). A test starts
+    its own server only when it stops it, starts it late, or needs a second registry or another backend store."""
     server, url = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"), free_port())
     yield url
     stop_process_group(server)
 
 
-def graft_cli(root: Path, url: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": url, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+def graft_cli(root: Path, url: str, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`graft ARGS` in `root` against the registry at `url`; `env` (e.g. prefect_server's) instead of this process's."""
+    env = {**(env or os.environ), "MLFLOW_TRACKING_URI": url,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     done = subprocess.run([sys.executable, "-m", "graft", *args], cwd=root, env=env, capture_output=True, text=True)
     if check:
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
@@ -235,7 +323,10 @@ def graft_cli(root: Path, url: str, *args: str, check: bool = True) -> subproces
 
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory):
-    """`prefect server start` on 127.0.0.1 in a temporary home; yields the environment that points at it."""
+    """The run's one Prefect server: `prefect server start` on 127.0.0.1 in a temporary home; yields the environment
+    that points at it, and points this process's flows at it too. Tests tell their runs apart by flow run id or by
+    time, never by being alone on the server. (tests/test_postgres.py starts its own, on PostgreSQL: that is what
+    it tests.)"""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     home = tmp_path_factory.mktemp("prefect-home")

@@ -1,5 +1,6 @@
 """A user's mistake on the command line: a named error in one to three lines with the fix, exit status 2 (3 for
 a rejected candidate), no traceback on the terminal, the full trace in a log file the message names."""
+import json
 import os
 import re
 import subprocess
@@ -73,6 +74,8 @@ def test_a_rejected_candidate_exits_3_with_the_failed_gate(candidate_template, p
     done = _graft(root, "run", env=prefect_server)
     message = _refusal(done, 3)
     assert message.startswith("graft: rejected: candidate rejected by 1 gate(s): quality.accuracy")
+    registration = json.loads((root / "outputs" / "registration.json").read_text())
+    assert registration["gates_passed"] is False, "the rejected candidate is registered for diagnosis"
 
 
 def test_every_project_command_takes_root_and_every_option_says_what_it_does():

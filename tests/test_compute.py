@@ -69,12 +69,18 @@ def _trained(target, compute: Compute, steps: int = 16):
     return model, history
 
 
+@pytest.fixture(scope="module")
+def reference(target):
+    """Plain fp32 in the default layout, trained once for every mode to be compared with (it is deterministic)."""
+    return _trained(target, Compute("cpu", "fp32", False, "test"))
+
+
 @pytest.mark.parametrize("compute", [Compute("cpu", "bf16", True, "test"), Compute("cpu", "bf16", False, "test"),
                                      Compute("cpu", "fp32", True, "test"), Compute("cpu", "fp16", True, "test"),
                                      Compute("cpu", "fp32", False, "test", compile=True)],
                          ids=["bf16-channels-last", "bf16", "fp32-channels-last", "fp16-grad-scaler", "fp32-compiled"])
-def test_every_precision_and_layout_trains_and_hands_back_an_fp32_contiguous_model(target, compute):
-    reference, reference_history = _trained(target, Compute("cpu", "fp32", False, "test"))
+def test_every_precision_and_layout_trains_and_hands_back_an_fp32_contiguous_model(target, reference, compute):
+    reference, reference_history = reference
     model, history = _trained(target, compute)
     assert all(np.isfinite(r["train_loss"]) for r in history)
     assert history[-1]["train_loss"] < history[0]["train_loss"], "it learns"

@@ -1,5 +1,8 @@
 """DVC in a real temporary repo: stages run once, skip when nothing changed, rerun only what a change touches;
-every source kind; the source chosen, its lineage, and the stages it takes."""
+every source kind; the source chosen, its lineage, and the stages it takes.
+
+repro_workspace and candidate_template (tests/conftest.py) are read, never changed: a test that reruns DVC or
+publishes works on its own copy."""
 import json
 import shutil
 import subprocess
@@ -14,11 +17,12 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
 
+from components.dvc_runner import dvc_status, pending_stages
 from components.settings import parse_settings
 from components.stage_runner import stage_order
 from deploy.digest import sha256_file
 from deploy.variants import sha_tag
-from tests.conftest import copy_workspace, dvc_repro, graft_cli, stages_ran, tiny_params
+from tests.conftest import copy_workspace, dvc_repro, graft_cli, stages_ran, tiny_params, unchanged_at_teardown
 
 
 def _params(root) -> dict:
@@ -51,11 +55,13 @@ def test_both_candidates_are_scored_and_the_chosen_one_is_fine_tuned(repro_works
     assert selection["mode"] == "report" and selection["chosen"] == "fashion-mnist"
     assert _json(root, "models/transfer.json")["source"]["name"] == "fashion-mnist"
     gates = {g["name"]: g for g in _json(root, "reports/gates.json")["gates"]}
-    assert gates["contract.skew"]["verdict"] == "passed" and gates["contract.skew"]["value"] == 0.0
+    assert gates["contract.fp32.skew"]["verdict"] == "passed" and gates["contract.fp32.skew"]["value"] == 0.0
+    skew = [g for name, g in gates.items() if name.startswith("contract.") and name.endswith(".skew")]
+    assert len(skew) == 3 and all(g["verdict"] == "passed" for g in skew), skew  # fp32, int8, fp16
 
 
-def test_second_repro_does_nothing(repro_workspace):
-    root, _, _ = repro_workspace
+def test_second_repro_does_nothing(candidate_template, tmp_path):
+    root = copy_workspace(candidate_template[0], tmp_path / "ws")
     done = dvc_repro(root)
     assert stages_ran(done.stdout) == ["resolve_sources"], "only the stage that looks at the weights files runs"
     assert "didn't change, skipping" in done.stdout
@@ -105,8 +111,10 @@ def _publish(root) -> dict:
     return _json(root, "outputs/registration.json")
 
 
-def test_changing_a_finetune_param_retrains_only_the_transfer_and_changing_it_back_registers_nothing(repro_workspace):
-    root, _, before = repro_workspace
+def test_changing_a_finetune_param_retrains_only_the_transfer_and_changing_it_back_registers_nothing(repro_workspace,
+                                                                                                    tmp_path):
+    root = copy_workspace(repro_workspace[0], tmp_path / "ws", registry=True)  # v1 published, in a registry of its own
+    before = repro_workspace[2]
     params = _params(root)
     params["finetune"]["strategy"] = "lp_ft"
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -145,9 +153,9 @@ def test_the_joint_objective_and_domain_adaptation_are_params_and_unlabelled_ima
     params["finetune"]["joint"].update(weight=0.5, schedule="linear", instance_weights="domain", source_examples=500)
     params["finetune"]["adaptation"].update(method="dann")
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    done = dvc_repro(root)
-    assert stages_ran(done.stdout) == ["resolve_sources", "prepare_unlabeled@new-camera", "select_source", "finetune",
-                                       "evaluate", "export"]
+    done = dvc_repro(root, "finetune")  # where the objective is; evaluate and export only follow it (below)
+    assert stages_ran(done.stdout) == ["resolve_sources", "prepare_unlabeled@new-camera", "select_source", "finetune"]
+    assert pending_stages(dvc_status(root), list(parse_settings(params).raw_data_paths().values())) == ["evaluate", "export"]
     report = _json(root, "reports/prepare-unlabeled-new-camera.json")
     assert report["images"] == len(images) and [q["reason"] for q in report["quarantine"]] == ["not an image file"]
     source_term, dann_term = _json(root, "models/transfer.json")["objective"]
@@ -162,8 +170,9 @@ def test_the_joint_objective_and_domain_adaptation_are_params_and_unlabelled_ima
 def pretrained_only(workspace_factory):
     """No pipeline source: real ImageNet EfficientNet-Lite0 and a torchvision network from a local weights file."""
     torch.manual_seed(0)
+    # FP32 only: the INT8 and FP16 variants of a network are repro_workspace's to test, not what sources change.
     params = tiny_params(**{"selection.mode": "auto", "selection.use": None, "selection.race.when": "always",
-                            "selection.race.first_steps": 4})
+                            "selection.race.first_steps": 4, "export.variants": []})
     params["sources"]["pipeline"] = {}
     params["sources"]["pretrained"]["local-mobilenet"] = {"architecture": "mobilenet_v3_small",
                                                          "weights_file": "weights/mobilenet.pth", "image_size": 32}
@@ -172,9 +181,11 @@ def pretrained_only(workspace_factory):
     torch.save(torchvision.models.mobilenet_v3_small(num_classes=5).state_dict(), root / "weights" / "mobilenet.pth")
     done = dvc_repro(root)
     graft_cli(root, f"sqlite:///{root / 'mlflow.db'}", "publish")
-    return root, stages_ran(done.stdout)
+    with unchanged_at_teardown(root):  # read only: a test that changes it changes a copy
+        yield root, stages_ran(done.stdout)
 
 
+@pytest.mark.slow  # a second pipeline, on pretrained sources
 def test_a_pretrained_source_has_no_pretraining_and_auto_mode_races_the_candidates(pretrained_only):
     root, ran = pretrained_only
     assert ran == ["resolve_sources", "prepare_target", "select_source", "baseline", "finetune", "evaluate", "export"]
@@ -196,40 +207,46 @@ def test_a_pretrained_source_has_no_pretraining_and_auto_mode_races_the_candidat
     assert _json(root, "models/selected/architecture.json")["channel_adapter"] == "replicate"
 
 
-def test_a_changed_weights_file_is_a_new_source(pretrained_only):
-    root, _ = pretrained_only
+@pytest.mark.slow  # a second pipeline, on pretrained sources
+def test_a_changed_weights_file_is_a_new_source(pretrained_only, tmp_path):
+    root = copy_workspace(pretrained_only[0], tmp_path / "ws")  # the weights file and DVC's cache come along
+    before = _json(root, "models/sources.json")["local-mobilenet"]["sha256"]
+    assert stages_ran(dvc_repro(root).stdout) == ["resolve_sources"], "unchanged weights: nothing reruns"
+    # Up to the fine-tuning, the stage that reads the source's weights (and the baseline, which the race's winner,
+    # if not this source, changes): evaluate and export only follow them.
     params = _params(root)
     params["selection"].update(mode="report", use="local-mobilenet")
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    dvc_repro(root)
-    before = _json(root, "models/sources.json")["local-mobilenet"]["sha256"]
-    assert stages_ran(dvc_repro(root).stdout) == ["resolve_sources"], "unchanged weights: nothing reruns"
+    dvc_repro(root, "finetune", "baseline")
 
     torch.manual_seed(1)
     torch.save(torchvision.models.mobilenet_v3_small(num_classes=5).state_dict(), root / "weights" / "mobilenet.pth")
-    ran = stages_ran(dvc_repro(root).stdout)
-    assert ran == ["resolve_sources", "select_source", "finetune", "evaluate", "export"]
+    assert stages_ran(dvc_repro(root, "finetune").stdout) == ["resolve_sources", "select_source", "finetune"]
+    data = list(parse_settings(params).raw_data_paths().values())
+    assert pending_stages(dvc_status(root), data) == ["evaluate", "export"], "and after it, what reads its outputs"
     identity = _json(root, "models/selected/source.json")
     assert identity["name"] == "local-mobilenet" and identity["sha256"] != before
     assert _json(root, "models/transfer.json")["source"]["sha256"] == identity["sha256"]
 
 
-def test_an_rgb_target_on_a_gray_source_is_adapted_and_served_as_rgb(tmp_path, monkeypatch):
-    """The stage functions in-process, as `graft stage NAME` calls them: an RGB target, a gray pipeline source."""
+def test_an_rgb_target_on_a_gray_source_is_adapted_and_served_as_rgb(candidate_template, tmp_path, monkeypatch):
+    """The stage functions in-process, as `graft stage NAME` calls them: an RGB target, a gray pipeline source (the
+    template's, pretrained once: its stages' params are unchanged, so they are not run again)."""
     from components.judge import judge
     from components.stage_runner import run_stage
     from deploy.model import load_model
-    from tests.conftest import make_workspace
 
     params = tiny_params(**{"data.channels": 3})
     params["sources"]["pretrained"] = {}
-    root = make_workspace(tmp_path / "rgb", params)
+    root = copy_workspace(candidate_template[0], tmp_path / "rgb")
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     monkeypatch.chdir(root)
     for name in stage_order(parse_settings(params)):
-        run_stage(name)
+        if not name.startswith(("prepare_source@", "pretrain@")):
+            run_stage(name)
     report = judge(root, parse_settings(params))
     spec = _json(root, "models/selected/architecture.json")
     assert (spec["contract"]["color_mode"], spec["source_channels"], spec["channel_adapter"]) == ("RGB", 1, "replicate")
     assert load_model(root / "models/model.onnx", providers=["cpu"]).contract.shape == (3, 28, 28)
     gates = {g.name: g for g in report.gates}
-    assert gates["contract.skew"].verdict == "passed", "RGB files decoded by the server score what evaluate measured"
+    assert gates["contract.fp32.skew"].verdict == "passed", "RGB files decoded by the server score what evaluate measured"

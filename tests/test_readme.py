@@ -48,11 +48,11 @@ QUICK = (
 # Not run here: prefix -> why. Each must still match a README line (test_long_list_is_not_stale).
 LONG = {
     "bash scripts/setup.sh": "installs system packages and the venv (minutes); CI runs it before the tests",
-    "graft run": "the whole pipeline on the full default data (minutes); tests/test_flow.py and "
-                 "tests/test_pipeline.py run it on small data",
-    "python -m pytest": "the whole suite, this file included",
+    "graft run": "the whole pipeline on the full default data (minutes); tests/test_faults.py runs it on small data "
+                 "(tests/test_flow.py the flow behind it, tests/test_pipeline.py the same stages through `dvc repro`)",
+    "python -m pytest": "the whole suite (or its everyday tier, -m \"not slow\"), this file included",
     "python benchmarks/": "benchmarks, run by hand (minutes to hours)",
-    "prefect server start": "a long-lived Prefect server (tests/test_schedule.py starts one)",
+    "prefect server start": "a long-lived Prefect server (tests/conftest.py starts one for the test run)",
     "export PREFECT_API_URL=": "points the Prefect walkthrough at the server it starts",
     "graft schedule": "registers a deployment on that Prefect server (tests/test_schedule.py)",
     "prefect worker start": "a long-lived worker that runs the full retrain flow",
@@ -154,20 +154,19 @@ def test_every_graft_line_in_the_readme_parses():
 
 
 @pytest.fixture(scope="module")
-def readme_project(candidate_template, tmp_path_factory):
+def readme_project(repro_workspace, tmp_path_factory):
     """A published copy of the pipeline workspace, as the README's examples expect it: v1 champion, v2 challenger;
     `graft serve` configured (params.yaml, as a user would) to a free port instead of 8000."""
-    root = copy_workspace(candidate_template[0], tmp_path_factory.mktemp("readme") / "ws")
+    # The published workspace (v1, champion) with a registry of its own: the examples promote and roll back there.
+    root = copy_workspace(repro_workspace[0], tmp_path_factory.mktemp("readme") / "ws", registry=True)
     port = free_port()
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["serving"]["port"] = port
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     registry = f"sqlite:///{root / 'mlflow.db'}"  # the project's own store: params.yaml registry.tracking_uri
-    graft_cli(root, registry, "publish")
-    params["finetune"]["steps"] = 20  # a second, different candidate
+    params["export"]["variants"] = []  # a second, different candidate: FP32 only, so only the export stage reruns
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for stage in ("finetune", "evaluate", "export"):
-        graft_cli(root, registry, "stage", stage)
+    graft_cli(root, registry, "stage", "export")
     graft_cli(root, registry, "publish")
     client = MlflowClient(tracking_uri=registry)
     assert (champion(client), alias(client, "challenger")) == ("1", "2")

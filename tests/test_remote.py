@@ -33,8 +33,8 @@ def test_a_pushed_run_is_restored_by_dvc_pull_in_a_fresh_clone(candidate_templat
     assert originals and sorted(p.relative_to(clone) for p in (clone / "data" / "raw" / "animal-mnist").rglob("*.png")) == originals
 
 
-def test_an_unwritable_remote_is_named_with_the_way_out(candidate_template, tmp_path):
-    root = copy_workspace(candidate_template[0], tmp_path / "ws")
+def test_an_unwritable_remote_is_named_with_the_way_out(workspace_factory, tmp_path):
+    root = workspace_factory("unwritable-remote")  # its DVC-tracked data is enough to push
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     with pytest.raises(RemoteError, match=r"dvc push to .*a-file/remote failed.*then run `dvc push`"):

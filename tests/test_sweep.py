@@ -1,6 +1,9 @@
 """`graft sweep` in a real project after `dvc repro`: branches in parallel on a real 2-worker Dask LocalCluster
 through Prefect, MLflow child runs under one parent, resumable (and the same numbers one branch at a time), the
-table and the learning-curve plot; negative transfer marked only beyond the seed noise."""
+table and the learning-curve plot; negative transfer marked only beyond the seed noise.
+
+One 12-branch sweep (the `swept` fixture), read by the tests; a test that sweeps again does it in a copy of that
+project with a copy of its registry."""
 import json
 import os
 import subprocess
@@ -27,6 +30,7 @@ from tests.conftest import (
     make_small_target,
     stop_process_group,
     tiny_params,
+    unchanged_at_teardown,
 )
 
 
@@ -40,10 +44,18 @@ def swept(candidate_template, tmp_path_factory):
                                       "joint_iw": {"joint": {"weight": 1.0, "instance_weights": "domain", "source_examples": 300}}}}
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     url = f"sqlite:///{root / 'mlflow.db'}"
-    done = graft_cli(root, url, "sweep")
-    return root, url, done
+    done = graft_cli(root, url, "sweep")  # no Prefect server configured: the sweep starts its own, as for a user
+    with unchanged_at_teardown(root):
+        yield root, url, done
 
 
+def _copy(swept, dest):
+    """The swept project and its registry, copied: a test may break a branch or sweep again there."""
+    root = copy_workspace(swept[0], dest, registry=True)
+    return root, f"sqlite:///{root / 'mlflow.db'}"
+
+
+@pytest.mark.slow  # the 12-branch sweep
 def test_every_branch_is_a_child_run_of_one_parent_with_its_test_accuracy(swept):
     root, url, done = swept
     report = json.loads((root / "reports" / "sweep.json").read_text())
@@ -65,6 +77,7 @@ def test_every_branch_is_a_child_run_of_one_parent_with_its_test_accuracy(swept)
     assert "| joint_iw |" in done.stdout and "12 to run" in done.stdout + done.stderr  # Prefect logs the flow's prints
 
 
+@pytest.mark.slow  # the 12-branch sweep
 def test_branches_ran_in_parallel_on_two_dask_workers_after_the_data_was_prepared_once(swept):
     root, url, done = swept
     assert "local Dask cluster of 2 worker processes" in done.stdout
@@ -81,8 +94,9 @@ def test_branches_ran_in_parallel_on_two_dask_workers_after_the_data_was_prepare
     assert prepared_ms <= min(r.info.start_time for r in children)
 
 
-def test_a_resumed_sweep_redoes_only_the_branches_that_did_not_finish(swept):
-    root, url, _ = swept
+@pytest.mark.slow  # the 12-branch sweep
+def test_a_resumed_sweep_redoes_only_the_branches_that_did_not_finish(swept, tmp_path):
+    root, url = _copy(swept, tmp_path / "ws")
     report = json.loads((root / "reports" / "sweep.json").read_text())
     client = MlflowClient(tracking_uri=url)
     experiment = client.get_run(report["parent_run_id"]).info.experiment_id
@@ -104,8 +118,9 @@ def test_a_resumed_sweep_redoes_only_the_branches_that_did_not_finish(swept):
 
 
 @pytest.fixture
-def dask_scheduler(tmp_path):
-    """A Dask scheduler and one worker process started from the command line, as an operator runs them."""
+def dask_scheduler(tmp_path, prefect_server):
+    """A Dask scheduler and one worker process started from the command line, as an operator runs them: with
+    PREFECT_API_URL naming the Prefect server (the run's shared one) the sweep's task runs report to."""
     from distributed import Client
 
     address = f"tcp://127.0.0.1:{free_port()}"
@@ -113,7 +128,7 @@ def dask_scheduler(tmp_path):
                                   "--port", address.rpartition(":")[2], "--no-dashboard"],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     worker = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address, "--nworkers", "1",
-                               "--nthreads", "1", "--host", "127.0.0.1", "--no-dashboard"], cwd=tmp_path,
+                               "--nthreads", "1", "--host", "127.0.0.1", "--no-dashboard"], cwd=tmp_path, env=prefect_server,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         with Client(address, timeout=60) as client:
@@ -125,14 +140,14 @@ def dask_scheduler(tmp_path):
         stop_process_group(scheduler)
 
 
-def test_a_sweep_runs_on_the_dask_scheduler_named_in_the_environment(swept, dask_scheduler, monkeypatch):
-    root, url, _ = swept
+@pytest.mark.slow  # the 12-branch sweep
+def test_a_sweep_runs_on_the_dask_scheduler_named_in_the_environment(swept, dask_scheduler, prefect_server, tmp_path):
+    root, url = _copy(swept, tmp_path / "ws")
     address, worker_pid = dask_scheduler
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["sweep"].update(executor="dask", labels_per_class=[2], seeds=[5], strategies={"finetune": {"strategy": "finetune"}})
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", address)
-    done = graft_cli(root, url, "sweep")
+    done = graft_cli(root, url, "sweep", env={**prefect_server, "DASK_SCHEDULER_ADDRESS": address})
     assert f"branches on the Dask scheduler at {address}" in done.stdout
     report = json.loads((root / "reports" / "sweep.json").read_text())
     assert [worker.rpartition(":")[2] for worker in report["workers"]] == [str(worker_pid)]  # that worker ran it
