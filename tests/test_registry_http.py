@@ -66,7 +66,7 @@ def test_killed_promotion_leaves_a_complete_gate_passing_champion(http_workspace
     for fraction in (0.3, 0.6, 0.8, 0.9, 0.95, 0.98, 1.0, 1.05):
         process = subprocess.Popen([sys.executable, "-m", "graft", "promote"], cwd=http_workspace, env=env,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(duration * fraction)
+        time.sleep(duration * fraction)  # the kill time is what is tested: a fraction of a real promotion
         process.send_signal(signal.SIGKILL)
         process.wait()
         champion = alias_version(client, MODEL, CHAMPION)
