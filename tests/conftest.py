@@ -144,13 +144,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
 
 
-def wait_until(condition, seconds: float, what: str, interval: float = 0.05, process: subprocess.Popen | None = None):
-    """Poll `condition` until it returns something true (returned), failing after `seconds` or once `process` has ended:
-    a wait on the event itself, never a guess of how long it takes."""
+def wait_until(condition, seconds: float, failure, interval: float = 0.05, process: subprocess.Popen | None = None):
+    """Poll `condition` until it returns something true (returned), failing with `failure` (a message, or a function
+    that says what was seen) after `seconds` or once `process` has ended: a wait on the event itself, never a guess
+    of how long it takes."""
     deadline = time.monotonic() + seconds
     while not (found := condition()):
-        assert process is None or process.poll() is None, f"the process ended before {what}"
-        assert time.monotonic() < deadline, f"no {what} within {seconds:g} s"
+        message = failure() if callable(failure) else failure
+        assert process is None or process.poll() is None, f"the process ended first: {message}"
+        assert time.monotonic() < deadline, f"{message} (waited {seconds:g} s)"
         time.sleep(interval)
     return found
 

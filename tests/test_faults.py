@@ -186,15 +186,15 @@ def test_mlflow_server_absent_at_the_start_then_stopped_while_publishing_the_run
     run, server = GraftRun(root, env), None
     try:
         # The stages are done, so the plan asks the registry whether it holds this candidate: a closed port.
-        wait_until(_awaiting_retry("plan", since), 180, "registry look-up awaiting its retry", interval=0.5,
+        wait_until(_awaiting_retry("plan", since), 180, "no registry look-up awaiting its retry", interval=0.5,
                    process=run.process)
         server, _ = start_mlflow_server(tmp_path / "mlflow", port)
-        wait_until((root / "reports/gates.json").exists, 300, "judged candidate (publishing starts now)", interval=0.02,
+        wait_until((root / "reports/gates.json").exists, 300, "no judged candidate (publishing starts now)", interval=0.02,
                    process=run.process)
         os.killpg(server.pid, signal.SIGKILL)
         server.wait(timeout=30)
         # Back only once publishing has met the stopped server and waits for its retry.
-        wait_until(_awaiting_retry("publish", since), 120, "failed publishing attempt awaiting its retry", interval=0.5,
+        wait_until(_awaiting_retry("publish", since), 120, "no failed publishing attempt awaiting its retry", interval=0.5,
                    process=run.process)
         server, _ = start_mlflow_server(tmp_path / "mlflow", port, wait=False)
         assert wait_healthy(f"{url}/health", 120)

@@ -8,8 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -20,20 +18,10 @@ from websockets.sync.client import connect
 
 from components.export import export_onnx
 from components.network import build
-from tests.conftest import free_port, tiny_spec, wait_healthy
+from tests.conftest import free_port, tiny_spec, wait_healthy, wait_until
 
 BROWSER = shutil.which("chromium-headless-shell") or shutil.which("chromium")
 pytestmark = pytest.mark.skipif(BROWSER is None, reason="no chromium: scripts/setup.sh installs chromium-headless-shell")
-
-
-def wait_until(condition: Callable[[], object], seconds: float, failure: str, every: float = 0.05):
-    """Poll `condition` until it holds (its value is returned) or `seconds` pass (AssertionError: `failure`)."""
-    deadline = time.monotonic() + seconds
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            raise AssertionError(failure)
-        time.sleep(every)
-    return value
 
 
 class DevTools:

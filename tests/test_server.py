@@ -22,22 +22,10 @@ from PIL import Image
 from components.registry import CHAMPION, alias_version, move_alias
 from deploy.digest import sha256_file
 from deploy.source import ONNX_SHA_TAG
-from tests.conftest import copy_workspace, free_port, graft_cli
+from tests.conftest import copy_workspace, free_port, graft_cli, wait_until
 
 MODEL = "served-classifier"
 PROBE = np.random.default_rng(7).normal(size=(2, 1, 28, 28)).astype(np.float32)
-
-
-def wait_until(condition: Callable[[], object], seconds: float, failure: str | Callable[[], str] = "timed out",
-               every: float = 0.05):
-    """Poll `condition` until it holds (its value is returned) or `seconds` pass (AssertionError: `failure`, called
-    when a function, so that it can say what was seen)."""
-    deadline = time.monotonic() + seconds
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            raise AssertionError(failure() if callable(failure) else failure)
-        time.sleep(every)
-    return value
 
 
 def _answers(url: str) -> bool:
