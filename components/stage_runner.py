@@ -66,12 +66,14 @@ def stage_order(params: Params) -> list[str]:
     return order
 
 
-def run_stage(name: str, params_path: str | Path = "params.yaml") -> object:
+def run_stage(name: str, params_path: str | Path = "params.yaml", params: Params | None = None) -> object:
+    """Run one stage with `params` (read from `params_path` when not given: the caller may have validated the whole
+    file already); `params_path` is also what the data-parallel launcher hands each process."""
     stage, _, key = name.partition("@")
     if stage not in STAGE_MODULES:
         per_name = ", ".join(f"{s}@NAME ({mapping})" for s, mapping in PER_NAME.items())
         raise UnknownStage(f"unknown stage {name!r}; stages: {', '.join(STAGE_MODULES)} (once per entry of: {per_name})")
-    params = load_params(params_path)
+    params = params or load_params(params_path)
     if stage in PER_NAME:
         names = _names(params, PER_NAME[stage])
         if key not in names:

@@ -136,8 +136,8 @@ def _stage(args: argparse.Namespace) -> int:
 
     runlog.route_logging()  # under `graft run`: the libraries' lines go to its log file, progress bars stay
 
-    load_settings(args.params)  # the whole file, though a stage reads only the candidate params
-    run_stage(args.name, args.params)
+    # The whole file is validated (a typo anywhere fails at once), though a stage reads only the candidate params.
+    run_stage(args.name, args.params, load_settings(args.params))
     return 0
 
 
