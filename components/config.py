@@ -68,6 +68,9 @@ class DataParams(Strict):
     min_images_per_class: int = Field(default=3, ge=1)
     min_image_side: int = Field(default=8, ge=1)  # a smaller image holds too little to learn from: quarantined
     bad_files: Literal["quarantine", "fail"] = "quarantine"
+    # Harvested production labels (the target's `production-*` files, `graft data harvest`): this share of them
+    # validates, the rest trains; never the test split, so a harvest leaves the test split as it was.
+    production_val_share: float = Field(default=0.2, ge=0, lt=1)
 
     @model_validator(mode="after")
     def _unlabeled_names(self) -> DataParams:
@@ -271,6 +274,7 @@ class ExportParams(Strict):
     calibration_images: int = Field(default=1024, ge=1)  # INT8 activation ranges: target train, then val, images
     calibration_method: Literal["percentile", "minmax", "entropy"] = "percentile"
     calibration_percentile: float = Field(default=99.99, gt=50, le=100)
+    drift_reference_images: int = Field(default=500, ge=2)  # features stored with each file: target val, then train
 
     @field_validator("variants")
     @classmethod

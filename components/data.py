@@ -20,8 +20,10 @@ import hashlib
 import os
 import struct
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -163,10 +165,24 @@ def file_mode(image: Image.Image) -> str:
     return ("RGB" if colour else "L") + ("A" if alpha else "")
 
 
-def _decode(path: Path, channels: int) -> tuple[np.ndarray, str]:
-    with Image.open(path) as image:
-        image.load()  # decodes fully: raises on truncated or corrupt data
-        return np.asarray(convert_mode(image, COLOR_MODES[channels])), file_mode(image)
+class Unusable(ValueError):
+    """An image file the data cannot use; the message says why (for the quarantine list)."""
+
+
+def decode_file(source: Path | BinaryIO, channels: int, min_side: int = 1) -> tuple[np.ndarray, str]:
+    """An image file (a path or open bytes) -> its pixels in the data's colour mode and what the file holds
+    (file_mode); Unusable when it is not an image, cannot be decoded or is smaller than min_side."""
+    try:
+        with Image.open(source) as image:
+            image.load()  # decodes fully: raises on truncated or corrupt data
+            pixels, mode = np.asarray(convert_mode(image, COLOR_MODES[channels])), file_mode(image)
+    except UnidentifiedImageError:
+        raise Unusable("not an image file") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise Unusable(f"cannot decode: {error}") from None
+    if min(pixels.shape[:2]) < min_side:
+        raise Unusable(f"too small: {pixels.shape[1]}x{pixels.shape[0]} px, below data.min_image_side ({min_side})")
+    return pixels, mode
 
 
 def require_folder(path: Path, holding: str) -> None:
@@ -231,15 +247,11 @@ def _read_files(root: Path, files: list[tuple[int, Path]], channels: int, quaran
     samples: list[Sample] = []
     for label, path in tqdm(files, desc=f"decode {root.name}", unit="img", leave=False, mininterval=1.0):
         try:
-            pixels, mode = _decode(path, channels)
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
-            pixels, reason = None, "not an image file" if isinstance(error, UnidentifiedImageError) else f"cannot decode: {error}"
-        if pixels is not None and min(pixels.shape[:2]) < min_side:
-            pixels, reason = None, f"too small: {pixels.shape[1]}x{pixels.shape[0]} px, below data.min_image_side ({min_side})"
-        if pixels is None:
+            pixels, mode = decode_file(path, channels, min_side)
+        except Unusable as reason:
             if fail_fast:
-                raise DataError(f"{path}: {reason}; fix or remove the file, or set data.bad_files: quarantine")
-            quarantine.add(str(path), reason)
+                raise DataError(f"{path}: {reason}; fix or remove the file, or set data.bad_files: quarantine") from None
+            quarantine.add(str(path), str(reason))
             continue
         samples.append(Sample(str(path), label, pixels, mode))
     return samples
@@ -248,27 +260,54 @@ def _read_files(root: Path, files: list[tuple[int, Path]], channels: int, quaran
 # ---------------------------------------------------------------- validating
 
 
+def _views(sizes: tuple[int, ...]) -> list[tuple[str, Callable[[np.ndarray], np.ndarray]]]:
+    """How two images can be one example: the same decoded pixels, or the same pixels at a training size (a photo
+    saved at two resolutions, a blank 1x1 and a blank 4000x3000: one input to the model)."""
+    return [("exact duplicate of", lambda pixels: pixels),
+            *((f"the same image at {size}x{size} px as", lambda pixels, size=size: resize_chw(pixels, size, size))
+              for size in sizes)]
+
+
+def _digest(pixels: np.ndarray) -> bytes:
+    return hashlib.blake2b(pixels.tobytes() + str(pixels.shape).encode(), digest_size=16).digest()
+
+
 def drop_duplicates(samples: list[Sample], classes: tuple[str, ...], quarantine: Quarantine, fail_fast: bool,
                     sizes: tuple[int, ...] = ()) -> list[Sample]:
-    """Keep one copy of each duplicate image; drop every copy of an image seen under two labels. Duplicates are
-    exact (the same decoded pixels) or the same example at a training size (a photo saved at two resolutions, a
-    blank 1x1 and a blank 4000x3000: one input to the model).
+    """Keep one copy of each duplicate image (_views); drop every copy of an image seen under two labels.
 
     Duplicates must go before splitting: a copy on each side of a split leaks test images into training.
     """
-    samples = _drop_same(samples, classes, quarantine, fail_fast, "exact duplicate of", lambda pixels: pixels)
-    for size in sizes:
-        samples = _drop_same(samples, classes, quarantine, fail_fast, f"the same image at {size}x{size} px as",
-                             lambda pixels, size=size: resize_chw(pixels, size, size))
+    for what, view in _views(sizes):
+        samples = _drop_same(samples, classes, quarantine, fail_fast, what, view)
     return samples
+
+
+def drop_seen(newcomers: list[Sample], kept: list[Sample], classes: tuple[str, ...], quarantine: Quarantine,
+              fail_fast: bool, sizes: tuple[int, ...] = ()) -> list[Sample]:
+    """`newcomers` (harvested production images) without those `kept` already holds (_views): the copy that came
+    later goes, whatever its label, so a harvest never moves or removes an image the data set had."""
+    for what, view in _views(sizes):
+        seen = {_digest(view(sample.pixels)): sample for sample in kept}
+        fresh = []
+        for sample in newcomers:
+            if (match := seen.get(_digest(view(sample.pixels)))) is None:
+                fresh.append(sample)
+                continue
+            reason = f"{what} {match.origin}" + ("" if match.label == sample.label else
+                                                 f", which is labelled {classes[match.label]}, not {classes[sample.label]}")
+            if fail_fast:
+                raise DataError(f"{sample.origin}: {reason}; remove it")
+            quarantine.add(sample.origin, reason)
+        newcomers = fresh
+    return newcomers
 
 
 def _drop_same(samples: list[Sample], classes: tuple[str, ...], quarantine: Quarantine, fail_fast: bool, what: str,
                view) -> list[Sample]:
     by_hash: dict[bytes, list[Sample]] = defaultdict(list)
     for sample in samples:
-        pixels = view(sample.pixels)
-        by_hash[hashlib.blake2b(pixels.tobytes() + str(pixels.shape).encode(), digest_size=16).digest()].append(sample)
+        by_hash[_digest(view(sample.pixels))].append(sample)
     kept: list[Sample] = []
     for copies in by_hash.values():
         labels = {s.label for s in copies}
@@ -368,6 +407,24 @@ def split_indices(
     if dataset.labels_per_class:
         train_idx = train_idx[k_per_class(y[train_idx], dataset.labels_per_class, np.random.default_rng(seed))]
     return {"train": train_idx, "val": val_idx, "test": test_idx}
+
+
+PRODUCTION_PREFIX = "production-"  # a target file harvested from production (`graft data harvest`)
+
+
+def is_production(origin: str) -> bool:
+    """A harvested production image: it trains or validates, never tests (the test split stays what it was)."""
+    return Path(origin).name.startswith(PRODUCTION_PREFIX)
+
+
+def with_production(index: dict[str, np.ndarray], first: int, origins: list[str], val_share: float) -> dict[str, np.ndarray]:
+    """The split with the harvested images (indices first, first + 1, ...) added to val and train. Each file's side
+    follows from its name, so a later harvest moves no image from one side to the other."""
+    in_val = np.array([int.from_bytes(hashlib.blake2b(Path(o).name.encode(), digest_size=4).digest()) / 2**32 < val_share
+                       for o in origins], dtype=bool)
+    added = first + np.arange(len(origins))
+    return {**index, "train": np.concatenate([index["train"], added[~in_val]]),
+            "val": np.concatenate([index["val"], added[in_val]])}
 
 
 TEST_FRACTION, VAL_FRACTION = 0.15, 0.10  # a proposed split: a test set the gates can judge, val to watch training
@@ -527,13 +584,21 @@ def prepare(dataset: DatasetParams, data: DataParams, channels: int, sizes: list
             samples = drop_duplicates(samples, classes, quarantine, fail_fast)
     else:
         samples, classes = read_folder(root, channels, quarantine, fail_fast, data.min_image_side)
-        samples = drop_duplicates(samples, classes, quarantine, fail_fast, tuple(sorted(sizes)))
+        production = [s for s in samples if is_production(s.origin)]
+        samples = drop_duplicates([s for s in samples if not is_production(s.origin)], classes, quarantine, fail_fast,
+                                  tuple(sorted(sizes)))
+        production = drop_duplicates(drop_seen(production, samples, classes, quarantine, fail_fast, tuple(sorted(sizes))),
+                                     classes, quarantine, fail_fast, tuple(sorted(sizes)))
     if dataset.format == "idx" and channels == 3:
         samples = [Sample(s.origin, s.label, np.asarray(convert_mode(Image.fromarray(s.pixels), "RGB"))) for s in samples]
     labels = np.array([s.label for s in samples], dtype=np.int64)
     training_pool = labels if test_idx is None else labels[: test_idx[0]]
     check_class_sizes(training_pool, classes, data.min_images_per_class, str(root))
     index = split_indices(labels, dataset, data.split_seed, subset_seed, classes, test_idx)
+    if dataset.format == "folder" and production:  # after the split: the data set's own images split as before
+        index = with_production(index, len(samples), [s.origin for s in production], data.production_val_share)
+        samples = samples + production
+        labels = np.array([s.label for s in samples], dtype=np.int64)
     version = content_version(samples, index)
     origins = np.array([s.origin for s in samples])
     pixels = {size: to_pixels(samples, size, channels) for size in sizes}
@@ -549,6 +614,7 @@ def prepare(dataset: DatasetParams, data: DataParams, channels: int, sizes: list
         "classes": list(classes),
         "counts": counts,
         "per_class": per_class,
+        "production": {split: int(sum(is_production(o) for o in origins[index[split]])) for split in SPLITS},
         "quarantined": len(quarantine.entries),
         "quarantine": quarantine.entries,
     })
