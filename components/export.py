@@ -1,6 +1,11 @@
 """Export: ONNX with a dynamic batch axis, the preprocessing contract and class names in its metadata,
 checked by the ONNX checker, and a parity check of ONNX Runtime against PyTorch on the test split.
 
+The file has two outputs: the logits and the penultimate features (the contract names both). Each file, FP32 and
+every variant, also stores a drift reference in its metadata (deploy/drift.py): the features, predicted classes
+and confidences its own ONNX Runtime session computes on in-distribution images (INT8 and FP16 features differ
+from FP32's), so the server can test whether what it is sent still looks like them.
+
 Variants of the FP32 file (deploy/variants.py): INT8 by ONNX Runtime's static quantization (QDQ, per-channel
 weights, activation ranges calibrated on target images that are not test images) and FP16 (weights and compute
 in half precision, FP32 inputs and outputs). Each is scored on the test split like the FP32 file; one that loses
@@ -20,13 +25,15 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from torch import nn
 
 from components.artifacts import atomic_path
 from components.errors import GraftError
 from components.network import GraftNet
 from components.predict import Normalizer, predict_logits
 from deploy.contract import Contract
-from deploy.tags import CLASSES_KEY, CONTRACT_KEY  # the server reads exactly what export writes
+from deploy.drift import DriftReference
+from deploy.tags import CLASSES_KEY, CONTRACT_KEY, DRIFT_REFERENCE_KEY  # the server reads exactly what export writes
 from deploy.variants import FP16, INT8
 
 
@@ -48,9 +55,21 @@ class Parity:
         return self.argmax_agreement == 1.0 and self.worst_tolerance_ratio <= 1.0
 
 
+class LogitsAndFeatures(nn.Module):
+    """What the exported graph computes: the model's logits and, beside them, the features its head reads."""
+
+    def __init__(self, model: GraftNet) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.model.features(x)
+        return self.model.head(features), features
+
+
 def export_onnx(model: GraftNet, path: Path, opset: int, metadata: dict[str, str] | None = None) -> Path:
-    """Write a single-file ONNX model with the preprocessing contract and class names in its metadata; the
-    checker's full check runs before the file takes its name."""
+    """Write a single-file ONNX model (outputs: logits, features) with the preprocessing contract and class names
+    in its metadata; the checker's full check runs before the file takes its name."""
     model.eval()
     contract = model.spec.contract
     example = torch.zeros(2, *contract.shape)
@@ -58,16 +77,14 @@ def export_onnx(model: GraftNet, path: Path, opset: int, metadata: dict[str, str
         raw = Path(tmp) / "model.onnx"
         logging.getLogger("torch.onnx").setLevel(logging.WARNING)
         torch.onnx.export(
-            model, (example,), str(raw), input_names=[contract.input_name], output_names=[contract.output_name],
-            opset_version=opset, dynamo=True, external_data=False, dynamic_shapes={"x": {0: "batch"}},
+            LogitsAndFeatures(model).eval(), (example,), str(raw), input_names=[contract.input_name],
+            output_names=[contract.output_name, contract.features_name], opset_version=opset, dynamo=True,
+            external_data=False, dynamic_shapes={"x": {0: "batch"}},
         )
         proto = onnx.load(str(raw))
     props = {CONTRACT_KEY: contract.to_json(), CLASSES_KEY: json.dumps(list(model.spec.classes)), **(metadata or {})}
     onnx.helper.set_model_props(proto, props)
-    onnx.checker.check_model(proto, full_check=True)
-    with atomic_path(path) as tmp_path:
-        onnx.save(proto, str(tmp_path))
-    return path
+    return _save_checked(proto, path)
 
 
 def cpu_session(path: Path) -> ort.InferenceSession:
@@ -99,6 +116,28 @@ def read_metadata(path: Path) -> dict[str, str]:
     return {prop.key: prop.value for prop in onnx.load(str(path), load_external_data=False).metadata_props}
 
 
+def drift_reference(path: Path, contract: Contract, pixels: np.ndarray, prior: np.ndarray,
+                    batch_size: int = 256) -> DriftReference:
+    """The file's own features, predicted classes and confidences on `pixels` (uint8 in-distribution images),
+    with the training labels' class shares `prior`."""
+    session = cpu_session(path)
+    outputs = [session.run([contract.output_name, contract.features_name],
+                           {contract.input_name: contract.normalize(pixels[i : i + batch_size])})
+               for i in range(0, len(pixels), batch_size)]
+    logits, features = (np.concatenate(column) for column in zip(*outputs))
+    return DriftReference.of_outputs(features, torch.softmax(torch.from_numpy(logits), 1).numpy(), prior)
+
+
+def add_drift_reference(path: Path, contract: Contract, pixels: np.ndarray, prior: np.ndarray) -> DriftReference:
+    """Compute the file's drift reference and store it in its metadata (the file is replaced atomically)."""
+    reference = drift_reference(path, contract, pixels, prior)
+    proto = onnx.load(str(path))
+    metadata = {prop.key: prop.value for prop in proto.metadata_props} | {DRIFT_REFERENCE_KEY: reference.encode()}
+    onnx.helper.set_model_props(proto, metadata)
+    _save_checked(proto, path)
+    return reference
+
+
 def median_ms(run: Callable[[np.ndarray], object], batch: np.ndarray, repeats: int) -> float:
     run(batch)  # warm-up: the first call allocates
     timings = []
@@ -122,7 +161,8 @@ def quantize_int8(fp32_path: Path, path: Path, calibration: np.ndarray, method: 
     channel, activations asymmetric uint8, their ranges from `calibration` (normalised images) by `method`
     (percentile: the range holding that percentile of the values seen, robust to rare outliers). The first
     convolution (it sees raw pixels) and the classifier's Gemm stay in float: measured on the default model,
-    that keeps accuracy and is faster than quantizing them (quantize-dequantize around a tiny op costs more)."""
+    that keeps accuracy and is faster than quantizing them (quantize-dequantize around a tiny op costs more).
+    Both outputs stay float32 graph outputs of the same names (tests/test_export.py checks it)."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,

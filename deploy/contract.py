@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
-INPUT_NAME, OUTPUT_NAME = "pixels", "logits"
+INPUT_NAME, OUTPUT_NAME, FEATURES_NAME = "pixels", "logits", "features"
 CHANNELS = {"L": 1, "RGB": 3}
 COLOR_MODES = {channels: mode for mode, channels in CHANNELS.items()}
 RESIZE = {"bilinear": Image.Resampling.BILINEAR}
@@ -36,6 +36,7 @@ class Contract:
     resize: str = "bilinear"
     input_name: str = INPUT_NAME
     output_name: str = OUTPUT_NAME
+    features_name: str = FEATURES_NAME  # the second output: penultimate features, for drift (absent in older files)
     layout: str = "NCHW"
     dtype: str = "float32"
 

@@ -2,6 +2,10 @@
 
 This module must not import torch or anything in components/: the serving image stays small and starts fast.
 
+A Graft model file has two outputs, the logits and the penultimate features, and stores a drift reference
+(deploy/drift.py): `run` gives logits (gates, warm-up), `run_served` both, for the server's drift monitor. A file
+exported before the features output loads and serves as before, without drift measurement.
+
 Providers are chosen deliberately, in the order TensorRT (FP16, engine cache on disk), CUDA, CPU. A GPU provider
 is asked for only when it can load here (its library and the CUDA libraries it needs open, and a GPU is present):
 ONNX Runtime would otherwise print a screen of red library errors and fall back to CPU. `auto` means every
@@ -25,7 +29,8 @@ import onnxruntime as ort
 from PIL import Image, UnidentifiedImageError
 
 from deploy.contract import Contract, ContractError
-from deploy.tags import CLASSES_KEY, CONTRACT_KEY
+from deploy.drift import DriftReference, DriftReferenceError
+from deploy.tags import CLASSES_KEY, CONTRACT_KEY, DRIFT_REFERENCE_KEY
 from deploy.settings import GPU_PROVIDERS, PROVIDER_NAMES, default_cache_dir  # stated there: no ONNX Runtime
 from deploy.variants import AUTO, FP32
 
@@ -157,6 +162,8 @@ class LoadedModel:
     info: dict = field(default_factory=dict)
     variant: str = FP32
     variant_note: str = ""  # which export variant runs, and why
+    has_features: bool = False  # the file has the contract's features output (files exported before it do not)
+    drift_reference: DriftReference | None = None  # what served features are tested against; None: no drift test
 
     @property
     def provider(self) -> str:
@@ -164,7 +171,21 @@ class LoadedModel:
         return self.active_providers[0]
 
     def run(self, batch: np.ndarray) -> np.ndarray:
+        """Logits only."""
         return self.session.run([self.contract.output_name], {self.contract.input_name: batch})[0]
+
+    def run_served(self, batch: np.ndarray) -> np.ndarray:
+        """Logits and features side by side in one float32 array, one row an input (a batcher splits its rows as
+        it splits logits); split() takes them apart. Logits alone when the file has no features output."""
+        if not self.has_features:
+            return self.run(batch)
+        names = [self.contract.output_name, self.contract.features_name]
+        return np.concatenate(self.session.run(names, {self.contract.input_name: batch}), axis=1, dtype=np.float32)
+
+    def split(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """run_served's rows -> (logits, features or None)."""
+        classes = len(self.classes)
+        return rows[:, :classes], (rows[:, classes:] if self.has_features else None)
 
 
 def engine_cache(cache_dir: str | Path | None) -> Path:
@@ -206,11 +227,29 @@ def load_model(path: str | Path, providers: list[str] | None = None, strict: boo
         )
     metadata = dict(session.get_modelmeta().custom_metadata_map)
     contract = read_contract(metadata)
+    classes = tuple(json.loads(metadata[CLASSES_KEY]))
+    features = next((o for o in session.get_outputs() if o.name == contract.features_name), None)
     return LoadedModel(
-        session=session, contract=contract, classes=tuple(json.loads(metadata[CLASSES_KEY])), metadata=metadata,
+        session=session, contract=contract, classes=classes, metadata=metadata,
         requested_providers=plan.requested, active_providers=active, provider_note=plan.note(active), path=path,
-        size_bytes=path.stat().st_size, load_seconds=time.perf_counter() - started,
+        size_bytes=path.stat().st_size, load_seconds=time.perf_counter() - started, has_features=features is not None,
+        drift_reference=read_drift_reference(metadata, len(classes), features.shape[-1]) if features else None,
     )
+
+
+def read_drift_reference(metadata: dict[str, str], classes: int, dimensions: int | str) -> DriftReference | None:
+    """The drift reference export stored with the file, checked against the model's outputs (`dimensions`: the
+    features output's last axis, a name when the file leaves it symbolic); None when the file has none."""
+    if DRIFT_REFERENCE_KEY not in metadata:
+        return None
+    try:
+        reference = DriftReference.decode(metadata[DRIFT_REFERENCE_KEY])
+    except DriftReferenceError as error:
+        raise ModelLoadError(f"the model's {DRIFT_REFERENCE_KEY!r} metadata is unusable: {error}") from None
+    if reference.classes != classes or (isinstance(dimensions, int) and reference.dimensions != dimensions):
+        raise ModelLoadError(f"the model's {DRIFT_REFERENCE_KEY!r} holds {reference.classes} classes and "
+                             f"{reference.dimensions} features, the model {classes} and {dimensions}; export it again")
+    return reference
 
 
 def read_contract(metadata: dict[str, str]) -> Contract:

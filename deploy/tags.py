@@ -10,6 +10,7 @@ CLASSES_KEY = "graft.classes"
 SOURCE_KEY = "graft.source"            # the source's identity, JSON
 STRATEGY_KEY = "graft.strategy"        # also a registry tag of the same name
 DATA_VERSION_KEY = "graft.data_version"  # also a registry tag of the same name
+DRIFT_REFERENCE_KEY = "graft.drift_reference"  # in-distribution features to test drift against (deploy/drift.py)
 
 # ---- registry tags of a model version (and of its MLflow run)
 CANDIDATE_TAG = "graft.candidate"      # what the candidate is (components/registry.py candidate_key)

@@ -53,3 +53,9 @@ def test_pixels_convert_mode_then_resize_once():
     assert pixels.shape == (1, 5, 10) and pixels.max() == 0
     gray = np.arange(200, dtype=np.uint8).reshape(10, 20)
     np.testing.assert_array_equal(resize_chw(gray, 10, 20), gray[None])  # the decoded size already fits: untouched
+
+
+def test_a_contract_written_before_the_features_output_still_reads():
+    older = Contract("L", 28, 28, (0.5,), (0.5,)).to_dict()
+    del older["features_name"]
+    assert Contract.from_dict(older).features_name == "features"

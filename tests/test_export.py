@@ -1,4 +1,5 @@
-"""ONNX export: checker, metadata contract, dynamic batch, parity in real ONNX Runtime sessions."""
+"""ONNX export: checker, metadata contract, dynamic batch, parity in real ONNX Runtime sessions; the features output
+and each file's drift reference, read back by the server's loader."""
 import json
 import shutil
 
@@ -10,6 +11,7 @@ import torch
 from components.config import parse_params
 from components.data import Splits
 from components.export import (
+    add_drift_reference,
     check_parity,
     convert_fp16,
     cpu_session,
@@ -19,9 +21,11 @@ from components.export import (
 )
 from components.layout import Layout
 from components.network import build
-from components.stages.export import export_variants
+from components.stages.export import DriftImages, export_variants
 from components.predict import Normalizer
-from deploy.tags import CLASSES_KEY, CONTRACT_KEY
+from deploy.drift import DriftReference
+from deploy.model import load_model
+from deploy.tags import CLASSES_KEY, CONTRACT_KEY, DRIFT_REFERENCE_KEY
 from tests.conftest import tiny_params, tiny_spec
 
 
@@ -50,11 +54,12 @@ def test_dynamic_batch_matches_pytorch(exported, batch):
     model, path = exported
     pixels = np.random.default_rng(batch).integers(0, 256, (batch, 1, 28, 28), dtype=np.uint8)
     inputs = Normalizer.of(model.spec.contract)(torch.from_numpy(pixels))
-    got = cpu_session(path).run(None, {"pixels": inputs.numpy()})[0]
+    got, features = cpu_session(path).run(["logits", "features"], {"pixels": inputs.numpy()})
     with torch.no_grad():
-        expected = model(inputs).numpy()
-    assert got.shape == (batch, 5)
+        expected, expected_features = model(inputs).numpy(), model.features(inputs).numpy()
+    assert got.shape == (batch, 5) and features.shape == (batch, 32)
     np.testing.assert_allclose(got, expected, atol=1e-4)
+    np.testing.assert_allclose(features, expected_features, atol=1e-4)
 
 
 def test_parity_check_passes_and_catches_a_diverged_model(exported):
@@ -94,10 +99,16 @@ def test_int8_and_fp16_variants_keep_the_contract_and_compute_what_fp32_computes
     for variant in (int8, fp16):
         assert read_metadata(variant)[CONTRACT_KEY] == read_metadata(path)[CONTRACT_KEY]
         assert read_metadata(variant)[CLASSES_KEY] == read_metadata(path)[CLASSES_KEY]
-    ops = {node.op_type for node in onnx.load(str(int8)).graph.node}
+        outputs = cpu_session(variant).get_outputs()
+        assert [(o.name, o.type) for o in outputs] == [("logits", "tensor(float)"), ("features", "tensor(float)")]
+    graph = onnx.load(str(int8)).graph
+    ops = {node.op_type for node in graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops, "weights and activations are quantized"
-    weights = [t for t in onnx.load(str(int8)).graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    weights = [t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8]
     assert weights, "the weights are stored as int8"
+    float_weights = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    (classifier,) = [node for node in graph.node if node.op_type == "Gemm"]
+    assert classifier.input[1] in float_weights, "the classifier stays in float"
     fp16_logits, int8_logits = _logits(fp16, x), _logits(int8, x)
     assert fp16_logits.dtype == np.float32 and int8_logits.shape == reference.shape
     np.testing.assert_allclose(fp16_logits, reference, atol=5e-3 * np.abs(reference).max())
@@ -118,9 +129,84 @@ def test_a_variant_beyond_the_accuracy_bound_is_neither_written_nor_published(ex
     no_rows = np.zeros(0, np.int64)
     splits = Splits(black, no_rows, black[:0], no_rows, x_test, y_test, tuple("abcde"), no_rows, no_rows, no_rows, "v")
     params = parse_params(tiny_params(**{"export.max_accuracy_drop": 0.0}))
-    scores = export_variants(params, model.spec.contract, splits)
+    images = DriftImages(black, np.full(5, 0.2))
+    scores = export_variants(params, model.spec.contract, splits, images)
     assert scores["fp32"]["accuracy"] == 1.0 and scores["int8"]["accuracy_drop"] > 0
     assert not (tmp_path / "models/variants/model.int8.onnx").exists() and not scores["int8"]["published"]
     assert "more than export.max_accuracy_drop 0" in scores["int8"]["why_not"]
     assert scores["fp16"]["published"] == (scores["fp16"]["accuracy_drop"] <= 0)
     assert (tmp_path / "models/variants/model.fp16.onnx").exists() == scores["fp16"]["published"]
+
+
+def test_every_file_stores_a_drift_reference_from_its_own_session(exported, tmp_path, monkeypatch):
+    """FP32 and each published variant: the reference's features are what that file computes on the reference
+    images (to float16's relative precision, 2^-11), so an INT8 file's differ from the FP32 file's."""
+    model, path = exported
+    monkeypatch.chdir(tmp_path)
+    Layout.onnx_model.parent.mkdir(parents=True)
+    shutil.copy(path, Layout.onnx_model)
+    rng = np.random.default_rng(7)
+    contract = model.spec.contract
+    images = DriftImages(rng.integers(0, 256, (30, 1, 28, 28), dtype=np.uint8), np.array([0.4, 0.3, 0.1, 0.1, 0.1]))
+    x_test = rng.integers(0, 256, (20, 1, 28, 28), dtype=np.uint8)
+    splits = Splits(x_test, np.zeros(20, np.int64), x_test, np.zeros(20, np.int64), x_test, np.zeros(20, np.int64),
+                    tuple("abcde"), *[np.zeros(20, np.int64)] * 3, "v")
+    add_drift_reference(Layout.onnx_model, contract, images.pixels, images.prior)
+    scores = export_variants(parse_params(tiny_params()), contract, splits, images)
+    assert all(score["published"] for score in scores.values())
+    references, own_features = {}, {}
+    for variant, file in [("fp32", Layout.onnx_model), *[(v, tmp_path / f"models/variants/model.{v}.onnx") for v in ("int8", "fp16")]]:
+        served = load_model(file, ["cpu"])
+        logits, own_features[variant] = served.split(served.run_served(contract.normalize(images.pixels)))
+        reference = references[variant] = served.drift_reference
+        np.testing.assert_allclose(reference.features, own_features[variant], rtol=1e-3, atol=1e-6)
+        np.testing.assert_array_equal(reference.predicted, logits.argmax(1))
+        np.testing.assert_array_equal(reference.prior, images.prior)
+        assert DriftReference.decode(read_metadata(file)[DRIFT_REFERENCE_KEY]).features.shape == (30, 32)
+        onnx.checker.check_model(onnx.load(str(file)), full_check=True)
+    assert not np.allclose(references["int8"].features, own_features["fp32"], rtol=1e-3, atol=1e-6)
+
+
+def test_the_reference_images_are_validation_then_training_never_test():
+    """Each split's pixels hold a value of their own: val 1, train 2, test 3."""
+    def images(value, count):
+        return np.full((count, 1, 4, 4), value, np.uint8)
+
+    y_train = np.array([0, 0, 0, 1])
+    splits = Splits(images(2, 4), y_train, images(1, 3), np.zeros(3, np.int64), images(3, 5), np.zeros(5, np.int64),
+                    ("a", "b", "c"), *[np.zeros(0)] * 3, "v")
+    drift = DriftImages.of(splits, 5)
+    assert [int(image.max()) for image in drift.pixels] == [1, 1, 1, 2, 2]
+    np.testing.assert_array_equal(drift.prior, [0.75, 0.25, 0.0])
+    assert 3 not in DriftImages.of(splits, 100).pixels, "never a test image"
+
+
+def test_a_file_without_the_features_output_still_loads_and_serves(exported, tmp_path):
+    """What export wrote before the features output: logits only, no drift reference."""
+    model, path = exported
+    proto = onnx.load(str(path))
+    del proto.graph.output[1]
+    older = {p.key: p.value for p in proto.metadata_props if p.key != DRIFT_REFERENCE_KEY}
+    contract = json.loads(older[CONTRACT_KEY])
+    del contract["features_name"]  # an older contract does not name it
+    onnx.helper.set_model_props(proto, older | {CONTRACT_KEY: json.dumps(contract)})
+    onnx.save(proto, str(tmp_path / "older.onnx"))
+    served = load_model(tmp_path / "older.onnx", ["cpu"])
+    batch = model.spec.contract.normalize(np.zeros((3, 1, 28, 28), np.uint8))
+    rows = served.run_served(batch)
+    logits, features = served.split(rows)
+    assert served.drift_reference is None and features is None and not served.has_features
+    np.testing.assert_array_equal(logits, served.run(batch))
+    assert logits.shape == (3, 5)
+
+
+def test_a_damaged_drift_reference_is_refused_by_name(exported, tmp_path):
+    from deploy.model import ModelLoadError
+
+    _, path = exported
+    proto = onnx.load(str(path))
+    metadata = {p.key: p.value for p in proto.metadata_props} | {DRIFT_REFERENCE_KEY: "not a reference"}
+    onnx.helper.set_model_props(proto, metadata)
+    onnx.save(proto, str(tmp_path / "damaged.onnx"))
+    with pytest.raises(ModelLoadError, match="'graft.drift_reference' metadata is unusable.*export the model again"):
+        load_model(tmp_path / "damaged.onnx", ["cpu"])

@@ -1,18 +1,21 @@
-"""export: the fine-tuned model as ONNX, checked for parity with PyTorch, and its INT8 / FP16 variants, each scored."""
+"""export: the fine-tuned model as ONNX, checked for parity with PyTorch, and its INT8 / FP16 variants, each scored;
+each file stores its own drift reference (components/export.py add_drift_reference)."""
 from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
 from components import data as data_mod
 from components.artifacts import write_json
 from components.config import Params
-from components.export import ParityFailed, build_variant, check_parity, export_onnx, score_onnx
+from components.export import ParityFailed, add_drift_reference, build_variant, check_parity, export_onnx, score_onnx
 from components.layout import Layout
 from components.network import load_checkpoint
+from deploy.contract import Contract
 from deploy.tags import DATA_VERSION_KEY, SOURCE_KEY, STRATEGY_KEY
 from deploy.variants import FP32, variant_path
 
@@ -24,9 +27,12 @@ def export(params: Params) -> dict:
         SOURCE_KEY: json.dumps(meta.get("source", {}), sort_keys=True),
     })
     splits = data_mod.load_splits(Layout.selected_data)
+    reference = DriftImages.of(splits, params.export.drift_reference_images)
+    reference.add_to(Layout.onnx_model, model.spec.contract)
     parity = check_parity(model, Layout.onnx_model, splits.x_test, params.export.parity_atol, params.export.parity_rtol)
     # Metrics only: the exporter's bytes are not reproducible (DVC's lock keeps the file's hash).
-    result = {**asdict(parity), "passed": parity.passed, "onnx_bytes": Layout.onnx_model.stat().st_size}
+    result = {**asdict(parity), "passed": parity.passed, "onnx_bytes": Layout.onnx_model.stat().st_size,
+              "drift_reference_images": len(reference.pixels)}
     if not parity.passed:
         write_json(Layout.export_metrics, result)
         raise ParityFailed(
@@ -34,12 +40,30 @@ def export(params: Params) -> dict:
             f"atol {parity.atol:.0e} + rtol {parity.rtol:.0e} * |logit|, "
             f"top-1 agreement {parity.argmax_agreement:.4f} (need 1.0); the model is not registered"
         )
-    result["variants"] = export_variants(params, model.spec.contract, splits)
+    result["variants"] = export_variants(params, model.spec.contract, splits, reference)
     write_json(Layout.export_metrics, result)
     return result
 
 
-def export_variants(params: Params, contract, splits: data_mod.Splits) -> dict[str, dict]:
+@dataclass(frozen=True)
+class DriftImages:
+    """What every exported file's drift reference is computed on: in-distribution images, from the validation split
+    first (the model did not fit them, as it did not fit what it will be served), then the training split; never
+    the test split, which measures the drift test's false alarms. With the training labels' class shares."""
+
+    pixels: np.ndarray
+    prior: np.ndarray
+
+    @classmethod
+    def of(cls, splits: data_mod.Splits, limit: int) -> DriftImages:
+        counts = np.bincount(splits.y_train, minlength=len(splits.classes))
+        return cls(np.concatenate([splits.x_val, splits.x_train])[:limit], counts / counts.sum())
+
+    def add_to(self, path: Path, contract: Contract) -> None:
+        add_drift_reference(path, contract, self.pixels, self.prior)
+
+
+def export_variants(params: Params, contract: Contract, splits: data_mod.Splits, reference: DriftImages) -> dict[str, dict]:
     """Every configured variant built from the FP32 file, scored on the test split beside it, and written to
     models/variants/ only when it loses at most export.max_accuracy_drop: a variant that exists is published."""
     settings = params.export
@@ -53,6 +77,7 @@ def export_variants(params: Params, contract, splits: data_mod.Splits) -> dict[s
         path = variant_path(Layout.onnx_model, variant)
         build_variant(variant, Layout.onnx_model, path, calibration, settings.calibration_method,
                       settings.calibration_percentile)
+        reference.add_to(path, contract)  # before scoring: the size scored is the size published
         measured = score_onnx(path, contract, splits.x_test, splits.y_test)
         drop = fp32.accuracy - measured.accuracy
         published = drop <= settings.max_accuracy_drop
