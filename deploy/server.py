@@ -1,8 +1,11 @@
-"""The Graft model server: KServe/Triton V2 inference protocol, /predict for image files, /metrics, a page at /.
+"""The Graft model server: KServe/Triton V2 inference protocol, /predict for image files, /feedback, /metrics, a page
+at /.
 
 It serves the model behind a registry alias, batches concurrent requests, and follows the alias: when it
 moves (promote, rollback) the new version is loaded beside the old one, warmed up and switched in with one
-reference swap. A request is answered entirely by the version it started on; none is dropped.
+reference swap. A request is answered entirely by the version it started on; none is dropped. Every answer carries
+its request id (X-Request-Id); with serving.capture on, a sampled share of answers is kept (deploy/capture.py) and
+POST /feedback takes their true classes.
 
 Run: `graft serve` (reads params.yaml), or in a container `python -m deploy.server --tracking-uri ...`. Both take
 their settings from deploy/settings.py's ServingSettings: params.yaml's `serving`, one option per field, and for
@@ -40,9 +43,23 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from deploy.batching import BatcherClosed, DynamicBatcher
+from deploy.drift import DriftMonitor, DriftResult
+from deploy.capture import (
+    DROP_REASONS,
+    STOP_REASONS,
+    Answer,
+    CaptureError,
+    CaptureStore,
+    DuplicateLabel,
+    InvalidItemId,
+    UnknownClass,
+    UnknownItem,
+    new_request_id,
+)
 from deploy.model import (
     InputError,
     LoadedModel,
@@ -103,6 +120,7 @@ class Served:
     model: LoadedModel
     batcher: DynamicBatcher
     tags: dict[str, str] = field(default_factory=dict)
+    drift: DriftMonitor | None = None  # its answers' features against its file's reference; None: the file has none
 
 
 class Metrics:
@@ -125,12 +143,58 @@ class Metrics:
         self.reloads = Counter("graft_model_reloads_total", "alias moves followed", ["outcome"], registry=r)
         self.refused = Counter("graft_model_refused_total", "versions refused: their file is not the registered one",
                                ["model", "version"], registry=r)
+        self.feedback = Counter("graft_feedback_total", "feedback requests, by outcome", ["outcome"], registry=r)
+        # The drift test of each full window of answers against the served file's reference (deploy/drift.py).
+        self.drift_window = Gauge("graft_drift_window_size", "answers a drift test compares with the reference", registry=r)
+        self.drift_level = Gauge("graft_drift_level", "a window whose p-value is below this is drift", registry=r)
+        self.drift_windows = Counter("graft_drift_windows_total", "windows tested", registry=r)
+        self.drift_alarms = Counter("graft_drift_alarms_total", "windows whose p-value was below the level", registry=r)
+        self.drift_p_value = Gauge("graft_drift_p_value", "the latest window's MMD permutation p-value", registry=r)
+        self.drift_statistic = Gauge("graft_drift_statistic", "the latest window's MMD^2 against the reference", registry=r)
+        self.drift_class_shift = Gauge("graft_drift_class_shift", "total variation of the latest window's predicted "
+                                       "classes from the reference's", registry=r)
+        self.drift_confidence = Gauge("graft_drift_mean_confidence", "the latest window's mean top probability, "
+                                      "and the reference's", ["sample"], registry=r)
+
+    def on_drift_test(self, result: DriftResult) -> None:
+        self.drift_windows.inc()
+        self.drift_alarms.inc(result.drifted)
+        self.drift_p_value.set(result.p_value)
+        self.drift_statistic.set(result.statistic)
+        self.drift_class_shift.set(result.class_tv_reference)
+        self.drift_confidence.labels("window").set(result.mean_confidence)
+        self.drift_confidence.labels("reference").set(result.reference_mean_confidence)
 
     def on_batch(self, rows: int, seconds: float) -> None:
         self.batch_size.observe(rows)
         self.model_seconds.observe(seconds)
         self.inferences.inc(rows)
         self.executions.inc()
+
+
+class CaptureCollector:
+    """The capture store's counts, read at each scrape: the store's writer thread never touches a metric."""
+
+    def __init__(self, store: CaptureStore) -> None:
+        self.store = store
+
+    def collect(self):
+        stats = self.store.stats
+        yield CounterMetricFamily("graft_captured", "answers captured (items: one per row)", value=stats.captured)
+        dropped = CounterMetricFamily("graft_capture_dropped", "answers sampled but not captured (items), by why",
+                                      labels=["reason"])
+        for reason in DROP_REASONS:
+            dropped.add_metric([reason], stats.dropped[reason])
+        yield dropped
+        yield GaugeMetricFamily("graft_capture_bytes", "the capture folder's size in bytes", value=stats.bytes)
+        stopped = GaugeMetricFamily("graft_capture_stopped", "1 once capturing stopped (budget, full disk, write error)",
+                                    labels=["reason"])
+        for reason in STOP_REASONS:
+            stopped.add_metric([reason], float(stats.stopped == reason))
+        yield stopped
+
+
+DRIFT_CPU_SHARE = 0.05  # the drift tests' share of one core, at most (a test: ~20 ms at window 100, 1280 features)
 
 
 class ModelServer:
@@ -149,6 +213,11 @@ class ModelServer:
         # keeps the pool's queue short, so a burst of uploads waits as cheap coroutines, not as queued work.
         self._decoders = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="graft-decode")
         self._decode_slots = asyncio.Semaphore(settings.decode_workers * 2)
+        self._drift_testing, self._drift_next = False, 0.0
+        self.capture: CaptureStore | None = None
+        if settings.serving.capture.enabled:
+            self.capture = CaptureStore(settings.serving.capture)
+            self.metrics.registry.register(CaptureCollector(self.capture))
 
     # ------------------------------------------------------------ loading and reloading
 
@@ -180,10 +249,19 @@ class ModelServer:
         async with self._swap_lock:
             model, tags = await asyncio.to_thread(self._load, version)
             serving = self.settings.serving
-            batcher = DynamicBatcher(model.run, serving.max_batch_size, serving.max_queue_delay_ms / 1000,
+            batcher = DynamicBatcher(model.run_served, serving.max_batch_size, serving.max_queue_delay_ms / 1000,
                                      self.metrics.on_batch)
             batcher.start()
-            old, self.served = self.served, Served(version, model, batcher, tags)  # the one atomic step
+            drift = None
+            if model.drift_reference is not None:
+                drift = DriftMonitor(model.drift_reference, serving.drift.window, serving.drift.level,
+                                     serving.drift.permutations)
+                self.metrics.drift_window.set(serving.drift.window)
+                self.metrics.drift_level.set(serving.drift.level)
+            else:
+                log.warning("v%s has no drift reference (exported before drift monitoring): its answers are not "
+                            "tested for drift", version)
+            old, self.served = self.served, Served(version, model, batcher, tags, drift)  # the one atomic step
             self.metrics.model_info.clear()
             self.metrics.model_info.labels(self.settings.model_name, version, model.provider, model.variant).set(1)
             log.info("serving %s v%s, variant %s: %s", self.settings.model_name, version, model.variant_note,
@@ -247,6 +325,8 @@ class ModelServer:
         if self.served:
             await self.served.batcher.stop()
         self._decoders.shutdown(wait=False, cancel_futures=True)
+        if self.capture is not None:
+            await asyncio.to_thread(self.capture.close)
 
     # ------------------------------------------------------------ answering
 
@@ -255,18 +335,57 @@ class ModelServer:
         async with self._decode_slots:
             return await asyncio.get_running_loop().run_in_executor(self._decoders, work)
 
-    async def infer(self, prepare: Callable[[Served], np.ndarray], inline: bool = False) -> tuple[np.ndarray, Served]:
+    async def infer(self, prepare: Callable[[Served], np.ndarray], inline: bool = False
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, Served]:
         """Prepare the request for the version served now (off the event loop unless `inline`: small work) and run
         it there; if that version is swapped out before the request is queued, prepare it again for the new one.
-        Never two versions in one answer."""
+        Never two versions in one answer. Returns the rows run, their logits and features (None when the file has
+        no features output) and the version that ran them."""
         while True:
             served = self.served
             rows = prepare(served) if inline else await self.off_loop(lambda: prepare(served))
             self.metrics.queue_depth.set(served.batcher.depth)
             try:
-                return await served.batcher.submit(rows), served
+                outputs = await served.batcher.submit(rows)
             except BatcherClosed:
                 continue
+            return rows, *served.model.split(outputs), served
+
+    async def _test_drift(self, served: Served) -> None:
+        """Test the served version's latest window in a worker thread (tens of milliseconds of numpy)."""
+        started = time.monotonic()
+        try:
+            result = await asyncio.to_thread(served.drift.test)
+        except Exception as error:  # the answers were given; a failed test must not end drift monitoring for good
+            log.exception("drift test failed: %s", error)
+            return
+        finally:
+            self._drift_testing = False
+            # At most DRIFT_CPU_SHARE of one core: under heavy traffic windows are sampled, not all tested.
+            self._drift_next = time.monotonic() + (time.monotonic() - started) * (1 / DRIFT_CPU_SHARE - 1)
+        self.metrics.on_drift_test(result)
+        if result.drifted:
+            log.warning("drift: the last %d answers of v%s differ from its reference (MMD p = %.4f < %g; predicted "
+                        "classes %.2f from the reference's mix, mean confidence %.3f vs %.3f)", result.window,
+                        served.version, result.p_value, result.level, result.class_tv_reference,
+                        result.mean_confidence, result.reference_mean_confidence)
+
+    def answered(self, endpoint: str, served: Served, inputs: bytes | np.ndarray, logits: np.ndarray,
+                 features: np.ndarray | None = None) -> str:
+        """A new request id for an answer; with capture on, a sampled answer goes to the capture store (queued: the
+        writer thread does the rest). `inputs`: the uploaded file's bytes, or the request's float32 rows;
+        `features`: the model's penultimate features per row, None while the served model does not give them."""
+        request_id = new_request_id()
+        if served.drift is not None and features is not None:
+            served.drift.add(features, softmax(logits))
+            if served.drift.full() and not self._drift_testing and time.monotonic() >= self._drift_next:
+                self._drift_testing = True  # one test at a time; rows keep arriving in the monitor's ring buffer
+                asyncio.get_running_loop().create_task(self._test_drift(served))
+        if self.capture is not None and self.capture.sampled():
+            self.capture.submit(Answer(request_id, endpoint, self.settings.model_name, served.version,
+                                       served.model.variant, served.model.classes, logits, inputs, features,
+                                       served.model.contract))
+        return request_id
 
 
 async def _multipart_file(headers, body: bytes) -> bytes:
@@ -319,6 +438,7 @@ def max_infer_rows(model: LoadedModel, max_body_bytes: int) -> int:
 BINARY_HEADER = "inference-header-content-length"  # Triton's binary tensor extension
 INLINE_BODY_BYTES = 65536  # smaller bodies are parsed on the event loop: a thread hop costs more than the parse
 INLINE_IMAGE_PIXELS = 256 * 256  # images up to this size are decoded on the event loop (well under a millisecond)
+REQUEST_ID_HEADER = "X-Request-Id"  # every answered inference request's id: what POST /feedback names
 
 
 def split_binary(raw: bytes, header_length: str | None) -> tuple[bytes, bytes | None]:
@@ -567,7 +687,7 @@ async def infer(request: Request) -> Response:
         # event loop: a hop to the decode pool costs more. Large JSON tensors are parsed in the pool.
         inline = binary is not None or len(raw) <= INLINE_BODY_BYTES
         body = orjson.loads(header) if inline else await server.off_loop(lambda: orjson.loads(header))
-        logits, served = await server.infer(lambda served: _parse_infer(
+        rows, logits, features, served = await server.infer(lambda served: _parse_infer(
             body, served.model, max_infer_rows(served.model, limit), binary), inline=inline)
     except orjson.JSONDecodeError as error:
         metrics.errors.labels("infer", "bad_json").inc()
@@ -577,17 +697,19 @@ async def infer(request: Request) -> Response:
     except InputError as error:
         metrics.errors.labels("infer", "bad_input").inc()
         return _error(413 if isinstance(error, PayloadTooLarge) else 400, str(error))
+    headers = {REQUEST_ID_HEADER: server.answered("infer", served, rows, logits, features)}
     output = {"name": served.model.contract.output_name, "datatype": "FP32", "shape": list(logits.shape)}
     payload = {"model_name": name, "model_version": served.version, "id": body.get("id", ""), "outputs": [output]}
     if wants_binary_output(body):
         data = np.ascontiguousarray(logits, dtype="<f4").tobytes()
         output["parameters"] = {"binary_data_size": len(data)}
         header = orjson.dumps(payload)
-        return Response(header + data, media_type="application/octet-stream",
-                        headers={"Inference-Header-Content-Length": str(len(header))})
+        headers["Inference-Header-Content-Length"] = str(len(header))
+        return Response(header + data, media_type="application/octet-stream", headers=headers)
     # orjson writes the numpy array directly; FastAPI's default encoder walks every float in Python.
     output["data"] = logits.ravel()
-    return Response(orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")
+    return Response(orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json",
+                    headers=headers)
 
 
 async def predict(request: Request) -> Response:
@@ -608,7 +730,7 @@ async def predict(request: Request) -> Response:
             return served.model.contract.normalize(decode_image(blob, served.model.contract)[None])
 
         # A small image decodes faster than a hop to the decode pool; a large one would stall the event loop.
-        logits, served = await server.infer(prepare, inline=declared_pixels(blob) <= INLINE_IMAGE_PIXELS)
+        _, logits, features, served = await server.infer(prepare, inline=declared_pixels(blob) <= INLINE_IMAGE_PIXELS)
     except InputError as error:
         server.metrics.errors.labels("predict", "bad_image").inc()
         return _error(413 if isinstance(error, PayloadTooLarge) else 400, str(error))
@@ -617,7 +739,48 @@ async def predict(request: Request) -> Response:
     return Response(orjson.dumps({
         "model_version": served.version,
         "predictions": [{"class": served.model.classes[i], "probability": float(probabilities[i])} for i in order],
-    }), media_type="application/json")
+    }), media_type="application/json", headers={REQUEST_ID_HEADER: server.answered("predict", served, blob, logits, features)})
+
+
+# What each refusal of the capture store is answered with, and counted as (graft_feedback_total{outcome}).
+FEEDBACK_REFUSALS: dict[type[CaptureError], tuple[int, str]] = {
+    InvalidItemId: (400, "bad_request"), UnknownItem: (404, "unknown_id"), UnknownClass: (422, "unknown_class"),
+    DuplicateLabel: (409, "duplicate"),
+}
+FEEDBACK_BODY_BYTES = 4096
+FEEDBACK_FORM = 'send JSON {"request_id": "<an answer\'s X-Request-Id>", "label": "<its true class>"}'
+
+
+async def feedback(request: Request) -> Response:
+    """POST /feedback {"request_id": ID, "label": CLASS}: the true class of a captured answer, stored beside it once."""
+    server = _server(request)
+    counted = server.metrics.feedback
+    if server.capture is None:
+        counted.labels("capture_off").inc()
+        return _error(409, "capture is off on this server, so there is nothing to label: turn on serving.capture "
+                           "(params.yaml serving.capture.enabled: true, --capture-enabled or GRAFT_CAPTURE_ENABLED=1)")
+    try:
+        body = orjson.loads(await read_body(request, FEEDBACK_BODY_BYTES))
+    except PayloadTooLarge as error:
+        counted.labels("bad_request").inc()
+        return _error(413, f"{error}; {FEEDBACK_FORM}")
+    except orjson.JSONDecodeError as error:
+        counted.labels("bad_request").inc()
+        return _error(400, f"body is not valid JSON ({error}); {FEEDBACK_FORM}")
+    if not (isinstance(body, dict) and isinstance(body.get("request_id"), str) and isinstance(body.get("label"), str)):
+        counted.labels("bad_request").inc()
+        return _error(400, f"expected a request_id and a label, both strings; {FEEDBACK_FORM}")
+    try:
+        await asyncio.to_thread(server.capture.label, body["request_id"], body["label"])
+    except CaptureError as error:
+        status, outcome = FEEDBACK_REFUSALS[type(error)]
+        counted.labels(outcome).inc()
+        return _error(status, str(error))
+    except OSError as error:  # a full disk: the label is not stored, and the client may send it again later
+        counted.labels("not_stored").inc()
+        return _error(507, f"the label could not be stored: {error}")
+    counted.labels("stored").inc()
+    return JSONResponse({"request_id": body["request_id"], "label": body["label"]}, status_code=201)
 
 
 async def prometheus(request: Request):
@@ -646,6 +809,7 @@ def create_app(source: FileSource | RegistrySource, settings: ServerSettings) ->
     app.add_api_route("/v2/models/{name}", model_metadata, methods=["GET"])
     app.add_route("/v2/models/{name}/infer", infer, methods=["POST"])
     app.add_route("/predict", predict, methods=["POST"])
+    app.add_route("/feedback", feedback, methods=["POST"])
     app.add_api_route("/metrics", prometheus, methods=["GET"])
     app.add_api_route("/", page, methods=["GET"], response_class=HTMLResponse)
     return app

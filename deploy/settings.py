@@ -2,6 +2,8 @@
 `graft serve` and `python -m deploy.server` derive their options from its fields (`--max-batch-size` for
 `max_batch_size`, help from the field's description), the server its environment variables (`GRAFT_MAX_BATCH_SIZE`),
 and tests/test_serving_settings.py holds deploy/compose.yaml, deploy/.env.example and the server image to them.
+A nested model (`capture`, `drift`) is flattened the same way: `capture.max_bytes` is `--capture-max-bytes` and
+GRAFT_CAPTURE_MAX_BYTES.
 
 pydantic only, and nothing that loads ONNX Runtime: validating params.yaml stays fast, and the serving image has
 no training code.
@@ -11,10 +13,12 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.fields import FieldInfo
 
 from deploy.variants import AUTO, VARIANTS
 
@@ -45,6 +49,29 @@ class SettingsError(ValueError):
     """A serving setting given on the command line or in the environment is not allowed; the message names it."""
 
 
+class CaptureSettings(BaseModel):
+    """What the server keeps of the requests it answers (deploy/capture.py): off unless the operator turns it on."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(default=False, description="keep a sampled share of the answered requests (their input, "
+                                                     "prediction and request id) and take feedback labels for them")
+    sample: float = Field(default=1.0, gt=0, le=1, description="the share of answered requests to capture")
+    folder: str = Field(default="captures", description="the folder captures go to, one subfolder an hour")
+    max_bytes: int = Field(default=1_000_000_000, ge=1_000_000,
+                           description="the capture folder's size budget in bytes: capturing stops there")
+
+
+class DriftSettings(BaseModel):
+    """How the server tests served features against the model's reference sample (deploy/drift.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    window: int = Field(default=100, ge=10, description="served requests per drift test")
+    level: float = Field(default=0.01, gt=0, lt=1, description="the p-value under which a window is called drift")
+    permutations: int = Field(default=200, ge=20, description="permutations of the MMD test that give its p-value")
+
+
 class ServingSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -69,13 +96,42 @@ class ServingSettings(BaseModel):
     max_body_bytes: int = Field(default=10_000_000, ge=1024, description="the largest request body accepted, in bytes")
     poll_seconds: float = Field(default=5.0, gt=0, description="how often the server checks whether the alias moved")
     threads: int = Field(default=0, ge=0, description="ONNX Runtime intra-op threads; 0: its default")
+    capture: CaptureSettings = Field(default_factory=CaptureSettings,
+                                     description="request capture and feedback (off: a privacy decision)")
+    drift: DriftSettings = Field(default_factory=DriftSettings, description="drift tests on served features")
 
 
-FIELDS = ServingSettings.model_fields
+@dataclass(frozen=True)
+class Setting:
+    """One leaf of ServingSettings: a plain field, or a nested model's field (`capture.sample`)."""
+
+    path: tuple[str, ...]  # ("capture", "sample")
+    info: FieldInfo
+
+    @property
+    def dotted(self) -> str:
+        return ".".join(self.path)
+
+
+def _leaves(model: type[BaseModel], parent: tuple[str, ...] = ()) -> dict[str, Setting]:
+    """Every leaf setting of `model` by its flat name: a nested model's fields join its name with `_`."""
+    found: dict[str, Setting] = {}
+    for name, info in model.model_fields.items():
+        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+            found.update(_leaves(info.annotation, (*parent, name)))
+        else:
+            found["_".join((*parent, name))] = Setting((*parent, name), info)
+    return found
+
+
+SETTINGS = _leaves(ServingSettings)  # flat name -> setting: `capture_max_bytes` for capture.max_bytes
+FIELDS = {name: setting.info for name, setting in SETTINGS.items()}
+_BY_PATH = {setting.path: name for name, setting in SETTINGS.items()}
 
 
 def variable(name: str) -> str:
-    """A serving setting's environment variable: `max_batch_size` -> GRAFT_MAX_BATCH_SIZE."""
+    """A serving setting's environment variable: `max_batch_size` -> GRAFT_MAX_BATCH_SIZE, `capture_sample` ->
+    GRAFT_CAPTURE_SAMPLE."""
     return VARIABLE_PREFIX + name.upper()
 
 
@@ -114,7 +170,7 @@ def add_options(parser: argparse.ArgumentParser, environment: bool) -> None:
         choices = allowed(name)
         metavar = None if choices is None else "{" + ",".join(choices) + "}" + (",..." if _is_list(name) else "")
         default = (f"${variable(name)}, else {_shown(info.default)}" if environment
-                   else f"params.yaml serving.{name}")
+                   else f"params.yaml serving.{SETTINGS[name].dotted}")
         help_text = f"{info.description} (default: {default})".replace("%", "%%")
         if info.annotation is bool:
             group.add_argument(option(name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
@@ -137,13 +193,25 @@ def serving_from(args: argparse.Namespace, base: ServingSettings | None = None,
             given[name] = (option(name), _value(name, value))
         elif environ is not None and environ.get(variable(name)):  # set and not empty
             given[name] = (variable(name), _value(name, environ[variable(name)]))
-    merged = {**(base.model_dump() if base is not None else {}), **{name: v for name, (_, v) in given.items()}}
+    merged = base.model_dump() if base is not None else {}
+    for name, (_, value) in given.items():
+        *parents, leaf = SETTINGS[name].path
+        node = merged
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
     try:
         return ServingSettings.model_validate(merged)
     except ValidationError as error:
         problems = []
         for problem in error.errors():  # pydantic's message names the allowed values or the bound
-            name = str(problem["loc"][0])
-            where = given[name][0] if name in given else f"serving.{name}"
+            name = _setting_at(problem["loc"])
+            where = given[name][0] if name in given else f"serving.{SETTINGS[name].dotted}"
             problems.append(f"{where} {_shown(problem['input'])!r}: {problem['msg']}")
         raise SettingsError("; ".join(problems)) from None
+
+
+def _setting_at(loc: tuple) -> str:
+    """The flat name of the setting a pydantic error location is in: ("capture", "sample") -> capture_sample,
+    ("providers", 1) -> providers (the location goes on into a list's items)."""
+    return next(_BY_PATH[tuple(loc[:end])] for end in range(len(loc), 0, -1) if tuple(loc[:end]) in _BY_PATH)

@@ -14,6 +14,8 @@ from deploy.settings import (
     CACHE_VARIABLE,
     FIELDS,
     PROVIDER_NAMES,
+    SETTINGS,
+    CaptureSettings,
     ServingSettings,
     SettingsError,
     allowed,
@@ -36,6 +38,9 @@ def _serving_dests(parser: argparse.ArgumentParser, others: set[str]) -> dict[st
 
 def test_names_and_allowed_values_are_derived_from_the_fields():
     assert variable("max_batch_size") == "GRAFT_MAX_BATCH_SIZE" and option("max_batch_size") == "--max-batch-size"
+    # a nested model's fields are flattened: serving.capture.max_bytes
+    assert SETTINGS["capture_max_bytes"].path == ("capture", "max_bytes") and "capture" not in FIELDS
+    assert variable("capture_max_bytes") == "GRAFT_CAPTURE_MAX_BYTES" and option("drift_level") == "--drift-level"
     assert allowed("variant") == (AUTO, *VARIANTS)
     assert allowed("providers") == (AUTO, *PROVIDER_NAMES)
     assert allowed("port") is None
@@ -50,7 +55,8 @@ def test_the_servers_options_are_the_models_fields():
         help_text = next(a.help for a in argument_parser()._actions if a.dest == name)
         assert FIELDS[name].description in help_text and variable(name) in help_text
     # the option names scripts and tests use stayed
-    assert {"--max-batch-size", "--poll-seconds", "--variant", "--providers", "--strict", "--host", "--port"} <= {
+    assert {"--max-batch-size", "--poll-seconds", "--variant", "--providers", "--strict", "--host", "--port",
+            "--capture-enabled", "--no-capture-enabled", "--capture-sample", "--drift-window"} <= {
         s for strings in dests.values() for s in strings}
 
 
@@ -76,11 +82,25 @@ def test_an_option_wins_over_its_variable_which_wins_over_the_base():
         base.model_copy(update={"strict": False}).model_dump()
 
 
+def test_a_nested_setting_is_given_alone_and_keeps_its_siblings():
+    parser = argument_parser()
+    base = ServingSettings(capture=CaptureSettings(folder="kept", sample=0.5))
+    serving = serving_from(parser.parse_args(["--capture-enabled", "--capture-sample", "0.25"]), base=base,
+                           environ={"GRAFT_CAPTURE_SAMPLE": "0.75", "GRAFT_DRIFT_WINDOW": "50"})
+    assert serving.capture == CaptureSettings(enabled=True, sample=0.25, folder="kept")
+    assert (serving.drift.window, serving.drift.level) == (50, 0.01)
+    assert serving_from(parser.parse_args([]), environ={"GRAFT_CAPTURE_ENABLED": "true"}).capture.enabled is True
+
+
 @pytest.mark.parametrize("argv, environ, message", [
     (["--max-batch-size", "0"], {}, "--max-batch-size '0': Input should be greater than or equal to 1"),
     ([], {"GRAFT_VARIANT": "bf16"}, "GRAFT_VARIANT 'bf16': Input should be 'auto', 'fp32', 'int8' or 'fp16'"),
     (["--providers", "cuda,gpu"], {}, "--providers 'gpu': Input should be 'auto', 'tensorrt', 'cuda' or 'cpu'"),
     ([], {"GRAFT_PORT": "http"}, "GRAFT_PORT 'http': Input should be a valid integer"),
+    (["--capture-sample", "0"], {}, "--capture-sample '0': Input should be greater than 0"),
+    ([], {"GRAFT_CAPTURE_MAX_BYTES": "1000"}, "GRAFT_CAPTURE_MAX_BYTES '1000': Input should be greater than or equal to 1000000"),
+    ([], {"GRAFT_DRIFT_LEVEL": "1"}, "GRAFT_DRIFT_LEVEL '1': Input should be less than 1"),
+    ([], {"GRAFT_CAPTURE_ENABLED": "maybe"}, "GRAFT_CAPTURE_ENABLED 'maybe': Input should be a valid boolean"),
 ])
 def test_a_bad_value_is_named_by_its_option_or_variable(argv, environ, message):
     with pytest.raises(SettingsError) as refused:
@@ -100,10 +120,15 @@ def test_the_server_refuses_a_bad_value_with_exit_2_and_no_traceback(tmp_path):
         assert "Traceback" not in done.stderr
 
 
+def _leaf_paths(node: dict, parent: tuple = ()) -> set[tuple]:
+    return {path for key, value in node.items()
+            for path in (_leaf_paths(value, (*parent, key)) if isinstance(value, dict) else {(*parent, key)})}
+
+
 def test_params_yaml_states_every_serving_setting():
     serving = yaml.safe_load((PROJECT / "params.yaml").read_text())["serving"]
-    assert set(serving) == set(FIELDS)
-    ServingSettings.model_validate(serving)
+    assert _leaf_paths(serving) == {setting.path for setting in SETTINGS.values()}
+    assert ServingSettings.model_validate(serving).capture.enabled is False, "capture is the operator's decision"
 
 
 def test_one_cache_folder_variable(monkeypatch, tmp_path):

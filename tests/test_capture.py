@@ -1,0 +1,326 @@
+"""Request capture and feedback (deploy/capture.py) through the real server over HTTP: every answer's request id,
+whole items for the sampled share, a SIGKILL mid-write leaving no torn file, the size budget and a really full disk
+stopping capture (once, said in the log and /metrics) while serving goes on, and each bad feedback its own 4xx."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from components.export import export_onnx
+from components.network import build
+from deploy.capture import (
+    BUDGET,
+    LABEL_SUFFIX,
+    TEMP_SUFFIX,
+    Answer,
+    CapturedItem,
+    CaptureStore,
+    iter_items,
+)
+from deploy.settings import CaptureSettings
+from tests.conftest import free_port, tiny_spec, wait_healthy, wait_until
+
+MODEL = "captured-classifier"
+CLASSES = ("ant", "bee", "cat")
+TOKEN = "capture-test-token"
+AUTH = {"authorization": f"Bearer {TOKEN}"}
+ROWS = np.random.default_rng(3).normal(size=(2, 1, 28, 28)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def onnx_file(tmp_path_factory) -> Path:
+    return export_onnx(build(tiny_spec(CLASSES), 0), tmp_path_factory.mktemp("capture-model") / "model.onnx", 20)
+
+
+@contextlib.contextmanager
+def serving(onnx_file: Path, folder: Path, *options: str, env: dict | None = None, wrap: tuple[str, ...] = ()):
+    """The server with capture to `folder` and `options`, its output in a log file; yields (base URL, log path).
+    `wrap`: a command the server runs under (it ends with the server's own command line)."""
+    port = free_port()
+    log_path = folder.parent / f"server-{port}.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [*wrap, sys.executable, "-m", "deploy.server", "--onnx-file", str(onnx_file), "--model", MODEL,
+             "--port", str(port), "--cache-dir", str(onnx_file.parent), "--capture-folder", str(folder), *options],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        if not wait_healthy(f"{base}/v2/health/ready", 60, process):
+            raise AssertionError(f"the server did not come up: {log_path.read_text()[-3000:]}")
+        yield base, log_path
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def server(onnx_file, tmp_path_factory):
+    """Capture on, every answer kept, behind an API token; yields (base URL, capture folder)."""
+    folder = tmp_path_factory.mktemp("captured") / "captures"
+    with serving(onnx_file, folder, "--capture-enabled", env={"GRAFT_API_TOKEN": TOKEN}) as (base, _):
+        yield base, folder
+
+
+def _png(shape: tuple[int, ...], seed: int = 0) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, shape, dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _infer(client: httpx.Client, base: str, rows: np.ndarray, binary: bool = False) -> httpx.Response:
+    tensor = {"name": "pixels", "shape": list(rows.shape), "datatype": "FP32"}
+    if not binary:
+        return client.post(f"{base}/v2/models/{MODEL}/infer", json={"inputs": [{**tensor, "data": rows.ravel().tolist()}]})
+    data = rows.astype("<f4").tobytes()
+    header = json.dumps({"inputs": [{**tensor, "parameters": {"binary_data_size": len(data)}}]}).encode()
+    return client.post(f"{base}/v2/models/{MODEL}/infer", content=header + data,
+                       headers={"Inference-Header-Content-Length": str(len(header))})
+
+
+def _metric(base: str, series: str, headers: dict | None = None) -> float | None:
+    """The value of one series of /metrics (`name{labels}` as exposed), None when it is not there."""
+    text = httpx.get(f"{base}/metrics", headers=headers).text
+    found = re.search(rf"^{re.escape(series)} ([0-9.e+-]+)$", text, re.M)
+    return float(found.group(1)) if found else None
+
+
+def _items(folder: Path, ids: set[str]) -> dict[str, CapturedItem]:
+    """The captured items with these ids, once all of them are written."""
+    def written() -> dict[str, CapturedItem] | None:
+        found = {item.id: item for item in iter_items(folder) if item.id in ids}
+        return found if found.keys() == ids else None
+
+    return wait_until(written, 10, lambda: f"captured {sorted(i.id for i in iter_items(folder))}, waiting for {sorted(ids)}")
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def test_every_answer_has_a_request_id_and_is_captured_whole_under_it(server):
+    base, folder = server
+    png = _png((40, 30, 3))
+    with httpx.Client(headers=AUTH) as client:
+        raw = client.post(f"{base}/predict", content=png)
+        upload = client.post(f"{base}/predict", files={"file": ("x.png", png, "image/png")})
+        two_rows = _infer(client, base, ROWS)
+        one_row = _infer(client, base, ROWS[:1], binary=True)
+    answers = (raw, upload, two_rows, one_row)
+    assert [a.status_code for a in answers] == [200] * 4
+    ids = [a.headers["x-request-id"] for a in answers]
+    assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids) and len(set(ids)) == 4
+    items = _items(folder, {ids[0], ids[1], f"{ids[2]}-0", f"{ids[2]}-1", ids[3]})
+
+    for answer, request_id in zip((raw, upload), ids):  # the upload's bytes as they arrived, multipart or raw
+        item = items[request_id]
+        assert item.input_path.read_bytes() == png and item.input_path.suffix == ".png"
+        assert (item.input_kind, item.record["endpoint"], item.record["request_id"]) == ("image", "predict", request_id)
+        predictions = answer.json()["predictions"]
+        assert item.predicted == predictions[0]["class"] and item.label is None
+        given = dict(zip(item.classes, item.probabilities))
+        assert all(given[p["class"]] == pytest.approx(p["probability"], abs=1e-6) for p in predictions)
+    logits = np.array(two_rows.json()["outputs"][0]["data"]).reshape(2, 3)
+    for row in range(2):
+        item = items[f"{ids[2]}-{row}"]
+        np.testing.assert_array_equal(np.load(item.input_path), ROWS[row])  # the tensor as the client sent it
+        np.testing.assert_allclose(item.probabilities, _softmax(logits)[row], atol=1e-6)
+        assert item.predicted == CLASSES[int(logits[row].argmax())] and item.input_kind == "tensor"
+    np.testing.assert_array_equal(np.load(items[ids[3]].input_path), ROWS[0])
+    record = items[ids[3]].record
+    assert (record["model"], record["variant"], record["classes"]) == (MODEL, "fp32", list(CLASSES))
+    assert len(items[ids[3]].features) > 0, "the model's penultimate features, for drift monitoring"
+    assert record["preprocess"]["height"] == 28, "a tensor row's way back to pixels"
+    assert _metric(base, "graft_captured_total", AUTH) >= 5
+
+
+def test_the_sampled_share_is_captured(onnx_file, tmp_path):
+    folder = tmp_path / "captures"
+    with serving(onnx_file, folder, "--capture-enabled", "--capture-sample", "0.3") as (base, _):
+        with httpx.Client() as client:
+            answers = [_infer(client, base, ROWS[:1], binary=True) for _ in range(200)]
+    # the server has ended: what it had queued is written
+    assert {a.status_code for a in answers} == {200}
+    captured = {item.id for item in iter_items(folder)}
+    assert captured <= {a.headers["x-request-id"] for a in answers}
+    assert 35 <= len(captured) <= 85, f"{len(captured)} of 200 captured at sample 0.3 (binomial: 60 +- 6.5)"
+
+
+# A writer that captures the upload in the file argv[3] as fast as it can, ids from argv[2] on, until it is killed.
+CRASH_WRITER = """
+import sys, time
+from pathlib import Path
+import numpy as np
+from deploy.capture import Answer, CaptureStore
+from deploy.settings import CaptureSettings
+store = CaptureStore(CaptureSettings(enabled=True, folder=sys.argv[1]), queue_items=2)
+blob, logits = Path(sys.argv[3]).read_bytes(), np.zeros((1, 3), np.float32)
+for i in range(int(sys.argv[2]), 10**9):
+    while not store.submit(Answer(f"{i:032x}", "predict", "m", "1", "fp32", ("ant", "bee", "cat"), logits, blob)):
+        time.sleep(0.001)
+"""
+BLOB = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * (4 * 2**20 // 256)  # 4 MB: a write takes a while
+
+
+def _temporary(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.name.endswith(TEMP_SUFFIX)]
+
+
+def test_a_writer_killed_mid_write_leaves_no_torn_file(tmp_path):
+    folder, upload = tmp_path / "captures", tmp_path / "upload.png"
+    upload.write_bytes(BLOB)
+    # Killed at whatever it is doing once a few items are written, three times at least, and until a kill has
+    # caught a file half written (most of the writer's time is writing the 4 MB input).
+    for attempt in range(10):
+        writer = subprocess.Popen([sys.executable, "-c", CRASH_WRITER, str(folder), str(attempt * 10**6), str(upload)],
+                                  cwd=Path(__file__).parents[1], start_new_session=True)
+        wait_until(lambda: len(list(folder.rglob("*.json"))) >= 3 * (attempt + 1), 60, "the writer wrote nothing",
+                   interval=0.01, process=writer)
+        os.killpg(writer.pid, signal.SIGKILL)  # the store and its writer process at once
+        writer.wait()
+        if attempt >= 2 and _temporary(folder):
+            break
+    assert _temporary(folder), "no kill landed in the middle of a write"
+    records = [p for p in folder.rglob("*.json") if not p.name.startswith(".")]
+    inputs = [p for p in folder.rglob("*.png") if not p.name.startswith(".")]
+    for path in inputs:  # every file under its own name is whole: renamed into place only once written
+        assert path.read_bytes() == BLOB, f"{path.name} is torn"
+    items = list(iter_items(folder))
+    assert {item.id for item in items} == {p.stem for p in records}, "every record parses and names a whole input"
+    assert len(inputs) >= len(items) and all(item.input_path.read_bytes() == BLOB for item in items)
+
+
+def test_readers_skip_what_is_not_whole_and_the_budget_counts_what_is_there(tmp_path):
+    folder = tmp_path / "captures"
+    store = CaptureStore(CaptureSettings(enabled=True, folder=str(folder)))
+    store.submit(Answer("a" * 32, "predict", "m", "1", "fp32", CLASSES, np.zeros((1, 3), np.float32), b"whole"))
+    store.close()
+    segment = next(folder.iterdir())
+    (segment / ("b" * 32 + ".png")).write_bytes(b"an input whose record was never written")
+    (segment / f".{'c' * 32}.json.1234abcd{TEMP_SUFFIX}").write_bytes(b'{"id": "cc')  # a stray temporary file
+    record = (segment / ("a" * 32 + ".json")).read_bytes()
+    (segment / ("d" * 32 + ".json")).write_bytes(record.replace(b"a" * 32, b"d" * 32))  # its input is missing
+    (segment / ("e" * 32 + ".bin")).write_bytes(b"who")  # cut short: the record says 5 bytes
+    (segment / ("e" * 32 + ".json")).write_bytes(record.replace(b"a" * 32, b"e" * 32))
+    assert [item.id for item in iter_items(folder)] == ["a" * 32]
+
+    # A store opened on a folder at its budget counts what is there: it captures nothing more, and says why.
+    (segment / "filler").write_bytes(b"\0" * 1_000_000)
+    full = CaptureStore(CaptureSettings(enabled=True, folder=str(folder), max_bytes=1_000_000))
+    full.submit(Answer("f" * 32, "predict", "m", "1", "fp32", CLASSES, np.zeros((1, 3), np.float32), b"more"))
+    full.close()
+    assert (full.stats.stopped, full.stats.captured, full.stats.dropped[BUDGET]) == (BUDGET, 0, 1)
+
+
+def _capture_stopped(base: str, reason: str) -> bool:
+    return _metric(base, f'graft_capture_stopped{{reason="{reason}"}}') == 1.0
+
+
+def test_at_its_budget_capture_stops_says_so_once_and_serving_goes_on(onnx_file, tmp_path):
+    folder = tmp_path / "captures"
+    image = _png((250, 200, 3))  # noise: about 150 kB, so a 1 MB budget holds six
+    with serving(onnx_file, folder, "--capture-enabled", "--capture-max-bytes", "1000000") as (base, log_path):
+        assert _metric(base, 'graft_capture_stopped{reason="budget"}') == 0.0
+        with httpx.Client() as client:
+            statuses = [client.post(f"{base}/predict", content=image).status_code for _ in range(12)]
+            wait_until(lambda: _capture_stopped(base, "budget"), 10, "capture never stopped at its budget")
+            statuses += [client.post(f"{base}/predict", content=image).status_code for _ in range(5)]
+        captured = _metric(base, "graft_captured_total")
+        assert _metric(base, 'graft_capture_dropped_total{reason="budget"}') == 17 - captured
+    assert statuses == [200] * 17, "serving goes on"
+    assert 1 <= captured <= 6 and len(list(iter_items(folder))) == captured
+    assert sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) <= 1_000_000
+    assert log_path.read_text().count("capture stopped (budget)") == 1
+
+
+def _can_mount_tmpfs(tmp_path: Path) -> bool:
+    probe = ["unshare", "--user", "--map-root-user", "--mount", "mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs",
+             str(tmp_path)]
+    try:
+        return subprocess.run(probe, capture_output=True, timeout=10).returncode == 0
+    except FileNotFoundError:
+        return False
+
+
+def test_on_a_full_disk_capture_stops_says_so_once_and_serving_goes_on(onnx_file, tmp_path):
+    """A real full filesystem: the server runs in a mount namespace of its own (unshare, as root or an unprivileged
+    user) where its capture folder is a 256 kB tmpfs."""
+    folder = tmp_path / "small-disk"
+    folder.mkdir()
+    if not _can_mount_tmpfs(folder):
+        pytest.skip("no user or mount namespace here (unshare --user --mount) to make a small filesystem in")
+    small_disk = ("unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+                  'mount -t tmpfs -o size=256k tmpfs "$0" && exec "$@"', str(folder))
+    image = _png((100, 100, 3))  # noise: about 30 kB, so the disk is full after eight
+    with serving(onnx_file, folder, "--capture-enabled", wrap=small_disk) as (base, log_path):
+        with httpx.Client() as client:
+            statuses = [client.post(f"{base}/predict", content=image).status_code for _ in range(12)]
+            wait_until(lambda: _capture_stopped(base, "disk_full"), 10, "capture never stopped on the full disk")
+            statuses += [client.post(f"{base}/predict", content=image).status_code for _ in range(5)]
+        assert 1 <= _metric(base, "graft_captured_total") < 12
+        assert _metric(base, 'graft_capture_stopped{reason="budget"}') == 0.0
+    assert statuses == [200] * 17, "serving goes on"
+    log = log_path.read_text()
+    assert log.count("capture stopped (disk_full)") == 1 and "No space left on device" in log, log[-2000:]
+
+
+@pytest.mark.parametrize("body, status, message", [
+    (b"{not json", 400, "body is not valid JSON"),
+    (b'{"label": "ant"}', 400, "expected a request_id and a label"),
+    (b'{"request_id": 7, "label": "ant"}', 400, "expected a request_id and a label"),
+    (b'{"request_id": "../../etc/passwd", "label": "ant"}', 400, "32 hex digits"),
+    (b'{"request_id": "' + b"0" * 32 + b'", "label": "ant"}', 404, "no captured item"),
+    (b"{" + b" " * 5000 + b"}", 413, "over the limit"),
+])
+def test_bad_feedback_gets_a_4xx_that_says_what_is_wrong(server, body, status, message):
+    base, _ = server
+    answer = httpx.post(f"{base}/feedback", content=body, headers=AUTH)
+    assert answer.status_code == status and message in answer.json()["error"], answer.text
+
+
+def test_feedback_is_stored_once_beside_its_item_for_a_known_class_and_a_token(server):
+    base, folder = server
+    with httpx.Client(headers=AUTH) as client:
+        request_id = client.post(f"{base}/predict", content=_png((28, 28))).headers["x-request-id"]
+        rows_id = _infer(client, base, ROWS).headers["x-request-id"]
+
+        def feedback(item_id: str, label: str, headers: dict = AUTH) -> httpx.Response:
+            return httpx.post(f"{base}/feedback", json={"request_id": item_id, "label": label}, headers=headers)
+
+        assert feedback(request_id, "bee", headers={}).status_code == 401
+        unknown = feedback(request_id, "zebra")
+        assert unknown.status_code == 422 and "'zebra' is not one of the model's classes: ant, bee, cat" in unknown.text
+        assert feedback(request_id, "bee").status_code == 201  # at once: an answer still queued is written first
+        duplicate = feedback(request_id, "cat")
+        assert duplicate.status_code == 409 and "labelled already ('bee')" in duplicate.json()["error"]
+        whole_request = feedback(rows_id, "ant")
+        assert whole_request.status_code == 404 and f"label each as {rows_id}-ROW" in whole_request.json()["error"]
+        assert feedback(f"{rows_id}-1", "ant").status_code == 201
+    labels = {item.id: item.label for item in iter_items(folder)}
+    assert (labels[request_id], labels[f"{rows_id}-0"], labels[f"{rows_id}-1"]) == ("bee", None, "ant")
+    assert len(list(folder.rglob(f"{request_id}{LABEL_SUFFIX}"))) == 1
+    assert _metric(base, 'graft_feedback_total{outcome="duplicate"}', AUTH) >= 1
+    assert _metric(base, 'graft_feedback_total{outcome="stored"}', AUTH) >= 2
+
+
+def test_with_capture_off_answers_keep_their_id_and_feedback_says_how_to_turn_it_on(onnx_file, tmp_path):
+    folder = tmp_path / "captures"
+    with serving(onnx_file, folder) as (base, _):
+        answer = httpx.post(f"{base}/predict", content=_png((28, 28)))
+        assert answer.status_code == 200 and re.fullmatch(r"[0-9a-f]{32}", answer.headers["x-request-id"])
+        refused = httpx.post(f"{base}/feedback", json={"request_id": answer.headers["x-request-id"], "label": "ant"})
+        assert refused.status_code == 409 and "serving.capture" in refused.json()["error"]
+        assert _metric(base, "graft_captured_total") is None
+    assert not folder.exists(), "nothing is kept unless the operator turns capture on"
