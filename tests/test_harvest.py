@@ -5,8 +5,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pytest
-from PIL import Image
 
 from components.config import parse_params
 from components.data import PRODUCTION_PREFIX, load_splits, prepare
@@ -57,3 +55,57 @@ def test_production_images_train_or_validate_and_leave_the_test_split_as_it_was(
     later, _ = _prepare(target, tmp_path / "later")
     assert set(after.origin_val) <= set(later.origin_val) and set(after.origin_train) <= set(later.origin_train)
     assert list(later.origin_test) == list(before.origin_test)
+
+
+def _capture(folder: Path, images: list[tuple[Path, str | None]], classes: list[str]) -> list[str]:
+    """Answers captured by the server's own store, as a server writes them; each labelled with its class when given."""
+    from deploy.capture import Answer, CaptureStore
+    from deploy.settings import CaptureSettings
+
+    store = CaptureStore(CaptureSettings(enabled=True, folder=str(folder)))
+    ids = []
+    for i, (path, _) in enumerate(images):
+        ids.append(f"{i:032x}")
+        store.submit(Answer(ids[-1], "predict", "graft-classifier", "1", "int8", tuple(classes),
+                            np.zeros((1, len(classes)), np.float32), path.read_bytes()))
+    store.close()
+    for item_id, (_, label) in zip(ids, images):
+        if label is not None:
+            store.label(item_id, label)
+    return ids
+
+
+def _tracked_hashes(root: Path) -> dict[str, str]:
+    return {p.name: p.read_text() for p in (root / "data" / "raw").glob("*.dvc")}
+
+
+def test_harvest_versions_labelled_and_unlabelled_images_once(workspace_factory):
+    from components.harvest import UNLABELLED_FOLDER, harvest
+    from components.settings import load_settings
+
+    root = workspace_factory("harvest")
+    target = root / "data" / "raw" / "animal-mnist"
+    classes = sorted(p.name for p in target.iterdir() if p.is_dir())
+    fresh = _fresh_images(classes, 100, 2)
+    labelled = [(files[0], name) for name, files in fresh.items()]
+    unlabelled = [(files[1], None) for files in fresh.values()]
+    copy_of_target = (sorted((target / classes[0]).iterdir())[0], classes[1])  # a target image, labelled otherwise
+    ids = _capture(root / "captures", [*labelled, *unlabelled, copy_of_target], classes)
+    before = _tracked_hashes(root)
+
+    first = harvest(root)
+    assert first.captured == len(ids) and first.labelled == len(labelled) + 1
+    assert first.added_labelled == dict.fromkeys(classes, 1) and first.added_unlabelled == len(unlabelled)
+    assert [s["id"] for s in first.skipped] == [ids[-1]] and "the same image as" in first.skipped[0]["reason"]
+    for (path, name), item_id in zip(labelled, ids):
+        assert (target / name / f"{PRODUCTION_PREFIX}{item_id}.png").read_bytes() == path.read_bytes()
+    assert len(list((root / UNLABELLED_FOLDER).iterdir())) == len(unlabelled)
+    params = load_settings(root / "params.yaml")
+    assert params.data.unlabeled["production"].path == UNLABELLED_FOLDER
+    assert (params.finetune.adaptation.method, params.finetune.adaptation.unlabeled) == ("coral", None)
+    after = _tracked_hashes(root)
+    assert after["animal-mnist.dvc"] != before["animal-mnist.dvc"] and "production-unlabelled.dvc" in after
+
+    second = harvest(root)  # nothing new: nothing written, the data version stays
+    assert not second.changed and not second.added_labelled and not second.added_unlabelled
+    assert _tracked_hashes(root) == after and load_settings(root / "params.yaml") == params

@@ -61,6 +61,13 @@ LONG = {
     "dvc add data/raw/animal-mnist": "re-versions the user's data after new images arrive",
     "graft data add": "the user's own folder (tests/test_userdata.py runs `graft data add` on a real one)",
     "git add data/raw/my-parts.dvc": "follows the user's `graft data add`, then a full `graft run`",
+    # The production loop: a second server (capture on), a user's own photo and the id its answer carried; over
+    # HTTP in tests/test_capture.py and tests/test_drift_serving.py, end to end in benchmarks/production_loop.py.
+    "graft serve --capture-enabled": "a second server, with capture on (tests/test_capture.py)",
+    "curl -si -X POST --data-binary @photo.png": "the user's own photo (a placeholder file)",
+    "curl -s -X POST 127.0.0.1:8000/feedback": "labels the answer the line above got (its X-Request-Id)",
+    "graft monitor": "reads what a capture server kept (tests/test_drift_serving.py, tests/test_schedule.py)",
+    "graft data harvest": "turns a capture folder into data (tests/test_harvest.py)",
 }
 
 OPTIONAL_GROUP = re.compile(r"\s\[-[^\]]*\]")  # `[--version N]`: documentation syntax for an optional flag

@@ -28,6 +28,7 @@ from tests.conftest import (
 pytestmark = pytest.mark.slow  # a Prefect server, a worker, retraining runs
 
 DEPLOYMENT = "retrain/nightly-retrain"
+CHECK_DEPLOYMENT = "production-check/production-check"
 
 
 @pytest.fixture(scope="module")
@@ -80,15 +81,18 @@ def _version(root) -> str:
     return yaml.safe_load((root / "outputs" / "registration.json").read_text())["version"]
 
 
-def test_deployment_is_scheduled_with_the_params_cron(deployment):
-    async def read():
-        async with get_client() as client:
-            return await client.read_deployment_by_name(DEPLOYMENT)
+async def read_deployment(name: str):
+    async with get_client() as client:
+        return await client.read_deployment_by_name(name)
 
-    registered = asyncio.run(read())
+
+def test_deployments_are_scheduled_with_the_params_crons(deployment):
+    registered = asyncio.run(read_deployment(DEPLOYMENT))
     assert registered.work_pool_name == "graft-test"
     assert [s.schedule.cron for s in registered.schedules] == ["0 2 * * *"]
     assert registered.parameters == {"root": str(deployment)}
+    check = asyncio.run(read_deployment(CHECK_DEPLOYMENT))
+    assert [s.schedule.cron for s in check.schedules] == ["*/30 * * * *"] and check.parameters == {"root": str(deployment)}
 
 
 def test_two_runs_at_once_one_retrains_the_other_waits_then_nothing_to_do_then_new_data_retrains(scheduled):
@@ -135,3 +139,32 @@ def test_a_rejected_candidate_fails_the_run_with_the_gate_and_emits_an_event(sch
     rejected = _wait_for_event("graft.model.rejected", since)
     assert len(rejected) == 1 and "quality.accuracy" in rejected[0].payload["failed_gates"]
     assert rejected[0].payload["run_id"] == yaml.safe_load((scheduled / "outputs" / "registration.json").read_text())["run_id"]
+
+
+def test_the_production_check_is_scheduled_and_two_checks_on_the_same_capture_register_one_version(scheduled):
+    from mlflow import MlflowClient
+
+    from tests.test_harvest import _capture, _fresh_images
+
+    params = yaml.safe_load((scheduled / "params.yaml").read_text())
+    params["production"]["min_new_labels"] = 10  # one label a class below: enough to call for a retrain
+    (scheduled / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    target = scheduled / "data/raw/animal-mnist"
+    classes = sorted(p.name for p in target.iterdir() if p.is_dir())
+    fresh = _fresh_images(classes, 100, 2)
+    _capture(scheduled / params["serving"]["capture"]["folder"],
+             [*((files[0], name) for name, files in fresh.items()), *((files[1], None) for files in fresh.values())],
+             classes)
+
+    def check():
+        return run_deployment(CHECK_DEPLOYMENT, parameters={"root": str(scheduled)}, timeout=900, poll_interval=2)
+
+    with ThreadPoolExecutor(2) as pool:  # two triggers at once for the same captured data
+        runs = [future.result() for future in [pool.submit(contextvars.copy_context().run, check) for _ in range(2)]]
+    assert all(run.state.is_completed() for run in runs), [run.state.message for run in runs]
+    versions = MlflowClient(f"sqlite:///{scheduled / 'mlflow.db'}").search_model_versions("name='graft-classifier'")
+    assert len(versions) == 1, "exactly one model version for the one new data version"
+    harvested = [p for p in target.glob("*/production-*")]
+    assert len(harvested) == len(classes)
+    assert yaml.safe_load((scheduled / "params.yaml").read_text())["finetune"]["adaptation"]["method"] == "coral"
+    assert json.loads((scheduled / "reports/monitor.json").read_text())["labelled"] == len(classes)
