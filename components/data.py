@@ -268,7 +268,8 @@ def _views(sizes: tuple[int, ...]) -> list[tuple[str, Callable[[np.ndarray], np.
               for size in sizes)]
 
 
-def _digest(pixels: np.ndarray) -> bytes:
+def pixels_digest(pixels: np.ndarray) -> bytes:
+    """Two images with this digest are the same pixels (and shape)."""
     return hashlib.blake2b(pixels.tobytes() + str(pixels.shape).encode(), digest_size=16).digest()
 
 
@@ -288,10 +289,10 @@ def drop_seen(newcomers: list[Sample], kept: list[Sample], classes: tuple[str, .
     """`newcomers` (harvested production images) without those `kept` already holds (_views): the copy that came
     later goes, whatever its label, so a harvest never moves or removes an image the data set had."""
     for what, view in _views(sizes):
-        seen = {_digest(view(sample.pixels)): sample for sample in kept}
+        seen = {pixels_digest(view(sample.pixels)): sample for sample in kept}
         fresh = []
         for sample in newcomers:
-            if (match := seen.get(_digest(view(sample.pixels)))) is None:
+            if (match := seen.get(pixels_digest(view(sample.pixels)))) is None:
                 fresh.append(sample)
                 continue
             reason = f"{what} {match.origin}" + ("" if match.label == sample.label else
@@ -307,7 +308,7 @@ def _drop_same(samples: list[Sample], classes: tuple[str, ...], quarantine: Quar
                view) -> list[Sample]:
     by_hash: dict[bytes, list[Sample]] = defaultdict(list)
     for sample in samples:
-        by_hash[_digest(view(sample.pixels))].append(sample)
+        by_hash[pixels_digest(view(sample.pixels))].append(sample)
     kept: list[Sample] = []
     for copies in by_hash.values():
         labels = {s.label for s in copies}

@@ -12,7 +12,6 @@ harvested is not written again, so a second harvest with nothing new changes not
 """
 from __future__ import annotations
 
-import hashlib
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from components.data import PRODUCTION_PREFIX, DataError, Unusable, class_file_counts, decode_file, is_production
+from components.data import (
+    PRODUCTION_PREFIX,
+    DataError,
+    Unusable,
+    class_file_counts,
+    decode_file,
+    is_production,
+    pixels_digest,
+)
 from components.settings import Settings, load_settings
 from components.userdata import set_params
 from deploy.capture import CapturedItem, iter_items
@@ -65,16 +72,12 @@ def _item_image(item: CapturedItem) -> tuple[bytes, str]:
     return buffer.getvalue(), ".png"
 
 
-def _digest(pixels: np.ndarray) -> bytes:
-    return hashlib.blake2b(pixels.tobytes() + str(pixels.shape).encode(), digest_size=16).digest()
-
-
 def _digests(files: list[Path], root: Path, channels: int) -> dict[bytes, str]:
     """The decoded pixels of each usable file -> its name (an unusable one the prepare stage quarantines)."""
     digests: dict[bytes, str] = {}
     for path in files:
         try:
-            digests.setdefault(_digest(decode_file(path, channels)[0]), path.relative_to(root).as_posix())
+            digests.setdefault(pixels_digest(decode_file(path, channels)[0]), path.relative_to(root).as_posix())
         except Unusable:
             continue
     return digests
@@ -150,7 +153,7 @@ def harvest(root: str | Path, capture: str | Path | None = None) -> Harvest:
             continue
         try:
             blob, suffix = _item_image(item)
-            digest = _digest(decode_file(io.BytesIO(blob), channels, params.data.min_image_side)[0])
+            digest = pixels_digest(decode_file(io.BytesIO(blob), channels, params.data.min_image_side)[0])
         except (Unusable, KeyError, ValueError, OSError) as error:
             result.skipped.append({"id": item.id, "reason": f"not a usable image: {error}"})
             continue
