@@ -1,12 +1,19 @@
-"""Serving benchmark: the real server over HTTP on 127.0.0.1, with and without dynamic batching, JSON and binary.
+"""Serving benchmark: the real server over HTTP on 127.0.0.1, with and without dynamic batching, JSON and binary;
+and (--capture) what capturing every request costs.
 
     .venv/bin/python benchmarks/serve_benchmark.py --onnx models/model.onnx --seconds 10
+    .venv/bin/python benchmarks/serve_benchmark.py --onnx models/model.onnx --capture --seconds 5 --rounds 4
 
 For each setting it starts `python -m deploy.server --onnx-file ...` (serving.variant auto unless --variant),
 drives it with C concurrent keep-alive connections sending V2 infer requests (one image each, as a JSON list or
 with Triton's binary tensor extension) for a bounded time, and reports throughput and p50/p99 latency. It reads
 the server's /metrics to split a request's time into model time and the rest, and measures the served file's
 own in-process throughput at the batch size the server formed. Results go to benchmarks/results/serve.json.
+
+--capture runs two servers side by side, capture off and capture on (serving.capture, sample 1.0), and drives
+them in alternating rounds (off then on, then on then off, ...) so that host noise hits both: binary V2 tensors
+and PNG uploads to /predict, each at c=1 and c=32. A capture-on round lasts until its last answer is on disk (the
+writer's backlog is timed, not left to the next round). Results go to benchmarks/results/serve_capture.json.
 """
 from __future__ import annotations
 
@@ -19,7 +26,9 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
@@ -48,7 +57,11 @@ def _request_bytes(port: int, rows: np.ndarray, binary: bool) -> bytes:
     else:
         body = json.dumps({"inputs": [{**tensor, "data": [round(float(v), 4) for v in rows.ravel()]}]}).encode()
         extra = "Content-Type: application/json\r\n"
-    head = (f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{extra}"
+    return _http_post(port, f"/v2/models/{MODEL}/infer", extra, body)
+
+
+def _http_post(port: int, path: str, headers: str, body: bytes) -> bytes:
+    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{headers}"
             f"Content-Length: {len(body)}\r\n\r\n").encode()
     return head + body
 
@@ -99,24 +112,37 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _run_setting(onnx: Path, variant: str, binary: bool, max_batch: int, delay_ms: float, concurrency: int,
-                 seconds: float, threads: int) -> dict:
+def _children_cpu_seconds(pid: int) -> float:
+    """User + system CPU time so far of a process's running children (the capture writer of a server)."""
+    children = " ".join(p.read_text() for p in Path(f"/proc/{pid}/task").glob("*/children")).split()
+    return sum(_cpu_seconds(int(child)) for child in children)
+
+
+def _start_server(onnx: Path, variant: str, max_batch: int, delay_ms: float, threads: int,
+                  *options: str) -> tuple[subprocess.Popen, int]:
+    """`python -m deploy.server` on a free port, once it is ready: (the process, its port)."""
     port = _free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "deploy.server", "--onnx-file", str(onnx), "--model", MODEL, "--port", str(port),
          "--providers", "cpu", "--variant", variant, "--max-batch-size", str(max_batch), "--max-queue-delay-ms",
-         str(delay_ms), "--threads", str(threads)],
+         str(delay_ms), "--threads", str(threads), *options],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
+    for _ in range(300):
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    return server, port
+
+
+def _run_setting(onnx: Path, variant: str, binary: bool, max_batch: int, delay_ms: float, concurrency: int,
+                 seconds: float, threads: int) -> dict:
+    server, port = _start_server(onnx, variant, max_batch, delay_ms, threads)
     try:
         base = f"http://127.0.0.1:{port}"
-        for _ in range(300):
-            try:
-                if httpx.get(f"{base}/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
         served = httpx.get(f"{base}/v2/models/{MODEL}").json()
         rows = np.random.default_rng(0).normal(size=(1, *served["inputs"][0]["shape"][1:])).astype(np.float32)
         request = _request_bytes(port, rows, binary)
@@ -174,6 +200,92 @@ def in_process_images_per_s(path: Path, batch: int, threads: int) -> float:
     return round(statistics.median(rates), 1)
 
 
+CAPTURE_CASES = (("binary", 1), ("binary", 32), ("png", 1), ("png", 32))  # (request kind, concurrency)
+
+
+def _answers_accounted(port: int) -> float:
+    """Answers the capture-on server has written or dropped so far."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    return _metric(text, "graft_captured_total") + _metric(text, "graft_capture_dropped_total")
+
+
+def _capture_round(server: subprocess.Popen, port: int, request: bytes, concurrency: int, seconds: float,
+                   capturing: bool) -> dict:
+    """One timed round. With capture on it lasts until every answer of the round is written (or dropped): the
+    writer's backlog is paid inside the round, not in the next one."""
+    before = _answers_accounted(port) if capturing else 0.0
+    cpu_before, writer_before = _cpu_seconds(server.pid), _children_cpu_seconds(server.pid)
+    started = time.perf_counter()
+    result = asyncio.run(_drive(port, request, concurrency, seconds, 10**6))
+    driven = time.perf_counter() - started
+    while capturing and _answers_accounted(port) - before < result["requests"]:
+        time.sleep(0.005)
+    elapsed = time.perf_counter() - started
+    result.update(throughput_rps=round(result["requests"] / elapsed, 1), backlog_s=round(elapsed - driven, 3),
+                  server_cpu_ms_per_request=round(1000 * (_cpu_seconds(server.pid) - cpu_before) / result["requests"], 4),
+                  writer_cpu_ms_per_request=round(
+                      1000 * (_children_cpu_seconds(server.pid) - writer_before) / result["requests"], 4))
+    return result
+
+
+def compare_capture(onnx: Path, variant: str, max_batch: int, delay_ms: float, threads: int, seconds: float,
+                    rounds: int, png: Path, capture_parent: Path) -> dict:
+    """Capture off and capture on (every request, to a fresh folder in `capture_parent`) side by side, in
+    alternating rounds (off-on, on-off, ...): throughput, latency and server CPU of each, and what capture costs,
+    per request kind and concurrency."""
+    with tempfile.TemporaryDirectory(prefix="graft-capture-bench-", dir=capture_parent) as folder:
+        servers = {"off": _start_server(onnx, variant, max_batch, delay_ms, threads),
+                   "on": _start_server(onnx, variant, max_batch, delay_ms, threads, "--capture-enabled",
+                                       "--capture-sample", "1", "--capture-folder", folder,
+                                       "--capture-max-bytes", str(10**12))}
+        try:
+            port_on = servers["on"][1]
+            served = httpx.get(f"http://127.0.0.1:{port_on}/v2/models/{MODEL}").json()
+            rows = np.random.default_rng(0).normal(size=(1, *served["inputs"][0]["shape"][1:])).astype(np.float32)
+            requests = {(kind, name): _request_bytes(port, rows, binary=True) if kind == "binary" else
+                        _http_post(port, "/predict", "Content-Type: image/png\r\n", png.read_bytes())
+                        for name, (_, port) in servers.items() for kind in ("binary", "png")}
+            for (kind, name), request in requests.items():  # warm-up, not counted
+                asyncio.run(_drive(servers[name][1], request, 32, 1.0, 10**6))
+            samples: dict[tuple[str, int, str], list[dict]] = {}
+            for round_ in range(rounds):
+                for kind, concurrency in CAPTURE_CASES:
+                    for name in ("off", "on") if round_ % 2 == 0 else ("on", "off"):
+                        process, port = servers[name]
+                        result = _capture_round(process, port, requests[kind, name], concurrency, seconds, name == "on")
+                        samples.setdefault((kind, concurrency, name), []).append(result)
+                        print(json.dumps({"round": round_, "kind": kind, "server": name, **result}), flush=True)
+            metrics = httpx.get(f"http://127.0.0.1:{port_on}/metrics").text
+        finally:
+            for process, _ in servers.values():
+                process.terminate()
+                process.wait(timeout=60)
+    cases = []
+    for kind, concurrency in CAPTURE_CASES:
+        off, on = samples[kind, concurrency, "off"], samples[kind, concurrency, "on"]
+
+        def median(runs: list[dict], key: str) -> float:
+            return round(statistics.median(r[key] for r in runs), 4)
+
+        # Each round's off and on ran back to back: their ratio is what host noise disturbs least.
+        paired = [1 - b["throughput_rps"] / a["throughput_rps"] for a, b in zip(off, on)]
+        cases.append({
+            "kind": kind, "concurrency": concurrency, "rounds": rounds,
+            "off_rps": median(off, "throughput_rps"), "on_rps": median(on, "throughput_rps"),
+            "cost": round(statistics.median(paired), 4), "cost_by_round": [round(c, 4) for c in paired],
+            "off_p50_ms": median(off, "p50_ms"), "on_p50_ms": median(on, "p50_ms"),
+            "off_p99_ms": median(off, "p99_ms"), "on_p99_ms": median(on, "p99_ms"),
+            "off_server_cpu_ms": median(off, "server_cpu_ms_per_request"),
+            "on_server_cpu_ms": median(on, "server_cpu_ms_per_request"),
+            "on_writer_cpu_ms": median(on, "writer_cpu_ms_per_request"),
+            "on_backlog_s": median(on, "backlog_s"), "errors": sum(r["errors"] for r in off + on),
+        })
+    return {"cpu": cpu_model(), "date": datetime.now(timezone.utc).isoformat(timespec="minutes"),
+            "variant": served["parameters"]["variant"], "input_shape": served["inputs"][0]["shape"][1:],
+            "png_bytes": png.stat().st_size, "seconds_per_round": seconds, "cases": cases,
+            "captured": _metric(metrics, "graft_captured_total"), "dropped": _metric(metrics, "graft_capture_dropped_total")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--onnx", type=Path, default=Path("models/model.onnx"))
@@ -182,9 +294,28 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=32, help="the batched setting's max batch size")
     parser.add_argument("--max-queue-delay-ms", type=float, default=0.0, help="the batched setting's queue delay")
     parser.add_argument("--variant", default="auto", help="the export variant the server runs (auto: as it would choose)")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/serve.json"))
+    parser.add_argument("--capture", action="store_true", help="capture off against capture on, side by side")
+    parser.add_argument("--rounds", type=int, default=4, help="--capture: alternating rounds per case")
+    parser.add_argument("--png", type=Path, default=Path("data/raw/animal-mnist/bear/00000.png"),
+                        help="--capture: the image uploaded to /predict")
+    parser.add_argument("--capture-parent", type=Path, default=Path("."),
+                        help="--capture: where the capture folder is made (default: here, where serving.capture.folder "
+                             "captures/ would be); removed afterwards")
+    parser.add_argument("--out", type=Path, help="default: benchmarks/results/serve.json (serve_capture.json with "
+                                                 "--capture)")
     args = parser.parse_args()
     uvloop.install()  # a lean load generator: it shares the cores with the server it measures
+    if args.capture:
+        summary = compare_capture(args.onnx, args.variant, args.max_batch_size, args.max_queue_delay_ms, args.threads,
+                                  args.seconds, args.rounds, args.png, args.capture_parent)
+        out = args.out or Path("benchmarks/results/serve_capture.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(summary, indent=2) + "\n")
+        for case in summary["cases"]:
+            print(f"{case['kind']} c={case['concurrency']}: {case['off_rps']} -> {case['on_rps']} req/s with capture, "
+                  f"cost {case['cost']:.1%}")
+        print(f"captured {summary['captured']:.0f}, dropped {summary['dropped']:.0f}")
+        return
     batched = (args.max_batch_size, args.max_queue_delay_ms)
     settings = [(False, 1, 0.0, 1), (True, 1, 0.0, 1), (True, 1, 0.0, 32), (True, *batched, 1), (True, *batched, 32),
                 (False, *batched, 32)]
@@ -204,8 +335,9 @@ def main() -> None:
     unbatched32 = next(r for r in runs if r["max_batch_size"] == 1 and r["concurrency"] == 32)
     batched32 = next(r for r in runs if r["max_batch_size"] > 1 and r["concurrency"] == 32 and r["protocol"] == "binary")
     summary["batched_over_unbatched_at_32"] = round(batched32["throughput_rps"] / unbatched32["throughput_rps"], 2)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    out = args.out or Path("benchmarks/results/serve.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"dynamic batching at concurrency 32: {summary['batched_over_unbatched_at_32']}x the unbatched throughput; "
           f"{batched32['share_of_in_process']:.0%} of the model's in-process throughput at batch "
           f"{batched32['mean_batch_size']}")

@@ -185,10 +185,10 @@ def test_a_writer_killed_mid_write_leaves_no_torn_file(tmp_path):
     # caught a file half written (most of the writer's time is writing the 4 MB input).
     for attempt in range(10):
         writer = subprocess.Popen([sys.executable, "-c", CRASH_WRITER, str(folder), str(attempt * 10**6), str(upload)],
-                                  cwd=Path(__file__).parents[1], start_new_session=True)
+                                  cwd=Path(__file__).parents[1])
         wait_until(lambda: len(list(folder.rglob("*.json"))) >= 3 * (attempt + 1), 60, "the writer wrote nothing",
                    interval=0.01, process=writer)
-        os.killpg(writer.pid, signal.SIGKILL)  # the store and its writer process at once
+        writer.send_signal(signal.SIGKILL)
         writer.wait()
         if attempt >= 2 and _temporary(folder):
             break

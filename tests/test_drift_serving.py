@@ -48,7 +48,7 @@ def test_the_server_tests_each_window_and_monitor_reaches_the_same_verdicts_from
     with serving(onnx_file, folder, *options) as (base, log_path), httpx.Client(timeout=30) as client:
         for pixels in _noise(WINDOW, 1):  # one window like the reference
             client.post(f"{base}/predict", content=_png(pixels)).raise_for_status()
-        wait_until(lambda: _metric(base, "graft_drift_windows_total") == 1, 10, "the first window was not tested")
+        wait_until(lambda: _metric(base, "graft_drift_windows_total") == 1, 30, "the first window was not tested")
         assert _metric(base, "graft_drift_window_size") == WINDOW and _metric(base, "graft_drift_p_value") is not None
         blank = _png(np.zeros((1, 28, 28), np.uint8))
         for sent in range(1, 20 * WINDOW + 1):  # the server samples windows under load: send until one is tested
@@ -59,7 +59,7 @@ def test_the_server_tests_each_window_and_monitor_reaches_the_same_verdicts_from
         assert _metric(base, "graft_drift_alarms_total") >= 1, log_path.read_text()[-2000:]
         assert _metric(base, "graft_drift_p_value") < 0.01
         assert "drift: the last 20 answers of v" in log_path.read_text()
-        wait_until(lambda: _metric(base, "graft_captured_total") == WINDOW + sent, 10, "not every answer was captured")
+        wait_until(lambda: _metric(base, "graft_captured_total") == WINDOW + sent, 30, "not every answer was captured")
 
     params = parse_settings(tiny_params(**{"serving.drift.window": WINDOW}))
     report = monitor(tmp_path, params, lambda served: load_model(onnx_file, ["cpu"]).drift_reference, folder)
