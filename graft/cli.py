@@ -42,8 +42,10 @@ def _data_add(args: argparse.Namespace) -> int:
 
 def _data_harvest(args: argparse.Namespace) -> int:
     from components.harvest import harvest
+    from components.project_lock import project_lock
 
-    done = harvest(args.root, args.capture)
+    with project_lock(args.root, 0, "graft data harvest"):  # never under a running retrain's feet
+        done = harvest(args.root, args.capture)
     added = sum(done.added_labelled.values())
     print(f"captured {done.captured} requests, {done.labelled} with a feedback label")
     print(f"added {added} labelled target images" + (f" ({', '.join(f'{k} {v}' for k, v in sorted(done.added_labelled.items()))})"

@@ -2,6 +2,8 @@
 the rest become unlabelled production images; a second harvest adds nothing; the project's DVC versions it all."""
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -109,3 +111,7 @@ def test_harvest_versions_labelled_and_unlabelled_images_once(workspace_factory)
     second = harvest(root)  # nothing new: nothing written, the data version stays
     assert not second.changed and not second.added_labelled and not second.added_unlabelled
     assert _tracked_hashes(root) == after and load_settings(root / "params.yaml") == params
+    done = subprocess.run([sys.executable, "-m", "graft", "data", "harvest", "--root", str(root)], capture_output=True,
+                          text=True)
+    assert done.returncode == 0 and "nothing new: the data version is unchanged" in done.stdout, done.stderr
+    assert f"skipped {ids[-1]}: the same image as" in done.stdout
