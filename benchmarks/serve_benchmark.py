@@ -112,12 +112,6 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _children_cpu_seconds(pid: int) -> float:
-    """User + system CPU time so far of a process's running children (the capture writer of a server)."""
-    children = " ".join(p.read_text() for p in Path(f"/proc/{pid}/task").glob("*/children")).split()
-    return sum(_cpu_seconds(int(child)) for child in children)
-
-
 def _start_server(onnx: Path, variant: str, max_batch: int, delay_ms: float, threads: int,
                   *options: str) -> tuple[subprocess.Popen, int]:
     """`python -m deploy.server` on a free port, once it is ready: (the process, its port)."""
@@ -209,12 +203,17 @@ def _answers_accounted(port: int) -> float:
     return _metric(text, "graft_captured_total") + _metric(text, "graft_capture_dropped_total")
 
 
+def _writer_cpu_seconds(port: int) -> float:
+    """The capture writer thread's CPU time so far (graft_capture_writer_cpu_seconds_total)."""
+    return _metric(httpx.get(f"http://127.0.0.1:{port}/metrics").text, "graft_capture_writer_cpu_seconds_total")
+
+
 def _capture_round(server: subprocess.Popen, port: int, request: bytes, concurrency: int, seconds: float,
                    capturing: bool) -> dict:
     """One timed round. With capture on it lasts until every answer of the round is written (or dropped): the
     writer's backlog is paid inside the round, not in the next one."""
     before = _answers_accounted(port) if capturing else 0.0
-    cpu_before, writer_before = _cpu_seconds(server.pid), _children_cpu_seconds(server.pid)
+    cpu_before, writer_before = _cpu_seconds(server.pid), _writer_cpu_seconds(port) if capturing else 0.0
     started = time.perf_counter()
     result = asyncio.run(_drive(port, request, concurrency, seconds, 10**6))
     driven = time.perf_counter() - started
@@ -224,8 +223,11 @@ def _capture_round(server: subprocess.Popen, port: int, request: bytes, concurre
     result.update(throughput_rps=round(result["requests"] / elapsed, 1), backlog_s=round(elapsed - driven, 3),
                   server_cpu_ms_per_request=round(1000 * (_cpu_seconds(server.pid) - cpu_before) / result["requests"], 4),
                   writer_cpu_ms_per_request=round(
-                      1000 * (_children_cpu_seconds(server.pid) - writer_before) / result["requests"], 4))
+                      1000 * ((_writer_cpu_seconds(port) if capturing else 0.0) - writer_before) / result["requests"], 4))
     return result
+
+
+ROUND_PAUSE_SECONDS = 0.5
 
 
 def compare_capture(onnx: Path, variant: str, max_batch: int, delay_ms: float, threads: int, seconds: float,
@@ -251,6 +253,7 @@ def compare_capture(onnx: Path, variant: str, max_batch: int, delay_ms: float, t
             for round_ in range(rounds):
                 for kind, concurrency in CAPTURE_CASES:
                     for name in ("off", "on") if round_ % 2 == 0 else ("on", "off"):
+                        time.sleep(ROUND_PAUSE_SECONDS)  # the other server quiet again (ONNX Runtime's threads spin)
                         process, port = servers[name]
                         result = _capture_round(process, port, requests[kind, name], concurrency, seconds, name == "on")
                         samples.setdefault((kind, concurrency, name), []).append(result)
@@ -267,17 +270,26 @@ def compare_capture(onnx: Path, variant: str, max_batch: int, delay_ms: float, t
         def median(runs: list[dict], key: str) -> float:
             return round(statistics.median(r[key] for r in runs), 4)
 
-        # Each round's off and on ran back to back: their ratio is what host noise disturbs least.
+        # Each round's off and on ran back to back, in turns first and second: over an even number of rounds the
+        # mean throughputs' ratio cancels what running second costs (the pairs' median does not: their costs fall
+        # in two groups by order).
         paired = [1 - b["throughput_rps"] / a["throughput_rps"] for a, b in zip(off, on)]
+        mean_off, mean_on = (statistics.fmean(r["throughput_rps"] for r in runs) for runs in (off, on))
         cases.append({
             "kind": kind, "concurrency": concurrency, "rounds": rounds,
-            "off_rps": median(off, "throughput_rps"), "on_rps": median(on, "throughput_rps"),
-            "cost": round(statistics.median(paired), 4), "cost_by_round": [round(c, 4) for c in paired],
+            "off_rps": round(mean_off, 1), "on_rps": round(mean_on, 1),
+            "cost": round(1 - mean_on / mean_off, 4), "cost_by_round": [round(c, 4) for c in paired],
+            "cost_median_of_rounds": round(statistics.median(paired), 4),
+            # the rounds' spread, as the standard error of their mean cost: the host's noise, to judge the cost by
+            "cost_standard_error": round(statistics.stdev(paired) / len(paired) ** 0.5, 4),
             "off_p50_ms": median(off, "p50_ms"), "on_p50_ms": median(on, "p50_ms"),
             "off_p99_ms": median(off, "p99_ms"), "on_p99_ms": median(on, "p99_ms"),
             "off_server_cpu_ms": median(off, "server_cpu_ms_per_request"),
             "on_server_cpu_ms": median(on, "server_cpu_ms_per_request"),
             "on_writer_cpu_ms": median(on, "writer_cpu_ms_per_request"),
+            # the writer thread's CPU against all the CPU a request had (both cores, the load generator's too)
+            "writer_cpu_share": round(statistics.fmean(r["writer_cpu_ms_per_request"] for r in on)
+                                      / (1000 * os.cpu_count() / mean_on), 4),
             "on_backlog_s": median(on, "backlog_s"), "errors": sum(r["errors"] for r in off + on),
         })
     return {"cpu": cpu_model(), "date": datetime.now(timezone.utc).isoformat(timespec="minutes"),
@@ -313,7 +325,8 @@ def main() -> None:
         out.write_text(json.dumps(summary, indent=2) + "\n")
         for case in summary["cases"]:
             print(f"{case['kind']} c={case['concurrency']}: {case['off_rps']} -> {case['on_rps']} req/s with capture, "
-                  f"cost {case['cost']:.1%}")
+                  f"cost {case['cost']:.1%} +- {case['cost_standard_error']:.1%}, the writer's CPU "
+                  f"{case['writer_cpu_share']:.1%} of the machine's per request")
         print(f"captured {summary['captured']:.0f}, dropped {summary['dropped']:.0f}")
         return
     batched = (args.max_batch_size, args.max_queue_delay_ms)

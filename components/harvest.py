@@ -61,9 +61,9 @@ def _item_image(item: CapturedItem) -> tuple[bytes, str]:
     """The captured input as image file bytes and extension: an upload as it arrived, a tensor row (the model's
     normalised input) turned back into the 8-bit pixels it was made from, as PNG."""
     if item.input_kind == "image":
-        return item.input_path.read_bytes(), item.input_path.suffix
+        return item.input_bytes(), item.input_suffix
     contract = Contract.from_dict(item.record["preprocess"])
-    tensor = np.load(item.input_path, allow_pickle=False)
+    tensor = item.tensor()
     mean = np.asarray(contract.mean, np.float32).reshape(-1, 1, 1)
     std = np.asarray(contract.std, np.float32).reshape(-1, 1, 1)
     pixels = np.clip(np.rint((tensor * std + mean) / contract.scale), 0, 255).astype(np.uint8)

@@ -1,32 +1,34 @@
 """Request capture and feedback: what the server answered, kept on disk for harvest (components/harvest.py) and drift
 monitoring (`graft monitor`), and the true classes users send back for it.
 
-Layout of serving.capture.folder (one segment an hour, UTC, of when the item was captured):
+Layout of serving.capture.folder (one segment an hour, UTC, of when the items were captured):
 
-    <YYYY-MM-DD-HH>/<item_id>.<ext>        the input: the uploaded image file's bytes as they arrived (.png, .jpg, ...;
-                                           .bin when the format is unknown), or one V2 tensor row as float32 .npy
-    <YYYY-MM-DD-HH>/<item_id>.json         the record, written last: its presence means the item is whole
+    <YYYY-MM-DD-HH>/<batch>.inputs         the inputs of one batch of items, one after the other: an uploaded image
+                                           file's bytes as they arrived, or one V2 tensor row as a float32 .npy
+                                           file's bytes; each followed by the item's penultimate features (float16)
+    <YYYY-MM-DD-HH>/<batch>.jsonl          the batch's records, one line an item, written last: its presence means
+                                           the batch is whole
     <YYYY-MM-DD-HH>/<item_id>.label.json   feedback {"label": CLASS, "time": ISO}, created once
 
-An item id is the request id (uuid4 hex, returned to the client as X-Request-Id) for a one-row request, and
-"<request_id>-<row>" for each row of a V2 request with several. The record's fields: id, request_id, time (ISO 8601,
-UTC), endpoint, model, version, variant, input (the input file's name), input_kind ("image" | "tensor"), input_bytes,
-classes, predicted, probabilities, features (the model's penultimate features as base64 of float32 bytes, null when
-the served file has none; CapturedItem.features decodes them), preprocess (the model's contract: how a tensor row was
-made from pixels). Every file is written under a temporary name in its segment and renamed into place, so a killed
-process leaves whole files and at most stray temporary ones (names starting with "."), which readers skip. The record
-states its input's size: an input cut short by a machine crash (renamed before its data reached the disk) is found
-and skipped too.
+A batch is what the writer gathered in one wake-up (GATHER_SECONDS); its name starts with the capture time in
+milliseconds, so names sort in time. An item id is the request id (uuid4 hex, returned to the client as X-Request-Id)
+for a one-row request, and "<request_id>-<row>" for each row of a V2 request with several. A record's fields: id
+(first), request_id, time (ISO 8601, UTC), endpoint, model, version, variant, input ({offset, bytes, suffix}: where
+its bytes lie in the batch's .inputs and the file type they are, ".png", ".jpg", ... ".bin" when unknown, ".npy" for
+a tensor row), input_kind ("image" | "tensor"), classes, predicted, probabilities, features ({offset, count} of
+float16 in the .inputs, null when the served file has none), preprocess (the model's contract: how a tensor row was
+made from pixels). Both files of a batch are written under temporary names and renamed into place, the records last,
+so a killed process leaves whole batches and at most stray temporary files (names starting with "."), which readers
+skip; a record whose input lies beyond its .inputs file (cut short by a machine crash) is skipped too.
 
 Serving never waits on the disk: `submit` queues the answer (dropping it, counted, when the bounded queue is full)
-and one writer thread turns it into files, waking every GATHER_SECONDS to write what gathered. At the size budget, on
-a full disk or on any other write error capturing stops for good, says so once in the log (logger graft.capture) and
-in /metrics, and the server goes on answering. What capturing costs is measured in benchmarks/README.md ("Capture
-overhead"): mostly the file system's, two files created and renamed an item.
+and one writer thread turns what gathered into one batch: two files, however many items. (An item a file pair cost
+the server 10-34% of its throughput on this project's disk; see benchmarks/README.md, "Capture overhead".) At the
+size budget, on a full disk or on any other write error capturing stops for good, says so once in the log (logger
+graft.capture) and in /metrics, and the server goes on answering.
 """
 from __future__ import annotations
 
-import base64
 import errno
 import functools
 import io
@@ -54,12 +56,12 @@ log = logging.getLogger("graft.capture")
 ITEM_ID = re.compile(r"[0-9a-f]{32}(?:-[0-9]{1,6})?")  # what `label` accepts: no path can hide in it
 SEGMENT = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}-[0-9]{2}")
 SEGMENT_FORMAT = "%Y-%m-%d-%H"
-RECORD_SUFFIX, LABEL_SUFFIX, TEMP_SUFFIX = ".json", ".label.json", ".tmp"
+INPUTS_SUFFIX, RECORDS_SUFFIX, LABEL_SUFFIX, TEMP_SUFFIX = ".inputs", ".jsonl", ".label.json", ".tmp"
 # The writer's backlog: beyond either bound an answer is dropped rather than held in memory.
 QUEUE_ITEMS = 1024
 QUEUE_BYTES = 64 * 2**20
-# The writer wakes, waits this long for more answers to come, and writes them all: one wake-up (a thread switch, the
-# GIL handed over) for many answers instead of one for each.
+# The writer wakes, waits this long for more answers to come, and writes them all as one batch: two files and one
+# wake-up (a thread switch, the GIL handed over) for many answers instead of for each.
 GATHER_SECONDS = 0.05
 LABEL_WAIT_SECONDS = 10.0  # feedback for an answer still in the writer's queue waits this long for it to be written
 
@@ -114,7 +116,7 @@ class Answer:
     version: str
     variant: str
     classes: tuple[str, ...]
-    logits: np.ndarray  # (rows, classes)
+    probabilities: np.ndarray  # (rows, classes): the softmax the answer gave
     inputs: bytes | np.ndarray  # an uploaded image file's bytes (one row), or the float32 (rows, C, H, W) tensor
     features: np.ndarray | None = None  # (rows, features): the model's penultimate features, when it gives them
     contract: Contract | None = None  # how the model's input is made from an image: a tensor row's way back to pixels
@@ -131,6 +133,7 @@ class CaptureStats:
     bytes: int = 0  # the capture folder's size as far as this store knows (scanned at start, then counted)
     dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))  # items, by reason
     stopped: str | None = None  # a STOP_REASONS entry once capturing stopped
+    writer_cpu_seconds: float = 0.0  # the writer thread's CPU time so far
 
 
 def _image_suffix(blob: bytes) -> str:
@@ -139,11 +142,12 @@ def _image_suffix(blob: bytes) -> str:
     return next((suffix for signature, suffix in SIGNATURES if blob.startswith(signature)), ".bin")
 
 
-def _create(name: str, data: bytes, dir_fd: int | None = None) -> None:
-    """A new file `name` (in the folder `dir_fd` when given) holding `data`; removed again if writing fails."""
+def _create(name: str, chunks: list, dir_fd: int | None = None) -> None:
+    """A new file `name` (in the folder `dir_fd` when given) holding `chunks` (bytes-like) one after the other;
+    removed again if writing fails."""
+    view = memoryview(b"".join(chunks))  # one copy, then (mostly) one system call: each hands the GIL over and back
     descriptor = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=dir_fd)
     try:
-        view = memoryview(data)
         while view:
             view = view[os.write(descriptor, view):]
     except BaseException:
@@ -153,11 +157,11 @@ def _create(name: str, data: bytes, dir_fd: int | None = None) -> None:
     os.close(descriptor)
 
 
-def _write_atomic(dir_fd: int, name: str, data: bytes) -> None:
-    """`data` as file `name` in the folder `dir_fd`: written under a temporary name, then renamed into place, so
-    a reader never finds a half-written file under `name`. (Item names are unique: so is the temporary name.)"""
+def _write_atomic(dir_fd: int, name: str, chunks: list) -> None:
+    """`chunks` as file `name` in the folder `dir_fd`: written under a temporary name, then renamed into place, so
+    a reader never finds a half-written file under `name`. (Batch names are unique: so is the temporary name.)"""
     temporary = f".{name}{TEMP_SUFFIX}"
-    _create(temporary, data, dir_fd)
+    _create(temporary, chunks, dir_fd)
     try:
         os.replace(temporary, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
@@ -175,16 +179,10 @@ def _iso(seconds: float) -> str:
 
 @functools.lru_cache(maxsize=16)
 def _npy_header(shape: tuple[int, ...]) -> bytes:
-    """The .npy header of a float32 C-order array of `shape`: written once, not per row (np.save's cost is its
-    header)."""
+    """The .npy header of a float32 C-order array of `shape`: made once, not per row (np.save's cost is its header)."""
     buffer = io.BytesIO()
     np.lib.format.write_array_header_1_0(buffer, {"descr": "<f4", "fortran_order": False, "shape": shape})
     return buffer.getvalue()
-
-
-def _npy(row: np.ndarray) -> bytes:
-    row = np.ascontiguousarray(row, dtype="<f4")
-    return _npy_header(row.shape) + row.tobytes()
 
 
 @functools.lru_cache(maxsize=16)
@@ -192,19 +190,22 @@ def _preprocess(contract: Contract | None) -> dict | None:
     return None if contract is None else contract.to_dict()
 
 
-def _encode_features(row: np.ndarray) -> str:
-    """A feature vector as base64 of its float32 bytes: a thousand floats in decimal cost the writer more than the
-    rest of the item (CapturedItem.features decodes it)."""
-    return base64.b64encode(np.ascontiguousarray(row, "<f4").tobytes()).decode("ascii")
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    exp = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return exp / exp.sum(axis=1, keepdims=True)
-
-
 def _stop_reason(error: OSError) -> str:
     return DISK_FULL if error.errno in (errno.ENOSPC, errno.EDQUOT) else WRITE_ERROR
+
+
+@dataclass
+class _Batch:
+    """One batch's files as they are built: the .inputs file's chunks (bytes-like) and the records' lines."""
+
+    inputs: list = field(default_factory=list)
+    inputs_bytes: int = 0
+    records: list[bytes] = field(default_factory=list)
+    records_bytes: int = 0
+
+    @property
+    def size(self) -> int:
+        return self.inputs_bytes + self.records_bytes
 
 
 class CaptureStore:
@@ -237,7 +238,7 @@ class CaptureStore:
             reason = self.stats.stopped or (QUEUE_FULL if len(self._queued_ids) >= self.queue_items
                                             or self._queued_bytes + size > self.queue_bytes else None)
             if reason is not None:
-                self.stats.dropped[reason] += len(answer.logits)
+                self.stats.dropped[reason] += len(answer.probabilities)
                 return False
             self._queue.append(answer)
             self._queued_bytes += size
@@ -270,34 +271,71 @@ class CaptureStore:
                 if not closed:
                     time.sleep(GATHER_SECONDS)
                 with self._work:
-                    batch, self._queue = self._queue, deque()
-                self._write_batch(batch)
+                    answers, self._queue = self._queue, deque()
+                try:
+                    self._write_batch(answers)
+                except Exception as error:  # whatever it was, the writer keeps going and the server keeps serving
+                    log.exception("capture of %d answers failed: %s", len(answers), error)
+                with self._work:
+                    for answer in answers:
+                        self._queued_bytes -= answer.size
+                        self._queued_ids.discard(answer.request_id)
+                    self._written.notify_all()
+                    self.stats.writer_cpu_seconds = time.thread_time()
         finally:
             if self._segment is not None:
                 os.close(self._segment[1])
 
-    def _write_batch(self, batch: deque[Answer]) -> None:
-        for answer in batch:
-            try:
-                self._write(answer)
-            except Exception as error:  # whatever it was, the writer keeps going and the server keeps serving
-                log.exception("capture of request %s failed: %s", answer.request_id, error)
-        with self._work:
-            for answer in batch:
-                self._queued_bytes -= answer.size
-                self._queued_ids.discard(answer.request_id)
-            self._written.notify_all()
+    def _write_batch(self, answers: deque[Answer]) -> None:
+        """The answers' rows as one batch of items, as many as the budget takes; the rest dropped (counted)."""
+        batch, rows = _Batch(), sum(len(answer.probabilities) for answer in answers)
+        for answer in answers:
+            if not all(self._add_item(batch, answer, row) for row in range(len(answer.probabilities))):
+                break
+        if batch.records and not self._write_files(batch, answers[0].time):
+            batch.records.clear()
+        if rows > len(batch.records):
+            self._drop(self.stats.stopped or WRITE_ERROR, rows - len(batch.records))
 
-    def _write(self, answer: Answer) -> None:
-        rows = len(answer.logits)
-        probabilities = _softmax(answer.logits.astype(np.float64))
-        for row in range(rows):
-            if self.stats.stopped or not self._write_item(answer, row, probabilities[row]):
-                self._drop(self.stats.stopped, rows - row)
-                return
+    def _add_item(self, batch: _Batch, answer: Answer, row: int) -> bool:
+        """One row of an answer added to the batch as an item; False when the budget is reached instead."""
+        if self.stats.stopped:
+            return False
+        image = isinstance(answer.inputs, bytes)
+        if image:
+            chunks, suffix = [answer.inputs], _image_suffix(answer.inputs)
+        else:
+            tensor = np.ascontiguousarray(answer.inputs[row], "<f4")
+            chunks, suffix = [_npy_header(tensor.shape), tensor], ".npy"
+        input_bytes = sum(memoryview(chunk).nbytes for chunk in chunks)
+        features = None if answer.features is None else answer.features[row].astype("<f2")  # as the drift reference
+        if features is not None:
+            chunks.append(features)
+        probabilities = answer.probabilities[row]
+        item_id = answer.request_id if len(answer.probabilities) == 1 else f"{answer.request_id}-{row}"
+        record = orjson.dumps({
+            "id": item_id, "request_id": answer.request_id, "time": _iso(answer.time),
+            "endpoint": answer.endpoint, "model": answer.model, "version": answer.version, "variant": answer.variant,
+            "input": {"offset": batch.inputs_bytes, "bytes": input_bytes, "suffix": suffix},
+            "input_kind": "image" if image else "tensor", "classes": list(answer.classes),
+            "predicted": answer.classes[int(probabilities.argmax())], "probabilities": probabilities,
+            "features": None if features is None else {"offset": batch.inputs_bytes + input_bytes,
+                                                        "count": len(features)},
+            "preprocess": _preprocess(answer.contract),
+        }, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE)  # arrays as they are: 10x cheaper
+        size = input_bytes + (0 if features is None else features.nbytes) + len(record)
+        if self.stats.bytes + batch.size + size > self.settings.max_bytes:
+            self._stop(BUDGET, f"the capture folder {self.folder} reached its budget of {self.settings.max_bytes} "
+                               f"bytes (serving.capture.max_bytes)")
+            return False
+        batch.inputs += chunks
+        batch.inputs_bytes += size - len(record)
+        batch.records.append(record)
+        batch.records_bytes += len(record)
+        return True
 
     def _segment_folder(self, seconds: float) -> int:
-        """The open hour folder an answer given at `seconds` goes to, made when the hour is new."""
+        """The open hour folder a batch begun at `seconds` goes to, made when the hour is new."""
         hour = int(seconds // 3600)
         if self._segment is None or self._segment[0] != hour:
             name = datetime.fromtimestamp(hour * 3600, timezone.utc).strftime(SEGMENT_FORMAT)
@@ -308,36 +346,23 @@ class CaptureStore:
             self._segment = (hour, descriptor)
         return self._segment[1]
 
-    def _write_item(self, answer: Answer, row: int, probabilities: np.ndarray) -> bool:
-        """One row of an answer as an item; False when capturing stopped instead."""
-        image = isinstance(answer.inputs, bytes)
-        item_id = answer.request_id if len(answer.logits) == 1 else f"{answer.request_id}-{row}"
-        data = answer.inputs if image else _npy(answer.inputs[row])
-        name = item_id + (_image_suffix(data) if image else ".npy")
-        record = orjson.dumps({
-            "id": item_id, "request_id": answer.request_id, "time": _iso(answer.time),
-            "endpoint": answer.endpoint, "model": answer.model, "version": answer.version,
-            "variant": answer.variant, "input": name, "input_kind": "image" if image else "tensor",
-            "input_bytes": len(data), "classes": list(answer.classes),
-            "predicted": answer.classes[int(probabilities.argmax())], "probabilities": probabilities,
-            "features": None if answer.features is None else _encode_features(answer.features[row]),
-            "preprocess": _preprocess(answer.contract),
-        }, option=orjson.OPT_SERIALIZE_NUMPY)  # the arrays as they are: a Python float for each costs ten times more
-        size = len(data) + len(record)
-        if self.stats.bytes + size > self.settings.max_bytes:
-            self._stop(BUDGET, f"the capture folder {self.folder} reached its budget of {self.settings.max_bytes} "
-                               f"bytes (serving.capture.max_bytes)")
-            return False
+    def _write_files(self, batch: _Batch, seconds: float) -> bool:
+        """The batch's two files, the records last; False when capturing stopped instead (nothing of it left)."""
+        name = f"{int(seconds * 1000):013d}-{os.urandom(4).hex()}"  # sorts in time; unique
         try:
-            segment = self._segment_folder(answer.time)
-            _write_atomic(segment, name, data)
-            _write_atomic(segment, item_id + RECORD_SUFFIX, record)  # last: the item is whole once it is there
+            segment = self._segment_folder(seconds)
+            _write_atomic(segment, name + INPUTS_SUFFIX, batch.inputs)
+            try:
+                _write_atomic(segment, name + RECORDS_SUFFIX, batch.records)  # last: the batch is whole once it is there
+            except BaseException:
+                os.unlink(name + INPUTS_SUFFIX, dir_fd=segment)
+                raise
         except OSError as error:
             self._stop(_stop_reason(error), f"writing to {self.folder} failed: {error}")
             return False
         with self._work:
-            self.stats.captured += 1
-            self.stats.bytes += size
+            self.stats.captured += len(batch.records)
+            self.stats.bytes += batch.size
         return True
 
     def _drop(self, reason: str, items: int) -> None:
@@ -361,20 +386,19 @@ class CaptureStore:
                                 f"(32 hex digits), with -ROW for a row of a V2 request with several")
         with self._written:  # an answer still queued is written first
             self._written.wait_for(lambda: item_id.split("-")[0] not in self._queued_ids, LABEL_WAIT_SECONDS)
-        record_path = find_record(self.folder, item_id)
-        item = None if record_path is None else read_item(record_path)
+        item = find_item(self.folder, item_id)
         if item is None:
-            rows = find_record(self.folder, f"{item_id}-0")
             raise UnknownItem(
-                f"request {item_id} had several rows: label each as {item_id}-ROW" if rows is not None else
+                f"request {item_id} had several rows: label each as {item_id}-ROW"
+                if find_item(self.folder, f"{item_id}-0") is not None else
                 f"no captured item {item_id}: capture keeps a share of answers (serving.capture.sample "
                 f"{self.settings.sample}), and none after it stopped")
         if label not in item.classes:
             raise UnknownClass(f"label {label!r} is not one of the model's classes: {', '.join(item.classes)}")
         data = orjson.dumps({"label": label, "time": _iso(time.time())})
-        destination = record_path.with_name(item_id + LABEL_SUFFIX)
+        destination = item.inputs_path.with_name(item_id + LABEL_SUFFIX)
         temporary = destination.with_name(f".{destination.name}.{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}")  # one a request
-        _create(str(temporary), data)
+        _create(str(temporary), [data])
         try:
             os.link(temporary, destination)  # fails if it exists: a label is created once, whole
         except FileExistsError:
@@ -397,12 +421,6 @@ def _segments(folder: Path) -> list[Path]:
     return sorted(path for path in folder.iterdir() if SEGMENT.fullmatch(path.name) and path.is_dir())
 
 
-def find_record(folder: Path, item_id: str) -> Path | None:
-    """The record of item `item_id` (an ITEM_ID), newest segment first: feedback mostly follows its answer soon."""
-    return next((path for segment in reversed(_segments(Path(folder)))
-                 if (path := segment / (item_id + RECORD_SUFFIX)).is_file()), None)
-
-
 def _read_label(path: Path) -> str | None:
     try:
         return orjson.loads(path.read_bytes())["label"]
@@ -410,12 +428,19 @@ def _read_label(path: Path) -> str | None:
         return None
 
 
+def _read_range(path: Path, offset: int, size: int) -> bytes:
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        return handle.read(size)
+
+
 @dataclass(frozen=True)
 class CapturedItem:
-    """One whole captured item: its record (the JSON fields, see the module's doc), its input file, its label."""
+    """One whole captured item: its record (the JSON fields, see the module's doc), its batch's .inputs file, its
+    label."""
 
     record: dict
-    input_path: Path
+    inputs_path: Path
     label: str | None
 
     @property
@@ -431,6 +456,18 @@ class CapturedItem:
         return self.record["input_kind"]  # "image" | "tensor"
 
     @property
+    def input_suffix(self) -> str:
+        return self.record["input"]["suffix"]  # ".png", ".jpg", ... ".bin"; ".npy" for a tensor row
+
+    def input_bytes(self) -> bytes:
+        """The input as a file's bytes: the upload as it arrived, or a tensor row as .npy."""
+        return _read_range(self.inputs_path, self.record["input"]["offset"], self.record["input"]["bytes"])
+
+    def tensor(self) -> np.ndarray:
+        """A tensor item's input row, float32 (C, H, W), as the client sent it."""
+        return np.load(io.BytesIO(self.input_bytes()), allow_pickle=False)
+
+    @property
     def classes(self) -> list[str]:
         return self.record["classes"]
 
@@ -444,31 +481,74 @@ class CapturedItem:
 
     @property
     def features(self) -> np.ndarray | None:
-        """The model's penultimate features for this input (float32), None when the served file gave none."""
+        """The model's penultimate features for this input (stored as float16, like the drift reference's), None when
+        the served file gave none."""
         features = self.record["features"]
-        if isinstance(features, list):  # records written before features were stored as base64
-            return np.asarray(features, dtype=np.float32)
-        return None if features is None else np.frombuffer(base64.b64decode(features), "<f4")
-
-
-def read_item(record_path: Path) -> CapturedItem | None:
-    """The item whose record this is, or None when it is not whole (a record that does not parse, an input missing or
-    not of the size its record states)."""
-    try:
-        record = orjson.loads(record_path.read_bytes())
-        input_path = record_path.with_name(record["input"])
-        if Path(record["input"]).name != record["input"] or input_path.stat().st_size != record["input_bytes"]:
+        if features is None:
             return None
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return CapturedItem(record, input_path, _read_label(record_path.with_name(record["id"] + LABEL_SUFFIX)))
+        data = _read_range(self.inputs_path, features["offset"], 2 * features["count"])
+        return np.frombuffer(data, "<f2").astype(np.float32)
+
+
+def _end(record: dict) -> int:
+    """Where the item's data ends in its .inputs file."""
+    features = record["features"]
+    end = record["input"]["offset"] + record["input"]["bytes"]
+    return end if features is None else max(end, features["offset"] + 2 * features["count"])
+
+
+def _items(records_path: Path, lines: list[bytes], labels: set[str] | None) -> list[CapturedItem]:
+    """The whole items of these record lines of one batch (a line that does not parse, or whose data lies beyond
+    the .inputs file, is not whole); `labels`: the label files' names in the segment (None: look each up)."""
+    inputs_path = records_path.with_name(records_path.name[: -len(RECORDS_SUFFIX)] + INPUTS_SUFFIX)
+    try:
+        size = inputs_path.stat().st_size
+    except OSError:
+        return []
+    items = []
+    for line in lines:
+        try:
+            record = orjson.loads(line)
+            if not ITEM_ID.fullmatch(record["id"]) or _end(record) > size:
+                continue
+        except (ValueError, KeyError, TypeError):
+            continue
+        label_name = record["id"] + LABEL_SUFFIX
+        label = _read_label(records_path.with_name(label_name)) if labels is None or label_name in labels else None
+        items.append(CapturedItem(record, inputs_path, label))
+    return items
+
+
+def _records_files(segment: Path, names: list[str]) -> list[Path]:
+    return [segment / name for name in sorted(names) if name.endswith(RECORDS_SUFFIX) and not name.startswith(".")]
+
+
+def find_item(folder: str | Path, item_id: str) -> CapturedItem | None:
+    """The whole captured item `item_id` (an ITEM_ID), newest batches first: feedback mostly follows its answer soon.
+    Reads record files (small: inputs and features live in the .inputs files) until it is found."""
+    needle = b'{"id":"' + item_id.encode() + b'"'
+    for segment in reversed(_segments(Path(folder))):
+        for path in reversed(_records_files(segment, os.listdir(segment))):
+            try:
+                data = path.read_bytes()
+            except OSError:
+                continue
+            if (at := data.find(needle)) >= 0:
+                end = data.find(b"\n", at)
+                items = _items(path, [data[at: None if end < 0 else end]], None)
+                return items[0] if items else None
+    return None
 
 
 def iter_items(folder: str | Path) -> Iterator[CapturedItem]:
-    """Every whole captured item under `folder`, in the order they were captured; incomplete items (no record yet, or
-    a torn one) and temporary files are skipped."""
+    """Every whole captured item under `folder`, in the order they were captured; incomplete batches (no records
+    yet, or torn) and temporary files are skipped."""
     for segment in _segments(Path(folder)):
-        records = (path for path in segment.iterdir() if path.name.endswith(RECORD_SUFFIX)
-                   and not path.name.endswith(LABEL_SUFFIX) and not path.name.startswith("."))
-        items = [item for path in records if (item := read_item(path)) is not None]
-        yield from sorted(items, key=lambda item: (item.record["time"], item.id))
+        names = os.listdir(segment)
+        labels = {name for name in names if name.endswith(LABEL_SUFFIX)}
+        for path in _records_files(segment, names):
+            try:
+                lines = path.read_bytes().splitlines()
+            except OSError:
+                continue
+            yield from _items(path, lines, labels)

@@ -187,6 +187,9 @@ class CaptureCollector:
             dropped.add_metric([reason], stats.dropped[reason])
         yield dropped
         yield GaugeMetricFamily("graft_capture_bytes", "the capture folder's size in bytes", value=stats.bytes)
+        yield CounterMetricFamily("graft_capture_writer_cpu_seconds", "CPU time the capture writer thread used: what "
+                                  "capturing costs the server, beside the request path's queueing",
+                                  value=stats.writer_cpu_seconds)
         stopped = GaugeMetricFamily("graft_capture_stopped", "1 once capturing stopped (budget, full disk, write error)",
                                     labels=["reason"])
         for reason in STOP_REASONS:
@@ -376,14 +379,17 @@ class ModelServer:
         writer thread does the rest). `inputs`: the uploaded file's bytes, or the request's float32 rows;
         `features`: the model's penultimate features per row, None while the served model does not give them."""
         request_id = new_request_id()
-        if served.drift is not None and features is not None:
-            served.drift.add(features, softmax(logits))
+        capture = self.capture is not None and self.capture.sampled()
+        measure = served.drift is not None and features is not None
+        probabilities = softmax(logits) if capture or measure else None  # once, for both
+        if measure:
+            served.drift.add(features, probabilities)
             if served.drift.full() and not self._drift_testing and time.monotonic() >= self._drift_next:
                 self._drift_testing = True  # one test at a time; rows keep arriving in the monitor's ring buffer
                 asyncio.get_running_loop().create_task(self._test_drift(served))
-        if self.capture is not None and self.capture.sampled():
+        if capture:
             self.capture.submit(Answer(request_id, endpoint, self.settings.model_name, served.version,
-                                       served.model.variant, served.model.classes, logits, inputs, features,
+                                       served.model.variant, served.model.classes, probabilities, inputs, features,
                                        served.model.contract))
         return request_id
 

@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -22,13 +23,17 @@ from components.export import export_onnx
 from components.network import build
 from deploy.capture import (
     BUDGET,
+    GATHER_SECONDS,
+    INPUTS_SUFFIX,
     LABEL_SUFFIX,
+    RECORDS_SUFFIX,
     TEMP_SUFFIX,
     Answer,
     CapturedItem,
     CaptureStore,
     iter_items,
 )
+from deploy.model import softmax
 from deploy.settings import CaptureSettings
 from tests.conftest import free_port, tiny_spec, wait_healthy, wait_until
 
@@ -105,11 +110,6 @@ def _items(folder: Path, ids: set[str]) -> dict[str, CapturedItem]:
     return wait_until(written, 10, lambda: f"captured {sorted(i.id for i in iter_items(folder))}, waiting for {sorted(ids)}")
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    exp = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return exp / exp.sum(axis=1, keepdims=True)
-
-
 def test_every_answer_has_a_request_id_and_is_captured_whole_under_it(server):
     base, folder = server
     png = _png((40, 30, 3))
@@ -126,7 +126,7 @@ def test_every_answer_has_a_request_id_and_is_captured_whole_under_it(server):
 
     for answer, request_id in zip((raw, upload), ids):  # the upload's bytes as they arrived, multipart or raw
         item = items[request_id]
-        assert item.input_path.read_bytes() == png and item.input_path.suffix == ".png"
+        assert item.input_bytes() == png and item.input_suffix == ".png"
         assert (item.input_kind, item.record["endpoint"], item.record["request_id"]) == ("image", "predict", request_id)
         predictions = answer.json()["predictions"]
         assert item.predicted == predictions[0]["class"] and item.label is None
@@ -135,10 +135,10 @@ def test_every_answer_has_a_request_id_and_is_captured_whole_under_it(server):
     logits = np.array(two_rows.json()["outputs"][0]["data"]).reshape(2, 3)
     for row in range(2):
         item = items[f"{ids[2]}-{row}"]
-        np.testing.assert_array_equal(np.load(item.input_path), ROWS[row])  # the tensor as the client sent it
-        np.testing.assert_allclose(item.probabilities, _softmax(logits)[row], atol=1e-6)
+        np.testing.assert_array_equal(item.tensor(), ROWS[row])  # the tensor as the client sent it
+        np.testing.assert_allclose(item.probabilities, softmax(logits)[row], atol=1e-6)
         assert item.predicted == CLASSES[int(logits[row].argmax())] and item.input_kind == "tensor"
-    np.testing.assert_array_equal(np.load(items[ids[3]].input_path), ROWS[0])
+    np.testing.assert_array_equal(items[ids[3]].tensor(), ROWS[0])
     record = items[ids[3]].record
     assert (record["model"], record["variant"], record["classes"]) == (MODEL, "fp32", list(CLASSES))
     assert len(items[ids[3]].features) > 0, "the model's penultimate features, for drift monitoring"
@@ -163,12 +163,14 @@ CRASH_WRITER = """
 import sys, time
 from pathlib import Path
 import numpy as np
+from deploy import capture
 from deploy.capture import Answer, CaptureStore
 from deploy.settings import CaptureSettings
+capture.GATHER_SECONDS = 0  # always writing: where a kill lands is where it hurts
 store = CaptureStore(CaptureSettings(enabled=True, folder=sys.argv[1]), queue_items=2)
-blob, logits = Path(sys.argv[3]).read_bytes(), np.zeros((1, 3), np.float32)
+blob, probabilities = Path(sys.argv[3]).read_bytes(), np.full((1, 3), 1 / 3, np.float32)
 for i in range(int(sys.argv[2]), 10**9):
-    while not store.submit(Answer(f"{i:032x}", "predict", "m", "1", "fp32", ("ant", "bee", "cat"), logits, blob)):
+    while not store.submit(Answer(f"{i:032x}", "predict", "m", "1", "fp32", ("ant", "bee", "cat"), probabilities, blob)):
         time.sleep(0.001)
 """
 BLOB = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * (4 * 2**20 // 256)  # 4 MB: a write takes a while
@@ -182,44 +184,58 @@ def test_a_writer_killed_mid_write_leaves_no_torn_file(tmp_path):
     folder, upload = tmp_path / "captures", tmp_path / "upload.png"
     upload.write_bytes(BLOB)
     # Killed at whatever it is doing once a few items are written, three times at least, and until a kill has
-    # caught a file half written (most of the writer's time is writing the 4 MB input).
+    # caught a file half written (most of the writer's time is writing the 4 MB inputs).
     for attempt in range(10):
         writer = subprocess.Popen([sys.executable, "-c", CRASH_WRITER, str(folder), str(attempt * 10**6), str(upload)],
                                   cwd=Path(__file__).parents[1])
-        wait_until(lambda: len(list(folder.rglob("*.json"))) >= 3 * (attempt + 1), 60, "the writer wrote nothing",
+        wait_until(lambda: len(list(iter_items(folder))) >= 3 * (attempt + 1), 60, "the writer wrote nothing",
                    interval=0.01, process=writer)
         writer.send_signal(signal.SIGKILL)
         writer.wait()
         if attempt >= 2 and _temporary(folder):
             break
     assert _temporary(folder), "no kill landed in the middle of a write"
-    records = [p for p in folder.rglob("*.json") if not p.name.startswith(".")]
-    inputs = [p for p in folder.rglob("*.png") if not p.name.startswith(".")]
-    for path in inputs:  # every file under its own name is whole: renamed into place only once written
-        assert path.read_bytes() == BLOB, f"{path.name} is torn"
     items = list(iter_items(folder))
-    assert {item.id for item in items} == {p.stem for p in records}, "every record parses and names a whole input"
-    assert len(inputs) >= len(items) and all(item.input_path.read_bytes() == BLOB for item in items)
+    records = [p for p in folder.rglob(f"*{RECORDS_SUFFIX}") if not p.name.startswith(".")]
+    lines = [line for path in records for line in path.read_bytes().splitlines()]
+    assert len(items) == len(lines), "every record parses and names a whole input"
+    assert all(item.input_bytes() == BLOB for item in items)
+    for path in folder.rglob(f"*{INPUTS_SUFFIX}"):  # every file under its own name is whole: renamed once written
+        if not path.name.startswith("."):
+            batch = [item for item in items if item.inputs_path == path]
+            assert path.stat().st_size == len(batch) * len(BLOB) > 0, f"{path.name} is torn or has no records"
 
 
 def test_readers_skip_what_is_not_whole_and_the_budget_counts_what_is_there(tmp_path):
     folder = tmp_path / "captures"
     store = CaptureStore(CaptureSettings(enabled=True, folder=str(folder)))
-    store.submit(Answer("a" * 32, "predict", "m", "1", "fp32", CLASSES, np.zeros((1, 3), np.float32), b"whole"))
+    store.submit(Answer("a" * 32, "predict", "m", "1", "fp32", CLASSES, np.full((1, 3), 1 / 3), b"whole",
+                        np.ones((1, 4), np.float32)))
     store.close()
     segment = next(folder.iterdir())
-    (segment / ("b" * 32 + ".png")).write_bytes(b"an input whose record was never written")
-    (segment / f".{'c' * 32}.json.1234abcd{TEMP_SUFFIX}").write_bytes(b'{"id": "cc')  # a stray temporary file
-    record = (segment / ("a" * 32 + ".json")).read_bytes()
-    (segment / ("d" * 32 + ".json")).write_bytes(record.replace(b"a" * 32, b"d" * 32))  # its input is missing
-    (segment / ("e" * 32 + ".bin")).write_bytes(b"who")  # cut short: the record says 5 bytes
-    (segment / ("e" * 32 + ".json")).write_bytes(record.replace(b"a" * 32, b"e" * 32))
-    assert [item.id for item in iter_items(folder)] == ["a" * 32]
+    (records,) = segment.glob(f"*{RECORDS_SUFFIX}")
+    line = records.read_bytes()
+    inputs = records.with_suffix(INPUTS_SUFFIX).read_bytes()
+    assert len(inputs) == len(b"whole") + 4 * 2, "the input, then its features (float16)"
+
+    def batch(name: str, lines: bytes, data: bytes | None) -> None:
+        (segment / f"{name}{RECORDS_SUFFIX}").write_bytes(lines)
+        if data is not None:
+            (segment / f"{name}{INPUTS_SUFFIX}").write_bytes(data)
+
+    (segment / f"9999999999999-b{INPUTS_SUFFIX}").write_bytes(inputs)  # inputs whose records were never written
+    (segment / f".9999999999999-c{RECORDS_SUFFIX}{TEMP_SUFFIX}").write_bytes(line)  # a stray temporary file
+    batch("9999999999999-d", line.replace(b"a" * 32, b"d" * 32), None)  # its inputs are missing
+    batch("9999999999999-e", line.replace(b"a" * 32, b"e" * 32), inputs[:-1])  # inputs cut short
+    batch("9999999999999-f", line.replace(b"a" * 32, b"f" * 32) + line.replace(b"a" * 32, b"g" * 32)[:-20], inputs)
+    assert [item.id for item in iter_items(folder)] == ["a" * 32, "f" * 32], "a torn last line is skipped"
+    (item, _) = iter_items(folder)
+    assert item.input_bytes() == b"whole" and item.features.tolist() == [1.0] * 4
 
     # A store opened on a folder at its budget counts what is there: it captures nothing more, and says why.
     (segment / "filler").write_bytes(b"\0" * 1_000_000)
     full = CaptureStore(CaptureSettings(enabled=True, folder=str(folder), max_bytes=1_000_000))
-    full.submit(Answer("f" * 32, "predict", "m", "1", "fp32", CLASSES, np.zeros((1, 3), np.float32), b"more"))
+    full.submit(Answer("f" * 32, "predict", "m", "1", "fp32", CLASSES, np.full((1, 3), 1 / 3), b"more"))
     full.close()
     assert (full.stats.stopped, full.stats.captured, full.stats.dropped[BUDGET]) == (BUDGET, 0, 1)
 
@@ -266,7 +282,10 @@ def test_on_a_full_disk_capture_stops_says_so_once_and_serving_goes_on(onnx_file
     image = _png((100, 100, 3))  # noise: about 30 kB, so the disk is full after eight
     with serving(onnx_file, folder, "--capture-enabled", wrap=small_disk) as (base, log_path):
         with httpx.Client() as client:
-            statuses = [client.post(f"{base}/predict", content=image).status_code for _ in range(12)]
+            statuses = []
+            for _ in range(12):  # one a batch: a batch that does not fit is lost whole, so some must come before
+                statuses.append(client.post(f"{base}/predict", content=image).status_code)
+                time.sleep(3 * GATHER_SECONDS)
             wait_until(lambda: _capture_stopped(base, "disk_full"), 10, "capture never stopped on the full disk")
             statuses += [client.post(f"{base}/predict", content=image).status_code for _ in range(5)]
         assert 1 <= _metric(base, "graft_captured_total") < 12

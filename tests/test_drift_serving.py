@@ -18,7 +18,7 @@ from components.network import build
 from components.settings import parse_settings
 from deploy.model import load_model
 from tests.conftest import tiny_params, tiny_spec, wait_until
-from tests.test_capture import MODEL, _metric, serving
+from tests.test_capture import _metric, serving
 
 CLASSES = ("ant", "bee", "cat")
 WINDOW = 20

@@ -69,7 +69,7 @@ def _capture(folder: Path, images: list[tuple[Path, str | None]], classes: list[
     for i, (path, _) in enumerate(images):
         ids.append(f"{i:032x}")
         store.submit(Answer(ids[-1], "predict", "graft-classifier", "1", "int8", tuple(classes),
-                            np.zeros((1, len(classes)), np.float32), path.read_bytes()))
+                            np.full((1, len(classes)), 1 / len(classes), np.float32), path.read_bytes()))
     store.close()
     for item_id, (_, label) in zip(ids, images):
         if label is not None:
