@@ -63,6 +63,7 @@ QUEUE_BYTES = 64 * 2**20
 # The writer wakes, waits this long for more answers to come, and writes them all as one batch: two files and one
 # wake-up (a thread switch, the GIL handed over) for many answers instead of for each.
 GATHER_SECONDS = 0.05
+IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
 LABEL_WAIT_SECONDS = 10.0  # feedback for an answer still in the writer's queue waits this long for it to be written
 
 BUDGET, DISK_FULL, WRITE_ERROR, QUEUE_FULL = "budget", "disk_full", "write_error", "queue_full"
@@ -142,14 +143,24 @@ def _image_suffix(blob: bytes) -> str:
     return next((suffix for signature, suffix in SIGNATURES if blob.startswith(signature)), ".bin")
 
 
+def _write_all(descriptor: int, chunks: list) -> None:
+    """`chunks` (bytes-like) written one after the other, IOV_MAX at a time: the kernel copies them without the
+    GIL, and a batch costs a system call (a GIL hand-over), not one a chunk."""
+    for start in range(0, len(chunks), IOV_MAX):
+        group = chunks[start: start + IOV_MAX]
+        written = os.writev(descriptor, group)
+        if written < sum(memoryview(chunk).nbytes for chunk in group):  # a short write (rare): the rest, in bytes
+            rest = memoryview(b"".join(group))[written:]
+            while rest:
+                rest = rest[os.write(descriptor, rest):]
+
+
 def _create(name: str, chunks: list, dir_fd: int | None = None) -> None:
     """A new file `name` (in the folder `dir_fd` when given) holding `chunks` (bytes-like) one after the other;
     removed again if writing fails."""
-    view = memoryview(b"".join(chunks))  # one copy, then (mostly) one system call: each hands the GIL over and back
     descriptor = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=dir_fd)
     try:
-        while view:
-            view = view[os.write(descriptor, view):]
+        _write_all(descriptor, chunks)
     except BaseException:
         os.close(descriptor)
         os.unlink(name, dir_fd=dir_fd)
@@ -186,8 +197,9 @@ def _npy_header(shape: tuple[int, ...]) -> bytes:
 
 
 @functools.lru_cache(maxsize=16)
-def _preprocess(contract: Contract | None) -> dict | None:
-    return None if contract is None else contract.to_dict()
+def _json(value: tuple | Contract | None) -> orjson.Fragment:
+    """A record field that is the same for every answer of a model (its classes, its contract) as JSON, made once."""
+    return orjson.Fragment(orjson.dumps(value.to_dict() if isinstance(value, Contract) else value))
 
 
 def _stop_reason(error: OSError) -> str:
@@ -317,11 +329,11 @@ class CaptureStore:
             "id": item_id, "request_id": answer.request_id, "time": _iso(answer.time),
             "endpoint": answer.endpoint, "model": answer.model, "version": answer.version, "variant": answer.variant,
             "input": {"offset": batch.inputs_bytes, "bytes": input_bytes, "suffix": suffix},
-            "input_kind": "image" if image else "tensor", "classes": list(answer.classes),
+            "input_kind": "image" if image else "tensor", "classes": _json(answer.classes),
             "predicted": answer.classes[int(probabilities.argmax())], "probabilities": probabilities,
             "features": None if features is None else {"offset": batch.inputs_bytes + input_bytes,
                                                         "count": len(features)},
-            "preprocess": _preprocess(answer.contract),
+            "preprocess": _json(answer.contract),
         }, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE)  # arrays as they are: 10x cheaper
         size = input_bytes + (0 if features is None else features.nbytes) + len(record)
         if self.stats.bytes + batch.size + size > self.settings.max_bytes:
