@@ -2,7 +2,7 @@
 and (--capture) what capturing every request costs.
 
     .venv/bin/python benchmarks/serve_benchmark.py --onnx models/model.onnx --seconds 10
-    .venv/bin/python benchmarks/serve_benchmark.py --onnx models/model.onnx --capture --seconds 5 --rounds 4
+    .venv/bin/python benchmarks/serve_benchmark.py --onnx models/model.onnx --capture --seconds 2 --rounds 16
 
 For each setting it starts `python -m deploy.server --onnx-file ...` (serving.variant auto unless --variant),
 drives it with C concurrent keep-alive connections sending V2 infer requests (one image each, as a JSON list or
@@ -10,10 +10,10 @@ with Triton's binary tensor extension) for a bounded time, and reports throughpu
 the server's /metrics to split a request's time into model time and the rest, and measures the served file's
 own in-process throughput at the batch size the server formed. Results go to benchmarks/results/serve.json.
 
---capture runs two servers side by side, capture off and capture on (serving.capture, sample 1.0), and drives
-them in alternating rounds (off then on, then on then off, ...) so that host noise hits both: binary V2 tensors
-and PNG uploads to /predict, each at c=1 and c=32. A capture-on round lasts until its last answer is on disk (the
-writer's backlog is timed, not left to the next round). Results go to benchmarks/results/serve_capture.json.
+--capture runs two servers side by side, capture off and capture on (serving.capture, sample 1.0), a fresh pair
+each round, and drives them in turn (off then on, the next round on then off) so that host noise hits both: binary
+V2 tensors and PNG uploads to /predict, each at c=1 and c=32. A capture-on run lasts until its last answer is on
+disk (the writer's backlog is timed, not left to the next run). Results go to benchmarks/results/serve_capture.json.
 """
 from __future__ import annotations
 
@@ -234,23 +234,27 @@ def compare_capture(onnx: Path, variant: str, max_batch: int, delay_ms: float, t
                     rounds: int, png: Path, capture_parent: Path) -> dict:
     """Capture off and capture on (every request, to a fresh folder in `capture_parent`) side by side, in
     alternating rounds (off-on, on-off, ...): throughput, latency and server CPU of each, and what capture costs,
-    per request kind and concurrency."""
-    with tempfile.TemporaryDirectory(prefix="graft-capture-bench-", dir=capture_parent) as folder:
-        servers = {"off": _start_server(onnx, variant, max_batch, delay_ms, threads),
-                   "on": _start_server(onnx, variant, max_batch, delay_ms, threads, "--capture-enabled",
-                                       "--capture-sample", "1", "--capture-folder", folder,
-                                       "--capture-max-bytes", str(10**12))}
-        try:
-            port_on = servers["on"][1]
-            served = httpx.get(f"http://127.0.0.1:{port_on}/v2/models/{MODEL}").json()
-            rows = np.random.default_rng(0).normal(size=(1, *served["inputs"][0]["shape"][1:])).astype(np.float32)
-            requests = {(kind, name): _request_bytes(port, rows, binary=True) if kind == "binary" else
-                        _http_post(port, "/predict", "Content-Type: image/png\r\n", png.read_bytes())
-                        for name, (_, port) in servers.items() for kind in ("binary", "png")}
-            for (kind, name), request in requests.items():  # warm-up, not counted
-                asyncio.run(_drive(servers[name][1], request, 32, 1.0, 10**6))
-            samples: dict[tuple[str, int, str], list[dict]] = {}
-            for round_ in range(rounds):
+    per request kind and concurrency. Each round starts both servers afresh: a server keeps where the system put its
+    threads for its life (run one at a time, a server's c=1 median latency sat near 1.0 or near 1.25 ms for its whole
+    life, capture on or off): with one pair for the whole run that alone read as a cost of 15-20% or of -6%, so
+    each round is a new pair, and the rounds average it out."""
+    samples: dict[tuple[str, int, str], list[dict]] = {}
+    captured = dropped = 0.0
+    for round_ in range(rounds):
+        with tempfile.TemporaryDirectory(prefix="graft-capture-bench-", dir=capture_parent) as folder:
+            servers = {"off": _start_server(onnx, variant, max_batch, delay_ms, threads),
+                       "on": _start_server(onnx, variant, max_batch, delay_ms, threads, "--capture-enabled",
+                                           "--capture-sample", "1", "--capture-folder", folder,
+                                           "--capture-max-bytes", str(10**12))}
+            try:
+                port_on = servers["on"][1]
+                served = httpx.get(f"http://127.0.0.1:{port_on}/v2/models/{MODEL}").json()
+                rows = np.random.default_rng(0).normal(size=(1, *served["inputs"][0]["shape"][1:])).astype(np.float32)
+                requests = {(kind, name): _request_bytes(port, rows, binary=True) if kind == "binary" else
+                            _http_post(port, "/predict", "Content-Type: image/png\r\n", png.read_bytes())
+                            for name, (_, port) in servers.items() for kind in ("binary", "png")}
+                for (kind, name), request in requests.items():  # warm-up, not counted
+                    asyncio.run(_drive(servers[name][1], request, 32, 0.5, 10**6))
                 for kind, concurrency in CAPTURE_CASES:
                     for name in ("off", "on") if round_ % 2 == 0 else ("on", "off"):
                         time.sleep(ROUND_PAUSE_SECONDS)  # the other server quiet again (ONNX Runtime's threads spin)
@@ -258,11 +262,13 @@ def compare_capture(onnx: Path, variant: str, max_batch: int, delay_ms: float, t
                         result = _capture_round(process, port, requests[kind, name], concurrency, seconds, name == "on")
                         samples.setdefault((kind, concurrency, name), []).append(result)
                         print(json.dumps({"round": round_, "kind": kind, "server": name, **result}), flush=True)
-            metrics = httpx.get(f"http://127.0.0.1:{port_on}/metrics").text
-        finally:
-            for process, _ in servers.values():
-                process.terminate()
-                process.wait(timeout=60)
+                metrics = httpx.get(f"http://127.0.0.1:{port_on}/metrics").text
+                captured += _metric(metrics, "graft_captured_total")
+                dropped += _metric(metrics, "graft_capture_dropped_total")
+            finally:
+                for process, _ in servers.values():
+                    process.terminate()
+                    process.wait(timeout=60)
     cases = []
     for kind, concurrency in CAPTURE_CASES:
         off, on = samples[kind, concurrency, "off"], samples[kind, concurrency, "on"]
@@ -295,7 +301,7 @@ def compare_capture(onnx: Path, variant: str, max_batch: int, delay_ms: float, t
     return {"cpu": cpu_model(), "date": datetime.now(timezone.utc).isoformat(timespec="minutes"),
             "variant": served["parameters"]["variant"], "input_shape": served["inputs"][0]["shape"][1:],
             "png_bytes": png.stat().st_size, "seconds_per_round": seconds, "cases": cases,
-            "captured": _metric(metrics, "graft_captured_total"), "dropped": _metric(metrics, "graft_capture_dropped_total")}
+            "captured": captured, "dropped": dropped}
 
 
 def main() -> None:
