@@ -17,6 +17,7 @@ import numpy as np
 
 from components.artifacts import atomic_path, write_json
 from components.harvest import capture_folder, unharvested_labels
+from components.project_lock import project_lock
 from components.settings import Settings
 from deploy.capture import CapturedItem, iter_items
 from deploy.drift import DriftMonitor, DriftReference, DriftResult
@@ -221,3 +222,15 @@ def registry_references(params: Settings, root: str | Path, cache_dir: str | Pat
             return load_model(sources[served.model].fetch(served.version, served.variant).onnx_path, ["cpu"]).drift_reference
 
     return reference_of
+
+
+def check_capture(root: str | Path, params: Settings, cache_dir: str | Path,
+                  capture: str | Path | None = None) -> tuple[MonitorReport, list[Path]]:
+    """`monitor` over the capture with the registry's references, its report written (reports/, plots/) and logged
+    to MLflow: under the project lock, since the report files and the MLflow store are the project's, and two checks
+    at once on a project whose store is new would both create its tables (one then read a table half made)."""
+    with project_lock(root, params.schedule.lock_wait_seconds, "a production check's drift report"):
+        report = monitor(root, params, registry_references(params, root, cache_dir), capture)
+        files = write_report(root, report)
+        log_report(params, root, report, files)
+    return report, files

@@ -18,7 +18,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.states import Completed
 
 from components.harvest import Harvest, harvest
-from components.monitor import MonitorReport, log_report, markdown, monitor, registry_references, write_report
+from components.monitor import MonitorReport, check_capture, markdown
 from components.project_lock import project_lock
 from components.settings import Settings
 from deploy.settings import default_cache_dir
@@ -27,8 +27,7 @@ from flows.retrain import check_params, retrain, say
 
 @task(task_run_name="monitor")
 def monitor_capture(root: str, params: Settings) -> MonitorReport:
-    report = monitor(root, params, registry_references(params, root, default_cache_dir()))
-    log_report(params, root, report, write_report(root, report))
+    report, _ = check_capture(root, params, default_cache_dir())
     create_markdown_artifact(markdown(report), key="drift-report", description="Graft drift report")
     return report
 

@@ -76,12 +76,10 @@ def _monitor(args: argparse.Namespace) -> int:
         state = production_check(root=args.root, return_state=True)
         state.result()  # raises what failed the check, for main() to report
         return 0
-    from components.monitor import log_report, markdown, monitor, registry_references, write_report
+    from components.monitor import check_capture, markdown
     from deploy.settings import default_cache_dir
 
-    report = monitor(args.root, params, registry_references(params, args.root, default_cache_dir()), args.capture)
-    files = write_report(args.root, report)
-    log_report(params, args.root, report, files)
+    report, files = check_capture(args.root, params, default_cache_dir(), args.capture)
     print(markdown(report))
     reasons = report.retrain_reasons(params)
     print("the production check would retrain: " + "; ".join(reasons) if reasons else "no reason to retrain now")
