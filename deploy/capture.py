@@ -288,6 +288,8 @@ class CaptureStore:
                     self._write_batch(answers)
                 except Exception as error:  # whatever it was, the writer keeps going and the server keeps serving
                     log.exception("capture of %d answers failed: %s", len(answers), error)
+                    # raised before the batch's files were written (their writing fails with OSError, handled there)
+                    self._drop(WRITE_ERROR, sum(len(answer.probabilities) for answer in answers))
                 with self._work:
                     for answer in answers:
                         self._queued_bytes -= answer.size

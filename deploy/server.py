@@ -374,14 +374,16 @@ class ModelServer:
                         result.mean_confidence, result.reference_mean_confidence)
 
     def answered(self, endpoint: str, served: Served, inputs: bytes | np.ndarray, logits: np.ndarray,
-                 features: np.ndarray | None = None) -> str:
+                 features: np.ndarray | None = None, probabilities: np.ndarray | None = None) -> str:
         """A new request id for an answer; with capture on, a sampled answer goes to the capture store (queued: the
         writer thread does the rest). `inputs`: the uploaded file's bytes, or the request's float32 rows;
-        `features`: the model's penultimate features per row, None while the served model does not give them."""
+        `features`: the model's penultimate features per row, None while the served model does not give them;
+        `probabilities`: the logits' softmax when the endpoint already computed it for its answer."""
         request_id = new_request_id()
         capture = self.capture is not None and self.capture.sampled()
         measure = served.drift is not None and features is not None
-        probabilities = softmax(logits) if capture or measure else None  # once, for both
+        if probabilities is None and (capture or measure):
+            probabilities = softmax(logits)  # once, for both
         if measure:
             served.drift.add(features, probabilities)
             if served.drift.full() and not self._drift_testing and time.monotonic() >= self._drift_next:
@@ -740,12 +742,13 @@ async def predict(request: Request) -> Response:
     except InputError as error:
         server.metrics.errors.labels("predict", "bad_image").inc()
         return _error(413 if isinstance(error, PayloadTooLarge) else 400, str(error))
-    probabilities = softmax(logits)[0]
-    order = np.argsort(-probabilities)[: max(1, min(int(top_k), len(probabilities)))]
+    probabilities = softmax(logits)
+    order = np.argsort(-probabilities[0])[: max(1, min(int(top_k), probabilities.shape[1]))]
+    request_id = server.answered("predict", served, blob, logits, features, probabilities)
     return Response(orjson.dumps({
         "model_version": served.version,
-        "predictions": [{"class": served.model.classes[i], "probability": float(probabilities[i])} for i in order],
-    }), media_type="application/json", headers={REQUEST_ID_HEADER: server.answered("predict", served, blob, logits, features)})
+        "predictions": [{"class": served.model.classes[i], "probability": float(probabilities[0, i])} for i in order],
+    }), media_type="application/json", headers={REQUEST_ID_HEADER: request_id})
 
 
 # What each refusal of the capture store is answered with, and counted as (graft_feedback_total{outcome}).

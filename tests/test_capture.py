@@ -28,6 +28,7 @@ from deploy.capture import (
     LABEL_SUFFIX,
     RECORDS_SUFFIX,
     TEMP_SUFFIX,
+    WRITE_ERROR,
     Answer,
     CapturedItem,
     CaptureStore,
@@ -238,6 +239,17 @@ def test_readers_skip_what_is_not_whole_and_the_budget_counts_what_is_there(tmp_
     full.submit(Answer("f" * 32, "predict", "m", "1", "fp32", CLASSES, np.full((1, 3), 1 / 3), b"more"))
     full.close()
     assert (full.stats.stopped, full.stats.captured, full.stats.dropped[BUDGET]) == (BUDGET, 0, 1)
+
+
+def test_an_answer_the_writer_cannot_encode_is_counted_dropped_and_the_writer_goes_on(tmp_path):
+    store = CaptureStore(CaptureSettings(enabled=True, folder=str(tmp_path / "captures")))
+    # A class orjson refuses (a bare object): the writer fails on it with no OSError, before any file is written.
+    store.submit(Answer("b" * 32, "predict", "m", "1", "fp32", (object(),) * 3, np.full((1, 3), 1 / 3), b"bad"))
+    wait_until(lambda: store.stats.dropped[WRITE_ERROR] == 1, 10, "the failed answer counted as dropped")
+    store.submit(Answer("c" * 32, "predict", "m", "1", "fp32", CLASSES, np.full((1, 3), 1 / 3), b"good"))
+    store.close()
+    assert (store.stats.captured, store.stats.stopped) == (1, None)
+    assert [item.id for item in iter_items(tmp_path / "captures")] == ["c" * 32]
 
 
 def _capture_stopped(base: str, reason: str) -> bool:
