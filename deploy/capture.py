@@ -9,6 +9,8 @@ Layout of serving.capture.folder (one segment an hour, UTC, of when the items we
     <YYYY-MM-DD-HH>/<batch>.jsonl          the batch's records, one line an item, written last: its presence means
                                            the batch is whole
     <YYYY-MM-DD-HH>/<item_id>.label.json   feedback {"label": CLASS, "time": ISO}, created once
+    <YYYY-MM-DD-HH>/<batch>.shadow.jsonl   with serving.shadow on: what the shadow model predicted for answered
+                                           requests, beside what was answered (deploy/shadow.py ShadowOutcome)
 
 A batch is what the writer gathered in one wake-up (GATHER_SECONDS); its name starts with the capture time in
 milliseconds, so names sort in time. An item id is the request id (uuid4 hex, returned to the client as X-Request-Id)
@@ -57,6 +59,7 @@ ITEM_ID = re.compile(r"[0-9a-f]{32}(?:-[0-9]{1,6})?")  # what `label` accepts: n
 SEGMENT = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}-[0-9]{2}")
 SEGMENT_FORMAT = "%Y-%m-%d-%H"
 INPUTS_SUFFIX, RECORDS_SUFFIX, LABEL_SUFFIX, TEMP_SUFFIX = ".inputs", ".jsonl", ".label.json", ".tmp"
+SHADOW_SUFFIX = ".shadow.jsonl"
 # The writer's backlog: beyond either bound an answer is dropped rather than held in memory.
 QUEUE_ITEMS = 1024
 QUEUE_BYTES = 64 * 2**20
@@ -85,6 +88,11 @@ def new_request_id() -> str:
         raw = os.urandom(16 * REQUEST_IDS_AT_ONCE)
         _request_ids.extend(uuid.UUID(bytes=raw[i: i + 16], version=4).hex for i in range(0, len(raw), 16))
     return _request_ids.pop()
+
+
+def item_id(request_id: str, row: int, rows: int) -> str:
+    """A row's item id: the request id for a one-row request, "<request_id>-<row>" for each row of one with several."""
+    return request_id if rows == 1 else f"{request_id}-{row}"
 
 
 class CaptureError(ValueError):
@@ -135,6 +143,7 @@ class CaptureStats:
     dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))  # items, by reason
     stopped: str | None = None  # a STOP_REASONS entry once capturing stopped
     writer_cpu_seconds: float = 0.0  # the writer thread's CPU time so far
+    shadow_records: int = 0  # shadow outcomes written (one a row)
 
 
 def _image_suffix(blob: bytes) -> str:
@@ -184,7 +193,7 @@ def _folder_bytes(folder: Path) -> int:
     return sum((Path(root) / name).stat().st_size for root, _, names in os.walk(folder) for name in names)
 
 
-def _iso(seconds: float) -> str:
+def iso_time(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="milliseconds")
 
 
@@ -231,6 +240,7 @@ class CaptureStore:
         self._work = threading.Condition(lock)  # the writer waits here for answers
         self._written = threading.Condition(lock)  # feedback waits here for an answer still queued to be written
         self._queue: deque[Answer] = deque()  # submitted, not yet taken by the writer
+        self._shadow: deque[tuple[float, list[bytes]]] = deque()  # shadow records (time, lines), likewise
         self._queued_bytes = 0  # of the answers submitted and not yet written
         self._queued_ids: set[str] = set()  # their request ids
         self._closed = False
@@ -258,6 +268,16 @@ class CaptureStore:
             self._work.notify()
         return True
 
+    def submit_shadow(self, seconds: float, lines: list[bytes]) -> bool:
+        """Queue a shadow outcome's records (deploy/shadow.py ShadowOutcome.records) of an answer given at `seconds`
+        for the writer; False when they are not kept: capturing stopped, or the queue full."""
+        with self._work:
+            if self.stats.stopped or len(self._shadow) >= self.queue_items:
+                return False
+            self._shadow.append((seconds, lines))
+            self._work.notify()
+        return True
+
     def close(self, seconds: float = 10.0) -> None:
         """Write what is queued (for at most `seconds`), then end the writer."""
         with self._work:
@@ -276,16 +296,17 @@ class CaptureStore:
         try:
             while True:
                 with self._work:
-                    self._work.wait_for(lambda: self._queue or self._closed)
-                    if not self._queue:
+                    self._work.wait_for(lambda: self._queue or self._shadow or self._closed)
+                    if not (self._queue or self._shadow):
                         return  # closed, and everything written
                     closed = self._closed
                 if not closed:
                     time.sleep(GATHER_SECONDS)
                 with self._work:
                     answers, self._queue = self._queue, deque()
+                    shadowed, self._shadow = self._shadow, deque()
                 try:
-                    self._write_batch(answers)
+                    self._write_batch(answers, shadowed)
                 except Exception as error:  # whatever it was, the writer keeps going and the server keeps serving
                     log.exception("capture of %d answers failed: %s", len(answers), error)
                     # raised before the batch's files were written (their writing fails with OSError, handled there)
@@ -300,16 +321,21 @@ class CaptureStore:
             if self._segment is not None:
                 os.close(self._segment[1])
 
-    def _write_batch(self, answers: deque[Answer]) -> None:
-        """The answers' rows as one batch of items, as many as the budget takes; the rest dropped (counted)."""
+    def _write_batch(self, answers: deque[Answer], shadowed: deque[tuple[float, list[bytes]]] = deque()) -> None:
+        """The answers' rows as one batch of items, as many as the budget takes, the rest dropped (counted); then
+        the shadow outcomes as the batch's shadow records."""
         batch, rows = _Batch(), sum(len(answer.probabilities) for answer in answers)
         for answer in answers:
             if not all(self._add_item(batch, answer, row) for row in range(len(answer.probabilities))):
                 break
-        if batch.records and not self._write_files(batch, answers[0].time):
+        name = f"{int((answers[0].time if answers else shadowed[0][0]) * 1000):013d}-{os.urandom(4).hex()}"
+        if batch.records and not self._write_files(batch, name):
             batch.records.clear()
         if rows > len(batch.records):
             self._drop(self.stats.stopped or WRITE_ERROR, rows - len(batch.records))
+        lines = [line for _, records in shadowed for line in records]
+        if lines and self._fits(sum(map(len, lines))):
+            self._write_shadow(lines, name)
 
     def _add_item(self, batch: _Batch, answer: Answer, row: int) -> bool:
         """One row of an answer added to the batch as an item; False when the budget is reached instead."""
@@ -326,9 +352,9 @@ class CaptureStore:
         if features is not None:
             chunks.append(features)
         probabilities = answer.probabilities[row]
-        item_id = answer.request_id if len(answer.probabilities) == 1 else f"{answer.request_id}-{row}"
         record = orjson.dumps({
-            "id": item_id, "request_id": answer.request_id, "time": _iso(answer.time),
+            "id": item_id(answer.request_id, row, len(answer.probabilities)), "request_id": answer.request_id,
+            "time": iso_time(answer.time),
             "endpoint": answer.endpoint, "model": answer.model, "version": answer.version, "variant": answer.variant,
             "input": {"offset": batch.inputs_bytes, "bytes": input_bytes, "suffix": suffix},
             "input_kind": "image" if image else "tensor", "classes": _json(answer.classes),
@@ -338,15 +364,21 @@ class CaptureStore:
             "preprocess": _json(answer.contract),
         }, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE)  # arrays as they are: 10x cheaper
         size = input_bytes + (0 if features is None else features.nbytes) + len(record)
-        if self.stats.bytes + batch.size + size > self.settings.max_bytes:
-            self._stop(BUDGET, f"the capture folder {self.folder} reached its budget of {self.settings.max_bytes} "
-                               f"bytes (serving.capture.max_bytes)")
+        if not self._fits(batch.size + size):
             return False
         batch.inputs += chunks
         batch.inputs_bytes += size - len(record)
         batch.records.append(record)
         batch.records_bytes += len(record)
         return True
+
+    def _fits(self, size: int) -> bool:
+        """Whether `size` more bytes fit the budget; capturing stops (said once) when they do not."""
+        if self.stats.bytes + size <= self.settings.max_bytes:
+            return True
+        self._stop(BUDGET, f"the capture folder {self.folder} reached its budget of {self.settings.max_bytes} bytes "
+                           f"(serving.capture.max_bytes)")
+        return False
 
     def _segment_folder(self, seconds: float) -> int:
         """The open hour folder a batch begun at `seconds` goes to, made when the hour is new."""
@@ -360,11 +392,11 @@ class CaptureStore:
             self._segment = (hour, descriptor)
         return self._segment[1]
 
-    def _write_files(self, batch: _Batch, seconds: float) -> bool:
-        """The batch's two files, the records last; False when capturing stopped instead (nothing of it left)."""
-        name = f"{int(seconds * 1000):013d}-{os.urandom(4).hex()}"  # sorts in time; unique
+    def _write_files(self, batch: _Batch, name: str) -> bool:
+        """The batch's two files, the records last; False when capturing stopped instead (nothing of it left).
+        `name`: the batch's, its capture time in milliseconds first (names sort in time), then random (unique)."""
         try:
-            segment = self._segment_folder(seconds)
+            segment = self._segment_folder(int(name[:13]) / 1000)
             _write_atomic(segment, name + INPUTS_SUFFIX, batch.inputs)
             try:
                 _write_atomic(segment, name + RECORDS_SUFFIX, batch.records)  # last: the batch is whole once it is there
@@ -378,6 +410,16 @@ class CaptureStore:
             self.stats.captured += len(batch.records)
             self.stats.bytes += batch.size
         return True
+
+    def _write_shadow(self, lines: list[bytes], name: str) -> None:
+        try:
+            _write_atomic(self._segment_folder(int(name[:13]) / 1000), name + SHADOW_SUFFIX, lines)
+        except OSError as error:
+            self._stop(_stop_reason(error), f"writing to {self.folder} failed: {error}")
+            return
+        with self._work:
+            self.stats.shadow_records += len(lines)
+            self.stats.bytes += sum(map(len, lines))
 
     def _drop(self, reason: str, items: int) -> None:
         with self._work:
@@ -409,7 +451,7 @@ class CaptureStore:
                 f"{self.settings.sample}), and none after it stopped")
         if label not in item.classes:
             raise UnknownClass(f"label {label!r} is not one of the model's classes: {', '.join(item.classes)}")
-        data = orjson.dumps({"label": label, "time": _iso(time.time())})
+        data = orjson.dumps({"label": label, "time": iso_time(time.time())})
         destination = item.inputs_path.with_name(item_id + LABEL_SUFFIX)
         temporary = destination.with_name(f".{destination.name}.{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}")  # one a request
         _create(str(temporary), [data])
@@ -533,8 +575,10 @@ def _items(records_path: Path, lines: list[bytes], labels: set[str] | None) -> l
     return items
 
 
-def _records_files(segment: Path, names: list[str]) -> list[Path]:
-    return [segment / name for name in sorted(names) if name.endswith(RECORDS_SUFFIX) and not name.startswith(".")]
+def _records_files(segment: Path, names: list[str], suffix: str = RECORDS_SUFFIX) -> list[Path]:
+    """The segment's whole files of captured records (`suffix`: of shadow records), oldest first."""
+    return [segment / name for name in sorted(names) if name.endswith(suffix) and not name.startswith(".")
+            and (suffix == SHADOW_SUFFIX or not name.endswith(SHADOW_SUFFIX))]
 
 
 def find_item(folder: str | Path, item_id: str) -> CapturedItem | None:
@@ -566,3 +610,29 @@ def iter_items(folder: str | Path) -> Iterator[CapturedItem]:
             except OSError:
                 continue
             yield from _items(path, lines, labels)
+
+
+def iter_shadow_records(folder: str | Path) -> Iterator[dict]:
+    """Every shadow record under `folder` (deploy/shadow.py ShadowOutcome.records), in the order they were written;
+    a line that does not parse (a torn last line) is skipped."""
+    for segment in _segments(Path(folder)):
+        for path in _records_files(segment, os.listdir(segment), SHADOW_SUFFIX):
+            try:
+                lines = path.read_bytes().splitlines()
+            except OSError:
+                continue
+            for line in lines:
+                try:
+                    yield orjson.loads(line)
+                except ValueError:
+                    continue
+
+
+def read_labels(folder: str | Path) -> dict[str, str]:
+    """Every feedback label under `folder`: item id -> class."""
+    labels = {}
+    for segment in _segments(Path(folder)):
+        for name in os.listdir(segment):
+            if name.endswith(LABEL_SUFFIX) and not name.startswith(".") and (label := _read_label(segment / name)):
+                labels[name[: -len(LABEL_SUFFIX)]] = label
+    return labels

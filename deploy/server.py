@@ -21,14 +21,16 @@ import ipaddress
 import logging
 import math
 import os
+import random
 import socket
 import sys
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 import orjson
@@ -44,6 +46,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from starlette.background import BackgroundTask
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from deploy.batching import BatcherClosed, DynamicBatcher
@@ -58,6 +61,7 @@ from deploy.capture import (
     InvalidItemId,
     UnknownClass,
     UnknownItem,
+    item_id,
     new_request_id,
 )
 from deploy.model import (
@@ -84,6 +88,8 @@ from deploy.settings import (
     serving_from,
     variables,
 )
+from deploy.shadow import DROP_REASONS as SHADOW_DROP_REASONS
+from deploy.shadow import ShadowJob, ShadowOutcome, ShadowQueue, predicted_classes
 from deploy.source import FileSource, IntegrityError, RegistrySource, RegistryUnreachable, SourceError
 from deploy.variants import VariantError, choose_variant
 
@@ -172,6 +178,28 @@ class Metrics:
         self.executions.inc()
 
 
+class ShadowMetrics:
+    """The shadow's counts (serving.shadow on): what it was offered, how it compared, and, as feedback labels arrive
+    for shadowed requests, which of the two models was right."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.requests = Counter("graft_shadow_requests_total", "answered requests offered to the shadow, by outcome",
+                                ["outcome"], registry=r)
+        for outcome in ("compared", *SHADOW_DROP_REASONS):
+            self.requests.labels(outcome)
+        self.rows = Counter("graft_shadow_rows_total", "rows the shadow compared", registry=r)
+        self.agreements = Counter("graft_shadow_agreements_total", "compared rows where the shadow predicted the class "
+                                  "that was answered", registry=r)
+        self.latency = Histogram("graft_shadow_model_latency_seconds", "model latency on the shadowed requests, "
+                                 "of the model that answered (served) and of the shadow", ["model"], registry=r,
+                                 buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2))
+        self.labelled = Counter("graft_shadow_labelled_total", "feedback labels for shadowed rows, by whether the "
+                                "served model and the shadow were right", ["served", "shadow"], registry=r)
+        self.model_info = Gauge("graft_shadow_model_info", "the shadowed alias and version (none: the alias does not "
+                                "exist, or names the served version)", ["alias", "version"], registry=r)
+
+
 class CaptureCollector:
     """The capture store's counts, read at each scrape: the store's writer thread never touches a metric."""
 
@@ -195,6 +223,26 @@ class CaptureCollector:
         for reason in STOP_REASONS:
             stopped.add_metric([reason], float(stats.stopped == reason))
         yield stopped
+
+
+SHADOW_RECENT_ITEMS = 100_000  # shadowed items remembered for /metrics' labelled counts (the report reads the files)
+
+
+@dataclass(frozen=True)
+class Inferred:
+    """A request run by the served version: the rows it ran, their logits and features (None when the file has no
+    features output), the version, and the model latency (from its batcher's queue to the outputs)."""
+
+    rows: np.ndarray
+    logits: np.ndarray
+    features: np.ndarray | None
+    served: Served
+    seconds: float
+
+
+class Answered(NamedTuple):
+    request_id: str
+    background: BackgroundTask | None  # the shadow's turn, once the response is sent
 
 
 DRIFT_CPU_SHARE = 0.05  # the drift tests' share of one core, at most (a test: ~20 ms at window 100, 1280 features)
@@ -221,41 +269,60 @@ class ModelServer:
         if settings.serving.capture.enabled:
             self.capture = CaptureStore(settings.serving.capture)
             self.metrics.registry.register(CaptureCollector(self.capture))
+        # The shadow: the model behind serving.shadow.alias, run after answers are sent (deploy/shadow.py).
+        self.shadowed: Served | None = None
+        self.shadow_metrics: ShadowMetrics | None = None
+        self._shadow_queue: ShadowQueue | None = None
+        self._shadow_refused: set[str] = set()
+        self._shadow_recent: OrderedDict[str, tuple[str, str]] = OrderedDict()  # item id -> (served, shadow) classes
+        shadow = settings.serving.shadow
+        if shadow.enabled:
+            if not isinstance(source, RegistrySource):
+                raise SourceError(f"serving.shadow follows a registry alias ({shadow.alias}): serve from a registry "
+                                  f"(--tracking-uri), not a file, or turn shadow off")
+            self.shadow_source = source.for_alias(shadow.alias)
+            self.shadow_metrics = ShadowMetrics(self.metrics.registry)
 
     # ------------------------------------------------------------ loading and reloading
 
-    def _load_variant(self, version: str, provider: str, available: list[str]) -> tuple[LoadedModel, dict[str, str]]:
+    def _load_variant(self, source: FileSource | RegistrySource, version: str, provider: str,
+                      available: list[str]) -> tuple[LoadedModel, dict[str, str]]:
         serving = self.settings.serving
         try:
             variant, why = choose_variant(serving.variant, provider, available)
         except VariantError as error:
             raise ModelLoadError(f"v{version}: {error}") from None
-        resolved = self.source.fetch(version, variant)
+        resolved = source.fetch(version, variant)
         model = load_model(resolved.onnx_path, list(serving.providers), serving.strict,
                            engine_cache(self.settings.cache_dir), serving.threads)
         model.variant, model.variant_note = variant, f"{variant} ({why})"
         return model, resolved.tags
 
-    def _load(self, version: str) -> tuple[LoadedModel, dict[str, str]]:
-        available = self.source.variants(version)
+    def _load(self, source: FileSource | RegistrySource, version: str) -> tuple[LoadedModel, dict[str, str]]:
+        available = source.variants(version)
         planned = planned_provider(list(self.settings.serving.providers), engine_cache(self.settings.cache_dir))
-        model, tags = self._load_variant(version, planned, available)
+        model, tags = self._load_variant(source, version, planned, available)
         if model.provider != planned:  # a GPU provider failed to start: serve the variant that fits what runs
-            model, tags = self._load_variant(version, model.provider, available)
+            model, tags = self._load_variant(source, version, model.provider, available)
         warm = np.zeros((self.settings.serving.max_batch_size, *model.contract.shape), np.float32)
         for _ in range(self.settings.warmup_rounds):  # first calls allocate and (on TensorRT) build engines
             model.run(warm[:1])
             model.run(warm)
         return model, tags
 
+    async def _start_version(self, source: FileSource | RegistrySource, version: str,
+                             on_batch: Callable[[int, float], None] | None) -> Served:
+        """`version` loaded, warm, with its batcher started (`on_batch`: counts its model calls)."""
+        model, tags = await asyncio.to_thread(self._load, source, version)
+        serving = self.settings.serving
+        batcher = DynamicBatcher(model.run_served, serving.max_batch_size, serving.max_queue_delay_ms / 1000, on_batch)
+        batcher.start()
+        return Served(version, model, batcher, tags)
+
     async def switch_to(self, version: str) -> None:
         async with self._swap_lock:
-            model, tags = await asyncio.to_thread(self._load, version)
-            serving = self.settings.serving
-            batcher = DynamicBatcher(model.run_served, serving.max_batch_size, serving.max_queue_delay_ms / 1000,
-                                     self.metrics.on_batch)
-            batcher.start()
-            drift = None
+            served = await self._start_version(self.source, version, self.metrics.on_batch)
+            model, serving, drift = served.model, self.settings.serving, None
             if model.drift_reference is not None:
                 drift = DriftMonitor(model.drift_reference, serving.drift.window, serving.drift.level,
                                      serving.drift.permutations)
@@ -264,7 +331,8 @@ class ModelServer:
             else:
                 log.warning("v%s has no drift reference (exported before drift monitoring): its answers are not "
                             "tested for drift", version)
-            old, self.served = self.served, Served(version, model, batcher, tags, drift)  # the one atomic step
+            served.drift = drift
+            old, self.served = self.served, served  # the one atomic step
             self.metrics.model_info.clear()
             self.metrics.model_info.labels(self.settings.model_name, version, model.provider, model.variant).set(1)
             log.info("serving %s v%s, variant %s: %s", self.settings.model_name, version, model.variant_note,
@@ -302,6 +370,48 @@ class ModelServer:
             except Exception as error:  # keep following: one unexpected error must not end reloads for good
                 self.metrics.reloads.labels("failed").inc()
                 log.exception("unexpected reload error: %s", error)
+            if self.shadow_metrics is not None:
+                await self._follow_shadow_checked()
+
+    async def _follow_shadow(self) -> None:
+        """Load the shadow alias's version when it moved. Nothing is shadowed while the alias does not exist or names
+        the served version (nothing to compare), nor a version whose file failed its hash check."""
+        try:
+            version = await asyncio.to_thread(self.shadow_source.current_version)
+        except RegistryUnreachable:
+            raise
+        except SourceError:
+            version = None  # no such alias (yet)
+        if version is not None and (version in self._shadow_refused or version == self.served.version):
+            version = None
+        if version == (self.shadowed.version if self.shadowed else None):
+            return
+        shadowed = None
+        if version is not None:
+            try:
+                shadowed = await self._start_version(self.shadow_source, version, None)
+            except IntegrityError as error:
+                self._shadow_refused.add(version)
+                log.error("refused to shadow v%s: %s", version, error)
+        old, self.shadowed = self.shadowed, shadowed  # the next shadowed request runs on it
+        alias = self.settings.serving.shadow.alias
+        self.shadow_metrics.model_info.clear()
+        self.shadow_metrics.model_info.labels(alias, shadowed.version if shadowed else "none").set(1)
+        if shadowed is not None:
+            log.info("shadowing %s@%s v%s beside the served v%s, variant %s", self.settings.model_name, alias,
+                     shadowed.version, self.served.version, shadowed.model.variant_note)
+        else:
+            log.info("nothing to shadow: %s@%s %s", self.settings.model_name, alias,
+                     "does not exist" if version is None and old is None else "is not another version")
+        if old is not None:
+            await old.batcher.stop()
+
+    async def _follow_shadow_checked(self) -> None:
+        try:
+            await self._follow_shadow()
+        except Exception as error:  # the shadow never touches serving: said, and tried again at the next poll
+            log.warning("shadow alias check or load failed, still shadowing %s: %s",
+                        f"v{self.shadowed.version}" if self.shadowed else "nothing", error)
 
     async def load_current(self) -> None:
         self.ready = await self._switch_if_new() or self.served is not None
@@ -316,17 +426,26 @@ class ModelServer:
                 log.warning("not ready: %s; retrying in %.1fs", error, self.settings.serving.poll_seconds)
             if not self.ready:
                 await asyncio.sleep(self.settings.serving.poll_seconds)
+        if self.shadow_metrics is not None:
+            await self._follow_shadow_checked()
         if isinstance(self.source, RegistrySource):
             await self._follow_alias()
 
     def start(self) -> None:
+        shadow = self.settings.serving.shadow
+        if self.shadow_metrics is not None:  # as many workers as one shadow batch takes: they share model calls
+            self._shadow_queue = ShadowQueue(shadow.queue, min(shadow.queue, self.settings.serving.max_batch_size),
+                                             self._run_shadow, self._shadow_done, self._shadow_dropped)
         self._reloader = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
         if self._reloader:
             self._reloader.cancel()
-        if self.served:
-            await self.served.batcher.stop()
+        if self._shadow_queue is not None:
+            await self._shadow_queue.stop()
+        for served in (self.served, self.shadowed):
+            if served is not None:
+                await served.batcher.stop()
         self._decoders.shutdown(wait=False, cancel_futures=True)
         if self.capture is not None:
             await asyncio.to_thread(self.capture.close)
@@ -338,21 +457,20 @@ class ModelServer:
         async with self._decode_slots:
             return await asyncio.get_running_loop().run_in_executor(self._decoders, work)
 
-    async def infer(self, prepare: Callable[[Served], np.ndarray], inline: bool = False
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, Served]:
+    async def infer(self, prepare: Callable[[Served], np.ndarray], inline: bool = False) -> Inferred:
         """Prepare the request for the version served now (off the event loop unless `inline`: small work) and run
         it there; if that version is swapped out before the request is queued, prepare it again for the new one.
-        Never two versions in one answer. Returns the rows run, their logits and features (None when the file has
-        no features output) and the version that ran them."""
+        Never two versions in one answer."""
         while True:
             served = self.served
             rows = prepare(served) if inline else await self.off_loop(lambda: prepare(served))
             self.metrics.queue_depth.set(served.batcher.depth)
+            started = time.perf_counter()
             try:
                 outputs = await served.batcher.submit(rows)
             except BatcherClosed:
                 continue
-            return rows, *served.model.split(outputs), served
+            return Inferred(rows, *served.model.split(outputs), served, time.perf_counter() - started)
 
     async def _test_drift(self, served: Served) -> None:
         """Test the served version's latest window in a worker thread (tens of milliseconds of numpy)."""
@@ -373,12 +491,13 @@ class ModelServer:
                         served.version, result.p_value, result.level, result.class_tv_reference,
                         result.mean_confidence, result.reference_mean_confidence)
 
-    def answered(self, endpoint: str, served: Served, inputs: bytes | np.ndarray, logits: np.ndarray,
-                 features: np.ndarray | None = None, probabilities: np.ndarray | None = None) -> str:
+    def answered(self, endpoint: str, inferred: Inferred, inputs: bytes | np.ndarray,
+                 probabilities: np.ndarray | None = None) -> Answered:
         """A new request id for an answer; with capture on, a sampled answer goes to the capture store (queued: the
-        writer thread does the rest). `inputs`: the uploaded file's bytes, or the request's float32 rows;
-        `features`: the model's penultimate features per row, None while the served model does not give them;
-        `probabilities`: the logits' softmax when the endpoint already computed it for its answer."""
+        writer thread does the rest); with shadow on, a sampled answer is offered to the shadow once it is sent.
+        `inputs`: the uploaded file's bytes, or the request's float32 rows; `probabilities`: the logits' softmax
+        when the endpoint already computed it for its answer."""
+        served, logits, features = inferred.served, inferred.logits, inferred.features
         request_id = new_request_id()
         capture = self.capture is not None and self.capture.sampled()
         measure = served.drift is not None and features is not None
@@ -393,7 +512,61 @@ class ModelServer:
             self.capture.submit(Answer(request_id, endpoint, self.settings.model_name, served.version,
                                        served.model.variant, served.model.classes, probabilities, inputs, features,
                                        served.model.contract))
-        return request_id
+        background = None
+        if (self.shadowed is not None and self._shadow_queue is not None
+                and random.random() < self.settings.serving.shadow.fraction):
+            job = ShadowJob(request_id, inputs, served.version, predicted_classes(logits, served.model.classes),
+                            inferred.seconds, time.time())
+            background = BackgroundTask(self._offer_shadow, job)  # runs once the response is sent
+        return Answered(request_id, background)
+
+    # ------------------------------------------------------------ the shadow
+
+    async def _offer_shadow(self, job: ShadowJob) -> None:
+        self._shadow_queue.offer(job)
+
+    async def _run_shadow(self, job: ShadowJob) -> ShadowOutcome | None:
+        """The shadow's answer to a request, from the input the served model had: an upload decoded for the shadow's
+        own contract, or the same rows (refused when the shadow takes another shape). None: nothing to shadow now."""
+        shadow = self.shadowed
+        if shadow is None:
+            return None
+        contract = shadow.model.contract
+        if isinstance(job.inputs, bytes):
+            rows = await self.off_loop(lambda: contract.normalize(decode_image(job.inputs, contract)[None]))
+        elif job.inputs.shape[1:] != tuple(contract.shape):
+            raise InputError(f"the shadow v{shadow.version} takes rows of shape {list(contract.shape)}, the served "
+                             f"model {list(job.inputs.shape[1:])}: tensor requests cannot be shadowed")
+        else:
+            rows = job.inputs
+        started = time.perf_counter()
+        logits, _ = shadow.model.split(await shadow.batcher.submit(rows))
+        return ShadowOutcome(job, self.settings.serving.shadow.alias, shadow.version,
+                             predicted_classes(logits, shadow.model.classes), time.perf_counter() - started)
+
+    def _shadow_done(self, outcome: ShadowOutcome) -> None:
+        counted = self.shadow_metrics
+        counted.requests.labels("compared").inc()
+        counted.rows.inc(len(outcome.predicted))
+        counted.agreements.inc(outcome.agreements)
+        counted.latency.labels("served").observe(outcome.job.seconds)
+        counted.latency.labels("shadow").observe(outcome.seconds)
+        rows = len(outcome.predicted)
+        for row, (served, shadow) in enumerate(zip(outcome.job.predicted, outcome.predicted)):
+            self._shadow_recent[item_id(outcome.job.request_id, row, rows)] = (served, shadow)
+        while len(self._shadow_recent) > SHADOW_RECENT_ITEMS:
+            self._shadow_recent.popitem(last=False)
+        if self.capture is not None:
+            self.capture.submit_shadow(outcome.job.time, outcome.records())
+
+    def _shadow_dropped(self, reason: str) -> None:
+        self.shadow_metrics.requests.labels(reason).inc()
+
+    def labelled(self, item: str, label: str) -> None:
+        """A feedback label arrived: when its item was shadowed lately, count which of the two models was right."""
+        if self.shadow_metrics is not None and (pair := self._shadow_recent.get(item)) is not None:
+            served, shadow = ("right" if predicted == label else "wrong" for predicted in pair)
+            self.shadow_metrics.labelled.labels(served, shadow).inc()
 
 
 async def _multipart_file(headers, body: bytes) -> bytes:
@@ -695,7 +868,7 @@ async def infer(request: Request) -> Response:
         # event loop: a hop to the decode pool costs more. Large JSON tensors are parsed in the pool.
         inline = binary is not None or len(raw) <= INLINE_BODY_BYTES
         body = orjson.loads(header) if inline else await server.off_loop(lambda: orjson.loads(header))
-        rows, logits, features, served = await server.infer(lambda served: _parse_infer(
+        inferred = await server.infer(lambda served: _parse_infer(
             body, served.model, max_infer_rows(served.model, limit), binary), inline=inline)
     except orjson.JSONDecodeError as error:
         metrics.errors.labels("infer", "bad_json").inc()
@@ -705,7 +878,9 @@ async def infer(request: Request) -> Response:
     except InputError as error:
         metrics.errors.labels("infer", "bad_input").inc()
         return _error(413 if isinstance(error, PayloadTooLarge) else 400, str(error))
-    headers = {REQUEST_ID_HEADER: server.answered("infer", served, rows, logits, features)}
+    served, logits = inferred.served, inferred.logits
+    answered = server.answered("infer", inferred, inferred.rows)
+    headers = {REQUEST_ID_HEADER: answered.request_id}
     output = {"name": served.model.contract.output_name, "datatype": "FP32", "shape": list(logits.shape)}
     payload = {"model_name": name, "model_version": served.version, "id": body.get("id", ""), "outputs": [output]}
     if wants_binary_output(body):
@@ -713,11 +888,12 @@ async def infer(request: Request) -> Response:
         output["parameters"] = {"binary_data_size": len(data)}
         header = orjson.dumps(payload)
         headers["Inference-Header-Content-Length"] = str(len(header))
-        return Response(header + data, media_type="application/octet-stream", headers=headers)
+        return Response(header + data, media_type="application/octet-stream", headers=headers,
+                        background=answered.background)
     # orjson writes the numpy array directly; FastAPI's default encoder walks every float in Python.
     output["data"] = logits.ravel()
     return Response(orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json",
-                    headers=headers)
+                    headers=headers, background=answered.background)
 
 
 async def predict(request: Request) -> Response:
@@ -738,17 +914,17 @@ async def predict(request: Request) -> Response:
             return served.model.contract.normalize(decode_image(blob, served.model.contract)[None])
 
         # A small image decodes faster than a hop to the decode pool; a large one would stall the event loop.
-        _, logits, features, served = await server.infer(prepare, inline=declared_pixels(blob) <= INLINE_IMAGE_PIXELS)
+        inferred = await server.infer(prepare, inline=declared_pixels(blob) <= INLINE_IMAGE_PIXELS)
     except InputError as error:
         server.metrics.errors.labels("predict", "bad_image").inc()
         return _error(413 if isinstance(error, PayloadTooLarge) else 400, str(error))
-    probabilities = softmax(logits)
+    served, probabilities = inferred.served, softmax(inferred.logits)
     order = np.argsort(-probabilities[0])[: max(1, min(int(top_k), probabilities.shape[1]))]
-    request_id = server.answered("predict", served, blob, logits, features, probabilities)
+    answered = server.answered("predict", inferred, blob, probabilities)
     return Response(orjson.dumps({
         "model_version": served.version,
         "predictions": [{"class": served.model.classes[i], "probability": float(probabilities[0, i])} for i in order],
-    }), media_type="application/json", headers={REQUEST_ID_HEADER: request_id})
+    }), media_type="application/json", headers={REQUEST_ID_HEADER: answered.request_id}, background=answered.background)
 
 
 # What each refusal of the capture store is answered with, and counted as (graft_feedback_total{outcome}).
@@ -781,6 +957,7 @@ async def feedback(request: Request) -> Response:
         return _error(400, f"expected a request_id and a label, both strings; {FEEDBACK_FORM}")
     try:
         await asyncio.to_thread(server.capture.label, body["request_id"], body["label"])
+        server.labelled(body["request_id"], body["label"])
     except CaptureError as error:
         status, outcome = FEEDBACK_REFUSALS[type(error)]
         counted.labels(outcome).inc()

@@ -2,7 +2,7 @@
 `graft serve` and `python -m deploy.server` derive their options from its fields (`--max-batch-size` for
 `max_batch_size`, help from the field's description), the server its environment variables (`GRAFT_MAX_BATCH_SIZE`),
 and tests/test_serving_settings.py holds deploy/compose.yaml, deploy/.env.example and the server image to them.
-A nested model (`capture`, `drift`) is flattened the same way: `capture.max_bytes` is `--capture-max-bytes` and
+A nested model (`capture`, `drift`, `shadow`) is flattened the same way: `capture.max_bytes` is `--capture-max-bytes` and
 GRAFT_CAPTURE_MAX_BYTES.
 
 pydantic only, and nothing that loads ONNX Runtime: validating params.yaml stays fast, and the serving image has
@@ -72,6 +72,20 @@ class DriftSettings(BaseModel):
     permutations: int = Field(default=200, ge=20, description="permutations of the MMD test that give its p-value")
 
 
+class ShadowSettings(BaseModel):
+    """A second model run on a share of the requests after their answer is sent (deploy/shadow.py): how it would
+    have answered, never what the client gets."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(default=False, description="also run the model behind `shadow.alias` on a share of the "
+                                                     "answered requests and record how it compares")
+    alias: str = Field(default="challenger", description="the registry alias to shadow and follow")
+    fraction: float = Field(default=1.0, gt=0, le=1, description="the share of answered requests the shadow runs on")
+    queue: int = Field(default=64, ge=1, description="requests waiting for the shadow at most: beyond, one is "
+                                                     "dropped (counted), never waited for")
+
+
 class ServingSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -99,6 +113,8 @@ class ServingSettings(BaseModel):
     capture: CaptureSettings = Field(default_factory=CaptureSettings,
                                      description="request capture and feedback (off: a privacy decision)")
     drift: DriftSettings = Field(default_factory=DriftSettings, description="drift tests on served features")
+    shadow: ShadowSettings = Field(default_factory=ShadowSettings,
+                                   description="a second model on live traffic, compared, never answering")
 
 
 @dataclass(frozen=True)

@@ -144,6 +144,7 @@ class RegistrySource:
 
     def __init__(self, tracking_uri: str, name: str, alias: str, cache_dir: str | Path, timeout: float = 30.0) -> None:
         self.tracking_uri, self.name, self.alias = tracking_uri.rstrip("/"), name, alias
+        self._given = (cache_dir, timeout)
         identity = registry_identity(self.tracking_uri)
         self.cache_dir = Path(cache_dir) / f"{urlparse(self.tracking_uri).scheme}-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
         self.remote = urlparse(tracking_uri).scheme in ("http", "https")
@@ -157,6 +158,10 @@ class RegistrySource:
 
     def describe(self) -> str:
         return f"models:/{self.name}@{self.alias} at {self.tracking_uri}"
+
+    def for_alias(self, alias: str) -> RegistrySource:
+        """The same registered model in the same registry and cache, behind another alias."""
+        return RegistrySource(self.tracking_uri, self.name, alias, *self._given)
 
     # ------------------------------------------------------------ MLflow REST (a tracking server)
 
