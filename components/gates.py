@@ -113,12 +113,12 @@ class GateReport:
         return "; ".join(f"{g.name}: {g.detail or f'{g.value} vs {g.bound}'}" for g in self.failures)
 
 
-def _at_least(name: str, value: float, bound: float, detail_failed: str = "") -> Gate:
+def at_least(name: str, value: float, bound: float, detail_failed: str = "") -> Gate:
     passed = value >= bound
     return Gate(name, PASSED if passed else FAILED, value, f">= {bound:g}", "" if passed else detail_failed)
 
 
-def _at_most(name: str, value: float, bound: float, detail_failed: str = "") -> Gate:
+def at_most(name: str, value: float, bound: float, detail_failed: str = "") -> Gate:
     passed = value <= bound
     return Gate(name, PASSED if passed else FAILED, value, f"<= {bound:g}", "" if passed else detail_failed)
 
@@ -126,9 +126,9 @@ def _at_most(name: str, value: float, bound: float, detail_failed: str = "") -> 
 def quality_gates(evaluation: dict, gates: GateParams) -> list[Gate]:
     transfer = evaluation["transfer"]
     return [
-        _at_least("quality.accuracy", transfer["accuracy"], gates.min_accuracy,
+        at_least("quality.accuracy", transfer["accuracy"], gates.min_accuracy,
                   f"test accuracy {transfer['accuracy']:.4f} is below the quality floor gates.min_accuracy {gates.min_accuracy:g}"),
-        _at_least("quality.macro_f1", transfer["macro_f1"], gates.min_macro_f1,
+        at_least("quality.macro_f1", transfer["macro_f1"], gates.min_macro_f1,
                   f"test macro-F1 {transfer['macro_f1']:.4f} is below the quality floor gates.min_macro_f1 {gates.min_macro_f1:g}"),
     ]
 
@@ -189,7 +189,7 @@ def _mcnemar_exact(only_a: int, only_b: int) -> float:
     return min(1.0, 2 * tail)
 
 
-def _worse_gate(name: str, comparison: PairedComparison, gates: GateParams, a: str, b: str, verdict_name: str) -> Gate:
+def worse_gate(name: str, comparison: PairedComparison, gates: GateParams, a: str, b: str, verdict_name: str) -> Gate:
     """Fail only when a is worse than b significantly and by at least the minimum effect: noise never fails."""
     worse = comparison.significant and comparison.difference <= -gates.min_effect
     bound = f"not significantly below -{gates.min_effect:g} at {100 * gates.confidence:g}%"
@@ -205,7 +205,7 @@ def transfer_gate(comparison: PairedComparison, gates: GateParams) -> Gate:
     if gates.transfer == "off":
         return Gate("transfer.gain", SKIPPED, comparison.difference, "", "gates.transfer is off")
     if gates.transfer == "not_worse":
-        return _worse_gate("transfer.gain", comparison, gates, "transfer", "scratch", "negative transfer")
+        return worse_gate("transfer.gain", comparison, gates, "transfer", "scratch", "negative transfer")
     pays = comparison.significant and comparison.difference >= gates.min_effect
     bound = f"significantly above +{gates.min_effect:g} at {100 * gates.confidence:g}%"
     detail = comparison.text("transfer", "scratch")
@@ -216,14 +216,14 @@ def transfer_gate(comparison: PairedComparison, gates: GateParams) -> Gate:
 def regression_gate(comparison: PairedComparison | None, gates: GateParams) -> Gate:
     if comparison is None:
         return Gate("no_regression", SKIPPED, None, "", "no champion yet: nothing to compare with")
-    return _worse_gate("no_regression", comparison, gates, "candidate", "champion", "worse than the champion")
+    return worse_gate("no_regression", comparison, gates, "candidate", "champion", "worse than the champion")
 
 
 def parity_gates(parity: dict) -> list[Gate]:
     return [
-        _at_least("parity.top1_agreement", parity["argmax_agreement"], 1.0,
+        at_least("parity.top1_agreement", parity["argmax_agreement"], 1.0,
                   "ONNX Runtime and PyTorch disagree on the top-1 class of some test examples"),
-        _at_most("parity.logits", parity["worst_tolerance_ratio"], 1.0,
+        at_most("parity.logits", parity["worst_tolerance_ratio"], 1.0,
                  f"logits differ beyond atol {parity['atol']:g} + rtol {parity['rtol']:g} * |logit| (max |diff| {parity['max_abs_diff']:.2e})"),
     ]
 
@@ -272,7 +272,7 @@ def skew_gate(served: float | None, evaluated: float, gates: GateParams, variant
     gap = abs(served - evaluated)
     detail = (f"train/serve skew: the test images decoded and normalised as the server does score {served:.4f} on "
               f"{variant}, {measured_by} measured {evaluated:.4f}; the preprocessing contract is not what training used")
-    return _at_most(name, gap, gates.max_skew, detail)
+    return at_most(name, gap, gates.max_skew, detail)
 
 
 def _timed(run: Callable[[np.ndarray], np.ndarray], batch: np.ndarray, repeats: int) -> tuple[np.ndarray, float]:
@@ -305,10 +305,10 @@ def serving_gates(model: LoadedModel, x_test: np.ndarray, y_test: np.ndarray, ga
     result = [
         Gate(f"serving.{variant}.answers", PASSED if answers_ok else FAILED, float(answers_ok), "== 1",
              "" if answers_ok else f"{on} answered {logits.shape} or non-finite logits"),
-        _at_most(f"serving.{variant}.latency_ms_batch1", single_ms, gates.max_latency_ms_batch1, f"batch 1 too slow: {on}"),
-        _at_most(f"serving.{variant}.latency_ms_batch{len(repeat)}", large_ms, gates.max_latency_ms_large_batch,
+        at_most(f"serving.{variant}.latency_ms_batch1", single_ms, gates.max_latency_ms_batch1, f"batch 1 too slow: {on}"),
+        at_most(f"serving.{variant}.latency_ms_batch{len(repeat)}", large_ms, gates.max_latency_ms_large_batch,
                  f"batch {len(repeat)} too slow: {on}"),
-        _at_most(f"serving.{variant}.model_mb", size_mb, gates.max_model_mb, f"the {variant} file is over the size budget"),
+        at_most(f"serving.{variant}.model_mb", size_mb, gates.max_model_mb, f"the {variant} file is over the size budget"),
     ]
     return result, {"serving_accuracy_on_large_batch": accuracy, "latency_ms_batch1": single_ms,
                     f"latency_ms_batch{len(repeat)}": large_ms}

@@ -304,7 +304,9 @@ def apply_gate_verdict(params: Settings, registration: dict, report: GateReport)
     if alias_version(client, name, CHALLENGER) != version:
         move_alias(client, name, CHALLENGER, version, "challenger", "passed every gate", run_id)
     champion = alias_version(client, name, CHAMPION)
-    if champion != version and (params.promotion.auto_promote or champion is None):
+    # With the shadow gate required, only the first model is promoted here: a later one has no live evidence yet.
+    automatic = params.promotion.auto_promote and not params.promotion.shadow.required
+    if champion != version and (automatic or champion is None):
         reason = "first model to pass every gate" if champion is None else "auto_promote: passed every gate"
         promote(client, name, version, reason=reason, run_id=run_id)
     return {"gates_passed": True, "challenger": True, "promoted": alias_version(client, name, CHAMPION) == version}

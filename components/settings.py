@@ -92,8 +92,19 @@ class GateParams(Strict):
     max_model_mb: float = Field(default=100.0, gt=0)
 
 
+class ShadowGateParams(Strict):
+    """The evidence a challenger needs from shadowing live traffic (serving.shadow) before it is promoted."""
+
+    required: bool = False  # `graft promote` refuses a challenger without passing this gate (auto_promote: first only)
+    min_requests: int = Field(default=500, ge=1)  # shadowed answers of this challenger against this champion
+    min_agreement: float = Field(default=0.5, ge=0, le=1)  # share of them where both predicted the same class
+    max_latency_ratio: float = Field(default=2.0, gt=0)  # the shadow's p95 model latency over the champion's
+    min_labelled: int = Field(default=50, ge=1)  # of them with a feedback label: McNemar, gates.confidence/min_effect
+
+
 class PromotionParams(Strict):
     auto_promote: bool = False  # the first model that passes every gate is always promoted
+    shadow: ShadowGateParams = ShadowGateParams()
 
 
 class ScheduleParams(Strict):

@@ -221,13 +221,41 @@ def _summary(args: argparse.Namespace) -> int:
 
 def _move_champion(args: argparse.Namespace) -> int:
     from components.registry import format_history, open_registry, promote, rollback
+    from components.settings import load_settings
 
     client, name = open_registry(_params_file(args))
     if args.command == "promote":
+        params = load_settings(_params_file(args))
+        if args.require_shadow or params.promotion.shadow.required:
+            from components.shadow import require_shadow_evidence
+
+            require_shadow_evidence(args.root, params, client, name, args.version)
         move = promote(client, name, args.version, reason=args.reason)
     else:
         move = rollback(client, name, reason=args.reason)
     print(format_history([move]))
+    return 0
+
+
+def _shadow_report(args: argparse.Namespace) -> int:
+    from components.registry import CHAMPION, alias_version, open_registry
+    from components.settings import load_settings
+    from components.shadow import judge_shadow, markdown, verdict
+
+    params = load_settings(_params_file(args))
+    client, name = open_registry(_params_file(args))
+    alias = params.serving.shadow.alias
+    champion = args.champion or alias_version(client, name, CHAMPION)
+    challenger = args.challenger or alias_version(client, name, alias)
+    if champion is None or challenger is None:
+        missing = CHAMPION if champion is None else alias
+        print(f"graft: error: {name} has no {missing!r} version: nothing to report on (give --champion and "
+              f"--challenger)", file=sys.stderr)
+        return 2
+    evidence, found = judge_shadow(args.root, params, champion, challenger, args.capture)
+    print(markdown(evidence, found))
+    ok, why = verdict(found, params.promotion.shadow)
+    print(f"\n`graft promote` with the shadow gate would {'promote' if ok else 'refuse'} v{challenger}: {why}")
     return 0
 
 
@@ -243,6 +271,7 @@ def _serve(args: argparse.Namespace) -> int:
     from components.registry import registry_call, tracking_uri
     from components.settings import load_settings
     from deploy.server import TOKEN_VARIABLE, BindRefused, ServerSettings, build_source, serve
+    from deploy.source import SourceError
     from deploy.settings import SettingsError, serving_from
 
     params = load_settings(_params_file(args))
@@ -259,7 +288,7 @@ def _serve(args: argparse.Namespace) -> int:
         source = build_source(uri, params.registry.model_name, serving.alias, args.onnx_file, settings.cache_dir)
     try:
         serve(source, settings, insecure=args.insecure_no_auth)
-    except BindRefused as error:
+    except (BindRefused, SourceError) as error:
         raise GraftError(str(error)) from None
     return 0
 
@@ -356,11 +385,25 @@ def build_parser() -> argparse.ArgumentParser:
                       "re-checking its gates and its file")
     promote.add_argument("--version", help="a registered version (default: the challenger)")
     promote.add_argument("--reason", default="", help="why, for the audit trail (graft history)")
+    promote.add_argument("--require-shadow", action="store_true",
+                         help="refuse unless the shadow gate passes on live traffic (always with "
+                              "promotion.shadow.required; graft shadow report shows the evidence)")
 
     rollback = command("rollback", _move_champion, "move the champion alias back to the previous champion")
     rollback.add_argument("--reason", default="", help="why, for the audit trail (graft history)")
 
     command("history", _history, "every alias move: version, from, when, by whom, why")
+
+    shadow = commands.add_parser("shadow", help="the challenger on live traffic (serving.shadow): `graft shadow report`")
+    shadow_commands = shadow.add_subparsers(dest="shadow_command", required=True, metavar="COMMAND")
+    shadow_report = shadow_commands.add_parser(
+        "report", parents=[project], help="what the server's shadow recorded (serving.capture.folder): agreement, "
+        "latency and, on feedback-labelled requests, challenger against champion; the shadow gate's verdict")
+    shadow_report.add_argument("--champion", metavar="VERSION", help="the served version (default: the champion)")
+    shadow_report.add_argument("--challenger", metavar="VERSION",
+                               help="the shadowed version (default: the one behind serving.shadow.alias)")
+    shadow_report.add_argument("--capture", metavar="DIR", help="the capture folder (default: serving.capture.folder)")
+    shadow_report.set_defaults(handler=_shadow_report)
 
     serve = command("serve", _serve, "serve the model behind a registry alias over HTTP (ONNX Runtime)")
     serve.add_argument("--onnx-file", metavar="FILE", help="serve this ONNX file instead (no alias, no reloads)")

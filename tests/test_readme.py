@@ -58,6 +58,10 @@ LONG = {
     "prefect worker start": "a long-lived worker that runs the full retrain flow",
     "prefect deployment run": "a full retrain through the worker above",
     "cp new-photos/": "the user's own new images (a placeholder folder)",
+    "graft serve --shadow-enabled": "a second server, shadowing the challenger (tests/test_server.py shadows v2 live)",
+    "graft shadow report": "reads what a shadowing server kept (tests/test_server.py, tests/test_shadow.py)",
+    "graft promote --require-shadow": "refused without live evidence, which this project has none of (tests/test_server.py "
+                                      "checks that refusal)",
     "dvc add data/raw/animal-mnist": "re-versions the user's data after new images arrive",
     "graft data add": "the user's own folder (tests/test_userdata.py runs `graft data add` on a real one)",
     "git add data/raw/my-parts.dvc": "follows the user's `graft data add`, then a full `graft run`",

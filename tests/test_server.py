@@ -20,6 +20,7 @@ from mlflow.artifacts import download_artifacts
 from PIL import Image
 
 from components.registry import CHAMPION, alias_version, move_alias
+from components.shadow import collect_evidence
 from deploy.digest import sha256_file
 from deploy.source import ONNX_SHA_TAG
 from tests.conftest import copy_workspace, free_port, graft_cli, wait_until
@@ -277,6 +278,61 @@ def test_promote_and_rollback_under_traffic_fail_nothing_and_mix_nothing(server,
     for _, version, logits in results:
         np.testing.assert_allclose(logits, expected[version], atol=1e-5)  # every answer is wholly one version's
     assert len(results) > 200
+
+
+def _metric_value(base: str, series: str) -> float:
+    line = next((line for line in httpx.get(f"{base}/metrics").text.splitlines() if line.startswith(series + " ")), None)
+    return float(line.split()[-1]) if line else 0.0
+
+
+def test_the_challenger_shadows_live_answers_and_promotion_waits_for_its_evidence(registry, served_workspace,
+                                                                                   mlflow_server, tmp_path):
+    client, _ = registry
+    root, _ = served_workspace
+    folder = tmp_path / "captures"
+    process, base = start_server(mlflow_server, MODEL, tmp_path / "cache", "--variant", "fp32", "--shadow-enabled",
+                                 "--capture-enabled", "--capture-folder", str(folder))
+    rows = np.random.default_rng(11).normal(size=(24, 1, 28, 28)).astype(np.float32)
+    try:
+        wait_ready(base)
+        wait_until(lambda: 'graft_shadow_model_info{alias="challenger",version="2"} 1.0' in httpx.get(f"{base}/metrics").text,
+                   30, "the challenger never became the shadow")
+        ids = []
+        with httpx.Client() as http:
+            for row in rows:
+                response = _infer(http, base, row[None])
+                assert response.status_code == 200 and response.json()["model_version"] == "1"
+                ids.append(response.headers["x-request-id"])
+            classes = http.get(f"{base}/v2/models/{MODEL}").json()["parameters"]["classes"]
+        wait_until(lambda: _metric_value(base, 'graft_shadow_requests_total{outcome="compared"}') == len(rows), 30,
+                   "the shadow did not compare every answer")
+        # What each registered version predicts for these rows, from its own file in a fresh session.
+        predicted = {version: ort.InferenceSession(str(next((root.parent / f"v{version}").rglob("model.onnx"))),
+                                                   providers=["CPUExecutionProvider"]).run(None, {"pixels": rows})[0]
+                     .argmax(axis=1) for version in ("1", "2")}
+        same = predicted["1"] == predicted["2"]
+        assert _metric_value(base, "graft_shadow_rows_total") == len(rows)
+        assert _metric_value(base, "graft_shadow_agreements_total") == same.sum()
+        labelled = 12  # labelled with the challenger's class: it is right on each, the champion where they agree
+        with httpx.Client() as http:
+            for request_id, index in zip(ids, predicted["2"][:labelled]):
+                answer = http.post(f"{base}/feedback", json={"request_id": request_id, "label": classes[index]})
+                assert answer.status_code == 201, answer.text
+        assert (_metric_value(base, 'graft_shadow_labelled_total{served="right",shadow="right"}')
+                + _metric_value(base, 'graft_shadow_labelled_total{served="wrong",shadow="right"}')) == labelled
+        assert _metric_value(base, 'graft_shadow_labelled_total{served="wrong",shadow="right"}') == (~same[:labelled]).sum()
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+    evidence = collect_evidence(folder, "1", "2", 0.95)
+    assert (evidence.rows, evidence.agreements, evidence.labelled) == (len(rows), same.sum(), labelled)
+    assert (evidence.comparison.only_a, evidence.comparison.only_b) == ((~same[:labelled]).sum(), 0)
+
+    # Promotion with the shadow gate: the project's own capture folder holds no evidence, so it is refused, in a line.
+    refused = graft_cli(root, mlflow_server, "promote", "--require-shadow", check=False)
+    assert refused.returncode != 0 and "refusing to promote served-classifier v2" in refused.stderr
+    assert "0 answers of v2 shadowing v1" in refused.stderr and "Traceback" not in refused.stderr
+    assert alias_version(client, MODEL, CHAMPION) == "1"
 
 
 def test_metrics_show_batches_versions_and_errors(server):
