@@ -50,6 +50,7 @@ from starlette.background import BackgroundTask
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from deploy.batching import BatcherClosed, DynamicBatcher
+from deploy.contract import Contract
 from deploy.drift import DriftMonitor, DriftResult
 from deploy.capture import (
     DROP_REASONS,
@@ -533,7 +534,7 @@ class ModelServer:
             return None
         contract = shadow.model.contract
         if isinstance(job.inputs, bytes):
-            rows = await self.off_loop(lambda: contract.normalize(decode_image(job.inputs, contract)[None]))
+            rows = await self.off_loop(lambda: image_row(job.inputs, contract))
         elif job.inputs.shape[1:] != tuple(contract.shape):
             raise InputError(f"the shadow v{shadow.version} takes rows of shape {list(contract.shape)}, the served "
                              f"model {list(job.inputs.shape[1:])}: tensor requests cannot be shadowed")
@@ -582,6 +583,11 @@ async def _multipart_file(headers, body: bytes) -> bytes:
     if upload is None or isinstance(upload, str):
         raise InputError('multipart upload needs a file field named "file"')
     return await upload.read()
+
+
+def image_row(blob: bytes, contract: Contract) -> np.ndarray:
+    """An uploaded image file -> the one-row float32 tensor a model of `contract` takes."""
+    return contract.normalize(decode_image(blob, contract)[None])
 
 
 def _authorised(headers: dict[bytes, bytes], token: str) -> bool:
@@ -911,7 +917,7 @@ async def predict(request: Request) -> Response:
             blob = await _multipart_file(request.headers, blob)
 
         def prepare(served: Served) -> np.ndarray:
-            return served.model.contract.normalize(decode_image(blob, served.model.contract)[None])
+            return image_row(blob, served.model.contract)
 
         # A small image decodes faster than a hop to the decode pool; a large one would stall the event loop.
         inferred = await server.infer(prepare, inline=declared_pixels(blob) <= INLINE_IMAGE_PIXELS)
