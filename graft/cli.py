@@ -252,6 +252,10 @@ def _shadow_report(args: argparse.Namespace) -> int:
         print(f"graft: error: {name} has no {missing!r} version: nothing to report on (give --champion and "
               f"--challenger)", file=sys.stderr)
         return 2
+    if champion == challenger:
+        print(f"{name}@{alias} is v{challenger}, the champion itself: the server shadows nothing until a new version "
+              f"gets the {alias!r} alias (graft run registers one that passes every gate)")
+        return 0
     evidence, found = judge_shadow(args.root, params, champion, challenger, args.capture)
     print(markdown(evidence, found))
     ok, why = verdict(found, params.promotion.shadow)
