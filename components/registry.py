@@ -1,7 +1,8 @@
 """Aliases in the MLflow registry, with an audit trail MLflow itself does not keep.
 
-`challenger` marks a version that passed every gate; `champion` is what production serves. Every alias move
-is recorded as a registered-model tag `graft.audit.<ns timestamp>` holding JSON: alias, version, previous
+`challenger` marks a version that passed every gate; `champion` is what production serves; the canary share
+(deploy/canary.py: the percent of live traffic that serving.canary.alias's version answers) is the registered model's
+tag graft.canary.share. Every alias move and share change is recorded as a registered-model tag `graft.audit.<ns timestamp>` holding JSON: alias, version, previous
 version, when, who, which run, why, and whether the move completed. A move is written as `started`, then the
 alias is set (one atomic registry call), then `completed`: a process killed in between leaves the alias
 either where it was or where it was going, both complete, gate-passing versions, and the history shows the
@@ -40,7 +41,8 @@ from deploy.source import (
     check_server,
     check_store_exists,
 )
-from deploy.tags import AUDIT_PREFIX, CANDIDATE_TAG, GATES_TAG, JUDGED_TAG, gate_verdicts
+from deploy.canary import ShareError, parse_share
+from deploy.tags import AUDIT_PREFIX, CANARY_SHARE_TAG, CANDIDATE_TAG, GATES_TAG, JUDGED_TAG, gate_verdicts
 from deploy.variants import FP32
 
 if TYPE_CHECKING:
@@ -105,6 +107,8 @@ class AliasMove:
     status: str          # started | completed
     at: str
     key: str = ""
+    share: float | None = None           # a canary share change (action canary, or rollback of one): the new percent
+    previous_share: float | None = None  # ... and the one before
 
 
 def tracking_uri(registry: RegistryParams, root: str | Path = ".") -> str:
@@ -225,8 +229,12 @@ def alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
 def _record(client: MlflowClient, name: str, move: AliasMove) -> AliasMove:
     key = move.key or f"{AUDIT_PREFIX}{time.time_ns()}"
     move = AliasMove(**{**asdict(move), "key": key})
-    client.set_registered_model_tag(name, key, json.dumps({k: v for k, v in asdict(move).items() if k != "key"}))
+    fields = {k: v for k, v in asdict(move).items() if k != "key" and (v is not None or k not in SHARE_FIELDS)}
+    client.set_registered_model_tag(name, key, json.dumps(fields))
     return move
+
+
+SHARE_FIELDS = ("share", "previous_share")  # only a canary share change has them
 
 
 def move_alias(client: MlflowClient, name: str, alias: str, version: str, action: str, reason: str, run_id: str = "") -> AliasMove:
@@ -356,8 +364,45 @@ def champion_lineage(moves: list[AliasMove]) -> list[str]:
     return stack
 
 
+def canary_share(client: MlflowClient, name: str) -> float:
+    """The canary share the registry holds now, in percent (no tag: 0)."""
+    return parse_share(client.get_registered_model(name).tags.get(CANARY_SHARE_TAG))
+
+
+@_classified("setting the canary share")
+def set_canary_share(client: MlflowClient, name: str, alias: str, share: float | str, action: str = "canary",
+                     reason: str = "") -> AliasMove:
+    """Let `alias`'s version answer `share` percent of live traffic on every server that follows the registry
+    (serving.canary), recorded before and after like an alias move. A share above 0 needs a gate-passing version
+    behind `alias` that is not the champion."""
+    try:
+        share = parse_share(share)
+    except ShareError as error:
+        raise RegistryError(str(error)) from None
+    version = alias_version(client, name, alias)
+    if share > 0:
+        if version is None:
+            raise RegistryError(f"{name} has no {alias!r} version to canary (serving.canary.alias); a retrain that "
+                                f"passes every gate registers one (graft run)")
+        if version == alias_version(client, name, CHAMPION):
+            raise RegistryError(f"{name}@{alias} is v{version}, the {CHAMPION} itself: there is nothing to canary")
+        ok, why = gates_passed(client, name, version)
+        if not ok:
+            raise RegistryError(f"refusing to canary {name} v{version}: {why}")
+    previous = canary_share(client, name)
+    started = _record(client, name, AliasMove(
+        alias, version or "-", None, action, _actor(), "", reason or f"canary share {previous:g}% -> {share:g}%",
+        "started", datetime.now(timezone.utc).isoformat(timespec="seconds"), share=share, previous_share=previous))
+    client.set_registered_model_tag(name, CANARY_SHARE_TAG, f"{share:g}")
+    return _record(client, name, AliasMove(**{**asdict(started), "status": "completed"}))
+
+
 @_classified("rolling back")
-def rollback(client: MlflowClient, name: str, reason: str = "") -> AliasMove:
+def rollback(client: MlflowClient, name: str, reason: str = "", canary_alias: str = CHALLENGER) -> AliasMove:
+    """Move traffic back at once: a live canary's share to 0 (the champion answers everything again), else the
+    champion alias back to the champion before it."""
+    if canary_share(client, name) > 0:
+        return set_canary_share(client, name, canary_alias, 0, "rollback", reason or "canary rolled back")
     stack = champion_lineage(history(client, name))
     if len(stack) < 2:
         raise RegistryError(f"{name} has no previous {CHAMPION} to roll back to (champion history: {stack or 'empty'})")
@@ -369,9 +414,54 @@ def rollback(client: MlflowClient, name: str, reason: str = "") -> AliasMove:
 def format_history(moves: list[AliasMove]) -> str:
     if not moves:
         return "no alias moves recorded"
-    header = f"{'when (UTC)':25} {'alias':10} {'version':>7} {'from':>5} {'action':10} {'status':11} {'by':12} {'run':12} why"
+    header = (f"{'when (UTC)':25} {'alias':10} {'version':>7} {'from':>5} {'share':>12} {'action':10} {'status':11} "
+              f"{'by':12} {'run':12} why")
     lines = [header, "-" * len(header)]
     for m in moves:
-        lines.append(f"{m.at:25} {m.alias:10} {'v' + m.version:>7} {('v' + m.previous) if m.previous else '-':>5} "
+        share = "-" if m.share is None else f"{m.previous_share:g}% -> {m.share:g}%"
+        version = m.version if m.version == "-" else "v" + m.version
+        lines.append(f"{m.at:25} {m.alias:10} {version:>7} {('v' + m.previous) if m.previous else '-':>5} {share:>12} "
                      f"{m.action:10} {m.status:11} {m.actor[:12]:12} {m.run_id[:12]:12} {m.reason}")
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class TrafficSpan:
+    """From `since`, which versions answered which percent of live traffic (on servers following the registry)."""
+
+    since: str
+    shares: dict[str, float]  # version -> percent
+
+
+def traffic_timeline(moves: list[AliasMove], canary_alias: str = CHALLENGER) -> list[TrafficSpan]:
+    """Who answered live traffic when, from the audit trail: the champion all of it, but the canary share, which
+    the version behind `canary_alias` answered while it was set and that version was not the champion."""
+    champion = canary = None
+    share, spans = 0.0, []
+    for move in moves:
+        if move.status != "completed":
+            continue
+        if move.share is not None:
+            share = move.share
+        elif move.alias == CHAMPION:
+            champion = move.version
+        elif move.alias == canary_alias:
+            canary = move.version
+        else:
+            continue
+        if champion is None:
+            continue
+        live = canary is not None and canary != champion and share > 0
+        shares = {champion: 100.0 - share, canary: share} if live else {champion: 100.0}
+        if not spans or spans[-1].shares != shares:
+            spans.append(TrafficSpan(move.at, shares))
+    return spans
+
+
+def format_traffic(spans: list[TrafficSpan]) -> str:
+    if not spans:
+        return "no champion yet: nothing has answered live traffic"
+    lines = [f"{'since (UTC)':25} answered by", "-" * 50]
+    for span in spans:
+        lines.append(f"{span.since:25} " + ", ".join(f"v{version} {share:g}%" for version, share in span.shares.items()))
     return "\n".join(lines)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import errno
 import hmac
 import ipaddress
@@ -30,7 +31,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import NamedTuple, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import orjson
@@ -50,6 +51,7 @@ from starlette.background import BackgroundTask
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from deploy.batching import BatcherClosed, DynamicBatcher
+from deploy.canary import KEY_HEADER_NOTE, CanaryRoute, parse_share
 from deploy.contract import Contract
 from deploy.drift import DriftMonitor, DriftResult
 from deploy.capture import (
@@ -91,6 +93,7 @@ from deploy.settings import (
 )
 from deploy.shadow import DROP_REASONS as SHADOW_DROP_REASONS
 from deploy.shadow import ShadowJob, ShadowOutcome, ShadowQueue, predicted_classes
+from deploy.tags import CANARY_SHARE_TAG
 from deploy.source import FileSource, IntegrityError, RegistrySource, RegistryUnreachable, SourceError
 from deploy.variants import VariantError, choose_variant
 
@@ -128,6 +131,7 @@ class Served:
     batcher: DynamicBatcher
     tags: dict[str, str] = field(default_factory=dict)
     drift: DriftMonitor | None = None  # its answers' features against its file's reference; None: the file has none
+    route: str = "champion"  # how requests reach it: champion (the alias served) | canary (serving.canary)
 
 
 class Metrics:
@@ -151,6 +155,12 @@ class Metrics:
         self.refused = Counter("graft_model_refused_total", "versions refused: their file is not the registered one",
                                ["model", "version"], registry=r)
         self.feedback = Counter("graft_feedback_total", "feedback requests, by outcome", ["outcome"], registry=r)
+        self.answers = Counter("graft_answers_total", "inference requests answered, by the version that answered and "
+                               "its route (champion | canary)", ["version", "route"], registry=r)
+        self.canary_share = Gauge("graft_canary_share_percent", "the share of requests the canary answers (0: none: "
+                                  "no share set, no canary version, or the canary is the champion)", registry=r)
+        self.canary_info = Gauge("graft_canary_info", "the canary alias and the version it answers with (none: no "
+                                 "canary)", ["alias", "version"], registry=r)
         # The drift test of each full window of answers against the served file's reference (deploy/drift.py).
         self.drift_window = Gauge("graft_drift_window_size", "answers a drift test compares with the reference", registry=r)
         self.drift_level = Gauge("graft_drift_level", "a window whose p-value is below this is drift", registry=r)
@@ -241,11 +251,6 @@ class Inferred:
     seconds: float
 
 
-class Answered(NamedTuple):
-    request_id: str
-    background: BackgroundTask | None  # the shadow's turn, once the response is sent
-
-
 DRIFT_CPU_SHARE = 0.05  # the drift tests' share of one core, at most (a test: ~20 ms at window 100, 1280 features)
 
 
@@ -276,6 +281,12 @@ class ModelServer:
         self._shadow_queue: ShadowQueue | None = None
         self._shadow_refused: set[str] = set()
         self._shadow_recent: OrderedDict[str, tuple[str, str]] = OrderedDict()  # item id -> (served, shadow) classes
+        # The canary: the version behind serving.canary.alias, answering the registry's share of requests.
+        self.canary: CanaryRoute[Served] | None = None
+        self.canary_source: RegistrySource | None = None
+        self._canary_refused: set[str] = set()
+        if settings.serving.canary.enabled and isinstance(source, RegistrySource):
+            self.canary_source = source.for_alias(settings.serving.canary.alias)
         shadow = settings.serving.shadow
         if shadow.enabled:
             if not isinstance(source, RegistrySource):
@@ -371,8 +382,75 @@ class ModelServer:
             except Exception as error:  # keep following: one unexpected error must not end reloads for good
                 self.metrics.reloads.labels("failed").inc()
                 log.exception("unexpected reload error: %s", error)
-            if self.shadow_metrics is not None:
-                await self._follow_shadow_checked()
+            await self._follow_side_models()
+
+    async def _follow_side_models(self) -> None:
+        """The canary and the shadow after the champion: each errs on its own, never touching serving."""
+        if self.canary_source is not None:
+            await self._follow_canary_checked()
+        if self.shadow_metrics is not None:
+            await self._follow_shadow_checked()
+
+    async def _follow_canary(self) -> None:
+        """Take the registry's canary share and the canary alias's version. No canary while the share is 0, the alias
+        does not exist or names the champion, or its file failed its hash check. A share change alone swaps the route
+        (keys below the new share move, no version loads); a new version is loaded and warm before it answers."""
+        source = self.canary_source
+        share = parse_share(await asyncio.to_thread(source.model_tag, CANARY_SHARE_TAG))
+        version = None
+        if share > 0:
+            try:
+                version = await asyncio.to_thread(source.current_version)
+            except RegistryUnreachable:
+                raise
+            except SourceError:
+                version = None  # no such alias (yet)
+            if version in self._canary_refused or version == self.served.version:
+                version = None
+        old = self.canary
+        if version is None:
+            self.canary = None
+        elif old is not None and old.served.version == version:
+            if old.share != share:
+                self.canary = CanaryRoute(old.served, share)
+                log.info("canary v%s now answers %g%% of requests", version, share)
+            self._show_canary()
+            return
+        else:
+            try:
+                served = await self._start_version(source, version, self.metrics.on_batch)
+            except IntegrityError as error:
+                self._canary_refused.add(version)
+                log.error("refused v%s as the canary: %s", version, error)
+                return
+            self.canary = CanaryRoute(dataclasses.replace(served, route="canary"), share)
+            log.info("canary %s@%s v%s answers %g%% of requests (by %s), variant %s", self.settings.model_name,
+                     source.alias, version, share, KEY_HEADER_NOTE, served.model.variant_note)
+        self._show_canary()
+        if old is not None and (self.canary is None or self.canary.served is not old.served):
+            if self.canary is None:
+                log.info("no canary: %s", f"share {share:g}%" if share == 0 else
+                         f"{source.alias} is the champion or does not exist")
+            await old.served.batcher.stop()  # finishes what the old canary already accepted
+
+    def _show_canary(self) -> None:
+        canary = self.canary
+        self.metrics.canary_share.set(canary.share if canary else 0)
+        self.metrics.canary_info.clear()
+        self.metrics.canary_info.labels(self.settings.serving.canary.alias,
+                                        canary.served.version if canary else "none").set(1)
+
+    async def _follow_canary_checked(self) -> None:
+        try:
+            await self._follow_canary()
+        except Exception as error:  # the canary as it was answers on: said, and tried again at the next poll
+            log.warning("canary check or load failed, canary still %s: %s",
+                        f"v{self.canary.served.version} at {self.canary.share:g}%" if self.canary else "none", error)
+
+    def route(self, key: str) -> Served:
+        """The version that answers a request with this key: the canary for its share of keys, else the champion."""
+        canary = self.canary
+        return canary.served if canary is not None and canary.takes(key) else self.served
 
     async def _follow_shadow(self) -> None:
         """Load the shadow alias's version when it moved. Nothing is shadowed while the alias does not exist or names
@@ -427,8 +505,7 @@ class ModelServer:
                 log.warning("not ready: %s; retrying in %.1fs", error, self.settings.serving.poll_seconds)
             if not self.ready:
                 await asyncio.sleep(self.settings.serving.poll_seconds)
-        if self.shadow_metrics is not None:
-            await self._follow_shadow_checked()
+        await self._follow_side_models()
         if isinstance(self.source, RegistrySource):
             await self._follow_alias()
 
@@ -444,7 +521,7 @@ class ModelServer:
             self._reloader.cancel()
         if self._shadow_queue is not None:
             await self._shadow_queue.stop()
-        for served in (self.served, self.shadowed):
+        for served in (self.served, self.shadowed, self.canary and self.canary.served):
             if served is not None:
                 await served.batcher.stop()
         self._decoders.shutdown(wait=False, cancel_futures=True)
@@ -458,12 +535,12 @@ class ModelServer:
         async with self._decode_slots:
             return await asyncio.get_running_loop().run_in_executor(self._decoders, work)
 
-    async def infer(self, prepare: Callable[[Served], np.ndarray], inline: bool = False) -> Inferred:
-        """Prepare the request for the version served now (off the event loop unless `inline`: small work) and run
-        it there; if that version is swapped out before the request is queued, prepare it again for the new one.
-        Never two versions in one answer."""
+    async def infer(self, prepare: Callable[[Served], np.ndarray], key: str, inline: bool = False) -> Inferred:
+        """Prepare the request for the version that answers its `key` now (the champion, or the canary for its share;
+        off the event loop unless `inline`: small work) and run it there; if that version is swapped out before the
+        request is queued, route and prepare it again. Never two versions in one answer."""
         while True:
-            served = self.served
+            served = self.route(key)
             rows = prepare(served) if inline else await self.off_loop(lambda: prepare(served))
             self.metrics.queue_depth.set(served.batcher.depth)
             started = time.perf_counter()
@@ -492,14 +569,14 @@ class ModelServer:
                         served.version, result.p_value, result.level, result.class_tv_reference,
                         result.mean_confidence, result.reference_mean_confidence)
 
-    def answered(self, endpoint: str, inferred: Inferred, inputs: bytes | np.ndarray,
-                 probabilities: np.ndarray | None = None) -> Answered:
-        """A new request id for an answer; with capture on, a sampled answer goes to the capture store (queued: the
-        writer thread does the rest); with shadow on, a sampled answer is offered to the shadow once it is sent.
-        `inputs`: the uploaded file's bytes, or the request's float32 rows; `probabilities`: the logits' softmax
-        when the endpoint already computed it for its answer."""
+    def answered(self, endpoint: str, request_id: str, inferred: Inferred, inputs: bytes | np.ndarray,
+                 probabilities: np.ndarray | None = None) -> BackgroundTask | None:
+        """An answer given: counted by its version; with capture on, a sampled answer goes to the capture store
+        (queued: the writer thread does the rest); with shadow on, a sampled answer of the champion is offered to the
+        shadow once it is sent. `inputs`: the uploaded file's bytes, or the request's float32 rows; `probabilities`:
+        the logits' softmax when the endpoint already computed it for its answer."""
         served, logits, features = inferred.served, inferred.logits, inferred.features
-        request_id = new_request_id()
+        self.metrics.answers.labels(served.version, served.route).inc()
         capture = self.capture is not None and self.capture.sampled()
         measure = served.drift is not None and features is not None
         if probabilities is None and (capture or measure):
@@ -514,12 +591,12 @@ class ModelServer:
                                        served.model.variant, served.model.classes, probabilities, inputs, features,
                                        served.model.contract))
         background = None
-        if (self.shadowed is not None and self._shadow_queue is not None
+        if (self.shadowed is not None and self._shadow_queue is not None and served.route == "champion"
                 and random.random() < self.settings.serving.shadow.fraction):
             job = ShadowJob(request_id, inputs, served.version, predicted_classes(logits, served.model.classes),
                             inferred.seconds, time.time())
             background = BackgroundTask(self._offer_shadow, job)  # runs once the response is sent
-        return Answered(request_id, background)
+        return background  # the shadow's turn, once the response is sent
 
     # ------------------------------------------------------------ the shadow
 
@@ -626,6 +703,13 @@ BINARY_HEADER = "inference-header-content-length"  # Triton's binary tensor exte
 INLINE_BODY_BYTES = 65536  # smaller bodies are parsed on the event loop: a thread hop costs more than the parse
 INLINE_IMAGE_PIXELS = 256 * 256  # images up to this size are decoded on the event loop (well under a millisecond)
 REQUEST_ID_HEADER = "X-Request-Id"  # every answered inference request's id: what POST /feedback names
+VERSION_HEADER = "X-Model-Version"  # the version that answered (the champion's, or the canary's)
+
+
+def request_identity(request: Request, server: ModelServer) -> tuple[str, str]:
+    """A new request id, and the key that routes the request (serving.canary.key_header's value, else the id)."""
+    request_id = new_request_id()
+    return request_id, request.headers.get(server.settings.serving.canary.key_header) or request_id
 
 
 def split_binary(raw: bytes, header_length: str | None) -> tuple[bytes, bytes | None]:
@@ -867,6 +951,7 @@ async def infer(request: Request) -> Response:
         metrics.errors.labels("infer", "model").inc()
         return problem
     raw = b""
+    request_id, key = request_identity(request, server)
     try:
         raw = await read_body(request, limit)
         header, binary = split_binary(raw, request.headers.get(BINARY_HEADER))
@@ -875,7 +960,7 @@ async def infer(request: Request) -> Response:
         inline = binary is not None or len(raw) <= INLINE_BODY_BYTES
         body = orjson.loads(header) if inline else await server.off_loop(lambda: orjson.loads(header))
         inferred = await server.infer(lambda served: _parse_infer(
-            body, served.model, max_infer_rows(served.model, limit), binary), inline=inline)
+            body, served.model, max_infer_rows(served.model, limit), binary), key, inline=inline)
     except orjson.JSONDecodeError as error:
         metrics.errors.labels("infer", "bad_json").inc()
         if any(token in raw for token in (b"NaN", b"Infinity")):
@@ -885,8 +970,8 @@ async def infer(request: Request) -> Response:
         metrics.errors.labels("infer", "bad_input").inc()
         return _error(413 if isinstance(error, PayloadTooLarge) else 400, str(error))
     served, logits = inferred.served, inferred.logits
-    answered = server.answered("infer", inferred, inferred.rows)
-    headers = {REQUEST_ID_HEADER: answered.request_id}
+    shadow_turn = server.answered("infer", request_id, inferred, inferred.rows)
+    headers = {REQUEST_ID_HEADER: request_id, VERSION_HEADER: served.version}
     output = {"name": served.model.contract.output_name, "datatype": "FP32", "shape": list(logits.shape)}
     payload = {"model_name": name, "model_version": served.version, "id": body.get("id", ""), "outputs": [output]}
     if wants_binary_output(body):
@@ -895,11 +980,11 @@ async def infer(request: Request) -> Response:
         header = orjson.dumps(payload)
         headers["Inference-Header-Content-Length"] = str(len(header))
         return Response(header + data, media_type="application/octet-stream", headers=headers,
-                        background=answered.background)
+                        background=shadow_turn)
     # orjson writes the numpy array directly; FastAPI's default encoder walks every float in Python.
     output["data"] = logits.ravel()
     return Response(orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json",
-                    headers=headers, background=answered.background)
+                    headers=headers, background=shadow_turn)
 
 
 async def predict(request: Request) -> Response:
@@ -910,6 +995,7 @@ async def predict(request: Request) -> Response:
     top_k = request.query_params.get("top_k", "3")
     if not top_k.lstrip("-").isdigit():
         return _error(422, f"top_k={top_k!r} must be an integer (the number of classes to return)")
+    request_id, key = request_identity(request, server)
     try:
         # Bounded, whatever the framing: multipart is parsed from these bytes.
         blob = await read_body(request, server.settings.serving.max_body_bytes)
@@ -920,17 +1006,18 @@ async def predict(request: Request) -> Response:
             return image_row(blob, served.model.contract)
 
         # A small image decodes faster than a hop to the decode pool; a large one would stall the event loop.
-        inferred = await server.infer(prepare, inline=declared_pixels(blob) <= INLINE_IMAGE_PIXELS)
+        inferred = await server.infer(prepare, key, inline=declared_pixels(blob) <= INLINE_IMAGE_PIXELS)
     except InputError as error:
         server.metrics.errors.labels("predict", "bad_image").inc()
         return _error(413 if isinstance(error, PayloadTooLarge) else 400, str(error))
     served, probabilities = inferred.served, softmax(inferred.logits)
     order = np.argsort(-probabilities[0])[: max(1, min(int(top_k), probabilities.shape[1]))]
-    answered = server.answered("predict", inferred, blob, probabilities)
+    shadow_turn = server.answered("predict", request_id, inferred, blob, probabilities)
     return Response(orjson.dumps({
         "model_version": served.version,
         "predictions": [{"class": served.model.classes[i], "probability": float(probabilities[0, i])} for i in order],
-    }), media_type="application/json", headers={REQUEST_ID_HEADER: answered.request_id}, background=answered.background)
+    }), media_type="application/json", headers={REQUEST_ID_HEADER: request_id, VERSION_HEADER: served.version},
+        background=shadow_turn)
 
 
 # What each refusal of the capture store is answered with, and counted as (graft_feedback_total{outcome}).

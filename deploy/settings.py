@@ -2,7 +2,7 @@
 `graft serve` and `python -m deploy.server` derive their options from its fields (`--max-batch-size` for
 `max_batch_size`, help from the field's description), the server its environment variables (`GRAFT_MAX_BATCH_SIZE`),
 and tests/test_serving_settings.py holds deploy/compose.yaml, deploy/.env.example and the server image to them.
-A nested model (`capture`, `drift`, `shadow`) is flattened the same way: `capture.max_bytes` is `--capture-max-bytes` and
+A nested model (`capture`, `drift`, `shadow`, `canary`) is flattened the same way: `capture.max_bytes` is `--capture-max-bytes` and
 GRAFT_CAPTURE_MAX_BYTES.
 
 pydantic only, and nothing that loads ONNX Runtime: validating params.yaml stays fast, and the serving image has
@@ -86,6 +86,21 @@ class ShadowSettings(BaseModel):
                                                      "dropped (counted), never waited for")
 
 
+class CanarySettings(BaseModel):
+    """A share of live traffic answered by the version behind `canary.alias`. The share itself is live state, not a
+    setting: the registry's tag graft.canary.share (deploy/tags.py), set by `graft canary` and `graft promote --ramp`,
+    recorded in the audit trail, and followed by every server at each poll like the alias."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(default=True, description="follow the registry's canary share: answer that share of requests "
+                                                    "with the version behind `canary.alias` (no share set: none)")
+    alias: str = Field(default="challenger", description="the registry alias whose version is the canary")
+    key_header: str = Field(default="X-Graft-Key", pattern=r"^[A-Za-z0-9-]+$",
+                            description="the request header whose value decides a request's side, so that one key "
+                                        "stays on one version; without it, the request id decides")
+
+
 class ServingSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -115,6 +130,8 @@ class ServingSettings(BaseModel):
     drift: DriftSettings = Field(default_factory=DriftSettings, description="drift tests on served features")
     shadow: ShadowSettings = Field(default_factory=ShadowSettings,
                                    description="a second model on live traffic, compared, never answering")
+    canary: CanarySettings = Field(default_factory=CanarySettings,
+                                   description="a second version answering a share of live traffic")
 
 
 @dataclass(frozen=True)

@@ -213,6 +213,18 @@ class RegistrySource:
         except MlflowException as error:
             raise SourceError(f"{self.name}@{self.alias} not found at {self.tracking_uri}: {error.message}") from None
 
+    def model_tag(self, key: str) -> str | None:
+        """A tag of the registered model itself (not of a version); None when it is not set."""
+        if self.remote:
+            raw = self._get("registered-models/get", name=self.name)["registered_model"].get("tags", [])
+            return next((t.get("value", "") for t in raw if t["key"] == key), None)
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self._local().get_registered_model(self.name).tags.get(key)
+        except MlflowException as error:
+            raise SourceError(f"{self.name} not found at {self.tracking_uri}: {error.message}") from None
+
     def _tags(self, version: str) -> dict[str, str]:
         if self.remote:
             raw = self._get("model-versions/get", name=self.name, version=version)["model_version"].get("tags", [])

@@ -16,7 +16,9 @@ DRIFT_REFERENCE_KEY = "graft.drift_reference"  # in-distribution features to tes
 CANDIDATE_TAG = "graft.candidate"      # what the candidate is (components/registry.py candidate_key)
 JUDGED_TAG = "graft.judged_with"       # the gate params its verdict was reached with (judged_key)
 GATES_TAG = "graft.gates"              # passed | failed
-AUDIT_PREFIX = "graft.audit."          # alias moves
+AUDIT_PREFIX = "graft.audit."          # alias moves and canary share changes
+# ---- registry tags of the registered model
+CANARY_SHARE_TAG = "graft.canary.share"  # the percent of live traffic the canary alias's version answers (absent: 0)
 ONNX_SHA_TAG = "graft.onnx.sha256"     # the FP32 file's; a variant's: deploy/variants.py sha_tag
 RUN_ID_TAG = "graft.run_id"
 STAGE_TAG = "graft.stage"              # on runs: pretrain | retrain

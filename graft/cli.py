@@ -232,8 +232,36 @@ def _move_champion(args: argparse.Namespace) -> int:
             require_shadow_evidence(args.root, params, client, name, args.version)
         move = promote(client, name, args.version, reason=args.reason)
     else:
-        move = rollback(client, name, reason=args.reason)
+        move = rollback(client, name, args.reason, load_settings(_params_file(args)).serving.canary.alias)
+        if move.share is not None:
+            print("the canary's share is 0: the champion answers all traffic again at the servers' next poll "
+                  "(serving.poll_seconds); `graft rollback` again moves the champion back")
     print(format_history([move]))
+    return 0
+
+
+def _canary(args: argparse.Namespace) -> int:
+    from components.registry import (
+        CHAMPION,
+        alias_version,
+        canary_share,
+        format_history,
+        open_registry,
+        set_canary_share,
+    )
+    from components.settings import load_settings
+
+    alias = load_settings(_params_file(args)).serving.canary.alias
+    client, name = open_registry(_params_file(args))
+    if args.canary_command == "set":
+        print(format_history([set_canary_share(client, name, alias, args.percent, reason=args.reason)]))
+    share, canary, champion = (canary_share(client, name), alias_version(client, name, alias),
+                               alias_version(client, name, CHAMPION))
+    live = share > 0 and canary not in (None, champion)
+    print(f"{name}: champion v{champion} answers {100 - share if live else 100:g}% of live traffic, "
+          + (f"the canary {alias} v{canary} {share:g}%" if live else
+             f"no canary (share {share:g}%, {alias} {'v' + canary if canary else 'not set'})")
+          + " on servers following the registry (serving.canary.enabled)")
     return 0
 
 
@@ -264,9 +292,14 @@ def _shadow_report(args: argparse.Namespace) -> int:
 
 
 def _history(args: argparse.Namespace) -> int:
-    from components.registry import format_history, history, open_registry
+    from components.registry import format_history, format_traffic, history, open_registry, traffic_timeline
+    from components.settings import load_settings
 
-    print(format_history(history(*open_registry(_params_file(args)))))
+    moves = history(*open_registry(_params_file(args)))
+    if args.traffic:
+        print(format_traffic(traffic_timeline(moves, load_settings(_params_file(args)).serving.canary.alias)))
+    else:
+        print(format_history(moves))
     return 0
 
 
@@ -393,10 +426,26 @@ def build_parser() -> argparse.ArgumentParser:
                          help="refuse unless the shadow gate passes on live traffic (always with "
                               "promotion.shadow.required; graft shadow report shows the evidence)")
 
-    rollback = command("rollback", _move_champion, "move the champion alias back to the previous champion")
+    rollback = command("rollback", _move_champion, "move traffic back at once: a live canary's share to 0, else the "
+                       "champion alias back to the previous champion")
     rollback.add_argument("--reason", default="", help="why, for the audit trail (graft history)")
 
-    command("history", _history, "every alias move: version, from, when, by whom, why")
+    history_command = command("history", _history, "every alias move and canary share change: version, from, when, "
+                              "by whom, why")
+    history_command.add_argument("--traffic", action="store_true",
+                                 help="instead: which version answered which share of live traffic, since when")
+
+    canary = commands.add_parser("canary", help="a share of live traffic for the challenger (serving.canary): "
+                                 "`graft canary set PERCENT`, `graft canary status`")
+    canary_commands = canary.add_subparsers(dest="canary_command", required=True, metavar="COMMAND")
+    canary_set = canary_commands.add_parser(
+        "set", parents=[project], help="let the version behind serving.canary.alias answer PERCENT of live traffic "
+        "(0: none) on every server following the registry, from its next poll; recorded in graft history")
+    canary_set.add_argument("percent", help="0 to 100")
+    canary_set.add_argument("--reason", default="", help="why, for the audit trail (graft history)")
+    canary_set.set_defaults(handler=_canary)
+    canary_commands.add_parser("status", parents=[project], help="the canary share and versions the registry holds "
+                               "now").set_defaults(handler=_canary)
 
     shadow = commands.add_parser("shadow", help="the challenger on live traffic (serving.shadow): `graft shadow report`")
     shadow_commands = shadow.add_subparsers(dest="shadow_command", required=True, metavar="COMMAND")

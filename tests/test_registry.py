@@ -20,12 +20,17 @@ from components.register import publish
 from components.registry import (
     CHALLENGER,
     CHAMPION,
+    AliasMove,
     RegistryError,
     alias_version,
+    canary_share,
     champion_lineage,
+    format_traffic,
     history,
+    move_alias,
     promote,
     rollback,
+    traffic_timeline,
 )
 from tests.conftest import copy_workspace, dvc_repro, stages_ran
 
@@ -162,16 +167,44 @@ def test_good_candidate_becomes_challenger_then_champion_on_promote_then_rolls_b
     printed = subprocess.run([*cli, "history"], cwd=gated, capture_output=True, text=True, check=True).stdout
     assert printed.index("better on animals") < printed.index("bad in production")
 
+    # The challenger on a canary share: bad shares refused in a line, a good one recorded, shown, and rolled back.
+    for bad, message in (("150", "is not a percent from 0 to 100"), ("ten", "is not a percent from 0 to 100")):
+        refused = subprocess.run([*cli, "canary", "set", bad], cwd=gated, capture_output=True, text=True)
+        assert refused.returncode == 2 and message in refused.stderr and "Traceback" not in refused.stderr
+    subprocess.run([*cli, "canary", "set", "20", "--reason", "a fifth"], cwd=gated, check=True, capture_output=True)
+    status = subprocess.run([*cli, "canary", "status"], cwd=gated, capture_output=True, text=True, check=True).stdout
+    assert f"champion v{champion} answers 80% of live traffic, the canary challenger v{good} 20%" in status
+    assert canary_share(client, "graft-classifier") == 20
+    rolled = subprocess.run([*cli, "rollback"], cwd=gated, capture_output=True, text=True, check=True)
+    assert "20% -> 0%" in rolled.stdout and alias_version(client, "graft-classifier", CHAMPION) == champion
+    shares = [(m.action, m.previous_share, m.share) for m in history(client, "graft-classifier") if m.share is not None]
+    assert shares == [("canary", 0, 20), ("rollback", 20, 0)]
+    move_alias(client, "graft-classifier", CHALLENGER, champion, "challenger", "test: the champion again")
+    itself = subprocess.run([*cli, "canary", "set", "5"], cwd=gated, capture_output=True, text=True)
+    assert itself.returncode == 2 and f"is v{champion}, the champion itself: there is nothing to canary" in itself.stderr
+
 
 def test_lineage_walks_back_through_rollbacks():
-    from components.registry import AliasMove
-
     def move(version, action):
         return AliasMove("champion", version, None, action, "me", "", "", "completed", "t")
 
     moves = [move("1", "promote"), move("2", "promote"), move("3", "promote"), move("2", "rollback"), move("1", "rollback")]
     assert champion_lineage(moves) == ["1"]
     assert champion_lineage(moves[:4]) == ["1", "2"]
+
+
+def test_the_traffic_timeline_follows_champion_moves_and_canary_shares():
+    def move(alias, version, action, at, share=None):
+        return AliasMove(alias, version, None, action, "me", "", "", "completed", at, share=share,
+                         previous_share=None if share is None else 0)
+
+    moves = [move("challenger", "1", "challenger", "t1"), move("champion", "1", "promote", "t2"),
+             move("challenger", "2", "challenger", "t3"), move("challenger", "2", "canary", "t4", 10),
+             move("challenger", "2", "canary", "t5", 50), move("champion", "2", "promote", "t6"),
+             move("challenger", "2", "canary", "t7", 0)]
+    assert [(span.since, span.shares) for span in traffic_timeline(moves)] == [
+        ("t2", {"1": 100}), ("t4", {"1": 90, "2": 10}), ("t5", {"1": 50, "2": 50}), ("t6", {"2": 100})]
+    assert "v1 90%, v2 10%" in format_traffic(traffic_timeline(moves))
 
 
 def test_negative_transfer_is_rejected_by_name(candidate_template, tmp_path):

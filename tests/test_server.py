@@ -21,8 +21,10 @@ from PIL import Image
 
 from components.registry import CHAMPION, alias_version, move_alias
 from components.shadow import collect_evidence
+from deploy.canary import bucket
 from deploy.digest import sha256_file
 from deploy.source import ONNX_SHA_TAG
+from deploy.tags import CANARY_SHARE_TAG
 from tests.conftest import copy_workspace, free_port, graft_cli, wait_until
 
 MODEL = "served-classifier"
@@ -333,6 +335,55 @@ def test_the_challenger_shadows_live_answers_and_promotion_waits_for_its_evidenc
     assert refused.returncode != 0 and "refusing to promote served-classifier v2" in refused.stderr
     assert "0 answers of v2 shadowing v1" in refused.stderr and "Traceback" not in refused.stderr
     assert alias_version(client, MODEL, CHAMPION) == "1"
+
+
+def test_a_canary_share_answers_by_key_within_binomial_bounds_and_rolls_back_at_once(server, registry, served_workspace,
+                                                                                     mlflow_server):
+    """`graft canary set 10`: every server following the registry lets the challenger (v2) answer 10% of requests,
+    by request id (a binomial draw), or by the client's key (sticky: each key's side is its hash bucket's); each
+    answer names its version and is wholly that version's; `graft rollback` gives all traffic back to the champion."""
+    client, expected = registry
+    root, _ = served_workspace
+    body, headers = _binary_request(PROBE, binary_output=False)
+
+    def ask(http: httpx.Client, key: str | None = None) -> str:
+        answer = http.post(f"{server}/v2/models/{MODEL}/infer", content=body,
+                           headers={**headers, **({"X-Graft-Key": key} if key else {})})
+        assert answer.status_code == 200, answer.text
+        version = answer.json()["model_version"]
+        assert answer.headers["x-model-version"] == version
+        np.testing.assert_allclose(np.array(answer.json()["outputs"][0]["data"]).reshape(2, 10), expected[version],
+                                   atol=1e-5)
+        return version
+
+    def share_is(percent: float) -> Callable[[], bool]:
+        return lambda: _metric_value(server, "graft_canary_share_percent") == percent
+
+    canaried = _metric_value(server, 'graft_answers_total{route="canary",version="2"}')
+    try:
+        done = graft_cli(root, mlflow_server, "canary", "set", "10", "--reason", "test: a tenth for v2")
+        assert "0% -> 10%" in done.stdout and "the canary challenger v2 10%" in done.stdout
+        wait_until(share_is(10), 15, "the server did not take the canary share")
+        with httpx.Client() as http:
+            versions = [ask(http) for _ in range(2000)]
+            keys = [f"client-{i}" for i in range(100)]
+            keyed = {key: {ask(http, key) for _ in range(3)} for key in keys}
+        on_canary = versions.count("2")
+        assert 140 <= on_canary <= 260, f"{on_canary} of 2000 on the canary: 10% +- 4.5 binomial standard deviations"
+        assert set(versions) == {"1", "2"}
+        assert keyed == {key: {"2" if bucket(key) < 1000 else "1"} for key in keys}  # sticky, by the key's bucket
+        counted = _metric_value(server, 'graft_answers_total{route="canary",version="2"}') - canaried
+        assert counted == on_canary + sum(sides == {"2"} for sides in keyed.values()) * 3
+
+        done = graft_cli(root, mlflow_server, "rollback", "--reason", "test: canary back")
+        assert "10% -> 0%" in done.stdout and alias_version(client, MODEL, CHAMPION) == "1"
+        wait_until(share_is(0), 15, "the server did not take the rollback")
+        with httpx.Client() as http:
+            assert {ask(http, key) for key in keys[:30]} == {"1"}
+        traffic = graft_cli(root, mlflow_server, "history", "--traffic").stdout
+        assert "v1 90%, v2 10%" in traffic and traffic.rstrip().endswith("v1 100%")
+    finally:
+        client.set_registered_model_tag(MODEL, CANARY_SHARE_TAG, "0")  # whatever happened: no canary for the rest
 
 
 def test_metrics_show_batches_versions_and_errors(server):
