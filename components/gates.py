@@ -178,6 +178,52 @@ class PairedComparison:
                 f"({self.only_a} vs {self.only_b} of {self.examples} examples right by one model only)")
 
 
+@dataclass(frozen=True)
+class UnpairedComparison:
+    """Two models scored on different examples (a canary's answers and the champion's, each on its own requests):
+    accuracy a minus accuracy b, with Fisher's exact two-sided p-value. Reads like PairedComparison for worse_gate."""
+
+    right_a: int
+    examples_a: int
+    right_b: int
+    examples_b: int
+    confidence: float
+
+    @property
+    def difference(self) -> float:
+        return self.right_a / max(self.examples_a, 1) - self.right_b / max(self.examples_b, 1)
+
+    @property
+    def p_value(self) -> float:
+        return _fisher_exact(self.right_a, self.examples_a, self.right_b, self.examples_b)
+
+    @property
+    def significant(self) -> bool:
+        return self.p_value < 1 - self.confidence
+
+    def text(self, a: str, b: str) -> str:
+        return (f"{a} {self.right_a}/{self.examples_a} right, {b} {self.right_b}/{self.examples_b}: "
+                f"{100 * self.difference:+.2f} points, Fisher p={self.p_value:.3g}")
+
+
+def _fisher_exact(right_a: int, examples_a: int, right_b: int, examples_b: int) -> float:
+    """Two-sided Fisher exact test of "a and b are right equally often": every table with these margins at most as
+    likely as the observed one."""
+    total, right = examples_a + examples_b, right_a + right_b
+
+    def log_probability(k: int) -> float:  # k of the right answers among a's: hypergeometric
+        return (_log_choose(right, k) + _log_choose(total - right, examples_a - k) - _log_choose(total, examples_a))
+
+    observed = log_probability(right_a)
+    low, high = max(0, examples_a - (total - right)), min(right, examples_a)
+    return min(1.0, sum(math.exp(log_probability(k)) for k in range(low, high + 1)
+                        if log_probability(k) <= observed + 1e-9))
+
+
+def _log_choose(n: int, k: int) -> float:
+    return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+
+
 def _mcnemar_exact(only_a: int, only_b: int) -> float:
     """Two-sided exact McNemar: under "equally good", the discordant pairs split like fair coin flips."""
     discordant, smaller = only_a + only_b, min(only_a, only_b)
@@ -189,7 +235,7 @@ def _mcnemar_exact(only_a: int, only_b: int) -> float:
     return min(1.0, 2 * tail)
 
 
-def worse_gate(name: str, comparison: PairedComparison, gates: GateParams, a: str, b: str, verdict_name: str) -> Gate:
+def worse_gate(name: str, comparison: PairedComparison | UnpairedComparison, gates: GateParams, a: str, b: str, verdict_name: str) -> Gate:
     """Fail only when a is worse than b significantly and by at least the minimum effect: noise never fails."""
     worse = comparison.significant and comparison.difference <= -gates.min_effect
     bound = f"not significantly below -{gates.min_effect:g} at {100 * gates.confidence:g}%"

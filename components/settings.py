@@ -102,9 +102,28 @@ class ShadowGateParams(Strict):
     min_labelled: int = Field(default=50, ge=1)  # of them with a feedback label: McNemar, gates.confidence/min_effect
 
 
+class CanaryRampParams(Strict):
+    """`graft promote --ramp`: the challenger answers a growing share of live traffic (serving.canary), judged on its
+    captured answers (serving.capture) between steps; the last step, 100, ends in the champion alias moving to it."""
+
+    steps: list[float] = Field(default=[5, 25, 100], min_length=1)  # percent, rising, the last 100
+    min_requests: int = Field(default=200, ge=1)  # the canary's captured answers at a step before it is judged
+    min_labelled: int = Field(default=0, ge=0)  # its labelled answers needed (0: judged on the labels that came)
+    step_timeout_minutes: float = Field(default=60.0, gt=0)  # a step short of answers by then: refused, share 0
+    poll_seconds: float = Field(default=10.0, gt=0)  # how often the ramp reads the capture folder
+
+    @model_validator(mode="after")
+    def _rising_to_all(self) -> CanaryRampParams:
+        if any(not 0 < step <= 100 for step in self.steps) or self.steps != sorted(set(self.steps)) or self.steps[-1] != 100:
+            raise ValueError(f"promotion.canary.steps {self.steps}: percents above 0, rising, the last 100 (the champion "
+                             f"moves there), e.g. [5, 25, 100]")
+        return self
+
+
 class PromotionParams(Strict):
     auto_promote: bool = False  # the first model that passes every gate is always promoted
     shadow: ShadowGateParams = ShadowGateParams()
+    canary: CanaryRampParams = CanaryRampParams()
 
 
 class ScheduleParams(Strict):

@@ -230,7 +230,16 @@ def _move_champion(args: argparse.Namespace) -> int:
             from components.shadow import require_shadow_evidence
 
             require_shadow_evidence(args.root, params, client, name, args.version)
-        move = promote(client, name, args.version, reason=args.reason)
+        if args.ramp:
+            if args.version:
+                print("graft: error: --ramp ramps the version behind serving.canary.alias; it takes no --version",
+                      file=sys.stderr)
+                return 2
+            from components.canary import ramp
+
+            move = ramp(args.root, params, client, name)
+        else:
+            move = promote(client, name, args.version, reason=args.reason)
     else:
         move = rollback(client, name, args.reason, load_settings(_params_file(args)).serving.canary.alias)
         if move.share is not None:
@@ -422,6 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "re-checking its gates and its file")
     promote.add_argument("--version", help="a registered version (default: the challenger)")
     promote.add_argument("--reason", default="", help="why, for the audit trail (graft history)")
+    promote.add_argument("--ramp", action="store_true",
+                         help="first let it answer a growing share of live traffic (promotion.canary.steps, "
+                              "serving.canary), judged on its captured answers between steps; refused: share back to 0")
     promote.add_argument("--require-shadow", action="store_true",
                          help="refuse unless the shadow gate passes on live traffic (always with "
                               "promotion.shadow.required; graft shadow report shows the evidence)")

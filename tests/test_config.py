@@ -108,6 +108,9 @@ def test_sweep_strategies_and_adaptation_name_what_they_need():
     ("export.calibration_method", "mean", r"export\.calibration_method: .*'percentile'.*'minmax'.*'entropy'"),
     ("export.max_accuracy_drop", -0.1, r"export\.max_accuracy_drop: .*greater than or equal to 0"),
     ("serving.variant", "bf16", r"serving\.variant: .*'auto'.*'fp32'.*'int8'.*'fp16'"),
+    ("promotion.canary.steps", [25, 5, 100], r"promotion\.canary\.steps \[25\.0, 5\.0, 100\.0\]: .*rising, the last 100"),
+    ("promotion.canary.steps", [5, 50], r"promotion\.canary\.steps .*the last 100"),
+    ("serving.canary.key_header", "X Key", r"serving\.canary\.key_header: .*pattern"),
 ])
 def test_export_variants_and_the_served_variant_are_checked_by_name(key, value, expected):
     with pytest.raises(ParamsError, match=expected):

@@ -1,4 +1,5 @@
 """Each gate's arithmetic and report, and the serving check on a real exported model and its variants."""
+import math
 import shutil
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from components.gates import (
     SKIPPED,
     GateReport,
     PairedComparison,
+    UnpairedComparison,
     judge_served,
     parity_gates,
     quality_gates,
@@ -65,6 +67,16 @@ def test_mcnemar_exact_p_value_and_interval():
     even = _paired(400, 7, 7)
     assert even.p_value == 1.0 and even.ci_low < 0 < even.ci_high and not even.significant
     assert _paired(400, 7, 7) == even, "the bootstrap is seeded: the same data give the same interval"
+
+
+def test_fisher_exact_p_value_of_two_models_on_different_requests():
+    """Closed forms: 0/5 against 5/5 right has p = 2/C(10,5) (the two extreme tables of the margins); equal
+    records have p = 1."""
+    extreme = UnpairedComparison(0, 5, 5, 5, 0.95)
+    assert extreme.p_value == pytest.approx(2 / math.comb(10, 5)) and extreme.significant
+    assert extreme.difference == -1.0 and "Fisher p=" in extreme.text("canary", "champion")
+    assert UnpairedComparison(7, 10, 7, 10, 0.95).p_value == pytest.approx(1.0)
+    assert regression_gate(UnpairedComparison(3, 10, 9, 10, 0.95), GateParams()).verdict == FAILED  # p = 0.0198
 
 
 def test_a_two_image_loss_is_noise_not_negative_transfer():

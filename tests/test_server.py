@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
 from PIL import Image
 
-from components.registry import CHAMPION, alias_version, move_alias
+from components.registry import CHAMPION, alias_version, history, move_alias
 from components.shadow import collect_evidence
 from deploy.canary import bucket
 from deploy.digest import sha256_file
@@ -593,3 +593,65 @@ def test_listening_beyond_loopback_needs_a_token_or_an_explicit_insecure_flag(tm
     check_bind("0.0.0.0", "", insecure=True)
     with pytest.raises(BindRefused, match="GRAFT_API_TOKEN"):
         check_bind("10.0.0.5", "", insecure=False)
+
+
+def test_a_ramp_promotes_on_captured_evidence_and_a_worse_canary_goes_back_to_0(registry, served_workspace,
+                                                                                 mlflow_server, tmp_path):
+    """`graft promote --ramp` against a real server that captures: a canary labelled wrong on every answer (the
+    champion right on every one) is refused at its first step, its share back to 0; unlabelled, it passes each step
+    on its answers and becomes the champion, the canary ended. No request fails on the way."""
+    client, _ = registry
+    root, _ = served_workspace
+    folder = tmp_path / "captures"
+    params_file = root / "params.yaml"
+    original = params_file.read_text()
+    params = yaml.safe_load(original)
+    params["promotion"]["canary"] = {"steps": [20, 100], "min_requests": 10, "poll_seconds": 0.2,
+                                     "step_timeout_minutes": 1}
+    params["serving"]["capture"]["folder"] = str(folder)
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    process, base = start_server(mlflow_server, MODEL, tmp_path / "cache", "--variant", "fp32", "--capture-enabled",
+                                 "--capture-folder", str(folder))
+    body, headers = _binary_request(PROBE[:1], binary_output=False)
+    results, stop, label_wrongly = [], threading.Event(), threading.Event()
+
+    def traffic():
+        with httpx.Client(timeout=10) as http:
+            classes = http.get(f"{base}/v2/models/{MODEL}").json()["parameters"]["classes"]
+            while not stop.is_set():
+                answer = http.post(f"{base}/v2/models/{MODEL}/infer", content=body, headers=headers)
+                version = answer.json()["model_version"] if answer.status_code == 200 else None
+                results.append((answer.status_code, version))
+                if version and label_wrongly.is_set():  # by construction: the canary always wrong, the champion right
+                    predicted = int(np.argmax(answer.json()["outputs"][0]["data"]))
+                    label = classes[(predicted + 1) % len(classes)] if version == "2" else classes[predicted]
+                    http.post(f"{base}/feedback", json={"request_id": answer.headers["x-request-id"], "label": label})
+
+    worker = threading.Thread(target=traffic)
+    try:
+        wait_ready(base)
+        worker.start()
+        label_wrongly.set()
+        refused = graft_cli(root, mlflow_server, "promote", "--ramp", check=False)
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        assert ("refusing to promote served-classifier v2: at 20% of live traffic worse than the champion on labelled "
+                "live requests") in refused.stderr and "Traceback" not in refused.stderr
+        assert alias_version(client, MODEL, CHAMPION) == "1" and "canary.not_worse | failed" in (
+            root / "reports" / "canary.md").read_text()
+        label_wrongly.clear()
+        ramped = graft_cli(root, mlflow_server, "promote", "--ramp", check=False)
+        assert ramped.returncode == 0, ramped.stdout + ramped.stderr
+        assert alias_version(client, MODEL, CHAMPION) == "2"
+        wait_until(lambda: sum(version == "2" for _, version in results[-20:]) == 20, 15, "v2 is not answering all")
+    finally:
+        stop.set()
+        worker.join()
+        process.terminate()
+        process.wait(timeout=20)
+        params_file.write_text(original)
+        client.set_registered_model_tag(MODEL, CANARY_SHARE_TAG, "0")
+        move_alias(client, MODEL, CHAMPION, "1", "rollback", "test: the champion as the other tests expect it")
+    assert {status for status, _ in results} == {200} and len(results) > 40
+    shares = [(m.action, m.previous_share, m.share) for m in history(client, MODEL) if m.share is not None][-5:]
+    assert shares == [("canary", 0, 20), ("rollback", 20, 0), ("canary", 0, 20), ("canary", 20, 100),
+                      ("canary", 100, 0)]
