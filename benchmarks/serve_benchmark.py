@@ -47,7 +47,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _request_bytes(port: int, rows: np.ndarray, binary: bool) -> bytes:
+def _request_bytes(port: int, rows: np.ndarray, binary: bool, model: str = MODEL) -> bytes:
     tensor = {"name": "pixels", "shape": list(rows.shape), "datatype": "FP32"}
     if binary:  # the JSON header, then the tensor's raw little-endian bytes; the answer comes back binary too
         data = rows.astype("<f4").tobytes()
@@ -57,7 +57,7 @@ def _request_bytes(port: int, rows: np.ndarray, binary: bool) -> bytes:
     else:
         body = json.dumps({"inputs": [{**tensor, "data": [round(float(v), 4) for v in rows.ravel()]}]}).encode()
         extra = "Content-Type: application/json\r\n"
-    return _http_post(port, f"/v2/models/{MODEL}/infer", extra, body)
+    return _http_post(port, f"/v2/models/{model}/infer", extra, body)
 
 
 def _http_post(port: int, path: str, headers: str, body: bytes) -> bytes:

@@ -298,7 +298,7 @@ class ModelServer:
     # ------------------------------------------------------------ loading and reloading
 
     def _load_variant(self, source: FileSource | RegistrySource, version: str, provider: str,
-                      available: list[str]) -> tuple[LoadedModel, dict[str, str]]:
+                      available: list[str], threads: int) -> tuple[LoadedModel, dict[str, str]]:
         serving = self.settings.serving
         try:
             variant, why = choose_variant(serving.variant, provider, available)
@@ -306,16 +306,17 @@ class ModelServer:
             raise ModelLoadError(f"v{version}: {error}") from None
         resolved = source.fetch(version, variant)
         model = load_model(resolved.onnx_path, list(serving.providers), serving.strict,
-                           engine_cache(self.settings.cache_dir), serving.threads)
+                           engine_cache(self.settings.cache_dir), threads)
         model.variant, model.variant_note = variant, f"{variant} ({why})"
         return model, resolved.tags
 
-    def _load(self, source: FileSource | RegistrySource, version: str) -> tuple[LoadedModel, dict[str, str]]:
+    def _load(self, source: FileSource | RegistrySource, version: str,
+              threads: int) -> tuple[LoadedModel, dict[str, str]]:
         available = source.variants(version)
         planned = planned_provider(list(self.settings.serving.providers), engine_cache(self.settings.cache_dir))
-        model, tags = self._load_variant(source, version, planned, available)
+        model, tags = self._load_variant(source, version, planned, available, threads)
         if model.provider != planned:  # a GPU provider failed to start: serve the variant that fits what runs
-            model, tags = self._load_variant(source, version, model.provider, available)
+            model, tags = self._load_variant(source, version, model.provider, available, threads)
         warm = np.zeros((self.settings.serving.max_batch_size, *model.contract.shape), np.float32)
         for _ in range(self.settings.warmup_rounds):  # first calls allocate and (on TensorRT) build engines
             model.run(warm[:1])
@@ -323,10 +324,12 @@ class ModelServer:
         return model, tags
 
     async def _start_version(self, source: FileSource | RegistrySource, version: str,
-                             on_batch: Callable[[int, float], None] | None) -> Served:
-        """`version` loaded, warm, with its batcher started (`on_batch`: counts its model calls)."""
-        model, tags = await asyncio.to_thread(self._load, source, version)
+                             on_batch: Callable[[int, float], None] | None, threads: int | None = None) -> Served:
+        """`version` loaded, warm, with its batcher started (`on_batch`: counts its model calls; `threads`: its
+        ONNX Runtime intra-op threads, default serving.threads)."""
         serving = self.settings.serving
+        model, tags = await asyncio.to_thread(self._load, source, version,
+                                              serving.threads if threads is None else threads)
         batcher = DynamicBatcher(model.run_served, serving.max_batch_size, serving.max_queue_delay_ms / 1000, on_batch)
         batcher.start()
         return Served(version, model, batcher, tags)
@@ -468,7 +471,8 @@ class ModelServer:
         shadowed = None
         if version is not None:
             try:
-                shadowed = await self._start_version(self.shadow_source, version, None)
+                shadowed = await self._start_version(self.shadow_source, version, None,
+                                                     self.settings.serving.shadow.threads)
             except IntegrityError as error:
                 self._shadow_refused.add(version)
                 log.error("refused to shadow v%s: %s", version, error)

@@ -84,6 +84,8 @@ class ShadowSettings(BaseModel):
     fraction: float = Field(default=1.0, gt=0, le=1, description="the share of answered requests the shadow runs on")
     queue: int = Field(default=64, ge=1, description="requests waiting for the shadow at most: beyond, one is "
                                                      "dropped (counted), never waited for")
+    threads: int = Field(default=1, ge=0, description="the shadow's ONNX Runtime intra-op threads (0: its default): "
+                                                     "few, so that the champion keeps its cores")
 
 
 class CanarySettings(BaseModel):
