@@ -39,7 +39,7 @@ MODEL = "graft-classifier"      # registry.model_name in params.yaml
 
 # Run by test_readme_examples_run_as_written: seconds each, on the tiny workspace.
 QUICK = (
-    "graft promote", "graft rollback", "graft history", "graft summary", "graft export-triton",
+    "graft promote", "graft rollback", "graft history", "graft summary", "graft export-triton", "graft canary",
     "graft serve",  # started in the background; the curl lines after it are sent to it
     "dvc metrics show", "dvc metrics diff", "dvc plots show", "dvc status", "dvc dag",
     "curl",         # only against DOC_ADDRESS (checked in classify)
@@ -62,6 +62,8 @@ LONG = {
     "graft shadow report": "reads what a shadowing server kept (tests/test_server.py, tests/test_shadow.py)",
     "graft promote --require-shadow": "refused without live evidence, which this project has none of (tests/test_server.py "
                                       "checks that refusal)",
+    "graft promote --ramp": "waits for a serving, capturing server's canary answers at each step (tests/test_server.py "
+                            "ramps v2 live)",
     "dvc add data/raw/animal-mnist": "re-versions the user's data after new images arrive",
     "graft data add": "the user's own folder (tests/test_userdata.py runs `graft data add` on a real one)",
     "git add data/raw/my-parts.dvc": "follows the user's `graft data add`, then a full `graft run`",
@@ -206,8 +208,11 @@ def test_readme_examples_run_as_written(readme_project, tmp_path):
     after = {
         "graft promote": lambda done: champion(client) == "2",
         "graft rollback": lambda done: champion(client) == "1",
-        "graft history": lambda done: re.search(r"champion\s+v2\s+v1\s+promote", done.stdout)
-                                      and re.search(r"champion\s+v1\s+v2\s+rollback", done.stdout),
+        "graft canary set 10": lambda done: "champion v1 answers 90% of live traffic, the canary challenger v2 10%"
+                                            in done.stdout,
+        "graft history --traffic": lambda done: "v1 90%, v2 10%" in done.stdout,
+        "graft history": lambda done: re.search(r"champion\s+v2\s+v1\s+-\s+promote", done.stdout)
+                                      and re.search(r"champion\s+v1\s+v2\s+-\s+rollback", done.stdout),
     }
     server, ran = None, []
     log = (tmp_path / "serve.log").open("w")
