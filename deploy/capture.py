@@ -328,14 +328,15 @@ class CaptureStore:
         for answer in answers:
             if not all(self._add_item(batch, answer, row) for row in range(len(answer.probabilities))):
                 break
-        name = f"{int((answers[0].time if answers else shadowed[0][0]) * 1000):013d}-{os.urandom(4).hex()}"
-        if batch.records and not self._write_files(batch, name):
+        seconds = answers[0].time if answers else shadowed[0][0]
+        name = f"{int(seconds * 1000):013d}-{os.urandom(4).hex()}"
+        if batch.records and not self._write_files(batch, name, seconds):
             batch.records.clear()
         if rows > len(batch.records):
             self._drop(self.stats.stopped or WRITE_ERROR, rows - len(batch.records))
         lines = [line for _, records in shadowed for line in records]
         if lines and self._fits(sum(map(len, lines))):
-            self._write_shadow(lines, name)
+            self._write_shadow(lines, name, seconds)
 
     def _add_item(self, batch: _Batch, answer: Answer, row: int) -> bool:
         """One row of an answer added to the batch as an item; False when the budget is reached instead."""
@@ -392,11 +393,11 @@ class CaptureStore:
             self._segment = (hour, descriptor)
         return self._segment[1]
 
-    def _write_files(self, batch: _Batch, name: str) -> bool:
+    def _write_files(self, batch: _Batch, name: str, seconds: float) -> bool:
         """The batch's two files, the records last; False when capturing stopped instead (nothing of it left).
-        `name`: the batch's, its capture time in milliseconds first (names sort in time), then random (unique)."""
+        `name`: the batch's, its capture time (`seconds`) in milliseconds first (names sort in time), then random."""
         try:
-            segment = self._segment_folder(int(name[:13]) / 1000)
+            segment = self._segment_folder(seconds)
             _write_atomic(segment, name + INPUTS_SUFFIX, batch.inputs)
             try:
                 _write_atomic(segment, name + RECORDS_SUFFIX, batch.records)  # last: the batch is whole once it is there
@@ -411,9 +412,9 @@ class CaptureStore:
             self.stats.bytes += batch.size
         return True
 
-    def _write_shadow(self, lines: list[bytes], name: str) -> None:
+    def _write_shadow(self, lines: list[bytes], name: str, seconds: float) -> None:
         try:
-            _write_atomic(self._segment_folder(int(name[:13]) / 1000), name + SHADOW_SUFFIX, lines)
+            _write_atomic(self._segment_folder(seconds), name + SHADOW_SUFFIX, lines)
         except OSError as error:
             self._stop(_stop_reason(error), f"writing to {self.folder} failed: {error}")
             return

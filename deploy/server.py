@@ -229,6 +229,8 @@ class CaptureCollector:
         yield CounterMetricFamily("graft_capture_writer_cpu_seconds", "CPU time the capture writer thread used: what "
                                   "capturing costs the server, beside the request path's queueing",
                                   value=stats.writer_cpu_seconds)
+        yield CounterMetricFamily("graft_capture_shadow_records", "shadow outcomes written (one a row), the evidence "
+                                  "`graft shadow report` reads", value=stats.shadow_records)
         stopped = GaugeMetricFamily("graft_capture_stopped", "1 once capturing stopped (budget, full disk, write error)",
                                     labels=["reason"])
         for reason in STOP_REASONS:

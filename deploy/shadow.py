@@ -23,8 +23,9 @@ from deploy.capture import item_id, iso_time
 
 log = logging.getLogger("graft.shadow")
 
-QUEUE_FULL, FAILED = "queue_full", "failed"
-DROP_REASONS = (QUEUE_FULL, FAILED)  # why a request offered to the shadow was not compared
+QUEUE_FULL, FAILED, NO_SHADOW = "queue_full", "failed", "no_shadow"
+# why a request offered to the shadow was not compared (no_shadow: the shadow was unloaded before its turn)
+DROP_REASONS = (QUEUE_FULL, FAILED, NO_SHADOW)
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ class ShadowOutcome:
 class ShadowQueue:
     """Requests waiting for the shadow model, at most `size`; `workers` coroutines run them (`run`: a job -> its
     outcome, None when there is no shadow to run it now) and hand each outcome to `done`. A request that finds the
-    queue full, or whose run fails, goes to `dropped` with the reason."""
+    queue full, whose run fails, or that finds no shadow when its turn comes, goes to `dropped` with the reason."""
 
     def __init__(self, size: int, workers: int, run: Callable[[ShadowJob], Awaitable[ShadowOutcome | None]],
                  done: Callable[[ShadowOutcome], None], dropped: Callable[[str], None]) -> None:
@@ -102,7 +103,9 @@ class ShadowQueue:
                 log.warning("shadow run of request %s failed: %s", job.request_id, error)
                 self._dropped(FAILED)
                 continue
-            if outcome is not None:
+            if outcome is None:
+                self._dropped(NO_SHADOW)
+            else:
                 self._done(outcome)
 
     async def stop(self) -> None:

@@ -323,6 +323,8 @@ def test_the_challenger_shadows_live_answers_and_promotion_waits_for_its_evidenc
         assert (_metric_value(base, 'graft_shadow_labelled_total{served="right",shadow="right"}')
                 + _metric_value(base, 'graft_shadow_labelled_total{served="wrong",shadow="right"}')) == labelled
         assert _metric_value(base, 'graft_shadow_labelled_total{served="wrong",shadow="right"}') == (~same[:labelled]).sum()
+        wait_until(lambda: _metric_value(base, "graft_capture_shadow_records_total") == len(rows), 10,
+                   "the shadow's records were not all written")
     finally:
         process.terminate()
         process.wait(timeout=20)

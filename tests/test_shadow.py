@@ -12,7 +12,7 @@ from components.settings import GateParams, ShadowGateParams
 from components.shadow import collect_evidence, shadow_gates, verdict
 from deploy.capture import Answer, CaptureStore, iter_items, iter_shadow_records
 from deploy.settings import CaptureSettings
-from deploy.shadow import FAILED, QUEUE_FULL, ShadowJob, ShadowOutcome, ShadowQueue
+from deploy.shadow import FAILED, NO_SHADOW, QUEUE_FULL, ShadowJob, ShadowOutcome, ShadowQueue
 
 CLASSES = ("ant", "bee", "cat")
 
@@ -21,14 +21,16 @@ def _job(request_id: str, predicted: tuple[str, ...] = ("ant",), seconds: float 
     return ShadowJob(request_id, b"image", "1", predicted, seconds, time.time())
 
 
-def test_a_full_queue_drops_and_counts_and_never_waits():
+def test_a_full_queue_drops_and_counts_and_never_waits_and_so_does_a_missing_shadow():
     async def scenario() -> tuple[list[str], list[ShadowOutcome], list[bool]]:
         release, dropped, done = asyncio.Event(), [], []
 
-        async def run(job: ShadowJob) -> ShadowOutcome:
+        async def run(job: ShadowJob) -> ShadowOutcome | None:
             await release.wait()  # the shadow model is busy until the test lets it go
             if job.request_id == "c" * 32:
                 raise RuntimeError("the shadow failed on this one")
+            if job.request_id == "e" * 32:
+                return None  # the shadow was unloaded before this one's turn
             return ShadowOutcome(job, "challenger", "2", ("bee",), 0.001)
 
         queue = ShadowQueue(1, 1, run, done.append, dropped.append)
@@ -38,12 +40,15 @@ def test_a_full_queue_drops_and_counts_and_never_waits():
         release.set()
         for _ in range(100):
             await asyncio.sleep(0)
+        offered.append(queue.offer(_job("e" * 32)))
+        for _ in range(100):
+            await asyncio.sleep(0)
         await queue.stop()
         return dropped, done, offered
 
     dropped, done, offered = asyncio.run(scenario())
-    assert offered == [True, True, False]
-    assert sorted(dropped) == sorted([QUEUE_FULL, FAILED])
+    assert offered == [True, True, False, True]
+    assert sorted(dropped) == sorted([QUEUE_FULL, FAILED, NO_SHADOW])
     assert [outcome.job.request_id for outcome in done] == ["a" * 32]
     assert done[0].agreements == 0
 
