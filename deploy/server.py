@@ -545,9 +545,18 @@ class ModelServer:
         """Prepare the request for the version that answers its `key` now (the champion, or the canary for its share;
         off the event loop unless `inline`: small work) and run it there; if that version is swapped out before the
         request is queued, route and prepare it again. Never two versions in one answer."""
+        async def prepared(served: Served) -> np.ndarray:
+            return prepare(served) if inline else await self.off_loop(lambda: prepare(served))
+
         while True:
             served = self.route(key)
-            rows = prepare(served) if inline else await self.off_loop(lambda: prepare(served))
+            try:
+                rows = await prepared(served)
+            except InputError:
+                if served.route != "canary":
+                    raise
+                served = self.served  # a canary with another input (its own contract): the champion answers
+                rows = await prepared(served)
             self.metrics.queue_depth.set(served.batcher.depth)
             started = time.perf_counter()
             try:
