@@ -936,10 +936,11 @@ async def model_metadata(request: Request, name: str):
     server = _server(request)
     if (problem := check_model(server, name)) is not None:
         return problem
-    served, serving = server.served, server.settings.serving
+    served, serving, canary = server.served, server.settings.serving, server.canary
     contract = served.model.contract
     return {
-        "name": name, "versions": [served.version], "platform": "onnxruntime_onnx",
+        "name": name, "versions": [served.version, *([canary.served.version] if canary else [])],
+        "platform": "onnxruntime_onnx",
         "inputs": [{"name": contract.input_name, "datatype": "FP32", "shape": [-1, *contract.shape]}],
         "outputs": [{"name": contract.output_name, "datatype": "FP32", "shape": [-1, len(served.model.classes)]}],
         "parameters": {
@@ -952,6 +953,9 @@ async def model_metadata(request: Request, name: str):
             "max_batch_size": serving.max_batch_size, "max_queue_delay_ms": serving.max_queue_delay_ms,
             "max_body_bytes": serving.max_body_bytes,
             "max_infer_rows": max_infer_rows(served.model, serving.max_body_bytes),
+            # the version answering a share of requests (its own inputs, when its contract differs, are not these)
+            "canary": {"alias": serving.canary.alias, "version": canary.served.version, "share_percent": canary.share}
+            if canary else None,
         },
     }
 

@@ -366,6 +366,9 @@ def test_a_canary_share_answers_by_key_within_binomial_bounds_and_rolls_back_at_
         done = graft_cli(root, mlflow_server, "canary", "set", "10", "--reason", "test: a tenth for v2")
         assert "0% -> 10%" in done.stdout and "the canary challenger v2 10%" in done.stdout
         wait_until(share_is(10), 15, "the server did not take the canary share")
+        meta = httpx.get(f"{server}/v2/models/{MODEL}").json()
+        assert meta["versions"] == ["1", "2"] and meta["parameters"]["canary"] == {
+            "alias": "challenger", "version": "2", "share_percent": 10.0}
         with httpx.Client() as http:
             versions = [ask(http) for _ in range(2000)]
             keys = [f"client-{i}" for i in range(100)]
@@ -380,6 +383,7 @@ def test_a_canary_share_answers_by_key_within_binomial_bounds_and_rolls_back_at_
         done = graft_cli(root, mlflow_server, "rollback", "--reason", "test: canary back")
         assert "10% -> 0%" in done.stdout and alias_version(client, MODEL, CHAMPION) == "1"
         wait_until(share_is(0), 15, "the server did not take the rollback")
+        assert httpx.get(f"{server}/v2/models/{MODEL}").json()["parameters"]["canary"] is None
         with httpx.Client() as http:
             assert {ask(http, key) for key in keys[:30]} == {"1"}
         traffic = graft_cli(root, mlflow_server, "history", "--traffic").stdout
