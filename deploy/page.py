@@ -10,7 +10,16 @@ def _rows(items: list[tuple[str, str]]) -> str:
     return "".join(f"<tr><th>{escape(k)}</th><td>{escape(v)}</td></tr>" for k, v in items)
 
 
-def render_page(model: str, version: str | None, provider: str | None, tags: dict[str, str], classes: list[str]) -> str:
+def _canary_line(canary: tuple[str, float] | None) -> str:
+    if canary is None:
+        return ""
+    version, share = canary
+    return f' Version <b id="canary">{escape(version)}</b> answers {share:g}% of requests (canary).'
+
+
+def render_page(model: str, version: str | None, provider: str | None, tags: dict[str, str], classes: list[str],
+                canary: tuple[str, float] | None = None) -> str:
+    """`canary`: the version answering a share of requests and its percent, while one does."""
     if version is None:
         body = "<p id='status'>Loading the model&hellip; this page works once /v2/health/ready says ready.</p>"
     else:
@@ -20,7 +29,7 @@ def render_page(model: str, version: str | None, provider: str | None, tags: dic
         lineage = [(k.removeprefix("graft."), v) for k, v in sorted(tags.items()) if k in LINEAGE_TAGS]
         body = f"""
 <p id="status">Serving <b id="model">{escape(model)}</b> version <b id="version">{escape(version)}</b>
-on <b id="provider">{escape(provider or '')}</b>.</p>
+on <b id="provider">{escape(provider or '')}</b>.{_canary_line(canary)}</p>
 <div class="cols">
 <table><caption>Test metrics</caption>{_rows(metrics) or '<tr><td>none recorded</td></tr>'}</table>
 <table><caption>Gates</caption>{_rows(gates) or '<tr><td>none recorded</td></tr>'}</table>

@@ -1093,7 +1093,8 @@ async def page(request: Request):
     served = server.served
     return render_page(server.settings.model_name, served.version if served else None,
                        served.model.provider if served else None, served.tags if served else {},
-                       list(served.model.classes) if served else [])
+                       list(served.model.classes) if served else [],
+                       (server.canary.served.version, server.canary.share) if server.canary else None)
 
 
 def create_app(source: FileSource | RegistrySource, settings: ServerSettings) -> FastAPI:

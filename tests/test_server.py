@@ -369,6 +369,7 @@ def test_a_canary_share_answers_by_key_within_binomial_bounds_and_rolls_back_at_
         meta = httpx.get(f"{server}/v2/models/{MODEL}").json()
         assert meta["versions"] == ["1", "2"] and meta["parameters"]["canary"] == {
             "alias": "challenger", "version": "2", "share_percent": 10.0}
+        assert 'Version <b id="canary">2</b> answers 10% of requests (canary).' in httpx.get(server).text
         with httpx.Client() as http:
             versions = [ask(http) for _ in range(2000)]
             keys = [f"client-{i}" for i in range(100)]
