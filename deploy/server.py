@@ -396,22 +396,24 @@ class ModelServer:
         if self.shadow_metrics is not None:
             await self._follow_shadow_checked()
 
+    async def _side_version(self, source: RegistrySource, refused: set[str]) -> str | None:
+        """The version behind a side model's alias (the canary's, the shadow's); None while the alias does not exist,
+        names the served version, or names one whose file failed its hash check."""
+        try:
+            version = await asyncio.to_thread(source.current_version)
+        except RegistryUnreachable:
+            raise
+        except SourceError:
+            return None  # no such alias (yet)
+        return None if version in refused or version == self.served.version else version
+
     async def _follow_canary(self) -> None:
         """Take the registry's canary share and the canary alias's version. No canary while the share is 0, the alias
         does not exist or names the champion, or its file failed its hash check. A share change alone swaps the route
         (keys below the new share move, no version loads); a new version is loaded and warm before it answers."""
         source = self.canary_source
         share = parse_share(await asyncio.to_thread(source.model_tag, CANARY_SHARE_TAG))
-        version = None
-        if share > 0:
-            try:
-                version = await asyncio.to_thread(source.current_version)
-            except RegistryUnreachable:
-                raise
-            except SourceError:
-                version = None  # no such alias (yet)
-            if version in self._canary_refused or version == self.served.version:
-                version = None
+        version = await self._side_version(source, self._canary_refused) if share > 0 else None
         old = self.canary
         if version is None:
             self.canary = None
@@ -460,14 +462,7 @@ class ModelServer:
     async def _follow_shadow(self) -> None:
         """Load the shadow alias's version when it moved. Nothing is shadowed while the alias does not exist or names
         the served version (nothing to compare), nor a version whose file failed its hash check."""
-        try:
-            version = await asyncio.to_thread(self.shadow_source.current_version)
-        except RegistryUnreachable:
-            raise
-        except SourceError:
-            version = None  # no such alias (yet)
-        if version is not None and (version in self._shadow_refused or version == self.served.version):
-            version = None
+        version = await self._side_version(self.shadow_source, self._shadow_refused)
         if version == (self.shadowed.version if self.shadowed else None):
             return
         shadowed = None
