@@ -220,7 +220,7 @@ def test_readers_skip_what_is_not_whole_and_the_budget_counts_what_is_there(tmp_
     (records,) = segment.glob(f"*{RECORDS_SUFFIX}")
     line = records.read_bytes()
     inputs = records.with_suffix(INPUTS_SUFFIX).read_bytes()
-    assert len(inputs) == len(b"whole") + 4 * 2, "the input, then its features (float16)"
+    assert len(inputs) == len(b"whole") + 4 * 4, "the input, then its features (float32)"
 
     def batch(name: str, lines: bytes, data: bytes | None) -> None:
         (segment / f"{name}{RECORDS_SUFFIX}").write_bytes(lines)
