@@ -11,10 +11,12 @@ what is checked is which version answered), made the challenger.
 --moves: one server (`python -m deploy.server`, poll 0.5 s, canary on) under c=32 binary V2 requests for --seconds,
 while every --every seconds the registry changes through Graft's own audited calls, in turn: a canary share of 25%,
 the champion swapped (the challenger alias to the old champion), the share to 0, the champion swapped back, a share
-of 50%, ... Every answer's status and X-Model-Version are kept with when it was sent and received; an answer is
-counted "not live" when its version was neither the champion nor (share above 0) the canary at any moment from one
-poll interval before it was sent to when it was received, with how long after the registry retired that version it
-was sent (a swap keeps the old version answering until the new one is loaded and warm). Results: benchmarks/results/live_moves.json.
+of 50%, ... Each change is scheduled LEAD_SECONDS ahead (serving.switch_lead_seconds): the registry's timeline is
+the changes' scheduled moments. Every answer's status and X-Model-Version are kept with when it was sent and
+received; an answer is counted "not live" when its version was neither the champion nor (share above 0) the canary
+at any moment from when it was sent to when it was received, with how long after the registry retired that version
+it was sent. The server's own lateness for each change (graft_traffic_switch_late_seconds) is kept too. Results:
+benchmarks/results/live_moves.json.
 
 --shadow: two servers side by side, shadow off and shadow on (the challenger shadowing every answer), driven in turn
 in alternating rounds, fresh pairs each round, at paced rates below the machine's capacity (--rates, over 8
@@ -40,12 +42,13 @@ import numpy as np
 from mlflow import MlflowClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_benchmark import _free_port, _request_bytes  # noqa: E402  (a lean load generator, shared)
+from serve_benchmark import _free_port, _metric, _request_bytes  # noqa: E402  (a lean load generator, shared)
 
 from components.compute import cpu_model  # noqa: E402
 from components.registry import CHALLENGER, CHAMPION, alias_version, move_alias, set_canary_share  # noqa: E402
 
 POLL_SECONDS = 0.5
+LEAD_SECONDS = 1.5  # serving.switch_lead_seconds of the changes made: a poll and a load (about 0.3 s here) ahead
 ROWS = np.random.default_rng(0).normal(size=(1, 1, 64, 64)).astype(np.float32)  # the default champion's input
 
 
@@ -143,15 +146,22 @@ async def moves(uri: str, name: str, seconds: float, every: float, concurrency: 
             await asyncio.sleep(every)
             kind = ("share 25", "swap", "share 0", "swap", "share 50", "swap", "share 0")[step % 7]
             step += 1
+            if made:  # how late the server took the change before (its own count, /metrics)
+                metrics = (await asyncio.to_thread(httpx.get, f"http://127.0.0.1:{port}/metrics")).text
+                made[-1]["late_s"] = _metric(metrics, "graft_traffic_switch_late_seconds")
             if kind == "swap":  # the challenger becomes the champion and the champion the challenger
-                await asyncio.to_thread(move_alias, client, name, CHAMPION, challenger, "promote", "benchmark: swap")
-                await asyncio.to_thread(move_alias, client, name, CHALLENGER, champion, "challenger", "benchmark: swap")
+                await asyncio.to_thread(move_alias, client, name, CHAMPION, challenger, "promote", "benchmark: swap",
+                                        lead_seconds=LEAD_SECONDS)
+                move = await asyncio.to_thread(move_alias, client, name, CHALLENGER, champion, "challenger",
+                                               "benchmark: swap", lead_seconds=LEAD_SECONDS)
                 champion, challenger = challenger, champion
             else:
                 share = float(kind.split()[1])
-                await asyncio.to_thread(set_canary_share, client, name, CHALLENGER, share, "canary", "benchmark")
-            timeline.append((time.time(), {champion, challenger} if share > 0 else {champion}))
-            made.append({"at": round(timeline[-1][0] - timeline[0][0], 2), "move": kind, "champion": champion,
+                move = await asyncio.to_thread(set_canary_share, client, name, CHALLENGER, share, "canary",
+                                               "benchmark", LEAD_SECONDS)
+            effective = datetime.fromisoformat(move.effective).timestamp()  # the change's scheduled moment
+            timeline.append((effective, {champion, challenger} if share > 0 else {champion}))
+            made.append({"at": round(effective - timeline[0][0], 3), "move": kind, "champion": champion,
                          "canary": challenger if share > 0 else None})
         await load
     finally:
@@ -160,12 +170,13 @@ async def moves(uri: str, name: str, seconds: float, every: float, concurrency: 
     failed = [a for a in answers if a[2] != 200]
     if failed:
         print("not 2xx:", failed[:5], file=sys.stderr)
-    not_live = [a for a in answers if a[2] == 200 and a[3] not in _live_at(timeline, a[0] - POLL_SECONDS, a[1])]
+    not_live = [a for a in answers if a[2] == 200 and a[3] not in _live_at(timeline, a[0], a[1])]
     by_version: dict[str, int] = {}
     for _, _, _, version in answers:
         by_version[version] = by_version.get(version, 0) + 1
     return {"cpu": cpu_model(), "date": datetime.now(timezone.utc).isoformat(timespec="minutes"),
             "seconds": seconds, "every": every, "concurrency": concurrency, "poll_seconds": POLL_SECONDS,
+            "switch_lead_seconds": LEAD_SECONDS,
             "requests": len(answers), "throughput_rps": round(len(answers) / seconds, 1),
             "non_2xx": len(failed), "answered_by_a_version_not_live": len(not_live), "answers_by_version": by_version,
             # how long after the registry retired its version each such answer was sent: a swap keeps the old

@@ -123,12 +123,13 @@ def ramp(root: str | Path, params: Settings, client, name: str, say: Callable[[s
     version, champion = alias_version(client, name, alias), alias_version(client, name, CHAMPION)
     if version is None or champion is None:
         raise RegistryError(f"{name} has no {alias if version is None else CHAMPION!r} version: nothing to ramp")
-    folder = root / params.serving.capture.folder
+    folder, lead = root / params.serving.capture.folder, params.serving.switch_lead_seconds
     began = datetime.now(timezone.utc)
     try:
         for number, share in enumerate(rules.steps[:-1], 1):
-            set_canary_share(client, name, alias, share, reason=f"ramp step {number}/{len(rules.steps)}")
-            step_began = datetime.now(timezone.utc)
+            move = set_canary_share(client, name, alias, share, reason=f"ramp step {number}/{len(rules.steps)}",
+                                    lead_seconds=lead)
+            step_began = datetime.fromisoformat(move.effective)  # when the servers switch to it
             say(f"step {number}/{len(rules.steps)}: v{version} answers {share:g}% of live traffic; waiting for "
                 f"{rules.min_requests} of its answers in {folder}")
             evidence = _wait_for_answers(lambda: collect_canary_evidence(
@@ -137,16 +138,18 @@ def ramp(root: str | Path, params: Settings, client, name: str, say: Callable[[s
             ok, why = canary_verdict(found)
             _report(root, evidence, found, ok)
             if not ok:
-                set_canary_share(client, name, alias, 0, "rollback", f"ramp refused at {share:g}%: {why}")
+                set_canary_share(client, name, alias, 0, "rollback", f"ramp refused at {share:g}%: {why}", lead)
                 raise RegistryError(f"refusing to promote {name} v{version}: at {share:g}% of live traffic {why}; its "
                                     f"share is back to 0 (reports/canary.md)")
             say(f"  passed: {evidence.answers} answers" + (f", {evidence.comparison.text('canary', 'champion')}"
                                                             if evidence.comparison else ""))
-        set_canary_share(client, name, alias, 100, reason=f"ramp step {len(rules.steps)}/{len(rules.steps)}")
-        move = promote(client, name, version, reason=f"canary ramp {', '.join(f'{s:g}%' for s in rules.steps)}")
+        set_canary_share(client, name, alias, 100, reason=f"ramp step {len(rules.steps)}/{len(rules.steps)}",
+                         lead_seconds=lead)
+        move = promote(client, name, version, reason=f"canary ramp {', '.join(f'{s:g}%' for s in rules.steps)}",
+                       lead_seconds=lead)
     except BaseException:
         if canary_share(client, name) > 0 and alias_version(client, name, CHAMPION) != version:  # traffic back at once
-            set_canary_share(client, name, alias, 0, "rollback", "ramp stopped")
+            set_canary_share(client, name, alias, 0, "rollback", "ramp stopped", lead)
         raise
-    set_canary_share(client, name, alias, 0, reason=f"v{version} is the champion: the canary ends")
+    set_canary_share(client, name, alias, 0, reason=f"v{version} is the champion: the canary ends", lead_seconds=lead)
     return move

@@ -302,11 +302,12 @@ def apply_gate_verdict(params: Settings, registration: dict, report: GateReport)
     if not report.passed:
         return {"gates_passed": False, "challenger": False, "promoted": False}
     if alias_version(client, name, CHALLENGER) != version:
-        move_alias(client, name, CHALLENGER, version, "challenger", "passed every gate", run_id)
+        move_alias(client, name, CHALLENGER, version, "challenger", "passed every gate", run_id,
+                   params.serving.switch_lead_seconds)
     champion = alias_version(client, name, CHAMPION)
     # With the shadow gate required, only the first model is promoted here: a later one has no live evidence yet.
     automatic = params.promotion.auto_promote and not params.promotion.shadow.required
     if champion != version and (automatic or champion is None):
         reason = "first model to pass every gate" if champion is None else "auto_promote: passed every gate"
-        promote(client, name, version, reason=reason, run_id=run_id)
+        promote(client, name, version, reason=reason, run_id=run_id, lead_seconds=params.serving.switch_lead_seconds)
     return {"gates_passed": True, "challenger": True, "promoted": alias_version(client, name, CHAMPION) == version}

@@ -42,7 +42,7 @@ from deploy.source import (
     check_store_exists,
 )
 from deploy.canary import ShareError, parse_share
-from deploy.tags import AUDIT_PREFIX, CANARY_SHARE_TAG, CANDIDATE_TAG, GATES_TAG, JUDGED_TAG, gate_verdicts
+from deploy.tags import AUDIT_PREFIX, CANARY_SHARE_TAG, CANDIDATE_TAG, GATES_TAG, JUDGED_TAG, TRAFFIC_AT_TAG, gate_verdicts
 from deploy.variants import FP32
 
 if TYPE_CHECKING:
@@ -109,6 +109,8 @@ class AliasMove:
     key: str = ""
     share: float | None = None           # a canary share change (action canary, or rollback of one): the new percent
     previous_share: float | None = None  # ... and the one before
+    effective: str | None = None         # when servers switch to it (ISO, UTC, ms): serving.switch_lead_seconds after
+                                         # it was made (None in records written before changes were scheduled)
 
 
 def tracking_uri(registry: RegistryParams, root: str | Path = ".") -> str:
@@ -229,20 +231,38 @@ def alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
 def _record(client: MlflowClient, name: str, move: AliasMove) -> AliasMove:
     key = move.key or f"{AUDIT_PREFIX}{time.time_ns()}"
     move = AliasMove(**{**asdict(move), "key": key})
-    fields = {k: v for k, v in asdict(move).items() if k != "key" and (v is not None or k not in SHARE_FIELDS)}
+    fields = {k: v for k, v in asdict(move).items() if k != "key" and (v is not None or k not in OPTIONAL_FIELDS)}
     client.set_registered_model_tag(name, key, json.dumps(fields))
     return move
 
 
-SHARE_FIELDS = ("share", "previous_share")  # only a canary share change has them
+OPTIONAL_FIELDS = ("share", "previous_share", "effective")  # only a canary share change has the first two
 
 
-def move_alias(client: MlflowClient, name: str, alias: str, version: str, action: str, reason: str, run_id: str = "") -> AliasMove:
-    """Point `alias` at `version`, recorded before and after the (atomic) registry call."""
+def _schedule(client: MlflowClient, name: str, lead_seconds: float) -> str:
+    """Say when the traffic change about to be made takes effect: `lead_seconds` from now (TRAFFIC_AT_TAG, written
+    before the change, so a server that sees the change reads its moment too, and every server switches then); that
+    moment as ISO time."""
+    ms = round((time.time() + lead_seconds) * 1000)  # whole milliseconds: the tag and the ISO time say the same
+    client.set_registered_model_tag(name, TRAFFIC_AT_TAG, f"{ms // 1000}.{ms % 1000:03d}")
+    moment = datetime.fromtimestamp(ms // 1000, timezone.utc).replace(microsecond=ms % 1000 * 1000)
+    return moment.isoformat(timespec="milliseconds")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def move_alias(client: MlflowClient, name: str, alias: str, version: str, action: str, reason: str, run_id: str = "",
+               lead_seconds: float = 0.0) -> AliasMove:
+    """Point `alias` at `version`, recorded before and after the (atomic) registry call; servers following it switch
+    `lead_seconds` later, together."""
     previous = alias_version(client, name, alias)
     started = _record(client, name, AliasMove(alias, str(version), previous, action, _actor(), run_id, reason, "started",
-                                               datetime.now(timezone.utc).isoformat(timespec="seconds")))
+                                               _now()))
+    effective = _schedule(client, name, lead_seconds)
     client.set_registered_model_alias(name, alias, str(version))
+    started = AliasMove(**{**asdict(started), "effective": effective})
     return _record(client, name, AliasMove(**{**asdict(started), "status": "completed"}))
 
 
@@ -337,8 +357,10 @@ def verify_artifact(client: MlflowClient, name: str, version: str, refusing: str
 
 
 @_classified("promoting")
-def promote(client: MlflowClient, name: str, version: str | None = None, reason: str = "", run_id: str = "") -> AliasMove:
-    """Move champion to `version` (default: the challenger) after re-checking its gates and its artifact."""
+def promote(client: MlflowClient, name: str, version: str | None = None, reason: str = "", run_id: str = "",
+            lead_seconds: float = 0.0) -> AliasMove:
+    """Move champion to `version` (default: the challenger) after re-checking its gates and its artifact; servers
+    switch `lead_seconds` later."""
     version = version or alias_version(client, name, CHALLENGER)
     if version is None:
         raise RegistryError(f"{name} has no {CHALLENGER!r} version to promote; run the retraining flow first")
@@ -348,7 +370,8 @@ def promote(client: MlflowClient, name: str, version: str | None = None, reason:
     if alias_version(client, name, CHAMPION) == str(version):
         raise RegistryError(f"{name} v{version} is already the {CHAMPION}")
     verify_artifact(client, name, version)
-    return move_alias(client, name, CHAMPION, version, "promote", reason or "promoted after passing every gate", run_id)
+    return move_alias(client, name, CHAMPION, version, "promote", reason or "promoted after passing every gate", run_id,
+                      lead_seconds)
 
 
 def champion_lineage(moves: list[AliasMove]) -> list[str]:
@@ -371,9 +394,9 @@ def canary_share(client: MlflowClient, name: str) -> float:
 
 @_classified("setting the canary share")
 def set_canary_share(client: MlflowClient, name: str, alias: str, share: float | str, action: str = "canary",
-                     reason: str = "") -> AliasMove:
+                     reason: str = "", lead_seconds: float = 0.0) -> AliasMove:
     """Let `alias`'s version answer `share` percent of live traffic on every server that follows the registry
-    (serving.canary), recorded before and after like an alias move. A share above 0 needs a gate-passing version
+    (serving.canary) from `lead_seconds` on, recorded before and after like an alias move. A share above 0 needs a gate-passing version
     behind `alias` that is not the champion."""
     try:
         share = parse_share(share)
@@ -392,23 +415,27 @@ def set_canary_share(client: MlflowClient, name: str, alias: str, share: float |
     previous = canary_share(client, name)
     started = _record(client, name, AliasMove(
         alias, version or "-", None, action, _actor(), "", reason or f"canary share {previous:g}% -> {share:g}%",
-        "started", datetime.now(timezone.utc).isoformat(timespec="seconds"), share=share, previous_share=previous))
+        "started", _now(), share=share, previous_share=previous))
+    effective = _schedule(client, name, lead_seconds)
     client.set_registered_model_tag(name, CANARY_SHARE_TAG, f"{share:g}")
+    started = AliasMove(**{**asdict(started), "effective": effective})
     return _record(client, name, AliasMove(**{**asdict(started), "status": "completed"}))
 
 
 @_classified("rolling back")
-def rollback(client: MlflowClient, name: str, reason: str = "", canary_alias: str = CHALLENGER) -> AliasMove:
-    """Move traffic back at once: a live canary's share to 0 (the champion answers everything again), else the
-    champion alias back to the champion before it."""
+def rollback(client: MlflowClient, name: str, reason: str = "", canary_alias: str = CHALLENGER,
+             lead_seconds: float = 0.0) -> AliasMove:
+    """Move traffic back, on every server together `lead_seconds` later: a live canary's share to 0 (the champion
+    answers everything again), else the champion alias back to the champion before it."""
     if canary_share(client, name) > 0:
-        return set_canary_share(client, name, canary_alias, 0, "rollback", reason or "canary rolled back")
+        return set_canary_share(client, name, canary_alias, 0, "rollback", reason or "canary rolled back", lead_seconds)
     stack = champion_lineage(history(client, name))
     if len(stack) < 2:
         raise RegistryError(f"{name} has no previous {CHAMPION} to roll back to (champion history: {stack or 'empty'})")
     target = stack[-2]
     verify_artifact(client, name, target, refusing="roll back to")
-    return move_alias(client, name, CHAMPION, target, "rollback", reason or f"rolled back from v{stack[-1]}")
+    return move_alias(client, name, CHAMPION, target, "rollback", reason or f"rolled back from v{stack[-1]}",
+                      lead_seconds=lead_seconds)
 
 
 def format_history(moves: list[AliasMove]) -> str:
@@ -454,7 +481,7 @@ def traffic_timeline(moves: list[AliasMove], canary_alias: str = CHALLENGER) -> 
         live = canary is not None and canary != champion and share > 0
         shares = {champion: 100.0 - share, canary: share} if live else {champion: 100.0}
         if not spans or spans[-1].shares != shares:
-            spans.append(TrafficSpan(move.at, shares))
+            spans.append(TrafficSpan(move.effective or move.at, shares))
     return spans
 
 

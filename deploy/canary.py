@@ -3,7 +3,8 @@ client's key header, else its request id) through a hash, so one key stays on on
 ramp moves no one back: a key in the canary at 5% is in it at 25% too.
 
 The share is live state in the registry (deploy/tags.py CANARY_SHARE_TAG, a percent), set by `graft canary` and
-`graft promote --ramp` with an audit record each, and read by every server at each poll (ModelServer._follow_canary).
+`graft promote --ramp` with an audit record each, and read by every server at each poll (ModelServer._follow_canary);
+it takes effect at the change's scheduled moment (deploy/tags.py TRAFFIC_AT_TAG).
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ at /.
 
 It serves the model behind a registry alias, batches concurrent requests, and follows the alias: when it
 moves (promote, rollback) the new version is loaded beside the old one, warmed up and switched in with one
-reference swap. A request is answered entirely by the version it started on; none is dropped. Every answer carries
+reference swap at the move's scheduled moment (every server at once; canary shares likewise). A request is answered entirely by the version it started on; none is dropped. Every answer carries
 its request id (X-Request-Id); with serving.capture on, a sampled share of answers is kept (deploy/capture.py) and
 POST /feedback takes their true classes.
 
@@ -93,7 +93,7 @@ from deploy.settings import (
 )
 from deploy.shadow import DROP_REASONS as SHADOW_DROP_REASONS
 from deploy.shadow import ShadowJob, ShadowOutcome, ShadowQueue, predicted_classes
-from deploy.tags import CANARY_SHARE_TAG
+from deploy.tags import CANARY_SHARE_TAG, TRAFFIC_AT_TAG
 from deploy.source import FileSource, IntegrityError, RegistrySource, RegistryUnreachable, SourceError
 from deploy.variants import VariantError, choose_variant
 
@@ -152,6 +152,8 @@ class Metrics:
         self.model_info = Gauge("graft_model_info", "the served model version, the provider running it and the export variant",
                                 ["model", "version", "provider", "variant"], registry=r)
         self.reloads = Counter("graft_model_reloads_total", "alias moves followed", ["outcome"], registry=r)
+        self.switch_late = Gauge("graft_traffic_switch_late_seconds", "how long after its scheduled moment the last "
+                                 "alias move or canary share change took effect here (0: on time)", registry=r)
         self.refused = Counter("graft_model_refused_total", "versions refused: their file is not the registered one",
                                ["model", "version"], registry=r)
         self.feedback = Counter("graft_feedback_total", "feedback requests, by outcome", ["outcome"], registry=r)
@@ -239,6 +241,7 @@ class CaptureCollector:
 
 
 SHADOW_RECENT_ITEMS = 100_000  # shadowed items remembered for /metrics' labelled counts (the report reads the files)
+SWITCH_ON_TIME_SECONDS = 0.05  # a switch this close after its scheduled moment is on time
 
 
 @dataclass(frozen=True)
@@ -287,6 +290,9 @@ class ModelServer:
         self.canary: CanaryRoute[Served] | None = None
         self.canary_source: RegistrySource | None = None
         self._canary_refused: set[str] = set()
+        # Swaps loaded and waiting for their scheduled moment (a Unix time; 0: at once): _switch_at_moment.
+        self._pending: list[Callable[[], None]] = []
+        self._pending_at = 0.0
         if settings.serving.canary.enabled and isinstance(source, RegistrySource):
             self.canary_source = source.for_alias(settings.serving.canary.alias)
         shadow = settings.serving.shadow
@@ -349,11 +355,19 @@ class ModelServer:
                 log.warning("v%s has no drift reference (exported before drift monitoring): its answers are not "
                             "tested for drift", version)
             served.drift = drift
-            old, self.served = self.served, served  # the one atomic step
-            self.metrics.model_info.clear()
-            self.metrics.model_info.labels(self.settings.model_name, version, model.provider, model.variant).set(1)
-            log.info("serving %s v%s, variant %s: %s", self.settings.model_name, version, model.variant_note,
-                     model.provider_note)
+            old = self.served
+
+            def swap() -> None:
+                self.served = served  # the one atomic step
+                self.metrics.model_info.clear()
+                self.metrics.model_info.labels(self.settings.model_name, version, model.provider, model.variant).set(1)
+                log.info("serving %s v%s, variant %s: %s", self.settings.model_name, version, model.variant_note,
+                         model.provider_note)
+
+            if old is None:
+                swap()  # a first load answers at once; a move at its scheduled moment
+            else:
+                await self._switch_at_moment(swap)
             if old is not None:
                 await old.batcher.stop()  # finishes what the old version already accepted
 
@@ -410,19 +424,16 @@ class ModelServer:
     async def _follow_canary(self) -> None:
         """Take the registry's canary share and the canary alias's version. No canary while the share is 0, the alias
         does not exist or names the champion, or its file failed its hash check. A share change alone swaps the route
-        (keys below the new share move, no version loads); a new version is loaded and warm before it answers."""
+        (keys below the new share move, no version loads); a new version is loaded and warm before it answers. Either
+        takes effect at the change's scheduled moment."""
         source = self.canary_source
         share = parse_share(await asyncio.to_thread(source.model_tag, CANARY_SHARE_TAG))
         version = await self._side_version(source, self._canary_refused) if share > 0 else None
         old = self.canary
         if version is None:
-            self.canary = None
+            canary = None
         elif old is not None and old.served.version == version:
-            if old.share != share:
-                self.canary = CanaryRoute(old.served, share)
-                log.info("canary v%s now answers %g%% of requests", version, share)
-            self._show_canary()
-            return
+            canary = old if old.share == share else CanaryRoute(old.served, share)
         else:
             try:
                 served = await self._start_version(source, version, self.metrics.on_batch)
@@ -430,15 +441,59 @@ class ModelServer:
                 self._canary_refused.add(version)
                 log.error("refused v%s as the canary: %s", version, error)
                 return
-            self.canary = CanaryRoute(dataclasses.replace(served, route="canary"), share)
-            log.info("canary %s@%s v%s answers %g%% of requests (by %s), variant %s", self.settings.model_name,
-                     source.alias, version, share, KEY_HEADER_NOTE, served.model.variant_note)
+            canary = CanaryRoute(dataclasses.replace(served, route="canary"), share)
+        if canary is not old:
+            def swap() -> None:
+                self.canary = canary  # the one atomic step
+                if canary is None:
+                    log.info("no canary: %s", f"share {share:g}%" if share == 0 else
+                             f"{source.alias} is the champion or does not exist")
+                else:
+                    log.info("canary %s@%s v%s answers %g%% of requests (by %s), variant %s",
+                             self.settings.model_name, source.alias, canary.served.version, share, KEY_HEADER_NOTE,
+                             canary.served.model.variant_note)
+
+            await self._switch_at_moment(swap)
         self._show_canary()
-        if old is not None and (self.canary is None or self.canary.served is not old.served):
-            if self.canary is None:
-                log.info("no canary: %s", f"share {share:g}%" if share == 0 else
-                         f"{source.alias} is the champion or does not exist")
+        if old is not None and (canary is None or canary.served is not old.served):
             await old.served.batcher.stop()  # finishes what the old canary already accepted
+
+    async def _switch_at_moment(self, swap: Callable[[], None]) -> None:
+        """Make `swap` (one atomic change of what answers) at the moment the registry's latest traffic change takes
+        effect (TRAFFIC_AT_TAG, written before the change, serving.switch_lead_seconds ahead): every server following
+        the registry switches then, together. Until then it waits, pending; the first request routed at or after the
+        moment makes it (`route`), so no request sent after the moment meets what answered before it, however busy
+        the event loop. A change seen after its moment (a poll or a load slower than the lead) is made at once, said
+        in the log and in /metrics; one Graft did not schedule (an alias moved by hand in MLflow) too."""
+        at = 0.0
+        if isinstance(self.source, RegistrySource):  # a file is served as it is: nothing schedules it
+            try:
+                at = float(await asyncio.to_thread(self.source.model_tag, TRAFFIC_AT_TAG) or 0)
+            except ValueError:
+                at = 0.0
+        self._pending.append(swap)
+        self._pending_at = at
+        if at > time.time():  # a clock far ahead waits no longer than this
+            await asyncio.sleep(min(at - time.time(), max(60.0, 2 * self.settings.serving.switch_lead_seconds)))
+        self._make_pending()
+
+    def _make_pending(self) -> None:
+        """The pending swaps, made now: their moment has come."""
+        swaps, self._pending = self._pending, []
+        for swap in swaps:
+            swap()
+        if not swaps:
+            return  # made already, by the first request routed at the moment
+        lead, late = self.settings.serving.switch_lead_seconds, time.time() - self._pending_at
+        if not self._pending_at or late > 10 * lead:
+            self.metrics.switch_late.set(0)
+            log.info("switched on sight: the registry's latest traffic change was not scheduled by graft")
+            return
+        self.metrics.switch_late.set(max(0.0, late))
+        if late > SWITCH_ON_TIME_SECONDS:
+            log.warning("switched %.2f s after the change's scheduled moment: this server polls every %g s and loads "
+                        "a version in its own time; raise serving.switch_lead_seconds (%g) or lower poll_seconds",
+                        late, self.settings.serving.poll_seconds, lead)
 
     def _show_canary(self) -> None:
         canary = self.canary
@@ -456,6 +511,8 @@ class ModelServer:
 
     def route(self, key: str) -> Served:
         """The version that answers a request with this key: the canary for its share of keys, else the champion."""
+        if self._pending and time.time() >= self._pending_at:
+            self._make_pending()
         canary = self.canary
         return canary.served if canary is not None and canary.takes(key) else self.served
 

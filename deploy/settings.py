@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.fields import FieldInfo
 
 from deploy.variants import AUTO, VARIANTS
@@ -126,6 +126,10 @@ class ServingSettings(BaseModel):
                     "that queue while the model runs)")
     max_body_bytes: int = Field(default=10_000_000, ge=1024, description="the largest request body accepted, in bytes")
     poll_seconds: float = Field(default=5.0, gt=0, description="how often the server checks whether the alias moved")
+    switch_lead_seconds: float = Field(
+        default=8.0, gt=0,
+        description="how far ahead an alias move or canary share change is scheduled: every server sees it (within "
+                    "poll_seconds), loads what it needs, and switches at that moment, all together")
     threads: int = Field(default=0, ge=0, description="ONNX Runtime intra-op threads; 0: its default")
     capture: CaptureSettings = Field(default_factory=CaptureSettings,
                                      description="request capture and feedback (off: a privacy decision)")
@@ -134,6 +138,14 @@ class ServingSettings(BaseModel):
                                    description="a second model on live traffic, compared, never answering")
     canary: CanarySettings = Field(default_factory=CanarySettings,
                                    description="a second version answering a share of live traffic")
+
+    @model_validator(mode="after")
+    def _lead_covers_a_poll(self) -> ServingSettings:
+        if self.switch_lead_seconds <= self.poll_seconds:
+            raise ValueError(f"switch_lead_seconds ({self.switch_lead_seconds:g}) must be more than poll_seconds "
+                             f"({self.poll_seconds:g}), with time to load a version: servers that poll less often than "
+                             f"a change's lead switch late. Raise serving.switch_lead_seconds or lower poll_seconds")
+        return self
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ GATES_TAG = "graft.gates"              # passed | failed
 AUDIT_PREFIX = "graft.audit."          # alias moves and canary share changes
 # ---- registry tags of the registered model
 CANARY_SHARE_TAG = "graft.canary.share"  # the percent of live traffic the canary alias's version answers (absent: 0)
+TRAFFIC_AT_TAG = "graft.traffic.at"    # when the latest alias move or share change takes effect on every server (Unix s)
 ONNX_SHA_TAG = "graft.onnx.sha256"     # the FP32 file's; a variant's: deploy/variants.py sha_tag
 RUN_ID_TAG = "graft.run_id"
 STAGE_TAG = "graft.stage"              # on runs: pretrain | retrain

@@ -224,8 +224,9 @@ def _move_champion(args: argparse.Namespace) -> int:
     from components.settings import load_settings
 
     client, name = open_registry(_params_file(args))
+    params = load_settings(_params_file(args))
+    lead = params.serving.switch_lead_seconds
     if args.command == "promote":
-        params = load_settings(_params_file(args))
         if args.require_shadow or params.promotion.shadow.required:
             from components.shadow import require_shadow_evidence
 
@@ -239,14 +240,26 @@ def _move_champion(args: argparse.Namespace) -> int:
 
             move = ramp(args.root, params, client, name)
         else:
-            move = promote(client, name, args.version, reason=args.reason)
+            move = promote(client, name, args.version, reason=args.reason, lead_seconds=lead)
     else:
-        move = rollback(client, name, args.reason, load_settings(_params_file(args)).serving.canary.alias)
+        move = rollback(client, name, args.reason, params.serving.canary.alias, lead)
         if move.share is not None:
-            print("the canary's share is 0: the champion answers all traffic again at the servers' next poll "
-                  "(serving.poll_seconds); `graft rollback` again moves the champion back")
+            print("the canary's share is 0: the champion answers all traffic again; `graft rollback` again moves the "
+                  "champion back")
     print(format_history([move]))
+    print(_takes_effect(move))
     return 0
+
+
+def _takes_effect(move) -> str:
+    """When the servers switch to a change just made (they all do at that moment: serving.switch_lead_seconds)."""
+    from datetime import datetime, timezone
+
+    if move.effective is None:
+        return ""
+    seconds = (datetime.fromisoformat(move.effective) - datetime.now(timezone.utc)).total_seconds()
+    return (f"every server following the registry switches at {move.effective} UTC"
+            + (f", in {seconds:.1f} s (serving.switch_lead_seconds)" if seconds > 0 else ""))
 
 
 def _canary(args: argparse.Namespace) -> int:
@@ -260,10 +273,14 @@ def _canary(args: argparse.Namespace) -> int:
     )
     from components.settings import load_settings
 
-    alias = load_settings(_params_file(args)).serving.canary.alias
+    serving = load_settings(_params_file(args)).serving
+    alias = serving.canary.alias
     client, name = open_registry(_params_file(args))
     if args.canary_command == "set":
-        print(format_history([set_canary_share(client, name, alias, args.percent, reason=args.reason)]))
+        move = set_canary_share(client, name, alias, args.percent, reason=args.reason,
+                                lead_seconds=serving.switch_lead_seconds)
+        print(format_history([move]))
+        print(_takes_effect(move))
     share, canary, champion = (canary_share(client, name), alias_version(client, name, alias),
                                alias_version(client, name, CHAMPION))
     live = share > 0 and canary not in (None, champion)

@@ -99,6 +99,8 @@ def tiny_params(**overrides) -> dict:
     # 60 test images: one changed answer is 1.7 points. Every variant is published, so the registry and server
     # paths of each are exercised; tests of the accuracy bound set it themselves.
     params["export"].update(max_accuracy_drop=1.0)
+    # Test servers poll every 0.3 s: traffic changes the tests make take effect a second later, not eight.
+    params["serving"].update(poll_seconds=0.3, switch_lead_seconds=1.0)
     for dotted, value in overrides.items():
         node = params
         *parents, leaf = dotted.split(".")

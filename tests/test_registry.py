@@ -6,6 +6,8 @@ its head is negated, so it answers the class its network finds least likely (rig
 wherever the unmodified model is right)."""
 import subprocess
 import sys
+import time
+from datetime import datetime
 
 import pytest
 import torch
@@ -32,6 +34,7 @@ from components.registry import (
     rollback,
     traffic_timeline,
 )
+from deploy.tags import TRAFFIC_AT_TAG
 from tests.conftest import copy_workspace, dvc_repro, stages_ran
 
 
@@ -171,7 +174,14 @@ def test_good_candidate_becomes_challenger_then_champion_on_promote_then_rolls_b
     for bad, message in (("150", "is not a percent from 0 to 100"), ("ten", "is not a percent from 0 to 100")):
         refused = subprocess.run([*cli, "canary", "set", bad], cwd=gated, capture_output=True, text=True)
         assert refused.returncode == 2 and message in refused.stderr and "Traceback" not in refused.stderr
-    subprocess.run([*cli, "canary", "set", "20", "--reason", "a fifth"], cwd=gated, check=True, capture_output=True)
+    made = time.time()
+    printed = subprocess.run([*cli, "canary", "set", "20", "--reason", "a fifth"], cwd=gated, check=True,
+                             capture_output=True, text=True).stdout
+    scheduled = float(client.get_registered_model("graft-classifier").tags[TRAFFIC_AT_TAG])
+    assert made + 1.0 <= scheduled <= time.time() + 1.0, "serving.switch_lead_seconds (1 s in tests) ahead"
+    effective = printed.split("every server following the registry switches at ")[1].split(" UTC")[0]
+    assert abs(datetime.fromisoformat(effective).timestamp() - scheduled) < 1e-3, "the moment the servers read"
+    assert [m.effective for m in history(client, "graft-classifier") if m.share == 20] == [effective]
     status = subprocess.run([*cli, "canary", "status"], cwd=gated, capture_output=True, text=True, check=True).stdout
     assert f"champion v{champion} answers 80% of live traffic, the canary challenger v{good} 20%" in status
     assert canary_share(client, "graft-classifier") == 20
@@ -194,16 +204,16 @@ def test_lineage_walks_back_through_rollbacks():
 
 
 def test_the_traffic_timeline_follows_champion_moves_and_canary_shares():
-    def move(alias, version, action, at, share=None):
+    def move(alias, version, action, at, share=None, effective=None):
         return AliasMove(alias, version, None, action, "me", "", "", "completed", at, share=share,
-                         previous_share=None if share is None else 0)
+                         previous_share=None if share is None else 0, effective=effective)
 
     moves = [move("challenger", "1", "challenger", "t1"), move("champion", "1", "promote", "t2"),
              move("challenger", "2", "challenger", "t3"), move("challenger", "2", "canary", "t4", 10),
-             move("challenger", "2", "canary", "t5", 50), move("champion", "2", "promote", "t6"),
+             move("challenger", "2", "canary", "t5", 50, effective="t5 + lead"), move("champion", "2", "promote", "t6"),
              move("challenger", "2", "canary", "t7", 0)]
     assert [(span.since, span.shares) for span in traffic_timeline(moves)] == [
-        ("t2", {"1": 100}), ("t4", {"1": 90, "2": 10}), ("t5", {"1": 50, "2": 50}), ("t6", {"2": 100})]
+        ("t2", {"1": 100}), ("t4", {"1": 90, "2": 10}), ("t5 + lead", {"1": 50, "2": 50}), ("t6", {"2": 100})]
     assert "v1 90%, v2 10%" in format_traffic(traffic_timeline(moves))
 
 

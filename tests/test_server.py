@@ -7,6 +7,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -341,7 +342,8 @@ def test_the_challenger_shadows_live_answers_and_promotion_waits_for_its_evidenc
 
 def test_a_canary_share_answers_by_key_within_binomial_bounds_and_rolls_back_at_once(server, registry, served_workspace,
                                                                                      mlflow_server):
-    """`graft canary set 10`: every server following the registry lets the challenger (v2) answer 10% of requests,
+    """`graft canary set 10`: every server following the registry lets the challenger (v2) answer 10% of requests
+    from the change's scheduled moment on,
     by request id (a binomial draw), or by the client's key (sticky: each key's side is its hash bucket's); each
     answer names its version and is wholly that version's; `graft rollback` gives all traffic back to the champion."""
     client, expected = registry
@@ -361,11 +363,36 @@ def test_a_canary_share_answers_by_key_within_binomial_bounds_and_rolls_back_at_
     def share_is(percent: float) -> Callable[[], bool]:
         return lambda: _metric_value(server, "graft_canary_share_percent") == percent
 
-    canaried = _metric_value(server, 'graft_answers_total{route="canary",version="2"}')
+    in_canary = next(f"client-{i}" for i in range(1000) if bucket(f"client-{i}") < 1000)  # on v2 from 10% on
+    watched: list[tuple[float, float, str]] = []  # (sent, received, version) of that key's requests
+    stop = threading.Event()
+
+    def watch() -> None:
+        with httpx.Client() as http:
+            while not stop.is_set():
+                sent = time.time()
+                version = ask(http, in_canary)
+                watched.append((sent, time.time(), version))
+
+    watcher = threading.Thread(target=watch)
     try:
+        watcher.start()
         done = graft_cli(root, mlflow_server, "canary", "set", "10", "--reason", "test: a tenth for v2")
         assert "0% -> 10%" in done.stdout and "the canary challenger v2 10%" in done.stdout
+        effective = datetime.fromisoformat(done.stdout.split("switches at ")[1].split(" UTC")[0]).timestamp()
         wait_until(share_is(10), 15, "the server did not take the canary share")
+        time.sleep(0.3)
+        stop.set()
+        watcher.join(10)
+        # The change took effect at its scheduled moment (serving.switch_lead_seconds after it was made), not when
+        # the server happened to see it: nothing answered by v2 before it, everything sent after it (and after the
+        # lateness the server owns up to, were it late) answered by v2.
+        late = _metric_value(server, "graft_traffic_switch_late_seconds")
+        assert [version for _, received, version in watched if received < effective] == \
+            ["1"] * sum(received < effective for _, received, _ in watched)
+        after = [version for sent, _, version in watched if sent > effective + late]
+        assert after and set(after) == {"2"}, (late, watched[-5:])
+        canaried = _metric_value(server, 'graft_answers_total{route="canary",version="2"}')
         meta = httpx.get(f"{server}/v2/models/{MODEL}").json()
         assert meta["versions"] == ["1", "2"] and meta["parameters"]["canary"] == {
             "alias": "challenger", "version": "2", "share_percent": 10.0}
@@ -390,6 +417,7 @@ def test_a_canary_share_answers_by_key_within_binomial_bounds_and_rolls_back_at_
         traffic = graft_cli(root, mlflow_server, "history", "--traffic").stdout
         assert "v1 90%, v2 10%" in traffic and traffic.rstrip().endswith("v1 100%")
     finally:
+        stop.set()
         client.set_registered_model_tag(MODEL, CANARY_SHARE_TAG, "0")  # whatever happened: no canary for the rest
 
 
