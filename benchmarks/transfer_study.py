@@ -60,7 +60,7 @@ def _accuracy(model, splits, split: str) -> float:
 
 
 def run_study(params_path: Path, seeds: list[int], labels_per_class: int, strategies: list[str], overrides: list[str],
-              extra_sources: Path | None) -> dict:
+              extra_sources: Path | None, only: list[str] | None = None, with_scratch: bool = True) -> dict:
     raw = _override(yaml.safe_load(params_path.read_text()), overrides)
     if extra_sources:
         raw["sources"]["pretrained"].update(yaml.safe_load(extra_sources.read_text()))
@@ -68,6 +68,8 @@ def run_study(params_path: Path, seeds: list[int], labels_per_class: int, strate
     target = params.data.target.model_copy(update={"labels_per_class": labels_per_class})
     sources: dict[str, LoadedSource] = {}
     for name in params.sources.names():
+        if only and name not in only:
+            continue
         identity = (pipeline_identity(name, params.sources.pipeline[name], Layout.source_model(name))
                     if params.sources.kind(name) == "pipeline" else resolve_pretrained(name, params.sources.pretrained[name]))
         sources[name] = load_source(identity)
@@ -86,7 +88,8 @@ def run_study(params_path: Path, seeds: list[int], labels_per_class: int, strate
                                          features.source_probabilities, splits.y_train, features.seconds)
                 spec = identity.model_spec(splits.classes, params.data.channels, params.finetune.channel_adapter)
                 architecture = (spec.architecture, spec.widths, identity.image_size, spec.channel_adapter)
-                for strategy in (["scratch"] if architecture not in scratch_done else []) + strategies:
+                first = with_scratch and architecture not in scratch_done
+                for strategy in (["scratch"] if first else []) + strategies:
                     model = build(spec, seed) if strategy == "scratch" else graft(source.backbone, spec, seed)
                     started = time.perf_counter()
                     train(model, splits, params.finetune, strategy_phases(params.finetune, strategy), seed, desc=f"{name} {strategy} seed {seed}")
@@ -96,7 +99,9 @@ def run_study(params_path: Path, seeds: list[int], labels_per_class: int, strate
                     if strategy == "scratch":
                         scratch_done[architecture] = run
                     else:
-                        run.update({"scores": {s: getattr(scores, s) for s in SCORES}, "scratch": scratch_done[architecture]["test"]})
+                        run["scores"] = {s: getattr(scores, s) for s in SCORES}
+                        if architecture in scratch_done:
+                            run["scratch"] = scratch_done[architecture]["test"]
                     runs.append(run)
                     print(f"seed {seed} {run['source']:40s} {strategy:13s} val {run['val']:.4f} test {run['test']:.4f} "
                           f"({run['train_seconds']:.0f} s)", flush=True)
@@ -134,7 +139,7 @@ def markdown(study: dict) -> str:
     for source, strategy in keys:
         rows = [r for r in runs if (r["source"], r["strategy"]) == (source, strategy)]
         tests = [r["test"] for r in rows]
-        gains = ", ".join(f"{100 * (r['test'] - r['scratch']):+.1f}" for r in rows) if strategy != "scratch" else ""
+        gains = ", ".join(f"{100 * (r['test'] - r['scratch']):+.1f}" for r in rows if "scratch" in r)
         lines.append(f"| {source} | {strategy} | {_mean_std(tests)} | {', '.join(f'{100 * t:.1f}' for t in tests)} | {gains} | "
                      f"{100 * statistics.mean(r['val'] for r in rows):.1f} | {statistics.mean(r['train_seconds'] for r in rows):.0f} |")
     quality = study["selection"]["per_seed"]
@@ -156,9 +161,12 @@ def main() -> None:
     parser.add_argument("--extra-sources", type=Path, help="YAML: more pretrained candidates, as under sources.pretrained")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a param for this study, e.g. --set finetune.backbone_lr_scale=0.3")
+    parser.add_argument("--sources", nargs="+", help="only these candidates (default: every one in params)")
+    parser.add_argument("--no-scratch", action="store_true", help="skip the scratch baselines")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/transfer_study.json"))
     args = parser.parse_args()
-    study = run_study(args.params, args.seeds, args.labels_per_class, args.strategies, args.overrides, args.extra_sources)
+    study = run_study(args.params, args.seeds, args.labels_per_class, args.strategies, args.overrides, args.extra_sources,
+                      args.sources, not args.no_scratch)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(study, indent=2) + "\n")
     print(markdown(study))

@@ -182,6 +182,17 @@ class Augment(Strict):
     shift_pixels: float = Field(default=0.0, ge=0)
 
 
+class EarlyStopping(Strict):
+    """Stop training once the val split stops improving, and keep the weights of its best evaluation
+    (components/train.py EarlyStopper)."""
+
+    enabled: bool = False
+    metric: Literal["val_accuracy", "val_loss"] = "val_accuracy"
+    patience: int = Field(default=4, ge=1)       # evaluations (eval_every_steps apart) without improvement
+    min_steps: int = Field(default=0, ge=0)      # never stop before this step
+    min_delta: float = Field(default=0.0, ge=0)  # an improvement smaller than this does not count
+
+
 class TrainParams(Strict):
     """Knobs of the one training loop; pretraining and fine-tuning each get a copy."""
 
@@ -195,6 +206,7 @@ class TrainParams(Strict):
     bn_momentum: float | None = Field(default=0.1, gt=0, le=1)  # every BatchNorm's; null keeps the architecture's own
     augment: Augment = Augment()
     eval_every_steps: int = Field(default=0, ge=0)
+    early_stopping: EarlyStopping = EarlyStopping()
 
 
 class ComputeParams(Strict):

@@ -97,13 +97,19 @@ def plot_confusion(evaluation: Evaluation, classes: tuple[str, ...], title: str,
 
 
 def plot_curves(histories: dict[str, list[dict]], path: Path, title: str) -> Path:
-    """Train loss and val accuracy against step, one line per model."""
+    """Train loss and val accuracy against step, one line per model; a star where early stopping kept the weights
+    of an earlier evaluation (the history's "restored" record)."""
     figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 4))
     for label, history in histories.items():
-        steps = [r["step"] for r in history]
-        loss_axis.plot(steps, [r["train_loss"] for r in history], label=label)
-        if history and "val_accuracy" in history[0]:
-            accuracy_axis.plot(steps, [r["val_accuracy"] for r in history], label=label)
+        evaluations = [r for r in history if r["phase"] != "restored"]
+        steps = [r["step"] for r in evaluations]
+        loss_axis.plot(steps, [r["train_loss"] for r in evaluations], label=label)
+        if evaluations and "val_accuracy" in evaluations[0]:
+            (line,) = accuracy_axis.plot(steps, [r["val_accuracy"] for r in evaluations], label=label)
+            for kept in (r for r in history if r["phase"] == "restored"):
+                accuracy_axis.plot(kept["restored_step"], kept["val_accuracy"], marker="*", markersize=12,
+                                   color=line.get_color(), linestyle="none",
+                                   label=f"{label}: kept, step {kept['restored_step']:g} (early stopping)")
     loss_axis.set(xlabel="step", ylabel="train loss", title="train loss")
     accuracy_axis.set(xlabel="step", ylabel="val accuracy", title="val accuracy")
     for axis in (loss_axis, accuracy_axis):

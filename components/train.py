@@ -23,7 +23,7 @@ from tqdm import tqdm
 from components import distributed
 from components.artifacts import atomic_path
 from components.compute import FP32_CPU, Compute
-from components.config import Augment, FinetuneParams, TrainParams
+from components.config import Augment, EarlyStopping, FinetuneParams, TrainParams
 from components.data import Splits
 from components.network import GraftNet
 from components.objectives import Term
@@ -215,6 +215,46 @@ class _PhaseState:
     replica: nn.Module
 
 
+class EarlyStopper:
+    """The val split's metric at each evaluation (TrainParams.early_stopping): a copy of the weights at the best one
+    so far, and when `patience` evaluations in a row have not improved on it, the word to stop: never before
+    `min_steps`, nor in an earlier phase than the last (stopping there would skip fine-tuning altogether)."""
+
+    def __init__(self, rules: EarlyStopping) -> None:
+        self.rules = rules
+        self.best: dict | None = None  # the best evaluation's record
+        self.weights: dict[str, torch.Tensor] | None = None  # the model's at that evaluation
+        self.stale = 0  # evaluations since it
+
+    def _better(self, value: float) -> bool:
+        if self.best is None:
+            return True
+        best, delta = self.best[self.rules.metric], self.rules.min_delta
+        return value < best - delta if self.rules.metric == "val_loss" else value > best + delta
+
+    def update(self, model: nn.Module, record: dict, last_phase: bool) -> bool:
+        """One evaluation's record taken; True when training should stop now."""
+        if self._better(record[self.rules.metric]):
+            self.best, self.stale = record, 0
+            self.weights = {key: value.detach().clone() for key, value in model.state_dict().items()}
+            return False
+        self.stale += 1
+        return last_phase and self.stale >= self.rules.patience and record["step"] >= self.rules.min_steps
+
+    def restore(self, model: nn.Module, step: int) -> dict:
+        """The best evaluation's weights put back; the history record that says so: the best evaluation's val metrics
+        at the step training ended, with the step they come from (restored_step)."""
+        model.load_state_dict(self.weights)
+        return {**{key: value for key, value in self.best.items() if key.startswith("val_")},
+                "step": step, "epoch": self.best["epoch"], "phase": "restored", "restored_step": self.best["step"]}
+
+    def state(self) -> dict:
+        return {"best": self.best, "weights": self.weights, "stale": self.stale}
+
+    def load(self, state: dict) -> None:
+        self.best, self.weights, self.stale = state["best"], state["weights"], state["stale"]
+
+
 def _deterministic_torch() -> None:
     """The same seed gives the same weights, which is also what lets a resumed run end as an uninterrupted one."""
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -252,6 +292,13 @@ class _TrainingRun:
         self.total = sum(phase.steps for phase in phases)
         self.global_step = 0
         self.history: list[dict] = []
+        self.stopper = EarlyStopper(params.early_stopping) if params.early_stopping.enabled else None
+        if self.stopper and not len(data.y_val):
+            raise ValueError(f"{desc}: early_stopping watches the val split, and this data has none: give it one "
+                             f"(data.target.val_size) or set early_stopping.enabled: false")
+        if self.stopper and self.group.world_size > 1:
+            raise distributed.DistributedError("early stopping trains in one process (only the first evaluates); set "
+                                               "compute.processes: 1 or early_stopping.enabled: false")
 
     def restore(self) -> dict | None:
         """Continue from this run's resume point, if there is one; returns it, for its phase to continue from too."""
@@ -268,6 +315,8 @@ class _TrainingRun:
         for term, term_sampler, term_state in zip(self.terms, self.term_samplers, saved.get("terms", ())):
             term.modules.load_state_dict(term_state["modules"])
             term_sampler.queue = term_state["queue"]
+        if self.stopper and "early_stopping" in saved:
+            self.stopper.load(saved["early_stopping"])
         print(f"{self.desc}: resuming from step {self.global_step} of {self.total} ({self.resume.path})", file=sys.stderr)
         return saved
 
@@ -380,10 +429,14 @@ class _TrainingRun:
             "terms": [{"modules": term.modules.state_dict(), "queue": term_sampler.queue}
                       for term, term_sampler in zip(self.terms, self.term_samplers)],
             "scaler": self.scaler.state_dict(),
+            **({"early_stopping": self.stopper.state()} if self.stopper else {}),
         })
 
     def finish(self) -> None:
-        """Model and terms back on the CPU, fp32 and contiguous, in eval mode."""
+        """With early stopping, the best evaluation's weights back (said in the history); model and terms back on
+        the CPU, fp32 and contiguous, in eval mode."""
+        if self.stopper and self.stopper.weights is not None:
+            self.history.append(self.stopper.restore(self.model, self.global_step))
         self.model.to("cpu", memory_format=torch.contiguous_format)
         for term in self.terms:
             term.modules.to("cpu")
@@ -410,10 +463,15 @@ def train(
     Started as one of N processes (components/distributed.py), every process draws the same batches and
     augmentation, trains on its slice of each batch and DDP averages the gradients; only the first process
     evaluates, shows progress and saves resume points, and the history it returns has the train loss and
-    accuracy of whole batches."""
+    accuracy of whole batches.
+
+    With params.early_stopping on, training stops once the val split has not improved for `patience` evaluations
+    (in the last phase, past `min_steps`) and the weights of the best evaluation are restored; the history's last
+    record (phase "restored") has that evaluation's val metrics and its step (restored_step)."""
     run = _TrainingRun(model, data, params, phases, seed, desc, resume, tuning, terms, compute)
     saved = run.restore()
     first_phase = saved["phase"] if saved else 0
+    stop = False
     with tqdm(total=run.total, initial=run.global_step, desc=desc, unit="step", mininterval=1.0, disable=not run.group.writer) as bar:
         for index, phase in enumerate(phases[first_phase:], first_phase):
             state = run.start_phase(index, phase, saved if index == first_phase else None)
@@ -423,7 +481,15 @@ def train(
                 if run.record_due(state, phase_step):
                     record = run.record(state, phase_step)
                     bar.set_postfix(loss=f"{record['train_loss']:.3f}", val_acc=f"{record.get('val_accuracy', float('nan')):.3f}")
+                    stop = run.stopper is not None and run.stopper.update(run.model, record, index == len(phases) - 1)
                 if run.resume_point_due():
                     run.save_resume_point(state, phase_step)
+                if stop:
+                    print(f"{desc}: early stopping at step {run.global_step}: val {params.early_stopping.metric} has not "
+                          f"improved for {params.early_stopping.patience} evaluations; the weights of step "
+                          f"{run.stopper.best['step']} are kept", file=sys.stderr)
+                    break
+            if stop:
+                break
     run.finish()
     return run.history

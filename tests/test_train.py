@@ -1,4 +1,6 @@
 """The one training loop and its strategies, on a real slice of Animal-MNIST."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -17,10 +19,13 @@ from components.train import (
     Phase,
     Resume,
     augment_batch,
+    evaluate_split,
     strategy_phases,
     train,
     warmup_cosine,
 )
+from components.evaluate import plot_curves, read_history, write_history
+from components.predict import Normalizer
 from tests.conftest import prepared_small_target, tiny_params, tiny_spec
 
 
@@ -95,6 +100,38 @@ def test_history_records_each_evaluation(target):
     assert [r["step"] for r in history] == [4, 8, 12]
     assert [r["phase"] for r in history] == ["linear_probe", "finetune", "finetune"]
     assert all(0 <= r["val_accuracy"] <= 1 and np.isfinite(r["train_loss"]) for r in history)
+
+
+@pytest.mark.parametrize("min_steps, evaluated", [(0, [4, 8]), (12, [4, 8, 12])])
+def test_early_stopping_stops_when_val_stops_improving_and_restores_the_best_weights(target, min_steps, evaluated,
+                                                                                   tmp_path):
+    """By construction: no later evaluation can beat the first by min_delta 1.0 (accuracy is at most 1), so with
+    patience 1 training stops at the second evaluation (or, with min_steps, at the last), and the first's weights
+    come back."""
+    params, splits = target
+    rules = {"enabled": True, "metric": "val_accuracy", "patience": 1, "min_delta": 1.0, "min_steps": min_steps}
+    finetune = parse_params(tiny_params(**{"finetune.early_stopping": rules})).finetune
+    model = build(_spec(splits), 0)
+    history = train(model, splits, finetune, strategy_phases(finetune, "scratch"), 0)
+    assert [r["step"] for r in history] == [*evaluated, evaluated[-1]]
+    restored = history[-1]
+    assert restored["phase"] == "restored" and restored["restored_step"] == 4
+    assert {k: v for k, v in restored.items() if k.startswith("val_")} == \
+        {k: v for k, v in history[0].items() if k.startswith("val_")}
+    model_now = evaluate_split(model, splits.x_val, splits.y_val, Normalizer.of(model.spec.contract))
+    assert model_now["loss"] == history[0]["val_loss"], "the weights of step 4, not those of the last step"
+    assert model_now["loss"] != history[-2]["val_loss"]
+    # The history as the stages keep it: the restored record survives the CSV, and the curves mark it.
+    assert read_history(write_history(history, tmp_path / "history.csv"))[-1]["restored_step"] == 4
+    assert plot_curves({"scratch": history}, tmp_path / "curves.png", "early stopping").stat().st_size > 0
+
+
+def test_early_stopping_without_a_val_split_is_refused_by_name(target):
+    params, splits = target
+    finetune = parse_params(tiny_params(**{"finetune.early_stopping": {"enabled": True}})).finetune
+    no_val = dataclasses.replace(splits, x_val=splits.x_val[:0], y_val=splits.y_val[:0])
+    with pytest.raises(ValueError, match="early_stopping watches the val split, and this data has none"):
+        train(build(_spec(splits), 0), no_val, finetune, strategy_phases(finetune, "scratch"), 0)
 
 
 class _Killed(Exception):

@@ -45,6 +45,8 @@ def train_target(params: Params, strategy: str, splits: data_mod.Splits) -> tupl
     history = train(model, splits, params.finetune, strategy_phases(params.finetune, strategy), params.seed, desc=strategy,
                     tuning=tuning, terms=terms, compute=compute)
     extra["train_seconds"] = time.perf_counter() - started
+    if history and history[-1]["phase"] == "restored":  # early stopping: where it stopped, whose weights it kept
+        extra["early_stopping"] = {"stopped_step": history[-1]["step"], "restored_step": history[-1]["restored_step"]}
     return model, history, extra
 
 
