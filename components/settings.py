@@ -171,6 +171,61 @@ def _check_cron(key: str, cron: str) -> None:
         raise ValueError(f"{key} must have 5 fields (minute hour day month weekday), got {cron!r}")
 
 
+class SearchRange(Strict):
+    """One dimension of `graft tune`'s search space: a range (low, high; log: sampled on a log scale; integer:
+    whole numbers) or a list of choices."""
+
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    integer: bool = False
+    choices: list | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _range_or_choices(self) -> SearchRange:
+        if (self.choices is None) == (self.low is None or self.high is None):
+            raise ValueError("give either low and high (a range) or choices (a list), not both, not neither")
+        if self.choices is None and not self.low < self.high:
+            raise ValueError(f"low ({self.low:g}) must be below high ({self.high:g})")
+        if self.log and self.choices is None and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0, not {self.low:g}")
+        return self
+
+    def values(self) -> list:
+        """Its end points (a range) or its choices: what validating the space tries."""
+        return self.choices if self.choices is not None else [self.low, self.high]
+
+
+class TuneParams(Strict):
+    """`graft tune`: an Optuna study over `finetune` on the validation split (components/tune.py)."""
+
+    trials: int = Field(default=20, ge=1)           # trials the study ends with (finished ones count: a resumed
+                                                    # study runs only the rest)
+    timeout_minutes: float | None = Field(default=None, gt=0)  # stop starting trials after this long
+    seed: int = 0                                   # the sampler's (TPE) seed
+    startup_trials: int = Field(default=5, ge=1)    # random trials before TPE models the space; none pruned before
+    prune_after_steps: int = Field(default=100, ge=0)  # no trial pruned before this training step (median pruner)
+    prune_below: float | None = Field(default=None, ge=0)  # also prune a trial whose val accuracy falls below this
+    storage: str | None = None  # an Optuna storage URL (sqlite:///..., postgresql://...); null: .graft/tune/study.db
+    # dotted finetune key: its range or choices
+    space: dict[str, SearchRange] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _keys_are_finetune(self) -> TuneParams:
+        if bad := [key for key in self.space if not key.startswith("finetune.")]:
+            raise ValueError(f"tune.space keys {bad} are not finetune keys: tune searches `finetune` (e.g. "
+                             f"finetune.lr, finetune.augment.rotate_degrees)")
+        return self
+
+
+def dotted_change(key: str, value) -> dict:
+    """`finetune.augment.scale: x` as the nested change {augment: {scale: x}} of `finetune`."""
+    change = value
+    for part in reversed(key.split(".")[1:]):
+        change = {part: change}
+    return change
+
+
 class StorageParams(Strict):
     dvc_remote: str | None = None  # a folder, ssh://..., s3://...: each successful run pushes there (dvc push)
 
@@ -186,6 +241,7 @@ class Settings(Params):
     sweep: SweepParams = SweepParams()
     storage: StorageParams = StorageParams()
     production: ProductionParams = ProductionParams()
+    tune: TuneParams = TuneParams()
 
     @model_validator(mode="after")
     def _sweep_strategies_are_finetune_settings(self) -> Settings:
@@ -195,6 +251,24 @@ class Settings(Params):
             except ValidationError as error:
                 raise ValueError(f"sweep.strategies.{name} is not a valid change of finetune:\n{describe(error)}") from None
         return self
+
+    @model_validator(mode="after")
+    def _tune_space_is_finetune_settings(self) -> Settings:
+        for key, values in self.tune.space.items():
+            for value in values.values():
+                try:
+                    self.tuned_finetune({key: value})
+                except ValidationError as error:
+                    raise ValueError(f"tune.space.{key}: {value!r} is not a valid finetune setting:\n"
+                                     f"{describe(error)}") from None
+        return self
+
+    def tuned_finetune(self, values: dict) -> FinetuneParams:
+        """params.yaml's finetune with a trial's values (dotted finetune keys) in place."""
+        changes: dict = {}
+        for key, value in values.items():
+            changes = merged(changes, dotted_change(key, value))
+        return FinetuneParams.model_validate(merged(self.finetune.model_dump(), changes))
 
     def sweep_finetune(self, name: str) -> FinetuneParams:
         """The finetune params of one sweep strategy: params.yaml's, with the strategy's changes."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -446,6 +447,7 @@ class _TrainingRun:
 def train(
     model: GraftNet, data: Splits, params: TrainParams, phases: list[Phase], seed: int, desc: str = "train",
     resume: Resume | None = None, tuning: Tuning = Tuning(), terms: tuple[Term, ...] = (), compute: Compute = FP32_CPU,
+    on_evaluation: Callable[[dict], None] | None = None,
 ) -> list[dict]:
     """Train in place; returns the history: one record per evaluation on the val split. `tuning` says how a phase
     that trains the backbone treats it (regulariser, layer-wise lr decay, gradual unfreezing, BatchNorm mode).
@@ -467,7 +469,10 @@ def train(
 
     With params.early_stopping on, training stops once the val split has not improved for `patience` evaluations
     (in the last phase, past `min_steps`) and the weights of the best evaluation are restored; the history's last
-    record (phase "restored") has that evaluation's val metrics and its step (restored_step)."""
+    record (phase "restored") has that evaluation's val metrics and its step (restored_step).
+
+    `on_evaluation` sees each evaluation's record as it is made (`graft tune` reports it to its pruner, which may
+    end the run by raising)."""
     run = _TrainingRun(model, data, params, phases, seed, desc, resume, tuning, terms, compute)
     saved = run.restore()
     first_phase = saved["phase"] if saved else 0
@@ -481,6 +486,8 @@ def train(
                 if run.record_due(state, phase_step):
                     record = run.record(state, phase_step)
                     bar.set_postfix(loss=f"{record['train_loss']:.3f}", val_acc=f"{record.get('val_accuracy', float('nan')):.3f}")
+                    if on_evaluation is not None:
+                        on_evaluation(record)
                     stop = run.stopper is not None and run.stopper.update(run.model, record, index == len(phases) - 1)
                 if run.resume_point_due():
                     run.save_resume_point(state, phase_step)

@@ -34,6 +34,9 @@ SOURCE_DATA_VERSION_TAG = "graft.source_data_version"
 SWEEP_ID_TAG = "graft.sweep.id"
 SWEEP_BRANCH_TAG = "graft.sweep.branch"
 SWEEP_WORKER_TAG = "graft.sweep.worker"  # host:pid of the process that ran a branch
+TUNE_STUDY_TAG = "graft.tune.study"    # on `graft tune`'s runs: the Optuna study's name
+TUNE_TRIAL_TAG = "graft.tune.trial"    # on a trial's child run: its number
+TUNE_STATE_TAG = "graft.tune.state"    # ... and how it ended: complete | pruned | failed
 LINEAGE_TAGS = (STRATEGY_KEY, DATA_VERSION_KEY, GATES_TAG, SOURCE_DATA_VERSION_TAG)  # what the server's page shows
 
 GATE_PREFIX, METRIC_PREFIX = "gate.", "metric."

@@ -212,6 +212,22 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tune(args: argparse.Namespace) -> int:
+    from components.dvc_runner import reproduce_stage
+    from components.settings import load_settings
+    from components.tune import markdown, run_tune
+    from components.userdata import check_raw_data
+
+    params = load_settings(Path(args.root) / "params.yaml")
+    check_raw_data(args.root, params)
+    # Trials train on the pipeline's prepared data and selected source (DVC: nothing runs when up to date).
+    for stage in ("select_source", *(f"prepare_unlabeled@{name}" for name in params.data.unlabeled)):
+        reproduce_stage(args.root, stage, with_upstream=True)
+    with contextlib.chdir(args.root):
+        print(markdown(run_tune(".", params, args.trials)))
+    return 0
+
+
 def _summary(args: argparse.Namespace) -> int:
     from components.summary import collect_summary, summary_text
 
@@ -437,6 +453,11 @@ def build_parser() -> argparse.ArgumentParser:
             "holds now) and register it unless the registry already has it")
     command("sweep", _sweep, "learning curves: every sweep.strategies entry x labels a class x seed on the selected "
             "source, MLflow child runs under one parent; resumes where it stopped")
+
+    tune = command("tune", _tune, "an Optuna study over finetune (tune.space) on the val split, each trial an MLflow "
+                   "child run; resumes where it stopped; proposes its best values in reports/tune.md, never in "
+                   "params.yaml")
+    tune.add_argument("--trials", type=int, help="end with this many finished trials (default: tune.trials)")
 
     stage = commands.add_parser("stage", help="run one pipeline stage (what dvc.yaml calls)")
     stage.add_argument("name", help="a stage of dvc.yaml, e.g. prepare_target or pretrain@fashion-mnist")

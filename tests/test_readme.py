@@ -74,6 +74,8 @@ LONG = {
     "curl -s -X POST 127.0.0.1:8000/feedback": "labels the answer the line above got (its X-Request-Id)",
     "graft monitor": "reads what a capture server kept (tests/test_drift_serving.py, tests/test_schedule.py)",
     "graft data harvest": "turns a capture folder into data (tests/test_harvest.py)",
+    "graft tune": "trains a study's trials on the full default data (minutes each); tests/test_tune.py tunes the small "
+                  "project",
 }
 
 OPTIONAL_GROUP = re.compile(r"\s\[-[^\]]*\]")  # `[--version N]`: documentation syntax for an optional flag

@@ -3,6 +3,7 @@ selected source, with the same data, steps and augmentation."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -21,9 +22,11 @@ from components.train import strategy_phases, train
 from components.tuning import Tuning
 
 
-def train_target(params: Params, strategy: str, splits: data_mod.Splits) -> tuple[GraftNet, list[dict], dict]:
+def train_target(params: Params, strategy: str, splits: data_mod.Splits,
+                 on_evaluation: Callable[[dict], None] | None = None) -> tuple[GraftNet, list[dict], dict]:
     """Train one target model on `splits` with params.finetune: from scratch, or grafted onto the selected source.
-    Returns the model, its history and what its checkpoint records (strategy, data, source, objective, time)."""
+    Returns the model, its history and what its checkpoint records (strategy, data, source, objective, time).
+    `on_evaluation`: the training loop's (components/train.py train)."""
     spec = ModelSpec.from_dict(read_json(Layout.selected_architecture))
     extra = {"strategy": strategy, "data_version": splits.data_version}
     if strategy == "scratch":
@@ -43,7 +46,7 @@ def train_target(params: Params, strategy: str, splits: data_mod.Splits) -> tupl
     compute = resolve_compute(params.compute, model)
     extra["compute"] = compute.to_dict()
     history = train(model, splits, params.finetune, strategy_phases(params.finetune, strategy), params.seed, desc=strategy,
-                    tuning=tuning, terms=terms, compute=compute)
+                    tuning=tuning, terms=terms, compute=compute, on_evaluation=on_evaluation)
     extra["train_seconds"] = time.perf_counter() - started
     if history and history[-1]["phase"] == "restored":  # early stopping: where it stopped, whose weights it kept
         extra["early_stopping"] = {"stopped_step": history[-1]["step"], "restored_step": history[-1]["restored_step"]}

@@ -1,0 +1,134 @@
+"""`graft tune` in a real project after `dvc repro`: an Optuna study on the val split, each trial an MLflow child run,
+resumed after a kill without redoing finished trials, pruned trials recorded as pruned, the test split never read,
+the best values proposed and params.yaml left alone. Tiny data and a tiny model: nothing here depends on how a trial
+turns out."""
+import contextlib
+import os
+
+import numpy as np
+import pytest
+import yaml
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+from components.layout import Layout
+from components.settings import load_settings
+from components.tune import BEST, MARKDOWN, open_tune, run_tune, suggest, tuning_splits
+from deploy.tags import TUNE_STATE_TAG, TUNE_STUDY_TAG, TUNE_TRIAL_TAG
+from tests.conftest import copy_workspace, graft_cli
+
+SPACE = {"finetune.lr": {"low": 0.001, "high": 0.01, "log": True},
+         "finetune.label_smoothing": {"choices": [0.0, 0.1]}}
+
+
+def _project(candidate_template, dest, **tune) -> tuple:
+    template, _ = candidate_template
+    root = copy_workspace(template, dest)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["tune"] = {"trials": 2, "startup_trials": 5, "prune_after_steps": 0, "space": SPACE, **tune}
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return root, f"sqlite:///{root / 'mlflow.db'}"
+
+
+@contextlib.contextmanager
+def _in(root, url):
+    """This process pointed at the project and its registry, as `graft tune` is."""
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = url
+    try:
+        with contextlib.chdir(root):
+            yield load_settings("params.yaml")
+    finally:
+        if old is None:
+            os.environ.pop("MLFLOW_TRACKING_URI")
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old
+
+
+def _trial_runs(url: str, study: str) -> dict[str, list]:
+    client = MlflowClient(url)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              f"tags.`{TUNE_STUDY_TAG}` = '{study}'", max_results=1000)
+    trials: dict[str, list] = {}
+    for run in runs:
+        if TUNE_TRIAL_TAG in run.data.tags:
+            trials.setdefault(run.data.tags[TUNE_TRIAL_TAG], []).append(run)
+    return trials
+
+
+def test_a_study_runs_trials_as_child_runs_proposes_the_best_and_resumes_a_killed_one(candidate_template, tmp_path):
+    root, url = _project(candidate_template, tmp_path / "ws")
+    before = (root / "params.yaml").read_bytes()
+    done = graft_cli(root, url, "tune")
+    assert "2 to run" in done.stdout and "| finetune.lr |" in done.stdout
+    assert (root / "params.yaml").read_bytes() == before, "the proposal is never written into params.yaml"
+    with _in(root, url) as params:
+        plan, study = open_tune(".", params)
+        assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
+        best = yaml.safe_load((root / BEST).read_text())["finetune"]
+        assert best == {"lr": study.best_params["finetune.lr"],
+                        "label_smoothing": study.best_params["finetune.label_smoothing"]}
+        assert f"| {study.best_trial.number} | complete |" in (root / MARKDOWN).read_text()
+
+        # A run killed in the middle of a trial leaves it running in the storage: the next run redoes it (its
+        # values queued again), keeps the two finished ones, and ends with tune.trials finished.
+        killed = study.ask()
+        left = suggest(killed, params.tune.space)
+        report = run_tune(".", params, trials=3)
+    states = [t["state"] for t in report["trials"]]
+    assert states == ["complete", "complete", "fail", "complete"]
+    assert report["trials"][3]["params"] == left, "the killed trial's values, run again whole"
+    runs = _trial_runs(url, plan.study_name)
+    assert sorted(runs) == ["0", "1", "3"] and all(len(r) == 1 for r in runs.values()), "no finished trial redone"
+    assert {r[0].data.tags[TUNE_STATE_TAG] for r in runs.values()} == {"complete"}
+    assert all(r[0].data.tags["mlflow.parentRunId"] == plan.parent_run_id for r in runs.values())
+
+
+def test_pruned_trials_are_recorded_as_pruned_and_a_study_with_none_complete_says_so(candidate_template, tmp_path):
+    # By construction: no val accuracy reaches 1.01, so every trial is pruned at its first evaluation.
+    root, url = _project(candidate_template, tmp_path / "ws", prune_below=1.01)
+    refused = graft_cli(root, url, "tune", check=False)
+    assert refused.returncode == 2 and "no trial of study" in refused.stderr and "Traceback" not in refused.stderr
+    with _in(root, url) as params:
+        plan, study = open_tune(".", params)
+    assert [(t.state, t.last_step) for t in study.trials] == [(TrialState.PRUNED, 4)] * 2
+    runs = _trial_runs(url, plan.study_name)
+    assert {(r[0].data.tags[TUNE_STATE_TAG], r[0].info.status) for r in runs.values()} == {("pruned", "KILLED")}
+
+
+def test_the_test_split_is_never_read(candidate_template, tmp_path):
+    """Trials get the data without its test split; and a project whose test images are noise and labels shuffled
+    tunes to exactly the same trials."""
+    studies = []
+    for name in ("as-prepared", "test-split-scrambled"):
+        root, url = _project(candidate_template, tmp_path / name, trials=1)
+        path = root / Layout.selected_data
+        if name == "test-split-scrambled":
+            with np.load(path) as npz:
+                arrays = dict(npz)
+            rng = np.random.default_rng(0)
+            for key in [k for k in arrays if k.startswith("x_test")]:
+                arrays[key] = rng.integers(0, 256, arrays[key].shape, dtype=arrays[key].dtype)
+            arrays["y_test"] = rng.permutation(arrays["y_test"])
+            path.unlink()  # a DVC link into the cache: replaced, not written through
+            np.savez(path, **arrays)
+        assert len(tuning_splits(path).y_test) == 0
+        with _in(root, url) as params:
+            report = run_tune(".", params)
+        studies.append([(t["params"], t["value"]) for t in report["trials"]])
+    assert studies[0] == studies[1]
+
+
+@pytest.mark.parametrize("space, message", [
+    ({"lr": {"low": 0.001, "high": 0.01}}, "are not finetune keys"),
+    ({"finetune.lr": {"low": 0.01, "high": 0.001}}, "must be below high"),
+    ({"finetune.steps": {"choices": [0]}}, "tune.space.finetune.steps: 0 is not a valid finetune setting"),
+    ({"finetune.no_such_knob": {"choices": [1]}}, "tune.space.finetune.no_such_knob"),
+])
+def test_a_bad_search_space_is_refused_by_its_key(space, message):
+    from components.config import ParamsError
+    from components.settings import parse_settings
+    from tests.conftest import tiny_params
+
+    with pytest.raises(ParamsError, match=message):
+        parse_settings({**tiny_params(), "tune": {"space": space}})
