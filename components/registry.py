@@ -16,9 +16,9 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -253,17 +253,23 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def _scheduled_change(client: MlflowClient, name: str, move: AliasMove, lead_seconds: float,
+                      change: Callable[[], object]) -> AliasMove:
+    """`change` (one registry call) recorded before and after as `move`, taking effect `lead_seconds` later."""
+    started = _record(client, name, move)
+    effective = _schedule(client, name, lead_seconds)
+    change()
+    return _record(client, name, replace(started, status="completed", effective=effective))
+
+
 def move_alias(client: MlflowClient, name: str, alias: str, version: str, action: str, reason: str, run_id: str = "",
                lead_seconds: float = 0.0) -> AliasMove:
     """Point `alias` at `version`, recorded before and after the (atomic) registry call; servers following it switch
     `lead_seconds` later, together."""
     previous = alias_version(client, name, alias)
-    started = _record(client, name, AliasMove(alias, str(version), previous, action, _actor(), run_id, reason, "started",
-                                               _now()))
-    effective = _schedule(client, name, lead_seconds)
-    client.set_registered_model_alias(name, alias, str(version))
-    started = AliasMove(**{**asdict(started), "effective": effective})
-    return _record(client, name, AliasMove(**{**asdict(started), "status": "completed"}))
+    move = AliasMove(alias, str(version), previous, action, _actor(), run_id, reason, "started", _now())
+    return _scheduled_change(client, name, move, lead_seconds,
+                             lambda: client.set_registered_model_alias(name, alias, str(version)))
 
 
 @_classified("reading the alias history")
@@ -413,13 +419,10 @@ def set_canary_share(client: MlflowClient, name: str, alias: str, share: float |
         if not ok:
             raise RegistryError(f"refusing to canary {name} v{version}: {why}")
     previous = canary_share(client, name)
-    started = _record(client, name, AliasMove(
-        alias, version or "-", None, action, _actor(), "", reason or f"canary share {previous:g}% -> {share:g}%",
-        "started", _now(), share=share, previous_share=previous))
-    effective = _schedule(client, name, lead_seconds)
-    client.set_registered_model_tag(name, CANARY_SHARE_TAG, f"{share:g}")
-    started = AliasMove(**{**asdict(started), "effective": effective})
-    return _record(client, name, AliasMove(**{**asdict(started), "status": "completed"}))
+    move = AliasMove(alias, version or "-", None, action, _actor(), "", reason or f"canary share {previous:g}% -> {share:g}%",
+                     "started", _now(), share=share, previous_share=previous)
+    return _scheduled_change(client, name, move, lead_seconds,
+                             lambda: client.set_registered_model_tag(name, CANARY_SHARE_TAG, f"{share:g}"))
 
 
 @_classified("rolling back")

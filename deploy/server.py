@@ -368,7 +368,6 @@ class ModelServer:
                 swap()  # a first load answers at once; a move at its scheduled moment
             else:
                 await self._switch_at_moment(swap)
-            if old is not None:
                 await old.batcher.stop()  # finishes what the old version already accepted
 
     def _refuse(self, version: str, error: IntegrityError) -> None:
