@@ -29,7 +29,8 @@ from components.config import Augment, TrainParams
 from components.data import Splits
 from components.network import ModelSpec, build
 from components.predict import Normalizer
-from components.train import BatchSampler, Phase, augment_batch, train
+from components.augment import augment_batch
+from components.train import BatchSampler, Phase, train
 from deploy.contract import COLOR_MODES, Contract
 
 MODELS = {  # name: (architecture, channels, size, batch)

@@ -12,6 +12,10 @@ network without the source's weights); the test split is never used for selectio
 candidate's frozen features on the seed's training split are scored (LogME, LEEP, NCE), and the study reports
 how well each score ranks the candidates by their fine-tuned test accuracy (Kendall tau) and whether
 `selection: auto` (LogME) picked the candidate that fine-tuned best.
+
+With `--set finetune.semi_supervised.method=fixmatch` the transfers (not scratch) also learn from unlabelled images:
+the target's whole training pool (every image outside val and test, labels dropped; the same for every seed, and
+holding that seed's labelled images, as in FixMatch's own protocol).
 """
 from __future__ import annotations
 
@@ -25,10 +29,11 @@ from pathlib import Path
 import yaml
 
 from components.config import STRATEGIES, parse_params
-from components.data import load_splits, prepare
+from components.data import load_splits, prepare, without_held_out
 from components.evaluate import score
 from components.layout import Layout
 from components.network import build, graft
+from components.objectives import FixMatch
 from components.config import SCORES
 from components.selection import kendall_tau, score_candidate
 from components.source_models import (
@@ -64,6 +69,9 @@ def run_study(params_path: Path, seeds: list[int], labels_per_class: int, strate
     raw = _override(yaml.safe_load(params_path.read_text()), overrides)
     if extra_sources:
         raw["sources"]["pretrained"].update(yaml.safe_load(extra_sources.read_text()))
+    if raw["finetune"]["semi_supervised"]["method"] != "none" and not raw["data"]["unlabeled"]:
+        # The study prepares its unlabelled images itself (the training pool, below): this entry only names them.
+        raw["data"]["unlabeled"] = {"training-pool": {"path": raw["data"]["target"]["path"]}}
     params = parse_params(raw)
     target = params.data.target.model_copy(update={"labels_per_class": labels_per_class})
     sources: dict[str, LoadedSource] = {}
@@ -74,7 +82,12 @@ def run_study(params_path: Path, seeds: list[int], labels_per_class: int, strate
                     if params.sources.kind(name) == "pipeline" else resolve_pretrained(name, params.sources.pretrained[name]))
         sources[name] = load_source(identity)
     runs: list[dict] = []
+    semi_supervised = params.finetune.semi_supervised
     with tempfile.TemporaryDirectory() as tmp:
+        pool = Path(tmp) / "pool.npz"
+        if semi_supervised.method == "fixmatch":
+            prepare(target.model_copy(update={"labels_per_class": None}), params.data, params.data.channels,
+                    params.sources.image_sizes(), 0, pool, Path(tmp) / "pool.json")
         for seed in seeds:
             data = Path(tmp) / f"target-{seed}.npz"
             prepare(target, params.data, params.data.channels, params.sources.image_sizes(), seed, data, Path(tmp) / "report.json")
@@ -91,11 +104,18 @@ def run_study(params_path: Path, seeds: list[int], labels_per_class: int, strate
                 first = with_scratch and architecture not in scratch_done
                 for strategy in (["scratch"] if first else []) + strategies:
                     model = build(spec, seed) if strategy == "scratch" else graft(source.backbone, spec, seed)
+                    terms = ()
+                    if strategy != "scratch" and semi_supervised.method == "fixmatch":
+                        unlabeled, _ = without_held_out(load_splits(pool, identity.image_size).x_train, splits)
+                        terms = (FixMatch(semi_supervised, unlabeled, model.head),)
                     started = time.perf_counter()
-                    train(model, splits, params.finetune, strategy_phases(params.finetune, strategy), seed, desc=f"{name} {strategy} seed {seed}")
+                    history = train(model, splits, params.finetune, strategy_phases(params.finetune, strategy), seed,
+                                    desc=f"{name} {strategy} seed {seed}", terms=terms)
                     run = {"seed": seed, "source": name if strategy != "scratch" else f"scratch ({spec.architecture} @{identity.image_size})",
                            "architecture": spec.architecture, "strategy": strategy, "test": _accuracy(model, splits, "test"),
                            "val": _accuracy(model, splits, "val"), "train_seconds": time.perf_counter() - started}
+                    if terms:
+                        run["fixmatch_mask_last"] = next(r for r in reversed(history) if "fixmatch_mask" in r)["fixmatch_mask"]
                     if strategy == "scratch":
                         scratch_done[architecture] = run
                     else:

@@ -180,6 +180,9 @@ class Augment(Strict):
     rotate_degrees: float = Field(default=0.0, ge=0, le=180)
     scale: tuple[float, float] = (1.0, 1.0)
     shift_pixels: float = Field(default=0.0, ge=0)
+    brightness: float = Field(default=0.0, ge=0, le=1)  # pixel values times a factor within 1 +- this
+    contrast: float = Field(default=0.0, ge=0, le=1)    # each image's distance from its mean times 1 +- this
+    cutout: float = Field(default=0.0, ge=0, lt=1)      # one square, this fraction of the side, erased to grey
 
 
 class EarlyStopping(Strict):
@@ -256,6 +259,24 @@ class AdaptationParams(Strict):
     hidden: int = Field(default=256, ge=1)                 # dann: the domain classifier's hidden units
 
 
+# FixMatch's strong view: RandAugment's geometric and photometric kinds at fixed strengths, and Cutout.
+STRONG_AUGMENT = Augment(flip=True, rotate_degrees=30.0, scale=(0.8, 1.2), shift_pixels=8.0, brightness=0.5,
+                         contrast=0.5, cutout=0.5)
+
+
+class SemiSupervisedParams(Strict):
+    """Unlabelled target images (data.unlabeled) as a training signal of their own: FixMatch (Sohn et al. 2020),
+    the model's confident answer on a weak view of an image is the label its strong view must be given
+    (components/objectives.py)."""
+
+    method: Literal["none", "fixmatch"] = "none"
+    unlabeled: str | None = None                        # which data.unlabeled entry (default: the only one)
+    weight: float = Field(default=1.0, ge=0)            # lambda_u
+    threshold: float = Field(default=0.95, gt=0, le=1)  # a pseudo-label counts once its probability reaches this
+    batch_size: int = Field(default=32, ge=1)           # unlabelled images a step, each forwarded twice (weak, strong)
+    strong_augment: Augment = STRONG_AUGMENT           # the weak view is finetune.augment
+
+
 class FinetuneParams(TrainParams):
     strategy: Strategy
     steps: int = Field(ge=1)
@@ -269,6 +290,7 @@ class FinetuneParams(TrainParams):
     batchnorm: Literal["train", "frozen"] = "train"         # frozen: keep the source's BatchNorm statistics
     joint: JointParams = JointParams()
     adaptation: AdaptationParams = AdaptationParams()
+    semi_supervised: SemiSupervisedParams = SemiSupervisedParams()
 
     @model_validator(mode="after")
     def _lp_steps_fit(self) -> FinetuneParams:
@@ -294,6 +316,10 @@ class ExportParams(Strict):
         if len(set(variants)) != len(variants):
             raise ValueError(f"each variant at most once, got {variants}")
         return variants
+
+
+UnlabeledTerm = Literal["adaptation", "semi_supervised"]
+UNLABELED_TERMS: tuple[UnlabeledTerm, ...] = ("adaptation", "semi_supervised")  # finetune's keys fed by data.unlabeled
 
 
 class Params(Strict):
@@ -324,26 +350,32 @@ class Params(Strict):
             if batch % processes:
                 raise ValueError(f"{key}: {batch} does not split evenly across compute.processes: {processes}; "
                                  f"use a multiple of {processes}")
-        if self.finetune.joint.weight > 0 or self.finetune.adaptation.method != "none":
+        if self.finetune.joint.weight > 0 or self.unlabeled_terms():
             raise ValueError("compute.processes > 1 trains the target's own loss data-parallel; the extra terms "
-                             "(finetune.joint, finetune.adaptation) run in one process: set compute.processes: 1")
+                             "(finetune.joint, finetune.adaptation, finetune.semi_supervised) run in one process: "
+                             "set compute.processes: 1")
         return self
+
+    def unlabeled_terms(self) -> list[UnlabeledTerm]:
+        """The terms of finetune that are on and feed on unlabelled target images."""
+        return [term for term in UNLABELED_TERMS if getattr(self.finetune, term).method != "none"]
 
     @model_validator(mode="after")
-    def _adaptation_names_unlabeled_data(self) -> Params:
-        adaptation = self.finetune.adaptation
-        if adaptation.method == "none":
-            return self
+    def _unlabeled_terms_name_their_data(self) -> Params:
         names = ", ".join(self.data.unlabeled) or "none"
-        if adaptation.unlabeled is None and len(self.data.unlabeled) != 1:
-            raise ValueError(f"finetune.adaptation.method {adaptation.method!r} needs unlabelled target images: name one "
-                             f"data.unlabeled entry in finetune.adaptation.unlabeled (entries: {names})")
-        if adaptation.unlabeled is not None and adaptation.unlabeled not in self.data.unlabeled:
-            raise ValueError(f"finetune.adaptation.unlabeled: {adaptation.unlabeled!r} is not a data.unlabeled entry; entries: {names}")
+        for term in self.unlabeled_terms():
+            chosen = getattr(self.finetune, term)
+            if chosen.unlabeled is None and len(self.data.unlabeled) != 1:
+                raise ValueError(f"finetune.{term}.method {chosen.method!r} needs unlabelled target images: name one "
+                                 f"data.unlabeled entry in finetune.{term}.unlabeled (entries: {names})")
+            if chosen.unlabeled is not None and chosen.unlabeled not in self.data.unlabeled:
+                raise ValueError(f"finetune.{term}.unlabeled: {chosen.unlabeled!r} is not a data.unlabeled entry; "
+                                 f"entries: {names}")
         return self
 
-    def unlabeled_for_adaptation(self) -> str:
-        return self.finetune.adaptation.unlabeled or next(iter(self.data.unlabeled))
+    def unlabeled_for(self, term: UnlabeledTerm) -> str:
+        """The data.unlabeled entry finetune.<term> feeds on."""
+        return getattr(self.finetune, term).unlabeled or next(iter(self.data.unlabeled))
 
     def raw_datasets(self) -> dict[str, DatasetParams]:
         """Every data set the stages read, by the params key that names it."""

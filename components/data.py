@@ -643,6 +643,14 @@ def prepare_unlabeled(root: Path, data: DataParams, sizes: list[int], out_path: 
     return PrepareResult(out_path, version, {"unlabeled": len(samples)}, len(quarantine.entries))
 
 
+def without_held_out(unlabeled: np.ndarray, splits: Splits) -> tuple[np.ndarray, int]:
+    """The unlabelled images that are no val or test image (pixel for pixel at this size), and how many were
+    dropped: training on a test image, even without its label, would flatter the test."""
+    held_out = {image.tobytes() for image in (*splits.x_val, *splits.x_test)}
+    kept = np.array([image.tobytes() not in held_out for image in unlabeled], dtype=bool)
+    return unlabeled[kept], int((~kept).sum())
+
+
 def load_unlabeled(path: str | Path, image_size: int) -> np.ndarray:
     """Prepared unlabelled images at one input size, uint8 (N, C, H, W)."""
     with np.load(_existing(path), allow_pickle=False) as npz:

@@ -98,12 +98,15 @@ def _params_changes(params: Settings, unlabelled: Path, root: Path) -> dict[str,
         else:
             changes["data.unlabeled"] = {PRODUCTION: entry}
     adaptation, wanted = params.finetune.adaptation, params.production.adaptation
-    if wanted == "none":
-        return changes
-    if adaptation.method == "none":
+    if wanted != "none" and adaptation.method == "none":
         changes["finetune.adaptation.method"] = wanted
-    if adaptation.unlabeled != PRODUCTION and (adaptation.unlabeled is not None or params.data.unlabeled):
-        changes["finetune.adaptation.unlabeled"] = PRODUCTION  # null means "the only entry": there are two now
+    # Every term on that feeds on unlabelled images (a semi-supervised one the operator turned on too) learns
+    # from production's; null meant "the only entry", and there are two now.
+    for term in ("adaptation", "semi_supervised"):
+        chosen = getattr(params.finetune, term)
+        if (chosen.method != "none" or f"finetune.{term}.method" in changes) and chosen.unlabeled != PRODUCTION \
+                and (chosen.unlabeled is not None or params.data.unlabeled):
+            changes[f"finetune.{term}.unlabeled"] = PRODUCTION
     return changes
 
 

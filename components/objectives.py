@@ -14,6 +14,9 @@ the features:
 - Alignment: feature-based transfer (domain adaptation) toward unlabelled target images: Deep CORAL (Sun and
   Saenko 2016), multi-kernel MMD (DAN, Long et al. 2015) or DANN's adversarial domain classifier behind a
   gradient reversal layer (Ganin et al. 2016).
+- FixMatch (Sohn et al. 2020): semi-supervised learning from unlabelled target images. The model's answer on a
+  weak view of an image, where its top probability reaches a threshold, is the label the strong view of the same
+  image is trained toward; the weak view takes no gradient.
 """
 from __future__ import annotations
 
@@ -27,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from components.config import AdaptationParams, JointParams
+from components.augment import augment_batch
+from components.config import AdaptationParams, JointParams, SemiSupervisedParams
 from components.data import Splits
 from components.errors import GraftError
 
@@ -38,13 +42,15 @@ class ObjectiveError(GraftError, ValueError):
 
 class Term:
     """One extra term: its own uint8 pixels, batches of `batch_size` drawn from `pool` (the loop samples them with
-    its generator), and the loss it makes of a batch's features."""
+    its generator), the views of a batch that go through the backbone, and the loss it makes of their features."""
 
     name = "term"
+    views_per_image = 1
 
-    def __init__(self, pixels: np.ndarray, batch_size: int) -> None:
+    def __init__(self, pixels: np.ndarray, batch_size: int, about: dict | None = None) -> None:
         self.pixels = torch.from_numpy(pixels)
         self.batch_size = batch_size
+        self.about = about or {}  # where its images came from, for the run record
         self.modules = nn.ModuleList()  # what the term trains besides the model (a head, a discriminator)
 
     @property
@@ -52,13 +58,18 @@ class Term:
         """What batches are drawn from: every image (their count), or the indices of some."""
         return len(self.pixels)
 
+    def views(self, scaled: torch.Tensor, augmented: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """`views_per_image` views of a batch, stacked view by view: by default the loop's augmentation of it.
+        `scaled`: the same images unaugmented (floats in [0, 1]); `generator`: the loop's, for any further draw."""
+        return augmented
+
     def loss(self, index: torch.Tensor, features: torch.Tensor, labelled_features: torch.Tensor,
              progress: float) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
 
     def summary(self) -> dict:
-        """What a run record should keep about this term (weights, ESS)."""
-        return {"term": self.name}
+        """What a run record should keep about this term (weights, ESS, its images)."""
+        return {"term": self.name, **self.about}
 
 
 def schedule_factor(schedule: str, progress: float) -> float:
@@ -180,7 +191,7 @@ class SourceObjective(Term):
                                       "source_accuracy": (logits.argmax(1) == labels).float().mean().item()}
 
     def summary(self) -> dict:
-        return {"term": self.name, "weight": self.params.weight, "schedule": self.params.schedule,
+        return {**super().summary(), "weight": self.params.weight, "schedule": self.params.schedule,
                 "instance_weights": self.params.instance_weights, "source_examples": int(len(self.pixels)),
                 **({"weights": self.instance_weights.summary()} if self.instance_weights else {})}
 
@@ -264,8 +275,9 @@ def dann_coefficient(progress: float) -> float:
 class Alignment(Term):
     """Pull the labelled batch's features and unlabelled target images' features together."""
 
-    def __init__(self, params: AdaptationParams, unlabeled: np.ndarray, features: int, seed: int) -> None:
-        super().__init__(unlabeled, params.batch_size)
+    def __init__(self, params: AdaptationParams, unlabeled: np.ndarray, features: int, seed: int,
+                 about: dict | None = None) -> None:
+        super().__init__(unlabeled, params.batch_size, about)
         self.params = params
         self.name = params.method
         if params.method == "dann":
@@ -291,4 +303,37 @@ class Alignment(Term):
                              "domain_accuracy": ((logits > 0).float() == domains).float().mean().item()}
 
     def summary(self) -> dict:
-        return {"term": self.name, "weight": self.params.weight, "unlabeled_examples": int(len(self.pixels))}
+        return {**super().summary(), "weight": self.params.weight, "unlabeled_examples": int(len(self.pixels))}
+
+
+# ---------------------------------------------------------------- semi-supervised learning
+
+
+class FixMatch(Term):
+    """L_u = (1/B) sum 1[max p(y|weak) >= threshold] CE(argmax p(y|weak), p(y|strong)), weighted by lambda_u. The
+    weak view is the loop's own augmentation (finetune.augment), the strong one strong_augment of the same image;
+    both go through the backbone with the labelled batch (one BatchNorm batch), and through the model's head."""
+
+    name = "fixmatch"
+    views_per_image = 2
+
+    def __init__(self, params: SemiSupervisedParams, unlabeled: np.ndarray, head: nn.Module, about: dict | None = None) -> None:
+        super().__init__(unlabeled, params.batch_size, about)
+        self.params = params
+        self.head = head  # the model's own head: the loop's optimizer trains it already, so not one of self.modules
+
+    def views(self, scaled, augmented, generator):
+        return torch.cat([augmented, augment_batch(scaled, self.params.strong_augment, generator)])
+
+    def loss(self, index, features, labelled_features, progress):
+        weak, strong = features.flatten(1).chunk(2)
+        with torch.no_grad():
+            confidence, pseudo_labels = F.softmax(self.head(weak), dim=1).max(1)
+            mask = (confidence >= self.params.threshold).float()
+        per_image = F.cross_entropy(self.head(strong), pseudo_labels, reduction="none")
+        unlabeled_loss = (per_image * mask).mean()
+        return self.params.weight * unlabeled_loss, {"fixmatch_loss": unlabeled_loss.item(), "fixmatch_mask": mask.mean().item()}
+
+    def summary(self) -> dict:
+        return {**super().summary(), "weight": self.params.weight, "threshold": self.params.threshold,
+                "unlabeled_examples": int(len(self.pixels))}

@@ -24,7 +24,8 @@ from tqdm import tqdm
 from components import distributed
 from components.artifacts import atomic_path
 from components.compute import FP32_CPU, Compute
-from components.config import Augment, EarlyStopping, FinetuneParams, TrainParams
+from components.augment import augment_batch
+from components.config import EarlyStopping, FinetuneParams, TrainParams
 from components.data import Splits
 from components.network import GraftNet
 from components.objectives import Term
@@ -50,26 +51,6 @@ def strategy_phases(params: FinetuneParams, strategy: str | None = None) -> list
     if strategy == "lp_ft":
         return [Phase("linear_probe", params.lp_steps, None), Phase("finetune", params.steps - params.lp_steps, params.backbone_lr_scale)]
     raise ValueError(f"finetune.strategy: unknown strategy {strategy!r}; allowed: scratch, linear_probe, finetune, lp_ft")
-
-
-def augment_batch(pixels: torch.Tensor, augment: Augment, generator: torch.Generator) -> torch.Tensor:
-    """Random flip, rotation, scale and shift, one affine warp per image (pixels are floats in [0, 1])."""
-    n, _, height, width = pixels.shape
-    if not (augment.flip or augment.rotate_degrees or augment.shift_pixels or augment.scale != (1.0, 1.0)):
-        return pixels
-
-    def uniform(low: float, high: float) -> torch.Tensor:
-        return low + (high - low) * torch.rand(n, generator=generator)
-
-    angle = torch.deg2rad(uniform(-augment.rotate_degrees, augment.rotate_degrees))
-    scale = uniform(*augment.scale)
-    flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0) if augment.flip else torch.ones(n)
-    shift_x = uniform(-augment.shift_pixels, augment.shift_pixels) * 2 / width
-    shift_y = uniform(-augment.shift_pixels, augment.shift_pixels) * 2 / height
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos * flip, -sin, shift_x], 1), torch.stack([sin * flip, cos, shift_y], 1)], 1)
-    grid = F.affine_grid(theta, list(pixels.shape), align_corners=False)
-    return F.grid_sample(pixels, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 class BatchSampler:
@@ -342,12 +323,20 @@ class _TrainingRun:
         return _replica(self.forward, self.group, self.compute.device)
 
     def next_batch(self) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
-        """The labelled batch's indices, each term's batch of indices, and the augmented pixels of all of them;
-        across processes, this process's slice of the labelled indices and of the pixels."""
+        """The labelled batch's indices, each term's batch of indices, and the augmented pixels of all of them (each
+        term's as many views of its images as it asks for); across processes, this process's slice of the labelled
+        indices and of the pixels."""
         index = self.sampler.next()
         term_batches = [term_sampler.next() for term_sampler in self.term_samplers]
-        pixels = torch.cat([self.x_train[index], *(term.pixels[batch] for term, batch in zip(self.terms, term_batches))])
-        pixels = augment_batch(self.normalize.scaled(pixels), self.params.augment, self.generator)
+        scaled = self.normalize.scaled(torch.cat([self.x_train[index], *(term.pixels[batch] for term, batch in zip(self.terms, term_batches))]))
+        pixels = augment_batch(scaled, self.params.augment, self.generator)
+        if self.terms:
+            views, start = [pixels[: len(index)]], len(index)
+            for term, batch in zip(self.terms, term_batches):
+                end = start + len(batch)
+                views.append(term.views(scaled[start:end], pixels[start:end], self.generator))
+                start = end
+            pixels = torch.cat(views)
         if self.group.world_size > 1:  # the whole batch was drawn and augmented, so every generator stays in step
             index, pixels = distributed.shard(index, self.group), distributed.shard(pixels, self.group)
         return index, term_batches, pixels
@@ -355,16 +344,16 @@ class _TrainingRun:
     def objective(self, all_features: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
                   term_batches: list[torch.Tensor], sums: _RunningSums) -> torch.Tensor:
         """The labelled batch's loss, the regulariser's penalty, and each term's loss on the features of its own
-        batch (which follow the labelled batch's in `all_features`); the terms' metrics go into `sums`."""
+        batch's views (which follow the labelled batch's in `all_features`); the terms' metrics go into `sums`."""
         features = all_features[: len(labels)]
         loss = F.cross_entropy(logits, labels, label_smoothing=self.params.label_smoothing)
         if self.tuning.regularizer is not None:
             loss = loss + self.tuning.regularizer.penalty(self.model, features)
         start = len(labels)
         for term, batch in zip(self.terms, term_batches):
-            term_loss, term_metrics = term.loss(batch, all_features[start : start + len(batch)], features,
-                                                self.global_step / self.total)
-            start += len(batch)
+            end = start + len(batch) * term.views_per_image
+            term_loss, term_metrics = term.loss(batch, all_features[start:end], features, self.global_step / self.total)
+            start = end
             loss = loss + term_loss
             sums.add_terms(term_metrics)
         return loss

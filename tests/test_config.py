@@ -99,7 +99,29 @@ def test_sweep_strategies_and_adaptation_name_what_they_need():
     with pytest.raises(ParamsError, match=r"finetune.adaptation.method 'coral' needs unlabelled target images.*entries: none"):
         parse_settings(without_images)
     named = tiny_params(**{"finetune.adaptation.method": "dann", "data.unlabeled": {"cam": {"path": "x"}}})
-    assert parse_settings(named).unlabeled_for_adaptation() == "cam"
+    assert parse_settings(named).unlabeled_for("adaptation") == "cam"
+
+
+def test_the_semi_supervised_term_names_its_unlabelled_images_and_trains_in_one_process():
+    without_images = tiny_params(**{"finetune.semi_supervised.method": "fixmatch"})
+    with pytest.raises(ParamsError, match=r"finetune.semi_supervised.method 'fixmatch' needs unlabelled target images.*entries: none"):
+        parse_settings(without_images)
+    two = {"cam": {"path": "x"}, "phone": {"path": "y"}}
+    ambiguous = tiny_params(**{"finetune.semi_supervised.method": "fixmatch", "data.unlabeled": two})
+    with pytest.raises(ParamsError, match=r"name one data.unlabeled entry in finetune.semi_supervised.unlabeled \(entries: cam, phone\)"):
+        parse_settings(ambiguous)
+    wrong = tiny_params(**{"finetune.semi_supervised": {"method": "fixmatch", "unlabeled": "tablet"}, "data.unlabeled": two})
+    with pytest.raises(ParamsError, match=r"finetune.semi_supervised.unlabeled: 'tablet' is not a data.unlabeled entry"):
+        parse_settings(wrong)
+    chosen = parse_settings(tiny_params(**{"finetune.semi_supervised": {"method": "fixmatch", "unlabeled": "phone"},
+                                           "data.unlabeled": two}))
+    assert (chosen.unlabeled_terms(), chosen.unlabeled_for("semi_supervised")) == (["semi_supervised"], "phone")
+    with pytest.raises(ParamsError, match=r"finetune.semi_supervised.threshold: .*less than or equal to 1"):
+        parse_settings(tiny_params(**{"finetune.semi_supervised.threshold": 1.5}))
+    parallel = tiny_params(**{"finetune.semi_supervised.method": "fixmatch", "data.unlabeled": {"cam": {"path": "x"}},
+                              "compute.processes": 2, "finetune.batch_size": 8, "pretrain.batch_size": 8})
+    with pytest.raises(ParamsError, match=r"finetune.semi_supervised\) run in one process: set compute.processes: 1"):
+        parse_settings(parallel)
 
 
 @pytest.mark.parametrize("key, value, expected", [

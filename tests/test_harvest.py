@@ -115,3 +115,14 @@ def test_harvest_versions_labelled_and_unlabelled_images_once(workspace_factory)
                           text=True)
     assert done.returncode == 0 and "nothing new: the data version is unchanged" in done.stdout, done.stderr
     assert f"skipped {ids[-1]}: the same image as" in done.stdout
+
+
+def test_a_semi_supervised_term_that_is_on_learns_from_the_harvested_production_images_too(tmp_path):
+    from components.harvest import _params_changes
+    from components.settings import parse_settings
+
+    params = parse_settings(tiny_params(**{"data.unlabeled": {"cam": {"path": "data/raw/cam"}},
+                                           "finetune.semi_supervised.method": "fixmatch", "production.adaptation": "none"}))
+    changes = _params_changes(params, tmp_path / "data" / "raw" / "production-unlabelled", tmp_path)
+    assert changes == {"data.unlabeled.production": {"path": "data/raw/production-unlabelled"},
+                       "finetune.semi_supervised.unlabeled": "production"}, "adaptation stays off, as production.adaptation says"

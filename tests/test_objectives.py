@@ -1,14 +1,17 @@
 """The extra terms of the training objective (components/objectives.py) on tiny real data: the joint objective's
-source term, instance weights, and domain adaptation (CORAL, MMD, DANN); each check fails if the term does nothing."""
+source term, instance weights, domain adaptation (CORAL, MMD, DANN) and FixMatch; each check fails if the term does
+nothing."""
 import numpy as np
 import pytest
 import torch
 
-from components.config import AdaptationParams, JointParams
-from components.data import load_splits, prepare
+from components.augment import augment_batch
+from components.config import AdaptationParams, Augment, JointParams, SemiSupervisedParams
+from components.data import load_splits, prepare, without_held_out
 from components.network import build, graft
 from components.objectives import (
     Alignment,
+    FixMatch,
     ObjectiveError,
     class_weights,
     coral,
@@ -125,3 +128,71 @@ def test_lambda_decays_as_scheduled_and_mismatched_source_images_are_refused(dom
     small = type(source)(**{**source.__dict__, "x_train": source.x_train[:, :, :14, :14]})
     with pytest.raises(ObjectiveError, match=r"the source's images are \(1, 14, 14\).*target's \(1, 28, 28\)"):
         joint_term(JointParams(weight=1.0), small, target, torch.nn.Linear(4, 10), lambda x: x, 0)
+
+
+# ---------------------------------------------------------------- FixMatch
+
+
+def _fixmatch(unlabeled: np.ndarray, head: torch.nn.Module, **params) -> FixMatch:
+    return FixMatch(SemiSupervisedParams(method="fixmatch", **params), unlabeled, head)
+
+
+def test_fixmatch_trains_the_strong_view_toward_the_weak_views_confident_answers_only():
+    head = torch.nn.Linear(4, 3, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(3, 4) * 10)
+    # Weak views: image 0 confidently class 0, image 1 confidently class 2, image 2 undecided; any strong views.
+    weak = torch.tensor([[1.0, 0, 0, 0], [0, 0, 1.0, 0], [0.1, 0.1, 0.1, 0]])
+    strong = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    features = torch.cat([weak, strong]).requires_grad_(True)
+    term = _fixmatch(np.zeros((3, 1, 4, 4), np.uint8), head, threshold=0.95, weight=2.0)
+    loss, metrics = term.loss(torch.arange(3), features, torch.zeros(0, 4), 0.5)
+    expected = torch.nn.functional.cross_entropy(head(strong[:2]), torch.tensor([0, 2]), reduction="sum") / 3
+    assert torch.allclose(loss, 2.0 * expected) and metrics["fixmatch_mask"] == pytest.approx(2 / 3)
+    loss.backward()
+    assert torch.count_nonzero(features.grad[:3]) == 0, "the weak view only labels: no gradient through it"
+    assert torch.count_nonzero(features.grad[3:5]) > 0 and torch.count_nonzero(features.grad[5]) == 0, \
+        "the undecided image's strong view is not trained"
+
+
+def test_fixmatch_views_are_the_loops_augmentation_then_a_strong_augmentation_of_the_same_images():
+    scaled = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    weak = scaled.flip(3)
+    term = _fixmatch(np.zeros((4, 1, 16, 16), np.uint8), torch.nn.Identity(), strong_augment=Augment(cutout=0.5))
+    views = term.views(scaled, weak, torch.Generator().manual_seed(2))
+    assert views.shape == (8, 1, 16, 16) and torch.equal(views[:4], weak)
+    erased = views[4:] != scaled
+    assert erased.any() and torch.all(views[4:][erased] == 0.5), "the strong view is these images, cut out"
+    assert int(erased.flatten(1).sum(1).max()) <= 8 * 8
+
+
+def test_augmentations_that_are_off_draw_nothing_and_photometric_ones_stay_in_range():
+    pixels = torch.rand(6, 3, 12, 12, generator=torch.Generator().manual_seed(3))
+    generator = torch.Generator().manual_seed(4)
+    state = generator.get_state()
+    assert torch.equal(augment_batch(pixels, Augment(), generator), pixels)
+    assert torch.equal(generator.get_state(), state), "no draw: recipes without the new kinds keep their numbers"
+    jittered = augment_batch(pixels, Augment(brightness=0.9, contrast=0.9), generator)
+    assert 0 <= float(jittered.min()) and float(jittered.max()) <= 1 and not torch.equal(jittered, pixels)
+
+
+def test_the_semi_supervised_term_sees_only_its_unlabelled_images_never_the_labelled_ones(domains):
+    params, _, target = domains
+    model = graft(build(tiny_spec(target.classes), 1).backbone, tiny_spec(target.classes), 0)
+    # Unlabelled images: the target's training images upside down (no labelled image is among them), with a copy
+    # of a test image that must be left out.
+    unlabeled, dropped = without_held_out(np.concatenate([target.x_train[:, :, ::-1], target.x_test[:3]]), target)
+    assert dropped == 3 and len(unlabeled) == len(target.x_train)
+    seen: list[torch.Tensor] = []
+
+    class Recording(FixMatch):
+        def views(self, scaled, augmented, generator):
+            seen.append(scaled.clone())
+            return super().views(scaled, augmented, generator)
+
+    term = Recording(SemiSupervisedParams(method="fixmatch", batch_size=8, threshold=0.5), unlabeled, model.head)
+    history = train(model, target, params.finetune, [Phase("finetune", 6, 1.0)], 0, terms=(term,))
+    assert {"fixmatch_loss", "fixmatch_mask"} <= set(history[-1])
+    pool, labelled = {image.tobytes() for image in unlabeled}, {image.tobytes() for image in target.x_train}
+    drawn = {(image * 255).round().to(torch.uint8).numpy().tobytes() for batch in seen for image in batch}
+    assert len(seen) == 6 and len(drawn) > 8 and drawn <= pool and not drawn & labelled

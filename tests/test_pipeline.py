@@ -17,6 +17,7 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
 
+from components.data import load_splits
 from components.dvc_runner import dvc_status, pending_stages
 from components.settings import parse_settings
 from components.stage_runner import stage_order
@@ -138,7 +139,7 @@ def test_changing_a_finetune_param_retrains_only_the_transfer_and_changing_it_ba
     assert len(client.search_model_versions("name = 'graft-classifier'")) == 2
 
 
-def test_the_joint_objective_and_domain_adaptation_are_params_and_unlabelled_images_a_dvc_input(candidate_template, tmp_path):
+def test_the_joint_objective_domain_adaptation_and_fixmatch_are_params_and_unlabelled_images_a_dvc_input(candidate_template, tmp_path):
     template, _ = candidate_template
     root = copy_workspace(template, tmp_path / "ws")
     unlabeled = root / "data" / "raw" / "new-camera" / "day-1"  # subfolders are just folders: no classes
@@ -152,18 +153,26 @@ def test_the_joint_objective_and_domain_adaptation_are_params_and_unlabelled_ima
     params["data"]["unlabeled"] = {"new-camera": {"path": "data/raw/new-camera"}}
     params["finetune"]["joint"].update(weight=0.5, schedule="linear", instance_weights="domain", source_examples=500)
     params["finetune"]["adaptation"].update(method="dann")
+    params["finetune"]["semi_supervised"].update(method="fixmatch", batch_size=8)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     done = dvc_repro(root, "finetune")  # where the objective is; evaluate and export only follow it (below)
     assert stages_ran(done.stdout) == ["resolve_sources", "prepare_unlabeled@new-camera", "select_source", "finetune"]
     assert pending_stages(dvc_status(root), list(parse_settings(params).raw_data_paths().values())) == ["evaluate", "export"]
     report = _json(root, "reports/prepare-unlabeled-new-camera.json")
     assert report["images"] == len(images) and [q["reason"] for q in report["quarantine"]] == ["not an image file"]
-    source_term, dann_term = _json(root, "models/transfer.json")["objective"]
-    assert (source_term["term"], source_term["instance_weights"], dann_term["term"]) == ("source", "domain", "dann")
+    source_term, dann_term, fixmatch_term = _json(root, "models/transfer.json")["objective"]
+    assert [t["term"] for t in (source_term, dann_term, fixmatch_term)] == ["source", "dann", "fixmatch"]
+    assert source_term["instance_weights"] == "domain"
     assert source_term["weights"]["examples"] == 500 and 1 < source_term["weights"]["effective_sample_size"] < 500
-    assert dann_term["unlabeled_examples"] == len(images)
+    # The copies of val and test images among the unlabelled ones are left out of both terms, by content.
+    splits = load_splits(root / "data" / "prepared" / "selected.npz")
+    held_out = {Path(o).parts[-2:] for o in (*splits.origin_val, *splits.origin_test)}
+    copies = sum(image.parts[-2:] in held_out for image in images)
+    assert copies > 0
+    for term in (dann_term, fixmatch_term):
+        assert (term["unlabeled_examples"], term["dropped_as_val_or_test"]) == (len(images) - copies, copies)
     header = (root / "plots" / "transfer_history.csv").read_text().splitlines()[0].split(",")
-    assert {"source_loss", "source_accuracy", "domain_accuracy"} <= set(header)
+    assert {"source_loss", "source_accuracy", "domain_accuracy", "fixmatch_loss", "fixmatch_mask"} <= set(header)
 
 
 @pytest.fixture(scope="module")

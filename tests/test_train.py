@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from components.augment import augment_batch
 from components.config import parse_params
 from components.network import (
     ArchitectureError,
@@ -18,7 +19,6 @@ from components.train import (
     BatchSampler,
     Phase,
     Resume,
-    augment_batch,
     evaluate_split,
     strategy_phases,
     train,

@@ -103,5 +103,5 @@ def short_recipe(finetune: FinetuneParams, steps: int) -> FinetuneParams:
         **finetune.model_dump(), "steps": steps, "eval_every_steps": steps,
         "lp_steps": min(steps - 1, max(1, round(finetune.lp_steps * scale))),
         "unfreeze_every_steps": round(finetune.unfreeze_every_steps * scale),
-        "joint": {"weight": 0.0}, "adaptation": {"method": "none"},
+        "joint": {"weight": 0.0}, "adaptation": {"method": "none"}, "semi_supervised": {"method": "none"},
     })

@@ -2,6 +2,7 @@
 selected source, with the same data, steps and augmentation."""
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from functools import partial
@@ -15,7 +16,7 @@ from components.config import Params
 from components.evaluate import write_history
 from components.layout import Layout
 from components.network import GraftNet, ModelSpec, build, graft, save_checkpoint
-from components.objectives import Alignment, Term, joint_term, require_source_data
+from components.objectives import Alignment, FixMatch, ObjectiveError, Term, joint_term, require_source_data
 from components.source_models import LoadedSource, SourceIdentity, load_source
 from components.predict import Normalizer, predict_features
 from components.train import strategy_phases, train
@@ -63,8 +64,8 @@ def _train_target(params: Params, strategy: str, out: Path, history_path: Path) 
 
 
 def objective_terms(params: Params, model: GraftNet, splits: data_mod.Splits, source: LoadedSource) -> tuple[Term, ...]:
-    """The joint objective's source term and the domain-adaptation term that params.finetune asks for; `model` was
-    just grafted from `source`."""
+    """The joint objective's source term, and the domain-adaptation and semi-supervised terms, that params.finetune
+    asks for; `model` was just grafted from `source`. Unlabelled images that are also val or test images are left out."""
     terms: list[Term] = []
     featurize = partial(predict_features, model, normalize=Normalizer.of(model.spec.contract))
     if params.finetune.joint.weight > 0:
@@ -73,10 +74,20 @@ def objective_terms(params: Params, model: GraftNet, splits: data_mod.Splits, so
                             "set finetune.joint.weight: 0")
         source_data = data_mod.load_splits(Layout.source_data(identity.name), identity.image_size)
         terms.append(joint_term(params.finetune.joint, source_data, splits, source.head, featurize, params.seed))
-    if params.finetune.adaptation.method != "none":
-        name = params.unlabeled_for_adaptation()
-        unlabeled = data_mod.load_unlabeled(Layout.unlabeled_data(name), splits.image_size)
-        terms.append(Alignment(params.finetune.adaptation, unlabeled, model.head.in_features, params.seed))
+    for key in params.unlabeled_terms():
+        name = params.unlabeled_for(key)
+        unlabeled, dropped = data_mod.without_held_out(data_mod.load_unlabeled(Layout.unlabeled_data(name), splits.image_size), splits)
+        if dropped:
+            print(f"finetune.{key}: {dropped} image(s) of data.unlabeled.{name} are also val or test images; "
+                  "left out (training on them would flatter the evaluation)", file=sys.stderr)
+        if not len(unlabeled):
+            raise ObjectiveError(f"finetune.{key}: every image of data.unlabeled.{name} is also a val or test image; "
+                                 "give it images outside the target's evaluation splits")
+        about = {"unlabeled": name, "dropped_as_val_or_test": dropped}
+        if key == "adaptation":
+            terms.append(Alignment(params.finetune.adaptation, unlabeled, model.head.in_features, params.seed, about))
+        else:
+            terms.append(FixMatch(params.finetune.semi_supervised, unlabeled, model.head, about))
     return tuple(terms)
 
 
