@@ -201,6 +201,7 @@ class TuneParams(Strict):
 
     trials: int = Field(default=20, ge=1)           # trials the study ends with (finished ones count: a resumed
                                                     # study runs only the rest)
+    executor: Literal["sequential", "dask"] = "sequential"  # dask: trials in parallel on sweep.dask's cluster (flows/tune.py)
     timeout_minutes: float | None = Field(default=None, gt=0)  # stop starting trials after this long
     seed: int = 0                                   # the sampler's (TPE) seed
     startup_trials: int = Field(default=5, ge=1)    # random trials before TPE models the space; none pruned before

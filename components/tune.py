@@ -108,14 +108,18 @@ def _quiet_optuna() -> None:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
-def _study(plan: TunePlan, params: Settings) -> optuna.Study:
+def _study(plan: TunePlan, params: Settings, worker: int = 0) -> optuna.Study:
+    """The study in its storage, as worker `worker` of those running trials at once sees it: its sampler seeded
+    tune.seed + worker (workers seeded alike would propose the same values), and, with tune.executor dask, TPE's
+    constant liar (a running trial counts as a poor one, so parallel workers spread out)."""
     rules = params.tune
     pruner = optuna.pruners.MedianPruner(n_startup_trials=rules.startup_trials, n_warmup_steps=rules.prune_after_steps)
     if rules.prune_below is not None:
         pruner = _Floor(pruner, rules.prune_below, rules.prune_after_steps)
+    sampler = optuna.samplers.TPESampler(seed=rules.seed + worker, n_startup_trials=rules.startup_trials,
+                                         constant_liar=rules.executor == "dask")
     return optuna.create_study(study_name=plan.study_name, storage=plan.storage, load_if_exists=True,
-                               direction="maximize", pruner=pruner,
-                               sampler=optuna.samplers.TPESampler(seed=rules.seed, n_startup_trials=rules.startup_trials))
+                               direction="maximize", pruner=pruner, sampler=sampler)
 
 
 class _Floor(optuna.pruners.BasePruner):
@@ -205,26 +209,47 @@ def run_trial(plan: TunePlan, params: Settings, trial: optuna.Trial) -> float:
     return accuracy
 
 
-def run_tune(root: str | Path, params: Settings, trials: int | None = None) -> dict:
-    """The study to `trials` finished trials (default tune.trials), one trial after another in this process; then
-    its report and proposal."""
+def start_tune(root: str | Path, params: Settings, trials: int | None = None) -> tuple[TunePlan, int]:
+    """The study opened (open_tune) and how many trials it still needs to end with `trials` finished ones
+    (default tune.trials)."""
     plan, study = open_tune(root, params)
     wanted = trials or params.tune.trials
     finished = len(study.get_trials(deepcopy=False, states=FINISHED))
     todo = max(0, wanted - finished)
     print(f"tune: study {plan.study_name} ({plan.storage}): {finished} trials finished before, {todo} to run; "
           f"the val split only ({len(tuning_splits(plan.data).y_val)} images)", flush=True)
-    started = time.perf_counter()
+    return plan, todo
+
+
+def run_trials(plan: TunePlan, params: Settings, count: int, worker: int = 0) -> None:
+    """`count` trials of the study, one after another in this process, as worker `worker` (_study); other
+    processes may run trials of the same study at the same time, through its storage."""
+    _quiet_optuna()
     logging.getLogger("optuna").setLevel(logging.WARNING)
+    timeout = params.tune.timeout_minutes * 60 if params.tune.timeout_minutes else None
+    _study(plan, params, worker).optimize(lambda trial: run_trial(plan, params, trial), n_trials=count,
+                                          timeout=timeout, catch=(), gc_after_trial=True)
+
+
+def worker_shares(todo: int, workers: int) -> list[int]:
+    """`todo` trials split as evenly as they go over at most `workers` workers."""
+    return [share for share in (todo // workers + (i < todo % workers) for i in range(workers)) if share]
+
+
+def run_tune(root: str | Path, params: Settings, trials: int | None = None) -> dict:
+    """The study to `trials` finished trials (default tune.trials), one trial after another in this process; then
+    its report and proposal. flows/tune.py runs the trials on Dask instead."""
+    plan, todo = start_tune(root, params, trials)
+    started = time.perf_counter()
     if todo:
-        timeout = params.tune.timeout_minutes * 60 if params.tune.timeout_minutes else None
-        study.optimize(lambda trial: run_trial(plan, params, trial), n_trials=todo, timeout=timeout,
-                       catch=(), gc_after_trial=True)
-    return close_tune(plan, params, study, time.perf_counter() - started)
+        run_trials(plan, params, todo)
+    return close_tune(plan, params, time.perf_counter() - started)
 
 
-def close_tune(plan: TunePlan, params: Settings, study: optuna.Study, seconds: float) -> dict:
+def close_tune(plan: TunePlan, params: Settings, seconds: float) -> dict:
+    """The study's report, proposal and plots, written and logged on the parent run, which ends."""
     root = Path(plan.root)
+    study = _study(plan, params)
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if not complete:

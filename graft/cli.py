@@ -224,7 +224,13 @@ def _tune(args: argparse.Namespace) -> int:
     for stage in ("select_source", *(f"prepare_unlabeled@{name}" for name in params.data.unlabeled)):
         reproduce_stage(args.root, stage, with_upstream=True)
     with contextlib.chdir(args.root):
-        print(markdown(run_tune(".", params, args.trials)))
+        if params.tune.executor == "dask":
+            from flows.tune import run_tune_on_dask
+
+            report = run_tune_on_dask(".", params, args.trials)
+        else:
+            report = run_tune(".", params, args.trials)
+    print(markdown(report))
     return 0
 
 

@@ -186,13 +186,13 @@ def test_negative_transfer_is_marked_only_beyond_the_seed_noise():
 
 
 def test_the_dask_scheduler_is_the_environments_then_the_params_else_a_local_cluster(monkeypatch):
-    from flows.sweep import dask_runner
+    from flows.on_dask import dask_runner
 
     monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", "tcp://10.0.0.5:8786")
-    assert dask_runner(SweepDask(address="tcp://dask.params:8786")).address == "tcp://10.0.0.5:8786"
+    assert dask_runner(SweepDask(address="tcp://dask.params:8786"), "sweep: branches").address == "tcp://10.0.0.5:8786"
     monkeypatch.delenv("DASK_SCHEDULER_ADDRESS")
-    assert dask_runner(SweepDask(address="tcp://dask.params:8786")).address == "tcp://dask.params:8786"
-    local = dask_runner(SweepDask(workers=3))
+    assert dask_runner(SweepDask(address="tcp://dask.params:8786"), "sweep: branches").address == "tcp://dask.params:8786"
+    local = dask_runner(SweepDask(workers=3), "sweep: branches")
     assert local.address is None and local.cluster_kwargs["n_workers"] == 3
     assert SweepDask(workers=2).threads() == max(1, os.cpu_count() // 2) and SweepDask(threads_per_worker=3).threads() == 3
     assert local.cluster_kwargs["host"] == "127.0.0.1"  # a local cluster listens on loopback only

@@ -13,7 +13,7 @@ from optuna.trial import TrialState
 
 from components.layout import Layout
 from components.settings import load_settings
-from components.tune import BEST, MARKDOWN, open_tune, run_tune, suggest, tuning_splits
+from components.tune import BEST, MARKDOWN, open_tune, run_tune, suggest, tuning_splits, worker_shares
 from deploy.tags import TUNE_STATE_TAG, TUNE_STUDY_TAG, TUNE_TRIAL_TAG
 from tests.conftest import copy_workspace, graft_cli
 
@@ -82,6 +82,26 @@ def test_a_study_runs_trials_as_child_runs_proposes_the_best_and_resumes_a_kille
     assert sorted(runs) == ["0", "1", "3"] and all(len(r) == 1 for r in runs.values()), "no finished trial redone"
     assert {r[0].data.tags[TUNE_STATE_TAG] for r in runs.values()} == {"complete"}
     assert all(r[0].data.tags["mlflow.parentRunId"] == plan.parent_run_id for r in runs.values())
+
+
+def test_on_dask_each_worker_runs_its_share_of_the_trials_of_the_one_study(candidate_template, tmp_path):
+    root, url = _project(candidate_template, tmp_path / "ws", executor="dask", trials=3)
+    done = graft_cli(root, url, "tune")
+    said = done.stdout + done.stderr  # the flow's prints go through Prefect's logger
+    assert "tune: trials on a local Dask cluster of 2 worker processes" in said and "3 to run" in said
+    with _in(root, url) as params:
+        plan, study = open_tune(".", params)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
+    # The workers' samplers are seeded apart: seeded alike, their first (random) proposals would be the same.
+    assert len({t.params["finetune.lr"] for t in study.trials}) == 3
+    runs = _trial_runs(url, plan.study_name)
+    assert sorted(runs) == ["0", "1", "2"] and all(r[0].data.tags["mlflow.parentRunId"] == plan.parent_run_id
+                                                   for r in runs.values())
+    assert yaml.safe_load((root / BEST).read_text())["finetune"]["lr"] == study.best_params["finetune.lr"]
+
+
+def test_trials_split_evenly_over_the_workers():
+    assert worker_shares(5, 2) == [3, 2] and worker_shares(1, 4) == [1] and worker_shares(0, 2) == []
 
 
 def test_pruned_trials_are_recorded_as_pruned_and_a_study_with_none_complete_says_so(candidate_template, tmp_path):
