@@ -177,7 +177,8 @@ def main() -> None:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--labels-per-class", type=int, default=10)
-    parser.add_argument("--strategies", nargs="+", default=["linear_probe", "finetune"], choices=[s for s in STRATEGIES if s != "scratch"])
+    parser.add_argument("--strategies", nargs="*", default=["linear_probe", "finetune"], choices=[s for s in STRATEGIES if s != "scratch"],
+                        help="the transfers to train (none: scratch only)")
     parser.add_argument("--extra-sources", type=Path, help="YAML: more pretrained candidates, as under sources.pretrained")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a param for this study, e.g. --set finetune.backbone_lr_scale=0.3")
