@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from components.config import UNLABELED_TERMS
 from components.data import (
     PRODUCTION_PREFIX,
     DataError,
@@ -102,7 +103,7 @@ def _params_changes(params: Settings, unlabelled: Path, root: Path) -> dict[str,
         changes["finetune.adaptation.method"] = wanted
     # Every term on that feeds on unlabelled images (a semi-supervised one the operator turned on too) learns
     # from production's; null meant "the only entry", and there are two now.
-    for term in ("adaptation", "semi_supervised"):
+    for term in UNLABELED_TERMS:
         chosen = getattr(params.finetune, term)
         if (chosen.method != "none" or f"finetune.{term}.method" in changes) and chosen.unlabeled != PRODUCTION \
                 and (chosen.unlabeled is not None or params.data.unlabeled):
