@@ -27,6 +27,16 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
+def save_png(figure: Any, path: str | Path, dpi: int = 110) -> Path:
+    """A matplotlib figure written atomically as a PNG, then closed (pyplot keeps every open figure alive)."""
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=dpi)
+    plt.close(figure)
+    return Path(path)
+
+
 def write_json(path: str | Path, payload: Any) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")

@@ -12,7 +12,7 @@ matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from components.artifacts import atomic_path  # noqa: E402
+from components.artifacts import atomic_path, save_png  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -90,10 +90,7 @@ def plot_confusion(evaluation: Evaluation, classes: tuple[str, ...], title: str,
     for (row, col), count in np.ndenumerate(matrix):
         axis.text(col, row, str(count), ha="center", va="center", fontsize=8, color="white" if count > threshold else "black")
     figure.tight_layout()
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=110)
-    plt.close(figure)
-    return path
+    return save_png(figure, path)
 
 
 def plot_curves(histories: dict[str, list[dict]], path: Path, title: str) -> Path:
@@ -117,10 +114,7 @@ def plot_curves(histories: dict[str, list[dict]], path: Path, title: str) -> Pat
         axis.legend()
     figure.suptitle(title)
     figure.tight_layout()
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=110)
-    plt.close(figure)
-    return path
+    return save_png(figure, path)
 
 
 def write_predictions(y_true: np.ndarray, y_pred: np.ndarray, classes: tuple[str, ...], path: Path) -> Path:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from components.artifacts import atomic_path, write_json
+from components.artifacts import atomic_path, save_png, write_json
 from components.harvest import capture_folder, unharvested_labels
 from components.project_lock import project_lock
 from components.settings import Settings
@@ -166,10 +166,7 @@ def plot(report: MonitorReport, path: Path) -> Path:
     confidence_axis.set_xlabel("window")
     confidence_axis.legend(loc="lower left")
     figure.tight_layout()
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=100)
-    plt.close(figure)
-    return path
+    return save_png(figure, path, dpi=100)
 
 
 def write_report(root: str | Path, report: MonitorReport) -> list[Path]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from components.artifacts import atomic_path, write_json
+from components.artifacts import atomic_path, save_png, write_json
 from components.config import SCORES
 
 _LABEL = {"logme": "LogME", "leep": "LEEP", "nce": "NCE"}
@@ -218,6 +218,4 @@ def write_selection(selection: Selection, report: Path, markdown: Path, plot: Pa
         axis.grid(alpha=0.3, axis="x")
     figure.suptitle(f"source candidates on the target's training split; chosen: {selection.chosen}")
     figure.tight_layout()
-    with atomic_path(plot) as tmp:
-        figure.savefig(tmp, format="png", dpi=110)
-    plt.close(figure)
+    save_png(figure, plot)

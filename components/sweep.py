@@ -37,7 +37,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from components import data as data_mod  # noqa: E402
-from components.artifacts import atomic_path, read_json, sha256_json, write_json  # noqa: E402
+from components.artifacts import atomic_path, read_json, save_png, sha256_json, write_json  # noqa: E402
 from components.settings import Settings  # noqa: E402
 from deploy.tags import SWEEP_BRANCH_TAG, SWEEP_ID_TAG, SWEEP_WORKER_TAG  # noqa: E402
 from components.errors import GraftError  # noqa: E402
@@ -283,7 +283,4 @@ def plot_learning_curves(report: dict, path: Path) -> Path:
     axis.legend(fontsize=8)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, dpi=110, format="png")
-    plt.close(figure)
-    return path
+    return save_png(figure, path)

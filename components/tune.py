@@ -36,7 +36,7 @@ from optuna.trial import TrialState
 matplotlib.use("Agg")
 
 from components import data as data_mod  # noqa: E402
-from components.artifacts import atomic_path, read_json, sha256_json, write_json  # noqa: E402
+from components.artifacts import atomic_path, read_json, save_png, sha256_json, write_json  # noqa: E402
 from components.errors import GraftError  # noqa: E402
 from components.layout import Layout  # noqa: E402
 from components.registry import use_experiment  # noqa: E402
@@ -316,8 +316,6 @@ def _plots(study: optuna.Study, root: Path) -> None:
     """The optimisation history and (with two complete trials or more) each key's importance (Optuna's default
     evaluator: PED-ANOVA in Optuna 5; with few trials it warns that it cannot tell them apart, and says so by
     drawing them equal)."""
-    import matplotlib.pyplot as plt
-
     for path, draw, needed in ((HISTORY_PLOT, optuna.visualization.matplotlib.plot_optimization_history, 1),
                                (IMPORTANCE_PLOT, optuna.visualization.matplotlib.plot_param_importances, 2)):
         if sum(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)) < needed:
@@ -327,6 +325,4 @@ def _plots(study: optuna.Study, root: Path) -> None:
             axis = draw(study)
         axis.figure.set_size_inches(8, 4.5)
         axis.figure.tight_layout()
-        with atomic_path(root / path) as tmp:
-            axis.figure.savefig(tmp, format="png", dpi=110)
-        plt.close(axis.figure)
+        save_png(axis.figure, root / path)
