@@ -318,6 +318,20 @@ class ExportParams(Strict):
         return variants
 
 
+class CalibrationParams(Strict):
+    """How the shipped model's probabilities are calibrated (components/calibrate.py), and measured."""
+
+    method: Literal["temperature", "none"] = "temperature"  # temperature: one T fitted on the val split; none: T = 1
+    bins: int = Field(default=15, ge=2, le=100)  # expected calibration error's equal-width confidence bins
+
+
+class ExplainParams(Strict):
+    """The evaluate stage's galleries of the shipped model's test answers, each image beside its Grad-CAM map."""
+
+    mistakes: int = Field(default=16, ge=0, le=200)        # the most confident wrong answers shown
+    correct_per_class: int = Field(default=2, ge=0, le=20)  # right answers a class shown (a draw with `seed`)
+
+
 UnlabeledTerm = Literal["adaptation", "semi_supervised"]
 UNLABELED_TERMS: tuple[UnlabeledTerm, ...] = ("adaptation", "semi_supervised")  # finetune's keys fed by data.unlabeled
 
@@ -332,6 +346,8 @@ class Params(Strict):
     selection: SelectionParams = SelectionParams()
     pretrain: PretrainParams
     finetune: FinetuneParams
+    calibration: CalibrationParams = CalibrationParams()
+    explain: ExplainParams = ExplainParams()
     export: ExportParams = ExportParams()
     compute: ComputeParams = ComputeParams()
 

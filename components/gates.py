@@ -1,11 +1,12 @@
 """Evaluation gates: everything that can break production, each with its value, bound and verdict.
 
 1. quality floor   2. transfer pays (else: negative transfer)   3. no regression against the champion
-4. export parity   5. no train/serve skew (the test split's image files through the server's own decoding and
-normalisation, read from the model's metadata, score what was measured before export)   6. serving check (the
-file loaded as the server loads it, latency and size budgets)
+4. calibration (the served probabilities' expected calibration error on the test split)   5. export parity
+6. no train/serve skew (the test split's image files through the server's own decoding and normalisation, read from
+the model's metadata, score what was measured before export)   7. serving check (the file loaded as the server
+loads it, latency and size budgets)
 
-5 and 6 judge what is served: every export variant the server may choose (FP32, and INT8 and FP16 as exported),
+6 and 7 judge what is served: every export variant the server may choose (FP32, and INT8 and FP16 as exported),
 each fetched through the server's own source (deploy/source.py) and loaded by its own load_model, under gate names
 that carry the variant (`contract.int8.skew`, `serving.int8.latency_ms_batch1`); `serving.variant` names the one
 `graft serve` would pick on this machine, and fails when it would refuse to serve (a variant asked for and not
@@ -131,6 +132,18 @@ def quality_gates(evaluation: dict, gates: GateParams) -> list[Gate]:
         at_least("quality.macro_f1", transfer["macro_f1"], gates.min_macro_f1,
                   f"test macro-F1 {transfer['macro_f1']:.4f} is below the quality floor gates.min_macro_f1 {gates.min_macro_f1:g}"),
     ]
+
+
+def calibration_gate(evaluation: dict, gates: GateParams) -> Gate:
+    """The expected calibration error of the probabilities the exported file answers (its temperature folded in)."""
+    calibration = evaluation["calibration"]
+    if gates.max_ece is None:
+        return Gate("calibration.ece", SKIPPED, calibration["ece"], "", "gates.max_ece is null: not gated")
+    return at_most("calibration.ece", calibration["ece"], gates.max_ece,
+                   f"the probabilities' expected calibration error on the test split, {calibration['ece']:.4f} "
+                   f"(T = {calibration['temperature']:.3g}), is above gates.max_ece {gates.max_ece:g}; what helps: "
+                   f"calibration.method: temperature, more validation images to fit it on (data.target.val_size), "
+                   f"or a bound that fits this test split's size")
 
 
 @dataclass(frozen=True)

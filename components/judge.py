@@ -102,6 +102,7 @@ def judge(root: str | Path, params: Settings) -> gates_mod.GateReport:
         regression = gates_mod.regression_gate(against_champion, gates)
     report = gates_mod.GateReport(
         gates=[*gates_mod.quality_gates(evaluation, gates), gates_mod.transfer_gate(transfer, gates), regression,
+               gates_mod.calibration_gate(evaluation, gates),
                *gates_mod.parity_gates(read_json(root / Layout.export_metrics)), *served.gates],
         provider=served.provider, champion_version=champion_version, served_variant=served.variant,
         variants=served.variants,

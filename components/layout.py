@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from deploy.tags import CARD_ARTIFACT, CARD_MISTAKES
 from deploy.variants import VARIANT_DIR
 
 
@@ -24,6 +25,11 @@ class Layout:
     selected_source = Path("models/selected/source.json")
     transfer_model = Path("models/transfer.pt")
     scratch_model = Path("models/scratch.pt")
+    calibration = Path("models/calibration.json")
+    reliability = Path("plots/reliability.png")
+    mistakes_gallery = Path("plots") / Path(CARD_MISTAKES).name  # also beside the version's files: the server's page
+    correct_gallery = Path("plots/correct.png")
+    gallery = Path("reports/gallery.json")
     onnx_model = Path("models/model.onnx")
     onnx_variants = Path("models") / VARIANT_DIR  # those within export.max_accuracy_drop of FP32 (deploy/variants.py)
     evaluate_metrics = Path("metrics/evaluate.json")
@@ -39,6 +45,7 @@ class Layout:
     gate_report = Path("reports/gates.json")
     gate_markdown = Path("reports/gates.md")
     registration = Path("outputs/registration.json")
+    model_card = Path("reports") / Path(CARD_ARTIFACT).name  # by publish, for the version it registered
 
     # per pipeline source NAME
     @staticmethod

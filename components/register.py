@@ -25,7 +25,7 @@ from mlflow import MlflowClient
 from mlflow.models import infer_signature
 
 from components import data as data_mod
-from components.artifacts import read_json, write_json
+from components.artifacts import atomic_path, read_json, write_json
 from components.settings import Settings
 from components.evaluate import SCORE_NAMES, read_history
 from components.export import cpu_session
@@ -45,6 +45,7 @@ from components.source_models import SourceIdentity
 from deploy.digest import sha256_file
 from deploy.tags import (
     CANDIDATE_TAG,
+    CARD_FOLDER,
     DATA_VERSION_KEY,
     GATES_TAG,
     JUDGED_TAG,
@@ -211,6 +212,7 @@ def run_record(root: Path, params: Settings) -> RunRecord:
         "test.accuracy": evaluation["transfer"]["accuracy"], "test.macro_f1": evaluation["transfer"]["macro_f1"],
         "scratch.test.accuracy": evaluation["scratch"]["accuracy"], "scratch.test.macro_f1": evaluation["scratch"]["macro_f1"],
         "transfer_gain": evaluation["transfer_gain"],
+        **{f"calibration.{key}": float(value) for key, value in evaluation["calibration"].items()},
         "onnx.max_abs_diff": parity["max_abs_diff"], "onnx.argmax_agreement": parity["argmax_agreement"],
         **{f"onnx.{variant}.{key}": float(score[key]) for variant, score in parity.get("variants", {}).items()
            for key in ("accuracy", "latency_ms_batch1", "latency_ms_batch64", "onnx_bytes", "published")},
@@ -233,7 +235,8 @@ def run_record(root: Path, params: Settings) -> RunRecord:
     contract = ModelSpec.from_dict(read_json(root / Layout.selected_architecture)).contract
     artifacts = [root / p for p in (
         Layout.confusion_transfer, Layout.confusion_scratch, Layout.curves, Layout.predictions, Layout.evaluate_metrics, Layout.per_class,
-        Layout.classification_report,
+        Layout.classification_report, Layout.calibration, Layout.reliability, Layout.mistakes_gallery, Layout.correct_gallery,
+        Layout.gallery, Layout.transfer_model, Layout.transfer_model.with_suffix(".json"),  # for `graft explain`
         Layout.export_metrics, Layout.target_report, Layout.selection_report, Layout.selection_markdown, Layout.selection_plot,
         Layout.gate_report, Layout.gate_markdown, Layout.transfer_history, Layout.scratch_history,
     ) if (root / p).exists()]
@@ -274,9 +277,28 @@ def publish(root: str | Path, params: Settings, report: GateReport) -> dict:
             registration = register(run_record(root, params), _source_run_id(root, params), key)
         else:
             registration = _existing(MlflowClient(), name, version)
+        log_card(root, params, asdict(registration), report)  # before any alias: no version is served without one
         outcome = {**asdict(registration), **apply_gate_verdict(params, asdict(registration), report)}
     write_json(root / Layout.registration, outcome)
     return outcome
+
+
+def log_card(root: Path, params: Settings, registration: dict, report: GateReport) -> Path:
+    """The version's model card (components/card.py), in reports/ and beside the version's ONNX files in the registry
+    (where `graft card VERSION` and the server read it); written again, whole, each time the version is judged."""
+    from components.card import model_card
+
+    path = root / Layout.model_card
+    with atomic_path(path) as tmp:
+        tmp.write_text(model_card(root, params, registration, report.to_dict()))
+    client = MlflowClient()
+    version = client.get_model_version(registration["model_name"], registration["version"])
+    # MLflow 3 registers a logged model ("models:/m-..." is its URI); the version does not always fill model_id.
+    model_id = version.model_id or version.source.removeprefix("models:/")
+    for file in (path, root / Layout.mistakes_gallery):
+        if file.exists():
+            client.log_model_artifact(model_id, str(file), CARD_FOLDER)
+    return path
 
 
 def apply_gate_verdict(params: Settings, registration: dict, report: GateReport) -> dict:

@@ -42,7 +42,15 @@ from deploy.source import (
     check_store_exists,
 )
 from deploy.canary import ShareError, parse_share
-from deploy.tags import AUDIT_PREFIX, CANARY_SHARE_TAG, CANDIDATE_TAG, GATES_TAG, JUDGED_TAG, TRAFFIC_AT_TAG, gate_verdicts
+from deploy.tags import (
+    AUDIT_PREFIX,
+    CANARY_SHARE_TAG,
+    CANDIDATE_TAG,
+    GATES_TAG,
+    JUDGED_TAG,
+    TRAFFIC_AT_TAG,
+    gate_verdicts,
+)
 from deploy.variants import FP32
 
 if TYPE_CHECKING:
@@ -302,6 +310,33 @@ def _version_tags(client: MlflowClient, name: str, version: str) -> dict[str, st
     known = sorted((str(v.version) for v in client.search_model_versions(f"name = '{name}'")), key=int)
     raise RegistryError(f"{name} has no version {version!r}; registered versions: {', '.join(known) or 'none'} "
                         f"(see `graft history` for the aliases)") from None
+
+
+def download_run_files(client: MlflowClient, name: str, version: str, files: list[str], dest: Path,
+                       what: str) -> list[Path]:
+    """Files of a registered version's MLflow run (paths inside the run's artifacts), into `dest`; a RegistryError
+    naming `what` is missing when one is not there."""
+    from mlflow.artifacts import download_artifacts
+
+    _version_tags(client, name, version)  # an unknown version: the error that lists the known ones
+    run_id = client.get_model_version(name, version).run_id
+    try:
+        return [Path(download_artifacts(run_id=run_id, artifact_path=file, dst_path=str(dest), tracking_uri=client.tracking_uri))
+                for file in files]
+    except (MlflowException, OSError):
+        raise RegistryError(f"{name} v{version} has no {what} in its run {run_id} (registered before Graft stored it, "
+                            f"or the file was removed): name a version registered since (graft history lists them)") from None
+
+
+def read_card(client: MlflowClient, name: str, version: str) -> str:
+    """A registered version's model card, fetched as the server fetches it (components/register.py log_card)."""
+    _version_tags(client, name, version)  # an unknown version: the error that lists the known ones
+    with tempfile.TemporaryDirectory() as tmp:
+        card = RegistrySource(client.tracking_uri, name, CHAMPION, tmp).card(version)
+    if card is None:
+        raise RegistryError(f"{name} v{version} has no model card (registered before Graft wrote cards, or the file "
+                            f"was removed): `graft publish` in the project that made it writes one")
+    return card.text
 
 
 def failed_gates(tags: dict[str, str]) -> list[str]:

@@ -90,6 +90,7 @@ class GateParams(Strict):
     max_latency_ms_batch1: float = Field(default=50.0, gt=0)
     max_latency_ms_large_batch: float = Field(default=1000.0, gt=0)
     max_model_mb: float = Field(default=100.0, gt=0)
+    max_ece: float | None = Field(default=0.05, gt=0, le=1)  # the served probabilities' test ECE; null: not gated
 
 
 class ShadowGateParams(Strict):
@@ -146,6 +147,13 @@ class RegistryParams(Strict):
     artifact_location: str = "mlartifacts"
     experiment: str = "graft"
     model_name: str = "graft-classifier"
+
+
+class ModelCardParams(Strict):
+    """What a person writes once about the model's purpose; the pipeline writes every other line of the card."""
+
+    intended_use: str = Field(default="not stated: set model_card.intended_use in params.yaml", min_length=1)
+    out_of_scope: str = Field(default="not stated: set model_card.out_of_scope in params.yaml", min_length=1)
 
 
 class ProductionParams(Strict):
@@ -243,6 +251,7 @@ class Settings(Params):
     storage: StorageParams = StorageParams()
     production: ProductionParams = ProductionParams()
     tune: TuneParams = TuneParams()
+    model_card: ModelCardParams = ModelCardParams()
 
     @model_validator(mode="after")
     def _sweep_strategies_are_finetune_settings(self) -> Settings:

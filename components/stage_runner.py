@@ -31,6 +31,7 @@ STAGE_MODULES: dict[str, str] = {
     "select_source": "select_source",
     "baseline": "train_target",
     "finetune": "train_target",
+    "calibrate": "calibrate",
     "evaluate": "evaluate",
     "export": "export",
 }

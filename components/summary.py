@@ -1,6 +1,7 @@
 """The run at a glance: a short table read from the stages' declared outputs, for the terminal and Prefect."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from components.artifacts import read_json
@@ -11,6 +12,24 @@ from components.layout import Layout
 
 class NoRunYet(GraftError):
     pass
+
+
+@dataclass(frozen=True)
+class RunOutputs:
+    """The stages' declared outputs that describe a run: what the summary and the model card are read from."""
+
+    target: dict      # the prepare_target report
+    selection: dict   # the source selection report
+    source: dict      # the selected source's identity
+    evaluation: dict  # metrics/evaluate.json
+    export: dict      # metrics/export.json
+    trained: dict     # the fine-tuned checkpoint's metadata
+
+    @classmethod
+    def read(cls, root: Path) -> RunOutputs:
+        return cls(*(read_json(root / path) for path in (
+            Layout.target_report, Layout.selection_report, Layout.selected_source, Layout.evaluate_metrics,
+            Layout.export_metrics, Layout.transfer_model.with_suffix(".json"))))
 
 
 def collect_summary(root: str | Path, outcomes: list[StageOutcome] | None = None, registration: dict | None = None,
@@ -24,12 +43,9 @@ def collect_summary(root: str | Path, outcomes: list[StageOutcome] | None = None
         # A clone has the committed metrics and reports but not DVC's outputs until a run or `dvc pull`.
         raise NoRunYet(f"no pipeline outputs in {root.resolve()} ({', '.join(missing)} missing): run `graft run` "
                        "(or `dvc repro`) first, or `dvc pull` them from the project's DVC remote")
-    target = read_json(root / Layout.target_report)
-    selection = read_json(root / Layout.selection_report)
-    source = read_json(root / Layout.selected_source)
-    evaluation = read_json(root / Layout.evaluate_metrics)
-    parity = read_json(root / Layout.export_metrics)
-    transfer_meta = read_json(root / Layout.transfer_model.with_suffix(".json"))
+    run = RunOutputs.read(root)
+    target, selection, source, evaluation = run.target, run.selection, run.source, run.evaluation
+    parity, transfer_meta = run.export, run.trained
     if registration is None:
         registration = read_json(root / Layout.registration) if (root / Layout.registration).exists() else {}
     if gate_report is None and (root / Layout.gate_report).exists():
@@ -47,6 +63,7 @@ def collect_summary(root: str | Path, outcomes: list[StageOutcome] | None = None
         "transfer test acc": f"{evaluation['transfer']['accuracy']:.4f} (macro-F1 {evaluation['transfer']['macro_f1']:.4f})",
         "scratch test acc": f"{evaluation['scratch']['accuracy']:.4f} (macro-F1 {evaluation['scratch']['macro_f1']:.4f}), same architecture",
         "transfer gain": f"{100 * evaluation['transfer_gain']:+.2f} points",
+        "calibration": _calibration_line(evaluation["calibration"]),
         "ONNX parity": f"max |diff| {parity['max_abs_diff']:.1e}, top-1 agreement {parity['argmax_agreement']:.4f}",
         "export variants": _variants_line(parity.get("variants", {})),
         "gates": _gate_line(gate_report),
@@ -60,6 +77,12 @@ def _pretrained_line(root: Path, source: dict) -> str:
         return ""
     metrics = read_json(root / Layout.pretrain_metrics(source["name"]))
     return f", source test acc {metrics['test_accuracy']:.4f}"
+
+
+def _calibration_line(calibration: dict) -> str:
+    return (f"test ECE {calibration['ece']:.4f} with T = {calibration['temperature']:.3g} "
+            f"(uncalibrated {calibration['ece_before']:.4f}), NLL {calibration['nll']:.4f} "
+            f"({calibration['nll_before']:.4f})")
 
 
 def _variants_line(variants: dict[str, dict]) -> str:

@@ -40,7 +40,7 @@ from components.data import (
     split_shortfalls,
 )
 from components.errors import GraftError
-from components.settings import load_settings, parse_settings
+from components.settings import ModelCardParams, load_settings, parse_settings
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 QUALITY_FLOORS = ("min_accuracy", "min_macro_f1")  # gates that hold the candidate to an absolute score on its data
@@ -176,6 +176,11 @@ def _set_key(lines: list[str], dotted: str, value: str) -> None:
     for i, m in _key_lines(lines, start, end):
         if len(m["indent"]) == indent and m["key"] == leaf:
             lines[i] = _with_value(m, value) + "\n"
+            # A scalar written over several lines (a long text, folded) continues on the lines indented deeper.
+            # A comment line ends it: the comment lines that continue a key's comment stay.
+            while m["value"] and i + 1 < len(lines) and lines[i + 1].strip() and not lines[i + 1].lstrip().startswith("#") \
+                    and len(lines[i + 1]) - len(lines[i + 1].lstrip(" ")) > indent:
+                del lines[i + 1]
             return
     last = max((i for i in range(start, end) if lines[i].strip()), default=start - 1)
     lines.insert(last + 1, f"{' ' * indent}{leaf}: {value}\n")
@@ -245,13 +250,24 @@ def add_target(root: str | Path, folder: str | Path, name: str | None = None) ->
         changes["registry.model_name"] = model
         notes.append(f"registry: model name {old_model} -> {model} (a new class set is a new model; "
                      f"{old_model}'s champion is untouched)")
-        # An accuracy floor is a fact about one data set: one set for the previous target would judge this one blind.
-        floors = {f"gates.{key}": getattr(params.gates, key) for key in QUALITY_FLOORS if getattr(params.gates, key)}
-        if floors:
-            changes |= {key: 0.0 for key in floors}
-            notes.append("gates: " + ", ".join(f"{key.removeprefix('gates.')} {value:g}" for key, value in floors.items())
-                         + f" were set for {params.data.target.name} -> 0 for {model}; set the floor your use needs "
-                         "once you have seen its first run")
+        # An accuracy floor or a calibration bound is a fact about one data set: one set for the previous target
+        # would judge this one blind.
+        bounds = {f"gates.{key}": getattr(params.gates, key) for key in QUALITY_FLOORS if getattr(params.gates, key)}
+        reset: dict[str, float | None] = {key: 0.0 for key in bounds}
+        if params.gates.max_ece is not None:
+            bounds["gates.max_ece"], reset["gates.max_ece"] = params.gates.max_ece, None
+        if bounds:
+            changes |= reset
+            notes.append("gates: " + ", ".join(f"{key.removeprefix('gates.')} {value:g}" for key, value in bounds.items())
+                         + f" were set for {params.data.target.name} -> "
+                         + ", ".join("null (not gated)" if value is None else f"{value:g}" for value in reset.values())
+                         + f" for {model}; set the bounds your use needs once you have seen its first run")
+        # So is what the model is for: the card must not describe the previous target's purpose.
+        stated = {f"model_card.{key}": ModelCardParams.model_fields[key].default for key in ModelCardParams.model_fields}
+        if any(getattr(params.model_card, key.split(".")[1]) != default for key, default in stated.items()):
+            changes |= stated
+            notes.append("model_card: intended_use and out_of_scope described the previous target -> 'not stated'; "
+                         "say what this model is for before its card is read")
     params_text = set_params(params_file.read_text(), changes)  # before anything is changed
     if not inside:
         # Copies the bytes symlinks point at: what DVC versions must be files in the project.

@@ -5,6 +5,8 @@ and the server all use this one definition, so the pixels a model is served are 
   decode -> upright per its EXIF orientation -> 8 bits a channel (16-bit scaled, never clipped) -> colour mode
   (palette and CMYK converted, transparent pixels on black) -> resize to height x width (bilinear, once, from the
   decoded size) -> uint8 CHW -> float32 = (pixel * scale - mean) / std, one mean/std a channel.
+And what comes out: the logits output is already divided by `temperature` (fitted on the validation split,
+components/calibrate.py), so its softmax is the calibrated probability; 1.0 where no temperature was fitted.
 An image whose pixels have no defined range (floating point, or integers beyond 16 bits) is refused.
 """
 from __future__ import annotations
@@ -39,6 +41,7 @@ class Contract:
     features_name: str = FEATURES_NAME  # the second output: penultimate features, for drift (absent in older files)
     layout: str = "NCHW"
     dtype: str = "float32"
+    temperature: float = 1.0            # the logits output is the network's logits / temperature (older files: 1.0)
 
     def __post_init__(self) -> None:
         if self.color_mode not in CHANNELS:
@@ -49,6 +52,8 @@ class Contract:
             raise ContractError(f"{self.color_mode} images need {self.channels} mean and std value(s), got {list(self.mean)} / {list(self.std)}")
         if any(s <= 0 for s in self.std):
             raise ContractError(f"std values must be > 0, got {list(self.std)}")
+        if not self.temperature > 0:
+            raise ContractError(f"temperature must be > 0, got {self.temperature}")
 
     @property
     def channels(self) -> int:

@@ -93,8 +93,8 @@ from deploy.settings import (
 )
 from deploy.shadow import DROP_REASONS as SHADOW_DROP_REASONS
 from deploy.shadow import ShadowJob, ShadowOutcome, ShadowQueue, predicted_classes
-from deploy.tags import CANARY_SHARE_TAG, TRAFFIC_AT_TAG
-from deploy.source import FileSource, IntegrityError, RegistrySource, RegistryUnreachable, SourceError
+from deploy.tags import CANARY_SHARE_TAG, CARD_MISTAKES, TRAFFIC_AT_TAG
+from deploy.source import FileSource, IntegrityError, ModelCard, RegistrySource, RegistryUnreachable, SourceError
 from deploy.variants import VariantError, choose_variant
 
 log = logging.getLogger("graft.serve")
@@ -132,6 +132,8 @@ class Served:
     tags: dict[str, str] = field(default_factory=dict)
     drift: DriftMonitor | None = None  # its answers' features against its file's reference; None: the file has none
     route: str = "champion"  # how requests reach it: champion (the alias served) | canary (serving.canary)
+    card: ModelCard | None = None  # its model card, fetched when the page first asks (ModelServer.card_of)
+    card_fetched: bool = False
 
 
 class Metrics:
@@ -572,6 +574,14 @@ class ModelServer:
             self._shadow_queue = ShadowQueue(shadow.queue, min(shadow.queue, self.settings.serving.max_batch_size),
                                              self._run_shadow, self._shadow_done, self._shadow_dropped)
         self._reloader = asyncio.get_running_loop().create_task(self._run())
+
+    async def card_of(self, served: Served) -> ModelCard | None:
+        """The version's model card, fetched from the registry when first asked for (the page), never on the
+        loading path: serving does not wait for it."""
+        if not served.card_fetched:
+            served.card = await asyncio.to_thread(self.source.card, served.version)
+            served.card_fetched = True
+        return served.card
 
     async def stop(self) -> None:
         if self._reloader:
@@ -1142,10 +1152,23 @@ async def prometheus(request: Request):
 async def page(request: Request):
     server = _server(request)
     served = server.served
+    card = await server.card_of(served) if served else None
     return render_page(server.settings.model_name, served.version if served else None,
                        served.model.provider if served else None, served.tags if served else {},
                        list(served.model.classes) if served else [],
-                       (server.canary.served.version, server.canary.share) if server.canary else None)
+                       (server.canary.served.version, server.canary.share) if server.canary else None,
+                       served.model.variant_note if served else "", card.text if card else None,
+                       mistakes_image=bool(card and card.mistakes_png))
+
+
+async def card_mistakes(request: Request):
+    """The served version's most confident test mistakes with their Grad-CAM maps (the card's image)."""
+    server = _server(request)
+    card = await server.card_of(server.served) if server.served else None
+    if card is None or card.mistakes_png is None:
+        return _error(404, "the served version has no mistakes gallery (no model card, or registered before Graft "
+                           "stored one)")
+    return Response(card.mistakes_png, media_type="image/png")
 
 
 def create_app(source: FileSource | RegistrySource, settings: ServerSettings) -> FastAPI:
@@ -1162,6 +1185,7 @@ def create_app(source: FileSource | RegistrySource, settings: ServerSettings) ->
     app.add_route("/feedback", feedback, methods=["POST"])
     app.add_api_route("/metrics", prometheus, methods=["GET"])
     app.add_api_route("/", page, methods=["GET"], response_class=HTMLResponse)
+    app.add_api_route(f"/{CARD_MISTAKES}", card_mistakes, methods=["GET"])
     return app
 
 

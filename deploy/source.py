@@ -19,6 +19,7 @@ from urllib.parse import quote, unquote, urlparse
 import httpx
 
 from deploy.digest import sha256_file
+from deploy.tags import CARD_ARTIFACT, CARD_MISTAKES
 from deploy.variants import (
     FP32,
     ONNX_SHA_TAG,
@@ -44,6 +45,14 @@ class IntegrityError(SourceError):
     def __init__(self, message: str, file: str = "", actual: str = "", expected: str = "") -> None:
         super().__init__(message)
         self.file, self.actual, self.expected = file, actual, expected
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """A registered version's model card (Markdown) and the image of its most confident test mistakes."""
+
+    text: str
+    mistakes_png: bytes | None = None
 
 
 class RegistryUnreachable(SourceError):
@@ -126,6 +135,10 @@ class FileSource:
 
     def current_version(self) -> str:
         return "file"
+
+    def card(self, version: str) -> ModelCard | None:
+        """A file has no registry entry, so no model card."""
+        return None
 
     def variants(self, version: str) -> list[str]:
         return [v for v in VARIANTS if v == FP32 or variant_path(self.path, v).is_file()]
@@ -243,6 +256,21 @@ class RegistrySource:
             raise IntegrityError(f"{self.name} v{version} at {self.tracking_uri}: the artifact store has no {file} "
                                  f"({stored}): refused (it was deleted or moved after registration)", file)
         shutil.copyfile(stored, dest)
+
+    def card(self, version: str) -> ModelCard | None:
+        """The version's model card (written at publishing), or None when it has none. Not hash-checked: it
+        describes the model, the server never runs it."""
+        files: dict[str, bytes] = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            for file in (CARD_ARTIFACT, CARD_MISTAKES):
+                try:
+                    self._download(version, file, Path(tmp) / "file")
+                except (SourceError, httpx.HTTPError, OSError):  # none stored, or not reachable now: the page says so
+                    continue
+                files[file] = (Path(tmp) / "file").read_bytes()
+        if CARD_ARTIFACT not in files:
+            return None
+        return ModelCard(files[CARD_ARTIFACT].decode("utf-8"), files.get(CARD_MISTAKES))
 
     def variants(self, version: str) -> list[str]:
         """The variants this version was published with (at least FP32, which every check below needs)."""

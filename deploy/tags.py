@@ -12,6 +12,11 @@ STRATEGY_KEY = "graft.strategy"        # also a registry tag of the same name
 DATA_VERSION_KEY = "graft.data_version"  # also a registry tag of the same name
 DRIFT_REFERENCE_KEY = "graft.drift_reference"  # in-distribution features to test drift against (deploy/drift.py)
 
+# ---- a model version's files beside its ONNX files
+CARD_FOLDER = "card"                   # the version's model card (components/card.py): `graft card`, the server's page
+CARD_ARTIFACT = f"{CARD_FOLDER}/model-card.md"
+CARD_MISTAKES = f"{CARD_FOLDER}/mistakes.png"  # its most confident test mistakes with Grad-CAM (plots/mistakes.png)
+
 # ---- registry tags of a model version (and of its MLflow run)
 CANDIDATE_TAG = "graft.candidate"      # what the candidate is (components/registry.py candidate_key)
 JUDGED_TAG = "graft.judged_with"       # the gate params its verdict was reached with (judged_key)

@@ -404,6 +404,46 @@ def _export_triton(args: argparse.Namespace) -> int:
     return 0
 
 
+def _card(args: argparse.Namespace) -> int:
+    from components.registry import read_card, open_registry, registry_call
+
+    client, name = open_registry(_params_file(args))
+    with registry_call("reading the model card", client.tracking_uri):
+        print(read_card(client, name, args.version), end="")
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from components.artifacts import read_json
+    from components.layout import Layout
+    from components.registry import CHAMPION, RegistryError, alias_version, download_run_files, open_registry, registry_call
+
+    client, name = open_registry(_params_file(args))
+    checkpoint = [Layout.transfer_model.as_posix(), Layout.transfer_model.with_suffix(".json").as_posix()]
+    with registry_call("fetching the version's checkpoint", client.tracking_uri), tempfile.TemporaryDirectory() as tmp:
+        version = args.version or alias_version(client, name, CHAMPION)
+        if version is None:
+            raise RegistryError(f"{name} has no champion yet: name a version (--version N; graft history lists them)")
+        model_file, _ = download_run_files(client, name, version, checkpoint, Path(tmp), "PyTorch checkpoint")
+        (calibration,) = download_run_files(client, name, version, [Layout.calibration.as_posix()], Path(tmp),
+                                            "temperature (models/calibration.json)")
+        from components.explain_image import explain_image
+        from components.network import load_checkpoint
+
+        model, _ = load_checkpoint(model_file)
+        out = Path(args.out or f"explain-{Path(args.image).stem}.png")
+        explained = explain_image(model, float(read_json(calibration)["temperature"]), Path(args.image), out,
+                                  f"{name} v{version} on {Path(args.image).name}")
+    print(f"{name} v{version} answers {explained.predicted} for {args.image}")
+    print(f"calibrated probabilities (T = {explained.temperature:.4g}):")
+    for label, probability in explained.probabilities.items():
+        print(f"  {label:>20s} {probability:.4f}")
+    print(f"Grad-CAM of {explained.layer} for {explained.predicted}: {explained.overlay}")
+    return 0
+
+
 def _params_file(args: argparse.Namespace) -> Path:
     return Path(args.root) / "params.yaml"
 
@@ -535,6 +575,16 @@ def build_parser() -> argparse.ArgumentParser:
     monitor.add_argument("--retrain", action="store_true",
                          help="run the production check (a Prefect flow): when drift or enough feedback labels call "
                               "for it, harvest and retrain")
+
+    card = command("card", _card, "print a registered version's model card: what it is for, its data, source, training, "
+                   "test metrics with intervals, calibration, gates and weakest classes (written at publishing)")
+    card.add_argument("version", help="the registered version's number (graft history lists them)")
+
+    explain = command("explain", _explain, "one image through a registered version: its answer, calibrated probabilities "
+                      "and a Grad-CAM overlay (from the PyTorch checkpoint its run stored)")
+    explain.add_argument("image", help="an image file (PNG, JPEG, ...), decoded as the server decodes it")
+    explain.add_argument("--version", help="the registered version (default: the champion)")
+    explain.add_argument("--out", metavar="FILE", help="the overlay image to write (default: explain-<image name>.png)")
 
     command("summary", _summary, "print the last run's summary table")
     return parser

@@ -12,6 +12,7 @@ DEFAULTS = {
     # an absent server within seconds (deploy/source.py check_server); the flow's own retries do the long waiting.
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # a bar per small file fetched buries a command's answer
 }
 
 

@@ -95,7 +95,7 @@ def tiny_params(**overrides) -> dict:
     params["finetune"].update(steps=12, batch_size=16, lp_steps=4, eval_every_steps=4)
     # A model trained for seconds is noise: the gates start wide open (no accuracy gap is big enough to count
     # as worse), tests that gate narrow them.
-    params["gates"].update(min_accuracy=0.0, min_macro_f1=0.0, min_effect=1.0, large_batch=32)
+    params["gates"].update(min_accuracy=0.0, min_macro_f1=0.0, min_effect=1.0, large_batch=32, max_ece=1.0)
     # 60 test images: one changed answer is 1.7 points. Every variant is published, so the registry and server
     # paths of each are exercised; tests of the accuracy bound set it themselves.
     params["export"].update(max_accuracy_drop=1.0)

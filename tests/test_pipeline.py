@@ -19,9 +19,12 @@ from mlflow.artifacts import download_artifacts
 
 from components.data import load_splits
 from components.dvc_runner import dvc_status, pending_stages
+from components.export import read_metadata
 from components.settings import parse_settings
 from components.stage_runner import stage_order
 from deploy.digest import sha256_file
+from deploy.model import decode_image, load_model, softmax
+from deploy.tags import CONTRACT_KEY
 from deploy.variants import sha_tag
 from tests.conftest import copy_workspace, dvc_repro, graft_cli, stages_ran, tiny_params, unchanged_at_teardown
 
@@ -40,12 +43,17 @@ def test_first_repro_runs_every_stage_in_order(repro_workspace):
     position = {stage: i for i, stage in enumerate(ran)}
     for before, after in [("prepare_source@fashion-mnist", "pretrain@fashion-mnist"), ("pretrain@fashion-mnist", "select_source"),
                           ("prepare_target", "select_source"), ("select_source", "baseline"), ("select_source", "finetune"),
-                          ("finetune", "evaluate"), ("baseline", "evaluate"), ("finetune", "export")]:
+                          ("finetune", "calibrate"), ("calibrate", "evaluate"), ("baseline", "evaluate"),
+                          ("calibrate", "export")]:
         assert position[before] < position[after], (before, after, ran)
     assert metrics["export"]["passed"] and metrics["export"]["argmax_agreement"] == 1.0
     for output in ("models/model.onnx", "plots/confusion_transfer.png", "plots/curves.png", "plots/source-selection.png",
-                   "outputs/registration.json"):
+                   "plots/reliability.png", "plots/mistakes.png", "plots/correct.png", "outputs/registration.json"):
         assert (root / output).stat().st_size > 0, output
+    # The temperature fitted on the val split is in the exported file, and its contract says so.
+    temperature = _json(root, "models/calibration.json")["temperature"]
+    assert json.loads(read_metadata(root / "models/model.onnx")[CONTRACT_KEY])["temperature"] == temperature
+    assert metrics["evaluate"]["calibration"]["temperature"] == temperature
 
 
 def test_both_candidates_are_scored_and_the_chosen_one_is_fine_tuned(repro_workspace):
@@ -59,6 +67,8 @@ def test_both_candidates_are_scored_and_the_chosen_one_is_fine_tuned(repro_works
     assert gates["contract.fp32.skew"]["verdict"] == "passed" and gates["contract.fp32.skew"]["value"] == 0.0
     skew = [g for name, g in gates.items() if name.startswith("contract.") and name.endswith(".skew")]
     assert len(skew) == 3 and all(g["verdict"] == "passed" for g in skew), skew  # fp32, int8, fp16
+    ece = _json(root, "metrics/evaluate.json")["calibration"]["ece"]
+    assert (gates["calibration.ece"]["value"], gates["calibration.ece"]["bound"]) == (ece, "<= 1")
 
 
 def test_second_repro_does_nothing(candidate_template, tmp_path):
@@ -84,7 +94,11 @@ def test_registered_version_carries_lineage_and_metrics(repro_workspace):
     curve = client.get_metric_history(run.info.run_id, "transfer.val_accuracy")
     assert [m.step for m in curve] == [4, 8, 12]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
-    assert {"plots/confusion_transfer.png", "plots/curves.png", "plots/source-selection.png"} <= artifacts
+    assert {"plots/confusion_transfer.png", "plots/curves.png", "plots/source-selection.png", "plots/reliability.png",
+            "plots/mistakes.png", "plots/correct.png"} <= artifacts
+    calibration = metrics["evaluate"]["calibration"]
+    assert run.data.metrics["calibration.ece"] == pytest.approx(calibration["ece"])
+    assert run.data.metrics["calibration.temperature"] == _json(root, "models/calibration.json")["temperature"]
     source = client.get_run(registration["source_run_id"])
     assert source.data.tags["graft.source.sha256"] == version.tags["graft.source.sha256"]
 
@@ -122,7 +136,7 @@ def test_changing_a_finetune_param_retrains_only_the_transfer_and_changing_it_ba
     done = dvc_repro(root)
     # select_source reads the recipe (a race between candidates fine-tunes with it): it reruns, finds the same
     # source and writes the same files, so the scratch baseline is not retrained.
-    assert stages_ran(done.stdout) == ["resolve_sources", "select_source", "finetune", "evaluate", "export"]
+    assert stages_ran(done.stdout) == ["resolve_sources", "select_source", "finetune", "calibrate", "evaluate", "export"]
     after = _json(root, "metrics/evaluate.json")
     assert after["scratch"] == before["evaluate"]["scratch"], "the scratch baseline was not retrained"
     registration = _publish(root)
@@ -155,9 +169,9 @@ def test_the_joint_objective_domain_adaptation_and_fixmatch_are_params_and_unlab
     params["finetune"]["adaptation"].update(method="dann")
     params["finetune"]["semi_supervised"].update(method="fixmatch", batch_size=8)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    done = dvc_repro(root, "finetune")  # where the objective is; evaluate and export only follow it (below)
+    done = dvc_repro(root, "finetune")  # where the objective is; the stages after it only follow it (below)
     assert stages_ran(done.stdout) == ["resolve_sources", "prepare_unlabeled@new-camera", "select_source", "finetune"]
-    assert pending_stages(dvc_status(root), list(parse_settings(params).raw_data_paths().values())) == ["evaluate", "export"]
+    assert pending_stages(dvc_status(root), list(parse_settings(params).raw_data_paths().values())) == ["calibrate", "evaluate", "export"]
     report = _json(root, "reports/prepare-unlabeled-new-camera.json")
     assert report["images"] == len(images) and [q["reason"] for q in report["quarantine"]] == ["not an image file"]
     source_term, dann_term, fixmatch_term = _json(root, "models/transfer.json")["objective"]
@@ -197,7 +211,8 @@ def pretrained_only(workspace_factory):
 @pytest.mark.slow  # a second pipeline, on pretrained sources
 def test_a_pretrained_source_has_no_pretraining_and_auto_mode_races_the_candidates(pretrained_only):
     root, ran = pretrained_only
-    assert ran == ["resolve_sources", "prepare_target", "select_source", "baseline", "finetune", "evaluate", "export"]
+    assert ran == ["resolve_sources", "prepare_target", "select_source", "baseline", "finetune", "calibrate", "evaluate",
+                   "export"]
     selection = _json(root, "reports/source-selection.json")
     race = selection["race"]
     assert [(rung["steps"], sorted(rung["accuracy"])) for rung in race["rungs"]] == [(4, ["efficientnet-lite0", "local-mobilenet"])]
@@ -232,7 +247,7 @@ def test_a_changed_weights_file_is_a_new_source(pretrained_only, tmp_path):
     torch.save(torchvision.models.mobilenet_v3_small(num_classes=5).state_dict(), root / "weights" / "mobilenet.pth")
     assert stages_ran(dvc_repro(root, "finetune").stdout) == ["resolve_sources", "select_source", "finetune"]
     data = list(parse_settings(params).raw_data_paths().values())
-    assert pending_stages(dvc_status(root), data) == ["evaluate", "export"], "and after it, what reads its outputs"
+    assert pending_stages(dvc_status(root), data) == ["calibrate", "evaluate", "export"], "and after it, what reads its outputs"
     identity = _json(root, "models/selected/source.json")
     assert identity["name"] == "local-mobilenet" and identity["sha256"] != before
     assert _json(root, "models/transfer.json")["source"]["sha256"] == identity["sha256"]
@@ -259,3 +274,68 @@ def test_an_rgb_target_on_a_gray_source_is_adapted_and_served_as_rgb(candidate_t
     assert load_model(root / "models/model.onnx", providers=["cpu"]).contract.shape == (3, 28, 28)
     gates = {g.name: g for g in report.gates}
     assert gates["contract.fp32.skew"].verdict == "passed", "RGB files decoded by the server score what evaluate measured"
+
+
+def test_the_model_card_states_the_runs_recorded_numbers(repro_workspace):
+    root, _, metrics = repro_workspace
+    registration = _json(root, "outputs/registration.json")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    card = graft_cli(root, uri, "card", registration["version"]).stdout
+    assert card == (root / "reports/model-card.md").read_text(), "the registry's card is the one publish wrote"
+    recorded = MlflowClient(tracking_uri=uri).get_run(registration["run_id"]).data.metrics
+    assert f"# Model card: graft-classifier v{registration['version']}" in card
+    assert f"| accuracy | {100 * recorded['test.accuracy']:.2f}% | " in card
+    assert f"| macro-F1 | {recorded['test.macro_f1']:.4f} | " in card
+    assert f"T = {recorded['calibration.temperature']:.4g}" in card
+    assert (f"| expected calibration error (15 bins) | {recorded['calibration.ece_before']:.4f} | "
+            f"{recorded['calibration.ece']:.4f} |") in card
+    for gate in _json(root, "reports/gates.json")["gates"]:
+        assert f"| {gate['name']} | {gate['verdict']} | " in card
+    target = _json(root, "reports/prepare-target.json")
+    assert f"test {target['counts']['test']} images" in card and target["data_version"] in card
+    assert _params(root)["model_card"]["intended_use"] in card
+
+
+def test_a_version_without_a_card_is_refused_with_the_way_to_write_one(repro_workspace, tmp_path):
+    root = copy_workspace(repro_workspace[0], tmp_path / "ws", registry=True)
+    registration = _json(root, "outputs/registration.json")
+    for card in root.glob("mlartifacts/**/card/model-card.md"):
+        card.unlink()
+    done = graft_cli(root, f"sqlite:///{root / 'mlflow.db'}", "card", registration["version"], check=False)
+    assert done.returncode == 2 and "has no model card" in done.stderr and "graft publish" in done.stderr
+    assert "Traceback" not in done.stderr
+    unknown = graft_cli(root, f"sqlite:///{root / 'mlflow.db'}", "card", "99", check=False)
+    assert unknown.returncode == 2 and "has no version '99'" in unknown.stderr
+
+
+def test_graft_explain_answers_what_the_served_file_answers_and_draws_the_map(repro_workspace, tmp_path):
+    root = copy_workspace(repro_workspace[0], tmp_path / "ws", registry=True)
+    registration = _json(root, "outputs/registration.json")
+    image = root / load_splits(root / "data/prepared/selected.npz").origin_test[0]
+    out = tmp_path / "explained.png"
+    done = graft_cli(root, f"sqlite:///{root / 'mlflow.db'}", "explain", str(image), "--version", registration["version"],
+                     "--out", str(out))
+    lines = done.stdout.splitlines()
+    printed = dict(line.split() for line in lines[2 : 2 + len(_json(root, "reports/prepare-target.json")["classes"])])
+    answered = lines[0].split(" answers ")[1].split(" for ")[0]
+    # The ONNX file the server serves, on the same file through the server's decoding: the same calibrated answer.
+    served = load_model(root / "models/model.onnx", providers=["cpu"])
+    probabilities = softmax(served.run(served.contract.normalize(decode_image(image.read_bytes(), served.contract)[None])))[0]
+    assert answered == served.classes[int(probabilities.argmax())]
+    for label, probability in zip(served.classes, probabilities):
+        assert float(printed[label]) == pytest.approx(float(probability), abs=2e-4)
+    assert out.stat().st_size > 0 and str(out) in lines[-1]
+
+
+def test_graft_explain_refuses_a_version_without_a_checkpoint_and_an_unreadable_image(repro_workspace, tmp_path):
+    root = copy_workspace(repro_workspace[0], tmp_path / "ws", registry=True)
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    bad = tmp_path / "not-an-image.png"
+    bad.write_text("hello")
+    done = graft_cli(root, uri, "explain", str(bad), check=False)  # the champion: v1, published by the fixture
+    assert done.returncode == 2 and "not-an-image.png" in done.stderr and "not an image file" in done.stderr
+    for checkpoint in root.glob("mlartifacts/**/models/transfer.pt"):
+        checkpoint.unlink()
+    image = root / load_splits(root / "data/prepared/selected.npz").origin_test[0]
+    done = graft_cli(root, uri, "explain", str(image), check=False)
+    assert done.returncode == 2 and "has no PyTorch checkpoint" in done.stderr and "Traceback" not in done.stderr

@@ -40,6 +40,7 @@ MODEL = "graft-classifier"      # registry.model_name in params.yaml
 # Run by test_readme_examples_run_as_written: seconds each, on the tiny workspace.
 QUICK = (
     "graft promote", "graft rollback", "graft history", "graft summary", "graft export-triton", "graft canary",
+    "graft card",
     "graft serve",  # started in the background; the curl lines after it are sent to it
     "dvc metrics show", "dvc metrics diff", "dvc plots show", "dvc status", "dvc dag",
     "curl",         # only against DOC_ADDRESS (checked in classify)
@@ -74,6 +75,7 @@ LONG = {
     "curl -s -X POST 127.0.0.1:8000/feedback": "labels the answer the line above got (its X-Request-Id)",
     "graft monitor": "reads what a capture server kept (tests/test_drift_serving.py, tests/test_schedule.py)",
     "graft data harvest": "turns a capture folder into data (tests/test_harvest.py)",
+    "graft explain": "the user's own photo (a placeholder file); tests/test_pipeline.py explains a test image",
     "graft tune": "trains a study's trials on the full default data (minutes each); tests/test_tune.py tunes the small "
                   "project",
 }

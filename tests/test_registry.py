@@ -135,7 +135,8 @@ def test_candidate_worse_than_champion_is_rejected_and_champion_stays(gated):
 def test_good_candidate_becomes_challenger_then_champion_on_promote_then_rolls_back(gated):
     _set_params(gated, **{"finetune.lr": 0.003, "finetune.steps": 16, "gates.min_effect": 1.0, "gates.transfer": "not_worse"})
     done = dvc_repro(gated)
-    assert stages_ran(done.stdout) == ["resolve_sources", "select_source", "baseline", "finetune", "evaluate", "export"]
+    assert stages_ran(done.stdout) == ["resolve_sources", "select_source", "baseline", "finetune", "calibrate", "evaluate",
+                                       "export"]
     client = _client(gated)
     champion = alias_version(client, "graft-classifier", CHAMPION)
     good = _judge_and_publish(gated)[1]["version"]

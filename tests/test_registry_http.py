@@ -39,7 +39,7 @@ def test_publish_promote_rollback_over_http(http_workspace, mlflow_server):
     params = yaml.safe_load((http_workspace / "params.yaml").read_text())
     params["finetune"]["steps"] = 16  # a second candidate
     (http_workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for stage in ("finetune", "evaluate", "export"):
+    for stage in ("finetune", "calibrate", "evaluate", "export"):
         graft_cli(http_workspace, mlflow_server, "stage", stage)
     graft_cli(http_workspace, mlflow_server, "publish")  # judged against champion v1, downloaded over HTTP
     assert "champion compared: 1" in (http_workspace / "reports" / "gates.md").read_text()

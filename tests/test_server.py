@@ -77,7 +77,7 @@ def registry(served_workspace, mlflow_server):
     graft_cli(root, mlflow_server, "publish")
     params["finetune"]["steps"] = 20
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for stage in ("finetune", "evaluate", "export"):
+    for stage in ("finetune", "calibrate", "evaluate", "export"):
         graft_cli(root, mlflow_server, "stage", stage)
     graft_cli(root, mlflow_server, "publish")
     client = MlflowClient(tracking_uri=mlflow_server)
@@ -237,6 +237,23 @@ def test_malformed_requests_and_unknown_models(server):
     huge = httpx.post(f"{server}/v2/models/{MODEL}/infer", content=b"[" + b"0," * 200_000 + b"0]")
     assert huge.status_code == 413
     assert httpx.get(f"{server}/v2/health/ready").status_code == 200, "bad requests never take the server down"
+
+
+def test_the_page_is_the_face_of_the_served_versions_card(server, registry):
+    client, _ = registry
+    tags = client.get_model_version(MODEL, "1").tags
+    page = httpx.get(f"{server}/").text
+    assert f"<h2>Model card: {MODEL} v1</h2>" in page, "the card of the version served, fetched from the registry"
+    assert 'variant <b id="variant">fp32' in page and "Test accuracy" in page and "metric." not in page
+    assert f"<th>Test accuracy</th><td>{100 * float(tags['metric.test.accuracy']):.2f}%</td>" in page
+    assert "<th>Calibration error (ECE)</th>" in page
+    # Every gate with its value against its bound, as the version's tags hold them.
+    ece = f"<th>calibration.ece</th><td>{tags['gate.calibration.ece.verdict']}</td><td>{tags['gate.calibration.ece.value']}</td>"
+    assert ece in page and "&lt;= 1</td>" in page
+    assert f"{tags['graft.source.name']} ({tags['graft.source.kind']}" in page
+    assert "src='/card/mistakes.png'" in page
+    image = httpx.get(f"{server}/card/mistakes.png")
+    assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
 
 
 def test_promote_and_rollback_under_traffic_fail_nothing_and_mix_nothing(server, registry):

@@ -17,7 +17,8 @@ from tests.test_stage_declarations import DVC_STAGES, stage_code
 CODE_FOLDERS = ("components", "deploy")
 OPERATIONS_CHANGES = {"serving.port": 9123, "serving.variant": "fp32", "schedule.cron": "0 3 * * *",
                       "registry.model_name": "graft-other", "storage.dvc_remote": "/tmp/elsewhere",
-                      "gates.min_accuracy": 0.5, "promotion.auto_promote": True}
+                      "gates.min_accuracy": 0.5, "promotion.auto_promote": True,
+                      "model_card.intended_use": "a card line is no stage's input"}
 
 
 @pytest.fixture

@@ -106,16 +106,18 @@ def test_a_colour_folder_gets_three_channels_a_split_that_fits_and_a_model_of_it
     done = _graft(root, "data", "add", str(shop), "--as", "target")
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.splitlines()
-    assert lines[1:5] == [
+    assert lines[1:6] == [
         "images: 63 RGB, 2 RGBA (alpha: transparent pixels become black) -> data.channels: 3 (was 1)",
         "split: data.target.test_size 2000 -> 10, val_size 500 -> 7, labels_per_class 10 -> null (every training image) "
         "(7 classes, 65 usable images; every class in each split)",
         "registry: model name graft-classifier -> graft-shop-parts (a new class set is a new model; graft-classifier's "
         "champion is untouched)",
-        "gates: min_accuracy 0.75, min_macro_f1 0.75 were set for animal-mnist -> 0 for graft-shop-parts; set the floor "
-        "your use needs once you have seen its first run",
+        "gates: min_accuracy 0.75, min_macro_f1 0.75, max_ece 0.05 were set for animal-mnist -> 0, 0, null (not gated) "
+        "for graft-shop-parts; set the bounds your use needs once you have seen its first run",
+        "model_card: intended_use and out_of_scope described the previous target -> 'not stated'; say what this model "
+        "is for before its card is read",
     ], done.stdout
-    assert len(lines) == 7 and lines[-1] == "next: git add data/raw/shop-parts.dvc data/raw/.gitignore params.yaml && graft run"
+    assert len(lines) == 8 and lines[-1] == "next: git add data/raw/shop-parts.dvc data/raw/.gitignore params.yaml && graft run"
 
     after = (root / "params.yaml").read_text()
     assert _comments(after) == _comments(before) and len(after.splitlines()) == len(before.splitlines())
@@ -123,7 +125,9 @@ def test_a_colour_folder_gets_three_channels_a_split_that_fits_and_a_model_of_it
     assert raw["data"]["target"] == {"name": "shop-parts", "format": "folder", "path": "data/raw/shop-parts",
                                      "val_size": 7, "test_size": 10, "labels_per_class": None}
     assert (raw["data"]["channels"], raw["registry"]["model_name"]) == (3, "graft-shop-parts")
-    assert (raw["gates"]["min_accuracy"], raw["gates"]["min_macro_f1"]) == (0, 0), "the old target's floors do not carry over"
+    assert (raw["gates"]["min_accuracy"], raw["gates"]["min_macro_f1"], raw["gates"]["max_ece"]) == (0, 0, None), \
+        "the old target's bounds do not carry over"
+    assert raw["model_card"]["intended_use"].startswith("not stated"), "nor does what the old model was for"
     check_raw_data(root, load_settings(root / "params.yaml"))
     report = _prepared(root, tmp_path)
     assert report["channels"] == 3 and report["counts"] == {"train": 48, "val": 7, "test": 10}
@@ -202,3 +206,16 @@ def test_setting_params_keeps_params_yaml_comments_and_layout():
     assert added["data"]["target"]["labels_per_class"] == 4 and added["data"]["target"]["name"] == "2024"
     with pytest.raises(ParamsError, match="set sources.pipeline.fashion-mnist.data.val_size: 10 by hand"):
         set_params(text, {"sources.pipeline.fashion-mnist.data.val_size": 10})
+
+
+def test_setting_a_key_whose_text_was_folded_over_lines_replaces_every_line_of_it():
+    from components.userdata import set_params
+
+    raw = tiny_params()
+    raw["model_card"]["intended_use"] = "a long purpose: " + "words " * 30  # safe_dump folds it over several lines
+    text = yaml.safe_dump(raw, sort_keys=False)
+    assert len(text.splitlines()) > len(yaml.safe_dump(tiny_params(), sort_keys=False).splitlines())
+    changed = set_params(text, {"model_card.intended_use": "short", "gates.max_ece": None})
+    after = yaml.safe_load(changed)
+    assert (after["model_card"]["intended_use"], after["gates"]["max_ece"]) == ("short", None)
+    assert after["model_card"]["out_of_scope"] == raw["model_card"]["out_of_scope"]

@@ -1,5 +1,6 @@
-"""export: the fine-tuned model as ONNX, checked for parity with PyTorch, and its INT8 / FP16 variants, each scored;
-each file stores its own drift reference (components/export.py add_drift_reference)."""
+"""export: the fine-tuned model with its temperature folded in (models/calibration.json) as ONNX, checked for parity
+with PyTorch, and its INT8 / FP16 variants, each scored; each file stores its own drift reference
+(components/export.py add_drift_reference)."""
 from __future__ import annotations
 
 import json
@@ -10,7 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from components import data as data_mod
-from components.artifacts import write_json
+from components.artifacts import read_json, write_json
+from components.calibrate import with_temperature
 from components.config import Params
 from components.export import ParityFailed, add_drift_reference, build_variant, check_parity, export_onnx, score_onnx
 from components.layout import Layout
@@ -21,7 +23,8 @@ from deploy.variants import FP32, variant_path
 
 
 def export(params: Params) -> dict:
-    model, meta = load_checkpoint(Layout.transfer_model)
+    trained, meta = load_checkpoint(Layout.transfer_model)
+    model = with_temperature(trained, float(read_json(Layout.calibration)["temperature"]))
     export_onnx(model, Layout.onnx_model, params.export.opset, {
         STRATEGY_KEY: meta["strategy"], DATA_VERSION_KEY: meta["data_version"],
         SOURCE_KEY: json.dumps(meta.get("source", {}), sort_keys=True),

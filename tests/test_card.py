@@ -1,0 +1,26 @@
+"""The model card's statistics: the Wilson interval against hand-worked values, the seeded macro-F1 bootstrap.
+(The card itself, against a real run's recorded metrics: tests/test_pipeline.py.)"""
+import numpy as np
+import pytest
+
+from components.card import macro_f1_interval, wilson_interval
+from components.evaluate import score
+
+
+def test_the_wilson_interval_equals_the_hand_worked_one():
+    # p = 0.9, n = 100, z = 1.959964: centre (0.9 + z^2/200) / (1 + z^2/100) = 0.885200,
+    # half-width z * sqrt(0.0009 + z^2/40000) / (1 + z^2/100) = 0.059567
+    low, high = wilson_interval(90, 100)
+    assert (low, high) == pytest.approx((0.825633, 0.944767), abs=1e-5)
+    assert wilson_interval(0, 10)[0] == pytest.approx(0.0, abs=1e-12) and wilson_interval(10, 10)[1] == 1.0  # within [0, 1]
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_the_macro_f1_bootstrap_brackets_the_estimate_and_is_seeded():
+    rng = np.random.default_rng(0)
+    actual = rng.integers(0, 4, 400)
+    predicted = np.where(rng.random(400) < 0.8, actual, rng.integers(0, 4, 400))
+    estimate = score(actual, predicted, tuple("abcd")).macro_f1
+    low, high = macro_f1_interval(actual, predicted, 4, seed=3)
+    assert low < estimate < high and high - low < 0.15
+    assert macro_f1_interval(actual, predicted, 4, seed=3) == (low, high)
