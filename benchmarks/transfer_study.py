@@ -45,6 +45,7 @@ from components.source_models import (
     resolve_pretrained,
 )
 from components.predict import Normalizer, predict_logits
+from components.calibrate import CalibrationScores, fit_temperature
 from components.train import strategy_phases, train
 
 
@@ -59,9 +60,15 @@ def _override(raw: dict, assignments: list[str]) -> dict:
     return raw
 
 
-def _accuracy(model, splits, split: str) -> float:
-    x, y = splits.split(split)
-    return score(y, predict_logits(model, x, Normalizer.of(model.spec.contract)).argmax(1).numpy(), splits.classes).accuracy
+def _evaluate(model, splits, bins: int) -> dict:
+    """Val and test accuracy, and the test split's calibration before and after a temperature fitted on val (the
+    pipeline's calibrate stage)."""
+    logits = {split: predict_logits(model, splits.split(split)[0], Normalizer.of(model.spec.contract)).numpy()
+              for split in ("val", "test")}
+    accuracy = {split: score(splits.split(split)[1], logits[split].argmax(1), splits.classes).accuracy for split in logits}
+    temperature = fit_temperature(logits["val"], splits.y_val)
+    before, after = (CalibrationScores.of(logits["test"], splits.y_test, t, bins) for t in (1.0, temperature))
+    return {**accuracy, "calibration": {"temperature": temperature, "before": before.to_dict(), "after": after.to_dict()}}
 
 
 def run_study(params_path: Path, seeds: list[int], labels_per_class: int, strategies: list[str], overrides: list[str],
@@ -112,8 +119,8 @@ def run_study(params_path: Path, seeds: list[int], labels_per_class: int, strate
                     history = train(model, splits, params.finetune, strategy_phases(params.finetune, strategy), seed,
                                     desc=f"{name} {strategy} seed {seed}", terms=terms)
                     run = {"seed": seed, "source": name if strategy != "scratch" else f"scratch ({spec.architecture} @{identity.image_size})",
-                           "architecture": spec.architecture, "strategy": strategy, "test": _accuracy(model, splits, "test"),
-                           "val": _accuracy(model, splits, "val"), "train_seconds": time.perf_counter() - started}
+                           "architecture": spec.architecture, "strategy": strategy,
+                           "train_seconds": time.perf_counter() - started, **_evaluate(model, splits, params.calibration.bins)}
                     if terms:
                         run["fixmatch_mask_last"] = next(r for r in reversed(history) if "fixmatch_mask" in r)["fixmatch_mask"]
                     if strategy == "scratch":
@@ -153,15 +160,18 @@ def _mean_std(values: list[float]) -> str:
 def markdown(study: dict) -> str:
     runs = study["runs"]
     lines = [f"k={study['labels_per_class']} labels a class, seeds {study['seeds']}, overrides: {study['overrides'] or 'none'}", "",
-             "| source | strategy | test accuracy % (mean ± std) | per seed | minus same-architecture scratch, per seed | val % | train s |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| source | strategy | test accuracy % (mean ± std) | per seed | minus same-architecture scratch, per seed | val % | train s "
+             "| test ECE, uncalibrated -> temperature on val, per seed |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     keys = list(dict.fromkeys((r["source"], r["strategy"]) for r in runs))
     for source, strategy in keys:
         rows = [r for r in runs if (r["source"], r["strategy"]) == (source, strategy)]
         tests = [r["test"] for r in rows]
         gains = ", ".join(f"{100 * (r['test'] - r['scratch']):+.1f}" for r in rows if "scratch" in r)
         lines.append(f"| {source} | {strategy} | {_mean_std(tests)} | {', '.join(f'{100 * t:.1f}' for t in tests)} | {gains} | "
-                     f"{100 * statistics.mean(r['val'] for r in rows):.1f} | {statistics.mean(r['train_seconds'] for r in rows):.0f} |")
+                     f"{100 * statistics.mean(r['val'] for r in rows):.1f} | {statistics.mean(r['train_seconds'] for r in rows):.0f} | "
+                     + ", ".join(f"{r['calibration']['before']['ece']:.3f} -> {r['calibration']['after']['ece']:.3f}"
+                                 for r in rows if "calibration" in r) + " |")
     quality = study["selection"]["per_seed"]
     if quality:
         lines += ["", "| seed | " + " | ".join(f"Kendall tau {s}" for s in SCORES) + " | picked by LogME | fine-tuned best |",
