@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from components.artifacts import read_json
-from components.evaluate import classification_report, confusion_matrix
+from components.evaluate import classification_report, confusion_matrix, score
 from components.layout import Layout
 from components.settings import Settings
 from components.summary import RunOutputs
@@ -42,15 +42,11 @@ def _normal_quantile(p: float) -> float:
 
 def macro_f1_interval(actual: np.ndarray, predicted: np.ndarray, classes: int, seed: int = 0,
                       confidence: float = INTERVAL_CONFIDENCE) -> tuple[float, float]:
-    """A seeded percentile bootstrap of macro-F1 over the test images."""
+    """A seeded percentile bootstrap of macro-F1 over the test images (scored as the evaluate stage scores it)."""
     rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(BOOTSTRAP_RESAMPLES):
-        pick = rng.integers(0, len(actual), len(actual))
-        matrix = confusion_matrix(actual[pick], predicted[pick], classes)
-        true_positive = np.diag(matrix).astype(float)
-        denominator = matrix.sum(0) + matrix.sum(1)
-        values.append(np.mean(np.divide(2 * true_positive, denominator, out=np.zeros(classes), where=denominator > 0)))
+    names = tuple(str(c) for c in range(classes))
+    values = [score(actual[pick], predicted[pick], names).macro_f1
+              for pick in (rng.integers(0, len(actual), len(actual)) for _ in range(BOOTSTRAP_RESAMPLES))]
     tail = (1 - confidence) / 2 * 100
     low, high = np.percentile(values, [tail, 100 - tail])
     return float(low), float(high)

@@ -52,12 +52,13 @@ def cam_layer(model: GraftNet) -> tuple[str, nn.Module]:
     return f"backbone.{name}", model.backbone.get_submodule(name)
 
 
-def grad_cam(model: GraftNet, pixels: np.ndarray, targets: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """Grad-CAM maps (N, H, W) in [0, 1] for uint8 images (N, C, H, W), each for its class in `targets`."""
+def grad_cam(model: GraftNet, layer: nn.Module, pixels: np.ndarray, targets: np.ndarray,
+             batch_size: int = 64) -> np.ndarray:
+    """Grad-CAM maps (N, H, W) in [0, 1] of `layer` (cam_layer's choice) for uint8 images (N, C, H, W), each for its
+    class in `targets`."""
     from captum.attr import LayerAttribution, LayerGradCam
 
     model.eval()
-    _, layer = cam_layer(model)
     explainer = LayerGradCam(model, layer)
     normalize = Normalizer.of(model.spec.contract)
     maps = []

@@ -15,7 +15,7 @@ import torch  # noqa: E402
 from components.artifacts import save_png  # noqa: E402
 from components.calibrate import softmax  # noqa: E402
 from components.errors import GraftError  # noqa: E402
-from components.explain import Example, cam_layer, grad_cam, overlay  # noqa: E402
+from components.explain import cam_layer, grad_cam, overlay  # noqa: E402
 from components.network import GraftNet  # noqa: E402
 from components.predict import Normalizer  # noqa: E402
 
@@ -51,23 +51,23 @@ def explain_image(model: GraftNet, temperature: float, image: Path, out: Path, t
         logits = model(Normalizer.of(model.spec.contract)(torch.from_numpy(pixels[None]))).numpy()
     probabilities = softmax(logits, temperature)[0]
     predicted = int(probabilities.argmax())
-    cam = grad_cam(model, pixels[None], np.array([predicted]))[0]
+    layer_name, layer = cam_layer(model)
+    cam = grad_cam(model, layer, pixels[None], np.array([predicted]))[0]
     classes = model.spec.classes
     order = np.argsort(-probabilities, kind="stable")
-    shown = Example(0, str(image), classes[predicted], classes[predicted], float(probabilities[predicted]))
     figure, (plain, explained, bars) = plt.subplots(1, 3, figsize=(11, 3.6), gridspec_kw={"width_ratios": [1, 1, 1.4]})
     gray = pixels.shape[0] == 1
     plain.imshow(pixels[0] if gray else pixels.transpose(1, 2, 0), cmap="gray" if gray else None, vmin=0, vmax=255)
     plain.set_title(f"as the model sees it ({pixels.shape[2]} x {pixels.shape[1]})", fontsize=9)
     explained.imshow(overlay(pixels, cam))
-    explained.set_title(f"Grad-CAM for {shown.predicted}", fontsize=9)
+    explained.set_title(f"Grad-CAM for {classes[predicted]}", fontsize=9)
     for axis in (plain, explained):
         axis.axis("off")
     top = order[: min(10, len(order))][::-1]
     bars.barh([classes[i] for i in top], probabilities[top], color=["tab:red" if i == predicted else "tab:gray" for i in top])
     bars.set(xlim=(0, 1), xlabel=f"calibrated probability (T = {temperature:.3g})")
-    figure.suptitle(f"{title}: {shown.predicted} ({shown.confidence:.3f})", fontsize=10)
+    figure.suptitle(f"{title}: {classes[predicted]} ({probabilities[predicted]:.3f})", fontsize=10)
     figure.tight_layout()
     save_png(figure, out)
-    return Explanation(shown.predicted, {classes[i]: float(probabilities[i]) for i in order}, temperature,
-                       cam_layer(model)[0], Path(out))
+    return Explanation(classes[predicted], {classes[i]: float(probabilities[i]) for i in order}, temperature,
+                       layer_name, Path(out))

@@ -302,8 +302,13 @@ def history(client: MlflowClient, name: str) -> list[AliasMove]:
 
 
 def _version_tags(client: MlflowClient, name: str, version: str) -> dict[str, str]:
+    return _model_version(client, name, version).tags
+
+
+def _model_version(client: MlflowClient, name: str, version: str):
+    """The registered version; a RegistryError listing the known ones when there is no such version."""
     try:
-        return client.get_model_version(name, version).tags
+        return client.get_model_version(name, version)
     except MlflowException as error:
         if error.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             raise
@@ -318,8 +323,7 @@ def download_run_files(client: MlflowClient, name: str, version: str, files: lis
     naming `what` is missing when one is not there."""
     from mlflow.artifacts import download_artifacts
 
-    _version_tags(client, name, version)  # an unknown version: the error that lists the known ones
-    run_id = client.get_model_version(name, version).run_id
+    run_id = _model_version(client, name, version).run_id  # an unknown version: the error that lists the known ones
     try:
         return [Path(download_artifacts(run_id=run_id, artifact_path=file, dst_path=str(dest), tracking_uri=client.tracking_uri))
                 for file in files]

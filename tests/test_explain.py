@@ -71,7 +71,7 @@ def test_grad_cam_points_at_the_evidence_and_is_scaled_to_one():
     pixels = np.full((2, 1, 28, 28), 128, dtype=np.uint8)  # normalised: about 0, no evidence either way
     pixels[0, :, :10, :10] = 255  # the evidence for "bright": top left in one image, bottom right in the other
     pixels[1, :, 18:, 18:] = 255
-    maps = grad_cam(model, pixels, np.array([1, 1]))
+    maps = grad_cam(model, cam_layer(model)[1], pixels, np.array([1, 1]))
     assert maps.shape == (2, 28, 28) and maps.min() >= 0 and maps.max() == pytest.approx(1.0)
     assert maps[0, :10, :10].min() > 0.99 and maps[0, 12:, 12:].max() < 0.01
     assert maps[1, 18:, 18:].min() > 0.99 and maps[1, :16, :16].max() < 0.01

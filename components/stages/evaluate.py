@@ -58,7 +58,7 @@ def evaluate(params: Params) -> dict:
 def galleries(model, splits: data_mod.Splits, probabilities, params: Params) -> dict:
     """The test split's most confident mistakes and a draw of right answers a class, each beside its Grad-CAM map for
     the class predicted; the images shown, with where each came from, in reports/gallery.json."""
-    layer, _ = cam_layer(model)
+    layer_name, layer = cam_layer(model)
     shown = {}
     mistakes = most_confident_mistakes(probabilities, splits.y_test, params.explain.mistakes)
     correct = correct_sample(probabilities, splits.y_test, params.explain.correct_per_class, params.seed)
@@ -66,10 +66,10 @@ def galleries(model, splits: data_mod.Splits, probabilities, params: Params) -> 
             ("mistakes", mistakes, Layout.mistakes_gallery, f"the {len(mistakes)} most confident mistakes on the test split"),
             ("correct", correct, Layout.correct_gallery, f"right answers, up to {params.explain.correct_per_class} a class")):
         chosen = examples(indices, probabilities, splits.y_test, splits.classes, splits.origin_test)
-        plot_gallery(splits.x_test[indices], grad_cam(model, splits.x_test[indices], probabilities[indices].argmax(1)),
-                     chosen, f"{title} (true -> predicted, calibrated probability; Grad-CAM of {layer})", path)
+        plot_gallery(splits.x_test[indices], grad_cam(model, layer, splits.x_test[indices], probabilities[indices].argmax(1)),
+                     chosen, f"{title} (true -> predicted, calibrated probability; Grad-CAM of {layer_name})", path)
         shown[name] = [example.to_dict() for example in chosen]
-    gallery = {"layer": layer, "method": "Grad-CAM (captum LayerGradCam), for the predicted class", **shown}
+    gallery = {"layer": layer_name, "method": "Grad-CAM (captum LayerGradCam), for the predicted class", **shown}
     write_json(Layout.gallery, gallery)
     return gallery
 
