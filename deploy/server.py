@@ -17,10 +17,8 @@ import argparse
 import asyncio
 import dataclasses
 import errno
-import hmac
 import ipaddress
 import logging
-import math
 import os
 import random
 import socket
@@ -95,7 +93,20 @@ from deploy.shadow import DROP_REASONS as SHADOW_DROP_REASONS
 from deploy.shadow import ShadowJob, ShadowOutcome, ShadowQueue, predicted_classes
 from deploy.tags import CANARY_SHARE_TAG, CARD_MISTAKES, TRAFFIC_AT_TAG
 from deploy.source import FileSource, IntegrityError, ModelCard, RegistrySource, RegistryUnreachable, SourceError
+from deploy.v2 import (
+    NotServable,
+    bearer_matches,
+    max_infer_rows,
+    model_config,
+    model_metadata as v2_model_metadata,
+    parse_json_infer,
+    server_metadata as v2_server_metadata,
+    split_binary,
+    unsupported,
+    wants_binary_output,
+)
 from deploy.variants import VariantError, choose_variant
+from deploy import v2_grpc
 
 log = logging.getLogger("graft.serve")
 T = TypeVar("T")
@@ -131,7 +142,8 @@ class Served:
     batcher: DynamicBatcher
     tags: dict[str, str] = field(default_factory=dict)
     drift: DriftMonitor | None = None  # its answers' features against its file's reference; None: the file has none
-    route: str = "champion"  # how requests reach it: champion (the alias served) | canary (serving.canary)
+    route: str = "champion"  # how requests reach it: champion (the alias served) | canary (serving.canary) | pinned
+    #                          (asked for by number: /v2/models/NAME/versions/V)
     card: ModelCard | None = None  # its model card, fetched when the page first asks (ModelServer.card_of)
     card_fetched: bool = False
 
@@ -160,7 +172,7 @@ class Metrics:
                                ["model", "version"], registry=r)
         self.feedback = Counter("graft_feedback_total", "feedback requests, by outcome", ["outcome"], registry=r)
         self.answers = Counter("graft_answers_total", "inference requests answered, by the version that answered and "
-                               "its route (champion | canary)", ["version", "route"], registry=r)
+                               "its route (champion | canary | pinned: asked for by number)", ["version", "route"], registry=r)
         self.canary_share = Gauge("graft_canary_share_percent", "the share of requests the canary answers (0: none: "
                                   "no share set, no canary version, or the canary is the champion)", registry=r)
         self.canary_info = Gauge("graft_canary_info", "the canary alias and the version it answers with (none: no "
@@ -292,6 +304,9 @@ class ModelServer:
         self.canary: CanaryRoute[Served] | None = None
         self.canary_source: RegistrySource | None = None
         self._canary_refused: set[str] = set()
+        # Versions asked for by number (/v2/models/NAME/versions/V) beside the aliases', least recently asked first.
+        self._pinned: OrderedDict[str, Served] = OrderedDict()
+        self._pin_lock = asyncio.Lock()
         # Swaps loaded and waiting for their scheduled moment (a Unix time; 0: at once): _switch_at_moment.
         self._pending: list[Callable[[], None]] = []
         self._pending_at = 0.0
@@ -588,12 +603,74 @@ class ModelServer:
             self._reloader.cancel()
         if self._shadow_queue is not None:
             await self._shadow_queue.stop()
-        for served in (self.served, self.shadowed, self.canary and self.canary.served):
+        for served in (self.served, self.shadowed, self.canary and self.canary.served, *self._pinned.values()):
             if served is not None:
                 await served.batcher.stop()
         self._decoders.shutdown(wait=False, cancel_futures=True)
         if self.capture is not None:
             await asyncio.to_thread(self.capture.close)
+
+    # ------------------------------------------------------------ versions asked for by number
+
+    def loaded_versions(self) -> list[str]:
+        """The versions loaded here: the alias's, the canary's, the shadow's, then those pinned by requests."""
+        side = (self.canary and self.canary.served, self.shadowed)
+        versions = [served.version for served in (self.served, *side) if served is not None]
+        return list(dict.fromkeys([*versions, *self._pinned]))
+
+    def loaded(self, version: str) -> Served | None:
+        for served in (self.served, self.canary and self.canary.served, self.shadowed, self._pinned.get(version)):
+            if served is not None and served.version == version:
+                return served
+        return None
+
+    async def servable(self, name: str, version: str | None) -> Served:
+        """The version of model `name` a request is for (None: the alias's), loaded if it must be; NotServable says
+        why there is none. Both transports ask here."""
+        if name != self.settings.model_name:
+            raise NotServable(404, f"unknown model {name!r}; this server serves {self.settings.model_name!r}")
+        if not self.ready:
+            raise NotServable(503, "the model is not loaded yet")
+        return self.served if version is None else await self.version(version)
+
+    async def version(self, version: str) -> Served:
+        """Version `version` by number: one of the loaded ones, or a registered version loaded now and kept while it is
+        among the serving.pinned_versions most recently asked for. NotServable says why there is none to serve."""
+        if (served := self.loaded(version)) is not None:
+            if version in self._pinned:
+                self._pinned.move_to_end(version)
+            return served
+        limit = self.settings.serving.pinned_versions
+        if not isinstance(self.source, RegistrySource):
+            raise NotServable(404, f"version {version!r} is not served: this server serves one file, as version "
+                                 f"{self.served.version if self.served else 'file'}")
+        if version in self._refused:
+            raise NotServable(404, f"v{version} is not served: its file failed its hash check (see the server's log)")
+        if limit == 0:
+            raise NotServable(404, f"v{version} is not served: only the aliases' versions ({', '.join(self.loaded_versions())})"
+                                 f" are, as serving.pinned_versions is 0")
+        async with self._pin_lock:  # loads are rare and heavy: one at a time, and never the same version twice
+            if (served := self.loaded(version)) is not None:
+                return served
+            try:
+                served = await self._start_version(self.source, version, self.metrics.on_batch)
+            except IntegrityError as error:
+                self._refuse(version, error)
+                raise NotServable(404, f"v{version} is not served: its file failed its hash check: {error}") from None
+            except RegistryUnreachable as error:
+                raise NotServable(503, f"v{version} cannot be loaded now: {error}") from None
+            except SourceError as error:  # no such version, or no file for the variant to serve
+                raise NotServable(404, f"v{version} is not served: {error}") from None
+            except ModelLoadError as error:
+                raise NotServable(503, f"v{version} cannot be loaded: {error}") from None
+            served.route = "pinned"
+            self._pinned[version] = served
+            log.info("loaded v%s, asked for by number (%d of serving.pinned_versions %d)", version,
+                     len(self._pinned), limit)
+            while len(self._pinned) > limit:
+                _, least_recent = self._pinned.popitem(last=False)
+                await least_recent.batcher.stop()  # finishes what it accepted; later requests load it again
+            return served
 
     # ------------------------------------------------------------ answering
 
@@ -602,15 +679,17 @@ class ModelServer:
         async with self._decode_slots:
             return await asyncio.get_running_loop().run_in_executor(self._decoders, work)
 
-    async def infer(self, prepare: Callable[[Served], np.ndarray], key: str, inline: bool = False) -> Inferred:
+    async def infer(self, prepare: Callable[[Served], np.ndarray], key: str, inline: bool = False,
+                    version: str | None = None) -> Inferred:
         """Prepare the request for the version that answers its `key` now (the champion, or the canary for its share;
-        off the event loop unless `inline`: small work) and run it there; if that version is swapped out before the
-        request is queued, route and prepare it again. Never two versions in one answer."""
+        `version`: that one, by number) off the event loop unless `inline` (small work), and run it there; if that
+        version is swapped out before the request is queued, route and prepare it again. Never two versions in one
+        answer."""
         async def prepared(served: Served) -> np.ndarray:
             return prepare(served) if inline else await self.off_loop(lambda: prepare(served))
 
         while True:
-            served = self.route(key)
+            served = self.route(key) if version is None else await self.version(version)
             try:
                 rows = await prepared(served)
             except InputError:
@@ -744,8 +823,7 @@ def image_row(blob: bytes, contract: Contract) -> np.ndarray:
 
 
 def _authorised(headers: dict[bytes, bytes], token: str) -> bool:
-    scheme, _, given = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+    return bearer_matches(headers.get(b"authorization", b"").decode("latin-1"), token)
 
 
 class BindRefused(ValueError):
@@ -769,12 +847,6 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def max_infer_rows(model: LoadedModel, max_body_bytes: int) -> int:
-    """The most rows a JSON request can hold within the body limit (each value takes at least 2 bytes: "0,"):
-    the row limit follows from the body limit, so neither can contradict the other."""
-    return max(1, max_body_bytes // (2 * math.prod(model.contract.shape)))
-
-
 BINARY_HEADER = "inference-header-content-length"  # Triton's binary tensor extension
 INLINE_BODY_BYTES = 65536  # smaller bodies are parsed on the event loop: a thread hop costs more than the parse
 INLINE_IMAGE_PIXELS = 256 * 256  # images up to this size are decoded on the event loop (well under a millisecond)
@@ -788,71 +860,6 @@ def request_identity(request: Request, server: ModelServer) -> tuple[str, str]:
     return request_id, request.headers.get(server.settings.serving.canary.key_header) or request_id
 
 
-def split_binary(raw: bytes, header_length: str | None) -> tuple[bytes, bytes | None]:
-    """A body -> its JSON header and, under the binary tensor extension, the raw tensor bytes after it."""
-    if header_length is None:
-        return raw, None
-    if not header_length.isdigit() or int(header_length) > len(raw):
-        raise InputError(f"Inference-Header-Content-Length {header_length!r} must be the byte length of the JSON header, "
-                         f"at most the body's {len(raw)} bytes")
-    return raw[: int(header_length)], raw[int(header_length):]
-
-
-def _parse_infer(body: dict, model: LoadedModel, max_rows: int, binary: bytes | None = None) -> np.ndarray:
-    """A V2 request -> the float32 (N, C, H, W) batch, or InputError naming what is wrong. The tensor comes as a
-    JSON list in "data", or (binary tensor extension) as raw little-endian FP32 bytes after the JSON header, their
-    length in parameters.binary_data_size."""
-    inputs = body.get("inputs") if isinstance(body, dict) else None
-    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
-        raise InputError('expected {"inputs": [{"name": ..., "shape": [N, C, H, W], "datatype": "FP32", "data": [...]}]}')
-    tensor, contract = inputs[0], model.contract
-    if tensor.get("name") not in (None, contract.input_name):
-        raise InputError(f"unknown input {tensor.get('name')!r}; the model's input is {contract.input_name!r}")
-    if tensor.get("datatype") != "FP32":
-        raise InputError(f"datatype {tensor.get('datatype')!r} is not supported; send FP32 (preprocessed per the model's contract)")
-    shape = tensor.get("shape")
-    if (not isinstance(shape, list) or len(shape) != 4 or not all(isinstance(d, int) and d > 0 for d in shape)
-            or tuple(shape[1:]) != contract.shape):
-        raise InputError(f"shape {shape} does not fit the model: expected [N, {', '.join(map(str, contract.shape))}]")
-    if shape[0] > max_rows:
-        raise PayloadTooLarge(f"batch of {shape[0]} rows is over the limit of {max_rows} (what fits in the body limit); "
-                              f"split it")
-    parameters = tensor.get("parameters")
-    size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
-    if binary is not None or size is not None:
-        expected = 4 * math.prod(shape)
-        if binary is None or size != len(binary) or size != expected:
-            raise InputError(f"binary tensor data: shape {shape} FP32 needs {expected} bytes; parameters.binary_data_size "
-                             f"is {size!r} and {0 if binary is None else len(binary)} bytes follow the JSON header "
-                             f"(Inference-Header-Content-Length)")
-        array = np.frombuffer(binary, dtype="<f4").reshape(shape)
-    else:
-        data = tensor.get("data")
-        if not isinstance(data, list):
-            raise InputError("data must be a flat (or nested) JSON list of numbers")
-        try:
-            array = np.asarray(data, dtype=np.float32)
-        except (TypeError, ValueError):
-            raise InputError("data holds something that is not a number") from None
-        if array.size != math.prod(shape):
-            raise InputError(f"data has {array.size} values; shape {shape} needs {math.prod(shape)}")
-        array = array.reshape(shape)
-    if not np.isfinite(array).all():
-        raise InputError("data holds NaN or infinity; send finite numbers")
-    return array
-
-
-def wants_binary_output(body: dict) -> bool:
-    """Binary outputs, per the extension: parameters.binary_data_output, or binary_data on the requested output."""
-    parameters = body.get("parameters")
-    if isinstance(parameters, dict) and parameters.get("binary_data_output") is True:
-        return True
-    outputs = body.get("outputs")
-    return isinstance(outputs, list) and any(
-        isinstance(o, dict) and isinstance(o.get("parameters"), dict) and o["parameters"].get("binary_data") is True
-        for o in outputs)
-
-
 # An error answered before the body is read (a 413 from the declared length, a 401, a chunked body past the limit)
 # leaves the client still sending. Closing then makes the kernel reset the connection, and a client that sends its
 # whole body before reading (urllib, requests) gets "connection reset" instead of the answer. So the answer is sent,
@@ -860,6 +867,17 @@ def wants_binary_output(body: dict) -> bool:
 # claiming gigabytes cannot hold the server: past these the connection is closed (and reset) at once.
 DRAIN_BYTES = 128 * 2**20  # or 4x max_body_bytes when that is more: a 64 MB upload to a 10 MB limit is drained
 DRAIN_SECONDS = 5.0
+
+
+def endpoint_label(path: str) -> str:
+    """A request path as its endpoint, for metrics: model names and version numbers left out, so that the series
+    stay few (/v2/models/NAME/versions/3/infer -> /v2/models/infer; /v2/models/NAME -> /v2/models/metadata)."""
+    if not path.startswith("/v2/models/"):
+        return path
+    rest = path.split("/")[4:]
+    if rest[:1] == ["versions"]:
+        rest = rest[2:]
+    return "/v2/models/" + (rest[-1] if rest else "metadata")
 
 
 class Guard:
@@ -875,7 +893,7 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"]
-        endpoint = path if not path.startswith("/v2/models/") else "/v2/models/" + path.rsplit("/", 1)[-1]
+        endpoint = endpoint_label(path)
         started = time.perf_counter()
         status = 500
         headers = dict(scope["headers"])
@@ -946,7 +964,14 @@ async def lifespan(app: FastAPI):
         # Strict serving loads before it listens: a CPU fallback (ProviderError) stops the start.
         await server.load_current()
     server.start()
+    serving = server.settings.serving
+    endpoint = None
+    if serving.grpc_port:
+        endpoint = await v2_grpc.start(server, serving.host, serving.grpc_port, server.settings.token,
+                                       serving.max_body_bytes)
     yield
+    if endpoint is not None:
+        await v2_grpc.stop(endpoint)
     await server.stop()
 
 
@@ -977,8 +1002,18 @@ def check_model(server: ModelServer, name: str) -> JSONResponse | None:
     return None
 
 
-async def live():
-    return {"live": True}
+async def asked_version(request: Request) -> Served:
+    """The version a /v2/models/NAME[/versions/V]/... request is for."""
+    return await _server(request).servable(request.path_params["name"], request.path_params.get("version"))
+
+
+async def server_metadata(request: Request):
+    """GET /v2: the server's name, version and the protocol extensions it supports."""
+    return JSONResponse(v2_server_metadata())
+
+
+async def live(request: Request):
+    return JSONResponse({"live": True})
 
 
 async def ready(request: Request):
@@ -986,31 +1021,34 @@ async def ready(request: Request):
     return JSONResponse({"ready": server.ready}, status_code=200 if server.ready else 503)
 
 
-async def model_ready(request: Request, name: str):
-    server = _server(request)
-    if (problem := unknown_model(server, name)) is not None:
-        return problem
-    return JSONResponse({"name": name, "ready": server.ready}, status_code=200 if server.ready else 503)
+async def model_ready(request: Request):
+    """GET /v2/models/NAME[/versions/V]/ready: 200 when the version can answer now (asked by number: once loaded)."""
+    name = request.path_params["name"]
+    try:
+        served = await asked_version(request)
+    except NotServable as error:
+        return JSONResponse({"name": name, "ready": False, "error": error.message}, status_code=error.status)
+    return JSONResponse({"name": name, "version": served.version, "ready": True})
 
 
-async def model_metadata(request: Request, name: str):
-    server = _server(request)
-    if (problem := check_model(server, name)) is not None:
-        return problem
-    served, serving, canary = server.served, server.settings.serving, server.canary
-    contract = served.model.contract
-    return {
-        "name": name, "versions": [served.version, *([canary.served.version] if canary else [])],
-        "platform": "onnxruntime_onnx",
-        "inputs": [{"name": contract.input_name, "datatype": "FP32", "shape": [-1, *contract.shape]}],
-        "outputs": [{"name": contract.output_name, "datatype": "FP32", "shape": [-1, len(served.model.classes)]}],
+async def model_metadata(request: Request):
+    """GET /v2/models/NAME[/versions/V]: the V2 metadata, and Graft's facts of the version in parameters."""
+    try:
+        served = await asked_version(request)
+    except NotServable as error:
+        return _error(error.status, error.message)
+    server, name = _server(request), request.path_params["name"]
+    serving, canary = server.settings.serving, server.canary
+    versions = [served.version, *(v for v in server.loaded_versions() if v != served.version)]
+    return JSONResponse({
+        **v2_model_metadata(name, served.model, versions),
         "parameters": {
             "version": served.version, "provider": served.model.provider,
             "variant": served.model.variant, "variant_note": served.model.variant_note,
             "requested_providers": list(served.model.requested_providers),
             "active_providers": list(served.model.active_providers), "provider_note": served.model.provider_note,
             "classes": list(served.model.classes),
-            "preprocess": contract.to_dict(),
+            "preprocess": served.model.contract.to_dict(),
             "max_batch_size": serving.max_batch_size, "max_queue_delay_ms": serving.max_queue_delay_ms,
             "max_body_bytes": serving.max_body_bytes,
             "max_infer_rows": max_infer_rows(served.model, serving.max_body_bytes),
@@ -1018,15 +1056,43 @@ async def model_metadata(request: Request, name: str):
             "canary": {"alias": serving.canary.alias, "version": canary.served.version, "share_percent": canary.share}
             if canary else None,
         },
-    }
+    })
+
+
+async def model_configuration(request: Request):
+    """GET /v2/models/NAME[/versions/V]/config: Triton's model configuration of the version."""
+    try:
+        served = await asked_version(request)
+    except NotServable as error:
+        return _error(error.status, error.message)
+    serving = _server(request).settings.serving
+    return JSONResponse(model_config(request.path_params["name"], served.version, served.model,
+                                     serving.max_batch_size, serving.max_queue_delay_ms))
+
+
+# The endpoints of the protocol's extensions this server does not support, and the extension each belongs to.
+UNSUPPORTED_ENDPOINTS = {
+    "/v2/repository/{rest:path}": "model_repository",
+    "/v2/models/{name}/stats": "statistics", "/v2/models/{name}/versions/{version}/stats": "statistics",
+    "/v2/trace/setting": "trace", "/v2/models/{name}/trace/setting": "trace",
+    "/v2/logging": "logging",
+    "/v2/systemsharedmemory/{rest:path}": "system_shared_memory",
+    "/v2/cudasharedmemory/{rest:path}": "cuda_shared_memory",
+}
+
+
+def unsupported_endpoint(extension: str):
+    async def answer(request: Request):
+        return _error(501, unsupported(extension))
+    return answer
 
 
 async def infer(request: Request) -> Response:
-    """POST /v2/models/{name}/infer. A plain Starlette endpoint: FastAPI's parameter machinery costs more than the
+    """POST /v2/models/NAME[/versions/V]/infer. A plain Starlette endpoint: FastAPI's parameter machinery costs more than the
     rest of a small request."""
     server = _server(request)
     metrics, limit = server.metrics, server.settings.serving.max_body_bytes
-    name = request.path_params["name"]
+    name, version = request.path_params["name"], request.path_params.get("version")
     if (problem := check_model(server, name)) is not None:
         metrics.errors.labels("infer", "model").inc()
         return problem
@@ -1039,8 +1105,11 @@ async def infer(request: Request) -> Response:
         # event loop: a hop to the decode pool costs more. Large JSON tensors are parsed in the pool.
         inline = binary is not None or len(raw) <= INLINE_BODY_BYTES
         body = orjson.loads(header) if inline else await server.off_loop(lambda: orjson.loads(header))
-        inferred = await server.infer(lambda served: _parse_infer(
-            body, served.model, max_infer_rows(served.model, limit), binary), key, inline=inline)
+        inferred = await server.infer(lambda served: parse_json_infer(
+            body, served.model, max_infer_rows(served.model, limit), binary), key, inline=inline, version=version)
+    except NotServable as error:
+        metrics.errors.labels("infer", "model").inc()
+        return _error(error.status, error.message)
     except orjson.JSONDecodeError as error:
         metrics.errors.labels("infer", "bad_json").inc()
         if any(token in raw for token in (b"NaN", b"Infinity")):
@@ -1176,11 +1245,16 @@ def create_app(source: FileSource | RegistrySource, settings: ServerSettings) ->
     app = FastAPI(title="Graft model server", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = server
     app.add_middleware(Guard, settings=settings, metrics=server.metrics)
-    app.add_api_route("/v2/health/live", live, methods=["GET"])
-    app.add_api_route("/v2/health/ready", ready, methods=["GET"])
-    app.add_api_route("/v2/models/{name}/ready", model_ready, methods=["GET"])
-    app.add_api_route("/v2/models/{name}", model_metadata, methods=["GET"])
-    app.add_route("/v2/models/{name}/infer", infer, methods=["POST"])
+    app.add_route("/v2", server_metadata, methods=["GET"])
+    app.add_route("/v2/health/live", live, methods=["GET"])
+    app.add_route("/v2/health/ready", ready, methods=["GET"])
+    for model in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):  # the alias's version, or one by number
+        app.add_route(model, model_metadata, methods=["GET"])
+        app.add_route(f"{model}/ready", model_ready, methods=["GET"])
+        app.add_route(f"{model}/config", model_configuration, methods=["GET"])
+        app.add_route(f"{model}/infer", infer, methods=["POST"])
+    for path, extension in UNSUPPORTED_ENDPOINTS.items():
+        app.add_route(path, unsupported_endpoint(extension), methods=["GET", "POST"])
     app.add_route("/predict", predict, methods=["POST"])
     app.add_route("/feedback", feedback, methods=["POST"])
     app.add_api_route("/metrics", prometheus, methods=["GET"])
@@ -1197,7 +1271,7 @@ def build_source(tracking_uri: str | None, model_name: str, alias: str, onnx_fil
     return RegistrySource(tracking_uri, model_name, alias, cache_dir)
 
 
-def bind(host: str, port: int) -> socket.socket:
+def bind(host: str, port: int, option: str = "--port N") -> socket.socket:
     """The listening socket, bound here before any model is loaded, as uvicorn binds one for its workers. Left to
     uvicorn, a port in use gave its log lines and exit status 3 (graft's status for a rejected candidate)."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
@@ -1207,8 +1281,8 @@ def bind(host: str, port: int) -> socket.socket:
     except OSError as error:
         sock.close()
         if error.errno == errno.EADDRINUSE:
-            raise BindRefused(f"port {port} on {host} is already in use (another server?); stop it or pass --port N") from None
-        raise BindRefused(f"cannot listen on {host} port {port}: {error.strerror or error}; pass --host or --port") from None
+            raise BindRefused(f"port {port} on {host} is already in use (another server?); stop it or pass {option}") from None
+        raise BindRefused(f"cannot listen on {host} port {port}: {error.strerror or error}; pass --host or {option}") from None
     return sock
 
 
@@ -1218,6 +1292,8 @@ def serve(source, settings: ServerSettings, log_level: str = "info", insecure: b
 
     host, port = settings.serving.host, settings.serving.port
     check_bind(host, settings.token, insecure)
+    if settings.serving.grpc_port:  # said now, in a line, not as a failed start once models are loaded
+        bind(host, settings.serving.grpc_port, "--grpc-port N (0: no gRPC)").close()
     sock = bind(host, port)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     server = uvicorn.Server(uvicorn.Config(create_app(source, settings), host=host, port=port, log_level=log_level,

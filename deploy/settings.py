@@ -118,6 +118,8 @@ class ServingSettings(BaseModel):
     strict: bool = Field(default=False, description="refuse to serve on CPU when a GPU provider was asked for")
     host: str = Field(default="127.0.0.1", description="the address to listen on")
     port: int = Field(default=8000, ge=1, le=65535, description="the port to listen on")
+    grpc_port: int = Field(default=8001, ge=0, le=65535,
+                           description="the port of the KServe V2 gRPC endpoint, on the same host (0: no gRPC)")
     max_batch_size: int = Field(default=32, ge=1,
                                 description="dynamic batching: at most this many requests in one model call")
     max_queue_delay_ms: float = Field(
@@ -131,6 +133,11 @@ class ServingSettings(BaseModel):
         description="how far ahead an alias move or canary share change is scheduled: every server sees it (within "
                     "poll_seconds), loads what it needs, and switches at that moment, all together")
     threads: int = Field(default=0, ge=0, description="ONNX Runtime intra-op threads; 0: its default")
+    pinned_versions: int = Field(
+        default=2, ge=0,
+        description="registered versions, beside those behind the aliases, that clients may ask for by number "
+                    "(/v2/models/NAME/versions/V): loaded at the first request, the least recently asked unloaded "
+                    "past this many (0: only the aliases' versions)")
     capture: CaptureSettings = Field(default_factory=CaptureSettings,
                                      description="request capture and feedback (off: a privacy decision)")
     drift: DriftSettings = Field(default_factory=DriftSettings, description="drift tests on served features")

@@ -31,6 +31,9 @@ import yaml
 from graft.env import apply_defaults
 
 apply_defaults()
+# Servers started by tests (`python -m deploy.server`) open no gRPC port unless a test gives one (--grpc-port): two
+# servers at once would both want the default.
+os.environ["GRAFT_GRPC_PORT"] = "0"
 
 PROJECT = Path(__file__).resolve().parents[1]
 RAW = PROJECT / "data" / "raw"

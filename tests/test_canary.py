@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from deploy.canary import BUCKETS, CanaryRoute, ShareError, bucket, parse_share
-from deploy.server import ModelServer, ServerSettings, _parse_infer
+from deploy.server import ModelServer, ServerSettings
+from deploy.v2 import parse_json_infer
 from deploy.source import FileSource
 
 
@@ -47,7 +48,7 @@ def test_a_tensor_the_canary_cannot_take_is_answered_by_the_champion(candidate_t
         rows = np.zeros((1, *champion.model.contract.shape), np.float32)
         body = {"inputs": [{"name": champion.model.contract.input_name, "shape": list(rows.shape),
                             "datatype": "FP32", "data": rows.ravel().tolist()}]}
-        inferred = await server.infer(lambda served: _parse_infer(body, served.model, 8), "any key", inline=True)
+        inferred = await server.infer(lambda served: parse_json_infer(body, served.model, 8), "any key", inline=True)
         await champion.batcher.stop()
         return inferred.served.route, list(inferred.logits.shape)
 

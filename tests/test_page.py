@@ -53,7 +53,7 @@ def server(tmp_path_factory):
     onnx_file = export_onnx(model, folder / "model.onnx", 20)
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "deploy.server", "--onnx-file", str(onnx_file), "--model", "shapes",
-                                "--port", str(port), "--providers", "cpu"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                "--port", str(port), "--grpc-port", "0", "--providers", "cpu"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     assert wait_healthy(f"{base}/v2/health/ready", 60)
     yield base

@@ -139,7 +139,7 @@ def test_pipeline_promotion_and_serving_on_postgres(postgres, stack, candidate_t
 
     port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": stack["mlflow"]}
-    server = subprocess.Popen([sys.executable, "-m", "graft", "serve", "--port", str(port)], cwd=root, env=env,
+    server = subprocess.Popen([sys.executable, "-m", "graft", "serve", "--port", str(port), "--grpc-port", "0"], cwd=root, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         assert wait_healthy(f"http://127.0.0.1:{port}/v2/health/ready", 120), "graft serve did not become ready"

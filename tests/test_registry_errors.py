@@ -54,7 +54,7 @@ def test_a_mistyped_sqlite_path_is_refused_by_readers_and_not_created(project):
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["registry"]["tracking_uri"] = "sqlite:///mlfow.db"
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for command in (["serve", "--port", str(free_port())], ["export-triton"]):
+    for command in (["serve", "--port", str(free_port()), "--grpc-port", "0"], ["export-triton"]):
         done, seconds = graft(project, *command, env=env)
         assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
         assert f"no MLflow registry at {missing} (registry.tracking_uri): check the path" in done.stderr

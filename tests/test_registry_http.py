@@ -92,7 +92,7 @@ def test_a_server_that_is_not_there_is_named_within_seconds(tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
     port = free_port()  # nothing listens there
     url = f"http://127.0.0.1:{port}"
-    for command in (["history"], ["promote"], ["serve", "--port", str(free_port())]):
+    for command in (["history"], ["promote"], ["serve", "--port", str(free_port()), "--grpc-port", "0"]):
         started = time.monotonic()
         done = subprocess.run([sys.executable, "-m", "graft", *command], cwd=tmp_path, capture_output=True, text=True,
                               env={**os.environ, "MLFLOW_TRACKING_URI": url}, timeout=120)  # never hang the suite

@@ -1,4 +1,5 @@
 """The model server over real HTTP: registry alias via a real `mlflow server`, bad requests, hot reload under load."""
+import asyncio
 import io
 import json
 import os
@@ -15,10 +16,17 @@ import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
+import tritonclient.grpc
+import tritonclient.grpc.aio
+import tritonclient.http
+import tritonclient.http.aio
 import yaml
 from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
+from grpc import insecure_channel
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from PIL import Image
+from tritonclient.utils import InferenceServerException
 
 from components.registry import CHAMPION, alias_version, history, move_alias
 from components.shadow import collect_evidence
@@ -93,10 +101,16 @@ def registry(served_workspace, mlflow_server):
 
 
 @pytest.fixture(scope="module")
-def server(registry, mlflow_server, tmp_path_factory):
+def grpc_port() -> int:
+    """The module's server's gRPC port (the V2 protocol over gRPC, beside HTTP)."""
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def server(registry, mlflow_server, tmp_path_factory, grpc_port):
     # FP32 served exactly as registered; the INT8 that `auto` picks on CPU has a test of its own.
     process, base = start_server(mlflow_server, MODEL, tmp_path_factory.mktemp("cache"), "--max-body-bytes", "200000",
-                                 "--variant", "fp32")
+                                 "--variant", "fp32", "--grpc-port", str(grpc_port))
     wait_ready(base)
     yield base
     process.terminate()
@@ -127,6 +141,113 @@ def test_infer_matches_onnx_runtime(server, registry):
         answer = _infer(client, server, PROBE).json()
     assert answer["model_version"] == "1" and answer["outputs"][0]["shape"] == [2, 10]
     np.testing.assert_allclose(np.array(answer["outputs"][0]["data"]).reshape(2, 10), expected["1"], atol=1e-5)
+
+
+def test_nvidias_clients_read_the_server_and_model_metadata_and_config_over_http_and_grpc(server, grpc_port):
+    """tritonclient, HTTP and gRPC: server metadata (GET /v2), model metadata and Triton's model configuration; an
+    extension not supported is answered by name."""
+    http = tritonclient.http.InferenceServerClient(server.removeprefix("http://"))
+    grpc = tritonclient.grpc.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+    assert http.is_server_live() and http.is_server_ready() and grpc.is_server_live() and grpc.is_server_ready()
+    assert http.is_model_ready(MODEL) and grpc.is_model_ready(MODEL) and not grpc.is_model_ready("no-such-model")
+    meta = http.get_server_metadata()
+    assert meta["name"] == "graft" and "binary_tensor_data" in meta["extensions"]
+    assert grpc.get_server_metadata(as_json=True) == meta
+    config = http.get_model_config(MODEL)
+    assert config["max_batch_size"] == 32 and config["input"][0]["dims"] == [1, 28, 28]
+    assert config["output"][0]["dims"] == [10] and config["platform"] == "onnxruntime_onnx"
+    model = grpc.get_model_metadata(MODEL, as_json=True)
+    assert model["versions"][0] == "1" and model["inputs"][0]["shape"] == ["-1", "1", "28", "28"]  # int64 in JSON
+    with insecure_channel(f"127.0.0.1:{grpc_port}") as channel:  # reflection, as grpcurl lists services
+        listed = ProtoReflectionDescriptorDatabase(channel)
+        assert "inference.GRPCInferenceService" in listed.get_services()
+        infer = listed.FindFileContainingSymbol("inference.GRPCInferenceService")
+        assert "ModelInfer" in [method.name for method in infer.service[0].method]
+    with pytest.raises(InferenceServerException, match="model_repository extension is not supported"):
+        http.get_model_repository_index()
+    with pytest.raises(InferenceServerException, match="statistics extension is not supported"):
+        http.get_inference_statistics(MODEL)
+
+
+def _triton_inputs(module, rows: np.ndarray, binary: bool | None = None):
+    tensor = module.InferInput("pixels", list(rows.shape), "FP32")
+    tensor.set_data_from_numpy(rows, **({} if binary is None else {"binary_data": binary}))
+    return [tensor]
+
+
+def test_nvidias_clients_infer_over_http_and_grpc_sync_and_async_json_and_binary(server, grpc_port, registry):
+    _, expected = registry
+    http = tritonclient.http.InferenceServerClient(server.removeprefix("http://"))
+    for binary in (True, False):
+        outputs = [tritonclient.http.InferRequestedOutput("logits", binary_data=binary)]
+        answer = http.infer(MODEL, _triton_inputs(tritonclient.http, PROBE, binary), outputs=outputs)
+        np.testing.assert_allclose(answer.as_numpy("logits"), expected["1"], atol=1e-5)
+    grpc = tritonclient.grpc.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+    answer = grpc.infer(MODEL, _triton_inputs(tritonclient.grpc, PROBE), request_id="probe-1")
+    np.testing.assert_allclose(answer.as_numpy("logits"), expected["1"], atol=1e-5)
+    assert answer.get_response().model_version == "1" and answer.get_response().id == "probe-1"
+
+    async def concurrently() -> list[np.ndarray]:
+        clients = (tritonclient.http.aio.InferenceServerClient(server.removeprefix("http://")),
+                   tritonclient.grpc.aio.InferenceServerClient(f"127.0.0.1:{grpc_port}"))
+        try:
+            asked = [client.infer(MODEL, _triton_inputs(module, PROBE[i:i + 1]))
+                     for client, module in zip(clients, (tritonclient.http, tritonclient.grpc)) for i in (0, 1) * 8]
+            return [answer.as_numpy("logits") for answer in await asyncio.gather(*asked)]
+        finally:
+            for client in clients:
+                await client.close()
+
+    answers = asyncio.run(concurrently())
+    for i, logits in enumerate(answers):  # rows 0, 1, 0, 1, ...: each answered with its own row, batched or not
+        np.testing.assert_allclose(logits[0], expected["1"][i % 2], atol=1e-5)
+
+
+def test_a_version_asked_for_by_number_answers_beside_the_alias_over_http_and_grpc(server, grpc_port, registry):
+    """/v2/models/NAME/versions/2/...: v2 (the challenger) loaded at its first request and answering as v2, while the
+    alias's v1 answers requests without a version; a version that does not exist is a 404 / NOT_FOUND by name."""
+    _, expected = registry
+    http = tritonclient.http.InferenceServerClient(server.removeprefix("http://"))
+    grpc = tritonclient.grpc.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+    by_number = http.infer(MODEL, _triton_inputs(tritonclient.http, PROBE), model_version="2")
+    np.testing.assert_allclose(by_number.as_numpy("logits"), expected["2"], atol=1e-5)
+    assert by_number.get_response()["model_version"] == "2"
+    by_grpc = grpc.infer(MODEL, _triton_inputs(tritonclient.grpc, PROBE), model_version="2")
+    np.testing.assert_allclose(by_grpc.as_numpy("logits"), expected["2"], atol=1e-5)
+    alias = grpc.infer(MODEL, _triton_inputs(tritonclient.grpc, PROBE))
+    np.testing.assert_allclose(alias.as_numpy("logits"), expected["1"], atol=1e-5)
+    assert http.is_model_ready(MODEL, "2") and http.get_model_metadata(MODEL, "2")["parameters"]["version"] == "2"
+    assert http.get_model_config(MODEL, "2")["parameters"]["version"]["string_value"] == "2"
+    assert http.get_model_metadata(MODEL)["versions"] == ["1", "2"]
+    assert not http.is_model_ready(MODEL, "99") and not grpc.is_model_ready(MODEL, "99")
+    missing = httpx.get(f"{server}/v2/models/{MODEL}/versions/99")
+    assert missing.status_code == 404 and "v99 is not served" in missing.json()["error"]
+    with pytest.raises(InferenceServerException, match="v99 is not served") as refused:
+        grpc.infer(MODEL, _triton_inputs(tritonclient.grpc, PROBE), model_version="99")
+    assert refused.value.status() == "StatusCode.NOT_FOUND"
+
+
+@pytest.mark.parametrize("case, code, message", [
+    ("shape", "INVALID_ARGUMENT", "does not fit the model: expected [N, 1, 28, 28]"),
+    ("datatype", "INVALID_ARGUMENT", "datatype 'FP64' is not supported"),
+    ("nan", "INVALID_ARGUMENT", "NaN or infinity"),
+    ("too large", "RESOURCE_EXHAUSTED", "larger than max"),
+    ("model", "NOT_FOUND", "unknown model 'no-such-model'"),
+])
+def test_bad_grpc_requests_get_the_right_status_and_the_server_goes_on(server, grpc_port, registry, case, code, message):
+    _, expected = registry
+    grpc = tritonclient.grpc.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+    rows = {"shape": np.zeros((1, 1, 27, 28), np.float32), "nan": np.full((1, 1, 28, 28), np.nan, np.float32),
+            "too large": np.zeros((80, 1, 28, 28), np.float32)}.get(case, PROBE)  # 80 rows: 251 kB > the 200 kB limit
+    inputs = _triton_inputs(tritonclient.grpc, rows)
+    if case == "datatype":
+        inputs = [tritonclient.grpc.InferInput("pixels", list(PROBE.shape), "FP64")]
+        inputs[0].set_data_from_numpy(PROBE.astype(np.float64))
+    with pytest.raises(InferenceServerException) as refused:
+        grpc.infer("no-such-model" if case == "model" else MODEL, inputs)
+    assert refused.value.status() == f"StatusCode.{code}" and message in refused.value.message(), refused.value
+    np.testing.assert_allclose(grpc.infer(MODEL, _triton_inputs(tritonclient.grpc, PROBE)).as_numpy("logits"),
+                               expected["1"], atol=1e-5)
 
 
 def _binary_request(rows: np.ndarray, binary_output: bool, size: int | None = None) -> tuple[bytes, dict]:
@@ -273,7 +394,7 @@ def test_promote_and_rollback_under_traffic_fail_nothing_and_mix_nothing(server,
         return lambda: sum(v == version for _, v, _ in results[since:]) >= at_least
 
     def serves(version: str) -> Callable[[], bool]:
-        return lambda: httpx.get(f"{server}/v2/models/{MODEL}").json()["versions"] == [version]
+        return lambda: httpx.get(f"{server}/v2/models/{MODEL}").json()["parameters"]["version"] == version
 
     workers = [threading.Thread(target=traffic) for _ in range(8)]
     for worker in workers:
@@ -614,7 +735,9 @@ def test_an_over_limit_body_gets_a_413_the_client_reads(server):
 
 
 def test_an_api_token_guards_every_endpoint_but_health(registry, mlflow_server, tmp_path):
-    process, base = start_server(mlflow_server, MODEL, tmp_path, env={"GRAFT_API_TOKEN": "s3cret-token"})
+    grpc_port = free_port()
+    process, base = start_server(mlflow_server, MODEL, tmp_path, "--grpc-port", str(grpc_port),
+                                 env={"GRAFT_API_TOKEN": "s3cret-token"})
     try:
         wait_ready(base)
         assert httpx.get(f"{base}/v2/health/live").status_code == 200
@@ -627,6 +750,13 @@ def test_an_api_token_guards_every_endpoint_but_health(registry, mlflow_server, 
         good = {"authorization": "Bearer s3cret-token"}
         assert httpx.get(f"{base}/v2/models/{MODEL}", headers=good).status_code == 200
         assert httpx.post(f"{base}/predict", content=png, headers=good).status_code == 200
+        grpc = tritonclient.grpc.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        assert grpc.is_server_live() and grpc.is_server_ready()  # health needs no token, as over HTTP
+        for headers in ({}, {"authorization": "Bearer wrong"}):
+            with pytest.raises(InferenceServerException, match="needs an API token") as refused:
+                grpc.infer(MODEL, _triton_inputs(tritonclient.grpc, PROBE), headers=headers)
+            assert refused.value.status() == "StatusCode.UNAUTHENTICATED"
+        assert grpc.infer(MODEL, _triton_inputs(tritonclient.grpc, PROBE), headers=good).as_numpy("logits").shape == (2, 10)
     finally:
         process.terminate()
         process.wait(timeout=20)

@@ -13,7 +13,7 @@ WORKDIR /srv
 COPY deploy/ /srv/deploy/
 RUN useradd --system --uid 10001 graft && mkdir -p /var/cache/graft && chown graft /var/cache/graft
 USER graft
-EXPOSE 8000
+EXPOSE 8000 8001
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s CMD python3 -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:8000/v2/health/ready')" || exit 1
 # The container listens on all its interfaces; compose publishes the port on the host's 127.0.0.1 only.
 CMD ["python3", "-m", "deploy.server"]
