@@ -28,7 +28,7 @@ import torch
 from components.compute import cpu_flags, cpu_model
 from components.config import load_params
 from components.data import load_splits
-from components.export import build_variant
+from components.export import Int8Recipe, build_variant
 from components.network import load_checkpoint
 from deploy.model import read_contract
 from deploy.variants import FP32, VARIANTS, variant_path
@@ -103,7 +103,7 @@ def main() -> None:
                 settings = load_params("params.yaml").export
                 calibration = np.concatenate([splits.x_train, splits.x_val])[: settings.calibration_images]
                 path = build_variant(variant, args.onnx, Path(tmp) / f"model.{variant}.onnx", contract.normalize(calibration),
-                                     settings.calibration_method, settings.calibration_percentile)
+                                     Int8Recipe(), settings.calibration_percentile)
             files[variant] = path
         for batch in (1, 64):
             x = contract.normalize(splits.x_test[np.resize(np.arange(len(splits.x_test)), batch)])

@@ -299,6 +299,17 @@ class FinetuneParams(TrainParams):
         return self
 
 
+class Int8SearchParams(Strict):
+    """The INT8 recipes export tries (every combination of these lists; components/export.py Int8Recipe): the fastest
+    at batch 64 on this machine within max_accuracy_drop on the validation split is kept."""
+
+    formats: list[Literal["qdq", "qoperator"]] = Field(default=["qdq", "qoperator"], min_length=1)
+    per_channel: list[bool] = Field(default=[True], min_length=1)
+    calibration: list[Literal["percentile", "minmax", "entropy"]] = Field(default=["percentile"], min_length=1)
+    keep_float: list[list[Literal["first_conv", "classifier"]]] = Field(default=[["first_conv", "classifier"]],
+                                                                         min_length=1)
+
+
 class ExportParams(Strict):
     opset: int = Field(default=20, ge=17)
     parity_atol: float = Field(default=1e-3, gt=0)   # every |ONNX logit - PyTorch logit| <= atol + rtol * |PyTorch logit|
@@ -306,8 +317,8 @@ class ExportParams(Strict):
     variants: list[ExportVariant] = Field(default=[INT8, FP16])
     max_accuracy_drop: float = Field(default=0.005, ge=0, le=1)  # a variant further below FP32 is not published
     calibration_images: int = Field(default=1024, ge=1)  # INT8 activation ranges: target train, then val, images
-    calibration_method: Literal["percentile", "minmax", "entropy"] = "percentile"
-    calibration_percentile: float = Field(default=99.99, gt=50, le=100)
+    calibration_percentile: float = Field(default=99.99, gt=50, le=100)  # percentile calibration's share of values
+    int8_search: Int8SearchParams = Field(default_factory=Int8SearchParams)
     drift_reference_images: int = Field(default=500, ge=2)  # features stored with each file: target val, then train
 
     @field_validator("variants")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -35,6 +36,8 @@ from deploy.contract import Contract
 from deploy.drift import DriftReference
 from deploy.tags import CLASSES_KEY, CONTRACT_KEY, DRIFT_REFERENCE_KEY  # the server reads exactly what export writes
 from deploy.variants import FP16, INT8
+
+log = logging.getLogger("graft.export")
 
 
 class ParityFailed(GraftError):
@@ -155,14 +158,32 @@ def _save_checked(proto: onnx.ModelProto, path: Path) -> Path:
     return path
 
 
-def quantize_int8(fp32_path: Path, path: Path, calibration: np.ndarray, method: str, percentile: float,
+FLOAT_ROLES = ("first_conv", "classifier")  # layers a recipe may leave in float: the one that sees raw pixels, the last
+
+
+@dataclass(frozen=True)
+class Int8Recipe:
+    """One way to quantize to INT8 with ONNX Runtime: its format (qdq: QuantizeLinear/DequantizeLinear pairs the CPU
+    provider fuses into integer kernels; qoperator: QLinearConv and kin written out), weights per output channel or
+    per tensor, how activation ranges are read from the calibration images (percentile: the range holding that share
+    of the values seen, robust to rare outliers; minmax; entropy), and the layers left in float (FLOAT_ROLES)."""
+
+    format: str = "qdq"
+    per_channel: bool = True
+    calibration: str = "percentile"
+    keep_float: tuple[str, ...] = FLOAT_ROLES
+
+    @property
+    def name(self) -> str:
+        return (f"{self.format} {'per-channel' if self.per_channel else 'per-tensor'} {self.calibration} "
+                f"float:{'+'.join(self.keep_float) or 'none'}")
+
+
+def quantize_int8(fp32_path: Path, path: Path, calibration: np.ndarray, recipe: Int8Recipe, percentile: float,
                   batch_size: int = 20) -> Path:
-    """Static INT8 quantization, QDQ format (ONNX Runtime fuses it into integer kernels on CPU): weights per output
-    channel, activations asymmetric uint8, their ranges from `calibration` (normalised images) by `method`
-    (percentile: the range holding that percentile of the values seen, robust to rare outliers). The first
-    convolution (it sees raw pixels) and the classifier's Gemm stay in float: measured on the default model,
-    that keeps accuracy and is faster than quantizing them (quantize-dequantize around a tiny op costs more).
-    Both outputs stay float32 graph outputs of the same names (tests/test_export.py checks it)."""
+    """Static INT8 quantization by `recipe`: activations asymmetric uint8 and weights int8 (the u8s8 kernels of VNNI
+    and AMX), activation ranges from `calibration` (normalised images). Both outputs stay float32 graph outputs of the
+    same names (tests/test_export.py checks it)."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -189,13 +210,14 @@ def quantize_int8(fp32_path: Path, path: Path, calibration: np.ndarray, method: 
         prepared, quantized = Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
         graph = onnx.load(str(prepared)).graph
-        first_conv = next(n.name for n in graph.node if n.op_type == "Conv")
-        classifier = [n.name for n in graph.node if n.op_type in ("Gemm", "MatMul")][-1:]
-        quantize_static(str(prepared), str(quantized), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        nodes_to_exclude=[first_conv, *classifier],
+        roles = {"first_conv": [next(n.name for n in graph.node if n.op_type == "Conv")],
+                 "classifier": [n.name for n in graph.node if n.op_type in ("Gemm", "MatMul")][-1:]}
+        quantize_static(str(prepared), str(quantized), Batches(),
+                        quant_format={"qdq": QuantFormat.QDQ, "qoperator": QuantFormat.QOperator}[recipe.format],
+                        per_channel=recipe.per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        nodes_to_exclude=[name for role in recipe.keep_float for name in roles[role]],
                         calibrate_method={"percentile": CalibrationMethod.Percentile, "minmax": CalibrationMethod.MinMax,
-                                          "entropy": CalibrationMethod.Entropy}[method],
+                                          "entropy": CalibrationMethod.Entropy}[recipe.calibration],
                         extra_options={"CalibPercentile": percentile})
         return _save_checked(onnx.load(str(quantized)), path)
 
@@ -224,10 +246,10 @@ def _sort_topologically(graph: onnx.GraphProto) -> None:
     graph.node.extend(ordered)
 
 
-def build_variant(variant: str, fp32_path: Path, path: Path, calibration: np.ndarray, method: str,
+def build_variant(variant: str, fp32_path: Path, path: Path, calibration: np.ndarray, recipe: Int8Recipe,
                   percentile: float) -> Path:
     if variant == INT8:
-        return quantize_int8(fp32_path, path, calibration, method, percentile)
+        return quantize_int8(fp32_path, path, calibration, recipe, percentile)
     if variant == FP16:
         return convert_fp16(fp32_path, path)
     raise ValueError(f"no builder for variant {variant!r}")
@@ -254,3 +276,35 @@ def score_onnx(path: Path, contract: Contract, x_test: np.ndarray, y_test: np.nd
     batch64 = normalised[np.resize(np.arange(len(normalised)), 64)]
     return VariantScore(float((predicted == y_test).mean()), median_ms(run, normalised[:1], 30), median_ms(run, batch64, 10),
                         path.stat().st_size)
+
+
+def search_int8(fp32_path: Path, path: Path, calibration: np.ndarray, recipes: list[Int8Recipe], percentile: float,
+                contract: Contract, x_val: np.ndarray, y_val: np.ndarray, max_drop: float) -> list[dict]:
+    """Quantize by each recipe and score each file on the validation split (never test: the test split then measures
+    the one kept, as it does every variant); keep, at `path`, the fastest at batch 64 among those within `max_drop`
+    of FP32's validation accuracy (none within: the most accurate, the fastest of those, for the test split's bound
+    to judge; a validation split of a few hundred images moves in steps of several tenths of a point). Returns
+    every recipe's accuracy, speed and time to quantize, the one kept marked."""
+    fp32 = score_onnx(fp32_path, contract, x_val, y_val)
+    tried = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for number, recipe in enumerate(recipes):
+            candidate = Path(tmp) / f"int8-{number}.onnx"
+            started = time.perf_counter()
+            quantize_int8(fp32_path, candidate, calibration, recipe, percentile)
+            seconds = time.perf_counter() - started
+            score = score_onnx(candidate, contract, x_val, y_val)
+            log.info("INT8 recipe %s: val accuracy %.4f (FP32 %.4f), batch 64 %.2f ms (FP32 %.2f ms)", recipe.name,
+                     score.accuracy, fp32.accuracy, score.latency_ms_batch64, fp32.latency_ms_batch64)
+            tried.append((candidate, {
+                "recipe": recipe.name, "val_accuracy": score.accuracy, "val_accuracy_drop": fp32.accuracy - score.accuracy,
+                "latency_ms_batch64": score.latency_ms_batch64, "speedup_batch64_cpu": fp32.latency_ms_batch64 /
+                score.latency_ms_batch64, "quantize_seconds": seconds,
+                "within_bound": fp32.accuracy - score.accuracy <= max_drop, "kept": False}))
+        within = [trial for trial in tried if trial[1]["within_bound"]]
+        kept = (min(within, key=lambda trial: trial[1]["latency_ms_batch64"]) if within
+                else max(tried, key=lambda trial: (trial[1]["val_accuracy"], -trial[1]["latency_ms_batch64"])))
+        kept[1]["kept"] = True
+        with atomic_path(path) as tmp_path:
+            shutil.copyfile(kept[0], tmp_path)
+    return [record for _, record in tried]

@@ -127,7 +127,8 @@ def test_the_semi_supervised_term_names_its_unlabelled_images_and_trains_in_one_
 @pytest.mark.parametrize("key, value, expected", [
     ("export.variants", ["int8", "int8"], r"export\.variants: .*each variant at most once"),
     ("export.variants", ["int4"], r"export\.variants\.0: .*'int8'.*'fp16'"),
-    ("export.calibration_method", "mean", r"export\.calibration_method: .*'percentile'.*'minmax'.*'entropy'"),
+    ("export.int8_search.calibration", ["mean"], r"export\.int8_search\.calibration\.0: .*'percentile'.*'minmax'.*'entropy'"),
+    ("export.int8_search.formats", ["qop"], r"export\.int8_search\.formats\.0: .*'qdq'.*'qoperator'"),
     ("export.max_accuracy_drop", -0.1, r"export\.max_accuracy_drop: .*greater than or equal to 0"),
     ("serving.variant", "bf16", r"serving\.variant: .*'auto'.*'fp32'.*'int8'.*'fp16'"),
     ("promotion.canary.steps", [25, 5, 100], r"promotion\.canary\.steps \[25\.0, 5\.0, 100\.0\]: .*rising, the last 100"),

@@ -16,6 +16,7 @@ from components.export import (
     convert_fp16,
     cpu_session,
     export_onnx,
+    Int8Recipe,
     quantize_int8,
     read_metadata,
 )
@@ -93,7 +94,7 @@ def test_int8_and_fp16_variants_keep_the_contract_and_compute_what_fp32_computes
     contract = model.spec.contract
     calibration = contract.normalize(rng.integers(0, 256, (40, 1, 28, 28), dtype=np.uint8))
     x = contract.normalize(rng.integers(0, 256, (64, 1, 28, 28), dtype=np.uint8))
-    int8 = quantize_int8(path, tmp_path / "variants" / "model.int8.onnx", calibration, "percentile", 99.99)
+    int8 = quantize_int8(path, tmp_path / "variants" / "model.int8.onnx", calibration, Int8Recipe(), 99.99)
     fp16 = convert_fp16(path, tmp_path / "variants" / "model.fp16.onnx")
     reference = _logits(path, x)
     for variant in (int8, fp16):
@@ -127,11 +128,16 @@ def test_a_variant_beyond_the_accuracy_bound_is_neither_written_nor_published(ex
     y_test = _logits(path, model.spec.contract.normalize(x_test)).argmax(1)
     black = np.zeros((40, 1, 28, 28), np.uint8)
     no_rows = np.zeros(0, np.int64)
-    splits = Splits(black, no_rows, black[:0], no_rows, x_test, y_test, tuple("abcde"), no_rows, no_rows, no_rows, "v")
+    black_answers = _logits(path, model.spec.contract.normalize(black)).argmax(1)  # val: black images too
+    splits = Splits(black, no_rows, black, black_answers, x_test, y_test, tuple("abcde"), no_rows, no_rows, no_rows, "v")
     params = parse_params(tiny_params(**{"export.max_accuracy_drop": 0.0}))
     images = DriftImages(black, np.full(5, 0.2))
     scores = export_variants(params, model.spec.contract, splits, images)
     assert scores["fp32"]["accuracy"] == 1.0 and scores["int8"]["accuracy_drop"] > 0
+    recipes = scores["int8"]["recipes"]  # each recipe tried is recorded, one kept
+    assert [r["recipe"] for r in recipes] == ["qdq per-channel percentile float:first_conv+classifier",
+                                              "qoperator per-channel percentile float:first_conv+classifier"]
+    assert [r["kept"] for r in recipes].count(True) == 1
     assert not (tmp_path / "models/variants/model.int8.onnx").exists() and not scores["int8"]["published"]
     assert "more than export.max_accuracy_drop 0" in scores["int8"]["why_not"]
     assert scores["fp16"]["published"] == (scores["fp16"]["accuracy_drop"] <= 0)
@@ -152,8 +158,12 @@ def test_every_file_stores_a_drift_reference_from_its_own_session(exported, tmp_
     splits = Splits(x_test, np.zeros(20, np.int64), x_test, np.zeros(20, np.int64), x_test, np.zeros(20, np.int64),
                     tuple("abcde"), *[np.zeros(20, np.int64)] * 3, "v")
     add_drift_reference(Layout.onnx_model, contract, images.pixels, images.prior)
-    scores = export_variants(parse_params(tiny_params()), contract, splits, images)
+    scores = export_variants(parse_params(tiny_params(**{"export.max_accuracy_drop": 1.0})), contract, splits, images)
     assert all(score["published"] for score in scores.values())
+    recipes = scores["int8"]["recipes"]  # every recipe within a bound of 1.0: the fastest at batch 64 is kept
+    kept = next(r for r in recipes if r["kept"])
+    assert all(r["within_bound"] for r in recipes)
+    assert kept["latency_ms_batch64"] == min(r["latency_ms_batch64"] for r in recipes)
     references, own_features = {}, {}
     for variant, file in [("fp32", Layout.onnx_model), *[(v, tmp_path / f"models/variants/model.{v}.onnx") for v in ("int8", "fp16")]]:
         served = load_model(file, ["cpu"])

@@ -10,7 +10,7 @@ from PIL import Image
 from components.settings import GateParams
 from deploy.settings import ServingSettings
 from components.data import Splits
-from components.export import build_variant, export_onnx
+from components.export import Int8Recipe, build_variant, export_onnx
 from components.gates import (
     EVALUATED,
     FAILED,
@@ -135,7 +135,7 @@ def onnx_file(tmp_path_factory):
     calibration = model.spec.contract.normalize(np.random.default_rng(1).integers(0, 256, (40, 1, 28, 28), dtype=np.uint8))
     for variant in (INT8, FP16):
         variant_path(path, variant).parent.mkdir(exist_ok=True)
-        build_variant(variant, path, variant_path(path, variant), calibration, "minmax", 99.99)
+        build_variant(variant, path, variant_path(path, variant), calibration, Int8Recipe(calibration="minmax"), 99.99)
     return path
 
 

@@ -3,6 +3,7 @@ with PyTorch, and its INT8 / FP16 variants, each scored; each file stores its ow
 (components/export.py add_drift_reference)."""
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 from dataclasses import asdict, dataclass
@@ -13,13 +14,22 @@ import numpy as np
 from components import data as data_mod
 from components.artifacts import read_json, write_json
 from components.calibrate import with_temperature
-from components.config import Params
-from components.export import ParityFailed, add_drift_reference, build_variant, check_parity, export_onnx, score_onnx
+from components.config import Int8SearchParams, Params
+from components.export import (
+    Int8Recipe,
+    ParityFailed,
+    add_drift_reference,
+    check_parity,
+    convert_fp16,
+    export_onnx,
+    score_onnx,
+    search_int8,
+)
 from components.layout import Layout
 from components.network import load_checkpoint
 from deploy.contract import Contract
 from deploy.tags import DATA_VERSION_KEY, SOURCE_KEY, STRATEGY_KEY
-from deploy.variants import FP32, variant_path
+from deploy.variants import FP32, INT8, variant_path
 
 
 def export(params: Params) -> dict:
@@ -78,16 +88,28 @@ def export_variants(params: Params, contract: Contract, splits: data_mod.Splits,
     Layout.onnx_variants.mkdir(parents=True)
     for variant in settings.variants:
         path = variant_path(Layout.onnx_model, variant)
-        build_variant(variant, Layout.onnx_model, path, calibration, settings.calibration_method,
-                      settings.calibration_percentile)
+        recipes = None
+        if variant == INT8:
+            recipes = search_int8(Layout.onnx_model, path, calibration, int8_recipes(settings.int8_search),
+                                  settings.calibration_percentile, contract, splits.x_val, splits.y_val,
+                                  settings.max_accuracy_drop)
+        else:
+            convert_fp16(Layout.onnx_model, path)
         reference.add_to(path, contract)  # before scoring: the size scored is the size published
         measured = score_onnx(path, contract, splits.x_test, splits.y_test)
         drop = fp32.accuracy - measured.accuracy
         published = drop <= settings.max_accuracy_drop
         scores[variant] = {**asdict(measured), "accuracy_drop": drop, "published": published,
-                           "speedup_batch64_cpu": fp32.latency_ms_batch64 / measured.latency_ms_batch64}
+                           "speedup_batch64_cpu": fp32.latency_ms_batch64 / measured.latency_ms_batch64,
+                           **({"recipes": recipes} if recipes else {})}
         if not published:
             path.unlink()
             scores[variant]["why_not"] = (f"{100 * drop:.2f} points below FP32 on the test split, more than "
                                           f"export.max_accuracy_drop {100 * settings.max_accuracy_drop:g}")
     return scores
+
+
+def int8_recipes(search: Int8SearchParams) -> list[Int8Recipe]:
+    """Every combination of export.int8_search's lists."""
+    return [Int8Recipe(fmt, per_channel, method, tuple(keep)) for fmt, per_channel, method, keep in itertools.product(
+        search.formats, search.per_channel, search.calibration, search.keep_float)]
