@@ -3,6 +3,7 @@ and (--capture) what capturing every request costs.
 
     .venv/bin/python benchmarks/serve_benchmark.py --onnx models/model.onnx --seconds 10
     .venv/bin/python benchmarks/serve_benchmark.py --onnx models/model.onnx --capture --seconds 2 --rounds 16
+    .venv/bin/python benchmarks/serve_benchmark.py --protocols binary grpc --threads 1 --seconds 10
 
 For each setting it starts `python -m deploy.server --onnx-file ...` (serving.variant auto unless --variant),
 drives it with C concurrent keep-alive connections sending V2 infer requests (one image each, as a JSON list or
@@ -92,7 +93,10 @@ async def _drive(port: int, request: bytes, concurrency: int, seconds: float, li
     started = time.perf_counter()
     deadline = started + seconds
     await asyncio.gather(*(_connection(port, request, deadline, limit, latencies, errors) for _ in range(concurrency)))
-    elapsed = time.perf_counter() - started
+    return _load_summary(concurrency, latencies, errors, time.perf_counter() - started)
+
+
+def _load_summary(concurrency: int, latencies: list[float], errors: list[int], elapsed: float) -> dict:
     ordered = sorted(latencies)
     return {
         "concurrency": concurrency, "requests": len(latencies), "errors": len(errors), "seconds": round(elapsed, 2),
@@ -100,6 +104,35 @@ async def _drive(port: int, request: bytes, concurrency: int, seconds: float, li
         "p50_ms": round(1000 * ordered[len(ordered) // 2], 3),
         "p99_ms": round(1000 * ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))], 3),
     }
+
+
+async def _drive_grpc(port: int, rows: np.ndarray, concurrency: int, seconds: float, limit: int) -> dict:
+    """The same load over gRPC (KServe V2, raw_input_contents): C callers on one channel, unary calls back to back."""
+    from grpc import aio
+
+    from deploy.v2_protocol import grpc_predict_v2_pb2 as pb
+    from deploy.v2_protocol.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
+
+    request = pb.ModelInferRequest(model_name=MODEL, raw_input_contents=[rows.astype("<f4").tobytes()])
+    request.inputs.add(name="pixels", datatype="FP32", shape=list(rows.shape))
+    latencies: list[float] = []
+    errors: list[int] = []
+    async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        infer = GRPCInferenceServiceStub(channel).ModelInfer
+        started = time.perf_counter()
+        deadline = started + seconds
+
+        async def caller() -> None:
+            while time.perf_counter() < deadline and len(latencies) < limit:
+                begun = time.perf_counter()
+                try:
+                    await infer(request)
+                except aio.AioRpcError as error:
+                    errors.append(error.code().value[0])
+                latencies.append(time.perf_counter() - begun)
+
+        await asyncio.gather(*(caller() for _ in range(concurrency)))
+        return _load_summary(concurrency, latencies, errors, time.perf_counter() - started)
 
 
 def _metric(text: str, name: str) -> float:
@@ -119,7 +152,7 @@ def _start_server(onnx: Path, variant: str, max_batch: int, delay_ms: float, thr
     server = subprocess.Popen(
         [sys.executable, "-m", "deploy.server", "--onnx-file", str(onnx), "--model", MODEL, "--port", str(port),
          "--providers", "cpu", "--variant", variant, "--max-batch-size", str(max_batch), "--max-queue-delay-ms",
-         str(delay_ms), "--threads", str(threads), *options],
+         str(delay_ms), "--threads", str(threads), "--grpc-port", "0", *options],  # options' own --grpc-port wins
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     for _ in range(300):
@@ -132,18 +165,27 @@ def _start_server(onnx: Path, variant: str, max_batch: int, delay_ms: float, thr
     return server, port
 
 
-def _run_setting(onnx: Path, variant: str, binary: bool, max_batch: int, delay_ms: float, concurrency: int,
+def _run_setting(onnx: Path, variant: str, protocol: str, max_batch: int, delay_ms: float, concurrency: int,
                  seconds: float, threads: int) -> dict:
-    server, port = _start_server(onnx, variant, max_batch, delay_ms, threads)
+    """One server, one load: protocol json | binary (HTTP) | grpc."""
+    grpc_port = _free_port()
+    server, port = _start_server(onnx, variant, max_batch, delay_ms, threads, "--grpc-port", str(grpc_port))
     try:
         base = f"http://127.0.0.1:{port}"
         served = httpx.get(f"{base}/v2/models/{MODEL}").json()
         rows = np.random.default_rng(0).normal(size=(1, *served["inputs"][0]["shape"][1:])).astype(np.float32)
-        request = _request_bytes(port, rows, binary)
-        asyncio.run(_drive(port, request, concurrency, 1.0, 10**6))  # warm-up, not counted
+        if protocol == "grpc":
+            def drive(for_seconds: float, limit: int) -> dict:
+                return asyncio.run(_drive_grpc(grpc_port, rows, concurrency, for_seconds, limit))
+        else:
+            request = _request_bytes(port, rows, protocol == "binary")
+
+            def drive(for_seconds: float, limit: int) -> dict:
+                return asyncio.run(_drive(port, request, concurrency, for_seconds, limit))
+        drive(1.0, 10**6)  # warm-up, not counted
         before = httpx.get(f"{base}/metrics").text
         cpu_before = (_cpu_seconds(server.pid), time.process_time())
-        result = asyncio.run(_drive(port, request, concurrency, seconds, 200_000))
+        result = drive(seconds, 200_000)
         server_cpu, client_cpu = _cpu_seconds(server.pid) - cpu_before[0], time.process_time() - cpu_before[1]
         after = httpx.get(f"{base}/metrics").text
     finally:
@@ -156,8 +198,9 @@ def _run_setting(onnx: Path, variant: str, binary: bool, max_batch: int, delay_m
     executions, inferences = delta("graft_executions_total"), delta("graft_inferences_total")
     model_seconds = delta("graft_model_execution_seconds_sum")
     server_seconds = delta(r"graft_request_latency_seconds_sum")
+    model_threads = threads or os.cpu_count()  # ONNX Runtime's intra-op threads, each busy while the model runs
     result.update({
-        "protocol": "binary" if binary else "json", "variant": served["parameters"]["variant"],
+        "protocol": protocol, "variant": served["parameters"]["variant"],
         "max_batch_size": max_batch, "max_queue_delay_ms": delay_ms,
         "mean_batch_size": round(inferences / executions, 2) if executions else 0,
         # Of the time the server spent on requests (sum of per-request latencies inside the server),
@@ -166,6 +209,12 @@ def _run_setting(onnx: Path, variant: str, binary: bool, max_batch: int, delay_m
         "server_ms_per_request": round(1000 * server_seconds / max(1, result["requests"]), 4),
     })
     result["share_outside_model"] = round(1 - result["model_ms_per_request"] / result["server_ms_per_request"], 3)
+    # CPU, not wall time: the server process's CPU per request beside the model's (its time inside ONNX Runtime times
+    # the threads it runs on: exact with --threads 1), so that the load generator on the same cores does not blur it.
+    model_cpu = model_seconds * model_threads
+    result["server_cpu_ms_per_request"] = round(1000 * server_cpu / max(1, result["requests"]), 4)
+    result["outside_model_cpu_ms_per_request"] = round(1000 * (server_cpu - model_cpu) / max(1, result["requests"]), 4)
+    result["outside_over_model_cpu"] = round((server_cpu - model_cpu) / model_cpu, 3) if model_cpu else None
     # The load generator runs on the same cores: what each side used, as a share of all the cores' time.
     capacity = result["seconds"] * os.cpu_count()
     result["server_cpu_share"], result["client_cpu_share"] = round(server_cpu / capacity, 3), round(client_cpu / capacity, 3)
@@ -316,6 +365,9 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=32, help="the batched setting's max batch size")
     parser.add_argument("--max-queue-delay-ms", type=float, default=0.0, help="the batched setting's queue delay")
     parser.add_argument("--variant", default="auto", help="the export variant the server runs (auto: as it would choose)")
+    parser.add_argument("--protocols", nargs="+", choices=["json", "binary", "grpc"],
+                        help="only the batched settings of these protocols, at c=1 and c=32 (with --threads 1: the "
+                             "server's CPU outside the model, exactly)")
     parser.add_argument("--capture", action="store_true", help="capture off against capture on, side by side")
     parser.add_argument("--rounds", type=int, default=4, help="--capture: alternating rounds per case")
     parser.add_argument("--png", type=Path, default=Path("data/raw/animal-mnist/bear/00000.png"),
@@ -341,11 +393,13 @@ def main() -> None:
         print(f"captured {summary['captured']:.0f}, dropped {summary['dropped']:.0f}")
         return
     batched = (args.max_batch_size, args.max_queue_delay_ms)
-    settings = [(False, 1, 0.0, 1), (True, 1, 0.0, 1), (True, 1, 0.0, 32), (True, *batched, 1), (True, *batched, 32),
-                (False, *batched, 32)]
+    settings = [("json", 1, 0.0, 1), ("binary", 1, 0.0, 1), ("binary", 1, 0.0, 32), ("binary", *batched, 1),
+                ("binary", *batched, 32), ("json", *batched, 32), ("grpc", *batched, 1), ("grpc", *batched, 32)]
+    if args.protocols:
+        settings = [s for s in settings if s[0] in args.protocols and s[1] > 1]
     runs = []
-    for binary, max_batch, delay, concurrency in settings:
-        result = _run_setting(args.onnx, args.variant, binary, max_batch, delay, concurrency, args.seconds, args.threads)
+    for protocol, max_batch, delay, concurrency in settings:
+        result = _run_setting(args.onnx, args.variant, protocol, max_batch, delay, concurrency, args.seconds, args.threads)
         if max_batch > 1 and concurrency > 1:  # the model alone, at the batch size this server formed
             served_file = variant_path(args.onnx, result["variant"])
             formed = max(1, round(result["mean_batch_size"]))
@@ -356,6 +410,10 @@ def main() -> None:
         runs.append(result)
         print(json.dumps(result), flush=True)
     summary = {"cpu": cpu_model(), "runs": runs}
+    if args.protocols:  # the batched settings of those protocols only (the CPU split at c=1 and c=32)
+        out = args.out or Path("benchmarks/results/serve_cpu.json")
+        out.write_text(json.dumps(summary, indent=2) + "\n")
+        return
     unbatched32 = next(r for r in runs if r["max_batch_size"] == 1 and r["concurrency"] == 32)
     batched32 = next(r for r in runs if r["max_batch_size"] > 1 and r["concurrency"] == 32 and r["protocol"] == "binary")
     summary["batched_over_unbatched_at_32"] = round(batched32["throughput_rps"] / unbatched32["throughput_rps"], 2)

@@ -195,11 +195,16 @@ class DriftMonitor:
             raise ValueError(f"expected rows of {self.reference.dimensions} features and {self.reference.classes} "
                              f"probabilities, got {features.shape} and {probabilities.shape}")
         features, probabilities = features[-self.window :], probabilities[-self.window :]
-        with self._lock:
-            slots = (self._seen + np.arange(len(features))) % self.window
-            self._features[slots], self._probabilities[slots] = features, probabilities
-            self._seen += len(features)
-            self._fresh += len(features)
+        rows = len(features)
+        with self._lock:  # the ring buffer written as at most two slices: every answer pays this, on the event loop
+            start = self._seen % self.window
+            first = min(rows, self.window - start)
+            self._features[start : start + first], self._probabilities[start : start + first] = (
+                features[:first], probabilities[:first])
+            if first < rows:
+                self._features[: rows - first], self._probabilities[: rows - first] = features[first:], probabilities[first:]
+            self._seen += rows
+            self._fresh += rows
 
     def full(self) -> bool:
         """True once `window` rows have arrived since the last test."""

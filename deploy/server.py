@@ -281,6 +281,7 @@ class ModelServer:
         self.metrics = Metrics()
         self.served: Served | None = None
         self.ready = False
+        self._answers: dict[tuple[str, str], Counter] = {}  # (version, route) -> its answers series, looked up once
         self._reloader: asyncio.Task | None = None
         self._swap_lock = asyncio.Lock()
         self._refused: set[str] = set()  # versions whose file failed its hash check: not tried again
@@ -731,7 +732,9 @@ class ModelServer:
         shadow once it is sent. `inputs`: the uploaded file's bytes, or the request's float32 rows; `probabilities`:
         the logits' softmax when the endpoint already computed it for its answer."""
         served, logits, features = inferred.served, inferred.logits, inferred.features
-        self.metrics.answers.labels(served.version, served.route).inc()
+        if (answers := self._answers.get((served.version, served.route))) is None:
+            answers = self._answers[served.version, served.route] = self.metrics.answers.labels(served.version, served.route)
+        answers.inc()
         capture = self.capture is not None and self.capture.sampled()
         measure = served.drift is not None and features is not None
         if probabilities is None and (capture or measure):
@@ -869,11 +872,16 @@ DRAIN_BYTES = 128 * 2**20  # or 4x max_body_bytes when that is more: a 64 MB upl
 DRAIN_SECONDS = 5.0
 
 
+PLAIN_ENDPOINTS = frozenset({"/", "/predict", "/feedback", "/metrics", "/v2", "/v2/health/live", "/v2/health/ready",
+                             f"/{CARD_MISTAKES}"})
+
+
 def endpoint_label(path: str) -> str:
-    """A request path as its endpoint, for metrics: model names and version numbers left out, so that the series
-    stay few (/v2/models/NAME/versions/3/infer -> /v2/models/infer; /v2/models/NAME -> /v2/models/metadata)."""
+    """A request path as its endpoint, for metrics: model names and version numbers left out, and any other path
+    "other", so that the series stay few whatever clients send (/v2/models/NAME/versions/3/infer ->
+    /v2/models/infer; /v2/models/NAME -> /v2/models/metadata)."""
     if not path.startswith("/v2/models/"):
-        return path
+        return path if path in PLAIN_ENDPOINTS else "other"
     rest = path.split("/")[4:]
     if rest[:1] == ["versions"]:
         rest = rest[2:]
@@ -888,6 +896,8 @@ class Guard:
         self.app, self.settings, self.metrics = app, settings, metrics
         self.limit = settings.serving.max_body_bytes
         self.drain_bytes = max(DRAIN_BYTES, 4 * self.limit)
+        self._latency: dict[str, Histogram] = {}  # endpoint -> its latency series
+        self._requests: dict[tuple[str, int], Counter] = {}  # (endpoint, status) -> its request count
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -929,8 +939,13 @@ class Guard:
             refusal = _error(413, f"body of {length.decode('latin-1')} bytes is over the limit of {self.limit}")
             self.metrics.errors.labels(endpoint, "too_large").inc()
         await (refusal or self.app)(scope, receive_noting_end, send_noting_status)
-        self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
-        self.metrics.requests.labels(endpoint, str(status)).inc()
+        seconds = time.perf_counter() - started
+        if (latency := self._latency.get(endpoint)) is None:  # a labelled child looked up once: every request pays this
+            latency = self._latency[endpoint] = self.metrics.latency.labels(endpoint)
+        latency.observe(seconds)
+        if (counted := self._requests.get((endpoint, status))) is None:
+            counted = self._requests[endpoint, status] = self.metrics.requests.labels(endpoint, str(status))
+        counted.inc()
         if held:
             await self._drain(receive)
             await send({"type": "http.response.body", "body": b"", "more_body": False})  # the server closes now
@@ -1245,6 +1260,9 @@ def create_app(source: FileSource | RegistrySource, settings: ServerSettings) ->
     app = FastAPI(title="Graft model server", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = server
     app.add_middleware(Guard, settings=settings, metrics=server.metrics)
+    # Routes are tried in order: the busiest first (each miss is a regular expression run on every request).
+    app.add_route("/v2/models/{name}/infer", infer, methods=["POST"])
+    app.add_route("/predict", predict, methods=["POST"])
     app.add_route("/v2", server_metadata, methods=["GET"])
     app.add_route("/v2/health/live", live, methods=["GET"])
     app.add_route("/v2/health/ready", ready, methods=["GET"])
@@ -1252,10 +1270,9 @@ def create_app(source: FileSource | RegistrySource, settings: ServerSettings) ->
         app.add_route(model, model_metadata, methods=["GET"])
         app.add_route(f"{model}/ready", model_ready, methods=["GET"])
         app.add_route(f"{model}/config", model_configuration, methods=["GET"])
-        app.add_route(f"{model}/infer", infer, methods=["POST"])
+    app.add_route("/v2/models/{name}/versions/{version}/infer", infer, methods=["POST"])
     for path, extension in UNSUPPORTED_ENDPOINTS.items():
         app.add_route(path, unsupported_endpoint(extension), methods=["GET", "POST"])
-    app.add_route("/predict", predict, methods=["POST"])
     app.add_route("/feedback", feedback, methods=["POST"])
     app.add_api_route("/metrics", prometheus, methods=["GET"])
     app.add_api_route("/", page, methods=["GET"], response_class=HTMLResponse)
