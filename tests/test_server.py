@@ -671,8 +671,12 @@ def test_two_registries_with_the_same_model_name_and_version_each_serve_their_ow
         tampered = _register_file(other, files[other_bytes], tmp_path / "other-artifacts", sha256_file(files[other_bytes]))
         stored = Path(unquote(urlparse(other_client.get_model_version_download_uri(MODEL, tampered)).path)) / "model.onnx"
         stored.write_bytes(files[champion].read_bytes())
-        other_client.set_registered_model_alias(MODEL, CHAMPION, tampered)
         base = servers[1][1]
+        asked = httpx.post(f"{base}/v2/models/{MODEL}/versions/{tampered}/infer",  # by number: refused the same way
+                           json={"inputs": [{"name": "pixels", "shape": [1, 1, 28, 28], "datatype": "FP32",
+                                             "data": [0.0] * 784}]})
+        assert asked.status_code == 404 and f"v{tampered} is not served: its file failed its hash check" in asked.text
+        other_client.set_registered_model_alias(MODEL, CHAMPION, tampered)
         refused = f'graft_model_refused_total{{model="{MODEL}",version="{tampered}"}} 1.0'
         wait_until(lambda: refused in httpx.get(f"{base}/metrics").text, 30,
                    lambda: httpx.get(f"{base}/metrics").text[-2000:])
