@@ -1011,22 +1011,6 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def unknown_model(server: ModelServer, name: str) -> JSONResponse | None:
-    """A 404 when this server does not serve `name`, else None."""
-    if name != server.settings.model_name:
-        return _error(404, f"unknown model {name!r}; this server serves {server.settings.model_name!r}")
-    return None
-
-
-def check_model(server: ModelServer, name: str) -> JSONResponse | None:
-    """The answer for a request to model `name` that cannot be served (unknown model, not loaded yet), else None."""
-    if (problem := unknown_model(server, name)) is not None:
-        return problem
-    if not server.ready:
-        return _error(503, "the model is not loaded yet")
-    return None
-
-
 async def asked_version(request: Request) -> Served:
     """The version a /v2/models/NAME[/versions/V]/... request is for."""
     return await _server(request).servable(request.path_params["name"], request.path_params.get("version"))
@@ -1118,9 +1102,11 @@ async def infer(request: Request) -> Response:
     server = _server(request)
     metrics, limit = server.metrics, server.settings.serving.max_body_bytes
     name, version = request.path_params["name"], request.path_params.get("version")
-    if (problem := check_model(server, name)) is not None:
+    try:
+        await server.servable(name, version)  # before the body is read: an unknown model or version is said at once
+    except NotServable as error:
         metrics.errors.labels("infer", "model").inc()
-        return problem
+        return _error(error.status, error.message)
     raw = b""
     request_id, key = request_identity(request, server)
     try:
