@@ -614,11 +614,12 @@ class ModelServer:
 
     # ------------------------------------------------------------ versions asked for by number
 
-    def loaded_versions(self) -> list[str]:
-        """The versions loaded here: the alias's, the canary's, the shadow's, then those pinned by requests."""
+    def loaded_versions(self, first: str | None = None) -> list[str]:
+        """The versions loaded here: `first` (the one a metadata request is about), the alias's, the canary's, the
+        shadow's, then those pinned by requests."""
         side = (self.canary and self.canary.served, self.shadowed)
         versions = [served.version for served in (self.served, *side) if served is not None]
-        return list(dict.fromkeys([*versions, *self._pinned]))
+        return list(dict.fromkeys([*([first] if first else []), *versions, *self._pinned]))
 
     def loaded(self, version: str) -> Served | None:
         for served in (self.served, self.canary and self.canary.served, self.shadowed, self._pinned.get(version)):
@@ -1048,9 +1049,8 @@ async def model_metadata(request: Request):
         return _error(error.status, error.message)
     server, name = _server(request), request.path_params["name"]
     serving, canary = server.settings.serving, server.canary
-    versions = [served.version, *(v for v in server.loaded_versions() if v != served.version)]
     return JSONResponse({
-        **v2_model_metadata(name, served.model, versions),
+        **v2_model_metadata(name, served.model, server.loaded_versions(first=served.version)),
         "parameters": {
             "version": served.version, "provider": served.model.provider,
             "variant": served.model.variant, "variant_note": served.model.variant_note,

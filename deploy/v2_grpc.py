@@ -113,8 +113,7 @@ class V2Servicer(GRPCInferenceServiceServicer):
 
     async def ModelMetadata(self, request, context):
         served = await self._servable(context, request.name, request.version)
-        versions = [served.version, *(v for v in self.server.loaded_versions() if v != served.version)]
-        metadata = model_metadata(request.name, served.model, versions)
+        metadata = model_metadata(request.name, served.model, self.server.loaded_versions(first=served.version))
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=metadata["name"], versions=metadata["versions"], platform=metadata["platform"],
