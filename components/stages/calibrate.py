@@ -8,7 +8,7 @@ from components.config import Params
 from components.errors import GraftError
 from components.layout import Layout
 from components.network import load_checkpoint
-from components.predict import Normalizer, predict_logits
+from components.predict import Normalizer, for_inference, predict_logits
 
 
 class CalibrationError(GraftError):
@@ -23,7 +23,7 @@ def calibrate(params: Params) -> dict:
         raise CalibrationError("calibration.method 'temperature' is fitted on the validation split, and it is empty: "
                                "set data.target.val_size above 0 (a few hundred images), or calibration.method: none")
     else:
-        model, _ = load_checkpoint(Layout.transfer_model)
+        model = for_inference(load_checkpoint(Layout.transfer_model)[0], params.compute)
         logits = predict_logits(model, splits.x_val, Normalizer.of(model.spec.contract)).numpy()
         temperature = fit_temperature(logits, splits.y_val)
         result = {"method": "temperature", "temperature": temperature, "fitted_on": "val",

@@ -17,7 +17,7 @@ from components.evaluate import (
 )
 from components.layout import Layout
 from components.network import load_checkpoint
-from components.predict import Normalizer, predict_logits
+from components.predict import Normalizer, for_inference, predict_logits
 
 
 def evaluate(params: Params) -> dict:
@@ -26,6 +26,7 @@ def evaluate(params: Params) -> dict:
     for label, path, plot in (("transfer", Layout.transfer_model, Layout.confusion_transfer),
                               ("scratch", Layout.scratch_model, Layout.confusion_scratch)):
         model, meta = load_checkpoint(path)
+        model = for_inference(model, params.compute)
         logits = predict_logits(model, splits.x_test, Normalizer.of(model.spec.contract)).numpy()
         predicted = logits.argmax(1)
         evaluation = score(splits.y_test, predicted, splits.classes)

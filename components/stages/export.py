@@ -27,6 +27,7 @@ from components.export import (
 )
 from components.layout import Layout
 from components.network import load_checkpoint
+from components.predict import for_inference
 from deploy.contract import Contract
 from deploy.tags import DATA_VERSION_KEY, SOURCE_KEY, STRATEGY_KEY
 from deploy.variants import FP32, INT8, variant_path
@@ -42,7 +43,7 @@ def export(params: Params) -> dict:
     splits = data_mod.load_splits(Layout.selected_data)
     reference = DriftImages.of(splits, params.export.drift_reference_images)
     reference.add_to(Layout.onnx_model, model.spec.contract)
-    parity = check_parity(model, Layout.onnx_model, splits.x_test, params.export.parity_atol, params.export.parity_rtol)
+    parity = check_parity(for_inference(model, params.compute), Layout.onnx_model, splits.x_test, params.export.parity_atol, params.export.parity_rtol)
     # Metrics only: the exporter's bytes are not reproducible (DVC's lock keeps the file's hash).
     result = {**asdict(parity), "passed": parity.passed, "onnx_bytes": Layout.onnx_model.stat().st_size,
               "drift_reference_images": len(reference.pixels)}
