@@ -19,7 +19,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -300,9 +300,10 @@ def search_int8(fp32_path: Path, path: Path, calibration: np.ndarray, recipes: l
             log.info("INT8 recipe %s: val accuracy %.4f (FP32 %.4f), batch 64 %.2f ms (FP32 %.2f ms)", recipe.name,
                      score.accuracy, fp32.accuracy, score.latency_ms_batch64, fp32.latency_ms_batch64)
             tried.append((candidate, {
-                "recipe": recipe.name, "val_accuracy": score.accuracy, "val_accuracy_drop": fp32.accuracy - score.accuracy,
+                "recipe": recipe.name, **asdict(recipe), "val_accuracy": score.accuracy,
+                "val_accuracy_drop": fp32.accuracy - score.accuracy, "latency_ms_batch1": score.latency_ms_batch1,
                 "latency_ms_batch64": score.latency_ms_batch64, "speedup_batch64_cpu": fp32.latency_ms_batch64 /
-                score.latency_ms_batch64, "quantize_seconds": seconds,
+                score.latency_ms_batch64, "onnx_bytes": score.onnx_bytes, "quantize_seconds": seconds,
                 "within_bound": fp32.accuracy - score.accuracy <= max_drop, "kept": False}))
         within = [trial for trial in tried if trial[1]["within_bound"]]
         kept = (min(within, key=lambda trial: trial[1]["latency_ms_batch64"]) if within
