@@ -19,7 +19,7 @@ import numpy as np
 from components import data as data_mod
 from components.compute import cpu_flags, cpu_model
 from components.config import Int8SearchParams, load_params
-from components.export import FLOAT_ROLES, score_onnx, search_int8
+from components.export import score_onnx, search_int8
 from components.layout import Layout
 from components.stages.export import int8_recipes
 from deploy.model import load_model
@@ -33,10 +33,14 @@ def main() -> None:
     parser.add_argument("--formats", nargs="+", default=["qdq", "qoperator"])
     parser.add_argument("--per-channel", nargs="+", default=["true", "false"])
     parser.add_argument("--calibration", nargs="+", default=["percentile", "minmax", "entropy"])
+    parser.add_argument("--float-convs", nargs="+", type=int, default=[0, 1, 2, 4, 8],
+                        help="how many leading convolutions each recipe leaves in float")
+    parser.add_argument("--float-classifier", nargs="+", default=["true"])
     args = parser.parse_args()
     settings = load_params(Path("params.yaml")).export
     grid = Int8SearchParams(formats=args.formats, per_channel=[v == "true" for v in args.per_channel],
-                            calibration=args.calibration, keep_float=[list(FLOAT_ROLES), ["first_conv"], []])
+                            calibration=args.calibration, float_convs=args.float_convs,
+                            float_classifier=[v == "true" for v in args.float_classifier])
     contract = load_model(Layout.onnx_model, ["cpu"]).contract
     splits = data_mod.load_splits(Layout.selected_data)
     calibration = contract.normalize(np.concatenate([splits.x_train, splits.x_val])[: settings.calibration_images])

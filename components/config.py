@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Annotated, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -303,11 +303,11 @@ class Int8SearchParams(Strict):
     """The INT8 recipes export tries (every combination of these lists; components/export.py Int8Recipe): the fastest
     at batch 64 on this machine within max_accuracy_drop on the validation split is kept."""
 
-    formats: list[Literal["qdq", "qoperator"]] = Field(default=["qdq", "qoperator"], min_length=1)
+    formats: list[Literal["qdq", "qoperator"]] = Field(default=["qdq"], min_length=1)
     per_channel: list[bool] = Field(default=[True], min_length=1)
     calibration: list[Literal["percentile", "minmax", "entropy"]] = Field(default=["percentile"], min_length=1)
-    keep_float: list[list[Literal["first_conv", "classifier"]]] = Field(default=[["first_conv", "classifier"]],
-                                                                         min_length=1)
+    float_convs: list[Annotated[int, Field(ge=0)]] = Field(default=[1, 2, 4], min_length=1)
+    float_classifier: list[bool] = Field(default=[True], min_length=1)
 
 
 class ExportParams(Strict):

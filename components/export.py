@@ -158,25 +158,27 @@ def _save_checked(proto: onnx.ModelProto, path: Path) -> Path:
     return path
 
 
-FLOAT_ROLES = ("first_conv", "classifier")  # layers a recipe may leave in float: the one that sees raw pixels, the last
-
-
 @dataclass(frozen=True)
 class Int8Recipe:
     """One way to quantize to INT8 with ONNX Runtime: its format (qdq: QuantizeLinear/DequantizeLinear pairs the CPU
     provider fuses into integer kernels; qoperator: QLinearConv and kin written out), weights per output channel or
     per tensor, how activation ranges are read from the calibration images (percentile: the range holding that share
-    of the values seen, robust to rare outliers; minmax; entropy), and the layers left in float (FLOAT_ROLES)."""
+    of the values seen, robust to rare outliers; minmax; entropy), and the layers left in float: the first
+    `float_convs` convolutions in graph order (the early layers, which see the least processed values, are the ones
+    INT8 hurts most: benchmarks/README.md "INT8 recipes") and the classifier."""
 
     format: str = "qdq"
     per_channel: bool = True
     calibration: str = "percentile"
-    keep_float: tuple[str, ...] = FLOAT_ROLES
+    float_convs: int = 1
+    float_classifier: bool = True
 
     @property
     def name(self) -> str:
+        kept = [f"first {self.float_convs} conv{'s' if self.float_convs > 1 else ''}"] if self.float_convs else []
+        kept += ["classifier"] if self.float_classifier else []
         return (f"{self.format} {'per-channel' if self.per_channel else 'per-tensor'} {self.calibration} "
-                f"float:{'+'.join(self.keep_float) or 'none'}")
+                f"float:{'+'.join(kept) or 'none'}")
 
 
 def quantize_int8(fp32_path: Path, path: Path, calibration: np.ndarray, recipe: Int8Recipe, percentile: float,
@@ -212,12 +214,12 @@ def quantize_int8(fp32_path: Path, path: Path, calibration: np.ndarray, recipe: 
         prepared, quantized = Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
         graph = onnx.load(str(prepared)).graph
-        roles = {"first_conv": [next(n.name for n in graph.node if n.op_type == "Conv")],
-                 "classifier": [n.name for n in graph.node if n.op_type in ("Gemm", "MatMul")][-1:]}
+        in_float = [n.name for n in graph.node if n.op_type == "Conv"][: recipe.float_convs]
+        in_float += [n.name for n in graph.node if n.op_type in ("Gemm", "MatMul")][-1:] if recipe.float_classifier else []
         quantize_static(str(prepared), str(quantized), Batches(),
                         quant_format={"qdq": QuantFormat.QDQ, "qoperator": QuantFormat.QOperator}[recipe.format],
                         per_channel=recipe.per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        nodes_to_exclude=[name for role in recipe.keep_float for name in roles[role]],
+                        nodes_to_exclude=in_float,
                         calibrate_method={"percentile": CalibrationMethod.Percentile, "minmax": CalibrationMethod.MinMax,
                                           "entropy": CalibrationMethod.Entropy}[recipe.calibration],
                         extra_options={"CalibPercentile": percentile}, calibration_cache_path=ranges_cache)

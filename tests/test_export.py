@@ -94,7 +94,7 @@ def test_int8_and_fp16_variants_keep_the_contract_and_compute_what_fp32_computes
     contract = model.spec.contract
     calibration = contract.normalize(rng.integers(0, 256, (40, 1, 28, 28), dtype=np.uint8))
     x = contract.normalize(rng.integers(0, 256, (64, 1, 28, 28), dtype=np.uint8))
-    int8 = quantize_int8(path, tmp_path / "variants" / "model.int8.onnx", calibration, Int8Recipe(), 99.99)
+    int8 = quantize_int8(path, tmp_path / "variants" / "model.int8.onnx", calibration, Int8Recipe(float_convs=2), 99.99)
     fp16 = convert_fp16(path, tmp_path / "variants" / "model.fp16.onnx")
     reference = _logits(path, x)
     for variant in (int8, fp16):
@@ -110,6 +110,9 @@ def test_int8_and_fp16_variants_keep_the_contract_and_compute_what_fp32_computes
     float_weights = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
     (classifier,) = [node for node in graph.node if node.op_type == "Gemm"]
     assert classifier.input[1] in float_weights, "the classifier stays in float"
+    convolutions = [node for node in graph.node if node.op_type == "Conv"]
+    assert [conv.input[1] in float_weights for conv in convolutions[:3]] == [True, True, False], \
+        "the recipe's first two convolutions stay in float, the third is quantized"
     fp16_logits, int8_logits = _logits(fp16, x), _logits(int8, x)
     assert fp16_logits.dtype == np.float32 and int8_logits.shape == reference.shape
     np.testing.assert_allclose(fp16_logits, reference, atol=5e-3 * np.abs(reference).max())
@@ -135,8 +138,8 @@ def test_a_variant_beyond_the_accuracy_bound_is_neither_written_nor_published(ex
     scores = export_variants(params, model.spec.contract, splits, images)
     assert scores["fp32"]["accuracy"] == 1.0 and scores["int8"]["accuracy_drop"] > 0
     recipes = scores["int8"]["recipes"]  # each recipe tried is recorded, one kept
-    assert [r["recipe"] for r in recipes] == ["qdq per-channel percentile float:first_conv+classifier",
-                                              "qoperator per-channel percentile float:first_conv+classifier"]
+    assert [r["recipe"] for r in recipes] == [f"qdq per-channel percentile float:first {n}+classifier"
+                                              for n in ("1 conv", "2 convs", "4 convs")]
     assert [r["kept"] for r in recipes].count(True) == 1
     assert not (tmp_path / "models/variants/model.int8.onnx").exists() and not scores["int8"]["published"]
     assert "more than export.max_accuracy_drop 0" in scores["int8"]["why_not"]

@@ -112,5 +112,5 @@ def export_variants(params: Params, contract: Contract, splits: data_mod.Splits,
 
 def int8_recipes(search: Int8SearchParams) -> list[Int8Recipe]:
     """Every combination of export.int8_search's lists."""
-    return [Int8Recipe(fmt, per_channel, method, tuple(keep)) for fmt, per_channel, method, keep in itertools.product(
-        search.formats, search.per_channel, search.calibration, search.keep_float)]
+    return [Int8Recipe(*recipe) for recipe in itertools.product(
+        search.formats, search.per_channel, search.calibration, search.float_convs, search.float_classifier)]
