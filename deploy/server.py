@@ -1150,8 +1150,10 @@ async def infer(request: Request) -> Response:
 async def predict(request: Request) -> Response:
     """POST /predict: an image file (raw bytes or a multipart upload) -> the top_k classes. Plain Starlette too."""
     server = _server(request)
-    if not server.ready:
-        return _error(503, "the model is not loaded yet")
+    try:
+        await server.servable(server.settings.model_name, None)
+    except NotServable as error:
+        return _error(error.status, error.message)
     top_k = request.query_params.get("top_k", "3")
     if not top_k.lstrip("-").isdigit():
         return _error(422, f"top_k={top_k!r} must be an integer (the number of classes to return)")
