@@ -627,6 +627,11 @@ class ModelServer:
                 return served
         return None
 
+    def configuration(self, name: str, served: Served) -> dict:
+        """Triton's model configuration of `served` as model `name` (deploy/v2.py model_config): both transports'."""
+        serving = self.settings.serving
+        return model_config(name, served.version, served.model, serving.max_batch_size, serving.max_queue_delay_ms)
+
     async def servable(self, name: str, version: str | None) -> Served:
         """The version of model `name` a request is for (None: the alias's), loaded if it must be; NotServable says
         why there is none. Both transports ask here."""
@@ -1074,9 +1079,7 @@ async def model_configuration(request: Request):
         served = await asked_version(request)
     except NotServable as error:
         return _error(error.status, error.message)
-    serving = _server(request).settings.serving
-    return JSONResponse(model_config(request.path_params["name"], served.version, served.model,
-                                     serving.max_batch_size, serving.max_queue_delay_ms))
+    return JSONResponse(_server(request).configuration(request.path_params["name"], served))
 
 
 # The endpoints of the protocol's extensions this server does not support, and the extension each belongs to.

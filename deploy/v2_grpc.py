@@ -4,7 +4,8 @@ models, versions by number, dynamic batches, canary routing, capture, shadow, AP
 Tensors come as raw little-endian bytes (raw_input_contents, what NVIDIA's and KServe's clients send) or as
 fp32_contents; answers carry raw_output_contents. Every refusal is a gRPC status with the HTTP side's message:
 INVALID_ARGUMENT for a bad tensor, RESOURCE_EXHAUSTED past the size limit, NOT_FOUND for an unknown model or
-version, UNAVAILABLE before a model is loaded, UNAUTHENTICATED without the token.
+version, UNAVAILABLE before a model is loaded, UNAUTHENTICATED without the token, UNIMPLEMENTED naming the extension
+for Triton's methods Graft does not answer. ModelConfig, Triton's model configuration, is the HTTP /config's.
 
 `server` here is deploy.server.ModelServer (not imported: that module starts this one).
 """
@@ -16,6 +17,7 @@ import time
 
 import grpc
 import numpy as np
+from google.protobuf import json_format
 from grpc import aio
 from grpc_reflection.v1alpha import reflection
 
@@ -31,6 +33,7 @@ from deploy.v2 import (
     rows_from_bytes,
     rows_from_values,
     server_metadata,
+    unsupported,
 )
 from deploy.v2_protocol import grpc_predict_v2_pb2 as pb
 from deploy.v2_protocol.grpc_predict_v2_pb2_grpc import (
@@ -45,6 +48,17 @@ REFLECTION_PREFIX = "/grpc.reflection."  # the protocol's description: public, n
 STATUS_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
                 404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
                 503: grpc.StatusCode.UNAVAILABLE}
+# Triton's methods of the service that Graft does not answer, by the protocol extension each belongs to: a client
+# calling one hears which (UNIMPLEMENTED), as HTTP answers their endpoints 501 (deploy/server.py UNSUPPORTED_ENDPOINTS).
+UNSUPPORTED_METHODS = {
+    "ModelStreamInfer": "streaming", "ModelStatistics": "statistics",
+    **dict.fromkeys(("RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload"), "model_repository"),
+    **dict.fromkeys(("SystemSharedMemoryStatus", "SystemSharedMemoryRegister", "SystemSharedMemoryUnregister"),
+                    "system_shared_memory"),
+    **dict.fromkeys(("CudaSharedMemoryStatus", "CudaSharedMemoryRegister", "CudaSharedMemoryUnregister"),
+                    "cuda_shared_memory"),
+    "TraceSetting": "trace", "LogSettings": "logging",
+}
 INLINE_VALUES = 16384  # fp32_contents up to this many values are read on the event loop; more in the decode pool
 ENDPOINT = "grpc/ModelInfer"  # its label in the server's metrics, beside the HTTP paths
 GRACE_SECONDS = 5.0  # on shutdown, calls in flight get this long to finish
@@ -68,6 +82,22 @@ class TokenGuard(aio.ServerInterceptor):
     async def _refuse(request, context) -> None:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED,
                             "this server needs an API token: send the metadata 'authorization: Bearer <token>'")
+
+
+class UnsupportedMethods(grpc.GenericRpcHandler):
+    """Answers UNSUPPORTED_METHODS with UNIMPLEMENTED and the extension's name, instead of gRPC's bare 'Method not
+    found!'. ModelStreamInfer is a bidirectional stream; the others are unary."""
+
+    def service(self, handler_call_details):
+        service, _, method = handler_call_details.method.lstrip("/").partition("/")
+        extension = UNSUPPORTED_METHODS.get(method) if service == SERVICE else None
+        if extension is None:
+            return None
+
+        async def refuse(request, context) -> None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, unsupported(extension))
+        streaming = method == "ModelStreamInfer"
+        return (grpc.stream_stream_rpc_method_handler if streaming else grpc.unary_unary_rpc_method_handler)(refuse)
 
 
 def request_rows(request: pb.ModelInferRequest, model: LoadedModel, max_rows: int) -> np.ndarray:
@@ -118,6 +148,11 @@ class V2Servicer(GRPCInferenceServiceServicer):
         return pb.ModelMetadataResponse(
             name=metadata["name"], versions=metadata["versions"], platform=metadata["platform"],
             inputs=[tensor(**t) for t in metadata["inputs"]], outputs=[tensor(**t) for t in metadata["outputs"]])
+
+    async def ModelConfig(self, request, context):
+        served = await self._servable(context, request.name, request.version)
+        config = json_format.ParseDict(self.server.configuration(request.name, served), pb.ModelConfig())
+        return pb.ModelConfigResponse(config=config)
 
     async def ModelInfer(self, request, context):
         server, started = self.server, time.perf_counter()
@@ -173,6 +208,7 @@ async def start(server, host: str, port: int, token: str, max_message_bytes: int
         options=[("grpc.max_receive_message_length", max_message_bytes),
                  ("grpc.so_reuseport", 0)])  # a port in use is an error, not a second server sharing it
     add_GRPCInferenceServiceServicer_to_server(V2Servicer(server), grpc_server)
+    grpc_server.add_generic_rpc_handlers((UnsupportedMethods(),))
     # Reflection: grpcurl and other generic tools list and call the service without the .proto (open, like health:
     # it tells what the protocol is, which is public, nothing of the models).
     reflection.enable_server_reflection((SERVICE, reflection.SERVICE_NAME), grpc_server, pool=pb.POOL)

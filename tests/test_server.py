@@ -156,6 +156,14 @@ def test_nvidias_clients_read_the_server_and_model_metadata_and_config_over_http
     config = http.get_model_config(MODEL)
     assert config["max_batch_size"] == 32 and config["input"][0]["dims"] == [1, 28, 28]
     assert config["output"][0]["dims"] == [10] and config["platform"] == "onnxruntime_onnx"
+    by_grpc = grpc.get_model_config(MODEL).config  # Triton's own ModelConfig class reads Graft's answer
+    assert (by_grpc.max_batch_size, list(by_grpc.input[0].dims), list(by_grpc.output[0].dims)) == (32, [1, 28, 28], [10])
+    assert by_grpc.input[0].data_type == tritonclient.grpc.model_config_pb2.TYPE_FP32
+    assert by_grpc.input[0].format == tritonclient.grpc.model_config_pb2.ModelInput.FORMAT_NCHW
+    assert by_grpc.instance_group[0].kind == tritonclient.grpc.model_config_pb2.ModelInstanceGroup.KIND_CPU
+    assert {key: value.string_value for key, value in by_grpc.parameters.items()} == {
+        key: value["string_value"] for key, value in config["parameters"].items()}
+    assert grpc.get_model_config(MODEL, model_version="1").config.parameters["version"].string_value == "1"
     model = grpc.get_model_metadata(MODEL, as_json=True)
     assert model["versions"][0] == "1" and model["inputs"][0]["shape"] == ["-1", "1", "28", "28"]  # int64 in JSON
     with insecure_channel(f"127.0.0.1:{grpc_port}") as channel:  # reflection, as grpcurl lists services
@@ -167,6 +175,13 @@ def test_nvidias_clients_read_the_server_and_model_metadata_and_config_over_http
         http.get_model_repository_index()
     with pytest.raises(InferenceServerException, match="statistics extension is not supported"):
         http.get_inference_statistics(MODEL)
+    for call, extension in ((grpc.get_model_repository_index, "model_repository"),
+                            (lambda: grpc.get_inference_statistics(MODEL), "statistics"),
+                            (grpc.get_system_shared_memory_status, "system_shared_memory")):
+        with pytest.raises(InferenceServerException, match=f"{extension} extension is not supported") as refused:
+            call()
+        assert refused.value.status() == "StatusCode.UNIMPLEMENTED"
+    assert grpc.is_server_ready()
 
 
 def _triton_inputs(module, rows: np.ndarray, binary: bool | None = None):
