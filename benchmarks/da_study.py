@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from components.compute import cpu_flags, cpu_model
+from components.compute import cpu_description
 from components.config import AdaptationParams, Augment, TrainParams
 from components.data import Splits, stratified_take
 from components.network import ModelSpec, build
@@ -128,7 +128,7 @@ def main() -> None:
                 adapted = f", AdaBN {outcome['accuracy_adabn']:.4f}" if "accuracy_adabn" in outcome else ""
                 print(f"{source_name} -> {target_name} {method:12s} seed {seed}: {outcome['accuracy']:.4f}{adapted} "
                       f"({outcome['seconds']} s)", flush=True)
-    cpu = f"{cpu_model()} ({', '.join(sorted(cpu_flags() & {'avx2', 'avx512f', 'avx512_bf16', 'amx_bf16', 'amx_int8'}))})"
+    cpu = cpu_description()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"cpu": cpu, "steps": args.steps, "weights": METHOD_WEIGHTS, "results": results}, indent=1))
     columns = [c for m in args.methods for c in ((m, "source_only + AdaBN") if m == "source_only" else (m,))]

@@ -25,7 +25,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from components.compute import cpu_flags, cpu_model
+from components.compute import cpu_flags, cpu_model, speed_flags
 from components.config import load_params
 from components.data import load_splits
 from components.export import Int8Recipe, build_variant
@@ -91,7 +91,7 @@ def main() -> None:
     peak = nominal_peak_gflops()
     flops = flops_per_image(args.onnx)
     splits = load_splits(args.data)
-    results = {"cpu": cpu_model(), "cpu_flags": sorted(cpu_flags() & {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8"}),
+    results = {"cpu": cpu_model(), "cpu_flags": speed_flags(),
                "threads": os.cpu_count(), "onnxruntime": ort.__version__, "torch": torch.__version__,
                "input": list(contract.shape), "gflop_per_image": flops / 1e9, "nominal_peak_gflops_fp32": peak,
                "nominal_peak_gops_int8": 4 * peak, "rows": []}

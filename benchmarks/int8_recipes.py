@@ -17,15 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from components import data as data_mod
-from components.compute import cpu_flags, cpu_model
+from components.compute import cpu_description
 from components.config import Int8SearchParams, load_params
 from components.export import score_onnx, search_int8
 from components.layout import Layout
 from components.stages.export import int8_recipes
 from deploy.model import load_model
-
-SHOWN_FLAGS = {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8"}
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -44,7 +41,7 @@ def main() -> None:
     contract = load_model(Layout.onnx_model, ["cpu"]).contract
     splits = data_mod.load_splits(Layout.selected_data)
     calibration = contract.normalize(np.concatenate([splits.x_train, splits.x_val])[: settings.calibration_images])
-    cpu = f"{cpu_model()} ({', '.join(sorted(cpu_flags() & SHOWN_FLAGS))})"
+    cpu = cpu_description()
     fp32 = score_onnx(Layout.onnx_model, contract, splits.x_val, splits.y_val)
     print(f"CPU: {cpu}\nfp32: val {fp32.accuracy:.4f}, batch 64 {fp32.latency_ms_batch64:.2f} ms", flush=True)
     with tempfile.TemporaryDirectory() as tmp:

@@ -65,10 +65,9 @@ def _params(target_name: str, folder: Path, channels: int, raw_params: dict):
 
 
 def _cpu() -> str:
-    from components.compute import cpu_flags, cpu_model
+    from components.compute import cpu_description
 
-    flags = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8"})
-    return f"{cpu_model()} ({', '.join(flags)}), {os.cpu_count()} cores"
+    return f"{cpu_description()}, {os.cpu_count()} cores"
 
 
 def study_target(name: str, folder: Path, channels: int, raw_params: dict, seeds: list[int]) -> dict:

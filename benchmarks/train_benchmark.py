@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from components.compute import Compute, cpu_flags, cpu_model
+from components.compute import Compute, cpu_description, cpu_model, speed_flags
 from components.config import Augment, TrainParams
 from components.data import Splits
 from components.network import ModelSpec, build
@@ -104,9 +104,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/train_benchmark.json"))
     args = parser.parse_args()
     augment = Augment(flip=True, rotate_degrees=10.0, scale=(0.9, 1.1), shift_pixels=2)
-    flags = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8"})
-    results = {"cpu": cpu_model(), "flags": flags, "threads": torch.get_num_threads(), "steps": args.steps, "rows": []}
-    print(f"{results['cpu']} ({', '.join(flags)}), {results['threads']} threads; images/s over {args.steps} steps\n")
+    results = {"cpu": cpu_model(), "flags": speed_flags(), "threads": torch.get_num_threads(), "steps": args.steps, "rows": []}
+    print(f"{cpu_description()}, {results['threads']} threads; images/s over {args.steps} steps\n")
     print("| model | batch | compute | minimal loop | graft loop | graft / minimal | graft + augmentation | batch preparation share |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name in args.models:

@@ -48,6 +48,20 @@ def cpu_model() -> str:
     return _cpuinfo("model name") or "unknown CPU"
 
 
+# The CPU features that decide speed here (bf16 training, INT8 kernels): what every benchmark figure names its CPU by.
+SPEED_FLAGS = frozenset({"avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8"})
+
+
+def speed_flags() -> list[str]:
+    """This CPU's SPEED_FLAGS, sorted."""
+    return sorted(cpu_flags() & SPEED_FLAGS)
+
+
+def cpu_description() -> str:
+    """The CPU's model and its speed flags, as benchmark results name the machine."""
+    return f"{cpu_model()} ({', '.join(speed_flags())})"
+
+
 @dataclass(frozen=True)
 class Compute:
     device: str           # cpu | cuda

@@ -43,7 +43,8 @@ def export(params: Params) -> dict:
     splits = data_mod.load_splits(Layout.selected_data)
     reference = DriftImages.of(splits, params.export.drift_reference_images)
     reference.add_to(Layout.onnx_model, model.spec.contract)
-    parity = check_parity(for_inference(model, params.compute), Layout.onnx_model, splits.x_test, params.export.parity_atol, params.export.parity_rtol)
+    parity = check_parity(for_inference(model, params.compute), Layout.onnx_model, splits.x_test,
+                          params.export.parity_atol, params.export.parity_rtol)
     # Metrics only: the exporter's bytes are not reproducible (DVC's lock keeps the file's hash).
     result = {**asdict(parity), "passed": parity.passed, "onnx_bytes": Layout.onnx_model.stat().st_size,
               "drift_reference_images": len(reference.pixels)}
