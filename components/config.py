@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Literal, TypeVar, get_args
 
 import yaml
 from pydantic import (
@@ -420,12 +420,31 @@ class Params(Strict):
         return self.selection.use or self.sources.names()[0]
 
 
-def describe(error: ValidationError) -> str:
+def _model_in(annotation) -> type[BaseModel] | None:
+    """The one params model a field holds, directly or as the items of a list or mapping (None: no model, or several)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    found = {model for arg in get_args(annotation) if (model := _model_in(arg)) is not None}
+    return found.pop() if len(found) == 1 else None
+
+
+def _keys_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The keys allowed where `loc` points: list indexes and mapping keys (a source's name) stay on their items' model."""
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is not None and (model := _model_in(field.annotation)) is None:
+            return []
+    return sorted(model.model_fields)
+
+
+def describe(error: ValidationError, model: type[BaseModel] | None = None) -> str:
     lines = []
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"]) or "(top level)"
         if item["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key; remove it or fix its spelling")
+            allowed = _keys_at(model, item["loc"][:-1]) if model is not None else []
+            lines.append(f"  {key}: unknown key; remove it or fix its spelling"
+                         + (f" (allowed here: {', '.join(allowed)})" if allowed else ""))
             continue
         given = item.get("input")
         shown = "" if isinstance(given, dict) else f" (got {given!r})"
@@ -440,7 +459,7 @@ def validated(model: type[M], raw: dict) -> M:
     try:
         return model.model_validate(raw)
     except ValidationError as error:
-        raise ParamsError(f"invalid params:\n{describe(error)}") from None
+        raise ParamsError(f"invalid params:\n{describe(error, model)}") from None
 
 
 def parse_params(raw: dict) -> Params:

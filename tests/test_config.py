@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -29,8 +30,13 @@ def test_bad_strategy_names_key_and_allowed_values():
 def test_unknown_key_is_rejected_by_name():
     raw = tiny_params()
     raw["finetune"]["stepz"] = 3
-    with pytest.raises(ParamsError, match=r"finetune\.stepz: unknown key"):
+    raw["export"]["int8_search"]["keep_float"] = ["classifier"]  # a key an older Graft had
+    with pytest.raises(ParamsError, match=r"finetune\.stepz: unknown key") as refused:
         parse_settings(raw)
+    # each names the keys its section allows, down through mappings (a source's name) to the nested model
+    assert re.search(r"finetune\.stepz: .*allowed here: .*\bsteps\b", str(refused.value))
+    assert re.search(r"export\.int8_search\.keep_float: .*allowed here: calibration, float_classifier, float_convs, "
+                     r"formats, per_channel\)", str(refused.value))
 
 
 def test_normalisation_needs_one_value_per_channel():
