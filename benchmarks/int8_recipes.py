@@ -19,7 +19,7 @@ import numpy as np
 from components import data as data_mod
 from components.compute import cpu_description
 from components.config import Int8SearchParams, load_params
-from components.export import score_onnx, search_int8
+from components.export import search_int8
 from components.layout import Layout
 from components.stages.export import int8_recipes
 from deploy.model import load_model
@@ -42,11 +42,11 @@ def main() -> None:
     splits = data_mod.load_splits(Layout.selected_data)
     calibration = contract.normalize(np.concatenate([splits.x_train, splits.x_val])[: settings.calibration_images])
     cpu = cpu_description()
-    fp32 = score_onnx(Layout.onnx_model, contract, splits.x_val, splits.y_val)
-    print(f"CPU: {cpu}\nfp32: val {fp32.accuracy:.4f}, batch 64 {fp32.latency_ms_batch64:.2f} ms", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        rows = search_int8(Layout.onnx_model, Path(tmp) / "int8.onnx", calibration, int8_recipes(grid),
-                           settings.calibration_percentile, contract, splits.x_val, splits.y_val, settings.max_accuracy_drop)
+        fp32, rows = search_int8(Layout.onnx_model, Path(tmp) / "int8.onnx", calibration, int8_recipes(grid),
+                                 settings.calibration_percentile, contract, splits.x_val, splits.y_val,
+                                 settings.max_accuracy_drop)
+    print(f"CPU: {cpu}\nfp32: val {fp32.accuracy:.4f}, batch 64 {fp32.latency_ms_batch64:.2f} ms")
     for row in rows:
         print(f"{row['recipe']:55s} val {row['val_accuracy']:.4f} ({-100 * row['val_accuracy_drop']:+.1f} pt)  "
               f"b1 {row['latency_ms_batch1']:.2f} ms  b64 {row['latency_ms_batch64']:.2f} ms  "

@@ -283,12 +283,14 @@ def score_onnx(path: Path, contract: Contract, x_test: np.ndarray, y_test: np.nd
 
 
 def search_int8(fp32_path: Path, path: Path, calibration: np.ndarray, recipes: list[Int8Recipe], percentile: float,
-                contract: Contract, x_val: np.ndarray, y_val: np.ndarray, max_drop: float) -> list[dict]:
+                contract: Contract, x_val: np.ndarray, y_val: np.ndarray,
+                max_drop: float) -> tuple[VariantScore, list[dict]]:
     """Quantize by each recipe and score each file on the validation split (never test: the test split then measures
     the one kept, as it does every variant); keep, at `path`, the fastest at batch 64 among those within `max_drop`
     of FP32's validation accuracy (none within: the most accurate, the fastest of those, for the test split's bound
     to judge; a validation split of a few hundred images moves in steps of several tenths of a point). Returns
-    every recipe's accuracy, speed and time to quantize, the one kept marked."""
+    FP32's score on the validation split, which every recipe is held to, and every recipe's accuracy, speed and time
+    to quantize, the one kept marked."""
     fp32 = score_onnx(fp32_path, contract, x_val, y_val)
     tried = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -313,4 +315,4 @@ def search_int8(fp32_path: Path, path: Path, calibration: np.ndarray, recipes: l
         kept[1]["kept"] = True
         with atomic_path(path) as tmp_path:
             shutil.copyfile(kept[0], tmp_path)
-    return [record for _, record in tried]
+    return fp32, [record for _, record in tried]

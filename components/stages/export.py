@@ -92,9 +92,9 @@ def export_variants(params: Params, contract: Contract, splits: data_mod.Splits,
         path = variant_path(Layout.onnx_model, variant)
         recipes = None
         if variant == INT8:
-            recipes = search_int8(Layout.onnx_model, path, calibration, int8_recipes(settings.int8_search),
-                                  settings.calibration_percentile, contract, splits.x_val, splits.y_val,
-                                  settings.max_accuracy_drop)
+            _, recipes = search_int8(Layout.onnx_model, path, calibration, int8_recipes(settings.int8_search),
+                                     settings.calibration_percentile, contract, splits.x_val, splits.y_val,
+                                     settings.max_accuracy_drop)
         else:
             convert_fp16(Layout.onnx_model, path)
         reference.add_to(path, contract)  # before scoring: the size scored is the size published
