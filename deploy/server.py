@@ -95,6 +95,7 @@ from deploy.shadow import ShadowJob, ShadowOutcome, ShadowQueue, predicted_class
 from deploy.tags import CANARY_SHARE_TAG, CARD_MISTAKES, TRAFFIC_AT_TAG
 from deploy.source import FileSource, IntegrityError, ModelCard, RegistrySource, RegistryUnreachable, SourceError
 from deploy.v2 import (
+    UNSUPPORTED_EXTENSIONS,
     NotServable,
     bearer_matches,
     max_infer_rows,
@@ -1082,17 +1083,6 @@ async def model_configuration(request: Request):
     return JSONResponse(_server(request).configuration(request.path_params["name"], served))
 
 
-# The endpoints of the protocol's extensions this server does not support, and the extension each belongs to.
-UNSUPPORTED_ENDPOINTS = {
-    "/v2/repository/{rest:path}": "model_repository",
-    "/v2/models/{name}/stats": "statistics", "/v2/models/{name}/versions/{version}/stats": "statistics",
-    "/v2/trace/setting": "trace", "/v2/models/{name}/trace/setting": "trace",
-    "/v2/logging": "logging",
-    "/v2/systemsharedmemory/{rest:path}": "system_shared_memory",
-    "/v2/cudasharedmemory/{rest:path}": "cuda_shared_memory",
-}
-
-
 def unsupported_endpoint(extension: str):
     async def answer(request: Request):
         return _error(501, unsupported(extension))
@@ -1272,8 +1262,9 @@ def create_app(source: FileSource | RegistrySource, settings: ServerSettings) ->
         app.add_route(f"{model}/ready", model_ready, methods=["GET"])
         app.add_route(f"{model}/config", model_configuration, methods=["GET"])
     app.add_route("/v2/models/{name}/versions/{version}/infer", infer, methods=["POST"])
-    for path, extension in UNSUPPORTED_ENDPOINTS.items():
-        app.add_route(path, unsupported_endpoint(extension), methods=["GET", "POST"])
+    for extension, (paths, _) in UNSUPPORTED_EXTENSIONS.items():
+        for path in paths:
+            app.add_route(path, unsupported_endpoint(extension), methods=["GET", "POST"])
     app.add_route("/feedback", feedback, methods=["POST"])
     app.add_api_route("/metrics", prometheus, methods=["GET"])
     app.add_api_route("/", page, methods=["GET"], response_class=HTMLResponse)

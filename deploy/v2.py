@@ -18,6 +18,20 @@ SERVER_NAME = "graft"
 # The protocol's extensions (Triton's names) this server answers. An endpoint of another one is answered with a
 # message naming it and these (unsupported), not a bare 404.
 EXTENSIONS = ("binary_tensor_data", "model_configuration")
+# Triton's other extensions, with the HTTP endpoints (Starlette paths) and gRPC methods of each: a client that calls
+# one hears which extension it is (HTTP 501, gRPC UNIMPLEMENTED) and what is supported, not a bare 404.
+UNSUPPORTED_EXTENSIONS = {
+    "model_repository": (("/v2/repository/{rest:path}",),
+                         ("RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload")),
+    "statistics": (("/v2/models/{name}/stats", "/v2/models/{name}/versions/{version}/stats"), ("ModelStatistics",)),
+    "trace": (("/v2/trace/setting", "/v2/models/{name}/trace/setting"), ("TraceSetting",)),
+    "logging": (("/v2/logging",), ("LogSettings",)),
+    "system_shared_memory": (("/v2/systemsharedmemory/{rest:path}",),
+                             ("SystemSharedMemoryStatus", "SystemSharedMemoryRegister", "SystemSharedMemoryUnregister")),
+    "cuda_shared_memory": (("/v2/cudasharedmemory/{rest:path}",),
+                           ("CudaSharedMemoryStatus", "CudaSharedMemoryRegister", "CudaSharedMemoryUnregister")),
+    "streaming": ((), ("ModelStreamInfer",)),  # gRPC only: a bidirectional stream
+}
 PLATFORM = "onnxruntime_onnx"
 DATATYPE = "FP32"  # what every Graft model takes and gives: images preprocessed per the model's contract
 

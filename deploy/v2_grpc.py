@@ -25,6 +25,7 @@ from deploy.capture import new_request_id
 from deploy.model import InputError, LoadedModel, PayloadTooLarge
 from deploy.v2 import (
     DATATYPE,
+    UNSUPPORTED_EXTENSIONS,
     NotServable,
     bearer_matches,
     check_tensor,
@@ -48,17 +49,9 @@ REFLECTION_PREFIX = "/grpc.reflection."  # the protocol's description: public, n
 STATUS_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
                 404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
                 503: grpc.StatusCode.UNAVAILABLE}
-# Triton's methods of the service that Graft does not answer, by the protocol extension each belongs to: a client
-# calling one hears which (UNIMPLEMENTED), as HTTP answers their endpoints 501 (deploy/server.py UNSUPPORTED_ENDPOINTS).
-UNSUPPORTED_METHODS = {
-    "ModelStreamInfer": "streaming", "ModelStatistics": "statistics",
-    **dict.fromkeys(("RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload"), "model_repository"),
-    **dict.fromkeys(("SystemSharedMemoryStatus", "SystemSharedMemoryRegister", "SystemSharedMemoryUnregister"),
-                    "system_shared_memory"),
-    **dict.fromkeys(("CudaSharedMemoryStatus", "CudaSharedMemoryRegister", "CudaSharedMemoryUnregister"),
-                    "cuda_shared_memory"),
-    "TraceSetting": "trace", "LogSettings": "logging",
-}
+# Triton's methods of the service that Graft does not answer -> the protocol extension each belongs to.
+UNSUPPORTED_METHODS = {method: extension for extension, (_, methods) in UNSUPPORTED_EXTENSIONS.items()
+                       for method in methods}
 INLINE_VALUES = 16384  # fp32_contents up to this many values are read on the event loop; more in the decode pool
 ENDPOINT = "grpc/ModelInfer"  # its label in the server's metrics, beside the HTTP paths
 GRACE_SECONDS = 5.0  # on shutdown, calls in flight get this long to finish
