@@ -1305,6 +1305,7 @@ def serve(source, settings: ServerSettings, log_level: str = "info", insecure: b
         bind(host, settings.serving.grpc_port, "--grpc-port N (0: no gRPC)").close()
     sock = bind(host, port)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line for every registry poll would bury the server's own
     server = uvicorn.Server(uvicorn.Config(create_app(source, settings), host=host, port=port, log_level=log_level,
                                            access_log=False))
     log.info("bound %s port %d: listening once the application has started", host, port)

@@ -49,11 +49,16 @@ def _answers(url: str) -> bool:
 
 def start_server(url: str, model: str, cache: Path, *extra: str, env: dict | None = None) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "deploy.server", "--tracking-uri", url, "--model", model, "--port", str(port),
-         "--poll-seconds", "0.3", "--cache-dir", str(cache), *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})},
-    )
+    # Its log goes to a file, read back through process.stdout: a pipe nobody reads while a module's tests run fills
+    # (64 KiB) and blocks the server's next log line, the event loop with it, and then its shutdown.
+    log = cache.parent / f"server-{port}.log"
+    with log.open("w") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "deploy.server", "--tracking-uri", url, "--model", model, "--port", str(port),
+             "--poll-seconds", "0.3", "--cache-dir", str(cache), *extra],
+            stdout=output, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})},
+        )
+    process.stdout = log.open()
     base = f"http://127.0.0.1:{port}"
     try:
         wait_until(lambda: process.poll() is not None or _answers(f"{base}/v2/health/live"), 60, "no answer in 60 s")
