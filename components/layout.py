@@ -46,6 +46,7 @@ class Layout:
     gate_markdown = Path("reports/gates.md")
     registration = Path("outputs/registration.json")
     model_card = Path("reports") / Path(CARD_ARTIFACT).name  # by publish, for the version it registered
+    history_cache = Path(".graft/cache/alias-history.json")  # not a DVC output: `graft history`'s last answer
 
     # per pipeline source NAME
     @staticmethod

@@ -23,11 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import mlflow
-from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
-
-from components.artifacts import read_json, sha256_json
+from components.artifacts import read_json, sha256_json, write_json
 from components.config import Params
 from components.settings import RegistryParams, Settings, load_settings
 from components.errors import GraftError, RegistryUnavailable
@@ -54,6 +50,8 @@ from deploy.tags import (
 from deploy.variants import FP32
 
 if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
     from deploy.model import LoadedModel
 
 
@@ -135,6 +133,8 @@ def use_store(registry: RegistryParams, root: str | Path = ".") -> str:
     if uri.startswith(("http://", "https://")):
         with registry_call("opening the registry", uri):
             check_server(uri)
+    import mlflow  # here, not at the top: `graft history` answers from its cache without MLflow (read_history)
+
     users_choice = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     # MLflow also writes the URI into this process's environment; the variable stays the user's choice, else
@@ -148,6 +148,8 @@ def use_store(registry: RegistryParams, root: str | Path = ".") -> str:
 
 def use_experiment(registry: RegistryParams, root: str | Path = ".") -> str:
     """Point MLflow at the configured store and experiment (created with its artifact folder if new)."""
+    import mlflow
+
     uri = use_store(registry, root)
     experiment = mlflow.get_experiment_by_name(registry.experiment)
     if experiment is None and uri.startswith(("http://", "https://")):
@@ -173,6 +175,8 @@ def open_registry(params_path: str | Path) -> tuple[MlflowClient, str]:
     with registry_call("opening the registry", uri):
         check_store_exists(uri)
     use_store(params.registry, root)  # alias commands log no runs: no experiment needed
+    from mlflow import MlflowClient
+
     return MlflowClient(), params.registry.model_name
 
 
@@ -212,6 +216,8 @@ def published_version(root: str | Path, params: Settings) -> str | None:
     name = params.registry.model_name
     if not all((Path(root) / path).is_file() for path in (Layout.transfer_model.with_suffix(".json"), Layout.onnx_model)):
         return None
+    from mlflow import MlflowClient
+
     with registry_call("looking the candidate up", tracking_uri(params.registry, root)):
         use_experiment(params.registry, root)
         client = MlflowClient()
@@ -228,6 +234,8 @@ def _actor() -> str:
 def alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
     """The version behind name@alias; None when the model or the alias does not exist (never on other errors:
     an unreachable server must not pass for "no champion")."""
+    from mlflow.exceptions import MlflowException
+
     try:
         return str(client.get_model_version_by_alias(name, alias).version)
     except MlflowException as error:
@@ -283,6 +291,8 @@ def move_alias(client: MlflowClient, name: str, alias: str, version: str, action
 @_classified("reading the alias history")
 def history(client: MlflowClient, name: str) -> list[AliasMove]:
     """Every alias move, oldest first; a move whose `completed` record is missing shows as interrupted."""
+    from mlflow.exceptions import MlflowException
+
     try:
         tags = client.get_registered_model(name).tags
     except MlflowException as error:
@@ -301,12 +311,57 @@ def history(client: MlflowClient, name: str) -> list[AliasMove]:
     return merged
 
 
+def sqlite_change_key(uri: str) -> list[int] | None:
+    """What changes whenever an embedded SQLite store is written: its file's identity, size and time, and SQLite's own
+    change counter (the header's bytes 24-27, incremented by every write transaction in rollback-journal mode). None
+    where no such key exists: another kind of store, a missing file, or a WAL-mode database (its writes sit in the
+    -wal file and leave the counter)."""
+    if not uri.startswith("sqlite:///") or "?" in uri:
+        return None
+    path = Path(uri.removeprefix("sqlite:///"))
+    try:
+        status = path.stat()
+        with path.open("rb") as store:
+            header = store.read(100)
+    except OSError:
+        return None
+    if len(header) < 100 or not header.startswith(b"SQLite format 3\0") or header[18] == 2 or Path(f"{path}-wal").exists():
+        return None
+    return [status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, int.from_bytes(header[24:28], "big")]
+
+
+def read_history(params_path: str | Path) -> list[AliasMove]:
+    """`graft history`'s read: every alias move (history). On an embedded SQLite store the answer is kept in
+    .graft/cache, keyed on the store's change key (sqlite_change_key) and read back while the key holds, so that a
+    store nothing has written since needs no MLflow, whose import is most of the command's time. Any write (an alias
+    move, a run) changes the key; the key is taken before the read, so a write during it only makes the next read
+    fresh."""
+    params = load_settings(params_path)
+    root = Path(params_path).parent
+    uri, name = tracking_uri(params.registry, root), params.registry.model_name
+    key = sqlite_change_key(uri)
+    cache = root / Layout.history_cache
+    if key is not None:
+        try:
+            kept = read_json(cache)
+            if (kept["uri"], kept["model"], kept["key"]) == (uri, name, key):
+                return [AliasMove(**move) for move in kept["moves"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # no cache yet, or one written by another Graft: read the store
+    moves = history(*open_registry(params_path))
+    if key is not None:
+        write_json(cache, {"uri": uri, "model": name, "key": key, "moves": [asdict(move) for move in moves]})
+    return moves
+
+
 def _version_tags(client: MlflowClient, name: str, version: str) -> dict[str, str]:
     return _model_version(client, name, version).tags
 
 
 def _model_version(client: MlflowClient, name: str, version: str):
     """The registered version; a RegistryError listing the known ones when there is no such version."""
+    from mlflow.exceptions import MlflowException
+
     try:
         return client.get_model_version(name, version)
     except MlflowException as error:
@@ -322,6 +377,7 @@ def download_run_files(client: MlflowClient, name: str, version: str, files: lis
     """Files of a registered version's MLflow run (paths inside the run's artifacts), into `dest`; a RegistryError
     naming `what` is missing when one is not there."""
     from mlflow.artifacts import download_artifacts
+    from mlflow.exceptions import MlflowException
 
     run_id = _model_version(client, name, version).run_id  # an unknown version: the error that lists the known ones
     try:
@@ -369,6 +425,8 @@ def loaded_version(name: str, version: str, uri: str | None = None, variant: str
 
     # A fresh cache: a copy verified earlier proves nothing about the bytes the store holds now.
     with tempfile.TemporaryDirectory() as tmp:
+        import mlflow
+
         source = RegistrySource(uri or mlflow.get_tracking_uri(), name, CHAMPION, tmp)
         yield load_model(source.fetch(version, variant).onnx_path, providers=["cpu"])
 

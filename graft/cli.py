@@ -340,10 +340,10 @@ def _shadow_report(args: argparse.Namespace) -> int:
 
 
 def _history(args: argparse.Namespace) -> int:
-    from components.registry import format_history, format_traffic, history, open_registry, traffic_timeline
+    from components.registry import format_history, format_traffic, read_history, traffic_timeline
     from components.settings import load_settings
 
-    moves = history(*open_registry(_params_file(args)))
+    moves = read_history(_params_file(args))
     if args.traffic:
         print(format_traffic(traffic_timeline(moves, load_settings(_params_file(args)).serving.canary.alias)))
     else:

@@ -4,6 +4,7 @@ registration idempotent by content; a registry that lacks the candidate gets it.
 A worse model is made worse by construction, never by hoping a tiny training run turns out badly on this CPU:
 its head is negated, so it answers the class its network finds least likely (right almost nowhere, and wrong
 wherever the unmodified model is right)."""
+import sqlite3
 import subprocess
 import sys
 import time
@@ -31,7 +32,9 @@ from components.registry import (
     history,
     move_alias,
     promote,
+    read_history,
     rollback,
+    sqlite_change_key,
     traffic_timeline,
 )
 from deploy.tags import TRAFFIC_AT_TAG
@@ -193,6 +196,44 @@ def test_good_candidate_becomes_challenger_then_champion_on_promote_then_rolls_b
     move_alias(client, "graft-classifier", CHALLENGER, champion, "challenger", "test: the champion again")
     itself = subprocess.run([*cli, "canary", "set", "5"], cwd=gated, capture_output=True, text=True)
     assert itself.returncode == 2 and f"is v{champion}, the champion itself: there is nothing to canary" in itself.stderr
+
+
+def test_history_is_answered_from_its_cache_until_the_store_changes(gated):
+    """`graft history` on the embedded store: a second read answers from .graft/cache without importing MLflow, with
+    the same moves; a move made since is seen at once; a damaged cache is read past."""
+    client, name = _client(gated), "graft-classifier"
+    read = [sys.executable, "-c", "import sys; from components.registry import read_history; "
+            "print(len(read_history('params.yaml')), 'mlflow' in sys.modules)"]
+
+    def moves_and_mlflow() -> tuple[int, bool]:
+        count, imported = subprocess.run(read, cwd=gated, capture_output=True, text=True, check=True).stdout.split()
+        return int(count), imported == "True"
+
+    known = len(history(client, name))
+    assert moves_and_mlflow() == (known, True), "the first read asks the store"
+    assert moves_and_mlflow() == (known, False), "the second is answered from the cache, without MLflow"
+    assert read_history(gated / "params.yaml") == history(client, name)
+    move_alias(client, name, CHALLENGER, alias_version(client, name, CHAMPION), "challenger", "test: seen at once")
+    assert moves_and_mlflow() == (known + 1, True), "a write to the store changes its key"
+    (gated / Layout.history_cache).write_text("{damaged")
+    assert moves_and_mlflow() == (known + 1, True)
+    assert read_history(gated / "params.yaml")[-1].reason == "test: seen at once"
+
+
+def test_a_sqlite_store_changes_its_key_on_every_write_and_a_wal_store_has_none(tmp_path):
+    store = tmp_path / "store.db"
+    with sqlite3.connect(store) as db:
+        db.execute("create table moves (at text)")
+    key = sqlite_change_key(f"sqlite:///{store}")
+    assert key is not None and key == sqlite_change_key(f"sqlite:///{store}")
+    with sqlite3.connect(store) as db:
+        db.execute("insert into moves values ('now')")
+    assert sqlite_change_key(f"sqlite:///{store}") not in (None, key)
+    with sqlite3.connect(store) as db:
+        db.execute("pragma journal_mode=wal")
+    assert sqlite_change_key(f"sqlite:///{store}") is None, "WAL writes leave the main file's counter"
+    assert sqlite_change_key(f"sqlite:///{tmp_path / 'missing.db'}") is None
+    assert sqlite_change_key("http://127.0.0.1:5000") is None
 
 
 def test_lineage_walks_back_through_rollbacks():
