@@ -283,7 +283,7 @@ def decode_image(blob: bytes, contract: Contract, max_pixels: int = 40_000_000) 
             image.load()
             return contract.pixels(image)
     except UnidentifiedImageError:
-        raise InputError("the body is not an image file ONNX serving can decode; send PNG or JPEG bytes") from None
+        raise InputError("not an image file that can be decoded; use a PNG or JPEG file") from None
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         if isinstance(error, InputError):
             raise
