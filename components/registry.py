@@ -36,6 +36,7 @@ from deploy.source import (
     SourceError,
     check_server,
     check_store_exists,
+    sqlite_file,
 )
 from deploy.canary import ShareError, parse_share
 from deploy.tags import (
@@ -316,9 +317,9 @@ def sqlite_change_key(uri: str) -> list[int] | None:
     change counter (the header's bytes 24-27, incremented by every write transaction in rollback-journal mode). None
     where no such key exists: another kind of store, a missing file, or a WAL-mode database (its writes sit in the
     -wal file and leave the counter)."""
-    if not uri.startswith("sqlite:///") or "?" in uri:
+    path = sqlite_file(uri)
+    if path is None:
         return None
-    path = Path(uri.removeprefix("sqlite:///"))
     try:
         status = path.stat()
         with path.open("rb") as store:

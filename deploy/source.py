@@ -96,15 +96,19 @@ def check_server(tracking_uri: str, attempts: int = 3, pause: float = 1.0, timeo
         f"sqlite:///mlflow.db) or {fix}")
 
 
+def sqlite_file(tracking_uri: str) -> Path | None:
+    """The database file an embedded sqlite store's URI names (its query left out); None for any other store, or an
+    in-memory one."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    name = unquote(tracking_uri.removeprefix("sqlite:///").split("?")[0])
+    return None if name in ("", ":memory:") else Path(name).resolve()
+
+
 def check_store_exists(tracking_uri: str) -> None:
     """For a reader: refuse a sqlite store whose file is missing (a mistyped path), which MLflow would create empty."""
-    if not tracking_uri.startswith("sqlite:///"):
-        return
-    name = unquote(tracking_uri.removeprefix("sqlite:///").split("?")[0])
-    if name in ("", ":memory:"):
-        return
-    path = Path(name).resolve()
-    if not path.exists():
+    path = sqlite_file(tracking_uri)
+    if path is not None and not path.exists():
         raise NoRegistry(f"no MLflow registry at {path} ({configured_by()}): check the path; a registry is created by "
                          f"the first `graft run`")
 
