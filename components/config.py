@@ -437,12 +437,14 @@ def _keys_at(model: type[BaseModel], loc: tuple) -> list[str]:
     return sorted(model.model_fields)
 
 
-def describe(error: ValidationError, model: type[BaseModel] | None = None) -> str:
+def describe(error: ValidationError, model: type[BaseModel]) -> str:
+    """Each of `error`'s problems on a line, by key; `model` is what was validated (an unknown key's line lists the
+    keys allowed where it stands)."""
     lines = []
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"]) or "(top level)"
         if item["type"] == "extra_forbidden":
-            allowed = _keys_at(model, item["loc"][:-1]) if model is not None else []
+            allowed = _keys_at(model, item["loc"][:-1])
             lines.append(f"  {key}: unknown key; remove it or fix its spelling"
                          + (f" (allowed here: {', '.join(allowed)})" if allowed else ""))
             continue

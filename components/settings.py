@@ -259,7 +259,8 @@ class Settings(Params):
             try:
                 self.sweep_finetune(name)
             except ValidationError as error:
-                raise ValueError(f"sweep.strategies.{name} is not a valid change of finetune:\n{describe(error)}") from None
+                raise ValueError(f"sweep.strategies.{name} is not a valid change of finetune:\n"
+                                 f"{describe(error, FinetuneParams)}") from None
         return self
 
     @model_validator(mode="after")
@@ -270,7 +271,7 @@ class Settings(Params):
                     self.tuned_finetune({key: value})
                 except ValidationError as error:
                     raise ValueError(f"tune.space.{key}: {value!r} is not a valid finetune setting:\n"
-                                     f"{describe(error)}") from None
+                                     f"{describe(error, FinetuneParams)}") from None
         return self
 
     def tuned_finetune(self, values: dict) -> FinetuneParams:
