@@ -272,9 +272,6 @@ class Inferred:
     seconds: float
 
 
-DRIFT_CPU_SHARE = 0.05  # the drift tests' share of one core, at most (a test: ~20 ms at window 100, 1280 features)
-
-
 class ModelServer:
     """Holds the served version, loads new ones, and answers requests."""
 
@@ -724,8 +721,9 @@ class ModelServer:
             return
         finally:
             self._drift_testing = False
-            # At most DRIFT_CPU_SHARE of one core: under heavy traffic windows are sampled, not all tested.
-            self._drift_next = time.monotonic() + (time.monotonic() - started) * (1 / DRIFT_CPU_SHARE - 1)
+            # At most serving.drift.cpu_share of one core: under heavy traffic windows are sampled, not all tested.
+            share = self.settings.serving.drift.cpu_share
+            self._drift_next = time.monotonic() + (time.monotonic() - started) * (1 / share - 1)
         self.metrics.on_drift_test(result)
         if result.drifted:
             log.warning("drift: the last %d answers of v%s differ from its reference (MMD p = %.4f < %g; predicted "
@@ -898,8 +896,10 @@ def endpoint_label(path: str) -> str:
 
 
 class Guard:
-    """Every request: the API token, the body limit, latency and counts. Plain ASGI: Starlette's
-    BaseHTTPMiddleware costs a task and a stream per request, a large part of a small request's time."""
+    """Every request: the API token, the body limit, latency and counts. Plain ASGI, and the outermost application
+    (around FastAPI's, `app`): Starlette's BaseHTTPMiddleware costs a task and a stream per request, a large part of
+    a small request's time, and FastAPI's own layers (its telemetry check, Starlette's error middleware) a few more
+    microseconds that the busiest endpoint skips."""
 
     def __init__(self, app, settings: ServerSettings, metrics: Metrics) -> None:
         self.app, self.settings, self.metrics = app, settings, metrics
@@ -948,9 +948,10 @@ class Guard:
             refusal = _error(413, f"body of {length.decode('latin-1')} bytes is over the limit of {self.limit}")
             self.metrics.errors.labels(endpoint, "too_large").inc()
         if refusal is None and (match := INFER_PATH.fullmatch(path)) and scope["method"] == "POST":
-            # The busiest endpoint skips Starlette's exception layer and routing (a regular expression per route
-            # tried) and the endpoint wrapper: 115 -> 96-100 us of the server's own CPU per request at c=32
-            # (benchmarks/README.md "The server's own CPU per request"). Errors still reach the 500 handler.
+            # The busiest endpoint skips FastAPI's and Starlette's layers, the routing (a regular expression per
+            # route tried) and the endpoint wrapper: 115 -> 96-100 us of the server's own CPU per request at c=32
+            # (benchmarks/README.md "The server's own CPU per request"). An error is answered 500 by uvicorn.
+            scope["app"] = self.app  # what Request.app reads, as Starlette sets it
             scope["path_params"] = {key: value for key, value in match.groupdict().items() if value is not None}
             response = await infer(Request(scope, receive_noting_end))
             await response(scope, receive_noting_end, send_noting_status)
@@ -1246,11 +1247,11 @@ async def card_mistakes(request: Request):
     return Response(card.mistakes_png, media_type="image/png")
 
 
-def create_app(source: FileSource | RegistrySource, settings: ServerSettings) -> FastAPI:
+def create_app(source: FileSource | RegistrySource, settings: ServerSettings) -> Guard:
+    """The server's ASGI application: the Guard, around the FastAPI application with every route."""
     server = ModelServer(source, settings)
     app = FastAPI(title="Graft model server", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = server
-    app.add_middleware(Guard, settings=settings, metrics=server.metrics)
     # Routes are tried in order: the busiest first (each miss is a regular expression run on every request).
     app.add_route("/v2/models/{name}/infer", infer, methods=["POST"])
     app.add_route("/predict", predict, methods=["POST"])
@@ -1269,7 +1270,7 @@ def create_app(source: FileSource | RegistrySource, settings: ServerSettings) ->
     app.add_api_route("/metrics", prometheus, methods=["GET"])
     app.add_api_route("/", page, methods=["GET"], response_class=HTMLResponse)
     app.add_api_route(f"/{CARD_MISTAKES}", card_mistakes, methods=["GET"])
-    return app
+    return Guard(app, settings, server.metrics)
 
 
 def build_source(tracking_uri: str | None, model_name: str, alias: str, onnx_file: str | None, cache_dir: str):

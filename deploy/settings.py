@@ -70,6 +70,9 @@ class DriftSettings(BaseModel):
     window: int = Field(default=100, ge=10, description="served requests per drift test")
     level: float = Field(default=0.01, gt=0, lt=1, description="the p-value under which a window is called drift")
     permutations: int = Field(default=200, ge=20, description="permutations of the MMD test that give its p-value")
+    cpu_share: float = Field(default=0.02, gt=0, le=1,
+                             description="the drift tests' share of one core at most: under heavy traffic windows "
+                                         "are sampled, not all tested")
 
 
 class ShadowSettings(BaseModel):

@@ -7,7 +7,7 @@ from math import comb
 import numpy as np
 import pytest
 
-from deploy.drift import DriftMonitor, DriftReference, DriftReferenceError, mmd_test, total_variation
+from deploy.drift import DriftMonitor, DriftReference, DriftReferenceError, MMDTest, mmd_test, total_variation
 
 MEANS = np.array([[0.0] * 8, [3.0] * 8, [-2.0, 2.0] * 4])  # a fixed three-component Gaussian mixture in 8 dimensions
 WEIGHTS = np.array([0.5, 0.3, 0.2])
@@ -87,6 +87,18 @@ def test_a_clear_shift_is_detected_in_every_window():
 def test_the_test_is_deterministic_for_a_seed():
     x, y = mixture(100, 0), mixture(30, 1, shift=0.2)
     assert mmd_test(x, y, 99, 7) == mmd_test(x, y, 99, 7)
+
+
+def test_a_reference_prepared_once_tests_every_window_as_a_fresh_test_would():
+    """The server's monitor keeps the reference's own distances between tests: windows of other sizes, one after
+    another, each give what a test made for it alone gives, to the last bit."""
+    x = mixture(60, 0)
+    prepared = MMDTest(x)
+    windows = [mixture(20, 1), mixture(35, 2, shift=0.8), mixture(5, 3), mixture(20, 1)]
+    for seed, window in enumerate(windows):
+        assert prepared.test(window, 49, seed) == mmd_test(x, window, 49, seed)
+    with pytest.raises(ValueError, match="same features"):
+        prepared.test(mixture(20, 4)[:, :2], 49, 0)
 
 
 def test_the_monitor_tests_each_new_full_window_of_the_latest_rows():
