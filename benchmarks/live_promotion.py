@@ -72,7 +72,8 @@ def start_server(uri: str, name: str, *options: str) -> tuple[subprocess.Popen, 
     cache = Path(uri.removeprefix("sqlite:///")).parent / "cache"
     server = subprocess.Popen(
         [sys.executable, "-m", "deploy.server", "--tracking-uri", uri, "--model", name, "--port", str(port),
-         "--providers", "cpu", "--poll-seconds", str(POLL_SECONDS), "--cache-dir", str(cache), *options],
+         "--providers", "cpu", "--poll-seconds", str(POLL_SECONDS), "--cache-dir", str(cache),
+         "--grpc-port", "0", *options],  # no gRPC port: two servers side by side would both ask for 8001
         stdout=open(Path(uri.removeprefix("sqlite:///")).parent / f"server-{port}.log", "w"), stderr=subprocess.STDOUT)
     for _ in range(600):
         try:
@@ -227,8 +228,9 @@ def shadow(uri: str, name: str, seconds: float, rounds: int, rates: tuple[float,
     for rate in rates:
         runs: dict[str, list[dict]] = {"off": [], "on": []}
         for round_ in range(rounds):
-            servers = {"off": start_server(uri, name), "on": start_server(uri, name, "--shadow-enabled")}
+            servers = {"off": start_server(uri, name)}
             try:
+                servers["on"] = start_server(uri, name, "--shadow-enabled")
                 port = servers["on"][1]
                 wait = time.monotonic() + 30
                 while _compared(port) == 0 and time.monotonic() < wait:  # the shadow loaded and comparing
