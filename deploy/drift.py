@@ -110,7 +110,7 @@ class MMDTest:
     """The MMD permutation test against one fixed reference sample: `test(window, ...)` is `mmd_test(reference,
     window, ...)`. What depends on the reference alone (its rows' squared norms, the distances between its rows and
     their upper triangle, which the median takes) is computed once, so that a test computes only the window's
-    distances: at 500 reference rows, windows of 100 and 1280 features, 24 -> 9 ms a test (benchmarks/README.md)."""
+    distances: at 500 reference rows, windows of 100 and 1280 features, 23 -> 12 ms a test (benchmarks/README.md)."""
 
     def __init__(self, reference: np.ndarray) -> None:
         x = np.asarray(reference, np.float64)
