@@ -364,8 +364,10 @@ class ModelServer:
             served = await self._start_version(self.source, version, self.metrics.on_batch)
             model, serving, drift = served.model, self.settings.serving, None
             if model.drift_reference is not None:
-                drift = DriftMonitor(model.drift_reference, serving.drift.window, serving.drift.level,
-                                     serving.drift.permutations)
+                # In a worker thread: the monitor computes the reference's own distances (about 10 ms of numpy),
+                # which the event loop must not wait for while it answers during a move.
+                drift = await asyncio.to_thread(DriftMonitor, model.drift_reference, serving.drift.window,
+                                                serving.drift.level, serving.drift.permutations)
                 self.metrics.drift_window.set(serving.drift.window)
                 self.metrics.drift_level.set(serving.drift.level)
             else:
