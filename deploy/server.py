@@ -50,6 +50,7 @@ from starlette.background import BackgroundTask
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from deploy.batching import BatcherClosed, DynamicBatcher
+from deploy.budget import CpuBudget
 from deploy.canary import KEY_HEADER_NOTE, CanaryRoute, parse_share
 from deploy.contract import Contract
 from deploy.drift import DriftMonitor, DriftResult
@@ -91,7 +92,7 @@ from deploy.settings import (
     variables,
 )
 from deploy.shadow import DROP_REASONS as SHADOW_DROP_REASONS
-from deploy.shadow import ShadowJob, ShadowOutcome, ShadowQueue, predicted_classes
+from deploy.shadow import OVER_BUDGET, ShadowJob, ShadowOutcome, ShadowQueue, predicted_classes
 from deploy.tags import CANARY_SHARE_TAG, CARD_MISTAKES, TRAFFIC_AT_TAG
 from deploy.source import FileSource, IntegrityError, ModelCard, RegistrySource, RegistryUnreachable, SourceError
 from deploy.v2 import (
@@ -289,7 +290,9 @@ class ModelServer:
         # keeps the pool's queue short, so a burst of uploads waits as cheap coroutines, not as queued work.
         self._decoders = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="graft-decode")
         self._decode_slots = asyncio.Semaphore(settings.decode_workers * 2)
-        self._drift_testing, self._drift_next = False, 0.0
+        self._drift_testing = False  # one test at a time; rows keep arriving in the monitor's ring buffer
+        # Under heavy traffic windows are sampled, not all tested: the tests take serving.drift.cpu_share of a core.
+        self._drift_budget = CpuBudget(settings.serving.drift.cpu_share)
         self.capture: CaptureStore | None = None
         if settings.serving.capture.enabled:
             self.capture = CaptureStore(settings.serving.capture)
@@ -319,6 +322,8 @@ class ModelServer:
                                   f"(--tracking-uri), not a file, or turn shadow off")
             self.shadow_source = source.for_alias(shadow.alias)
             self.shadow_metrics = ShadowMetrics(self.metrics.registry)
+        # The shadow's runs take at most serving.shadow.cpu_share of a core (1: no cap, every sampled answer queued).
+        self._shadow_budget = CpuBudget(shadow.cpu_share) if shadow.enabled and shadow.cpu_share < 1 else None
 
     # ------------------------------------------------------------ loading and reloading
 
@@ -723,9 +728,7 @@ class ModelServer:
             return
         finally:
             self._drift_testing = False
-            # At most serving.drift.cpu_share of one core: under heavy traffic windows are sampled, not all tested.
-            share = self.settings.serving.drift.cpu_share
-            self._drift_next = time.monotonic() + (time.monotonic() - started) * (1 / share - 1)
+            self._drift_budget.spent(started, time.monotonic() - started)
         self.metrics.on_drift_test(result)
         if result.drifted:
             log.warning("drift: the last %d answers of v%s differ from its reference (MMD p = %.4f < %g; predicted "
@@ -749,8 +752,8 @@ class ModelServer:
             probabilities = softmax(logits)  # once, for both
         if measure:
             served.drift.add(features, probabilities)
-            if served.drift.full() and not self._drift_testing and time.monotonic() >= self._drift_next:
-                self._drift_testing = True  # one test at a time; rows keep arriving in the monitor's ring buffer
+            if served.drift.full() and not self._drift_testing and self._drift_budget.take():
+                self._drift_testing = True
                 asyncio.get_running_loop().create_task(self._test_drift(served))
         if capture:
             self.capture.submit(Answer(request_id, endpoint, self.settings.model_name, served.version,
@@ -759,9 +762,12 @@ class ModelServer:
         background = None
         if (self.shadowed is not None and self._shadow_queue is not None and served.route == "champion"
                 and random.random() < self.settings.serving.shadow.fraction):
-            job = ShadowJob(request_id, inputs, served.version, predicted_classes(logits, served.model.classes),
-                            inferred.seconds, time.time())
-            background = BackgroundTask(self._offer_shadow, job)  # runs once the response is sent
+            if self._shadow_budget is None or self._shadow_budget.take():
+                job = ShadowJob(request_id, inputs, served.version, predicted_classes(logits, served.model.classes),
+                                inferred.seconds, time.time())
+                background = BackgroundTask(self._offer_shadow, job)  # runs once the response is sent
+            else:
+                self._shadow_dropped(OVER_BUDGET)
         return background  # the shadow's turn, once the response is sent
 
     # ------------------------------------------------------------ the shadow
@@ -772,6 +778,14 @@ class ModelServer:
     async def _run_shadow(self, job: ShadowJob) -> ShadowOutcome | None:
         """The shadow's answer to a request, from the input the served model had: an upload decoded for the shadow's
         own contract, or the same rows (refused when the shadow takes another shape). None: nothing to shadow now."""
+        started = time.monotonic()
+        try:
+            return await self._shadow_answer(job)
+        finally:
+            if self._shadow_budget is not None:
+                self._shadow_budget.spent(started, time.monotonic() - started)
+
+    async def _shadow_answer(self, job: ShadowJob) -> ShadowOutcome | None:
         shadow = self.shadowed
         if shadow is None:
             return None

@@ -89,6 +89,9 @@ class ShadowSettings(BaseModel):
                                                      "dropped (counted), never waited for")
     threads: int = Field(default=1, ge=0, description="the shadow's ONNX Runtime intra-op threads (0: its default): "
                                                      "few, so that the champion keeps its cores")
+    cpu_share: float = Field(default=0.005, gt=0, le=1,
+                             description="the shadow's runs' share of one core at most: under heavy traffic the "
+                                         "sampled answers beyond it are skipped (counted over_budget); 1: no cap")
 
 
 class CanarySettings(BaseModel):

@@ -3,11 +3,13 @@ requests, after their answer is sent, and compared with what the served model an
 
 The client never waits for it: the server answers, then offers the request to a bounded queue (`ShadowQueue.offer`,
 from a background task that runs once the response is sent); a full queue drops the request (counted), never
-waits. Workers take requests from the queue and run the shadow model through its own batcher, so concurrent
-shadowed requests share model calls as answered ones do. Each result is a `ShadowOutcome`: both models' predicted
-classes and their model latency on the same request. The server counts them on /metrics and, with capture on, the
-capture store keeps them (`<hour>/<batch>.shadow.jsonl`, deploy/capture.py) beside the feedback labels, which is
-what `graft shadow report` and the promotion gate (components/shadow.py) judge.
+waits. Before that, the shadow's runs are held to serving.shadow.cpu_share of one core (deploy/budget.py): on cores
+the served model shares, each run slows its next answers, so under heavy traffic the answers beyond that share are
+not offered (counted over_budget). Workers take requests from the queue and run the shadow model through its own
+batcher, so concurrent shadowed requests share model calls as answered ones do. Each result is a `ShadowOutcome`:
+both models' predicted classes and their model latency on the same request. The server counts them on /metrics
+and, with capture on, the capture store keeps them (`<hour>/<batch>.shadow.jsonl`, deploy/capture.py) beside the
+feedback labels, which is what `graft shadow report` and the promotion gate (components/shadow.py) judge.
 """
 from __future__ import annotations
 
@@ -23,9 +25,10 @@ from deploy.capture import item_id, iso_time
 
 log = logging.getLogger("graft.shadow")
 
-QUEUE_FULL, FAILED, NO_SHADOW = "queue_full", "failed", "no_shadow"
-# why a request offered to the shadow was not compared (no_shadow: the shadow was unloaded before its turn)
-DROP_REASONS = (QUEUE_FULL, FAILED, NO_SHADOW)
+OVER_BUDGET, QUEUE_FULL, FAILED, NO_SHADOW = "over_budget", "queue_full", "failed", "no_shadow"
+# why a sampled answer was not compared (over_budget: the shadow's runs had their serving.shadow.cpu_share of a core
+# already; no_shadow: the shadow was unloaded before its turn)
+DROP_REASONS = (OVER_BUDGET, QUEUE_FULL, FAILED, NO_SHADOW)
 
 
 @dataclass(frozen=True)

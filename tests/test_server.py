@@ -452,7 +452,7 @@ def test_the_challenger_shadows_live_answers_and_promotion_waits_for_its_evidenc
     root, _ = served_workspace
     folder = tmp_path / "captures"
     process, base = start_server(mlflow_server, MODEL, tmp_path / "cache", "--variant", "fp32", "--shadow-enabled",
-                                 "--capture-enabled", "--capture-folder", str(folder))
+                                 "--shadow-cpu-share", "1", "--capture-enabled", "--capture-folder", str(folder))
     rows = np.random.default_rng(11).normal(size=(24, 1, 28, 28)).astype(np.float32)
     try:
         wait_ready(base)
@@ -496,6 +496,31 @@ def test_the_challenger_shadows_live_answers_and_promotion_waits_for_its_evidenc
     assert refused.returncode != 0 and "refusing to promote served-classifier v2" in refused.stderr
     assert "0 answers of v2 shadowing v1" in refused.stderr and "Traceback" not in refused.stderr
     assert alias_version(client, MODEL, CHAMPION) == "1"
+
+
+def test_the_shadow_keeps_to_its_share_of_a_core_and_counts_the_answers_it_skips(registry, mlflow_server, tmp_path):
+    """serving.shadow.cpu_share: once a shadow run has taken its time t, no other starts for t / share. At a
+    millionth of a core a run of even 1 us holds the next off for a second, so every answer sent right after the
+    first comparison is skipped, each counted over_budget; the answers themselves are the champion's, untouched."""
+    process, base = start_server(mlflow_server, MODEL, tmp_path / "cache", "--variant", "fp32", "--shadow-enabled",
+                                 "--shadow-cpu-share", "0.000001")
+    rows = np.random.default_rng(12).normal(size=(21, 1, 28, 28)).astype(np.float32)
+    compared, over_budget = 'graft_shadow_requests_total{outcome="compared"}', 'graft_shadow_requests_total{outcome="over_budget"}'
+    try:
+        wait_ready(base)
+        wait_until(lambda: 'graft_shadow_model_info{alias="challenger",version="2"} 1.0' in httpx.get(f"{base}/metrics").text,
+                   30, "the challenger never became the shadow")
+        with httpx.Client() as http:
+            assert _infer(http, base, rows[:1]).json()["model_version"] == "1"
+            wait_until(lambda: _metric_value(base, compared) == 1, 30, "the first answer was not shadowed")
+            for row in rows[1:]:
+                response = _infer(http, base, row[None])
+                assert response.status_code == 200 and response.json()["model_version"] == "1"
+        assert _metric_value(base, over_budget) == len(rows) - 1
+        assert _metric_value(base, compared) == 1
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
 
 
 def test_a_canary_share_answers_by_key_within_binomial_bounds_and_rolls_back_at_once(server, registry, served_workspace,
