@@ -2,7 +2,7 @@
 
     .venv/bin/graft run    # a registry (mlflow.db) whose champion is v1
     .venv/bin/python benchmarks/live_promotion.py --moves --seconds 60 --every 5 --concurrency 32
-    .venv/bin/python benchmarks/live_promotion.py --shadow --seconds 5 --rounds 8
+    .venv/bin/python benchmarks/live_promotion.py --shadow --seconds 3 --rounds 12 [--shadow-cpu-share 1 | --control]
 
 Both work on a copy of the project's registry (mlflow.db, in a temporary folder: the project's own is not touched)
 holding a second version registered from the champion's own files and tags (the same bytes, another version number:
@@ -18,10 +18,13 @@ at any moment from when it was sent to when it was received, with how long after
 it was sent. The server's own lateness for each change (graft_traffic_switch_late_seconds) is kept too. Results:
 benchmarks/results/live_moves.json.
 
---shadow: two servers side by side, shadow off and shadow on (the challenger shadowing every answer), driven in turn
-in alternating rounds, fresh pairs each round, at paced rates below the machine's capacity (--rates, over 8
-connections): the champion's p50 and p99 latency with and without the shadow. (Closed-loop load at saturation
-measures something else: the shadow's model calls take CPU from the champion's on the same cores.) Results: benchmarks/results/live_shadow.json.
+--shadow: two servers side by side, shadow off and shadow on (the challenger shadowing the answers its
+serving.shadow.cpu_share of a core allows, or --shadow-cpu-share), driven in turn in alternating rounds, fresh pairs
+each round, at paced rates below the machine's capacity (--rates, over 8 connections): the champion's p50 and p99
+latency with and without the shadow, the difference with its standard error from the rounds, and the share of
+answers shadowed. --control runs the same with the shadow off on both servers: the noise between two servers that
+differ in nothing, against which "within noise" is read. (Closed-loop load at saturation measures something else: the shadow's model calls take CPU from
+the champion's on the same cores.) Results: benchmarks/results/live_shadow.json.
 """
 from __future__ import annotations
 
@@ -223,17 +226,30 @@ def _compared(port: int) -> float:
                  if line.startswith('graft_shadow_requests_total{outcome="compared"}')), 0.0)
 
 
-def shadow(uri: str, name: str, seconds: float, rounds: int, rates: tuple[float, ...]) -> dict:
+def _difference(off: list[float], on: list[float]) -> dict:
+    """on - off over the rounds, paired by round (a round's two servers ran within seconds of each other, so the
+    host's own drift cancels), with its standard error: within noise when under two of them."""
+    differences = [b - a for a, b in zip(off, on)]
+    error = statistics.stdev(differences) / len(differences) ** 0.5
+    mean = statistics.fmean(differences)
+    return {"ms": mean, "standard_error_ms": error, "within_noise": abs(mean) < 2 * error}
+
+
+def shadow(uri: str, name: str, seconds: float, rounds: int, rates: tuple[float, ...], cpu_share: float | None,
+           control: bool) -> dict:
+    options = () if control else ("--shadow-enabled",
+                                  *(("--shadow-cpu-share", str(cpu_share)) if cpu_share is not None else ()))
     cases = []
     for rate in rates:
         runs: dict[str, list[dict]] = {"off": [], "on": []}
         for round_ in range(rounds):
-            servers = {"off": start_server(uri, name)}
+            servers = {}  # started in turn too: the second of two servers started may sit worse on the cores
             try:
-                servers["on"] = start_server(uri, name, "--shadow-enabled")
+                for side in ("off", "on") if round_ % 2 == 0 else ("on", "off"):
+                    servers[side] = start_server(uri, name, *(options if side == "on" else ()))
                 port = servers["on"][1]
                 wait = time.monotonic() + 30
-                while _compared(port) == 0 and time.monotonic() < wait:  # the shadow loaded and comparing
+                while not control and _compared(port) == 0 and time.monotonic() < wait:  # the shadow comparing
                     asyncio.run(_paced(port, _request_bytes(port, ROWS, True, name), 50, 0.2))
                 for side in ("off", "on") if round_ % 2 == 0 else ("on", "off"):
                     time.sleep(0.5)  # the other server's ONNX Runtime threads stop spinning
@@ -252,9 +268,15 @@ def shadow(uri: str, name: str, seconds: float, rounds: int, rates: tuple[float,
         error = {side: statistics.stdev(run["p50_ms"] for run in runs[side]) / len(runs[side]) ** 0.5 for side in runs}
         cases.append({"rate": rate, "rounds": rounds, "off": mean["off"], "on": mean["on"],
                       "p50_standard_error_ms": error,
-                      "shadowed_share": sum(r["shadowed"] for r in runs["on"]) / sum(r["requests"] for r in runs["on"])})
+                      **{f"{key}_on_minus_off": _difference([run[f"{key}_ms"] for run in runs["off"]],
+                                                           [run[f"{key}_ms"] for run in runs["on"]])
+                         for key in ("p50", "p99")},
+                      "shadowed_share": sum(r["shadowed"] for r in runs["on"]) / sum(r["requests"] for r in runs["on"]),
+                      "runs": runs})  # each round's, in order: what pooling several runs needs
     return {"cpu": cpu_model(), "date": datetime.now(timezone.utc).isoformat(timespec="minutes"),
-            "seconds_per_round": seconds, "cases": cases}
+            "seconds_per_round": seconds, "control": control,
+            "shadow_cpu_share": cpu_share or "serving.shadow.cpu_share (params.yaml)",
+            "cases": cases}
 
 
 def main() -> None:
@@ -268,6 +290,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32, help="--moves: connections")
     parser.add_argument("--rounds", type=int, default=8, help="--shadow: alternating rounds per request rate")
     parser.add_argument("--rates", type=float, nargs="+", default=[100, 300], help="--shadow: requests a second")
+    parser.add_argument("--shadow-cpu-share", type=float, help="--shadow: the shadow's share of a core (1: every "
+                                                               "answer shadowed; default: the server's setting)")
+    parser.add_argument("--control", action="store_true", help="--shadow: the shadow off on both servers (the noise)")
     args = parser.parse_args()
     folder = tempfile.mkdtemp(prefix="graft-live-")  # kept when the run fails: the servers' logs are there
     uri = registry_copy(args.workspace.resolve(), Path(folder), args.model)
@@ -281,13 +306,17 @@ def main() -> None:
               f"{summary['answered_by_a_version_not_live']} answered by a version not live; by version "
               f"{summary['answers_by_version']}")
     if args.shadow:
-        summary = shadow(uri, args.model, args.seconds, args.rounds, tuple(args.rates))
+        summary = shadow(uri, args.model, args.seconds, args.rounds, tuple(args.rates), args.shadow_cpu_share,
+                         args.control)
         (results / "live_shadow.json").write_text(json.dumps(summary, indent=2) + "\n")
         for case in summary["cases"]:
             print(f"{case['rate']:g} req/s: the champion's p50 {case['off']['p50_ms']:.3f} -> {case['on']['p50_ms']:.3f} "
                   f"ms (+- {case['p50_standard_error_ms']['off']:.3f} / {case['p50_standard_error_ms']['on']:.3f}), "
                   f"p99 {case['off']['p99_ms']:.2f} -> {case['on']['p99_ms']:.2f} ms with the shadow on "
-                  f"({case['shadowed_share']:.0%} of the answers shadowed)")
+                  f"({case['shadowed_share']:.0%} of the answers shadowed); on - off: p50 "
+                  + ", p99 ".join(f"{d['ms']:+.3f} ms (+- {d['standard_error_ms']:.3f}, "
+                                  f"{'within' if d['within_noise'] else 'beyond'} noise)"
+                                  for d in (case["p50_on_minus_off"], case["p99_on_minus_off"])))
     shutil.rmtree(folder)
 
 
