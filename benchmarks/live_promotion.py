@@ -23,8 +23,9 @@ serving.shadow.cpu_share of a core allows, or --shadow-cpu-share), driven in tur
 each round, at paced rates below the machine's capacity (--rates, over 8 connections): the champion's p50 and p99
 latency with and without the shadow, the difference with its standard error from the rounds, and the share of
 answers shadowed. --control runs the same with the shadow off on both servers: the noise between two servers that
-differ in nothing, against which "within noise" is read. (Closed-loop load at saturation measures something else: the shadow's model calls take CPU from
-the champion's on the same cores.) Results: benchmarks/results/live_shadow.json.
+differ in nothing, against which "within noise" is read. (Closed-loop load at saturation measures something else:
+the shadow's model calls take CPU from the champion's on the same cores.) Results:
+benchmarks/results/live_shadow.json.
 """
 from __future__ import annotations
 

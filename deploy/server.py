@@ -214,10 +214,11 @@ class ShadowMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         r = registry
-        self.requests = Counter("graft_shadow_requests_total", "answered requests offered to the shadow, by outcome",
-                                ["outcome"], registry=r)
-        for outcome in ("compared", *SHADOW_DROP_REASONS):
-            self.requests.labels(outcome)
+        self.requests = Counter("graft_shadow_requests_total", "answered requests sampled for the shadow, by outcome "
+                                "(compared, or why not)", ["outcome"], registry=r)
+        # Each outcome's series looked up once: over_budget is counted on the answering path, under heavy traffic
+        # for most answers.
+        self.outcomes = {outcome: self.requests.labels(outcome) for outcome in ("compared", *SHADOW_DROP_REASONS)}
         self.rows = Counter("graft_shadow_rows_total", "rows the shadow compared", registry=r)
         self.agreements = Counter("graft_shadow_agreements_total", "compared rows where the shadow predicted the class "
                                   "that was answered", registry=r)
@@ -776,8 +777,7 @@ class ModelServer:
         self._shadow_queue.offer(job)
 
     async def _run_shadow(self, job: ShadowJob) -> ShadowOutcome | None:
-        """The shadow's answer to a request, from the input the served model had: an upload decoded for the shadow's
-        own contract, or the same rows (refused when the shadow takes another shape). None: nothing to shadow now."""
+        """The shadow's answer to a request, its time charged to the shadow's CPU budget whatever the outcome."""
         started = time.monotonic()
         try:
             return await self._shadow_answer(job)
@@ -786,6 +786,8 @@ class ModelServer:
                 self._shadow_budget.spent(started, time.monotonic() - started)
 
     async def _shadow_answer(self, job: ShadowJob) -> ShadowOutcome | None:
+        """From the input the served model had: an upload decoded for the shadow's own contract, or the same rows
+        (refused when the shadow takes another shape). None: nothing to shadow now."""
         shadow = self.shadowed
         if shadow is None:
             return None
@@ -804,7 +806,7 @@ class ModelServer:
 
     def _shadow_done(self, outcome: ShadowOutcome) -> None:
         counted = self.shadow_metrics
-        counted.requests.labels("compared").inc()
+        counted.outcomes["compared"].inc()
         counted.rows.inc(len(outcome.predicted))
         counted.agreements.inc(outcome.agreements)
         counted.latency.labels("served").observe(outcome.job.seconds)
@@ -818,7 +820,7 @@ class ModelServer:
             self.capture.submit_shadow(outcome.job.time, outcome.records())
 
     def _shadow_dropped(self, reason: str) -> None:
-        self.shadow_metrics.requests.labels(reason).inc()
+        self.shadow_metrics.outcomes[reason].inc()
 
     def labelled(self, item: str, label: str) -> None:
         """A feedback label arrived: when its item was shadowed lately, count which of the two models was right."""
