@@ -68,6 +68,8 @@ QUEUE_BYTES = 64 * 2**20
 GATHER_SECONDS = 0.05
 IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
 FEATURES_DTYPE = "<f4"  # as the model gave them: a float16 conversion cost the writer more than the bytes it saved
+# Where the system has it (not macOS): capture's files leave the page cache once written (_leave_page_cache).
+DROP_FROM_PAGE_CACHE = getattr(os, "POSIX_FADV_DONTNEED", None)
 LABEL_WAIT_SECONDS = 10.0  # feedback for an answer still in the writer's queue waits this long for it to be written
 
 BUDGET, DISK_FULL, WRITE_ERROR, QUEUE_FULL = "budget", "disk_full", "write_error", "queue_full"
@@ -165,29 +167,45 @@ def _write_all(descriptor: int, chunks: list) -> None:
                 rest = rest[os.write(descriptor, rest):]
 
 
-def _create(name: str, chunks: list, dir_fd: int | None = None) -> None:
-    """A new file `name` (in the folder `dir_fd` when given) holding `chunks` (bytes-like) one after the other;
-    removed again if writing fails."""
+def _leave_page_cache(descriptor: int) -> None:
+    """Ask the kernel to drop the file's pages from the page cache: those still dirty have their writeback begun,
+    the clean ones are dropped. Why: capture writes megabytes a second that nobody reads soon, and a growing page
+    cache takes fresh pages, costly on a virtual machine (a first touch faults in the host): on this project's VMs
+    storing a tensor item (21.6 kB) cost the machine 52-63 us through a growing page cache, 18-21 us with its pages
+    dropped a batch after they were written, so that the next batches reuse them (benchmarks/capture_page_cache.py;
+    benchmarks/README.md, "Capture overhead")."""
+    if DROP_FROM_PAGE_CACHE is not None:
+        os.posix_fadvise(descriptor, 0, 0, DROP_FROM_PAGE_CACHE)
+
+
+def _create(name: str, chunks: list, dir_fd: int | None = None) -> int:
+    """A new file `name` (in the folder `dir_fd` when given) holding `chunks` (bytes-like) one after the other, its
+    writeback begun; its descriptor, open (`_leave_page_cache` once more when it is on disk, then close). Removed
+    again if writing fails."""
     descriptor = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=dir_fd)
     try:
         _write_all(descriptor, chunks)
+        _leave_page_cache(descriptor)
     except BaseException:
         os.close(descriptor)
         os.unlink(name, dir_fd=dir_fd)
         raise
-    os.close(descriptor)
+    return descriptor
 
 
-def _write_atomic(dir_fd: int, name: str, chunks: list) -> None:
-    """`chunks` as file `name` in the folder `dir_fd`: written under a temporary name, then renamed into place, so
-    a reader never finds a half-written file under `name`. (Batch names are unique: so is the temporary name.)"""
+def _write_atomic(dir_fd: int, name: str, chunks: list) -> int:
+    """`chunks` as file `name` in the folder `dir_fd`, as `_create` makes it (its descriptor returned, open): written
+    under a temporary name, then renamed into place, so a reader never finds a half-written file under `name`.
+    (Batch names are unique: so is the temporary name.)"""
     temporary = f".{name}{TEMP_SUFFIX}"
-    _create(temporary, chunks, dir_fd)
+    descriptor = _create(temporary, chunks, dir_fd)
     try:
         os.replace(temporary, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
+        os.close(descriptor)
         os.unlink(temporary, dir_fd=dir_fd)
         raise
+    return descriptor
 
 
 def _folder_bytes(folder: Path) -> int:
@@ -246,6 +264,9 @@ class CaptureStore:
         self._queued_ids: set[str] = set()  # their request ids
         self._closed = False
         self._segment: tuple[int, int] | None = None  # the writer's hour folder: (hours since 1970, open descriptor)
+        # The files the writer wrote, open: those of the batch before leave the page cache after each batch.
+        self._written_files: list[int] = []
+        self._settling_files: list[int] = []
         self._writer = threading.Thread(target=self._write_loop, name="graft-capture", daemon=True)
         self._writer.start()
 
@@ -312,6 +333,8 @@ class CaptureStore:
                     log.exception("capture of %d answers failed: %s", len(answers), error)
                     # raised before the batch's files were written (their writing fails with OSError, handled there)
                     self._drop(WRITE_ERROR, sum(len(answer.probabilities) for answer in answers))
+                self._settle(self._settling_files)
+                self._settling_files, self._written_files = self._written_files, []
                 with self._work:
                     for answer in answers:
                         self._queued_bytes -= answer.size
@@ -319,8 +342,16 @@ class CaptureStore:
                     self._written.notify_all()
                     self.stats.writer_cpu_seconds = time.thread_time()
         finally:
+            self._settle(self._settling_files + self._written_files)
             if self._segment is not None:
                 os.close(self._segment[1])
+
+    @staticmethod
+    def _settle(descriptors: list[int]) -> None:
+        """Files written a batch ago (their writeback done by now): out of the page cache, and closed."""
+        for descriptor in descriptors:
+            _leave_page_cache(descriptor)
+            os.close(descriptor)
 
     def _write_batch(self, answers: deque[Answer], shadowed: deque[tuple[float, list[bytes]]] = deque()) -> None:
         """The answers' rows as one batch of items, as many as the budget takes, the rest dropped (counted); then
@@ -403,12 +434,14 @@ class CaptureStore:
         `name`: the batch's, its capture time (`seconds`) in milliseconds first (names sort in time), then random."""
         try:
             segment = self._segment_folder(seconds)
-            _write_atomic(segment, name + INPUTS_SUFFIX, batch.inputs)
+            inputs = _write_atomic(segment, name + INPUTS_SUFFIX, batch.inputs)
             try:
-                _write_atomic(segment, name + RECORDS_SUFFIX, batch.records)  # last: the batch is whole once it is there
+                records = _write_atomic(segment, name + RECORDS_SUFFIX, batch.records)  # last: the batch is whole now
             except BaseException:
+                os.close(inputs)
                 os.unlink(name + INPUTS_SUFFIX, dir_fd=segment)
                 raise
+            self._written_files += (inputs, records)
         except OSError as error:
             self._stop(_stop_reason(error), f"writing to {self.folder} failed: {error}")
             return False
@@ -419,7 +452,7 @@ class CaptureStore:
 
     def _write_shadow(self, lines: list[bytes], name: str, seconds: float) -> None:
         try:
-            _write_atomic(self._segment_folder(seconds), name + SHADOW_SUFFIX, lines)
+            self._written_files.append(_write_atomic(self._segment_folder(seconds), name + SHADOW_SUFFIX, lines))
         except OSError as error:
             self._stop(_stop_reason(error), f"writing to {self.folder} failed: {error}")
             return
@@ -460,7 +493,7 @@ class CaptureStore:
         data = orjson.dumps({"label": label, "time": iso_time(time.time())})
         destination = item.inputs_path.with_name(item_id + LABEL_SUFFIX)
         temporary = destination.with_name(f".{destination.name}.{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}")  # one a request
-        _create(str(temporary), [data])
+        os.close(_create(str(temporary), [data]))
         try:
             os.link(temporary, destination)  # fails if it exists: a label is created once, whole
         except FileExistsError:

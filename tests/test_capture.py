@@ -255,6 +255,25 @@ def test_an_answer_the_writer_cannot_encode_is_counted_dropped_and_the_writer_go
     assert [item.id for item in iter_items(tmp_path / "captures")] == ["c" * 32]
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts descriptors in /proc/self/fd (Linux)")
+def test_the_writer_keeps_a_batch_open_only_until_the_next_and_closes_everything_when_closed(tmp_path):
+    # A batch's files stay open until the next batch, which drops their pages from the page cache: none may leak.
+    def open_descriptors() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    before = open_descriptors()
+    store = CaptureStore(CaptureSettings(enabled=True, folder=str(tmp_path / "captures")))
+    most = 0
+    for n in range(12):
+        store.submit(Answer(f"{n:032x}", "predict", "m", "1", "fp32", CLASSES, np.full((1, 3), 1 / 3), b"image"))
+        wait_until(lambda: store.stats.captured == n + 1, 10, f"answer {n} written")
+        most = max(most, open_descriptors())
+    store.close()
+    assert most <= before + 5, "at most the hour folder and two batches' files open at once"
+    assert open_descriptors() == before, "closing the store closes every file it wrote"
+    assert len(list(iter_items(tmp_path / "captures"))) == 12
+
+
 def _capture_stopped(base: str, reason: str) -> bool:
     return _metric(base, f'graft_capture_stopped{{reason="{reason}"}}') == 1.0
 
