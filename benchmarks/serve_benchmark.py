@@ -252,9 +252,13 @@ def _answers_accounted(port: int) -> float:
     return _metric(text, "graft_captured_total") + _metric(text, "graft_capture_dropped_total")
 
 
-def _writer_cpu_seconds(port: int) -> float:
-    """The capture writer thread's CPU time so far (graft_capture_writer_cpu_seconds_total)."""
-    return _metric(httpx.get(f"http://127.0.0.1:{port}/metrics").text, "graft_capture_writer_cpu_seconds_total")
+ROUND_METRICS = ("graft_capture_writer_cpu_seconds_total", "graft_executions_total", "graft_inferences_total",
+                 "graft_model_execution_seconds_sum")
+
+
+def _round_metrics(port: int) -> dict[str, float]:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    return {name: _metric(text, name) for name in ROUND_METRICS}
 
 
 def _capture_round(server: subprocess.Popen, port: int, request: bytes, concurrency: int, seconds: float,
@@ -262,23 +266,38 @@ def _capture_round(server: subprocess.Popen, port: int, request: bytes, concurre
     """One timed round. With capture on it waits, after the last answer, until every answer of the round is written
     (or dropped): the writer's backlog is drained inside the round, not in the next one. Its throughput is the
     answers over the time they were sent in; `with_drain_rps` counts the drain too (a one-off wait of up to the
-    writer's gathering interval and one write, not a rate: over a longer run its share shrinks)."""
+    writer's gathering interval and one write, not a rate: over a longer run its share shrinks). Beside the server's
+    CPU, the writer thread's and the model's own time a row (ONNX Runtime's wall time per execution over its rows):
+    what capture costs the model itself."""
     before = _answers_accounted(port) if capturing else 0.0
-    cpu_before, writer_before = _cpu_seconds(server.pid), _writer_cpu_seconds(port) if capturing else 0.0
+    cpu_before, metrics_before = _cpu_seconds(server.pid), _round_metrics(port)
     started = time.perf_counter()
     result = asyncio.run(_drive(port, request, concurrency, seconds, 10**6))
     driven = time.perf_counter() - started
     while capturing and _answers_accounted(port) - before < result["requests"]:
         time.sleep(0.005)
     elapsed = time.perf_counter() - started
+    after = _round_metrics(port)
+    delta = {name: after[name] - metrics_before[name] for name in ROUND_METRICS}
     result.update(with_drain_rps=round(result["requests"] / elapsed, 1), backlog_s=round(elapsed - driven, 3),
                   server_cpu_ms_per_request=round(1000 * (_cpu_seconds(server.pid) - cpu_before) / result["requests"], 4),
                   writer_cpu_ms_per_request=round(
-                      1000 * ((_writer_cpu_seconds(port) if capturing else 0.0) - writer_before) / result["requests"], 4))
+                      1000 * delta["graft_capture_writer_cpu_seconds_total"] / result["requests"], 4),
+                  model_ms_per_row=round(
+                      1000 * delta["graft_model_execution_seconds_sum"] / delta["graft_inferences_total"], 4),
+                  mean_batch_size=round(delta["graft_inferences_total"] / delta["graft_executions_total"], 2))
     return result
 
 
 ROUND_PAUSE_SECONDS = 0.5
+
+
+def start_capture_pair(onnx: Path, variant: str, max_batch: int, delay_ms: float, threads: int,
+                       folder: str) -> dict[str, tuple[subprocess.Popen, int]]:
+    """Two servers of the same file, "off" and "on" (capturing every answer to `folder`, no budget to reach)."""
+    return {"off": _start_server(onnx, variant, max_batch, delay_ms, threads),
+            "on": _start_server(onnx, variant, max_batch, delay_ms, threads, "--capture-enabled", "--capture-sample",
+                                "1", "--capture-folder", folder, "--capture-max-bytes", str(10**12))}
 
 
 def compare_capture(onnx: Path, variant: str, max_batch: int, delay_ms: float, threads: int, seconds: float,
@@ -293,10 +312,7 @@ def compare_capture(onnx: Path, variant: str, max_batch: int, delay_ms: float, t
     captured = dropped = 0.0
     for round_ in range(rounds):
         with tempfile.TemporaryDirectory(prefix="graft-capture-bench-", dir=capture_parent) as folder:
-            servers = {"off": _start_server(onnx, variant, max_batch, delay_ms, threads),
-                       "on": _start_server(onnx, variant, max_batch, delay_ms, threads, "--capture-enabled",
-                                           "--capture-sample", "1", "--capture-folder", folder,
-                                           "--capture-max-bytes", str(10**12))}
+            servers = start_capture_pair(onnx, variant, max_batch, delay_ms, threads, folder)
             try:
                 port_on = servers["on"][1]
                 served = httpx.get(f"http://127.0.0.1:{port_on}/v2/models/{MODEL}").json()
@@ -346,6 +362,8 @@ def compare_capture(onnx: Path, variant: str, max_batch: int, delay_ms: float, t
             "off_server_cpu_ms": median(off, "server_cpu_ms_per_request"),
             "on_server_cpu_ms": median(on, "server_cpu_ms_per_request"),
             "on_writer_cpu_ms": median(on, "writer_cpu_ms_per_request"),
+            "off_model_ms_per_row": median(off, "model_ms_per_row"), "on_model_ms_per_row": median(on, "model_ms_per_row"),
+            "off_mean_batch_size": median(off, "mean_batch_size"), "on_mean_batch_size": median(on, "mean_batch_size"),
             # the writer thread's CPU against all the CPU a request had (both cores, the load generator's too)
             "writer_cpu_share": round(statistics.fmean(r["writer_cpu_ms_per_request"] for r in on)
                                       / (1000 * os.cpu_count() / mean_on), 4),
@@ -389,7 +407,8 @@ def main() -> None:
             print(f"{case['kind']} c={case['concurrency']}: {case['off_rps']} -> {case['on_rps']} req/s with capture, "
                   f"cost {case['cost']:.1%} +- {case['cost_standard_error']:.1%} ({case['cost_with_drain']:.1%} with "
                   f"the drain of the last batch), the writer's CPU "
-                  f"{case['writer_cpu_share']:.1%} of the machine's per request")
+                  f"{case['writer_cpu_share']:.1%} of the machine's per request, the model "
+                  f"{1000 * case['off_model_ms_per_row']:.0f} -> {1000 * case['on_model_ms_per_row']:.0f} us a row")
         print(f"captured {summary['captured']:.0f}, dropped {summary['dropped']:.0f}")
         return
     batched = (args.max_batch_size, args.max_queue_delay_ms)
