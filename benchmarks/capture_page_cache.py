@@ -68,8 +68,9 @@ if __name__ == "__main__":
     if len(sys.argv) == 3:
         measure(sys.argv[1], sys.argv[2])
     else:
-        with open("/proc/cpuinfo") as cpuinfo:
-            print(next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")))
+        from components.compute import cpu_description  # the parent only: each measuring child stays without torch
+
+        print(cpu_description())
         for kind in ("tensor", "png"):
             for _ in range(3):
                 for way in ("growing", "dropped"):

@@ -2,10 +2,10 @@
 
     .venv/bin/python benchmarks/capture_threads.py --rounds 8 --seconds 4     # after a `graft run`; ~2.5 min
 
-Binary V2 tensors at c=32 (the case where capture costs most), a fresh pair of servers each round (as
-serve_benchmark.py --capture starts them), driven in turn. Threads have no names the system can see, so each server's
+Binary V2 tensors at c=32 (the case where capture costs most), a fresh pair of servers each round, driven in turn
+as serve_benchmark.py --capture drives them (a capture-on run lasts until its last answer is on disk). Threads have no names the system can see, so each server's
 threads are ranked by the CPU they used in the run ("main" is the event loop's, rank01 the busiest other, ...) and the
-ranks summed over rounds. Beside them: the mean batch and the model's time a row (ONNX Runtime's per execution, over
+ranks averaged over rounds. Beside them: the mean batch and the model's time a row (ONNX Runtime's per execution, over
 its rows), and the throughput cost with its standard error.
 """
 from __future__ import annotations
@@ -22,9 +22,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from components.compute import cpu_model
+from components.compute import cpu_description
 from serve_benchmark import (  # this folder
-    MODEL, ROUND_METRICS, _drive, _request_bytes, _round_metrics, start_capture_pair)
+    MODEL, ROUND_PAUSE_SECONDS, _capture_round, _drive, _request_bytes, capture_cost, start_capture_pair)
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -56,8 +56,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=4.0)
     args = parser.parse_args()
     cpu = {"off": collections.Counter(), "on": collections.Counter()}
-    model = {"off": collections.Counter(), "on": collections.Counter()}
-    rates: dict[str, list[float]] = {"off": [], "on": []}
+    runs: dict[str, list[dict]] = {"off": [], "on": []}
     for round_ in range(args.rounds):
         with tempfile.TemporaryDirectory(prefix="graft-capture-threads-", dir=".") as folder:
             servers = start_capture_pair(args.onnx, "auto", 32, 0.0, 0, folder)
@@ -68,21 +67,18 @@ def main() -> None:
                     process, port = servers[name]
                     request = _request_bytes(port, rows, binary=True)
                     asyncio.run(_drive(port, request, 32, 1.0, 10**6))  # warm-up, not counted
-                    time.sleep(0.5)  # the other server quiet again
-                    metrics, threads = _round_metrics(port), thread_cpu(process.pid)
-                    result = asyncio.run(_drive(port, request, 32, args.seconds, 10**6))
-                    time.sleep(0.1)  # the writer's last batch
+                    time.sleep(ROUND_PAUSE_SECONDS)
+                    threads = thread_cpu(process.pid)
+                    result = _capture_round(process, port, request, 32, args.seconds, name == "on")
                     cpu[name].update({key: value / result["requests"]
                                       for key, value in ranked(threads, thread_cpu(process.pid)).items()})
-                    after = _round_metrics(port)
-                    model[name].update({key: after[key] - metrics[key] for key in ROUND_METRICS})
-                    rates[name].append(result["throughput_rps"])
+                    runs[name].append(result)
                     print(f"round {round_} capture {name}: {result['throughput_rps']} req/s", flush=True)
             finally:
                 for process, _ in servers.values():
                     process.terminate()
                     process.wait(timeout=60)
-    print(f"{cpu_model()}; binary tensors, c=32, {args.rounds} rounds of {args.seconds} s")
+    print(f"{cpu_description()}; binary tensors, c=32, {args.rounds} rounds of {args.seconds} s")
     print(f"{'thread:CPU':18s} {'off us/req':>10s} {'on us/req':>10s} {'on - off':>9s}")
     for key in sorted(set(cpu["off"]) | set(cpu["on"])):
         off, on = (1e6 * cpu[name][key] / args.rounds for name in ("off", "on"))
@@ -91,13 +87,10 @@ def main() -> None:
     off, on = (1e6 * sum(cpu[name].values()) / args.rounds for name in ("off", "on"))
     print(f"{'all':18s} {off:10.1f} {on:10.1f} {on - off:9.1f}")
     for name in ("off", "on"):
-        counts = model[name]
-        print(f"capture {name}: mean batch {counts['graft_inferences_total'] / counts['graft_executions_total']:.2f}, "
-              f"the model {1e6 * counts['graft_model_execution_seconds_sum'] / counts['graft_inferences_total']:.0f} "
-              f"us a row")
-    costs = [1 - on / off for off, on in zip(rates["off"], rates["on"])]
-    print(f"cost {1 - statistics.fmean(rates['on']) / statistics.fmean(rates['off']):.1%} "
-          f"+- {statistics.stdev(costs) / len(costs) ** 0.5:.1%} (rounds: {', '.join(f'{c:.1%}' for c in costs)})")
+        print(f"capture {name}: mean batch {statistics.fmean(r['mean_batch_size'] for r in runs[name]):.2f}, the model "
+              f"{1000 * statistics.fmean(r['model_ms_per_row'] for r in runs[name]):.0f} us a row")
+    cost, standard_error, paired = capture_cost(runs["off"], runs["on"])
+    print(f"cost {cost:.1%} +- {standard_error:.1%} (rounds: {', '.join(f'{c:.1%}' for c in paired)})")
 
 
 if __name__ == "__main__":

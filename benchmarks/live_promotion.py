@@ -48,7 +48,7 @@ from mlflow import MlflowClient
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_benchmark import _free_port, _metric, _request_bytes  # noqa: E402  (a lean load generator, shared)
 
-from components.compute import cpu_model  # noqa: E402
+from components.compute import cpu_description  # noqa: E402
 from components.registry import CHALLENGER, CHAMPION, alias_version, move_alias, set_canary_share  # noqa: E402
 
 POLL_SECONDS = 0.5
@@ -179,7 +179,7 @@ async def moves(uri: str, name: str, seconds: float, every: float, concurrency: 
     by_version: dict[str, int] = {}
     for _, _, _, version in answers:
         by_version[version] = by_version.get(version, 0) + 1
-    return {"cpu": cpu_model(), "date": datetime.now(timezone.utc).isoformat(timespec="minutes"),
+    return {"cpu": cpu_description(), "date": datetime.now(timezone.utc).isoformat(timespec="minutes"),
             "seconds": seconds, "every": every, "concurrency": concurrency, "poll_seconds": POLL_SECONDS,
             "switch_lead_seconds": LEAD_SECONDS,
             "requests": len(answers), "throughput_rps": round(len(answers) / seconds, 1),
@@ -274,7 +274,7 @@ def shadow(uri: str, name: str, seconds: float, rounds: int, rates: tuple[float,
                          for key in ("p50", "p99")},
                       "shadowed_share": sum(r["shadowed"] for r in runs["on"]) / sum(r["requests"] for r in runs["on"]),
                       "runs": runs})  # each round's, in order: what pooling several runs needs
-    return {"cpu": cpu_model(), "date": datetime.now(timezone.utc).isoformat(timespec="minutes"),
+    return {"cpu": cpu_description(), "date": datetime.now(timezone.utc).isoformat(timespec="minutes"),
             "seconds_per_round": seconds, "control": control,
             "shadow_cpu_share": cpu_share or "serving.shadow.cpu_share (params.yaml)",
             "cases": cases}

@@ -36,7 +36,7 @@ import httpx
 import numpy as np
 import uvloop
 
-from components.compute import cpu_model
+from components.compute import cpu_description
 from deploy.variants import variant_path
 
 MODEL = "bench"
@@ -300,6 +300,16 @@ def start_capture_pair(onnx: Path, variant: str, max_batch: int, delay_ms: float
                                 "1", "--capture-folder", folder, "--capture-max-bytes", str(10**12))}
 
 
+def capture_cost(off: list[dict], on: list[dict]) -> tuple[float, float, list[float]]:
+    """What capture cost over rounds of (off, on) runs: 1 - mean(on) / mean(off) of their throughputs, its standard
+    error (the rounds' spread: the host's noise, to judge the cost by) and each round's own cost. Each round's off and
+    on ran back to back, in turns first and second: over an even number of rounds the mean throughputs' ratio cancels
+    what running second costs (the pairs' median does not: their costs fall in two groups by order)."""
+    paired = [1 - b["throughput_rps"] / a["throughput_rps"] for a, b in zip(off, on)]
+    mean_off, mean_on = (statistics.fmean(r["throughput_rps"] for r in runs) for runs in (off, on))
+    return 1 - mean_on / mean_off, statistics.stdev(paired) / len(paired) ** 0.5, paired
+
+
 def compare_capture(onnx: Path, variant: str, max_batch: int, delay_ms: float, threads: int, seconds: float,
                     rounds: int, png: Path, capture_parent: Path) -> dict:
     """Capture off and capture on (every request, to a fresh folder in `capture_parent`) side by side, in
@@ -343,20 +353,16 @@ def compare_capture(onnx: Path, variant: str, max_batch: int, delay_ms: float, t
         def median(runs: list[dict], key: str) -> float:
             return round(statistics.median(r[key] for r in runs), 4)
 
-        # Each round's off and on ran back to back, in turns first and second: over an even number of rounds the
-        # mean throughputs' ratio cancels what running second costs (the pairs' median does not: their costs fall
-        # in two groups by order).
-        paired = [1 - b["throughput_rps"] / a["throughput_rps"] for a, b in zip(off, on)]
+        cost, standard_error, paired = capture_cost(off, on)
         mean_off, mean_on = (statistics.fmean(r["throughput_rps"] for r in runs) for runs in (off, on))
         mean_on_with_drain = statistics.fmean(r["with_drain_rps"] for r in on)
         cases.append({
             "kind": kind, "concurrency": concurrency, "rounds": rounds,
             "off_rps": round(mean_off, 1), "on_rps": round(mean_on, 1),
-            "cost": round(1 - mean_on / mean_off, 4), "cost_by_round": [round(c, 4) for c in paired],
+            "cost": round(cost, 4), "cost_by_round": [round(c, 4) for c in paired],
             "cost_with_drain": round(1 - mean_on_with_drain / mean_off, 4),
             "cost_median_of_rounds": round(statistics.median(paired), 4),
-            # the rounds' spread, as the standard error of their mean cost: the host's noise, to judge the cost by
-            "cost_standard_error": round(statistics.stdev(paired) / len(paired) ** 0.5, 4),
+            "cost_standard_error": round(standard_error, 4),
             "off_p50_ms": median(off, "p50_ms"), "on_p50_ms": median(on, "p50_ms"),
             "off_p99_ms": median(off, "p99_ms"), "on_p99_ms": median(on, "p99_ms"),
             "off_server_cpu_ms": median(off, "server_cpu_ms_per_request"),
@@ -369,7 +375,7 @@ def compare_capture(onnx: Path, variant: str, max_batch: int, delay_ms: float, t
                                       / (1000 * os.cpu_count() / mean_on), 4),
             "on_backlog_s": median(on, "backlog_s"), "errors": sum(r["errors"] for r in off + on),
         })
-    return {"cpu": cpu_model(), "date": datetime.now(timezone.utc).isoformat(timespec="minutes"),
+    return {"cpu": cpu_description(), "date": datetime.now(timezone.utc).isoformat(timespec="minutes"),
             "variant": served["parameters"]["variant"], "input_shape": served["inputs"][0]["shape"][1:],
             "png_bytes": png.stat().st_size, "seconds_per_round": seconds, "cases": cases,
             "captured": captured, "dropped": dropped}
@@ -428,7 +434,7 @@ def main() -> None:
             result["share_of_in_process_per_core_used"] = round(result["share_of_in_process"] / result["server_cpu_share"], 3)
         runs.append(result)
         print(json.dumps(result), flush=True)
-    summary = {"cpu": cpu_model(), "runs": runs}
+    summary = {"cpu": cpu_description(), "runs": runs}
     if args.protocols:  # the batched settings of those protocols only (the CPU split at c=1 and c=32)
         out = args.out or Path("benchmarks/results/serve_cpu.json")
         out.write_text(json.dumps(summary, indent=2) + "\n")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-from components.compute import cpu_model
+from components.compute import cpu_description
 from components.layout import Layout
 
 GRAFT = str(Path(sys.executable).parent / "graft")
@@ -86,7 +86,7 @@ def main() -> None:
         live, ready = _serve_to_ready()
         timings["graft serve: live"].append(live)
         timings["graft serve: ready"].append(ready)
-    result = {"cpu": cpu_model(), "median_seconds": {k: round(statistics.median(v), 2) for k, v in timings.items()},
+    result = {"cpu": cpu_description(), "median_seconds": {k: round(statistics.median(v), 2) for k, v in timings.items()},
               "all_seconds": {k: [round(x, 2) for x in v] for k, v in timings.items()}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
