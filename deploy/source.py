@@ -198,6 +198,16 @@ class RegistrySource:
     def _download_remote(self, version: str, file: str, dest: Path) -> None:
         uri = self._get("model-versions/get-download-uri", name=self.name, version=version)["artifact_uri"]
         parsed = urlparse(uri)
+        if parsed.scheme in ("", "file"):
+            # A version registered on the embedded store before that database was put behind `mlflow server` keeps
+            # its file:// URI: readable on the machine that holds it (and hash-checked like any), refused elsewhere.
+            if not Path(unquote(parsed.path)).is_dir():
+                raise SourceError(
+                    f"{self.name} v{version}: the tracking server gives its files as {uri!r}, a folder this machine "
+                    f"does not have (registered on an embedded store, then served without --serve-artifacts): run "
+                    f"where that folder is, or publish the model again through a server started with --serve-artifacts")
+            self._copy_stored(uri, version, file, dest)
+            return
         if parsed.scheme != "mlflow-artifacts":
             raise SourceError(f"artifact URI {uri!r} is not served by the tracking server; start it with --serve-artifacts")
         path = quote(f"{parsed.path.lstrip('/')}/{file}")
@@ -255,6 +265,10 @@ class RegistrySource:
         uri = self._local().get_model_version_download_uri(self.name, version)
         if urlparse(uri).scheme not in ("", "file"):
             raise SourceError(f"cannot read {uri!r} without a tracking server")
+        self._copy_stored(uri, version, file, dest)
+
+    def _copy_stored(self, uri: str, version: str, file: str, dest: Path) -> None:
+        """`file` of a version whose artifacts lie in the local folder `uri` (file://), copied to `dest`."""
         stored = Path(unquote(urlparse(uri).path)) / file
         if not stored.is_file():
             raise IntegrityError(f"{self.name} v{version} at {self.tracking_uri}: the artifact store has no {file} "

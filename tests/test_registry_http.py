@@ -1,4 +1,5 @@
-"""The registry flows against a real `mlflow server` over HTTP, and a promotion killed part-way."""
+"""The registry flows against a real `mlflow server` over HTTP, a promotion killed part-way, and a server put over a
+registry that began as the embedded store."""
 import os
 import signal
 import subprocess
@@ -19,7 +20,17 @@ from components.registry import (
     history,
     move_alias,
 )
-from tests.conftest import copy_workspace, free_port, graft_cli, tiny_params
+from deploy.digest import sha256_file
+from deploy.source import RegistrySource, SourceError
+from deploy.tags import ONNX_SHA_TAG
+from tests.conftest import (
+    copy_workspace,
+    free_port,
+    graft_cli,
+    start_mlflow_server,
+    stop_process_group,
+    tiny_params,
+)
 
 MODEL = "graft-classifier"
 
@@ -103,3 +114,23 @@ def test_a_server_that_is_not_there_is_named_within_seconds(tmp_path):
                 f"mlflow server --host 127.0.0.1 --port {port}" in done.stderr and
                 "unset MLFLOW_TRACKING_URI" in done.stderr), done.stderr[-2000:]
         assert seconds < 15, f"graft {command[0]}: {seconds:.1f} s to the error"
+
+
+def test_a_server_over_the_embedded_stores_database_serves_its_versions_where_their_files_are(repro_workspace, tmp_path):
+    """A project that began on the embedded store and then put `mlflow server` over the same database: the versions
+    registered before keep file:// artifact URIs. On the machine that holds that folder they are read over the
+    server and hash-checked (as `graft serve` and `graft promote` fetch them); where the folder is not, refused
+    with the fix named, not a traceback."""
+    workspace = copy_workspace(repro_workspace[0], tmp_path / "ws", registry=True)
+    server, url = start_mlflow_server(workspace, free_port())
+    try:
+        source = RegistrySource(url, MODEL, CHAMPION, tmp_path / "cache")
+        version = source.current_version()
+        resolved = source.fetch(version)
+        assert resolved.version == version == "1"
+        assert sha256_file(resolved.onnx_path) == resolved.tags[ONNX_SHA_TAG]
+        (workspace / "mlartifacts").rename(tmp_path / "moved")  # the same registry seen from another machine
+        with pytest.raises(SourceError, match="does not have .*--serve-artifacts"):
+            RegistrySource(url, MODEL, CHAMPION, tmp_path / "another-cache").fetch(version)
+    finally:
+        stop_process_group(server)
