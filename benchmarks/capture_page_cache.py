@@ -31,29 +31,41 @@ def _busy_ticks() -> int:
     return user + nice + system + irq + softirq
 
 
-def measure(kind: str, way: str) -> None:
+def batch_inputs(kind: str, items: int) -> list:
+    """A batch's .inputs chunks as capture writes them: per item a tensor row (its .npy header, then 1x64x64 float32)
+    or a 291-byte PNG, then 1,280 float32 features."""
     rng = np.random.default_rng(0)
-    features = [rng.normal(size=1280).astype(np.float32) for _ in range(ITEMS)]
-    tensors = [rng.normal(size=(1, 64, 64)).astype(np.float32) for _ in range(ITEMS)]
-    header, png, record = bytes(128), b"\x89PNG\r\n\x1a\n" + bytes(283), bytes(600)
+    header, png = bytes(128), b"\x89PNG\r\n\x1a\n" + bytes(283)
+    return [chunk for _ in range(items)
+            for chunk in ((header, rng.normal(size=(1, 64, 64)).astype(np.float32)) if kind == "tensor" else (png,))
+            + (rng.normal(size=1280).astype(np.float32),)]
+
+
+def write_batch(folder: str, batch: int, inputs: list, items: int, settling: list[int], drop: bool) -> list[int]:
+    """One batch as deploy/capture.py writes it: its inputs, then a 600-byte record an item. With `drop`, each
+    file's writeback begun and the batch before's files (`settling`) out of the page cache and closed; returns the
+    descriptors of this batch left to settle."""
+    written = []
+    for suffix, body in ((".inputs", inputs), (".jsonl", [bytes(600)] * items)):
+        descriptor = os.open(f"{folder}/{batch}{suffix}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.writev(descriptor, body)
+        if drop:
+            os.posix_fadvise(descriptor, 0, 0, DONTNEED)
+            written.append(descriptor)
+        else:
+            os.close(descriptor)
+    for descriptor in settling:
+        os.posix_fadvise(descriptor, 0, 0, DONTNEED)
+        os.close(descriptor)
+    return written
+
+
+def measure(kind: str, way: str) -> None:
+    inputs = batch_inputs(kind, ITEMS)
     folder = tempfile.mkdtemp(prefix="graft-page-cache-", dir=os.getcwd())
     thread, busy, settling = time.thread_time(), _busy_ticks(), []
     for batch in range(BATCHES):
-        chunks = [chunk for item in range(ITEMS)
-                  for chunk in ((header, tensors[item], features[item]) if kind == "tensor" else (png, features[item]))]
-        written = []
-        for suffix, body in ((".inputs", chunks), (".jsonl", [record] * ITEMS)):
-            descriptor = os.open(f"{folder}/{batch}{suffix}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            os.writev(descriptor, body)
-            if way == "dropped":
-                os.posix_fadvise(descriptor, 0, 0, DONTNEED)
-                written.append(descriptor)
-            else:
-                os.close(descriptor)
-        for descriptor in settling:
-            os.posix_fadvise(descriptor, 0, 0, DONTNEED)
-            os.close(descriptor)
-        settling = written
+        settling = write_batch(folder, batch, inputs, ITEMS, settling, way == "dropped")
         time.sleep(GATHER_SECONDS)
     thread = time.thread_time() - thread
     os.sync()
