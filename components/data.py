@@ -94,9 +94,9 @@ class Splits:
     origin_val: np.ndarray
     origin_test: np.ndarray
     data_version: str         # the content of the data set and its split, the same at every input size
-    # Digests (image_digest) of held-out images taken out of this object (`graft tune` hands trials no test split):
+    # Digests (pixels_digest) of held-out images taken out of this object (`graft tune` hands trials no test split):
     # without_held_out leaves them out of unlabelled images all the same.
-    held_out_digests: frozenset[str] = frozenset()
+    held_out_digests: frozenset[bytes] = frozenset()
 
     def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         return getattr(self, f"x_{name}"), getattr(self, f"y_{name}")
@@ -646,17 +646,12 @@ def prepare_unlabeled(root: Path, data: DataParams, sizes: list[int], out_path: 
     return PrepareResult(out_path, version, {"unlabeled": len(samples)}, len(quarantine.entries))
 
 
-def image_digest(image: np.ndarray) -> str:
-    """One image's identity, pixel for pixel at its size."""
-    return hashlib.blake2b(image.tobytes(), digest_size=16).hexdigest()
-
-
 def without_held_out(unlabeled: np.ndarray, splits: Splits) -> tuple[np.ndarray, int]:
     """The unlabelled images that are no val or test image (pixel for pixel at this size; the test split's too where
     it was taken out, by its digests), and how many were dropped: training on a test image, even without its label,
     would flatter the test."""
-    held_out = {image_digest(image) for image in (*splits.x_val, *splits.x_test)} | splits.held_out_digests
-    kept = np.array([image_digest(image) not in held_out for image in unlabeled], dtype=bool)
+    held_out = {pixels_digest(image) for image in (*splits.x_val, *splits.x_test)} | splits.held_out_digests
+    kept = np.array([pixels_digest(image) not in held_out for image in unlabeled], dtype=bool)
     return unlabeled[kept], int((~kept).sum())
 
 

@@ -61,7 +61,7 @@ def tuning_splits(path: str | Path) -> data_mod.Splits:
     images' digests stay, so that a trial's unlabelled images (FixMatch, adaptation) still leave them out."""
     splits = data_mod.load_splits(Path(path))
     return replace(splits, x_test=splits.x_test[:0], y_test=splits.y_test[:0], origin_test=splits.origin_test[:0],
-                   held_out_digests=splits.held_out_digests | {data_mod.image_digest(image) for image in splits.x_test})
+                   held_out_digests=splits.held_out_digests | {data_mod.pixels_digest(image) for image in splits.x_test})
 
 
 def study_name(params: Settings, splits: data_mod.Splits, source: dict) -> str:

@@ -11,7 +11,7 @@ import yaml
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from components.data import image_digest, load_splits, without_held_out
+from components.data import pixels_digest, load_splits, without_held_out
 from components.layout import Layout
 from components.settings import load_settings
 from components.tune import BEST, MARKDOWN, open_tune, run_tune, suggest, tuning_splits, worker_shares
@@ -147,11 +147,11 @@ def test_a_trials_unlabelled_images_still_leave_the_test_split_out(candidate_tem
     path = template / Layout.selected_data
     full, trials_get = load_splits(path), tuning_splits(path)
     unlabeled, _ = without_held_out(np.concatenate([full.x_train, full.x_test]), trials_get)
-    test_images = {image_digest(image) for image in full.x_test}
+    test_images = {pixels_digest(image) for image in full.x_test}
     assert len(trials_get.x_test) == 0 and test_images
-    assert not test_images & {image_digest(image) for image in unlabeled}
-    held_out = test_images | {image_digest(image) for image in full.x_val}
-    assert len(unlabeled) == sum(image_digest(image) not in held_out for image in full.x_train) > 0
+    assert not test_images & {pixels_digest(image) for image in unlabeled}
+    held_out = test_images | {pixels_digest(image) for image in full.x_val}
+    assert len(unlabeled) == sum(pixels_digest(image) not in held_out for image in full.x_train) > 0
 
 
 @pytest.mark.parametrize("space, message", [
