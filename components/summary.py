@@ -1,6 +1,7 @@
 """The run at a glance: a short table read from the stages' declared outputs, for the terminal and Prefect."""
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,5 +126,20 @@ def format_table(summary: dict, markdown: bool = False) -> str:
     if markdown:
         return "\n".join(["| item | value |", "| --- | --- |", *(f"| {k} | {v} |" for k, v in rows)])
     width = max(len(k) for k, _ in rows)
-    rule = "-" * (width + 2 + max(len(str(v)) for _, v in rows))
-    return "\n".join([rule, *(f"{k.ljust(width)}  {v}" for k, v in rows), rule])
+    # A long value (the list of stages' times) wraps between its items to the terminal's width (120 columns in a
+    # log file), under its own column.
+    columns = max(width + 40, shutil.get_terminal_size((120, 24)).columns - 1)
+    lines = [line for k, v in rows for line in _wrap_items(str(v), f"{k.ljust(width)}  ", columns)]
+    rule = "-" * max(len(line) for line in lines)
+    return "\n".join([rule, *lines, rule])
+
+
+def _wrap_items(value: str, label: str, columns: int) -> list[str]:
+    """`label` + value, broken only after the ", " between items, continuation lines indented under the value."""
+    lines = [label]
+    for item in value.split(", "):
+        if len(lines[-1]) > len(label) and len(lines[-1]) + 2 + len(item) > columns:
+            lines[-1] += ","
+            lines.append(" " * len(label))
+        lines[-1] += item if len(lines[-1]) == len(label) else ", " + item
+    return lines

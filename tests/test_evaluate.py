@@ -21,3 +21,19 @@ def test_classification_report_has_per_class_scores_support_and_both_averages():
     assert report[-2].split() == ["macro", "avg", "0.667", "0.667", "0.667", "10"]
     assert report[-1].split() == ["weighted", "avg", "0.700", "0.700", "0.700", "10"]  # (4*.75 + 2*.5 + 4*.75) / 10
     assert "support_cat" not in evaluation.summary(), "a count of the data is not a metric"
+
+
+def test_the_summary_table_wraps_a_long_value_between_its_items_within_the_terminal(monkeypatch):
+    from components.summary import format_table
+
+    monkeypatch.setenv("COLUMNS", "80")
+    stages = [f"stage_{i}@source ran {i}s" for i in range(12)]
+    table = format_table({"target data": "noto-emoji @ 970308ced665 (train 90, test 450)", "stages": ", ".join(stages),
+                          "not measured": ""})
+    lines = table.splitlines()
+    assert max(len(line) for line in lines) <= 79 and len(lines) > 5, table
+    assert lines[0] == lines[-1] == "-" * max(len(line) for line in lines[1:-1])
+    values = [line[len("target data  "):] for line in lines[1:-1]]
+    assert lines[2].startswith("stages       ") and all(line.startswith(" " * 13) for line in lines[3:-1])
+    assert ", ".join(v.rstrip(",") for v in values[1:]) == ", ".join(stages), "every item kept whole, in order"
+    assert "not measured" not in table
