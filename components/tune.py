@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 import warnings
 from dataclasses import dataclass, replace
@@ -264,6 +265,7 @@ def close_tune(plan: TunePlan, params: Settings, seconds: float) -> dict:
               "trials": [{"number": t.number, "state": t.state.name.lower(), "value": t.value, "params": t.params,
                           "last_step": t.last_step} for t in trials],
               "best": {"number": best.number, "val_accuracy": best.value, "params": best.params},
+              "noise": val_noise({t.number: t.value for t in complete}, len(tuning_splits(plan.data).y_val)),
               "current": current, "seconds_this_run": round(seconds, 1)}
     write_json(root / REPORT, report)
     change: dict = {}
@@ -285,6 +287,20 @@ def close_tune(plan: TunePlan, params: Settings, seconds: float) -> dict:
     return report
 
 
+def val_noise(values: dict[int, float], val_images: int) -> dict:
+    """How far the val split can rank the trials: one standard error of an accuracy at the best's level
+    on `val_images` images, and the other trials the best does not lead by more than 1.96 x sqrt(2) of it (a 95%
+    band on the difference of two such accuracies, measured as if independent: an upper bound, as trials scored on
+    the same images err together). On a small val split the best is often one of several a rerun could reorder."""
+    best_number = max(values, key=values.get)
+    best = values[best_number]
+    adjusted = (best * val_images + 2) / (val_images + 4)  # Agresti-Coull: a perfect score is not exact either
+    error = math.sqrt(adjusted * (1 - adjusted) / (val_images + 4))
+    tied = sorted((n for n, v in values.items() if n != best_number and best - v <= 1.96 * math.sqrt(2) * error),
+                  key=lambda n: -values[n])
+    return {"val_images": val_images, "standard_error": error, "not_told_apart": tied}
+
+
 def _current(params: Settings, key: str):
     node = params.finetune.model_dump()
     for part in key.split(".")[1:]:
@@ -298,6 +314,7 @@ def markdown(report: dict) -> str:
     lines = [f"Study {report['study']}: {len(states)} trials ({states.count('complete')} complete, "
              f"{states.count('pruned')} pruned, {states.count('fail')} failed); best: trial {best['number']}, "
              f"val accuracy {best['val_accuracy']:.4f}. Proposed, not applied (reports/tune-best.yaml):", "",
+             *_noise_lines(report["noise"]),
              "| key | params.yaml now | proposed |", "| --- | --- | --- |"]
     for key, value in best["params"].items():
         lines.append(f"| {key} | {report['current'][key]} | {_shown(value)} |")
@@ -308,6 +325,15 @@ def markdown(report: dict) -> str:
         lines.append(f"| {t['number']} | {t['state']} | {value} | {t['last_step'] if t['last_step'] is not None else ''} | "
                      + " | ".join(_shown(t["params"].get(key, "")) for key in best["params"]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _noise_lines(noise: dict) -> list[str]:
+    tied = noise["not_told_apart"]
+    said = (f"trial(s) {', '.join(map(str, tied))} within 2.8 of them of the best (a 95% band on a difference): this "
+            f"split cannot rank them apart, more val images (data.target.val_size) would" if tied else
+            "every other trial more than 2.8 of them below the best (a 95% band on a difference)")
+    return [f"The val split's {noise['val_images']} images measure an accuracy at the best's level to "
+            f"+-{100 * noise['standard_error']:.1f} points (one standard error); {said}.", ""]
 
 
 def _shown(value) -> str:

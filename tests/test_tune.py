@@ -14,7 +14,7 @@ from optuna.trial import TrialState
 from components.data import pixels_digest, load_splits, without_held_out
 from components.layout import Layout
 from components.settings import load_settings
-from components.tune import BEST, MARKDOWN, open_tune, run_tune, suggest, tuning_splits, worker_shares
+from components.tune import BEST, MARKDOWN, open_tune, run_tune, suggest, tuning_splits, val_noise, worker_shares
 from deploy.tags import TUNE_STATE_TAG, TUNE_STUDY_TAG, TUNE_TRIAL_TAG
 from tests.conftest import copy_workspace, graft_cli
 
@@ -61,7 +61,7 @@ def test_a_study_runs_trials_as_child_runs_proposes_the_best_and_resumes_a_kille
     root, url = _project(candidate_template, tmp_path / "ws")
     before = (root / "params.yaml").read_bytes()
     done = graft_cli(root, url, "tune")
-    assert "2 to run" in done.stdout and "| finetune.lr |" in done.stdout
+    assert "2 to run" in done.stdout and "| finetune.lr |" in done.stdout and "(one standard error)" in done.stdout
     assert (root / "params.yaml").read_bytes() == before, "the proposal is never written into params.yaml"
     with _in(root, url) as params:
         plan, study = open_tune(".", params)
@@ -167,3 +167,12 @@ def test_a_bad_search_space_is_refused_by_its_key(space, message):
 
     with pytest.raises(ParamsError, match=message):
         parse_settings({**tiny_params(), "tune": {"space": space}})
+
+
+def test_the_report_says_which_trials_the_val_split_cannot_tell_from_the_best():
+    scores = {0: 0.60, 1: 0.567, 2: 0.45, 3: 0.595}
+    small = val_noise(scores, val_images=180)
+    assert small["standard_error"] == pytest.approx((0.6 * 0.4 / 180) ** 0.5, rel=0.02)
+    assert small["not_told_apart"] == [3, 1], "within the band, nearest first; 15 points below is told apart"
+    assert val_noise(scores, val_images=20_000)["not_told_apart"] == [3], "more images tell more apart"
+    assert 0.001 < val_noise({0: 1.0, 1: 0.9}, val_images=500)["standard_error"] < 0.01, "a perfect score has noise too"
