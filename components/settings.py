@@ -203,6 +203,13 @@ class SearchRange(Strict):
         """Its end points (a range) or its choices: what validating the space tries."""
         return self.choices if self.choices is not None else [self.low, self.high]
 
+    def holds(self, value) -> bool:
+        """Whether a trial can take `value`: one of the choices, or inside the range (a whole number if integer)."""
+        if self.choices is not None:
+            return value in self.choices
+        return (isinstance(value, (int, float)) and not isinstance(value, bool) and self.low <= value <= self.high
+                and (not self.integer or float(value).is_integer()))
+
 
 class TuneParams(Strict):
     """`graft tune`: an Optuna study over `finetune` on the validation split (components/tune.py)."""
@@ -216,6 +223,7 @@ class TuneParams(Strict):
     prune_after_steps: int = Field(default=100, ge=0)  # no trial pruned before this training step (median pruner)
     prune_below: float | None = Field(default=None, ge=0)  # also prune a trial whose val accuracy falls below this
     storage: str | None = None  # an Optuna storage URL (sqlite:///..., postgresql://...); null: .graft/tune/study.db
+    current_first: bool = True  # a new study's first trial: params.yaml's own values (when the space holds them)
     # dotted finetune key: its range or choices
     space: dict[str, SearchRange] = Field(default_factory=dict)
 

@@ -11,9 +11,11 @@ as pruned, in the study and on its run.
 The study lives in an Optuna storage (tune.storage; default SQLite in .graft/tune/study.db) under a name made of what
 it computes (the space, the rest of finetune, the data version, the source), so running again resumes it: finished
 trials (complete or pruned) are kept, and a trial a killed process left running is marked failed and its values are
-queued again, so it is redone whole. The best values are proposed, never written into params.yaml: reports/tune.md
-(each key, current -> proposed), reports/tune-best.yaml (the change, in params.yaml's shape), plots/tune-history.png
-and plots/tune-importance.png, all on the parent run too.
+queued again, so it is redone whole. A new study's first trial is params.yaml's own values (tune.current_first, where
+the space holds them), so that the report can say whether the best leads them by more than the val split's noise. The
+best values are proposed, never written into params.yaml: reports/tune.md (each key, current -> proposed),
+reports/tune-best.yaml (the change, in params.yaml's shape), plots/tune-history.png and plots/tune-importance.png, all
+on the parent run too.
 """
 from __future__ import annotations
 
@@ -157,6 +159,9 @@ def open_tune(root: str | Path, params: Settings) -> tuple[TunePlan, optuna.Stud
     plan = TunePlan(str(root), mlflow.get_tracking_uri(), experiment_id, name, storage_url(root, params), "",
                     str(root / Layout.selected_data))
     study = _study(plan, params)
+    current = current_recipe(params)
+    if params.tune.current_first and current is not None and not study.get_trials(deepcopy=False):
+        study.enqueue_trial(current)  # a new study: what params.yaml does now, scored by the same rules as the rest
     for left in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):  # its process was killed
         study.tell(left.number, state=TrialState.FAIL)
         study.enqueue_trial(left.params)
@@ -261,12 +266,14 @@ def close_tune(plan: TunePlan, params: Settings, seconds: float) -> dict:
                         f"tune.trials or loosen the pruner (tune.prune_after_steps, tune.prune_below)")
     best = study.best_trial
     current = {key: _current(params, key) for key in params.tune.space}
+    own = next((t for t in complete if t.params == current), None)
     report = {"study": plan.study_name, "storage": plan.storage, "parent_run_id": plan.parent_run_id,
               "trials": [{"number": t.number, "state": t.state.name.lower(), "value": t.value, "params": t.params,
                           "last_step": t.last_step} for t in trials],
               "best": {"number": best.number, "val_accuracy": best.value, "params": best.params},
               "noise": val_noise({t.number: t.value for t in complete}, len(tuning_splits(plan.data).y_val)),
-              "current": current, "seconds_this_run": round(seconds, 1)}
+              "current": current, "seconds_this_run": round(seconds, 1),
+              "current_trial": None if own is None else {"number": own.number, "val_accuracy": own.value}}
     write_json(root / REPORT, report)
     change: dict = {}
     for key, value in best.params.items():
@@ -301,6 +308,13 @@ def val_noise(values: dict[int, float], val_images: int) -> dict:
     return {"val_images": val_images, "standard_error": error, "not_told_apart": tied}
 
 
+def current_recipe(params: Settings) -> dict | None:
+    """params.yaml's own values of the space's keys, as a trial would take them; None where the space does not
+    hold one of them (a trial cannot take it)."""
+    values = {key: _current(params, key) for key in params.tune.space}
+    return values if all(params.tune.space[key].holds(value) for key, value in values.items()) else None
+
+
 def _current(params: Settings, key: str):
     node = params.finetune.model_dump()
     for part in key.split(".")[1:]:
@@ -314,7 +328,7 @@ def markdown(report: dict) -> str:
     lines = [f"Study {report['study']}: {len(states)} trials ({states.count('complete')} complete, "
              f"{states.count('pruned')} pruned, {states.count('fail')} failed); best: trial {best['number']}, "
              f"val accuracy {best['val_accuracy']:.4f}. Proposed, not applied (reports/tune-best.yaml):", "",
-             *_noise_lines(report["noise"]),
+             *_noise_lines(report["noise"]), *_current_lines(report),
              "| key | params.yaml now | proposed |", "| --- | --- | --- |"]
     for key, value in best["params"].items():
         lines.append(f"| {key} | {report['current'][key]} | {_shown(value)} |")
@@ -334,6 +348,21 @@ def _noise_lines(noise: dict) -> list[str]:
             "every other trial more than 2.8 of them below the best (a 95% band on a difference)")
     return [f"The val split's {noise['val_images']} images measure an accuracy at the best's level to "
             f"+-{100 * noise['standard_error']:.1f} points (one standard error); {said}.", ""]
+
+
+def _current_lines(report: dict) -> list[str]:
+    own, best = report["current_trial"], report["best"]
+    if own is None:
+        said = ("params.yaml's own values are not among the trials (outside the space, or tune.current_first off): "
+                "the proposal is not measured against them")
+    elif own["number"] == best["number"]:
+        said = f"The best trial is params.yaml's own values (trial {own['number']}): keep them"
+    else:
+        lead = f"by {100 * (best['val_accuracy'] - own['val_accuracy']):.1f} points"
+        said = (f"params.yaml's own values (trial {own['number']}) scored {own['val_accuracy']:.4f}: the proposal "
+                + (f"leads them {lead}, inside that band: this split gives no reason to change them"
+                   if own["number"] in report["noise"]["not_told_apart"] else f"leads them {lead}, beyond that band"))
+    return [said + ".", ""]
 
 
 def _shown(value) -> str:

@@ -14,7 +14,8 @@ from optuna.trial import TrialState
 from components.data import pixels_digest, load_splits, without_held_out
 from components.layout import Layout
 from components.settings import load_settings
-from components.tune import BEST, MARKDOWN, open_tune, run_tune, suggest, tuning_splits, val_noise, worker_shares
+from components.tune import (BEST, MARKDOWN, current_recipe, markdown, open_tune, run_tune, suggest, tuning_splits,
+                             val_noise, worker_shares)
 from deploy.tags import TUNE_STATE_TAG, TUNE_STUDY_TAG, TUNE_TRIAL_TAG
 from tests.conftest import copy_workspace, graft_cli
 
@@ -66,6 +67,8 @@ def test_a_study_runs_trials_as_child_runs_proposes_the_best_and_resumes_a_kille
     with _in(root, url) as params:
         plan, study = open_tune(".", params)
         assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
+        assert study.trials[0].params == {"finetune.lr": 0.003, "finetune.label_smoothing": 0.0}, "params.yaml's first"
+        assert "params.yaml's own values (trial 0)" in done.stdout
         best = yaml.safe_load((root / BEST).read_text())["finetune"]
         assert best == {"lr": study.best_params["finetune.lr"],
                         "label_smoothing": study.best_params["finetune.label_smoothing"]}
@@ -176,3 +179,31 @@ def test_the_report_says_which_trials_the_val_split_cannot_tell_from_the_best():
     assert small["not_told_apart"] == [3, 1], "within the band, nearest first; 15 points below is told apart"
     assert val_noise(scores, val_images=20_000)["not_told_apart"] == [3], "more images tell more apart"
     assert 0.001 < val_noise({0: 1.0, 1: 0.9}, val_images=500)["standard_error"] < 0.01, "a perfect score has noise too"
+
+
+def test_params_yamls_own_values_are_a_trial_only_where_the_space_holds_them():
+    from components.settings import parse_settings
+    from tests.conftest import tiny_params
+
+    inside = parse_settings({**tiny_params(), "tune": {"space": SPACE}})
+    assert current_recipe(inside) == {"finetune.lr": 0.003, "finetune.label_smoothing": 0.0}
+    for outside in ({"finetune.lr": {"low": 0.01, "high": 0.1}}, {"finetune.steps": {"choices": [600, 1200]}},
+                    {"finetune.steps": {"low": 1, "high": 1000, "integer": True}, "finetune.lr": {"low": 0.1, "high": 1}}):
+        assert current_recipe(parse_settings({**tiny_params(), "tune": {"space": outside}})) is None, outside
+
+
+@pytest.mark.parametrize("own_value, said", [
+    (0.58, "leads them by 2.0 points, inside that band: this split gives no reason to change them"),
+    (0.40, "leads them by 20.0 points, beyond that band"),
+    (0.60, "The best trial is params.yaml's own values (trial 0): keep them"),
+    (None, "params.yaml's own values are not among the trials")])
+def test_the_report_measures_the_proposal_against_params_yamls_own_values(own_value, said):
+    # Trial 0 is params.yaml's own values (None: not run), trial 1 another; the best scored 0.60 on 180 images.
+    best = 0 if own_value == 0.60 else 1
+    values = {best: 0.60, **({} if own_value in (None, 0.60) else {0: own_value})}
+    report = {"study": "s", "trials": [{"number": n, "state": "complete", "value": v, "params": {"finetune.lr": n},
+                                        "last_step": 4} for n, v in values.items()],
+              "best": {"number": best, "val_accuracy": 0.60, "params": {"finetune.lr": best}},
+              "noise": val_noise(values, val_images=180), "current": {"finetune.lr": 0},
+              "current_trial": None if own_value is None else {"number": 0, "val_accuracy": own_value}}
+    assert said in markdown(report)
