@@ -266,14 +266,15 @@ def close_tune(plan: TunePlan, params: Settings, seconds: float) -> dict:
                         f"tune.trials or loosen the pruner (tune.prune_after_steps, tune.prune_below)")
     best = study.best_trial
     current = {key: _current(params, key) for key in params.tune.space}
-    own = next((t for t in complete if t.params == current), None)
+    own = next((t for t in trials if t.params == current and t.state in FINISHED), None)
     report = {"study": plan.study_name, "storage": plan.storage, "parent_run_id": plan.parent_run_id,
               "trials": [{"number": t.number, "state": t.state.name.lower(), "value": t.value, "params": t.params,
                           "last_step": t.last_step} for t in trials],
               "best": {"number": best.number, "val_accuracy": best.value, "params": best.params},
               "noise": val_noise({t.number: t.value for t in complete}, len(tuning_splits(plan.data).y_val)),
               "current": current, "seconds_this_run": round(seconds, 1),
-              "current_trial": None if own is None else {"number": own.number, "val_accuracy": own.value}}
+              "current_trial": None if own is None else {"number": own.number, "state": own.state.name.lower(),
+                                                         "val_accuracy": own.value}}
     write_json(root / REPORT, report)
     change: dict = {}
     for key, value in best.params.items():
@@ -355,6 +356,9 @@ def _current_lines(report: dict) -> list[str]:
     if own is None:
         said = ("params.yaml's own values are not among the trials (outside the space, or tune.current_first off): "
                 "the proposal is not measured against them")
+    elif own["state"] == "pruned":
+        said = (f"params.yaml's own values (trial {own['number']}) were pruned: stopped early, behind the other "
+                f"trials at the same step or below tune.prune_below")
     elif own["number"] == best["number"]:
         said = f"The best trial is params.yaml's own values (trial {own['number']}): keep them"
     else:

@@ -196,14 +196,17 @@ def test_params_yamls_own_values_are_a_trial_only_where_the_space_holds_them():
     (0.58, "leads them by 2.0 points, inside that band: this split gives no reason to change them"),
     (0.40, "leads them by 20.0 points, beyond that band"),
     (0.60, "The best trial is params.yaml's own values (trial 0): keep them"),
-    (None, "params.yaml's own values are not among the trials")])
+    (None, "params.yaml's own values are not among the trials"),
+    ("pruned", "params.yaml's own values (trial 0) were pruned")])
 def test_the_report_measures_the_proposal_against_params_yamls_own_values(own_value, said):
     # Trial 0 is params.yaml's own values (None: not run), trial 1 another; the best scored 0.60 on 180 images.
     best = 0 if own_value == 0.60 else 1
-    values = {best: 0.60, **({} if own_value in (None, 0.60) else {0: own_value})}
+    values = {best: 0.60, **({0: own_value} if isinstance(own_value, float) and own_value != 0.60 else {})}
     report = {"study": "s", "trials": [{"number": n, "state": "complete", "value": v, "params": {"finetune.lr": n},
                                         "last_step": 4} for n, v in values.items()],
               "best": {"number": best, "val_accuracy": 0.60, "params": {"finetune.lr": best}},
               "noise": val_noise(values, val_images=180), "current": {"finetune.lr": 0},
-              "current_trial": None if own_value is None else {"number": 0, "val_accuracy": own_value}}
+              "current_trial": None if own_value is None else {
+                  "number": 0, "state": "pruned" if own_value == "pruned" else "complete",
+                  "val_accuracy": None if own_value == "pruned" else own_value}}
     assert said in markdown(report)
