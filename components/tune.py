@@ -53,6 +53,7 @@ BEST = Path("reports/tune-best.yaml")
 HISTORY_PLOT = Path("plots/tune-history.png")
 IMPORTANCE_PLOT = Path("plots/tune-importance.png")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+BAND = 1.96 * math.sqrt(2)  # standard errors: a 95% band on the difference of two independent accuracies
 
 
 class TuneError(GraftError, ValueError):
@@ -265,7 +266,7 @@ def close_tune(plan: TunePlan, params: Settings, seconds: float) -> dict:
                         f"{sum(t.state == TrialState.PRUNED for t in trials)} pruned): nothing to propose; raise "
                         f"tune.trials or loosen the pruner (tune.prune_after_steps, tune.prune_below)")
     best = study.best_trial
-    current = {key: _current(params, key) for key in params.tune.space}
+    current = _current_values(params)
     own = next((t for t in trials if t.params == current and t.state in FINISHED), None)
     report = {"study": plan.study_name, "storage": plan.storage, "parent_run_id": plan.parent_run_id,
               "trials": [{"number": t.number, "state": t.state.name.lower(), "value": t.value, "params": t.params,
@@ -297,14 +298,14 @@ def close_tune(plan: TunePlan, params: Settings, seconds: float) -> dict:
 
 def val_noise(values: dict[int, float], val_images: int) -> dict:
     """How far the val split can rank the trials: one standard error of an accuracy at the best's level
-    on `val_images` images, and the other trials the best does not lead by more than 1.96 x sqrt(2) of it (a 95%
-    band on the difference of two such accuracies, measured as if independent: an upper bound, as trials scored on
-    the same images err together). On a small val split the best is often one of several a rerun could reorder."""
+    on `val_images` images, and the other trials the best does not lead by more than BAND of them (as if
+    independent: an upper bound, as trials scored on the same images err together). On a small val split the best is
+    often one of several a rerun could reorder."""
     best_number = max(values, key=values.get)
     best = values[best_number]
     adjusted = (best * val_images + 2) / (val_images + 4)  # Agresti-Coull: a perfect score is not exact either
     error = math.sqrt(adjusted * (1 - adjusted) / (val_images + 4))
-    tied = sorted((n for n, v in values.items() if n != best_number and best - v <= 1.96 * math.sqrt(2) * error),
+    tied = sorted((n for n, v in values.items() if n != best_number and best - v <= BAND * error),
                   key=lambda n: -values[n])
     return {"val_images": val_images, "standard_error": error, "not_told_apart": tied}
 
@@ -312,8 +313,12 @@ def val_noise(values: dict[int, float], val_images: int) -> dict:
 def current_recipe(params: Settings) -> dict | None:
     """params.yaml's own values of the space's keys, as a trial would take them; None where the space does not
     hold one of them (a trial cannot take it)."""
-    values = {key: _current(params, key) for key in params.tune.space}
+    values = _current_values(params)
     return values if all(params.tune.space[key].holds(value) for key, value in values.items()) else None
+
+
+def _current_values(params: Settings) -> dict:
+    return {key: _current(params, key) for key in params.tune.space}
 
 
 def _current(params: Settings, key: str):
@@ -344,9 +349,9 @@ def markdown(report: dict) -> str:
 
 def _noise_lines(noise: dict) -> list[str]:
     tied = noise["not_told_apart"]
-    said = (f"trial(s) {', '.join(map(str, tied))} within 2.8 of them of the best (a 95% band on a difference): this "
-            f"split cannot rank them apart, more val images (data.target.val_size) would" if tied else
-            "every other trial more than 2.8 of them below the best (a 95% band on a difference)")
+    said = (f"trial(s) {', '.join(map(str, tied))} within {BAND:.1f} of them of the best (a 95% band on a difference): "
+            f"this split cannot rank them apart, more val images (data.target.val_size) would" if tied else
+            f"every other trial more than {BAND:.1f} of them below the best (a 95% band on a difference)")
     return [f"The val split's {noise['val_images']} images measure an accuracy at the best's level to "
             f"+-{100 * noise['standard_error']:.1f} points (one standard error); {said}.", ""]
 
