@@ -209,9 +209,11 @@ def _run_setting(onnx: Path, variant: str, protocol: str, max_batch: int, delay_
         "server_ms_per_request": round(1000 * server_seconds / max(1, result["requests"]), 4),
     })
     result["share_outside_model"] = round(1 - result["model_ms_per_request"] / result["server_ms_per_request"], 3)
-    # CPU, not wall time: the server process's CPU per request beside the model's (its time inside ONNX Runtime times
-    # the threads it runs on: exact with --threads 1), so that the load generator on the same cores does not blur it.
-    model_cpu = model_seconds * model_threads
+    # CPU, not wall time, so that the load generator on the same cores does not blur it: the server process's CPU per
+    # request beside the model's. With --threads 1 the model's CPU is measured (the thread that runs ONNX Runtime);
+    # with more, its wall time inside ONNX Runtime times the threads, which counts time a thread waited for a core.
+    result["model_cpu_ms_per_request"] = round(1000 * delta("graft_model_cpu_seconds_total") / max(1, inferences), 4)
+    model_cpu = delta("graft_model_cpu_seconds_total") if model_threads == 1 else model_seconds * model_threads
     result["server_cpu_ms_per_request"] = round(1000 * server_cpu / max(1, result["requests"]), 4)
     result["outside_model_cpu_ms_per_request"] = round(1000 * (server_cpu - model_cpu) / max(1, result["requests"]), 4)
     result["outside_over_model_cpu"] = round((server_cpu - model_cpu) / model_cpu, 3) if model_cpu else None

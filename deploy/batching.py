@@ -27,14 +27,16 @@ class BatcherClosed(RuntimeError):
 
 class DynamicBatcher:
     def __init__(self, run: Callable[[np.ndarray], np.ndarray], max_batch_size: int, max_delay_s: float,
-                 on_batch: Callable[[int, float], None] | None = None) -> None:
+                 on_batch: Callable[[int, float, float], None] | None = None) -> None:
+        """`on_batch(rows, seconds, cpu_seconds)` after each execution: its wall time and the CPU time of the thread
+        that ran it, both measured in that thread (from the event loop, the wait for the loop to come back would be
+        counted as the model's)."""
         self.run, self.max_batch_size, self.max_delay_s = run, max_batch_size, max_delay_s
-        self.on_batch = on_batch or (lambda size, seconds: None)
+        self.on_batch = on_batch or (lambda size, seconds, cpu_seconds: None)
         self.queue: asyncio.Queue[_Pending | None] = asyncio.Queue()
         self._worker: asyncio.Task | None = None
         self._carried: _Pending | None = None
         self.closed = False
-        self.model_seconds = 0.0
 
     @property
     def depth(self) -> int:
@@ -81,19 +83,21 @@ class DynamicBatcher:
             size += len(item.rows)
         return batch, False
 
+    def _timed_run(self, rows: np.ndarray) -> tuple[np.ndarray, float, float]:
+        started, cpu_started = time.perf_counter(), time.thread_time()
+        outputs = self.run(rows)
+        return outputs, time.perf_counter() - started, time.thread_time() - cpu_started
+
     async def _run(self, batch: list[_Pending]) -> None:
         rows = batch[0].rows if len(batch) == 1 else np.concatenate([p.rows for p in batch])
-        started = time.perf_counter()
         try:
-            outputs = await asyncio.to_thread(self.run, rows)
+            outputs, seconds, cpu_seconds = await asyncio.to_thread(self._timed_run, rows)
         except Exception as error:  # the model failed: every caller in the batch hears why
             for pending in batch:
                 if not pending.future.done():
                     pending.future.set_exception(error)
             return
-        seconds = time.perf_counter() - started
-        self.model_seconds += seconds
-        self.on_batch(len(rows), seconds)
+        self.on_batch(len(rows), seconds, cpu_seconds)
         offset = 0
         for pending in batch:
             count = len(pending.rows)

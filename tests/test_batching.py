@@ -21,7 +21,7 @@ def test_concurrent_requests_are_batched_and_answered_individually():
     sizes = []
 
     async def scenario():
-        batcher = DynamicBatcher(_double, max_batch_size=8, max_delay_s=0.01, on_batch=lambda n, s: sizes.append(n))
+        batcher = DynamicBatcher(_double, max_batch_size=8, max_delay_s=0.01, on_batch=lambda n, s, cpu: sizes.append(n))
         batcher.start()
         inputs = [np.full((1, 3), i, np.float32) for i in range(40)]
         outputs = await asyncio.gather(*(batcher.submit(x) for x in inputs))
@@ -38,7 +38,7 @@ def test_multi_row_requests_never_split_and_respect_the_limit():
     sizes = []
 
     async def scenario():
-        batcher = DynamicBatcher(_double, max_batch_size=8, max_delay_s=0.005, on_batch=lambda n, s: sizes.append(n))
+        batcher = DynamicBatcher(_double, max_batch_size=8, max_delay_s=0.005, on_batch=lambda n, s, cpu: sizes.append(n))
         batcher.start()
         inputs = [np.full((n, 2), n, np.float32) for n in (3, 5, 6, 2, 7, 1)]
         outputs = await asyncio.gather(*(batcher.submit(x) for x in inputs))
@@ -90,3 +90,32 @@ def test_a_model_error_reaches_every_caller_in_the_batch():
         return results
 
     assert all(isinstance(r, RuntimeError) for r in _run(scenario()))
+
+
+def test_each_execution_is_timed_in_its_own_thread_wall_and_cpu_apart():
+    """A model call that sleeps takes wall time and next to no CPU; one that computes takes both. Measured in the
+    worker thread, so the event loop's own delay in resuming is not counted as the model's."""
+    executions = []
+
+    def sleeping(rows):
+        time.sleep(0.05)
+        return rows
+
+    def computing(rows):
+        ends = time.thread_time() + 0.05
+        while time.thread_time() < ends:
+            pass
+        return rows
+
+    async def scenario(run):
+        batcher = DynamicBatcher(run, max_batch_size=4, max_delay_s=0.0,
+                                 on_batch=lambda n, seconds, cpu: executions.append((seconds, cpu)))
+        batcher.start()
+        await batcher.submit(np.ones((1, 1)))
+        await batcher.stop()
+
+    _run(scenario(sleeping))
+    _run(scenario(computing))
+    (slept, slept_cpu), (computed, computed_cpu) = executions
+    assert slept >= 0.05 and slept_cpu < 0.02
+    assert computed_cpu >= 0.05 and computed >= computed_cpu
