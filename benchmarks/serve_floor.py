@@ -1,5 +1,6 @@
 """The floor under the server's own CPU per request: the same web stacks as `graft serve` with nothing of Graft's
-in them, driven by serve_benchmark.py's own load generators with the same request (one 3x64x64 FP32 image).
+in them, driven by serve_benchmark.py's own load generators with the same request (one FP32 image of the default `graft
+run`'s model, 1x64x64, unless --shape).
 
     .venv/bin/python benchmarks/serve_floor.py      # 30 s
 
@@ -9,16 +10,25 @@ in them, driven by serve_benchmark.py's own load generators with the same reques
   response, over one channel with C callers (raw_input_contents).
 
 What each costs in the server process's CPU a request, at c=1 and c=32, is what any handler on that stack pays
-before its own work: set beside serve_benchmark.py's "outside the model" figures. Results go to
-benchmarks/results/serve_floor.json.
+before its own work: set beside serve_benchmark.py's "outside the model" figures.
+
+- graft (not by default): the other side, Graft's own work without the web server: deploy/server.py's application
+  (the Guard outermost) serving --onnx like `python -m deploy.server --threads 1`, called in this process with 32
+  binary V2 infer requests at a time as plain ASGI calls, no sockets; its CPU a request, less the model's (the
+  thread that runs ONNX Runtime). --profile prints cProfile's top functions of it.
+
+Results go to benchmarks/results/serve_floor.json.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import json
+import pstats
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,7 +38,6 @@ import uvloop
 from components.compute import cpu_description
 from serve_benchmark import _cpu_seconds, _drive, _drive_grpc, _free_port, _http_post
 
-SHAPE = (1, 3, 64, 64)
 ANSWER = json.dumps({"model_name": "bench", "model_version": "1", "id": "", "outputs": [
     {"name": "logits", "datatype": "FP32", "shape": [1, 10], "data": [0.1] * 10}]}).encode()
 
@@ -74,16 +83,16 @@ def serve_grpc(port: int) -> None:
     uvloop.run(main())
 
 
-def measure(stack: str, seconds: float) -> list[dict]:
+def measure(stack: str, shape: tuple[int, ...], seconds: float) -> list[dict]:
     port = _free_port()
     server = subprocess.Popen([sys.executable, __file__, "--serve", stack, str(port)])
-    rows = np.random.default_rng(0).normal(size=SHAPE).astype(np.float32)
+    rows = np.random.default_rng(0).normal(size=shape).astype(np.float32)
     if stack == "grpc":
         def drive(concurrency: int, for_seconds: float) -> dict:
             return asyncio.run(_drive_grpc(port, rows, concurrency, for_seconds, 10**7))
     else:
         data = rows.astype("<f4").tobytes()
-        header = json.dumps({"inputs": [{"name": "pixels", "shape": list(SHAPE), "datatype": "FP32",
+        header = json.dumps({"inputs": [{"name": "pixels", "shape": list(shape), "datatype": "FP32",
                                          "parameters": {"binary_data_size": len(data)}}]}).encode()
         request = _http_post(port, "/v2/models/bench/infer", f"Inference-Header-Content-Length: {len(header)}\r\n"
                              "Content-Type: application/octet-stream\r\n", header + data)
@@ -112,10 +121,93 @@ def measure(stack: str, seconds: float) -> list[dict]:
         server.wait(timeout=20)
 
 
+def graft_in_process(onnx: Path, rounds: int, profile: bool) -> dict:
+    """Graft's application called directly: 32 binary V2 infer requests at a time, `rounds` times after a warm-up."""
+    from deploy import server as graft
+
+    options = graft.argument_parser().parse_args(["--onnx-file", str(onnx), "--model", "bench", "--providers", "cpu",
+                                                  "--threads", "1", "--grpc-port", "0"])
+    serving = graft.serving_from(options, environ={})
+    cache = tempfile.mkdtemp(prefix="serve-floor-")
+    settings = graft.ServerSettings(serving=serving, model_name="bench", cache_dir=cache, token="")
+    app = graft.create_app(graft.build_source(None, "bench", serving.alias, str(onnx), cache), settings)
+    server = app.app.state.server
+    shape = [1, *server_input_shape(onnx)]
+    data = np.random.default_rng(0).normal(size=shape).astype("<f4").tobytes()
+    header = json.dumps({"inputs": [{"name": "pixels", "shape": shape, "datatype": "FP32",
+                                     "parameters": {"binary_data_size": len(data)}}],
+                         "parameters": {"binary_data_output": True}}).encode()
+    body = header + data
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v2/models/bench/infer", "raw_path": b"/v2/models/bench/infer", "query_string": b"",
+             "root_path": "", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2),
+             "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"application/octet-stream"),
+                         (b"inference-header-content-length", str(len(header)).encode()),
+                         (b"content-length", str(len(body)).encode())]}
+
+    async def request() -> None:
+        delivered, statuses = False, []
+
+        async def receive() -> dict:
+            nonlocal delivered
+            if delivered:  # nothing more comes: as a client that waits for its answer
+                await asyncio.Event().wait()
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+        await app(dict(scope), receive, send)
+        if statuses != [200]:
+            raise SystemExit(f"the application answered {statuses}")
+
+    async def run() -> dict:
+        startup, started = asyncio.Queue(), asyncio.Queue()
+        startup.put_nowait({"type": "lifespan.startup"})
+        lifespan = asyncio.get_running_loop().create_task(
+            app({"type": "lifespan", "asgi": {"version": "3.0"}}, startup.get, started.put))
+        await started.get()
+        while not server.ready:
+            await asyncio.sleep(0.05)
+        for _ in range(20):
+            await asyncio.gather(*(request() for _ in range(32)))
+        profiler = cProfile.Profile() if profile else None
+        cpu, model = time.process_time(), server.metrics.model_cpu_seconds._value.get()
+        if profiler:
+            profiler.enable()
+        for _ in range(rounds):
+            await asyncio.gather(*(request() for _ in range(32)))
+        if profiler:
+            profiler.disable()
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
+        cpu, model = time.process_time() - cpu, server.metrics.model_cpu_seconds._value.get() - model
+        lifespan.cancel()
+        count = 32 * rounds
+        return {"stack": "graft", "concurrency": 32, "requests": count, "profiled": profile,
+                "process_cpu_us_per_request": round(1e6 * cpu / count, 1),
+                "model_cpu_us_per_request": round(1e6 * model / count, 1),
+                "outside_model_cpu_us_per_request": round(1e6 * (cpu - model) / count, 1)}
+
+    result = uvloop.run(run())
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def server_input_shape(onnx: Path) -> list[int]:
+    import onnxruntime as ort
+
+    return list(ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"]).get_inputs()[0].shape[1:])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=6.0)
-    parser.add_argument("--stacks", nargs="+", choices=["http", "grpc"], default=["http", "grpc"])
+    parser.add_argument("--shape", type=int, nargs="+", default=[1, 1, 64, 64], help="the request's tensor")
+    parser.add_argument("--stacks", nargs="+", choices=["http", "grpc", "graft"], default=["http", "grpc"])
+    parser.add_argument("--onnx", type=Path, default=Path("models/model.onnx"), help="graft: the file it serves")
+    parser.add_argument("--rounds", type=int, default=300, help="graft: rounds of 32 requests")
+    parser.add_argument("--profile", action="store_true", help="graft: print cProfile's top functions")
     parser.add_argument("--serve", nargs=2, metavar=("STACK", "PORT"), help=argparse.SUPPRESS)  # the server's own process
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/serve_floor.json"))
     args = parser.parse_args()
@@ -123,8 +215,11 @@ def main() -> None:
         (serve_http if args.serve[0] == "http" else serve_grpc)(int(args.serve[1]))
         return
     uvloop.install()
-    runs = [run for stack in args.stacks for run in measure(stack, args.seconds)]
-    args.out.write_text(json.dumps({"cpu": cpu_description(), "runs": runs}, indent=2) + "\n")
+    runs = []
+    for stack in args.stacks:
+        runs += ([graft_in_process(args.onnx, args.rounds, args.profile)] if stack == "graft"
+                 else measure(stack, tuple(args.shape), args.seconds))
+    args.out.write_text(json.dumps({"cpu": cpu_description(), "shape": args.shape, "runs": runs}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
