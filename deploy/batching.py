@@ -27,12 +27,15 @@ class BatcherClosed(RuntimeError):
 
 class DynamicBatcher:
     def __init__(self, run: Callable[[np.ndarray], np.ndarray], max_batch_size: int, max_delay_s: float,
-                 on_batch: Callable[[int, float, float], None] | None = None) -> None:
+                 on_batch: Callable[[int, float, float], None] | None = None,
+                 after_run: Callable[[np.ndarray], None] | None = None) -> None:
         """`on_batch(rows, seconds, cpu_seconds)` after each execution: its wall time and the CPU time of the thread
         that ran it, both measured in that thread (from the event loop, the wait for the loop to come back would be
-        counted as the model's)."""
+        counted as the model's). `after_run(outputs)`: work on the whole batch's outputs in that thread, after the
+        model and outside its time, instead of once a request on the event loop."""
         self.run, self.max_batch_size, self.max_delay_s = run, max_batch_size, max_delay_s
         self.on_batch = on_batch or (lambda size, seconds, cpu_seconds: None)
+        self.after_run = after_run
         self.queue: asyncio.Queue[_Pending | None] = asyncio.Queue()
         self._worker: asyncio.Task | None = None
         self._carried: _Pending | None = None
@@ -86,7 +89,10 @@ class DynamicBatcher:
     def _timed_run(self, rows: np.ndarray) -> tuple[np.ndarray, float, float]:
         started, cpu_started = time.perf_counter(), time.thread_time()
         outputs = self.run(rows)
-        return outputs, time.perf_counter() - started, time.thread_time() - cpu_started
+        seconds, cpu_seconds = time.perf_counter() - started, time.thread_time() - cpu_started
+        if self.after_run is not None:
+            self.after_run(outputs)
+        return outputs, seconds, cpu_seconds
 
     async def _run(self, batch: list[_Pending]) -> None:
         rows = batch[0].rows if len(batch) == 1 else np.concatenate([p.rows for p in batch])

@@ -222,7 +222,7 @@ class DriftMonitor:
                              f"probabilities, got {features.shape} and {probabilities.shape}")
         features, probabilities = features[-self.window :], probabilities[-self.window :]
         rows = len(features)
-        with self._lock:  # the ring buffer written as at most two slices: every answer pays this, on the event loop
+        with self._lock:  # the ring buffer written as at most two slices: every batch pays this, in its thread
             start = self._seen % self.window
             first = min(rows, self.window - start)
             self._features[start : start + first], self._probabilities[start : start + first] = (

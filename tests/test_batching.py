@@ -1,5 +1,6 @@
 """The dynamic batcher on its own: grouping, limits, results to the right callers, draining on stop."""
 import asyncio
+import threading
 import time
 
 import numpy as np
@@ -119,3 +120,24 @@ def test_each_execution_is_timed_in_its_own_thread_wall_and_cpu_apart():
     (slept, slept_cpu), (computed, computed_cpu) = executions
     assert slept >= 0.05 and slept_cpu < 0.02
     assert computed_cpu >= 0.05 and computed >= computed_cpu
+
+
+def test_after_run_sees_each_whole_batch_once_in_the_worker_thread():
+    """Per-batch work (the drift monitor's) runs on the batch's outputs off the event loop, once per execution."""
+    seen, sizes = [], []
+
+    async def scenario():
+        loop_thread = threading.get_ident()
+        batcher = DynamicBatcher(_double, max_batch_size=8, max_delay_s=0.01,
+                                 on_batch=lambda n, seconds, cpu: sizes.append(n),
+                                 after_run=lambda outputs: seen.append((outputs.copy(), threading.get_ident())))
+        batcher.start()
+        outputs = await asyncio.gather(*(batcher.submit(np.full((1, 1), i, np.float32)) for i in range(20)))
+        await batcher.stop()
+        return loop_thread, outputs
+
+    loop_thread, outputs = _run(scenario())
+    assert [len(batch) for batch, _ in seen] == sizes and sum(sizes) == 20
+    assert all(thread != loop_thread for _, thread in seen)
+    np.testing.assert_array_equal(np.sort(np.concatenate([batch for batch, _ in seen]).ravel()),
+                                  np.sort(np.concatenate(outputs).ravel()))
