@@ -48,6 +48,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.background import BackgroundTask
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 
 from deploy.batching import BatcherClosed, DynamicBatcher
 from deploy.budget import CpuBudget
@@ -890,12 +891,15 @@ INLINE_BODY_BYTES = 65536  # smaller bodies are parsed on the event loop: a thre
 INLINE_IMAGE_PIXELS = 256 * 256  # images up to this size are decoded on the event loop (well under a millisecond)
 REQUEST_ID_HEADER = "X-Request-Id"  # every answered inference request's id: what POST /feedback names
 VERSION_HEADER = "X-Model-Version"  # the version that answered (the champion's, or the canary's)
+# The same names as ASGI carries them (lower-case bytes), for the endpoint that reads and writes raw ASGI headers.
+RAW_BINARY_HEADER, RAW_REQUEST_ID_HEADER, RAW_VERSION_HEADER = (
+    name.lower().encode("latin-1") for name in (BINARY_HEADER, REQUEST_ID_HEADER, VERSION_HEADER))
 
 
-def request_identity(request: Request, server: ModelServer) -> tuple[str, str]:
-    """A new request id, and the key that routes the request (serving.canary.key_header's value, else the id)."""
+def request_identity(key_header_value: str | None) -> tuple[str, str]:
+    """A new request id, and the key that routes the request: the value of its serving.canary.key_header, else the id."""
     request_id = new_request_id()
-    return request_id, request.headers.get(server.settings.serving.canary.key_header) or request_id
+    return request_id, key_header_value or request_id
 
 
 # An error answered before the body is read (a 413 from the declared length, a 401, a chunked body past the limit)
@@ -980,10 +984,8 @@ class Guard:
             # The busiest endpoint skips FastAPI's and Starlette's layers, the routing (a regular expression per
             # route tried) and the endpoint wrapper: 15-19 us less of the server's CPU per request at c=32
             # (benchmarks/README.md "The server's own CPU per request"). An error is answered 500 by uvicorn.
-            scope["app"] = self.app  # what Request.app reads, as Starlette sets it
-            scope["path_params"] = {key: value for key, value in match.groupdict().items() if value is not None}
-            response = await infer(Request(scope, receive_noting_end))
-            await response(scope, receive_noting_end, send_noting_status)
+            await infer(scope, receive_noting_end, send_noting_status, self.app.state.server, headers,
+                        match["name"], match["version"])
         else:
             await (refusal or self.app)(scope, receive_noting_end, send_noting_status)
         seconds = time.perf_counter() - started
@@ -1037,10 +1039,15 @@ async def lifespan(app: FastAPI):
     await server.stop()
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refused past `limit` bytes as it comes: chunked bodies carry no content-length."""
-    chunks, size = [], 0
-    async for chunk in request.stream():
+async def read_body(receive, limit: int) -> bytes:
+    """The whole body from an ASGI `receive`, refused past `limit` bytes as it comes: chunked bodies carry no
+    content-length. A client gone before its end raises ClientDisconnect, as Starlette's request.stream() does."""
+    chunks, size, more = [], 0, True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk, more = message.get("body", b""), message.get("more_body", False)
         size += len(chunk)
         if size > limit:
             raise PayloadTooLarge(f"body is over the limit of {limit} bytes")
@@ -1119,22 +1126,38 @@ def unsupported_endpoint(extension: str):
     return answer
 
 
-async def infer(request: Request) -> Response:
-    """POST /v2/models/NAME[/versions/V]/infer. A plain Starlette endpoint: FastAPI's parameter machinery costs more than the
-    rest of a small request."""
-    server = _server(request)
+async def infer(scope, receive, send, server: ModelServer, headers: dict[bytes, bytes], name: str,
+                version: str | None) -> None:
+    """POST /v2/models/NAME[/versions/V]/infer, plain ASGI, called by the Guard with the request's headers: the
+    busiest endpoint builds no Starlette request or response (benchmarks/README.md "The server's own CPU per
+    request"). An error is answered as JSON, as by every endpoint."""
+    answer = await _infer_answer(server, receive, headers, name, version)
+    if isinstance(answer, Response):
+        await answer(scope, receive, send)
+        return
+    body, answer_headers, shadow_turn = answer
+    await send({"type": "http.response.start", "status": 200, "headers": answer_headers})
+    await send({"type": "http.response.body", "body": body})
+    if shadow_turn is not None:  # after the answer, as a response's background task
+        await shadow_turn()
+
+
+async def _infer_answer(server: ModelServer, receive, headers: dict[bytes, bytes], name: str, version: str | None
+                        ) -> Response | tuple[bytes, list[tuple[bytes, bytes]], BackgroundTask | None]:
+    """An infer request -> (the answer's body, its headers, the shadow's turn), or the error Response."""
     metrics, limit = server.metrics, server.settings.serving.max_body_bytes
-    name, version = request.path_params["name"], request.path_params.get("version")
     try:
         await server.servable(name, version)  # before the body is read: an unknown model or version is said at once
     except NotServable as error:
         metrics.errors.labels("infer", "model").inc()
         return _error(error.status, error.message)
     raw = b""
-    request_id, key = request_identity(request, server)
+    routing = headers.get(server.settings.serving.canary.key_header.lower().encode("latin-1"))
+    request_id, key = request_identity(routing.decode("latin-1") if routing else None)
     try:
-        raw = await read_body(request, limit)
-        header, binary = split_binary(raw, request.headers.get(BINARY_HEADER))
+        raw = await read_body(receive, limit)
+        binary_header = headers.get(RAW_BINARY_HEADER)
+        header, binary = split_binary(raw, binary_header.decode("latin-1") if binary_header is not None else None)
         # Small bodies and binary tensors (a JSON header, then bytes numpy takes as they are) are parsed on the
         # event loop: a hop to the decode pool costs more. Large JSON tensors are parsed in the pool.
         inline = binary is not None or len(raw) <= INLINE_BODY_BYTES
@@ -1154,20 +1177,23 @@ async def infer(request: Request) -> Response:
         return _error(413 if isinstance(error, PayloadTooLarge) else 400, str(error))
     served, logits = inferred.served, inferred.logits
     shadow_turn = server.answered("infer", request_id, inferred, inferred.rows)
-    headers = {REQUEST_ID_HEADER: request_id, VERSION_HEADER: served.version}
     output = {"name": served.model.contract.output_name, "datatype": "FP32", "shape": list(logits.shape)}
     payload = {"model_name": name, "model_version": served.version, "id": body.get("id", ""), "outputs": [output]}
+    answer_headers = [(RAW_REQUEST_ID_HEADER, request_id.encode("latin-1")),
+                      (RAW_VERSION_HEADER, served.version.encode("latin-1"))]
     if wants_binary_output(body):
         data = np.ascontiguousarray(logits, dtype="<f4").tobytes()
         output["parameters"] = {"binary_data_size": len(data)}
         header = orjson.dumps(payload)
-        headers["Inference-Header-Content-Length"] = str(len(header))
-        return Response(header + data, media_type="application/octet-stream", headers=headers,
-                        background=shadow_turn)
-    # orjson writes the numpy array directly; FastAPI's default encoder walks every float in Python.
-    output["data"] = logits.ravel()
-    return Response(orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json",
-                    headers=headers, background=shadow_turn)
+        content = header + data
+        answer_headers += [(b"content-type", b"application/octet-stream"),
+                           (RAW_BINARY_HEADER, str(len(header)).encode("latin-1"))]
+    else:  # orjson writes the numpy array directly; FastAPI's default encoder walks every float in Python.
+        output["data"] = logits.ravel()
+        content = orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
+        answer_headers.append((b"content-type", b"application/json"))
+    answer_headers.append((b"content-length", str(len(content)).encode("latin-1")))
+    return content, answer_headers, shadow_turn
 
 
 async def predict(request: Request) -> Response:
@@ -1180,10 +1206,10 @@ async def predict(request: Request) -> Response:
     top_k = request.query_params.get("top_k", "3")
     if not top_k.lstrip("-").isdigit():
         return _error(422, f"top_k={top_k!r} must be an integer (the number of classes to return)")
-    request_id, key = request_identity(request, server)
+    request_id, key = request_identity(request.headers.get(server.settings.serving.canary.key_header))
     try:
         # Bounded, whatever the framing: multipart is parsed from these bytes.
-        blob = await read_body(request, server.settings.serving.max_body_bytes)
+        blob = await read_body(request.receive, server.settings.serving.max_body_bytes)
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
             blob = await _multipart_file(request.headers, blob)
 
@@ -1223,7 +1249,7 @@ async def feedback(request: Request) -> Response:
         return _error(409, "capture is off on this server, so there is nothing to label: turn on serving.capture "
                            "(params.yaml serving.capture.enabled: true, --capture-enabled or GRAFT_CAPTURE_ENABLED=1)")
     try:
-        body = orjson.loads(await read_body(request, FEEDBACK_BODY_BYTES))
+        body = orjson.loads(await read_body(request.receive, FEEDBACK_BODY_BYTES))
     except PayloadTooLarge as error:
         counted.labels("bad_request").inc()
         return _error(413, f"{error}; {FEEDBACK_FORM}")
