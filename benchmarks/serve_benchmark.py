@@ -48,14 +48,22 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def binary_infer_body(rows: np.ndarray) -> tuple[bytes, bytes]:
+    """A V2 infer body under the binary tensor extension: (its JSON header, the header then the tensor's raw
+    little-endian bytes); the answer is asked for binary too."""
+    data = rows.astype("<f4").tobytes()
+    header = json.dumps({"inputs": [{"name": "pixels", "shape": list(rows.shape), "datatype": "FP32",
+                                     "parameters": {"binary_data_size": len(data)}}],
+                         "parameters": {"binary_data_output": True}}).encode()
+    return header, header + data
+
+
 def _request_bytes(port: int, rows: np.ndarray, binary: bool, model: str = MODEL) -> bytes:
-    tensor = {"name": "pixels", "shape": list(rows.shape), "datatype": "FP32"}
-    if binary:  # the JSON header, then the tensor's raw little-endian bytes; the answer comes back binary too
-        data = rows.astype("<f4").tobytes()
-        header = json.dumps({"inputs": [{**tensor, "parameters": {"binary_data_size": len(data)}}],
-                             "parameters": {"binary_data_output": True}}).encode()
-        body, extra = header + data, f"Inference-Header-Content-Length: {len(header)}\r\nContent-Type: application/octet-stream\r\n"
+    if binary:
+        header, body = binary_infer_body(rows)
+        extra = f"Inference-Header-Content-Length: {len(header)}\r\nContent-Type: application/octet-stream\r\n"
     else:
+        tensor = {"name": "pixels", "shape": list(rows.shape), "datatype": "FP32"}
         body = json.dumps({"inputs": [{**tensor, "data": [round(float(v), 4) for v in rows.ravel()]}]}).encode()
         extra = "Content-Type: application/json\r\n"
     return _http_post(port, f"/v2/models/{model}/infer", extra, body)
@@ -212,8 +220,9 @@ def _run_setting(onnx: Path, variant: str, protocol: str, max_batch: int, delay_
     # CPU, not wall time, so that the load generator on the same cores does not blur it: the server process's CPU per
     # request beside the model's. With --threads 1 the model's CPU is measured (the thread that runs ONNX Runtime);
     # with more, its wall time inside ONNX Runtime times the threads, which counts time a thread waited for a core.
-    result["model_cpu_ms_per_request"] = round(1000 * delta("graft_model_cpu_seconds_total") / max(1, inferences), 4)
-    model_cpu = delta("graft_model_cpu_seconds_total") if model_threads == 1 else model_seconds * model_threads
+    measured_model_cpu = delta("graft_model_cpu_seconds_total")
+    result["model_cpu_ms_per_request"] = round(1000 * measured_model_cpu / max(1, inferences), 4)
+    model_cpu = measured_model_cpu if model_threads == 1 else model_seconds * model_threads
     result["server_cpu_ms_per_request"] = round(1000 * server_cpu / max(1, result["requests"]), 4)
     result["outside_model_cpu_ms_per_request"] = round(1000 * (server_cpu - model_cpu) / max(1, result["requests"]), 4)
     result["outside_over_model_cpu"] = round((server_cpu - model_cpu) / model_cpu, 3) if model_cpu else None

@@ -36,9 +36,9 @@ import numpy as np
 import uvloop
 
 from components.compute import cpu_description
-from serve_benchmark import _cpu_seconds, _drive, _drive_grpc, _free_port, _http_post
+from serve_benchmark import MODEL, _cpu_seconds, _drive, _drive_grpc, _free_port, _request_bytes, binary_infer_body
 
-ANSWER = json.dumps({"model_name": "bench", "model_version": "1", "id": "", "outputs": [
+ANSWER = json.dumps({"model_name": MODEL, "model_version": "1", "id": "", "outputs": [
     {"name": "logits", "datatype": "FP32", "shape": [1, 10], "data": [0.1] * 10}]}).encode()
 
 
@@ -91,11 +91,7 @@ def measure(stack: str, shape: tuple[int, ...], seconds: float) -> list[dict]:
         def drive(concurrency: int, for_seconds: float) -> dict:
             return asyncio.run(_drive_grpc(port, rows, concurrency, for_seconds, 10**7))
     else:
-        data = rows.astype("<f4").tobytes()
-        header = json.dumps({"inputs": [{"name": "pixels", "shape": list(shape), "datatype": "FP32",
-                                         "parameters": {"binary_data_size": len(data)}}]}).encode()
-        request = _http_post(port, "/v2/models/bench/infer", f"Inference-Header-Content-Length: {len(header)}\r\n"
-                             "Content-Type: application/octet-stream\r\n", header + data)
+        request = _request_bytes(port, rows, binary=True)
 
         def drive(concurrency: int, for_seconds: float) -> dict:
             return asyncio.run(_drive(port, request, concurrency, for_seconds, 10**7))
@@ -125,25 +121,17 @@ def graft_in_process(onnx: Path, rounds: int, profile: bool) -> dict:
     """Graft's application called directly: 32 binary V2 infer requests at a time, `rounds` times after a warm-up."""
     from deploy import server as graft
 
-    options = graft.argument_parser().parse_args(["--onnx-file", str(onnx), "--model", "bench", "--providers", "cpu",
+    options = graft.argument_parser().parse_args(["--onnx-file", str(onnx), "--model", MODEL, "--providers", "cpu",
                                                   "--threads", "1", "--grpc-port", "0"])
     serving = graft.serving_from(options, environ={})
     cache = tempfile.mkdtemp(prefix="serve-floor-")
-    settings = graft.ServerSettings(serving=serving, model_name="bench", cache_dir=cache, token="")
-    app = graft.create_app(graft.build_source(None, "bench", serving.alias, str(onnx), cache), settings)
+    settings = graft.ServerSettings(serving=serving, model_name=MODEL, cache_dir=cache, token="")
+    app = graft.create_app(graft.build_source(None, MODEL, serving.alias, str(onnx), cache), settings)
     server = app.app.state.server
-    shape = [1, *server_input_shape(onnx)]
-    data = np.random.default_rng(0).normal(size=shape).astype("<f4").tobytes()
-    header = json.dumps({"inputs": [{"name": "pixels", "shape": shape, "datatype": "FP32",
-                                     "parameters": {"binary_data_size": len(data)}}],
-                         "parameters": {"binary_data_output": True}}).encode()
-    body = header + data
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-             "path": "/v2/models/bench/infer", "raw_path": b"/v2/models/bench/infer", "query_string": b"",
-             "root_path": "", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2),
-             "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"application/octet-stream"),
-                         (b"inference-header-content-length", str(len(header)).encode()),
-                         (b"content-length", str(len(body)).encode())]}
+             "path": f"/v2/models/{MODEL}/infer", "raw_path": f"/v2/models/{MODEL}/infer".encode(),
+             "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2)}
+    body = b""  # set once the model is loaded: its input shape
 
     async def request() -> None:
         delivered, statuses = False, []
@@ -162,6 +150,9 @@ def graft_in_process(onnx: Path, rounds: int, profile: bool) -> dict:
         if statuses != [200]:
             raise SystemExit(f"the application answered {statuses}")
 
+    def model_cpu_seconds() -> float:
+        return server.metrics.registry.get_sample_value("graft_model_cpu_seconds_total")
+
     async def run() -> dict:
         startup, started = asyncio.Queue(), asyncio.Queue()
         startup.put_nowait({"type": "lifespan.startup"})
@@ -170,10 +161,16 @@ def graft_in_process(onnx: Path, rounds: int, profile: bool) -> dict:
         await started.get()
         while not server.ready:
             await asyncio.sleep(0.05)
+        nonlocal body
+        rows = np.random.default_rng(0).normal(size=(1, *server.served.model.contract.shape)).astype(np.float32)
+        header, body = binary_infer_body(rows)
+        scope["headers"] = [(b"host", b"127.0.0.1"), (b"content-type", b"application/octet-stream"),
+                            (b"inference-header-content-length", str(len(header)).encode()),
+                            (b"content-length", str(len(body)).encode())]
         for _ in range(20):
             await asyncio.gather(*(request() for _ in range(32)))
         profiler = cProfile.Profile() if profile else None
-        cpu, model = time.process_time(), server.metrics.model_cpu_seconds._value.get()
+        cpu, model = time.process_time(), model_cpu_seconds()
         if profiler:
             profiler.enable()
         for _ in range(rounds):
@@ -181,7 +178,7 @@ def graft_in_process(onnx: Path, rounds: int, profile: bool) -> dict:
         if profiler:
             profiler.disable()
             pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
-        cpu, model = time.process_time() - cpu, server.metrics.model_cpu_seconds._value.get() - model
+        cpu, model = time.process_time() - cpu, model_cpu_seconds() - model
         lifespan.cancel()
         count = 32 * rounds
         return {"stack": "graft", "concurrency": 32, "requests": count, "profiled": profile,
@@ -192,12 +189,6 @@ def graft_in_process(onnx: Path, rounds: int, profile: bool) -> dict:
     result = uvloop.run(run())
     print(json.dumps(result), flush=True)
     return result
-
-
-def server_input_shape(onnx: Path) -> list[int]:
-    import onnxruntime as ort
-
-    return list(ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"]).get_inputs()[0].shape[1:])
 
 
 def main() -> None:
