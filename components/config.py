@@ -498,7 +498,8 @@ def read_params_file(path: str | Path) -> dict:
 
 def load_params(path: str | Path = "params.yaml") -> Params:
     """The candidate params of the file at `path` (graft validates the whole file first: components/settings.py)."""
+    raw = read_params_file(path)  # its errors name the file already
     try:
-        return parse_params(read_params_file(path))
+        return parse_params(raw)
     except ParamsError as error:
         raise ParamsError(f"{path}: {error}") from None

@@ -299,7 +299,8 @@ def parse_settings(raw: dict) -> Settings:
 
 
 def load_settings(path: str | Path = "params.yaml") -> Settings:
+    raw = read_params_file(path)  # its errors name the file already
     try:
-        return parse_settings(read_params_file(path))
+        return parse_settings(raw)
     except ParamsError as error:
         raise ParamsError(f"{path}: {error}") from None

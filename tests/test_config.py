@@ -81,8 +81,9 @@ def test_missing_and_malformed_files(tmp_path: Path):
         load_settings(tmp_path / "params.yaml")
     broken = tmp_path / "broken.yaml"
     broken.write_text("seed: [1, 2\n")
-    with pytest.raises(ParamsError, match=r"not valid YAML(.|\n)*line 1, column 7:\n +seed: \[1, 2\n +\^"):
+    with pytest.raises(ParamsError, match=r"not valid YAML(.|\n)*line 1, column 7:\n +seed: \[1, 2\n +\^") as raised:
         load_settings(broken)  # the line quoted and the column pointed at, though libyaml parses the good files
+    assert str(raised.value).startswith(f"{broken}: not valid YAML")  # the file named once
     listed = tmp_path / "list.yaml"
     listed.write_text(yaml.safe_dump([1, 2]))
     with pytest.raises(ParamsError, match="mapping"):
