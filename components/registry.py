@@ -128,12 +128,17 @@ def tracking_uri(registry: RegistryParams, root: str | Path = ".") -> str:
     return uri
 
 
-def use_store(registry: RegistryParams, root: str | Path = ".") -> str:
-    """Point MLflow at the configured store; its URI. A server that does not answer is named within seconds."""
-    uri = tracking_uri(registry, root)
+def _check_reachable(uri: str) -> None:
+    """A tracking server that does not answer is named within seconds (MLflow's own client retries for minutes)."""
     if uri.startswith(("http://", "https://")):
         with registry_call("opening the registry", uri):
             check_server(uri)
+
+
+def use_store(registry: RegistryParams, root: str | Path = ".") -> str:
+    """Point MLflow at the configured store; its URI. A server that does not answer is named within seconds."""
+    uri = tracking_uri(registry, root)
+    _check_reachable(uri)
     import mlflow  # here, not at the top: `graft history` answers from its cache without MLflow (read_history)
 
     users_choice = os.environ.get("MLFLOW_TRACKING_URI")
@@ -175,10 +180,12 @@ def open_registry(params_path: str | Path) -> tuple[MlflowClient, str]:
     uri = tracking_uri(params.registry, root)
     with registry_call("opening the registry", uri):
         check_store_exists(uri)
-    use_store(params.registry, root)  # alias commands log no runs: no experiment needed
+    _check_reachable(uri)
+    # A client of its own: alias commands log no runs, so MLflow's global tracking URI (whose setting also resets
+    # its tracing provider) is left alone.
     from mlflow import MlflowClient
 
-    return MlflowClient(), params.registry.model_name
+    return MlflowClient(tracking_uri=uri), params.registry.model_name
 
 
 def _classified(what: str):

@@ -170,7 +170,9 @@ class RegistrySource:
             check_server(self.tracking_uri)
         else:
             check_store_exists(self.tracking_uri)
-        self._http = httpx.Client(base_url=self.tracking_uri, timeout=timeout) if self.remote else None
+        # Plain http never uses TLS (and redirects are not followed): no certificate store to load (20-50 ms).
+        self._http = httpx.Client(base_url=self.tracking_uri, timeout=timeout,
+                                  verify=urlparse(tracking_uri).scheme == "https") if self.remote else None
         self._client = None
 
     def describe(self) -> str:

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from graft.env import apply_defaults
 
@@ -459,6 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="the project folder (holding params.yaml and dvc.yaml); default: the current folder")
     project.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,  # also after the command
                          help="show every program's own lines on the terminal too (see graft --help)")
+    parser.set_defaults(quick=False)  # a command that only asks or moves the registry sets it: see program()
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, handler, help: str):
@@ -513,6 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     promote = command("promote", _move_champion, "move the champion alias to the challenger (or --version) after "
                       "re-checking its gates and its file")
+    promote.set_defaults(quick=True)
     promote.add_argument("--version", help="a registered version (default: the challenger)")
     promote.add_argument("--reason", default="", help="why, for the audit trail (graft history)")
     promote.add_argument("--ramp", action="store_true",
@@ -524,10 +528,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     rollback = command("rollback", _move_champion, "move traffic back at once: a live canary's share to 0, else the "
                        "champion alias back to the previous champion")
+    rollback.set_defaults(quick=True)
     rollback.add_argument("--reason", default="", help="why, for the audit trail (graft history)")
 
     history_command = command("history", _history, "every alias move and canary share change: version, from, when, "
                               "by whom, why")
+    history_command.set_defaults(quick=True)
     history_command.add_argument("--traffic", action="store_true",
                                  help="instead: which version answered which share of live traffic, since when")
 
@@ -539,9 +545,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(0: none) on every server following the registry, from its next poll; recorded in graft history")
     canary_set.add_argument("percent", help="0 to 100")
     canary_set.add_argument("--reason", default="", help="why, for the audit trail (graft history)")
-    canary_set.set_defaults(handler=_canary)
+    canary_set.set_defaults(handler=_canary, quick=True)
     canary_commands.add_parser("status", parents=[project], help="the canary share and versions the registry holds "
-                               "now").set_defaults(handler=_canary)
+                               "now").set_defaults(handler=_canary, quick=True)
 
     shadow = commands.add_parser("shadow", help="the challenger on live traffic (serving.shadow): `graft shadow report`")
     shadow_commands = shadow.add_subparsers(dest="shadow_command", required=True, metavar="COMMAND")
@@ -614,9 +620,25 @@ def _report(error: BaseException, command: str, headline: str) -> None:
     print(f"graft: {headline}\n  (full trace: {log})", file=sys.stderr)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main() -> NoReturn:
+    """The `graft` executable. A quick command (one that only asks or moves the registry: promote, rollback, history,
+    canary) spends most of its second and a half importing MLflow, whose two thousand modules Python's cyclic garbage
+    collector walks again and again as they load, and once more at exit, freeing nothing: so for those commands it
+    is off, and what they loaded is frozen out of the collection at exit (gc.freeze; everything else of a normal
+    exit still runs). A `promote --ramp` runs for minutes, and every other command keeps the collector."""
+    gc.disable()  # the parser's settings models already: turned back on below unless the command is quick
     apply_defaults()
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args()
+    quick = args.quick and not getattr(args, "ramp", False)
+    if not quick:
+        gc.enable()
+    code = run_command(args)
+    if quick:
+        gc.freeze()
+    sys.exit(code)
+
+
+def run_command(args: argparse.Namespace) -> int:
     from components.errors import (
         EXIT_BUG,
         EXIT_REJECTED,
@@ -649,4 +671,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -101,6 +101,18 @@ def test_every_project_command_takes_root_and_every_option_says_what_it_does():
     assert {"run", "data add", "promote", "serve", "history", "export-triton"} <= set(found)
 
 
+def test_only_the_commands_that_ask_or_move_the_registry_run_without_the_garbage_collector():
+    """graft.cli.main turns Python's cyclic collector off for a quick command (and freezes it at exit): a command
+    that runs for minutes must never be one."""
+    from graft.cli import build_parser
+
+    parser = build_parser()
+    commands = (["promote"], ["rollback"], ["history"], ["canary", "status"], ["canary", "set", "5"], ["run"],
+                ["serve"], ["tune"], ["sweep"], ["schedule"], ["monitor"], ["stage", "finetune"], ["fetch-data"])
+    quick = {" ".join(argv) for argv in commands if parser.parse_args(argv).quick}
+    assert quick == {"promote", "rollback", "history", "canary status", "canary set 5"}
+
+
 def test_summary_before_any_run_says_how_to_get_the_outputs(project):
     """A clone holds the committed metrics and reports but none of DVC's outputs (models/transfer.json)."""
     (project / "metrics").mkdir()
