@@ -461,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="the project folder (holding params.yaml and dvc.yaml); default: the current folder")
     project.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,  # also after the command
                          help="show every program's own lines on the terminal too (see graft --help)")
-    parser.set_defaults(quick=False)  # a command that only asks or moves the registry sets it: see program()
+    parser.set_defaults(quick=False)  # a command that only asks or moves the registry sets it: see main()
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, handler, help: str):
