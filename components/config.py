@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from collections.abc import Callable
 from typing import Annotated, Literal, TypeVar, get_args
 
 import yaml
@@ -38,6 +39,7 @@ class Strict(BaseModel):
 
 
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
 
 
 SOURCE_NAME = r"^[a-z0-9][a-z0-9._-]*$"  # a DVC stage suffix and a file name
@@ -496,10 +498,16 @@ def read_params_file(path: str | Path) -> dict:
     return raw
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """The candidate params of the file at `path` (graft validates the whole file first: components/settings.py)."""
-    raw = read_params_file(path)  # its errors name the file already
+def parsed_params_file(path: str | Path, parse: Callable[[dict], T]) -> T:
+    """The params file at `path` read and given to `parse`; a validation error names the file (read_params_file's
+    own errors name it already)."""
+    raw = read_params_file(path)
     try:
-        return parse_params(raw)
+        return parse(raw)
     except ParamsError as error:
         raise ParamsError(f"{path}: {error}") from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """The candidate params of the file at `path` (graft validates the whole file first: components/settings.py)."""
+    return parsed_params_file(path, parse_params)

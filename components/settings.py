@@ -14,10 +14,9 @@ from components.config import (
     SOURCE_NAME,
     FinetuneParams,
     Params,
-    ParamsError,
     Strict,
     describe,
-    read_params_file,
+    parsed_params_file,
     validated,
 )
 from deploy.settings import ServingSettings
@@ -299,8 +298,4 @@ def parse_settings(raw: dict) -> Settings:
 
 
 def load_settings(path: str | Path = "params.yaml") -> Settings:
-    raw = read_params_file(path)  # its errors name the file already
-    try:
-        return parse_settings(raw)
-    except ParamsError as error:
-        raise ParamsError(f"{path}: {error}") from None
+    return parsed_params_file(path, parse_settings)
