@@ -69,6 +69,7 @@ class DataParams(Strict):
     split_seed: int = 42
     min_images_per_class: int = Field(default=3, ge=1)
     min_image_side: int = Field(default=8, ge=1)  # a smaller image holds too little to learn from: quarantined
+    max_image_pixels: int = Field(default=100_000_000, ge=1)  # a larger one is quarantined unread (data.py: ImageLimits)
     bad_files: Literal["quarantine", "fail"] = "quarantine"
     # Harvested production labels (the target's `production-*` files, `graft data harvest`): this share of them
     # validates, the rest trains; never the test split, so a harvest leaves the test split as it was.

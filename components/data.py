@@ -8,10 +8,10 @@ never decodes and never sees pixels the server would not produce. The test split
 gates can send those very files through the server's decoding path.
 
 Bad input never reaches training silently. A file that cannot be used (not an image, undecodable, truncated,
-smaller than data.min_image_side, an exact duplicate or the same example at a training size, the same picture
-under two labels, pixels with no defined range) is quarantined and named in the report, or stops the
-run at once with `bad_files: fail`. Problems no skipping can fix (no classes, an empty class, a class too
-small for the split) stop the run with a message that names the class and the fix.
+smaller than data.min_image_side, more pixels than data.max_image_pixels, an exact duplicate or the same example
+at a training size, the same picture under two labels, pixels with no defined range) is quarantined and named in
+the report, or stops the run at once with `bad_files: fail`. Problems no skipping can fix (no classes, an empty
+class, a class too small for the split) stop the run with a message that names the class and the fix.
 """
 from __future__ import annotations
 
@@ -172,19 +172,44 @@ class Unusable(ValueError):
     """An image file the data cannot use; the message says why (for the quarantine list)."""
 
 
-def decode_file(source: Path | BinaryIO, channels: int, min_side: int = 1) -> tuple[np.ndarray, str]:
+@dataclass(frozen=True)
+class ImageLimits:
+    """The sizes an image file must keep to be used: at least min_side px a side, at most max_pixels in all."""
+
+    min_side: int
+    max_pixels: int
+
+    @classmethod
+    def of(cls, data: DataParams) -> ImageLimits:
+        return cls(data.min_image_side, data.max_image_pixels)
+
+
+# decode_file checks each file's declared size against data.max_image_pixels before decoding it, and says so by
+# the setting's name; PIL's own guard (a warning on the terminal from 89 Mpx, an error from 179 Mpx) would either
+# talk past the user or refuse what the setting allows.
+Image.MAX_IMAGE_PIXELS = None
+
+
+def decode_file(source: Path | BinaryIO, channels: int, limits: ImageLimits) -> tuple[np.ndarray, str]:
     """An image file (a path or open bytes) -> its pixels in the data's colour mode and what the file holds
-    (file_mode); Unusable when it is not an image, cannot be decoded or is smaller than min_side."""
+    (file_mode); Unusable when it is not an image, cannot be decoded, or its size is outside `limits` (a file
+    that declares too many pixels is refused from its header, never decoded)."""
     try:
         with Image.open(source) as image:
+            if image.width * image.height > limits.max_pixels:
+                raise Unusable(f"too large: {image.width}x{image.height} px ({image.width * image.height / 1e6:.1f} Mpx), "
+                               f"above data.max_image_pixels ({limits.max_pixels:,}); downscale it, or raise "
+                               f"data.max_image_pixels")
             image.load()  # decodes fully: raises on truncated or corrupt data
             pixels, mode = np.asarray(convert_mode(image, COLOR_MODES[channels])), file_mode(image)
+    except Unusable:
+        raise
     except UnidentifiedImageError:
         raise Unusable("not an image file") from None
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
+    except (OSError, ValueError) as error:
         raise Unusable(f"cannot decode: {error}") from None
-    if min(pixels.shape[:2]) < min_side:
-        raise Unusable(f"too small: {pixels.shape[1]}x{pixels.shape[0]} px, below data.min_image_side ({min_side})")
+    if min(pixels.shape[:2]) < limits.min_side:
+        raise Unusable(f"too small: {pixels.shape[1]}x{pixels.shape[0]} px, below data.min_image_side ({limits.min_side})")
     return pixels, mode
 
 
@@ -224,25 +249,26 @@ def _outside(path: Path, root: Path) -> bool:
     return not path.resolve().is_relative_to(root.resolve())
 
 
-def read_folder(root: Path, channels: int, quarantine: Quarantine, fail_fast: bool, min_side: int = 1,
+def read_folder(root: Path, channels: int, quarantine: Quarantine, fail_fast: bool, limits: ImageLimits,
                 problems: Problems = STOP) -> tuple[list[Sample], tuple[str, ...]]:
     class_dirs = class_folders(root, problems)
     files = [(label, f) for label, d in enumerate(class_dirs) for f in sorted(d.iterdir()) if f.is_file()]
-    return _read_files(root, files, channels, quarantine, fail_fast, min_side, problems), tuple(d.name for d in class_dirs)
+    return _read_files(root, files, channels, quarantine, fail_fast, limits, problems), tuple(d.name for d in class_dirs)
 
 
-def read_unlabeled(root: Path, channels: int, quarantine: Quarantine, fail_fast: bool, min_side: int = 1) -> list[Sample]:
+def read_unlabeled(root: Path, channels: int, quarantine: Quarantine, fail_fast: bool,
+                   limits: ImageLimits) -> list[Sample]:
     """Every image file under an unlabelled folder (subfolders too; hidden files and folders skipped), label -1."""
     require_folder(root, "the unlabelled image files (subfolders allowed)")
     files = [(-1, f) for f in sorted(root.rglob("*")) if f.is_file()
              and not any(part.startswith(".") for part in f.relative_to(root).parts)]
     if not files:
         raise DataError(f"{root}: no files in the unlabelled folder; add the target images or remove the data.unlabeled entry")
-    return _read_files(root, files, channels, quarantine, fail_fast, min_side)
+    return _read_files(root, files, channels, quarantine, fail_fast, limits)
 
 
 def _read_files(root: Path, files: list[tuple[int, Path]], channels: int, quarantine: Quarantine, fail_fast: bool,
-                min_side: int, problems: Problems = STOP) -> list[Sample]:
+                limits: ImageLimits, problems: Problems = STOP) -> list[Sample]:
     if escaped := [f for _, f in files if _outside(f, root)]:
         problems.add(f"{', '.join(map(str, escaped[:3]))}{' and more' if len(escaped) > 3 else ''}: a symlink out of the "
                      f"data folder {root}; copy the image(s) into the folder instead")
@@ -250,7 +276,7 @@ def _read_files(root: Path, files: list[tuple[int, Path]], channels: int, quaran
     samples: list[Sample] = []
     for label, path in tqdm(files, desc=f"decode {root.name}", unit="img", leave=False, mininterval=1.0):
         try:
-            pixels, mode = decode_file(path, channels, min_side)
+            pixels, mode = decode_file(path, channels, limits)
         except Unusable as reason:
             if fail_fast:
                 raise DataError(f"{path}: {reason}; fix or remove the file, or set data.bad_files: quarantine") from None
@@ -587,7 +613,7 @@ def prepare(dataset: DatasetParams, data: DataParams, channels: int, sizes: list
         else:
             samples = drop_duplicates(samples, classes, quarantine, fail_fast)
     else:
-        samples, classes = read_folder(root, channels, quarantine, fail_fast, data.min_image_side)
+        samples, classes = read_folder(root, channels, quarantine, fail_fast, ImageLimits.of(data))
         production = [s for s in samples if is_production(s.origin)]
         samples = drop_duplicates([s for s in samples if not is_production(s.origin)], classes, quarantine, fail_fast,
                                   tuple(sorted(sizes)))
@@ -628,7 +654,7 @@ def prepare(dataset: DatasetParams, data: DataParams, channels: int, sizes: list
 def prepare_unlabeled(root: Path, data: DataParams, sizes: list[int], out_path: Path, report_path: Path) -> PrepareResult:
     """Unlabelled target images, validated and deduplicated as labelled ones are, at each input size, in one .npz."""
     quarantine = Quarantine()
-    samples = read_unlabeled(root, data.channels, quarantine, data.bad_files == "fail", data.min_image_side)
+    samples = read_unlabeled(root, data.channels, quarantine, data.bad_files == "fail", ImageLimits.of(data))
     samples = drop_duplicates(samples, (), quarantine, data.bad_files == "fail", tuple(sorted(sizes)))
     if not samples:
         raise DataError(f"{root}: none of the {len(quarantine.entries)} file(s) is a usable image (see {report_path}); "

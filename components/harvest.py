@@ -5,7 +5,7 @@ the class folders keep their meaning, and the prepare stage puts these files in 
 only (components/data.py is_production), so the test split's images stay exactly what they were. The rest become
 unlabelled images (`data.unlabeled.production`) for the domain-adaptation terms (finetune.adaptation).
 
-Every image is validated as the prepare stage validates (decodable, at least data.min_image_side) and compared
+Every image is validated as the prepare stage validates (decodable, at least data.min_image_side, at most data.max_image_pixels) and compared
 with the target's own images: a copy of one (exact pixels) is not added, whatever its label. Both folders are
 `dvc add`ed: a harvest that adds something is a new data version. A harvest is idempotent: an item already
 harvested is not written again, so a second harvest with nothing new changes nothing.
@@ -23,6 +23,7 @@ from components.config import UNLABELED_TERMS
 from components.data import (
     PRODUCTION_PREFIX,
     DataError,
+    ImageLimits,
     Unusable,
     class_file_counts,
     decode_file,
@@ -73,12 +74,12 @@ def _item_image(item: CapturedItem) -> tuple[bytes, str]:
     return buffer.getvalue(), ".png"
 
 
-def _digests(files: list[Path], root: Path, channels: int) -> dict[bytes, str]:
+def _digests(files: list[Path], root: Path, channels: int, limits: ImageLimits) -> dict[bytes, str]:
     """The decoded pixels of each usable file -> its name (an unusable one the prepare stage quarantines)."""
     digests: dict[bytes, str] = {}
     for path in files:
         try:
-            digests.setdefault(pixels_digest(decode_file(path, channels)[0]), path.relative_to(root).as_posix())
+            digests.setdefault(pixels_digest(decode_file(path, channels, limits)[0]), path.relative_to(root).as_posix())
         except Unusable:
             continue
     return digests
@@ -141,8 +142,9 @@ def harvest(root: str | Path, capture: str | Path | None = None) -> Harvest:
     harvested = {p.stem.removeprefix(PRODUCTION_PREFIX) for p in target_files if is_production(p.name)}
     unlabelled_files = sorted(p for p in unlabelled.iterdir() if p.is_file()) if unlabelled.is_dir() else []
     # A copy of an image the target holds is not added, whatever its label; nor a second copy of an unlabelled one.
-    in_target = _digests(target_files, root, channels)
-    in_unlabelled = _digests(unlabelled_files, root, channels)
+    limits = ImageLimits.of(params.data)
+    in_target = _digests(target_files, root, channels, limits)
+    in_unlabelled = _digests(unlabelled_files, root, channels, limits)
     done_unlabelled = {p.stem for p in unlabelled_files}
 
     result, writes = Harvest(), []
@@ -157,7 +159,7 @@ def harvest(root: str | Path, capture: str | Path | None = None) -> Harvest:
             continue
         try:
             blob, suffix = _item_image(item)
-            digest = pixels_digest(decode_file(io.BytesIO(blob), channels, params.data.min_image_side)[0])
+            digest = pixels_digest(decode_file(io.BytesIO(blob), channels, limits)[0])
         except (Unusable, KeyError, ValueError, OSError) as error:
             result.skipped.append({"id": item.id, "reason": f"not a usable image: {error}"})
             continue

@@ -28,6 +28,7 @@ from components.data import (
     GRAY_MODES,
     SPLIT_KEYS,
     DataError,
+    ImageLimits,
     Problems,
     Quarantine,
     check_class_sizes,
@@ -73,7 +74,7 @@ def check_folder(folder: Path, dataset: DatasetParams, params: Params, channels:
     """Read `folder` as the prepare stage will, in `channels`; every problem no skipping can fix (an empty class, a
     symlink out of the folder, a class too small, no split that fits) raises one DataError naming them all."""
     problems, quarantine = Problems(collect=True), Quarantine()
-    samples, classes = read_folder(folder, channels, quarantine, fail_fast=False, min_side=params.data.min_image_side,
+    samples, classes = read_folder(folder, channels, quarantine, fail_fast=False, limits=ImageLimits.of(params.data),
                                    problems=problems)
     samples = drop_duplicates(samples, classes, quarantine, fail_fast=False, sizes=tuple(params.sources.image_sizes()))
     labels = np.array([s.label for s in samples], dtype=np.int64)

@@ -3,10 +3,12 @@ import gzip
 import io
 import pickle
 import shutil
+import struct
 import subprocess
 import sys
 import time
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -257,6 +259,28 @@ def test_odd_images_are_converted_correctly_or_quarantined(tmp_path):
     assert reasons["float.tif"].startswith("cannot decode: a floating-point image has no defined pixel range")
     assert reasons["tiny.png"] == "too small: 4x4 px, below data.min_image_side (8)"
     assert reasons["blank-small.png"] == f"the same image at 28x28 px as {cat / 'blank-big.png'}"
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that declares width x height gray pixels and holds none: all a decompression bomb's header needs."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) + chunk(b"IDAT", b"")
+
+
+def test_an_image_with_more_pixels_than_allowed_is_quarantined_by_the_setting_unread(tmp_path, recwarn):
+    """The header decides: a 200 Mpx declaration is refused without decoding (it holds no pixels, so decoding
+    would say "truncated"), and a real image over a lowered data.max_image_pixels too; PIL's own guard stays
+    silent (no DecompressionBombWarning on the user's terminal)."""
+    root = make_small_target(tmp_path / "raw")
+    (root / "cat" / "bomb.png").write_bytes(_png_header(20000, 10000))
+    (root / "dog" / "wide.png").write_bytes(_png_bytes(Image.new("L", (300, 200), 255)))
+    _, report = _prepare_target(root, tmp_path, **{"data.max_image_pixels": 50_000})
+    reasons = {Path(e["file"]).name: e["reason"] for e in report["quarantine"]}
+    assert reasons["bomb.png"] == ("too large: 20000x10000 px (200.0 Mpx), above data.max_image_pixels (50,000); "
+                                   "downscale it, or raise data.max_image_pixels")
+    assert reasons["wide.png"].startswith("too large: 300x200 px (0.1 Mpx), above data.max_image_pixels (50,000)")
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
 
 
 def test_the_server_decodes_a_16_bit_upload_as_preparation_does():
