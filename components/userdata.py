@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from PIL import Image
 
 from components.config import DatasetParams, Params, ParamsError
 from components.data import (
@@ -34,6 +35,7 @@ from components.data import (
     check_class_sizes,
     class_file_counts,
     drop_duplicates,
+    file_mode,
     fitting_split,
     read_folder,
     require_folder,
@@ -87,6 +89,35 @@ def check_folder(folder: Path, dataset: DatasetParams, params: Params, channels:
         raise DataError(_problem_report(folder, problems.found, quarantine.entries))
     modes = dict(Counter(s.mode for s in samples).most_common())
     return CheckedFolder(classes, len(samples), modes, quarantine.entries, split)
+
+
+def declared_modes(folder: Path, limits: ImageLimits) -> dict[str, int]:
+    """What the files in the class folders hold (data.file_mode), from their headers: only palette images are
+    decoded (their palette says whether they are gray). Files the data cannot use by their header (not an image,
+    too many pixels) are left out, and symlinks: check_folder names them."""
+    modes: Counter[str] = Counter()
+    for path in sorted(folder.glob("*/*")):
+        if path.is_symlink() or not path.is_file():
+            continue
+        try:
+            with Image.open(path) as image:
+                if image.width * image.height <= limits.max_pixels:
+                    modes[file_mode(image)] += 1
+        except Exception:  # noqa: BLE001 - whatever it is, check_folder names it properly
+            continue
+    return dict(modes)
+
+
+def check_in_its_colour_mode(folder: Path, dataset: DatasetParams, params: Params) -> tuple[CheckedFolder, int]:
+    """check_folder in the colour mode the images ask for (channels_for), decoded once in that mode: duplicates are
+    judged on the pixels the prepare stage will store. The headers choose it; should the usable images say otherwise
+    (the only colour file is one that cannot be used), the folder is read again in theirs."""
+    channels = channels_for(declared_modes(folder, ImageLimits.of(params.data)))
+    checked = check_folder(folder, dataset, params, channels)
+    if channels_for(checked.modes) != channels:
+        channels = channels_for(checked.modes)
+        checked = check_folder(folder, dataset, params, channels)
+    return checked, channels
 
 
 def _problem_report(folder: Path, problems: list[str], quarantine: list[dict], shown: int = 10) -> str:
@@ -235,11 +266,7 @@ def add_target(root: str | Path, folder: str | Path, name: str | None = None) ->
     # A user's own labels are all for training: labels_per_class (the default's 10, a few-labels study) is not kept.
     dataset = params.data.target.model_copy(update={"name": name, "format": "folder", "path": relative,
                                                     "labels_per_class": None})
-    checked = check_folder(folder, dataset, params, params.data.channels)
-    channels = channels_for(checked.modes)
-    if channels != params.data.channels:
-        # Read again in the mode the prepare stage will use: duplicates are judged on the converted pixels.
-        checked = check_folder(folder, dataset, params, channels)
+    checked, channels = check_in_its_colour_mode(folder, dataset, params)
     changes: dict[str, object] = {"data.target.name": name, "data.target.format": "folder", "data.target.path": relative}
     changes |= {f"data.target.{key}": new for key, (_, new) in split_changes(params.data.target, checked.split).items()}
     notes = [images_line(checked.modes, params.data.channels, channels), split_line(params.data.target, checked)]

@@ -1,5 +1,6 @@
 """`graft data add PATH --as target`: a user's folder checked, versioned and made the target in one command, and
 the settings its data decides (split, colour mode, registry model) written into params.yaml."""
+import io
 import json
 import os
 import re
@@ -14,9 +15,10 @@ import pytest
 import yaml
 from PIL import Image
 
-from components.config import ParamsError
+from components import data
+from components.config import ParamsError, parse_params
 from components.settings import load_settings
-from components.userdata import check_raw_data
+from components.userdata import check_in_its_colour_mode, check_raw_data
 from components.data import prepare
 from components.dvc_runner import dvc_status, pending_stages
 from tests.conftest import PROJECT, make_small_target, tiny_params
@@ -131,6 +133,32 @@ def test_a_colour_folder_gets_three_channels_a_split_that_fits_and_a_model_of_it
     check_raw_data(root, load_settings(root / "params.yaml"))
     report = _prepared(root, tmp_path)
     assert report["channels"] == 3 and report["counts"] == {"train": 48, "val": 7, "test": 10}
+
+
+def test_a_folder_is_decoded_once_in_the_colour_mode_its_headers_declare(tmp_path, monkeypatch):
+    """The headers choose the colour mode, so a colour folder checked against the gray default is decoded once, in
+    RGB; a file whose header says colour but that cannot be used does not make a gray folder colour (read again)."""
+    decoded: list[int] = []
+    decode = data.decode_file
+    monkeypatch.setattr(data, "decode_file", lambda source, channels, limits: decoded.append(channels) or decode(source, channels, limits))
+    params = parse_params(tiny_params())
+    assert params.data.channels == 1
+    split = {"format": "folder", "val_size": 3, "test_size": 3, "labels_per_class": None}
+
+    shop = _colour_folder(tmp_path / "shop", ("bolt", "gear", "nut"), 9)
+    checked, channels = check_in_its_colour_mode(shop, params.data.target.model_copy(update={"path": str(shop), **split}), params)
+    assert (channels, checked.modes, decoded) == (3, {"RGB": 27}, [3] * 27)
+
+    gray = make_small_target(tmp_path / "gray", per_class=8, classes=3)
+    colour = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(colour, "PNG")
+    first = sorted(gray.iterdir())[0]
+    (first / "cut-short.png").write_bytes(colour.getvalue()[:300])
+    decoded.clear()
+    checked, channels = check_in_its_colour_mode(gray, params.data.target.model_copy(update={"path": str(gray), **split}), params)
+    assert (channels, list(checked.modes), decoded) == (1, ["L"], [3] * 25 + [1] * 25)
+    assert {Path(entry["file"]).name: entry["reason"] for entry in checked.quarantine}["cut-short.png"] == \
+        "cannot decode: image file is truncated"
 
 
 def test_data_add_names_every_problem_in_one_pass_and_changes_nothing(workspace_factory, tmp_path):
