@@ -19,6 +19,7 @@ from components.export import (
     Int8Recipe,
     quantize_int8,
     read_metadata,
+    within_drop,
 )
 from components.layout import Layout
 from components.network import build
@@ -145,6 +146,16 @@ def test_a_variant_beyond_the_accuracy_bound_is_neither_written_nor_published(ex
     assert "more than export.max_accuracy_drop 0" in scores["int8"]["why_not"]
     assert scores["fp16"]["published"] == (scores["fp16"]["accuracy_drop"] <= 0)
     assert (tmp_path / "models/variants/model.fp16.onnx").exists() == scores["fp16"]["published"]
+
+
+def test_a_variant_exactly_at_the_accuracy_bound_is_within_it():
+    """Ten images in 2,000 below FP32 is a 0.5-point drop, the bound itself: floating point's 0.0050000000000000044
+    must not refuse it (the default run said "0.50 points below FP32 ..., more than export.max_accuracy_drop 0.5")."""
+    fp32, int8 = 1761 / 2000, 1751 / 2000
+    assert fp32 - int8 > 0.005, "the floating-point difference this test is about"
+    assert within_drop(fp32, int8, 0.005)
+    assert not within_drop(fp32, 1750 / 2000, 0.005)
+    assert within_drop(fp32, fp32, 0.0) and not within_drop(fp32, 1760 / 2000, 0.0)
 
 
 def test_every_file_stores_a_drift_reference_from_its_own_session(exported, tmp_path, monkeypatch):

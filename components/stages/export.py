@@ -24,6 +24,7 @@ from components.export import (
     export_onnx,
     score_onnx,
     search_int8,
+    within_drop,
 )
 from components.layout import Layout
 from components.network import load_checkpoint
@@ -100,7 +101,7 @@ def export_variants(params: Params, contract: Contract, splits: data_mod.Splits,
         reference.add_to(path, contract)  # before scoring: the size scored is the size published
         measured = score_onnx(path, contract, splits.x_test, splits.y_test)
         drop = fp32.accuracy - measured.accuracy
-        published = drop <= settings.max_accuracy_drop
+        published = within_drop(fp32.accuracy, measured.accuracy, settings.max_accuracy_drop)
         scores[variant] = {**asdict(measured), "accuracy_drop": drop, "published": published,
                            "speedup_batch64_cpu": fp32.latency_ms_batch64 / measured.latency_ms_batch64,
                            **({"recipes": recipes} if recipes else {})}
