@@ -183,6 +183,10 @@ class ImageLimits:
     def of(cls, data: DataParams) -> ImageLimits:
         return cls(data.min_image_side, data.max_image_pixels)
 
+    def too_many_pixels(self, image: Image.Image) -> bool:
+        """From the header alone: an opened image that declares more than max_pixels is never decoded."""
+        return image.width * image.height > self.max_pixels
+
 
 # decode_file checks each file's declared size against data.max_image_pixels before decoding it, and says so by
 # the setting's name; PIL's own guard (a warning on the terminal from 89 Mpx, an error from 179 Mpx) would either
@@ -196,7 +200,7 @@ def decode_file(source: Path | BinaryIO, channels: int, limits: ImageLimits) -> 
     that declares too many pixels is refused from its header, never decoded)."""
     try:
         with Image.open(source) as image:
-            if image.width * image.height > limits.max_pixels:
+            if limits.too_many_pixels(image):
                 raise Unusable(f"too large: {image.width}x{image.height} px ({image.width * image.height / 1e6:.1f} Mpx), "
                                f"above data.max_image_pixels ({limits.max_pixels:,}); downscale it, or raise "
                                f"data.max_image_pixels")

@@ -5,8 +5,9 @@ the class folders keep their meaning, and the prepare stage puts these files in 
 only (components/data.py is_production), so the test split's images stay exactly what they were. The rest become
 unlabelled images (`data.unlabeled.production`) for the domain-adaptation terms (finetune.adaptation).
 
-Every image is validated as the prepare stage validates (decodable, at least data.min_image_side, at most data.max_image_pixels) and compared
-with the target's own images: a copy of one (exact pixels) is not added, whatever its label. Both folders are
+Every image is validated as the prepare stage validates (decodable, at least data.min_image_side, at most
+data.max_image_pixels) and compared with the target's own images: a copy of one (exact pixels) is not added,
+whatever its label. Both folders are
 `dvc add`ed: a harvest that adds something is a new data version. A harvest is idempotent: an item already
 harvested is not written again, so a second harvest with nothing new changes nothing.
 """

@@ -101,7 +101,7 @@ def declared_modes(folder: Path, limits: ImageLimits) -> dict[str, int]:
             continue
         try:
             with Image.open(path) as image:
-                if image.width * image.height <= limits.max_pixels:
+                if not limits.too_many_pixels(image):
                     modes[file_mode(image)] += 1
         except Exception:  # noqa: BLE001 - whatever it is, check_folder names it properly
             continue
