@@ -45,7 +45,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         fp32, rows = search_int8(Layout.onnx_model, Path(tmp) / "int8.onnx", calibration, int8_recipes(grid),
                                  settings.calibration_percentile, contract, splits.x_val, splits.y_val,
-                                 settings.max_accuracy_drop)
+                                 settings.max_accuracy_drop, settings.int8_search.same_speed_within)
     print(f"CPU: {cpu}\nfp32: val {fp32.accuracy:.4f}, batch 64 {fp32.latency_ms_batch64:.2f} ms")
     for row in rows:
         print(f"{row['recipe']:55s} val {row['val_accuracy']:.4f} ({-100 * row['val_accuracy_drop']:+.1f} pt)  "

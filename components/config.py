@@ -304,13 +304,15 @@ class FinetuneParams(TrainParams):
 
 class Int8SearchParams(Strict):
     """The INT8 recipes export tries (every combination of these lists; components/export.py Int8Recipe): the fastest
-    at batch 64 on this machine within max_accuracy_drop on the validation split is kept."""
+    at batch 64 on this machine within max_accuracy_drop on the validation split is kept; recipes within
+    `same_speed_within` of the fastest count as fast as it, and the most accurate of them is kept."""
 
     formats: list[Literal["qdq", "qoperator"]] = Field(default=["qdq"], min_length=1)
     per_channel: list[bool] = Field(default=[True], min_length=1)
     calibration: list[Literal["percentile", "minmax", "entropy"]] = Field(default=["percentile"], min_length=1)
     float_convs: list[Annotated[int, Field(ge=0)]] = Field(default=[1, 2, 4], min_length=1)
     float_classifier: list[bool] = Field(default=[True], min_length=1)
+    same_speed_within: float = Field(default=0.05, ge=0, lt=1)  # a share of the fastest recipe's batch-64 latency
 
 
 class ExportParams(Strict):

@@ -36,7 +36,7 @@ def test_unknown_key_is_rejected_by_name():
     # each names the keys its section allows, down through mappings (a source's name) to the nested model
     assert re.search(r"finetune\.stepz: .*allowed here: .*\bsteps\b", str(refused.value))
     assert re.search(r"export\.int8_search\.keep_float: .*allowed here: calibration, float_classifier, float_convs, "
-                     r"formats, per_channel\)", str(refused.value))
+                     r"formats, per_channel, same_speed_within\)", str(refused.value))
 
 
 def test_normalisation_needs_one_value_per_channel():

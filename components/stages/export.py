@@ -95,7 +95,7 @@ def export_variants(params: Params, contract: Contract, splits: data_mod.Splits,
         if variant == INT8:
             _, recipes = search_int8(Layout.onnx_model, path, calibration, int8_recipes(settings.int8_search),
                                      settings.calibration_percentile, contract, splits.x_val, splits.y_val,
-                                     settings.max_accuracy_drop)
+                                     settings.max_accuracy_drop, settings.int8_search.same_speed_within)
         else:
             convert_fp16(Layout.onnx_model, path)
         reference.add_to(path, contract)  # before scoring: the size scored is the size published
