@@ -293,8 +293,9 @@ def kept_recipe(records: list[dict], same_speed_within: float) -> int:
     """Which of the recipes tried `search_int8` keeps (its index): of those within the accuracy bound (none within:
     the most accurate), the fastest at batch 64, where every recipe at most `same_speed_within` (a share) slower
     than the fastest counts as fast as it: the most accurate of those, then the first listed. Two recipes a few per
-    cent apart swap places from one measurement to the next on a busy CPU; this way the noise does not decide which
-    file ships, so the same model and params give the same INT8 file and test accuracy run after run."""
+    cent apart swap places from one measurement to the next on a busy CPU; this way that noise does not decide which
+    file ships: the same model and params give the same INT8 file and test accuracy from run to run, unless two
+    recipes' speeds differ by about the margin itself (or a machine busy with other work spreads them past it)."""
     pool = [i for i, record in enumerate(records) if record["within_bound"]]
     if not pool:
         best = max(record["val_accuracy"] for record in records)
