@@ -7,9 +7,8 @@ unlabelled images (`data.unlabeled.production`) for the domain-adaptation terms 
 
 Every image is validated as the prepare stage validates (decodable, at least data.min_image_side, at most
 data.max_image_pixels) and compared with the target's own images: a copy of one (exact pixels) is not added,
-whatever its label. Both folders are
-`dvc add`ed: a harvest that adds something is a new data version. A harvest is idempotent: an item already
-harvested is not written again, so a second harvest with nothing new changes nothing.
+whatever its label. Both folders are `dvc add`ed: a harvest that adds something is a new data version. A harvest
+is idempotent: an item already harvested is not written again, so a second harvest with nothing new changes nothing.
 """
 from __future__ import annotations
 

@@ -165,8 +165,8 @@ def _recipe(val_accuracy: float, latency_ms: float, within: bool = True) -> dict
 
 def test_the_int8_recipe_kept_does_not_follow_timing_noise():
     """Recipes a few per cent apart in speed are as fast as each other: the most accurate of them is kept whichever
-    measured faster this time (the default run shipped one recipe or the other, 0.2 or 0.75 points below FP32, as
-    their timings swapped); a recipe clearly faster is kept even when less accurate; none within the bound: the
+    measured faster this time (the default run shipped one recipe or the other, 0.50 or 0.75 points below FP32 on
+    test, as their timings swapped); a recipe clearly faster is kept even when less accurate; none within the bound: the
     most accurate; all alike: the first listed."""
     for a, b in [(12.0, 12.4), (12.4, 12.0)]:
         assert kept_recipe([_recipe(0.88, a), _recipe(0.89, b), _recipe(0.95, 9.0, within=False)], 0.05) == 1
