@@ -221,7 +221,7 @@ class TuneParams(Strict):
     startup_trials: int = Field(default=5, ge=1)    # random trials before TPE models the space; none pruned before
     prune_after_steps: int = Field(default=100, ge=0)  # no trial pruned before this training step (median pruner)
     prune_below: float | None = Field(default=None, ge=0)  # also prune a trial whose val accuracy falls below this
-    storage: str | None = None  # an Optuna storage URL (sqlite:///..., postgresql://...); null: .graft/tune/study.db
+    storage: str | None = None  # an Optuna storage URL (postgresql://..., sqlite:///...); null: .graft/tune/study.journal
     current_first: bool = True  # a new study's first trial: params.yaml's own values (when the space holds them)
     # dotted finetune key: its range or choices
     space: dict[str, SearchRange] = Field(default_factory=dict)
@@ -231,6 +231,15 @@ class TuneParams(Strict):
         if bad := [key for key in self.space if not key.startswith("finetune.")]:
             raise ValueError(f"tune.space keys {bad} are not finetune keys: tune searches `finetune` (e.g. "
                              f"finetune.lr, finetune.augment.rotate_degrees)")
+        return self
+
+    @model_validator(mode="after")
+    def _storage_serves_the_executor(self) -> TuneParams:
+        if self.executor == "dask" and (self.storage or "").startswith("sqlite"):
+            raise ValueError(f"tune.storage {self.storage!r} with tune.executor dask: SQLite cannot hand a queued trial "
+                             f"to exactly one of the parallel workers (two can run it and the study fails); leave "
+                             f"tune.storage null (a journal file in .graft/tune/, safe across processes) or name a "
+                             f"database server (postgresql://...)")
         return self
 
 

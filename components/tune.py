@@ -8,8 +8,9 @@ split is never read. Each evaluation is reported to a median pruner (once tune.s
 after tune.prune_after_steps steps) and, with tune.prune_below, to a floor; a pruned trial ends there and is recorded
 as pruned, in the study and on its run.
 
-The study lives in an Optuna storage (tune.storage; default SQLite in .graft/tune/study.db) under a name made of what
-it computes (the space, the rest of finetune, the data version, the source), so running again resumes it: finished
+The study lives in an Optuna storage (tune.storage, a database; by default a journal file, .graft/tune/study.journal,
+which parallel workers share safely: on SQLite two can run the same queued trial) under a name made of what it
+computes (the space, the rest of finetune, the data version, the source), so running again resumes it: finished
 trials (complete or pruned) are kept, and a trial a killed process left running is marked failed and its values are
 queued again, so it is redone whole. A new study's first trial is params.yaml's own values (tune.current_first, where
 the space holds them), so that the report can say whether the best leads them by more than the val split's noise. The
@@ -34,6 +35,8 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 matplotlib.use("Agg")
@@ -77,12 +80,19 @@ def study_name(params: Settings, splits: data_mod.Splits, source: dict) -> str:
                                   "source": source})[:16]
 
 
-def storage_url(root: Path, params: Settings) -> str:
+def study_location(root: Path, params: Settings) -> str:
+    """tune.storage (a database URL), or by default the journal file in .graft/tune/."""
     if params.tune.storage:
         return params.tune.storage
     folder = root / ".graft" / "tune"
     folder.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{folder / 'study.db'}"
+    return str(folder / "study.journal")
+
+
+def _storage(location: str) -> str | JournalStorage:
+    """The Optuna storage at `location`: a database URL as it is, else a journal file, whose lock hands each queued
+    trial to exactly one of the processes that ask for it (SQLite's rows take no lock: two can both take it)."""
+    return location if "://" in location else JournalStorage(JournalFileBackend(location))
 
 
 def suggest(trial: optuna.Trial, space: dict[str, SearchRange]) -> dict:
@@ -124,7 +134,7 @@ def _study(plan: TunePlan, params: Settings, worker: int = 0) -> optuna.Study:
         pruner = _Floor(pruner, rules.prune_below, rules.prune_after_steps)
     sampler = optuna.samplers.TPESampler(seed=rules.seed + worker, n_startup_trials=rules.startup_trials,
                                          constant_liar=rules.executor == "dask")
-    return optuna.create_study(study_name=plan.study_name, storage=plan.storage, load_if_exists=True,
+    return optuna.create_study(study_name=plan.study_name, storage=_storage(plan.storage), load_if_exists=True,
                                direction="maximize", pruner=pruner, sampler=sampler)
 
 
@@ -157,7 +167,7 @@ def open_tune(root: str | Path, params: Settings) -> tuple[TunePlan, optuna.Stud
         raise TuneError("the prepared target has no val split to tune on: set data.target.val_size above 0")
     experiment_id = use_experiment(params.registry, root)
     name = study_name(params, splits, source)
-    plan = TunePlan(str(root), mlflow.get_tracking_uri(), experiment_id, name, storage_url(root, params), "",
+    plan = TunePlan(str(root), mlflow.get_tracking_uri(), experiment_id, name, study_location(root, params), "",
                     str(root / Layout.selected_data))
     study = _study(plan, params)
     current = current_recipe(params)
