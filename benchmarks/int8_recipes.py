@@ -1,7 +1,8 @@
 """INT8 recipes on this CPU: every combination of format (QDQ, QOperator), weights per channel or per tensor,
 calibration method and layers left in float, run through the export stage's own search (components/export.py
 search_int8): each quantized from the exported FP32 file, its accuracy on the validation split and its latency at
-batch 1 and 64 in a fresh ONNX Runtime session, against FP32's.
+batch 1 and 64 in ONNX Runtime sessions timed in turns with FP32's (one run of each file, over and over), against
+FP32's.
 
 Run from the project root after `graft run` (it reads models/model.onnx and data/prepared/selected.npz):
     .venv/bin/python benchmarks/int8_recipes.py [--out benchmarks/results/int8_recipes.json]

@@ -91,8 +91,12 @@ def export_onnx(model: GraftNet, path: Path, opset: int, metadata: dict[str, str
 
 
 def cpu_session(path: Path) -> ort.InferenceSession:
+    """An ONNX Runtime CPU session whose threads sleep between runs instead of spinning: the export holds several
+    files' sessions open and times them in turns, and a session's spinning threads would take the cores from the
+    next one's run (FP32 measured 77-90 ms in turns, not 23-27: benchmarks/README.md "INT8 recipes")."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -141,14 +145,19 @@ def add_drift_reference(path: Path, contract: Contract, pixels: np.ndarray, prio
     return reference
 
 
-def median_ms(run: Callable[[np.ndarray], object], batch: np.ndarray, repeats: int) -> float:
-    run(batch)  # warm-up: the first call allocates
-    timings = []
+def interleaved_median_ms(runs: list[Callable[[np.ndarray], object]], batch: np.ndarray, repeats: int) -> list[float]:
+    """Each run's median time on `batch`, in ms, timed in turns (one call of each, `repeats` times over): a change
+    in the machine's speed while they are timed (another process, a frequency step) lands on every run alike,
+    instead of on whichever was being timed then, so their ratios hold from one measurement to the next."""
+    for run in runs:
+        run(batch)  # warm-up: the first call allocates
+    timings = [[] for _ in runs]
     for _ in range(repeats):
-        started = time.perf_counter()
-        run(batch)
-        timings.append((time.perf_counter() - started) * 1000)
-    return float(np.median(timings))
+        for run, times in zip(runs, timings):
+            started = time.perf_counter()
+            run(batch)
+            times.append((time.perf_counter() - started) * 1000)
+    return [float(np.median(times)) for times in timings]
 
 
 def _save_checked(proto: onnx.ModelProto, path: Path) -> Path:
@@ -269,17 +278,20 @@ class VariantScore:
     onnx_bytes: int
 
 
-def score_onnx(path: Path, contract: Contract, x_test: np.ndarray, y_test: np.ndarray, batch_size: int = 256) -> VariantScore:
-    session = cpu_session(path)
-
-    def run(batch: np.ndarray) -> np.ndarray:
-        return session.run([contract.output_name], {contract.input_name: batch})[0]
-
-    normalised = contract.normalize(x_test)
-    predicted = np.concatenate([run(normalised[i : i + batch_size]).argmax(1) for i in range(0, len(normalised), batch_size)])
-    batch64 = normalised[np.resize(np.arange(len(normalised)), 64)]
-    return VariantScore(float((predicted == y_test).mean()), median_ms(run, normalised[:1], 30), median_ms(run, batch64, 10),
-                        path.stat().st_size)
+def score_onnx(paths: list[Path], contract: Contract, x: np.ndarray, y: np.ndarray,
+               batch_size: int = 256) -> list[VariantScore]:
+    """Each file's accuracy on `x`, `y` and its latency at batch 1 and 64, the files timed in turns
+    (interleaved_median_ms): what their speeds are compared on."""
+    sessions = [cpu_session(path) for path in paths]
+    runs = [lambda batch, session=session: session.run([contract.output_name], {contract.input_name: batch})[0]
+            for session in sessions]
+    normalised = contract.normalize(x)
+    accuracies = [float((np.concatenate([run(normalised[i : i + batch_size]).argmax(1)
+                                          for i in range(0, len(normalised), batch_size)]) == y).mean())
+                  for run in runs]
+    batch1 = interleaved_median_ms(runs, normalised[:1], 30)
+    batch64 = interleaved_median_ms(runs, normalised[np.resize(np.arange(len(normalised)), 64)], 10)
+    return [VariantScore(*score, path.stat().st_size) for path, *score in zip(paths, accuracies, batch1, batch64)]
 
 
 def within_drop(reference: float, accuracy: float, max_drop: float) -> bool:
@@ -308,32 +320,33 @@ def kept_recipe(records: list[dict], same_speed_within: float) -> int:
 def search_int8(fp32_path: Path, path: Path, calibration: np.ndarray, recipes: list[Int8Recipe], percentile: float,
                 contract: Contract, x_val: np.ndarray, y_val: np.ndarray,
                 max_drop: float, same_speed_within: float) -> tuple[VariantScore, list[dict]]:
-    """Quantize by each recipe and score each file on the validation split (never test: the test split then measures
-    the one kept, as it does every variant); keep, at `path`, the one `kept_recipe` says: the fastest at batch 64
-    (within `same_speed_within`) among those within `max_drop` of FP32's validation accuracy (none within: the most
-    accurate, for the test split's bound to judge; a validation split of a few hundred images moves in steps of
-    several tenths of a point). Returns FP32's score on the validation split, which every recipe is held to, and
-    every recipe's accuracy, speed and time to quantize, the one kept marked."""
-    fp32 = score_onnx(fp32_path, contract, x_val, y_val)
-    tried = []
+    """Quantize by each recipe and score the files beside FP32's, timed in turns (score_onnx), on the validation split
+    (never test: the test split then measures the one kept, as it does every variant); keep, at `path`, the one
+    `kept_recipe` says: the fastest at batch 64 (within `same_speed_within`) among those within `max_drop` of FP32's
+    validation accuracy (none within: the most accurate, for the test split's bound to judge; a validation split of a
+    few hundred images moves in steps of several tenths of a point). Returns FP32's score on the validation split, which
+    every recipe is held to, and every recipe's accuracy, speed and time to quantize, the one kept marked."""
     with tempfile.TemporaryDirectory() as tmp:
+        candidates, seconds = [], []
         for number, recipe in enumerate(recipes):
-            candidate = Path(tmp) / f"int8-{number}.onnx"
+            candidates.append(Path(tmp) / f"int8-{number}.onnx")
             started = time.perf_counter()
-            quantize_int8(fp32_path, candidate, calibration, recipe, percentile,
+            quantize_int8(fp32_path, candidates[-1], calibration, recipe, percentile,
                           ranges_cache=Path(tmp) / f"ranges-{recipe.calibration}.json")
-            seconds = time.perf_counter() - started
-            score = score_onnx(candidate, contract, x_val, y_val)
+            seconds.append(time.perf_counter() - started)
+        fp32, *scores = score_onnx([fp32_path, *candidates], contract, x_val, y_val)
+        records = []
+        for recipe, score, quantize_seconds in zip(recipes, scores, seconds):
             log.info("INT8 recipe %s: val accuracy %.4f (FP32 %.4f), batch 64 %.2f ms (FP32 %.2f ms)", recipe.name,
                      score.accuracy, fp32.accuracy, score.latency_ms_batch64, fp32.latency_ms_batch64)
-            tried.append((candidate, {
+            records.append({
                 "recipe": recipe.name, **asdict(recipe), "val_accuracy": score.accuracy,
                 "val_accuracy_drop": fp32.accuracy - score.accuracy, "latency_ms_batch1": score.latency_ms_batch1,
                 "latency_ms_batch64": score.latency_ms_batch64, "speedup_batch64_cpu": fp32.latency_ms_batch64 /
-                score.latency_ms_batch64, "onnx_bytes": score.onnx_bytes, "quantize_seconds": seconds,
-                "within_bound": within_drop(fp32.accuracy, score.accuracy, max_drop), "kept": False}))
-        kept = tried[kept_recipe([record for _, record in tried], same_speed_within)]
-        kept[1]["kept"] = True
+                score.latency_ms_batch64, "onnx_bytes": score.onnx_bytes, "quantize_seconds": quantize_seconds,
+                "within_bound": within_drop(fp32.accuracy, score.accuracy, max_drop), "kept": False})
+        kept = kept_recipe(records, same_speed_within)
+        records[kept]["kept"] = True
         with atomic_path(path) as tmp_path:
-            shutil.copyfile(kept[0], tmp_path)
-    return fp32, [record for _, record in tried]
+            shutil.copyfile(candidates[kept], tmp_path)
+    return fp32, records

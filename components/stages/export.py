@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -80,35 +81,40 @@ class DriftImages:
 
 
 def export_variants(params: Params, contract: Contract, splits: data_mod.Splits, reference: DriftImages) -> dict[str, dict]:
-    """Every configured variant built from the FP32 file, scored on the test split beside it, and written to
-    models/variants/ only when it loses at most export.max_accuracy_drop: a variant that exists is published."""
+    """Every configured variant built from the FP32 file in a folder of its own, then all scored on the test split
+    beside it (timed in turns), and moved into models/variants/ only when it loses at most export.max_accuracy_drop:
+    a variant there is published, and one the bound refused (or a stage killed half way) never appears there."""
     settings = params.export
-    fp32 = score_onnx(Layout.onnx_model, contract, splits.x_test, splits.y_test)
-    scores = {FP32: {**asdict(fp32), "accuracy_drop": 0.0, "published": True}}
     calibration = contract.normalize(np.concatenate([splits.x_train, splits.x_val])[: settings.calibration_images])
     if Layout.onnx_variants.exists():
         shutil.rmtree(Layout.onnx_variants)
     Layout.onnx_variants.mkdir(parents=True)
-    for variant in settings.variants:
-        path = variant_path(Layout.onnx_model, variant)
-        recipes = None
-        if variant == INT8:
-            _, recipes = search_int8(Layout.onnx_model, path, calibration, int8_recipes(settings.int8_search),
-                                     settings.calibration_percentile, contract, splits.x_val, splits.y_val,
-                                     settings.max_accuracy_drop, settings.int8_search.same_speed_within)
-        else:
-            convert_fp16(Layout.onnx_model, path)
-        reference.add_to(path, contract)  # before scoring: the size scored is the size published
-        measured = score_onnx(path, contract, splits.x_test, splits.y_test)
-        drop = fp32.accuracy - measured.accuracy
-        published = within_drop(fp32.accuracy, measured.accuracy, settings.max_accuracy_drop)
-        scores[variant] = {**asdict(measured), "accuracy_drop": drop, "published": published,
-                           "speedup_batch64_cpu": fp32.latency_ms_batch64 / measured.latency_ms_batch64,
-                           **({"recipes": recipes} if recipes else {})}
-        if not published:
-            path.unlink()
-            scores[variant]["why_not"] = (f"{100 * drop:.2f} points below FP32 on the test split, more than "
-                                          f"export.max_accuracy_drop {100 * settings.max_accuracy_drop:g}")
+    published_paths = [variant_path(Layout.onnx_model, variant) for variant in settings.variants]
+    recipes = {}
+    with tempfile.TemporaryDirectory(dir=Layout.onnx_variants, prefix=".building-") as building:
+        paths = [Path(building) / path.name for path in published_paths]
+        for variant, path in zip(settings.variants, paths):
+            if variant == INT8:
+                _, recipes[variant] = search_int8(
+                    Layout.onnx_model, path, calibration, int8_recipes(settings.int8_search),
+                    settings.calibration_percentile, contract, splits.x_val, splits.y_val, settings.max_accuracy_drop,
+                    settings.int8_search.same_speed_within)
+            else:
+                convert_fp16(Layout.onnx_model, path)
+            reference.add_to(path, contract)  # before scoring: the size scored is the size published
+        fp32, *measured = score_onnx([Layout.onnx_model, *paths], contract, splits.x_test, splits.y_test)
+        scores = {FP32: {**asdict(fp32), "accuracy_drop": 0.0, "published": True}}
+        for variant, path, published_path, score in zip(settings.variants, paths, published_paths, measured):
+            drop = fp32.accuracy - score.accuracy
+            published = within_drop(fp32.accuracy, score.accuracy, settings.max_accuracy_drop)
+            scores[variant] = {**asdict(score), "accuracy_drop": drop, "published": published,
+                               "speedup_batch64_cpu": fp32.latency_ms_batch64 / score.latency_ms_batch64,
+                               **({"recipes": recipes[variant]} if variant in recipes else {})}
+            if published:
+                path.replace(published_path)
+            else:
+                scores[variant]["why_not"] = (f"{100 * drop:.2f} points below FP32 on the test split, more than "
+                                              f"export.max_accuracy_drop {100 * settings.max_accuracy_drop:g}")
     return scores
 
 
