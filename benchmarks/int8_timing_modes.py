@@ -21,7 +21,6 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,7 @@ import onnxruntime as ort
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from components import data as data_mod  # noqa: E402
 from components.config import load_params  # noqa: E402
-from components.export import Int8Recipe, quantize_int8, read_metadata  # noqa: E402
+from components.export import Int8Recipe, interleaved_median_ms, quantize_int8, read_metadata  # noqa: E402
 from components.layout import Layout  # noqa: E402
 from deploy.contract import Contract  # noqa: E402
 from deploy.tags import CONTRACT_KEY  # noqa: E402
@@ -38,7 +37,7 @@ from deploy.tags import CONTRACT_KEY  # noqa: E402
 WAYS = ["blocks", "turns", "turns_nospin", "blocks_nospin"]
 
 
-def runs(files: list[Path], contract: Contract, batch: np.ndarray, spin: bool) -> list:
+def runs(files: list[Path], contract: Contract, spin: bool) -> list:
     calls = []
     for path in files:
         options = ort.SessionOptions()
@@ -46,27 +45,16 @@ def runs(files: list[Path], contract: Contract, batch: np.ndarray, spin: bool) -
         if not spin:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        calls.append(lambda session=session: session.run([contract.output_name], {contract.input_name: batch}))
+        calls.append(lambda batch, session=session: session.run([contract.output_name], {contract.input_name: batch}))
     return calls
 
 
-def timed_ms(call) -> float:
-    started = time.perf_counter()
-    call()
-    return (time.perf_counter() - started) * 1000
-
-
 def measure(way: str, files: list[Path], contract: Contract, batch: np.ndarray, repeats: int = 10) -> list[float]:
-    calls = runs(files, contract, batch, spin=not way.endswith("_nospin"))
-    for call in calls:
-        call()
+    """The export's own timer (interleaved_median_ms) on all the files at once ("turns"), or on one file at a time."""
+    calls = runs(files, contract, spin=not way.endswith("_nospin"))
     if way.startswith("blocks"):
-        return [float(np.median([timed_ms(call) for _ in range(repeats)])) for call in calls]
-    times = [[] for _ in calls]
-    for _ in range(repeats):
-        for call, kept in zip(calls, times):
-            kept.append(timed_ms(call))
-    return [float(np.median(kept)) for kept in times]
+        return [interleaved_median_ms([call], batch, repeats)[0] for call in calls]
+    return interleaved_median_ms(calls, batch, repeats)
 
 
 def main() -> None:
