@@ -8,10 +8,10 @@ result because the other ran the same trial ("Cannot tell a COMPLETE trial", "Tr
     .venv/bin/python benchmarks/tune_storage_race.py --storage sqlite --rounds 60
     .venv/bin/python benchmarks/tune_storage_race.py --storage journal --rounds 60
 
-On 2026-12-06 (Intel Xeon, 2 cores, Optuna 5.1): SQLite 10 rounds of 60 failed with this script (8 of 60 and 1 of
-30 in the sketch before it), the journal file 0 of 60 (twice). SQLite takes no row lock, so both processes can read the trial as queued before either marks
-it running; the journal file's lock makes the read and the mark one step. components/tune.py uses the journal file
-by default and refuses SQLite with tune.executor dask.
+On 2026-12-06 (Intel Xeon with AMX, AVX-512 F/BF16/VNNI, 2 cores, Optuna 5.1): SQLite 10 rounds of 60 failed (8 of
+60, 1 of 30 in the sketch before it), the journal file 0 of 60 (twice). SQLite takes no row lock, so both processes
+can read the trial as queued before either marks it running; the journal file's lock makes the read and the mark one
+step. components/tune.py uses the journal file by default and refuses SQLite with tune.executor dask.
 """
 from __future__ import annotations
 
