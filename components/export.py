@@ -70,9 +70,12 @@ class LogitsAndFeatures(nn.Module):
         return self.model.head(features), features
 
 
-def export_onnx(model: GraftNet, path: Path, opset: int, metadata: dict[str, str] | None = None) -> Path:
+def export_onnx(model: GraftNet, path: Path, opset: int, metadata: dict[str, str] | None = None,
+                fold_adapter: bool = True) -> Path:
     """Write a single-file ONNX model (outputs: logits, features) with the preprocessing contract and class names
-    in its metadata; the checker's full check runs before the file takes its name."""
+    in its metadata; the checker's full check runs before the file takes its name. `fold_adapter`: the channel
+    adapter merged into the first convolution where that is exact (fold_channel_adapter); False keeps the graph as
+    PyTorch's exporter writes it (benchmarks/adapter_fold.py compares the two)."""
     model.eval()
     contract = model.spec.contract
     example = torch.zeros(2, *contract.shape)
@@ -85,9 +88,60 @@ def export_onnx(model: GraftNet, path: Path, opset: int, metadata: dict[str, str
             external_data=False, dynamic_shapes={"x": {0: "batch"}},
         )
         proto = onnx.load(str(raw))
+    if fold_adapter and fold_channel_adapter(proto.graph):
+        log.info("the channel adapter is folded into the network's first convolution")
     props = {CONTRACT_KEY: contract.to_json(), CLASSES_KEY: json.dumps(list(model.spec.classes)), **(metadata or {})}
     onnx.helper.set_model_props(proto, props)
     return _save_checked(proto, path)
+
+
+def fold_channel_adapter(graph: onnx.GraphProto) -> bool:
+    """Merge the channel adapter (network.ChannelAdapter: a 1x1 convolution from the target's channels to the
+    source's, first in the graph) into the convolution that reads it, where the two are exactly one convolution: the
+    backbone's first layer then reads the target's channels itself. A gray target on a 3-channel source otherwise
+    pays, at batch 64 on 64 px, for a convolution that copies the image three times and ONNX Runtime's reordering of
+    its output: FP32 2-14% and INT8 about 15% of a batch's time (benchmarks/README.md "The channel adapter folded").
+    Exact when the adapter adds no offset or the next convolution reads no padding (its zeros would otherwise stand
+    for raw pixels that the adapter does not map to zero); otherwise the graph is left as it is. Returns whether it
+    folded; the parity check then holds the folded file to PyTorch like any other."""
+    from onnx import helper, numpy_helper
+
+    adapter = graph.node[0] if graph.node else None
+    if adapter is None or adapter.op_type != "Conv" or adapter.input[0] != graph.input[0].name:
+        return False
+    attributes = {a.name: helper.get_attribute_value(a) for a in adapter.attribute}
+    readers = [node for node in graph.node if adapter.output[0] in node.input]
+    if (attributes.get("kernel_shape") != [1, 1] or attributes.get("group", 1) != 1 or any(attributes.get("pads", []))
+            or any(s != 1 for s in attributes.get("strides", [1])) or len(readers) != 1 or readers[0].op_type != "Conv"
+            or adapter.output[0] in {o.name for o in graph.output}):
+        return False
+    first = readers[0]
+    first_attributes = {a.name: helper.get_attribute_value(a) for a in first.attribute}
+    initializers = {t.name: t for t in graph.initializer}
+    if first_attributes.get("group", 1) != 1 or first.input[1] not in initializers or adapter.input[1] not in initializers:
+        return False
+    mix = numpy_helper.to_array(initializers[adapter.input[1]])[:, :, 0, 0]  # [source channels, target channels]
+    offset = (numpy_helper.to_array(initializers[adapter.input[2]]) if len(adapter.input) > 2 and adapter.input[2]
+              else np.zeros(mix.shape[0], mix.dtype))
+    if offset.any() and (any(first_attributes.get("pads", [])) or first_attributes.get("auto_pad", b"NOTSET") != b"NOTSET"):
+        return False
+    weight = numpy_helper.to_array(initializers[first.input[1]])  # [out, source channels, kh, kw]
+    bias = (numpy_helper.to_array(initializers[first.input[2]]) if len(first.input) > 2 and first.input[2]
+            else np.zeros(weight.shape[0], weight.dtype))
+    folded_weight = np.einsum("ocij,ct->otij", weight, mix).astype(weight.dtype)
+    folded_bias = (bias + np.einsum("ocij,c->o", weight, offset)).astype(weight.dtype)
+    names = (f"{first.input[1]}_folded_adapter", f"{first.input[1]}_folded_adapter_bias")
+    graph.initializer.extend([numpy_helper.from_array(folded_weight, names[0]), numpy_helper.from_array(folded_bias, names[1])])
+    del first.input[:]
+    first.input.extend([adapter.input[0], *names])
+    graph.node.remove(adapter)
+    for info in [v for v in graph.value_info if v.name == adapter.output[0]]:
+        graph.value_info.remove(info)
+    still_read = {name for node in graph.node for name in node.input}
+    unread = [t for t in graph.initializer if t.name not in still_read]
+    for tensor in unread:
+        graph.initializer.remove(tensor)
+    return True
 
 
 def cpu_session(path: Path) -> ort.InferenceSession:

@@ -24,7 +24,7 @@ from components.export import (
     within_drop,
 )
 from components.layout import Layout
-from components.network import build
+from components.network import ModelSpec, build
 from components.stages.export import DriftImages, export_variants
 from components.predict import Normalizer
 from deploy.drift import DriftReference
@@ -85,6 +85,35 @@ def test_export_failure_leaves_no_file(tmp_path):
     with pytest.raises(Exception, match="channels"):
         export_onnx(model, target, opset=20)
     assert not target.exists() and not list(tmp_path.iterdir())
+
+
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+@pytest.mark.parametrize("source_stats, stem_padding, folds", [
+    (((0.5,) * 3, (0.5,) * 3), 1, True),   # the adapter copies gray to R, G, B: one convolution with the stem
+    (IMAGENET_STATS, 0, True),             # it adds an offset, and the stem reads no padding: still exact
+    (IMAGENET_STATS, 1, False),            # an offset and a padded stem: the zeros would stand for other pixels
+])
+def test_the_channel_adapter_is_folded_into_the_first_convolution_only_where_that_is_exact(
+        source_stats, stem_padding, folds, tmp_path):
+    gray = tiny_spec(tuple("abc"), widths=(8,)).contract
+    spec = ModelSpec("graft_resnet", tuple("abc"), gray, 3, *source_stats, channel_adapter="replicate", widths=(8,))
+    model = build(spec, 0)
+    model.backbone[0] = torch.nn.Conv2d(3, 8, 3, 1, stem_padding, bias=False)
+    with torch.no_grad():
+        model.backbone[1].running_mean.uniform_(-0.5, 0.5)  # a BatchNorm that is not the identity, folded too
+    path = export_onnx(model.eval(), tmp_path / "model.onnx", 20)
+    graph = onnx.load(str(path)).graph
+    first = graph.node[0]
+    weights = {t.name: t.dims for t in graph.initializer}
+    assert first.op_type == "Conv" and first.input[0] == "pixels"
+    assert list(weights[first.input[1]]) == ([8, 1, 3, 3] if folds else [3, 1, 1, 1])
+    assert sum(node.op_type == "Conv" for node in graph.node) == 5 - folds  # adapter, stem, the block's three
+    pixels = np.random.default_rng(0).integers(0, 256, (9, 1, 28, 28), dtype=np.uint8)
+    inputs = Normalizer.of(gray)(torch.from_numpy(pixels))
+    with torch.no_grad():
+        np.testing.assert_allclose(_logits(path, inputs.numpy()), model(inputs).numpy(), atol=1e-4)
 
 
 def _logits(path, x):
