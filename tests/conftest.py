@@ -298,11 +298,11 @@ def wait_healthy(url: str, seconds: float, process: subprocess.Popen | None = No
     return False
 
 
-def stop_process_group(process: subprocess.Popen) -> None:
-    """SIGTERM, then SIGKILL for a group still busy after 30 s (a worker waiting on its flow run's process)."""
+def stop_process_group(process: subprocess.Popen, grace_seconds: float = 30) -> None:
+    """SIGTERM, then SIGKILL for a group still busy after `grace_seconds` (a worker waiting on its flow run's process)."""
     os.killpg(process.pid, signal.SIGTERM)
     try:
-        process.wait(timeout=30)
+        process.wait(timeout=grace_seconds)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=30)
