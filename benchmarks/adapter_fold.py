@@ -29,7 +29,7 @@ from components.artifacts import read_json  # noqa: E402
 from components.calibrate import with_temperature  # noqa: E402
 from components.compute import cpu_description  # noqa: E402
 from components.config import load_params  # noqa: E402
-from components.export import cpu_session, export_onnx, interleaved_median_ms, quantize_int8  # noqa: E402
+from components.export import export_onnx, interleaved_median_ms, logits_runs, quantize_int8  # noqa: E402
 from components.layout import Layout  # noqa: E402
 from components.network import load_checkpoint  # noqa: E402
 from components.stages.export import int8_recipes  # noqa: E402
@@ -57,18 +57,13 @@ def main() -> None:
                 files[f"{graph} INT8 {recipe.name}"] = quantize_int8(
                     fp32, Path(tmp) / f"{graph}-int8-{number}.onnx", calibration, recipe,
                     params.export.calibration_percentile)
-        sessions = [cpu_session(path) for path in files.values()]
-        runs = [lambda batch, session=session: session.run([contract.output_name], {contract.input_name: batch})[0]
-                for session in sessions]
+        runs = logits_runs(list(files.values()), contract)
         x_val, x_test = contract.normalize(splits.x_val), contract.normalize(splits.x_test)
         answers = {name: (run(x_val).argmax(1), run(x_test).argmax(1)) for name, run in zip(files, runs)}
         batch = x_test[:64]
         rounds = []
         for _ in range(args.rounds):  # fresh sessions each round, as each export run has
-            sessions = [cpu_session(path) for path in files.values()]
-            rounds.append(interleaved_median_ms(
-                [lambda b, session=session: session.run([contract.output_name], {contract.input_name: b})
-                 for session in sessions], batch, 10))
+            rounds.append(interleaved_median_ms(logits_runs(list(files.values()), contract), batch, 10))
     rounds_ms = np.array(rounds)  # [round, file]
     names = list(files)
     unfolded_fp32, folded_fp32 = names.index("unfolded FP32"), names.index("folded FP32")

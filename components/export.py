@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from onnx import numpy_helper
 from torch import nn
 
 from components.artifacts import atomic_path
@@ -104,30 +105,26 @@ def fold_channel_adapter(graph: onnx.GraphProto) -> bool:
     Exact when the adapter adds no offset or the next convolution reads no padding (its zeros would otherwise stand
     for raw pixels that the adapter does not map to zero); otherwise the graph is left as it is. Returns whether it
     folded; the parity check then holds the folded file to PyTorch like any other."""
-    from onnx import helper, numpy_helper
-
     adapter = graph.node[0] if graph.node else None
     if adapter is None or adapter.op_type != "Conv" or adapter.input[0] != graph.input[0].name:
         return False
-    attributes = {a.name: helper.get_attribute_value(a) for a in adapter.attribute}
+    attributes = _attributes(adapter)
     readers = [node for node in graph.node if adapter.output[0] in node.input]
     if (attributes.get("kernel_shape") != [1, 1] or attributes.get("group", 1) != 1 or any(attributes.get("pads", []))
             or any(s != 1 for s in attributes.get("strides", [1])) or len(readers) != 1 or readers[0].op_type != "Conv"
             or adapter.output[0] in {o.name for o in graph.output}):
         return False
     first = readers[0]
-    first_attributes = {a.name: helper.get_attribute_value(a) for a in first.attribute}
+    first_attributes = _attributes(first)
     initializers = {t.name: t for t in graph.initializer}
     if first_attributes.get("group", 1) != 1 or first.input[1] not in initializers or adapter.input[1] not in initializers:
         return False
     mix = numpy_helper.to_array(initializers[adapter.input[1]])[:, :, 0, 0]  # [source channels, target channels]
-    offset = (numpy_helper.to_array(initializers[adapter.input[2]]) if len(adapter.input) > 2 and adapter.input[2]
-              else np.zeros(mix.shape[0], mix.dtype))
+    offset = _conv_bias(adapter, initializers, mix.shape[0], mix.dtype)
     if offset.any() and (any(first_attributes.get("pads", [])) or first_attributes.get("auto_pad", b"NOTSET") != b"NOTSET"):
         return False
     weight = numpy_helper.to_array(initializers[first.input[1]])  # [out, source channels, kh, kw]
-    bias = (numpy_helper.to_array(initializers[first.input[2]]) if len(first.input) > 2 and first.input[2]
-            else np.zeros(weight.shape[0], weight.dtype))
+    bias = _conv_bias(first, initializers, weight.shape[0], weight.dtype)
     folded_weight = np.einsum("ocij,ct->otij", weight, mix).astype(weight.dtype)
     folded_bias = (bias + np.einsum("ocij,c->o", weight, offset)).astype(weight.dtype)
     names = (f"{first.input[1]}_folded_adapter", f"{first.input[1]}_folded_adapter_bias")
@@ -142,6 +139,17 @@ def fold_channel_adapter(graph: onnx.GraphProto) -> bool:
     for tensor in unread:
         graph.initializer.remove(tensor)
     return True
+
+
+def _attributes(node: onnx.NodeProto) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _conv_bias(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto], size: int, dtype) -> np.ndarray:
+    """A Conv node's bias (its optional third input), zeros where it has none."""
+    if len(node.input) > 2 and node.input[2]:
+        return numpy_helper.to_array(initializers[node.input[2]])
+    return np.zeros(size, dtype)
 
 
 def cpu_session(path: Path) -> ort.InferenceSession:
@@ -332,13 +340,18 @@ class VariantScore:
     onnx_bytes: int
 
 
+def logits_runs(paths: list[Path], contract: Contract) -> list[Callable[[np.ndarray], np.ndarray]]:
+    """For each file, a fresh CPU session (cpu_session) as a call from a normalised batch to its logits."""
+    sessions = [cpu_session(path) for path in paths]
+    return [lambda batch, session=session: session.run([contract.output_name], {contract.input_name: batch})[0]
+            for session in sessions]
+
+
 def score_onnx(paths: list[Path], contract: Contract, x: np.ndarray, y: np.ndarray,
                batch_size: int = 256) -> list[VariantScore]:
     """Each file's accuracy on `x`, `y` and its latency at batch 1 and 64, the files timed in turns
     (interleaved_median_ms): what their speeds are compared on."""
-    sessions = [cpu_session(path) for path in paths]
-    runs = [lambda batch, session=session: session.run([contract.output_name], {contract.input_name: batch})[0]
-            for session in sessions]
+    runs = logits_runs(paths, contract)
     normalised = contract.normalize(x)
     accuracies = [float((np.concatenate([run(normalised[i : i + batch_size]).argmax(1)
                                           for i in range(0, len(normalised), batch_size)]) == y).mean())

@@ -25,6 +25,7 @@ from components.export import (
 )
 from components.layout import Layout
 from components.network import ModelSpec, build
+from components.source_models import IMAGENET_MEAN, IMAGENET_STD
 from components.stages.export import DriftImages, export_variants
 from components.predict import Normalizer
 from deploy.drift import DriftReference
@@ -87,13 +88,10 @@ def test_export_failure_leaves_no_file(tmp_path):
     assert not target.exists() and not list(tmp_path.iterdir())
 
 
-IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-
-
 @pytest.mark.parametrize("source_stats, stem_padding, folds", [
-    (((0.5,) * 3, (0.5,) * 3), 1, True),   # the adapter copies gray to R, G, B: one convolution with the stem
-    (IMAGENET_STATS, 0, True),             # it adds an offset, and the stem reads no padding: still exact
-    (IMAGENET_STATS, 1, False),            # an offset and a padded stem: the zeros would stand for other pixels
+    (((0.5,) * 3, (0.5,) * 3), 1, True),          # the adapter copies gray to R, G, B: one convolution with the stem
+    ((IMAGENET_MEAN, IMAGENET_STD), 0, True),     # it adds an offset, and the stem reads no padding: still exact
+    ((IMAGENET_MEAN, IMAGENET_STD), 1, False),    # an offset and a padded stem: the zeros would stand for other pixels
 ])
 def test_the_channel_adapter_is_folded_into_the_first_convolution_only_where_that_is_exact(
         source_stats, stem_padding, folds, tmp_path):
