@@ -24,15 +24,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from components import data as data_mod  # noqa: E402
-from components.artifacts import read_json  # noqa: E402
-from components.calibrate import with_temperature  # noqa: E402
-from components.compute import cpu_description  # noqa: E402
 from components.config import load_params  # noqa: E402
 from components.export import export_onnx, interleaved_median_ms, logits_runs, quantize_int8  # noqa: E402
-from components.layout import Layout  # noqa: E402
-from components.network import load_checkpoint  # noqa: E402
-from components.stages.export import int8_recipes  # noqa: E402
+from components.stages.export import int8_recipes, quantization_inputs  # noqa: E402
+from deploy.cpu import cpu_description  # noqa: E402
 
 
 def main() -> None:
@@ -42,11 +37,8 @@ def main() -> None:
     args = parser.parse_args()
 
     params = load_params(Path("params.yaml"))
-    trained, _ = load_checkpoint(Layout.transfer_model)
-    model = with_temperature(trained, float(read_json(Layout.calibration)["temperature"]))
+    model, splits, calibration = quantization_inputs(params)
     contract = model.spec.contract
-    splits = data_mod.load_splits(Layout.selected_data)
-    calibration = contract.normalize(np.concatenate([splits.x_train, splits.x_val])[: params.export.calibration_images])
     recipes = int8_recipes(params.export.int8_search)
     with tempfile.TemporaryDirectory() as tmp:
         files: dict[str, Path] = {}

@@ -33,7 +33,7 @@ import numpy as np
 import onnxruntime as ort
 
 from capture_page_cache import GATHER_SECONDS, batch_inputs, write_batch  # this folder: the writer's way, stated once
-from components.compute import cpu_description
+from deploy.cpu import cpu_description
 
 ITEMS = 90  # a batch of binary tensors at c=32: about 1,800 answers a second, 50 ms apart
 

@@ -80,7 +80,7 @@ if __name__ == "__main__":
     if len(sys.argv) == 3:
         measure(sys.argv[1], sys.argv[2])
     else:
-        from components.compute import cpu_description  # the parent only: each measuring child stays without torch
+        from deploy.cpu import cpu_description  # the parent only: each measuring child stays without torch
 
         print(cpu_description())
         for kind in ("tensor", "png"):

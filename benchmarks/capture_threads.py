@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from components.compute import cpu_description
+from deploy.cpu import cpu_description
 from serve_benchmark import (  # this folder
     MODEL, ROUND_PAUSE_SECONDS, _capture_round, _drive, _request_bytes, capture_cost, start_capture_pair)
 

@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from components.compute import cpu_description
 from components.config import AdaptationParams, Augment, TrainParams
 from components.data import Splits, stratified_take
 from components.network import ModelSpec, build
@@ -36,6 +35,7 @@ from components.objectives import Alignment
 from components.predict import Normalizer, predict_logits
 from components.train import Phase, train
 from deploy.contract import COLOR_MODES, Contract, resize_chw
+from deploy.cpu import cpu_description
 
 METHODS = ("source_only", "coral", "mmd", "dann", "oracle")  # source_only also reports its AdaBN variant
 METHOD_WEIGHTS = {"coral": 10.0, "mmd": 1.0, "dann": 1.0}

@@ -170,7 +170,7 @@ def main() -> None:
     if args.alibi_worker:
         return alibi_worker(*args.alibi_worker, args.permutations)
 
-    from components.compute import cpu_flags, cpu_model
+    from deploy.cpu import cpu_flags, cpu_model
     from components.data import load_splits
     from components.layout import Layout
     from deploy.model import load_model

@@ -25,11 +25,11 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from components.compute import cpu_flags, cpu_model, speed_flags
 from components.config import load_params
 from components.data import load_splits
 from components.export import Int8Recipe, build_variant
 from components.network import load_checkpoint
+from deploy.cpu import cpu_flags, cpu_model, speed_flags
 from deploy.model import read_contract
 from deploy.variants import FP32, VARIANTS, variant_path
 

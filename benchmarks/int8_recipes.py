@@ -15,14 +15,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 from components import data as data_mod
-from components.compute import cpu_description
 from components.config import Int8SearchParams, load_params
 from components.export import search_int8
 from components.layout import Layout
-from components.stages.export import int8_recipes
+from components.stages.export import calibration_images, int8_recipes
+from deploy.cpu import cpu_description
 from deploy.model import load_model
 
 def main() -> None:
@@ -41,7 +40,7 @@ def main() -> None:
                             float_classifier=[v == "true" for v in args.float_classifier])
     contract = load_model(Layout.onnx_model, ["cpu"]).contract
     splits = data_mod.load_splits(Layout.selected_data)
-    calibration = contract.normalize(np.concatenate([splits.x_train, splits.x_val])[: settings.calibration_images])
+    calibration = calibration_images(splits, contract, settings.calibration_images)
     cpu = cpu_description()
     with tempfile.TemporaryDirectory() as tmp:
         fp32, rows = search_int8(Layout.onnx_model, Path(tmp) / "int8.onnx", calibration, int8_recipes(grid),

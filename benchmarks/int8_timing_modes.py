@@ -31,6 +31,7 @@ from components import data as data_mod  # noqa: E402
 from components.config import load_params  # noqa: E402
 from components.export import Int8Recipe, interleaved_median_ms, quantize_int8, read_metadata  # noqa: E402
 from components.layout import Layout  # noqa: E402
+from components.stages.export import calibration_images  # noqa: E402
 from deploy.contract import Contract  # noqa: E402
 from deploy.tags import CONTRACT_KEY  # noqa: E402
 
@@ -64,7 +65,7 @@ def main() -> None:
     params = load_params("params.yaml")
     contract = Contract.from_dict(json.loads(read_metadata(Layout.onnx_model)[CONTRACT_KEY]))
     splits = data_mod.load_splits(Layout.selected_data)
-    calibration = contract.normalize(np.concatenate([splits.x_train, splits.x_val])[: params.export.calibration_images])
+    calibration = calibration_images(splits, contract, params.export.calibration_images)
     folder = Path(tempfile.mkdtemp())
     files = [Layout.onnx_model]
     for float_convs in (1, 2, 4):

@@ -48,8 +48,8 @@ from mlflow import MlflowClient
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_benchmark import _free_port, _metric, _request_bytes  # noqa: E402  (a lean load generator, shared)
 
-from components.compute import cpu_description  # noqa: E402
 from components.registry import CHALLENGER, CHAMPION, alias_version, move_alias, set_canary_share  # noqa: E402
+from deploy.cpu import cpu_description  # noqa: E402
 
 POLL_SECONDS = 0.5
 LEAD_SECONDS = 1.5  # serving.switch_lead_seconds of the changes made: a poll and a load (about 0.3 s here) ahead

@@ -65,7 +65,7 @@ def _params(target_name: str, folder: Path, channels: int, raw_params: dict):
 
 
 def _cpu() -> str:
-    from components.compute import cpu_description
+    from deploy.cpu import cpu_description
 
     return f"{cpu_description()}, {os.cpu_count()} cores"
 

@@ -36,7 +36,7 @@ import httpx
 import numpy as np
 import uvloop
 
-from components.compute import cpu_description
+from deploy.cpu import cpu_description
 from deploy.variants import variant_path
 
 MODEL = "bench"

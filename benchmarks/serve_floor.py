@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import uvloop
 
-from components.compute import cpu_description
+from deploy.cpu import cpu_description
 from serve_benchmark import MODEL, _cpu_seconds, _drive, _drive_grpc, _free_port, _request_bytes, binary_infer_body
 
 ANSWER = json.dumps({"model_name": MODEL, "model_version": "1", "id": "", "outputs": [

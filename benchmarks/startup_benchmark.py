@@ -20,8 +20,8 @@ from pathlib import Path
 
 import httpx
 
-from components.compute import cpu_description
 from components.layout import Layout
+from deploy.cpu import cpu_description
 
 GRAFT = str(Path(sys.executable).parent / "graft")
 

@@ -16,9 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from components.compute import cpu_model
 from components.settings import load_settings
 from components.sweep import run_sweep
+from deploy.cpu import cpu_model
 from flows.sweep import run_sweep_on_dask
 
 

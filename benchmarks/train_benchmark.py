@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from components.compute import Compute, cpu_description, cpu_model, speed_flags
+from components.compute import Compute
 from components.config import Augment, TrainParams
 from components.data import Splits
 from components.network import ModelSpec, build
@@ -32,6 +32,7 @@ from components.predict import Normalizer
 from components.augment import augment_batch
 from components.train import BatchSampler, Phase, train
 from deploy.contract import COLOR_MODES, Contract
+from deploy.cpu import cpu_description, cpu_model, speed_flags
 
 MODELS = {  # name: (architecture, channels, size, batch)
     "own_resnet": ("graft_resnet", 1, 28, 128),
@@ -99,6 +100,8 @@ def batch_preparation_seconds(data: Splits, batch: int, steps: int, augment: Aug
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
+                        help="bf16 only where the CPU has bf16 units: elsewhere it is emulated, 9-10x slower")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/train_benchmark.json"))
@@ -112,7 +115,7 @@ def main() -> None:
         architecture, channels, size, batch = MODELS[name]
         data, spec = _data(channels, size), _spec(architecture, channels, size)
         prep = batch_preparation_seconds(data, batch, 10, augment, Normalizer.of(spec.contract))
-        for precision, channels_last in SETTINGS:
+        for precision, channels_last in [setting for setting in SETTINGS if setting[0] in args.precisions]:
             compute = Compute("cpu", precision, channels_last, "benchmark")
             minimal = minimal_loop(build(spec, 0), data, batch, args.steps, compute, args.warmup)
             graft = graft_loop(build(spec, 0), data, batch, args.steps, compute, args.warmup, Augment())

@@ -2,7 +2,7 @@
 
 `compute.precision: auto` takes bf16 autocast where the hardware has bf16 arithmetic (a CUDA GPU that supports
 it; a CPU with AMX or AVX-512 BF16, where oneDNN's kernels make a training step of Graft's ResNet 2.2x and
-resnet18 1.4x faster) and fp32 elsewhere: on a CPU without those units bf16 is emulated and measured 7x slower.
+resnet18 1.4x faster) and fp32 elsewhere: on a CPU without those units bf16 is emulated and measured 7-12x slower.
 One exception, measured: networks built on depthwise convolutions (EfficientNet, MobileNet) train slower in bf16
 on the CPU (EfficientNet-Lite0: 0.66x of fp32 channels-last), so auto keeps them in fp32 there
 (benchmarks/README.md, ../shared/STACK.md). fp16 needs a CUDA GPU and gets a gradient scaler. Parameters, optimizer state and
@@ -14,13 +14,13 @@ import contextlib
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from components.config import ComputeParams
 from components.errors import GraftError
+from deploy.cpu import cpu_flags
 
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -28,38 +28,6 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 class ComputeError(GraftError, ValueError):
     """The compute params ask for hardware this machine does not have."""
-
-
-def _cpuinfo(field: str) -> str:
-    """The first value of `field` in Linux's /proc/cpuinfo; empty where it cannot be read."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
-    return next((line.partition(":")[2].strip() for line in text.splitlines() if line.startswith(field)), "")
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags; empty where they cannot be read."""
-    return set(_cpuinfo("flags").split())
-
-
-def cpu_model() -> str:
-    return _cpuinfo("model name") or "unknown CPU"
-
-
-# The CPU features that decide speed here (bf16 training, INT8 kernels): what every benchmark figure names its CPU by.
-SPEED_FLAGS = frozenset({"avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8"})
-
-
-def speed_flags() -> list[str]:
-    """This CPU's SPEED_FLAGS, sorted."""
-    return sorted(cpu_flags() & SPEED_FLAGS)
-
-
-def cpu_description() -> str:
-    """The CPU's model and its speed flags, as benchmark results name the machine."""
-    return f"{cpu_model()} ({', '.join(speed_flags())})"
 
 
 @dataclass(frozen=True)
@@ -135,7 +103,7 @@ def resolve_compute(params: ComputeParams, model: nn.Module | None = None, cuda:
             precision = "bf16" if bf16_units and depthwise < 0.2 else "fp32"
             reason = (f"this CPU has {' and '.join(bf16_units)}" if precision == "bf16" else
                       f"{100 * depthwise:.0f}% of this network's convolutions are depthwise: slower in bf16 on a CPU"
-                      if bf16_units else "this CPU has no AMX / AVX-512 BF16: bf16 would be emulated, about 7x slower")
+                      if bf16_units else "this CPU has no AMX / AVX-512 BF16: bf16 would be emulated, 7-12x slower")
         else:
             precision = params.precision
             reason = "asked for" + ("" if precision != "bf16" or bf16_units else

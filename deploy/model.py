@@ -29,6 +29,7 @@ import onnxruntime as ort
 from PIL import Image, UnidentifiedImageError
 
 from deploy.contract import Contract, ContractError
+from deploy.cpu import exact_int8_entries
 from deploy.drift import DriftReference, DriftReferenceError
 from deploy.tags import CLASSES_KEY, CONTRACT_KEY, DRIFT_REFERENCE_KEY
 from deploy.settings import GPU_PROVIDERS, PROVIDER_NAMES, default_cache_dir  # stated there: no ONNX Runtime
@@ -215,6 +216,8 @@ def load_model(path: str | Path, providers: list[str] | None = None, strict: boo
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         options.intra_op_num_threads = threads
+    for key, value in exact_int8_entries().items():  # an INT8 file answers what it specifies on any CPU
+        options.add_session_config_entry(key, value)
     try:
         session = ort.InferenceSession(str(path), options, providers=plan.providers)
     except Exception as error:  # onnxruntime raises its own untyped errors for bad files

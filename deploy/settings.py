@@ -119,8 +119,9 @@ class ServingSettings(BaseModel):
                     "here, fastest first")
     variant: VariantName = Field(
         default=AUTO,
-        description="the export variant to serve: auto (the provider's best published one: INT8 on CPU, FP16 on "
-                    "CUDA, else FP32), or that one (refused when not published)")
+        description="the export variant to serve: auto (the provider's best published one: INT8 on a CPU with "
+                    "8-bit dot-product instructions (VNNI, AMX), FP16 on CUDA, else FP32), or that one (refused when "
+                    "not published)")
     strict: bool = Field(default=False, description="refuse to serve on CPU when a GPU provider was asked for")
     host: str = Field(default="127.0.0.1", description="the address to listen on")
     port: int = Field(default=8000, ge=1, le=65535, description="the port to listen on")

@@ -38,7 +38,7 @@ from deploy.model import (
     plan_providers,
 )
 from deploy.source import FileSource
-from deploy.variants import FP16, FP32, INT8, variant_path
+from deploy.variants import AUTO, FP16, FP32, INT8, choose_variant, variant_path
 from tests.conftest import tiny_spec
 
 EVALUATION = {"transfer": {"accuracy": 0.80, "macro_f1": 0.78}, "scratch": {"accuracy": 0.83, "macro_f1": 0.82}}
@@ -139,6 +139,26 @@ def onnx_file(tmp_path_factory):
     return path
 
 
+def test_unfused_int8_answers_what_the_file_specifies(onnx_file):
+    """The session entries a CPU without 8-bit dot products gets (deploy/cpu.py) compute the INT8 file's own
+    arithmetic: the same logits as ONNX Runtime running its QDQ nodes one by one, with no graph optimisation."""
+    import onnxruntime as ort
+
+    from deploy.cpu import UNFUSED_QDQ
+
+    def logits(entries: dict, level) -> np.ndarray:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = level
+        for key, value in entries.items():
+            options.add_session_config_entry(key, value)
+        session = ort.InferenceSession(str(variant_path(onnx_file, INT8)), options, providers=["CPUExecutionProvider"])
+        return session.run(["logits"], {"pixels": x})[0]
+
+    x = np.random.default_rng(2).normal(size=(16, 1, 28, 28)).astype(np.float32)
+    as_written = logits({}, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    np.testing.assert_allclose(logits(UNFUSED_QDQ, ort.GraphOptimizationLevel.ORT_ENABLE_ALL), as_written, atol=1e-4)
+
+
 def _idx_splits(n: int = 40) -> Splits:
     """Test images without files (IDX data): the arrays go to the model, normalised under its contract."""
     x = np.random.default_rng(0).integers(0, 256, (n, 1, 28, 28), dtype=np.uint8)
@@ -163,8 +183,10 @@ def test_every_variant_is_judged_as_served_and_the_report_names_the_one_served_h
     assert [g.name for g in served.gates] == [*(n.format(v) for v in (FP32, INT8, FP16) for n in per_variant),
                                               "serving.variant"], "a split of 40 still checks the configured batch of 100"
     assert all(g.verdict == PASSED for g in served.gates), served.gates
-    assert (served.variant, served.provider) == (INT8, "CPUExecutionProvider")  # auto on a machine without a GPU
-    assert served.gates[-1].detail == "`graft serve` here serves int8 (preferred on CPUExecutionProvider)"
+    # auto on a machine without a GPU: INT8 where this CPU has 8-bit dot products, else FP32 (tests/test_variants.py)
+    here, why = choose_variant(AUTO, "CPUExecutionProvider", [FP32, INT8, FP16])
+    assert (served.variant, served.provider) == (here, "CPUExecutionProvider")
+    assert served.gates[-1].detail == f"`graft serve` here serves {here} ({why})"
     assert served.extra["requested_providers"][:2] == ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
     files = {FP32: "model.onnx", INT8: "variants/model.int8.onnx", FP16: "variants/model.fp16.onnx"}
     for variant, file in files.items():
@@ -177,9 +199,9 @@ def test_every_variant_is_judged_as_served_and_the_report_names_the_one_served_h
 
     report = GateReport(served.gates, served.provider, None, served.extra, served.variant, served.variants)
     again = GateReport.from_dict(report.to_dict())
-    assert (again.gates, again.served_variant, again.variants) == (report.gates, INT8, served.variants)
+    assert (again.gates, again.served_variant, again.variants) == (report.gates, here, served.variants)
     markdown = report.markdown()
-    assert "`graft serve` here would serve: int8 (preferred on CPUExecutionProvider); champion compared: none" in markdown
+    assert f"`graft serve` here would serve: {here} ({why}); champion compared: none" in markdown
     assert f"| int8 | variants/model.int8.onnx | {served.variants[INT8]['sha256'][:16]} | CPUExecutionProvider |" in markdown
     assert "| contract.fp16.skew | passed |" in markdown and "| serving.int8.latency_ms_batch1 | passed |" in markdown
 
@@ -228,7 +250,8 @@ def test_serving_check_in_strict_mode_refuses_cpu_and_a_broken_variant_fails_to_
                           ServingSettings(), folder)
     failed = [g for g in broken.gates if g.verdict == FAILED]
     assert [g.name for g in failed] == ["serving.fp16.load"] and "ONNX Runtime cannot load it" in failed[0].detail
-    assert broken.variant == INT8 and broken.variants[FP16]["provider"] == ""
+    here, _ = choose_variant(AUTO, "CPUExecutionProvider", [FP32, INT8, FP16])  # INT8 or FP32, by this CPU
+    assert broken.variant == here and broken.variants[FP16]["provider"] == ""
     report = GateReport(broken.gates, broken.provider, None, broken.extra, broken.variant, broken.variants)
     assert "| fp16 |  |  | did not load |  |  |" in report.markdown()
 

@@ -34,6 +34,7 @@ from deploy.canary import bucket
 from deploy.digest import sha256_file
 from deploy.source import ONNX_SHA_TAG
 from deploy.tags import CANARY_SHARE_TAG
+from deploy.variants import AUTO, choose_variant, published_in, sha_tag, variant_path
 from tests.conftest import copy_workspace, free_port, graft_cli, wait_until
 
 MODEL = "served-classifier"
@@ -621,21 +622,27 @@ def test_page_shows_the_served_model(server):
     assert 'id="version">1<' in page and "CPUExecutionProvider" in page and "quality.accuracy" in page
 
 
-def test_auto_serves_the_published_int8_variant_on_cpu_says_so_and_checks_its_hash(registry, mlflow_server, tmp_path):
+def test_auto_serves_the_variant_this_cpu_runs_best_says_so_and_checks_its_hash(registry, mlflow_server, tmp_path):
+    """The champion publishes FP32 and INT8: auto serves INT8 on a CPU with 8-bit dot products, else FP32
+    (the rule: tests/test_variants.py), and serves the very file whose sha256 the registry holds."""
     client, _ = registry
     champion = alias_version(client, MODEL, CHAMPION)
+    tags = client.get_model_version(MODEL, champion).tags
+    here, why = choose_variant(AUTO, "CPUExecutionProvider", published_in(tags))
     folder = download_artifacts(artifact_uri=client.get_model_version_download_uri(MODEL, champion),
                                 dst_path=str(tmp_path / "download"), tracking_uri=mlflow_server)
-    int8 = ort.InferenceSession(str(Path(folder) / "variants" / "model.int8.onnx"), providers=["CPUExecutionProvider"])
+    expected = ort.InferenceSession(str(variant_path(Path(folder) / "model.onnx", here)),
+                                    providers=["CPUExecutionProvider"])
     process, base = start_server(mlflow_server, MODEL, tmp_path / "cache")  # serving.variant: auto
     try:
         wait_ready(base)
         parameters = httpx.get(f"{base}/v2/models/{MODEL}").json()["parameters"]
-        assert parameters["variant"] == "int8" and parameters["variant_note"] == "int8 (preferred on CPUExecutionProvider)"
-        np.testing.assert_allclose(_served_logits(base), int8.run(None, {"pixels": PROBE})[0], atol=1e-5)
-        assert f'variant="int8",version="{champion}"}} 1.0' in httpx.get(f"{base}/metrics").text
-        cached = next((tmp_path / "cache").rglob("model.int8.onnx"))
-        assert sha256_file(cached) == client.get_model_version(MODEL, champion).tags["graft.onnx.int8.sha256"]
+        assert {"fp32", "int8"} <= set(published_in(tags))
+        assert (parameters["variant"], parameters["variant_note"]) == (here, f"{here} ({why})")
+        np.testing.assert_allclose(_served_logits(base), expected.run(None, {"pixels": PROBE})[0], atol=1e-5)
+        assert f'variant="{here}",version="{champion}"}} 1.0' in httpx.get(f"{base}/metrics").text
+        cached = next((tmp_path / "cache").rglob(variant_path("model.onnx", here).name))
+        assert sha256_file(cached) == tags[sha_tag(here)]
     finally:
         process.terminate()
         process.wait(timeout=20)

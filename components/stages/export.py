@@ -28,16 +28,34 @@ from components.export import (
     within_drop,
 )
 from components.layout import Layout
-from components.network import load_checkpoint
+from components.network import GraftNet, load_checkpoint
 from components.predict import for_inference
 from deploy.contract import Contract
 from deploy.tags import DATA_VERSION_KEY, SOURCE_KEY, STRATEGY_KEY
 from deploy.variants import FP32, INT8, variant_path
 
 
-def export(params: Params) -> dict:
+def calibrated_model() -> tuple[GraftNet, dict]:
+    """The fine-tuned model with its temperature folded in, and its checkpoint's metadata: what export writes."""
     trained, meta = load_checkpoint(Layout.transfer_model)
-    model = with_temperature(trained, float(read_json(Layout.calibration)["temperature"]))
+    return with_temperature(trained, float(read_json(Layout.calibration)["temperature"])), meta
+
+
+def calibration_images(splits: data_mod.Splits, contract: Contract, limit: int) -> np.ndarray:
+    """What INT8 ranges are calibrated on, normalised: up to `limit` target images, train then val, never test."""
+    return contract.normalize(np.concatenate([splits.x_train, splits.x_val])[:limit])
+
+
+def quantization_inputs(params: Params) -> tuple[GraftNet, data_mod.Splits, np.ndarray]:
+    """The calibrated model, the selected target's splits and the INT8 calibration images: what the export's INT8
+    search starts from (benchmarks/adapter_fold.py and int8_kernels.py start there too)."""
+    model, _ = calibrated_model()
+    splits = data_mod.load_splits(Layout.selected_data)
+    return model, splits, calibration_images(splits, model.spec.contract, params.export.calibration_images)
+
+
+def export(params: Params) -> dict:
+    model, meta = calibrated_model()
     export_onnx(model, Layout.onnx_model, params.export.opset, {
         STRATEGY_KEY: meta["strategy"], DATA_VERSION_KEY: meta["data_version"],
         SOURCE_KEY: json.dumps(meta.get("source", {}), sort_keys=True),
@@ -85,7 +103,7 @@ def export_variants(params: Params, contract: Contract, splits: data_mod.Splits,
     beside it (timed in turns), and moved into models/variants/ only when it loses at most export.max_accuracy_drop:
     a variant there is published, and one the bound refused (or a stage killed half way) never appears there."""
     settings = params.export
-    calibration = contract.normalize(np.concatenate([splits.x_train, splits.x_val])[: settings.calibration_images])
+    calibration = calibration_images(splits, contract, settings.calibration_images)
     if Layout.onnx_variants.exists():
         shutil.rmtree(Layout.onnx_variants)
     Layout.onnx_variants.mkdir(parents=True)
