@@ -22,25 +22,14 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from components.config import load_params  # noqa: E402
-from components.export import export_onnx, interleaved_median_ms, quantize_int8  # noqa: E402
+from components.export import cpu_session, export_onnx, interleaved_median_ms, quantize_int8  # noqa: E402
 from components.stages.export import int8_recipes, quantization_inputs  # noqa: E402
-from deploy.cpu import cpu_description  # noqa: E402
+from deploy.cpu import UNFUSED_QDQ, cpu_description  # noqa: E402
 
-MODES = {"kernels": {}, "x64quantprecision": {"session.x64quantprecision": "1"},
-         "qdq_float": {"session.disable_quant_qdq": "1"}}
-
-
-def session(path: Path, entries: dict[str, str]) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    for key, value in entries.items():
-        options.add_session_config_entry(key, value)
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+MODES = {"kernels": {}, "x64quantprecision": {"session.x64quantprecision": "1"}, "qdq_float": UNFUSED_QDQ}
 
 
 def main() -> None:
@@ -60,7 +49,7 @@ def main() -> None:
             files[recipe.name] = quantize_int8(fp32, Path(tmp) / f"int8-{number}.onnx", calibration, recipe,
                                                params.export.calibration_percentile)
         for name, path in files.items():
-            sessions = {mode: session(path, entries) for mode, entries in MODES.items()}
+            sessions = {mode: cpu_session(path, entries) for mode, entries in MODES.items()}
             runs = {mode: (lambda x, s=s: s.run([contract.output_name], {contract.input_name: x})[0])
                     for mode, s in sessions.items()}
             answers = {mode: (np.concatenate([run(x_val[i:i + 64]) for i in range(0, len(x_val), 64)]).argmax(1),

@@ -154,14 +154,15 @@ def _conv_bias(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto], 
     return np.zeros(size, dtype)
 
 
-def cpu_session(path: Path) -> ort.InferenceSession:
+def cpu_session(path: Path, entries: dict[str, str] | None = None) -> ort.InferenceSession:
     """An ONNX Runtime CPU session whose threads sleep between runs instead of spinning: the export holds several
     files' sessions open and times them in turns, and a session's spinning threads would take the cores from the
     next one's run (FP32 measured 77-90 ms in turns, not 23-27: benchmarks/README.md "INT8 recipes")."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    for key, value in exact_int8_entries().items():  # INT8 scored as the file specifies, as the server runs it
+    # Session config `entries`; by default an INT8 file is scored as it specifies, as the server runs it.
+    for key, value in (exact_int8_entries() if entries is None else entries).items():
         options.add_session_config_entry(key, value)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 

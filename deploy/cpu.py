@@ -3,6 +3,7 @@ precision (components/compute.py), the variant a server prefers (deploy/variants
 figure names its machine."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 # The CPU features that decide speed here (bf16 training, INT8 kernels): what every benchmark figure names its CPU by.
@@ -17,13 +18,19 @@ INT8_DOT_FLAGS = ("amx_int8", "avx512_vnni", "avx_vnni", "asimddp")
 UNFUSED_QDQ = {"session.disable_quant_qdq": "1"}
 
 
-def _cpuinfo(field: str) -> str:
-    """The first value of `field` in Linux's /proc/cpuinfo; empty where it cannot be read."""
+@functools.cache
+def _cpuinfo_text() -> str:
+    """Linux's /proc/cpuinfo, read once a process (every ONNX Runtime session asks: deploy/model.py); "" where it
+    cannot be read."""
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        return Path("/proc/cpuinfo").read_text()
     except OSError:
         return ""
-    return next((line.partition(":")[2].strip() for line in text.splitlines() if line.startswith(field)), "")
+
+
+def _cpuinfo(field: str) -> str:
+    """The first value of `field` in /proc/cpuinfo; empty where it has none."""
+    return next((line.partition(":")[2].strip() for line in _cpuinfo_text().splitlines() if line.startswith(field)), "")
 
 
 def cpu_flags() -> set[str]:

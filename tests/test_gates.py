@@ -4,6 +4,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 from PIL import Image
 
@@ -29,6 +30,7 @@ from components.gates import (
 )
 from components.network import build
 from deploy.contract import Contract
+from deploy.cpu import UNFUSED_QDQ
 from deploy.digest import sha256_file
 from deploy.model import (
     PROVIDER_NAMES,
@@ -142,10 +144,6 @@ def onnx_file(tmp_path_factory):
 def test_unfused_int8_answers_what_the_file_specifies(onnx_file):
     """The session entries a CPU without 8-bit dot products gets (deploy/cpu.py) compute the INT8 file's own
     arithmetic: the same logits as ONNX Runtime running its QDQ nodes one by one, with no graph optimisation."""
-    import onnxruntime as ort
-
-    from deploy.cpu import UNFUSED_QDQ
-
     def logits(entries: dict, level) -> np.ndarray:
         options = ort.SessionOptions()
         options.graph_optimization_level = level
