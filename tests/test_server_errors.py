@@ -30,18 +30,22 @@ def onnx_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(onnx_file):
     port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "deploy.server", "--onnx-file", str(onnx_file), "--model", MODEL, "--port", str(port),
-         "--max-body-bytes", str(LIMIT), "--cache-dir", str(onnx_file.parent)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    log = onnx_file.parent / "server.log"
+    with log.open("w") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "deploy.server", "--onnx-file", str(onnx_file), "--model", MODEL, "--port", str(port),
+             "--max-body-bytes", str(LIMIT), "--cache-dir", str(onnx_file.parent)],
+            stdout=output, stderr=subprocess.STDOUT,
+        )
     base = f"http://127.0.0.1:{port}"
     if not wait_healthy(f"{base}/v2/health/ready", 60, process):
         process.kill()
-        raise AssertionError("server did not come up")
+        raise AssertionError(f"server did not come up: {log.read_text()[-2000:]}")
     yield base, port, process.pid
+    ended = process.poll()
     process.terminate()
     process.wait(timeout=20)
+    assert ended is None, f"the server ended (status {ended}) while this module's tests ran: {log.read_text()[-2000:]}"
 
 
 def test_a_port_in_use_is_named_with_the_flag_that_moves_it_and_exits_2(onnx_file, tmp_path):

@@ -1,5 +1,7 @@
 """Sources: real ImageNet weights offline, torchvision architectures from local files and the hub cache,
 the clear errors of a missing, changed or wrong weights file, heads per family, and the channel adapter."""
+import urllib.request
+
 import numpy as np
 import pytest
 import torch
@@ -112,6 +114,9 @@ def test_named_imagenet_weights_offline_and_not_cached_say_which_file_to_put_whe
         monkeypatch.setenv(proxy, "http://127.0.0.1:9")
     monkeypatch.delenv("no_proxy", raising=False)
     monkeypatch.delenv("NO_PROXY", raising=False)
+    # urllib builds its process-wide opener at its first urlopen, with the proxies of that moment, and keeps it: left
+    # to it, every later urlopen in this process would go to the dead proxy ("connection refused" in another module)
+    monkeypatch.setattr(urllib.request, "_opener", None)
     expected = tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
     with pytest.raises(SourceModelError) as error:
         resolve_pretrained("imagenet", _pretrained(architecture="resnet18", weights="IMAGENET1K_V1"))
