@@ -1,5 +1,5 @@
 """Shared fixtures: small slices of the real data and a tiny, fast params.yaml; one finished pipeline workspace,
-one Prefect server and one MLflow server for the whole run.
+one Prefect server and one MLflow server for each pytest-xdist worker (for the whole run under `-n 0`).
 
 The slices come from the real embedded default (`graft fetch-data` must have run: scripts/setup.sh does it).
 
@@ -34,6 +34,11 @@ apply_defaults()
 # Servers started by tests (`python -m deploy.server`) open no gRPC port unless a test gives one (--grpc-port): two
 # servers at once would both want the default.
 os.environ["GRAFT_GRPC_PORT"] = "0"
+# pytest-xdist (pyproject.toml's addopts): the suite waits on servers and subprocesses about half its time, so it
+# runs as one worker per core; each trains on its own share of the cores, not all of them (set before torch loads).
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 PROJECT = Path(__file__).resolve().parents[1]
 RAW = PROJECT / "data" / "raw"
@@ -141,6 +146,12 @@ def make_workspace(root: Path, params: dict | None = None) -> Path:
 # Using any of these makes a test `slow`: each starts a server or needs the whole pipeline run once. (A fresh
 # project from workspace_factory takes a few seconds: a test that runs its pipeline is marked slow itself.)
 SLOW_FIXTURES = frozenset({"candidate_template", "repro_workspace", "mlflow_server", "prefect_server"})
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto`: a worker per core the run may use (xdist would count physical cores: 1 on a 2-vCPU machine), at
+    most 4: each worker builds the session's servers and finished workspace once."""
+    return min(4, len(os.sched_getaffinity(0)))
 
 
 def pytest_collection_modifyitems(config, items):
