@@ -36,9 +36,9 @@ apply_defaults()
 os.environ["GRAFT_GRPC_PORT"] = "0"
 # pytest-xdist (pyproject.toml's addopts): the suite waits on servers and subprocesses about half its time, so it
 # runs as one worker per core; each trains on its own share of the cores, not all of them (set before torch loads).
+USABLE_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
-    os.environ.setdefault("OMP_NUM_THREADS",
-                          str(max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, USABLE_CORES // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 PROJECT = Path(__file__).resolve().parents[1]
 RAW = PROJECT / "data" / "raw"
@@ -149,9 +149,9 @@ SLOW_FIXTURES = frozenset({"candidate_template", "repro_workspace", "mlflow_serv
 
 
 def pytest_xdist_auto_num_workers(config) -> int:
-    """`-n auto`: a worker per core the run may use (xdist would count physical cores: 1 on a 2-vCPU machine), at
-    most 4: each worker builds the session's servers and finished workspace once."""
-    return min(4, len(os.sched_getaffinity(0)))
+    """`-n auto`: a worker per CPU the run may use (xdist would count physical cores: 1 where two vCPUs are one
+    core's two threads), at most 4: each worker builds the session's servers and finished workspace once."""
+    return min(4, USABLE_CORES)
 
 
 def pytest_collection_modifyitems(config, items):
