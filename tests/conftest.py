@@ -10,6 +10,7 @@ and the session's finished workspaces are checked at the end of the run for chan
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
@@ -294,6 +295,30 @@ def start_mlflow_server(root: Path, port: int, wait: bool = True) -> tuple[subpr
         stop_process_group(server)
         pytest.fail("mlflow server did not become healthy in 90 s")
     return server, url
+
+
+@contextlib.contextmanager
+def onnx_server(onnx_file: Path, model: str, log_folder: Path, *options: str, env: dict | None = None,
+                wrap: tuple[str, ...] = ()):
+    """`python -m deploy.server` serving `onnx_file` as `model` on a free port with `options` (its cache beside the
+    file), until the block ends; yields
+    (base URL, log path, process). Its output goes to a file in `log_folder`, not a pipe: a pipe nobody reads fills
+    and blocks the server. `wrap`: a command the server runs under (it ends with the server's own command line)."""
+    port = free_port()
+    log_path = log_folder / f"server-{port}.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [*wrap, sys.executable, "-m", "deploy.server", "--onnx-file", str(onnx_file), "--model", model,
+             "--port", str(port), "--cache-dir", str(onnx_file.parent), *options],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        if not wait_healthy(f"{base}/v2/health/ready", 60, process):
+            raise AssertionError(f"the server did not come up: {log_path.read_text()[-3000:]}")
+        yield base, log_path, process
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
 
 
 def wait_healthy(url: str, seconds: float, process: subprocess.Popen | None = None) -> bool:

@@ -3,7 +3,6 @@ whole items for the sampled share, a SIGKILL mid-write leaving no torn file, the
 stopping capture (once, said in the log and /metrics) while serving goes on, and each bad feedback its own 4xx."""
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
@@ -36,7 +35,7 @@ from deploy.capture import (
 )
 from deploy.model import softmax
 from deploy.settings import CaptureSettings
-from tests.conftest import free_port, tiny_spec, wait_healthy, wait_until
+from tests.conftest import onnx_server, tiny_spec, wait_until
 
 MODEL = "captured-classifier"
 CLASSES = ("ant", "bee", "cat")
@@ -50,32 +49,16 @@ def onnx_file(tmp_path_factory) -> Path:
     return export_onnx(build(tiny_spec(CLASSES), 0), tmp_path_factory.mktemp("capture-model") / "model.onnx", 20)
 
 
-@contextlib.contextmanager
-def serving(onnx_file: Path, folder: Path, *options: str, env: dict | None = None, wrap: tuple[str, ...] = ()):
-    """The server with capture to `folder` and `options`, its output in a log file; yields (base URL, log path).
-    `wrap`: a command the server runs under (it ends with the server's own command line)."""
-    port = free_port()
-    log_path = folder.parent / f"server-{port}.log"
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            [*wrap, sys.executable, "-m", "deploy.server", "--onnx-file", str(onnx_file), "--model", MODEL,
-             "--port", str(port), "--cache-dir", str(onnx_file.parent), "--capture-folder", str(folder), *options],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-    base = f"http://127.0.0.1:{port}"
-    try:
-        if not wait_healthy(f"{base}/v2/health/ready", 60, process):
-            raise AssertionError(f"the server did not come up: {log_path.read_text()[-3000:]}")
-        yield base, log_path
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
+def serving(onnx_file: Path, folder: Path, *options: str, **server):
+    """The server (tests/conftest.py onnx_server) capturing to `folder`, with `options`."""
+    return onnx_server(onnx_file, MODEL, folder.parent, "--capture-folder", str(folder), *options, **server)
 
 
 @pytest.fixture(scope="module")
 def server(onnx_file, tmp_path_factory):
     """Capture on, every answer kept, behind an API token; yields (base URL, capture folder)."""
     folder = tmp_path_factory.mktemp("captured") / "captures"
-    with serving(onnx_file, folder, "--capture-enabled", env={"GRAFT_API_TOKEN": TOKEN}) as (base, _):
+    with serving(onnx_file, folder, "--capture-enabled", env={"GRAFT_API_TOKEN": TOKEN}) as (base, _, _):
         yield base, folder
 
 
@@ -149,7 +132,7 @@ def test_every_answer_has_a_request_id_and_is_captured_whole_under_it(server):
 
 def test_the_sampled_share_is_captured(onnx_file, tmp_path):
     folder = tmp_path / "captures"
-    with serving(onnx_file, folder, "--capture-enabled", "--capture-sample", "0.3") as (base, _):
+    with serving(onnx_file, folder, "--capture-enabled", "--capture-sample", "0.3") as (base, _, _):
         with httpx.Client() as client:
             answers = [_infer(client, base, ROWS[:1], binary=True) for _ in range(200)]
     # the server has ended: what it had queued is written
@@ -281,7 +264,7 @@ def _capture_stopped(base: str, reason: str) -> bool:
 def test_at_its_budget_capture_stops_says_so_once_and_serving_goes_on(onnx_file, tmp_path):
     folder = tmp_path / "captures"
     image = _png((250, 200, 3))  # noise: about 150 kB, so a 1 MB budget holds six
-    with serving(onnx_file, folder, "--capture-enabled", "--capture-max-bytes", "1000000") as (base, log_path):
+    with serving(onnx_file, folder, "--capture-enabled", "--capture-max-bytes", "1000000") as (base, log_path, _):
         assert _metric(base, 'graft_capture_stopped{reason="budget"}') == 0.0
         with httpx.Client() as client:
             statuses = [client.post(f"{base}/predict", content=image).status_code for _ in range(12)]
@@ -314,7 +297,7 @@ def test_on_a_full_disk_capture_stops_says_so_once_and_serving_goes_on(onnx_file
     small_disk = ("unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
                   'mount -t tmpfs -o size=256k tmpfs "$0" && exec "$@"', str(folder))
     image = _png((100, 100, 3))  # noise: about 30 kB, so the disk is full after eight
-    with serving(onnx_file, folder, "--capture-enabled", wrap=small_disk) as (base, log_path):
+    with serving(onnx_file, folder, "--capture-enabled", wrap=small_disk) as (base, log_path, _):
         with httpx.Client() as client:
             statuses = []
             for _ in range(12):  # one a batch: a batch that does not fit is lost whole, so some must come before
@@ -370,7 +353,7 @@ def test_feedback_is_stored_once_beside_its_item_for_a_known_class_and_a_token(s
 
 def test_with_capture_off_answers_keep_their_id_and_feedback_says_how_to_turn_it_on(onnx_file, tmp_path):
     folder = tmp_path / "captures"
-    with serving(onnx_file, folder) as (base, _):
+    with serving(onnx_file, folder) as (base, _, _):
         answer = httpx.post(f"{base}/predict", content=_png((28, 28)))
         assert answer.status_code == 200 and re.fullmatch(r"[0-9a-f]{32}", answer.headers["x-request-id"])
         refused = httpx.post(f"{base}/feedback", json={"request_id": answer.headers["x-request-id"], "label": "ant"})

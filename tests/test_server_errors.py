@@ -8,6 +8,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -16,7 +17,7 @@ import yaml
 from components.export import export_onnx
 from components.network import build
 from deploy.server import DRAIN_SECONDS
-from tests.conftest import free_port, tiny_params, tiny_spec, wait_healthy
+from tests.conftest import free_port, onnx_server, tiny_params, tiny_spec
 
 MODEL = "edge-classifier"
 LIMIT = 10_000_000  # serving.max_body_bytes as shipped
@@ -29,22 +30,9 @@ def onnx_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(onnx_file):
-    port = free_port()
-    log = onnx_file.parent / "server.log"
-    with log.open("w") as output:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "deploy.server", "--onnx-file", str(onnx_file), "--model", MODEL, "--port", str(port),
-             "--max-body-bytes", str(LIMIT), "--cache-dir", str(onnx_file.parent)],
-            stdout=output, stderr=subprocess.STDOUT,
-        )
-    base = f"http://127.0.0.1:{port}"
-    if not wait_healthy(f"{base}/v2/health/ready", 60, process):
-        process.kill()
-        raise AssertionError(f"server did not come up: {log.read_text()[-2000:]}")
-    yield base, port, process.pid
-    ended = process.poll()
-    process.terminate()
-    process.wait(timeout=20)
+    with onnx_server(onnx_file, MODEL, onnx_file.parent, "--max-body-bytes", str(LIMIT)) as (base, log, process):
+        yield base, urlsplit(base).port, process.pid
+        ended = process.poll()
     assert ended is None, f"the server ended (status {ended}) while this module's tests ran: {log.read_text()[-2000:]}"
 
 

@@ -4,9 +4,8 @@ the server never dies, and health stays live; a crowd of idle and slow connectio
 import json
 import os
 import socket
-import subprocess
-import sys
 import time
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -15,7 +14,7 @@ from hypothesis import strategies as st
 
 from components.export import export_onnx
 from components.network import build
-from tests.conftest import free_port, tiny_spec
+from tests.conftest import onnx_server, tiny_spec
 
 MODEL = "fuzzed-classifier"
 FUZZ_SECONDS = float(os.environ.get("GRAFT_FUZZ_SECONDS", "30"))
@@ -26,27 +25,9 @@ BODY_LIMIT = 100_000
 def fuzz_server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("fuzz")
     onnx_file = export_onnx(build(tiny_spec(tuple("abcdefghij")), 0), folder / "model.onnx", 20)
-    port = free_port()
-    log = open(folder / "server.log", "w")  # a file, not a pipe: thousands of bad requests log more than a pipe holds
-    process = subprocess.Popen(
-        [sys.executable, "-m", "deploy.server", "--onnx-file", str(onnx_file), "--model", MODEL, "--port", str(port),
-         "--max-body-bytes", str(BODY_LIMIT), "--cache-dir", str(folder)],
-        stdout=log, stderr=subprocess.STDOUT, text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/v2/health/ready", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert process.poll() is None, (folder / "server.log").read_text()[-3000:]
-        time.sleep(0.2)
-    yield base, port, process
-    process.terminate()
-    process.wait(timeout=20)
-    log.close()
+    # its log a file (onnx_server): thousands of bad requests log more than a pipe holds
+    with onnx_server(onnx_file, MODEL, folder, "--max-body-bytes", str(BODY_LIMIT)) as (base, _, process):
+        yield base, urlsplit(base).port, process
 
 
 PATHS = ["/v2/health/live", "/v2/health/ready", f"/v2/models/{MODEL}", f"/v2/models/{MODEL}/ready",
