@@ -45,7 +45,7 @@ def onnx_file(tmp_path_factory):
 def test_the_server_tests_each_window_and_monitor_reaches_the_same_verdicts_from_the_capture(onnx_file, tmp_path):
     folder = tmp_path / "captures"
     options = ("--capture-enabled", "--drift-window", str(WINDOW), "--drift-permutations", "200")
-    with serving(onnx_file, folder, *options) as (base, log_path), httpx.Client(timeout=30) as client:
+    with serving(onnx_file, folder, *options) as (base, log_path, _), httpx.Client(timeout=30) as client:
         for pixels in _noise(WINDOW, 1):  # one window like the reference
             client.post(f"{base}/predict", content=_png(pixels)).raise_for_status()
         wait_until(lambda: _metric(base, "graft_drift_windows_total") == 1, 30, "the first window was not tested")
