@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -18,7 +17,7 @@ from websockets.sync.client import connect
 
 from components.export import export_onnx
 from components.network import build
-from tests.conftest import free_port, tiny_spec, wait_healthy, wait_until
+from tests.conftest import free_port, onnx_server, tiny_spec, wait_until
 
 BROWSER = shutil.which("chromium-headless-shell") or shutil.which("chromium")
 pytestmark = pytest.mark.skipif(BROWSER is None, reason="no chromium: scripts/setup.sh installs chromium-headless-shell")
@@ -51,14 +50,8 @@ def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("page")
     model = build(tiny_spec(("circle", "square", "cross")), 0)
     onnx_file = export_onnx(model, folder / "model.onnx", 20)
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "deploy.server", "--onnx-file", str(onnx_file), "--model", "shapes",
-                                "--port", str(port), "--grpc-port", "0", "--providers", "cpu"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    assert wait_healthy(f"{base}/v2/health/ready", 60)
-    yield base
-    process.terminate()
-    process.wait(timeout=20)
+    with onnx_server(onnx_file, "shapes", folder, "--grpc-port", "0", "--providers", "cpu") as (base, _, _):
+        yield base
 
 
 @pytest.fixture
