@@ -44,12 +44,26 @@ def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> flo
     return float((log_normaliser - scaled[np.arange(len(labels)), labels]).mean())
 
 
+def separated(logits: np.ndarray, labels: np.ndarray) -> bool:
+    """Whether every row's true class has the largest logit (a tie included). Then NLL keeps falling as T -> 0 and
+    has no minimum: the split says only "sharper is better", which a model right on every image of a split has not
+    earned."""
+    logits = np.asarray(logits, dtype=np.float64)
+    rows = np.arange(len(labels))
+    others = logits.copy()
+    others[rows, labels] = -np.inf
+    return bool((logits[rows, labels] >= others.max(axis=1)).all())
+
+
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     """The T minimising NLL(softmax(logits / T)). NLL is convex in 1/T, so a golden-section search over 1/T finds the
     minimum to float precision, deterministically and without a learning rate. A minimum at the interval's edge
-    (a model right on every validation image wants T -> 0) stops there."""
+    stops there. Logits that are `separated` have no minimum to find (the search would stop wherever NLL underflows
+    to 0, sharpening by an arbitrary factor): T stays 1."""
     if len(labels) == 0:
         raise ValueError("no validation images to fit the temperature on")
+    if separated(logits, labels):
+        return 1.0
     golden = (np.sqrt(5) - 1) / 2
     low, high = np.log(INVERSE_TEMPERATURE_RANGE[0]), np.log(INVERSE_TEMPERATURE_RANGE[1])
 

@@ -123,8 +123,8 @@ def model_card(root: str | Path, params: Settings, registration: dict, gate_repo
                  ["transfer gain", f"{100 * evaluation['transfer_gain']:+.2f} points", ""]]), "",
              "```", classification_report(per_class, transfer["accuracy"]).rstrip(), "```", "",
              "## Calibration", "",
-             f"Temperature scaling fitted on the validation split: T = {calibration['temperature']:.4g} (in the ONNX file: "
-             f"the probabilities it answers are calibrated).", "",
+             f"Temperature scaling: T = {calibration['temperature']:.4g}, {run.calibration['fit']}. The ONNX file "
+             f"divides its logits by it, so every probability it answers has it applied.", "",
              *_table(["on the test split", "uncalibrated", "calibrated"], [
                  [f"expected calibration error ({calibration['bins']} bins)", f"{calibration['ece_before']:.4f}", f"{calibration['ece']:.4f}"],
                  ["negative log-likelihood", f"{calibration['nll_before']:.4f}", f"{calibration['nll']:.4f}"],

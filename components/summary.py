@@ -25,12 +25,13 @@ class RunOutputs:
     evaluation: dict  # metrics/evaluate.json
     export: dict      # metrics/export.json
     trained: dict     # the fine-tuned checkpoint's metadata
+    calibration: dict  # the shipped temperature and how it was set
 
     @classmethod
     def read(cls, root: Path) -> RunOutputs:
         return cls(*(read_json(root / path) for path in (
             Layout.target_report, Layout.selection_report, Layout.selected_source, Layout.evaluate_metrics,
-            Layout.export_metrics, Layout.transfer_model.with_suffix(".json"))))
+            Layout.export_metrics, Layout.transfer_model.with_suffix(".json"), Layout.calibration)))
 
 
 def collect_summary(root: str | Path, outcomes: list[StageOutcome] | None = None, registration: dict | None = None,
@@ -39,7 +40,7 @@ def collect_summary(root: str | Path, outcomes: list[StageOutcome] | None = None
     holds them (read from outputs/ and reports/ when not given: `graft summary`)."""
     root = Path(root)
     needed = (Layout.evaluate_metrics, Layout.target_report, Layout.selection_report, Layout.selected_source,
-              Layout.export_metrics, Layout.transfer_model.with_suffix(".json"), Layout.per_class)
+              Layout.export_metrics, Layout.transfer_model.with_suffix(".json"), Layout.calibration, Layout.per_class)
     if missing := [str(path) for path in needed if not (root / path).exists()]:
         # A clone has the committed metrics and reports but not DVC's outputs until a run or `dvc pull`.
         raise NoRunYet(f"no pipeline outputs in {root.resolve()} ({', '.join(missing)} missing): run `graft run` "
@@ -64,7 +65,7 @@ def collect_summary(root: str | Path, outcomes: list[StageOutcome] | None = None
         "transfer test acc": f"{evaluation['transfer']['accuracy']:.4f} (macro-F1 {evaluation['transfer']['macro_f1']:.4f})",
         "scratch test acc": f"{evaluation['scratch']['accuracy']:.4f} (macro-F1 {evaluation['scratch']['macro_f1']:.4f}), same architecture",
         "transfer gain": f"{100 * evaluation['transfer_gain']:+.2f} points",
-        "calibration": _calibration_line(evaluation["calibration"]),
+        "calibration": _calibration_line(evaluation["calibration"], run.calibration),
         "ONNX parity": f"max |diff| {parity['max_abs_diff']:.1e}, top-1 agreement {parity['argmax_agreement']:.4f}",
         "export variants": _variants_line(parity.get("variants", {})),
         "gates": _gate_line(gate_report),
@@ -80,10 +81,10 @@ def _pretrained_line(root: Path, source: dict) -> str:
     return f", source test acc {metrics['test_accuracy']:.4f}"
 
 
-def _calibration_line(calibration: dict) -> str:
-    return (f"test ECE {calibration['ece']:.4f} with T = {calibration['temperature']:.3g} "
-            f"(uncalibrated {calibration['ece_before']:.4f}), NLL {calibration['nll']:.4f} "
-            f"({calibration['nll_before']:.4f})")
+def _calibration_line(calibration: dict, temperature: dict) -> str:
+    return (f"test ECE {calibration['ece']:.4f} (uncalibrated {calibration['ece_before']:.4f}), "
+            f"NLL {calibration['nll']:.4f} ({calibration['nll_before']:.4f}); "
+            f"T = {calibration['temperature']:.3g}, {temperature['fit']}")
 
 
 def _variants_line(variants: dict[str, dict]) -> str:

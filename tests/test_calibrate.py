@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from components.calibrate import CalibrationScores, ReliabilityBins, fit_temperature, nll, softmax, with_temperature
+from components.calibrate import (CalibrationScores, ReliabilityBins, fit_temperature, nll, separated, softmax,
+                                  with_temperature)
 from components.export import export_onnx
 from components.gates import FAILED, PASSED, SKIPPED, calibration_gate
 from components.network import build
@@ -37,6 +38,25 @@ def test_the_fitted_temperature_undoes_over_confidence_and_lowers_nll():
 def test_an_under_confident_model_gets_a_temperature_below_one():
     logits, labels = _overconfident(0.5)
     assert 0.4 < fit_temperature(logits, labels) < 0.6
+
+
+def test_a_model_right_on_every_validation_image_keeps_t_at_one():
+    # Every true class on top: NLL keeps falling as T -> 0, so the split has no temperature to give.
+    logits, labels = _overconfident(4.0, examples=400)
+    labels = logits.argmax(axis=1)
+    tied = logits.copy()  # a true class only tied for the top: NLL still falls towards log(2) / rows as T -> 0
+    tied[0, (labels[0] + 1) % logits.shape[1]] = tied[0, labels[0]]
+    for rows in (logits, tied):
+        assert separated(rows, labels)
+        assert nll(rows, labels, 0.25) < nll(rows, labels, 0.5) < nll(rows, labels)
+        assert fit_temperature(rows, labels) == 1.0
+    # One wrong answer gives NLL a minimum again: a real fit, sharper than 1 for a model right on all the others.
+    wrong = labels.copy()
+    wrong[0] = (labels[0] + 1) % logits.shape[1]
+    assert not separated(logits, wrong)
+    temperature = fit_temperature(logits, wrong)
+    assert temperature < 1.0
+    assert nll(logits, wrong, temperature) < min(nll(logits, wrong, temperature * 0.9), nll(logits, wrong, temperature * 1.1))
 
 
 def test_the_fit_refuses_an_empty_validation_split():

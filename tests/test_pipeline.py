@@ -286,7 +286,7 @@ def test_the_model_card_states_the_runs_recorded_numbers(repro_workspace):
     assert f"# Model card: graft-classifier v{registration['version']}" in card
     assert f"| accuracy | {100 * recorded['test.accuracy']:.2f}% | " in card
     assert f"| macro-F1 | {recorded['test.macro_f1']:.4f} | " in card
-    assert f"T = {recorded['calibration.temperature']:.4g}" in card
+    assert f"T = {recorded['calibration.temperature']:.4g}, {_json(root, 'models/calibration.json')['fit']}" in card
     assert (f"| expected calibration error (15 bins) | {recorded['calibration.ece_before']:.4f} | "
             f"{recorded['calibration.ece']:.4f} |") in card
     for gate in _json(root, "reports/gates.json")["gates"]:
