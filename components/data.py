@@ -225,16 +225,22 @@ def require_folder(path: Path, holding: str) -> None:
         raise DataError(f"{path}: no such folder; give the folder holding {holding}")
 
 
-def _count_files(folder: Path) -> int:
-    with os.scandir(folder) as entries:  # the file type comes with the listing: no stat a file
-        return sum(1 for entry in entries if entry.is_file())
+def data_files(folder: Path) -> list[Path]:
+    """The files a data folder holds, subfolders included (a class folder's `day/` and `night/` are that class, as in
+    torchvision's ImageFolder), hidden files and folders skipped (`.DS_Store`, `.ipynb_checkpoints`: the system's or
+    a tool's, never the user's images), in a stable order. No file is opened: 10k files in milliseconds."""
+    found = []
+    for parent, folders, files in os.walk(folder):  # symlinked folders are not followed: DVC would not version them
+        folders[:] = [name for name in folders if not name.startswith(".")]
+        found += [Path(parent) / name for name in files if not name.startswith(".")]
+    return sorted(found)
 
 
 def class_file_counts(root: Path, problems: Problems = STOP) -> dict[str, int]:
-    """A folder data set's classes and the files each holds, no file opened (fast: 10k files in ms): at least two
-    class folders, none of them empty (an empty one is a problem, left out of what is returned)."""
+    """A folder data set's classes and the files each holds (`data_files`), no file opened: at least two class
+    folders, none of them empty (an empty one is a problem, left out of what is returned)."""
     require_folder(root, FOLDER_LAYOUT)
-    counts = {d.name: _count_files(d) for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")}
+    counts = {d.name: len(data_files(d)) for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")}
     if len(counts) < 2:
         raise DataError(f"{root}: found {len(counts)} class folder(s); need at least 2 ({FOLDER_LAYOUT})")
     if empty := [name for name, count in counts.items() if not count]:
@@ -256,16 +262,15 @@ def _outside(path: Path, root: Path) -> bool:
 def read_folder(root: Path, channels: int, quarantine: Quarantine, fail_fast: bool, limits: ImageLimits,
                 problems: Problems = STOP) -> tuple[list[Sample], tuple[str, ...]]:
     class_dirs = class_folders(root, problems)
-    files = [(label, f) for label, d in enumerate(class_dirs) for f in sorted(d.iterdir()) if f.is_file()]
+    files = [(label, f) for label, d in enumerate(class_dirs) for f in data_files(d)]
     return _read_files(root, files, channels, quarantine, fail_fast, limits, problems), tuple(d.name for d in class_dirs)
 
 
 def read_unlabeled(root: Path, channels: int, quarantine: Quarantine, fail_fast: bool,
                    limits: ImageLimits) -> list[Sample]:
-    """Every image file under an unlabelled folder (subfolders too; hidden files and folders skipped), label -1."""
+    """Every image file under an unlabelled folder (`data_files`), label -1."""
     require_folder(root, "the unlabelled image files (subfolders allowed)")
-    files = [(-1, f) for f in sorted(root.rglob("*")) if f.is_file()
-             and not any(part.startswith(".") for part in f.relative_to(root).parts)]
+    files = [(-1, f) for f in data_files(root)]
     if not files:
         raise DataError(f"{root}: no files in the unlabelled folder; add the target images or remove the data.unlabeled entry")
     return _read_files(root, files, channels, quarantine, fail_fast, limits)

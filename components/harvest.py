@@ -26,6 +26,7 @@ from components.data import (
     ImageLimits,
     Unusable,
     class_file_counts,
+    data_files,
     decode_file,
     is_production,
     pixels_digest,
@@ -138,7 +139,7 @@ def harvest(root: str | Path, capture: str | Path | None = None) -> Harvest:
                         "the images clients send are kept there) and send feedback labels to POST /feedback")
     target_root, unlabelled = root / target.path, _unlabelled_folder(root, params)
     classes = set(class_file_counts(target_root))
-    target_files = sorted(p for c in classes for p in (target_root / c).iterdir() if p.is_file())
+    target_files = sorted(p for c in classes for p in data_files(target_root / c) if p.is_file())
     harvested = {p.stem.removeprefix(PRODUCTION_PREFIX) for p in target_files if is_production(p.name)}
     unlabelled_files = sorted(p for p in unlabelled.iterdir() if p.is_file()) if unlabelled.is_dir() else []
     # A copy of an image the target holds is not added, whatever its label; nor a second copy of an unlabelled one.

@@ -34,6 +34,8 @@ from components.data import (
     Quarantine,
     check_class_sizes,
     class_file_counts,
+    class_folders,
+    data_files,
     drop_duplicates,
     file_mode,
     fitting_split,
@@ -96,7 +98,7 @@ def declared_modes(folder: Path, limits: ImageLimits) -> dict[str, int]:
     decoded (their palette says whether they are gray). Files the data cannot use by their header (not an image,
     too many pixels) are left out, and symlinks: check_folder names them."""
     modes: Counter[str] = Counter()
-    for path in sorted(folder.glob("*/*")):
+    for path in (file for class_folder in class_folders(folder, Problems(collect=True)) for file in data_files(class_folder)):
         if path.is_symlink() or not path.is_file():
             continue
         try:
@@ -270,6 +272,10 @@ def add_target(root: str | Path, folder: str | Path, name: str | None = None) ->
     changes: dict[str, object] = {"data.target.name": name, "data.target.format": "folder", "data.target.path": relative}
     changes |= {f"data.target.{key}": new for key, (_, new) in split_changes(params.data.target, checked.split).items()}
     notes = [images_line(checked.modes, params.data.channels, channels), split_line(params.data.target, checked)]
+    if nested := {name: count for name in checked.classes
+                  if (count := sum(file.parent != folder / name for file in data_files(folder / name)))}:
+        notes.append("subfolders: " + ", ".join(f"{name} {count}" for name, count in nested.items())
+                     + " file(s) in subfolders of their class folder, read as that class")
     if channels != params.data.channels:
         changes["data.channels"] = channels
     old_model = params.registry.model_name

@@ -18,7 +18,7 @@ from PIL import Image
 from components import fetch
 from components.artifacts import read_json
 from components.config import parse_params
-from components.data import DataError, load_splits, prepare, prepared_sizes
+from components.data import DataError, class_file_counts, load_splits, prepare, prepared_sizes
 from deploy.contract import Contract
 from deploy.model import decode_image
 from tests.conftest import (
@@ -98,6 +98,26 @@ def test_bad_files_are_quarantined_by_name(tmp_path):
     assert reasons["copy-of-first.png"].startswith("exact duplicate of") and good.name in reasons["copy-of-first.png"]
     assert reasons["mislabelled.png"] == "conflicting labels (cow, horse)"
     assert result.quarantined == len(report["quarantine"]) == clean.quarantined + 6  # both mislabelled copies go
+
+
+def test_a_class_folders_subfolders_are_that_class_and_hidden_files_are_not_read(tmp_path):
+    root = make_small_target(tmp_path / "raw")
+    every_label = {"data.target.labels_per_class": None}  # every usable image is counted in a split
+    flat_counts = class_file_counts(root)
+    flat, _ = _prepare_target(root, tmp_path / "flat", **every_label)
+    # A third of the cat images moved into day/ and night/, and the files a system or a tool leaves: the same data.
+    for index, image in enumerate(sorted((root / "cat").iterdir())[::3]):
+        (root / "cat" / ("day", "night")[index % 2]).mkdir(exist_ok=True)
+        image.rename(root / "cat" / ("day", "night")[index % 2] / image.name)
+    (root / "cat" / ".DS_Store").write_bytes(b"Bud1\x00")
+    (root / "dog" / ".ipynb_checkpoints").mkdir()
+    shutil.copy(sorted((root / "dog").glob("*.png"))[0], root / "dog" / ".ipynb_checkpoints" / "stale.png")
+    assert class_file_counts(root) == flat_counts
+    nested, report = _prepare_target(root, tmp_path / "nested", **every_label)
+    assert sum(nested.counts.values()) + nested.quarantined == sum(flat_counts.values())
+    assert (nested.counts, nested.quarantined) == (flat.counts, flat.quarantined)
+    assert report["per_class"]["train"]["cat"] == read_json(tmp_path / "flat" / "report.json")["per_class"]["train"]["cat"]
+    assert not [entry["file"] for entry in report["quarantine"] if "/." in entry["file"]]  # neither read nor listed
 
 
 def test_bad_files_fail_mode_stops_at_the_file(tmp_path):

@@ -62,11 +62,15 @@ def test_data_add_checks_copies_versions_and_points_params_at_the_folder(workspa
     root = workspace_factory("data-add")
     parts = make_small_target(tmp_path / "parts", per_class=12, classes=3)
     (parts / "bear" / "notes.txt").write_text("not an image")
+    (parts / "cat" / "night").mkdir()
+    for image in sorted((parts / "cat").glob("*.png"))[:4]:
+        image.rename(parts / "cat" / "night" / image.name)
     done = _graft(root, "data", "add", str(parts), "--as", "target")
     assert done.returncode == 0, done.stdout + done.stderr
     usable = int(re.search(r"3 classes \(bear, bird, cat\), (\d+) usable images, \d+ to be quarantined:", done.stdout)[1])
     assert "  data/raw/parts/bear/notes.txt: not an image file" in done.stdout
     assert f"images: {usable} gray -> data.channels: 1 (unchanged)" in done.stdout
+    assert "subfolders: cat 4 file(s) in subfolders of their class folder, read as that class" in done.stdout
     proposed = re.search(r"^split: data\.target\.test_size 60 -> (\d+), val_size 40 -> (\d+), labels_per_class 5 -> null "
                          r"\(every training image\) "
                          rf"\(3 classes, {usable} usable images; every class in each split\)$", done.stdout, re.M)
@@ -84,7 +88,7 @@ def test_data_add_checks_copies_versions_and_points_params_at_the_folder(workspa
     check_raw_data(root, params)  # what `graft run` checks first agrees
     report = _prepared(root, tmp_path)
     assert all(min(report["per_class"][split].values()) >= 1 for split in ("train", "val", "test")), report["per_class"]
-    assert sorted(p.name for p in (root / "data/raw/parts/cat").iterdir()) == sorted(p.name for p in (parts / "cat").iterdir())
+    assert sorted(p.name for p in (root / "data/raw/parts/cat").rglob("*")) == sorted(p.name for p in (parts / "cat").rglob("*"))
     assert (root / "data/raw/parts.dvc").is_file()
     status = dvc_status(root)
     assert "data/raw/parts.dvc" not in status, status
