@@ -37,3 +37,12 @@ def test_the_summary_table_wraps_a_long_value_between_its_items_within_the_termi
     assert lines[2].startswith("stages       ") and all(line.startswith(" " * 13) for line in lines[3:-1])
     assert ", ".join(v.rstrip(",") for v in values[1:]) == ", ".join(stages), "every item kept whole, in order"
     assert "not measured" not in table
+
+
+def test_a_variant_refused_by_its_accuracy_bound_is_counted_in_test_images():
+    from components.summary import _variants_line
+
+    variants = {"fp32": {"accuracy": 0.8043, "latency_ms_batch64": 28.7, "published": True},
+                "int8": {"accuracy": 0.7826, "latency_ms_batch64": 14.0, "published": False, "accuracy_drop": 1 / 46}}
+    assert _variants_line(variants, 46) == ("fp32 0.8043, 28.7 ms/64 on CPU; int8 0.7826, 14.0 ms/64 on CPU "
+                                            "(not published: 2.17 points below fp32: a net 1 of 46 test images)")
