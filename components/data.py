@@ -508,10 +508,11 @@ def propose_split(counts: dict[str, int], dataset: DatasetParams) -> DatasetPara
     return None
 
 
-def fitting_split(counts: dict[str, int], dataset: DatasetParams, where: str, problems: Problems = STOP) -> DatasetParams | None:
-    """`dataset` when its split fits these class sizes, else the split propose_split proposes; None when no split
-    fits (a problem: a class too small for one image in each split)."""
-    if not split_shortfalls(counts, dataset):
+def fitting_split(counts: dict[str, int], dataset: DatasetParams, where: str, problems: Problems = STOP,
+                  keep: bool = True) -> DatasetParams | None:
+    """`dataset` when its split fits these class sizes (and `keep`: it was set for these data), else the split
+    propose_split proposes; None when no split fits (a problem: a class too small for one image in each split)."""
+    if keep and not split_shortfalls(counts, dataset):
         return dataset
     if proposal := propose_split(counts, dataset):
         return proposal

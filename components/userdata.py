@@ -74,9 +74,11 @@ class AddedTarget:
     notes: tuple[str, ...] = ()  # one line for each setting the data decided: colour mode, split, registry model
 
 
-def check_folder(folder: Path, dataset: DatasetParams, params: Params, channels: int) -> CheckedFolder:
+def check_folder(folder: Path, dataset: DatasetParams, params: Params, channels: int,
+                 keep_split: bool = True) -> CheckedFolder:
     """Read `folder` as the prepare stage will, in `channels`; every problem no skipping can fix (an empty class, a
-    symlink out of the folder, a class too small, no split that fits) raises one DataError naming them all."""
+    symlink out of the folder, a class too small, no split that fits) raises one DataError naming them all.
+    `keep_split`: `dataset`'s split is kept where it fits; else (it was sized for other data) one is proposed."""
     problems, quarantine = Problems(collect=True), Quarantine()
     samples, classes = read_folder(folder, channels, quarantine, fail_fast=False, limits=ImageLimits.of(params.data),
                                    problems=problems)
@@ -86,7 +88,7 @@ def check_folder(folder: Path, dataset: DatasetParams, params: Params, channels:
     counts = dict(zip(classes, np.bincount(labels, minlength=len(classes)).tolist()))
     # A class below min_images_per_class is named already; the split is judged on classes that can be used.
     usable = min(counts.values(), default=0) >= params.data.min_images_per_class
-    split = fitting_split(counts, dataset, str(folder), problems) if usable else None
+    split = fitting_split(counts, dataset, str(folder), problems, keep=keep_split) if usable else None
     if problems.found or split is None:
         raise DataError(_problem_report(folder, problems.found, quarantine.entries))
     modes = dict(Counter(s.mode for s in samples).most_common())
@@ -110,15 +112,16 @@ def declared_modes(folder: Path, limits: ImageLimits) -> dict[str, int]:
     return dict(modes)
 
 
-def check_in_its_colour_mode(folder: Path, dataset: DatasetParams, params: Params) -> tuple[CheckedFolder, int]:
+def check_in_its_colour_mode(folder: Path, dataset: DatasetParams, params: Params,
+                             keep_split: bool = True) -> tuple[CheckedFolder, int]:
     """check_folder in the colour mode the images ask for (channels_for), decoded once in that mode: duplicates are
     judged on the pixels the prepare stage will store. The headers choose it; should the usable images say otherwise
     (the only colour file is one that cannot be used), the folder is read again in theirs."""
     channels = channels_for(declared_modes(folder, ImageLimits.of(params.data)))
-    checked = check_folder(folder, dataset, params, channels)
+    checked = check_folder(folder, dataset, params, channels, keep_split)
     if channels_for(checked.modes) != channels:
         channels = channels_for(checked.modes)
-        checked = check_folder(folder, dataset, params, channels)
+        checked = check_folder(folder, dataset, params, channels, keep_split)
     return checked, channels
 
 
@@ -268,7 +271,10 @@ def add_target(root: str | Path, folder: str | Path, name: str | None = None) ->
     # A user's own labels are all for training: labels_per_class (the default's 10, a few-labels study) is not kept.
     dataset = params.data.target.model_copy(update={"name": name, "format": "folder", "path": relative,
                                                     "labels_per_class": None})
-    checked, channels = check_in_its_colour_mode(folder, dataset, params)
+    # A different class set is a different data set: a split sized for the previous one (the default's 2,000 test
+    # images, or the fractions of a smaller folder) says nothing about this one, so its own is proposed.
+    new_class_set = current_classes(root, params.data.target) != tuple(class_file_counts(folder, Problems(collect=True)))
+    checked, channels = check_in_its_colour_mode(folder, dataset, params, keep_split=not new_class_set)
     changes: dict[str, object] = {"data.target.name": name, "data.target.format": "folder", "data.target.path": relative}
     changes |= {f"data.target.{key}": new for key, (_, new) in split_changes(params.data.target, checked.split).items()}
     notes = [images_line(checked.modes, params.data.channels, channels), split_line(params.data.target, checked)]
@@ -279,7 +285,7 @@ def add_target(root: str | Path, folder: str | Path, name: str | None = None) ->
     if channels != params.data.channels:
         changes["data.channels"] = channels
     old_model = params.registry.model_name
-    if current_classes(root, params.data.target) != checked.classes:
+    if new_class_set:
         model = model_name_for(name, checked.classes, old_model)
         changes["registry.model_name"] = model
         notes.append(f"registry: model name {old_model} -> {model} (a new class set is a new model; "

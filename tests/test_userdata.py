@@ -139,6 +139,28 @@ def test_a_colour_folder_gets_three_channels_a_split_that_fits_and_a_model_of_it
     assert report["channels"] == 3 and report["counts"] == {"train": 48, "val": 7, "test": 10}
 
 
+def test_new_classes_get_a_split_sized_for_them_and_a_new_version_of_the_same_classes_keeps_its_split(
+        workspace_factory, tmp_path):
+    root = workspace_factory("data-add-split")
+
+    def add(folder: Path) -> tuple[str, dict]:
+        done = _graft(root, "data", "add", str(folder), "--as", "target")
+        assert done.returncode == 0, done.stdout + done.stderr
+        target = yaml.safe_load((root / "params.yaml").read_text())["data"]["target"]
+        return done.stdout, {key: target[key] for key in ("test_size", "val_size")}
+
+    _, split = add(_colour_folder(tmp_path / "small", ("a", "b", "c"), 10))
+    assert split == {"test_size": 4, "val_size": 3}  # 15% and 10% of 30 images, every class in each
+    # Other classes, four times the images: 4 and 3 would fit, but they were sized for the other data set.
+    out, split = add(_colour_folder(tmp_path / "large", ("x", "y", "z"), 40))
+    assert split == {"test_size": 18, "val_size": 12}
+    assert "split: data.target.test_size 4 -> 18, val_size 3 -> 12 (3 classes, 120 usable images" in out, out
+    # The same classes again, more of them: the configured split fits and is kept, so the versions compare.
+    out, split = add(_colour_folder(tmp_path / "large-v2", ("x", "y", "z"), 50))
+    assert split == {"test_size": 18, "val_size": 12}
+    assert "split: data.target.test_size 18, val_size 12 fit (3 classes, 150 usable images" in out, out
+
+
 def test_a_folder_is_decoded_once_in_the_colour_mode_its_headers_declare(tmp_path, monkeypatch):
     """The headers choose the colour mode, so a colour folder checked against the gray default is decoded once, in
     RGB; a file whose header says colour but that cannot be used does not make a gray folder colour (read again)."""
