@@ -212,9 +212,10 @@ def run_trial(plan: TunePlan, params: Settings, trial: optuna.Trial) -> float:
         with contextlib.chdir(plan.root):  # the stages' paths (the selected source) are relative to the project
             _, history, extra = train_target(params.model_copy(update={"finetune": finetune}), finetune.strategy,
                                              tuning_splits(plan.data), on_evaluation=report)
-    except optuna.TrialPruned:
+    except optuna.TrialPruned as pruned:
         client.set_tag(run_id, TUNE_STATE_TAG, "pruned")
         client.set_terminated(run_id, "KILLED")
+        _say_trial(trial, f"pruned ({pruned})", values, time.perf_counter() - started)
         raise
     except BaseException:
         client.set_tag(run_id, TUNE_STATE_TAG, "failed")
@@ -225,7 +226,15 @@ def run_trial(plan: TunePlan, params: Settings, trial: optuna.Trial) -> float:
                                       Metric("train_seconds", time.perf_counter() - started, int(time.time() * 1000), 0)],
                      tags=[mlflow.entities.RunTag(TUNE_STATE_TAG, "complete")])
     client.set_terminated(run_id, "FINISHED")
+    _say_trial(trial, f"val accuracy {accuracy:.4f}", values, time.perf_counter() - started)
     return accuracy
+
+
+def _say_trial(trial: optuna.Trial, outcome: str, values: dict, seconds: float) -> None:
+    """One line a trial, as it ends: between the training bars, what it tried and what it scored."""
+    tried = ", ".join(f"{key.removeprefix('finetune.')} {value:.4g}" if isinstance(value, float)
+                      else f"{key.removeprefix('finetune.')} {value}" for key, value in values.items())
+    print(f"tune: trial {trial.number} {outcome} in {seconds:.0f} s ({tried})", flush=True)
 
 
 def start_tune(root: str | Path, params: Settings, trials: int | None = None) -> tuple[TunePlan, int]:
@@ -359,9 +368,9 @@ def markdown(report: dict) -> str:
 
 def _noise_lines(noise: dict) -> list[str]:
     tied = noise["not_told_apart"]
-    said = (f"trial(s) {', '.join(map(str, tied))} within {BAND:.1f} of them of the best (a 95% band on a difference): "
-            f"this split cannot rank them apart, more val images (data.target.val_size) would" if tied else
-            f"every other trial more than {BAND:.1f} of them below the best (a 95% band on a difference)")
+    said = (f"trial(s) {', '.join(map(str, tied))} within {BAND:.1f} standard errors of the best (a 95% band on a "
+            f"difference): this split cannot rank them apart, more val images (data.target.val_size) would" if tied else
+            f"every other trial more than {BAND:.1f} standard errors below the best (a 95% band on a difference)")
     return [f"The val split's {noise['val_images']} images measure an accuracy at the best's level to "
             f"+-{100 * noise['standard_error']:.1f} points (one standard error); {said}.", ""]
 

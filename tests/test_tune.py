@@ -73,6 +73,10 @@ def test_a_study_runs_trials_as_child_runs_proposes_the_best_and_resumes_a_kille
         assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
         assert study.trials[0].params == {"finetune.lr": 0.003, "finetune.label_smoothing": 0.0}, "params.yaml's first"
         assert "params.yaml's own values (trial 0)" in done.stdout
+        for trial in study.trials:  # a line a trial as it ends, between the training bars
+            assert (f"tune: trial {trial.number} val accuracy {trial.value:.4f} in "
+                    in done.stdout), done.stdout
+        assert "s (lr 0.003, label_smoothing 0)" in done.stdout
         best = yaml.safe_load((root / BEST).read_text())["finetune"]
         assert best == {"lr": study.best_params["finetune.lr"],
                         "label_smoothing": study.best_params["finetune.label_smoothing"]}
@@ -142,6 +146,7 @@ def test_pruned_trials_are_recorded_as_pruned_and_a_study_with_none_complete_say
     with _in(root, url) as params:
         plan, study = open_tune(".", params)
     assert [(t.state, t.last_step) for t in study.trials] == [(TrialState.PRUNED, 4)] * 2
+    assert "tune: trial 1 pruned (val accuracy " in refused.stdout and " at step 4) in " in refused.stdout
     runs = _trial_runs(url, plan.study_name)
     assert {(r[0].data.tags[TUNE_STATE_TAG], r[0].info.status) for r in runs.values()} == {("pruned", "KILLED")}
 
