@@ -9,7 +9,7 @@ from pathlib import Path
 from components.dvc_runner import ALWAYS_RUN, StageOutcome, dvc_status, pending_stages, reproduce_stage
 from components.errors import CandidateRejected
 from components.settings import Settings
-from components.tracked_data import check_tracked_data
+from components.tracked_data import check_tracked_data, version_changed_data
 from components.userdata import check_raw_data
 from deploy.tags import gate_tag
 
@@ -63,6 +63,13 @@ class RunPlan:
     pending: tuple[str, ...]      # stages and tracked data whose inputs changed since the last run
     repaired: str                 # how DVC's cache was repaired from the project's own copy ("": nothing to repair)
     judged: AlreadyJudged | None  # nothing pending: the registry's version of this very candidate and its verdict
+    versioned: tuple[str, ...] = ()  # data folders whose files changed, versioned again (`dvc add`) before the stages
+
+    def notes(self) -> list[str]:
+        """What the plan did to the project before any stage, a line each."""
+        return [*([self.repaired] if self.repaired else []),
+                *(f"versioned {path} again: its files changed since {path}.dvc pinned them (dvc add); commit "
+                  f"{path}.dvc with git to keep this data version" for path in self.versioned)]
 
     @property
     def nothing_to_do(self) -> bool:
@@ -70,10 +77,11 @@ class RunPlan:
 
 
 def plan_run(root: str | Path, params: Settings, force: bool = False) -> RunPlan:
-    """Check the data folders (and repair DVC's cache where the project holds an intact copy), run the stages that
-    run every time, ask DVC what changed and, unless `force`, ask the registry whether it holds this candidate
-    judged with today's gates (on another thread, while DVC works: one answer in seconds). The caller holds the
-    project lock; a RegistryUnavailable from the registry passes to it (the flow retries it)."""
+    """Check the data folders (repair DVC's cache where the project holds an intact copy, version again the ones
+    whose files changed), run the stages that run every time, ask DVC what changed and, unless `force`, ask the
+    registry whether it holds this candidate judged with today's gates (on another thread, while DVC works: one
+    answer in seconds). The caller holds the project lock; a RegistryUnavailable from the registry passes to it
+    (the flow retries it)."""
     check_raw_data(root, params)
     keys = {path: key for key, path in params.raw_data_paths().items()}
     with ThreadPoolExecutor(1) as pool:
@@ -81,9 +89,10 @@ def plan_run(root: str | Path, params: Settings, force: bool = False) -> RunPlan
         always_ran = tuple(reproduce_stage(root, name) for name in ALWAYS_RUN)
         status = dvc_status(root)
         repaired = check_tracked_data(root, status, keys) or ""
-        if repaired:
+        versioned = tuple(version_changed_data(root, status, list(keys)))
+        if repaired or versioned:
             status = dvc_status(root)
         pending = tuple(pending_stages(status, list(keys)))
         # With work pending the verdict is moot, and a registry that does not answer is the judge step's to retry.
         judged = verdict.result() if verdict is not None and not pending else None
-    return RunPlan(always_ran, pending, repaired, judged)
+    return RunPlan(always_ran, pending, repaired, judged, versioned)

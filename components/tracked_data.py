@@ -114,6 +114,21 @@ def _recovery(root: Path, dvc_file: str) -> str:
             f"(`dvc remote add -d NAME URL`) and run `dvc pull {dvc_file}`")
 
 
+def version_changed_data(root: str | Path, status: dict, data_paths: list[str]) -> list[str]:
+    """The tracked data folders in `data_paths` whose files changed since their `.dvc` file pinned them (images added,
+    edited or removed in the project: "modified" in `dvc status`), versioned again with `dvc add`, as a whole `dvc
+    repro` does with a changed data source: a model is never trained on data DVC could not give back. Their paths."""
+    from components.dvc_runner import track_raw_data
+
+    changed = [name.removesuffix(".dvc") for name, changes in status.items() if name.endswith(".dvc") and any(
+        isinstance(change, dict) and "modified" in change.get("changed outs", {}).values() for change in changes)]
+    wanted = {Path(path).as_posix() for path in data_paths}
+    versioned = [path for path in changed if Path(path).as_posix() in wanted]
+    if versioned:
+        track_raw_data([Path(path) for path in versioned], root)
+    return versioned
+
+
 def check_tracked_data(root: str | Path, status: dict, keys: dict[str, str] | None = None) -> str | None:
     """Look at every DVC-tracked output that `dvc status` (its `--json` answer) finds "not in cache"; repair
     the cache from intact project copies and say so in a line; raise DataLost naming what is intact nowhere.

@@ -112,8 +112,8 @@ def retrain(root: str = ".", force: bool = False, params: Settings | None = None
         registry_step = {"retries": params.schedule.retries, "retry_condition_fn": retry_when_unreachable,
                          "retry_delay_seconds": backoff}
         planned = planned or plan.with_options(**registry_step)(root, params, force)
-        if planned.repaired:
-            say(planned.repaired)
+        for note in planned.notes():
+            say(note)
         if planned.nothing_to_do and not force:
             message = planned.judged.message()
             create_markdown_artifact(f"**{message}**", key="retrain-summary", description="Graft retrain summary")

@@ -108,6 +108,8 @@ def _run(args: argparse.Namespace) -> int:
     except (ProjectBusy, RegistryUnavailable):
         pass  # the flow waits for the project and retries the registry
     if planned is not None and planned.nothing_to_do and not args.force:
+        for note in planned.notes():  # the flow says them when it runs
+            print(note)
         planned.judged.enforce()
         print(planned.judged.message())
         return 0

@@ -24,7 +24,9 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName, TaskRunFilterStartTime
 
 from components.dvc_runner import dvc_status, pending_stages
-from components.tracked_data import DataLost, check_tracked_data, md5_of
+from components.run_plan import plan_run
+from components.settings import load_settings
+from components.tracked_data import DataLost, check_tracked_data, md5_of, version_changed_data
 from deploy.model import load_model
 from tests.conftest import (
     copy_workspace,
@@ -253,6 +255,31 @@ def test_a_corrupted_dvc_cache_file_is_named_and_restored_from_the_remote(candid
 def _pending_data(status: dict) -> list[str]:
     """The tracked data folders DVC finds changed (a fresh project's stages, never run, are pending too)."""
     return [name for name in pending_stages(status, ["data/raw/animal-mnist"]) if name.endswith(".dvc")]
+
+
+def test_images_changed_in_a_tracked_folder_are_versioned_before_any_stage_trains_on_them(workspace_factory):
+    """A user drops an image into the target folder and runs again: the run versions the folder (`dvc add`, as a
+    whole `dvc repro` does with a changed data source), so the model is trained on data DVC can give back."""
+    root = workspace_factory("changed-data")
+    pinned = root / "data/raw/animal-mnist.dvc"
+    before = pinned.read_text()
+    image = sorted((root / "data/raw/animal-mnist").rglob("*.png"))[0]
+    added = image.with_name(f"added-{image.name}")
+    added.write_bytes(image.read_bytes()[:-1] + bytes([image.read_bytes()[-1] ^ 1]))  # other bytes: a new file
+    status = dvc_status(root)
+    assert _pending_data(status) == ["data/raw/animal-mnist.dvc"], status
+    assert version_changed_data(root, status, ["data/raw/fashion-mnist"]) == [], "data no stage reads is left alone"
+    assert pinned.read_text() == before
+
+    planned = plan_run(root, load_settings(root / "params.yaml"), force=True)
+    assert planned.versioned == ("data/raw/animal-mnist",) and "prepare_target" in planned.pending
+    assert planned.notes() == ["versioned data/raw/animal-mnist again: its files changed since data/raw/animal-mnist.dvc "
+                               "pinned them (dvc add); commit data/raw/animal-mnist.dvc with git to keep this data version"]
+    assert pinned.read_text() != before and _pending_data(dvc_status(root)) == []
+    contents = added.read_bytes()
+    added.unlink()
+    _dvc(root, "checkout", "-q", "data/raw/animal-mnist.dvc")
+    assert added.read_bytes() == contents, "DVC's cache holds the version the run trained on"
 
 
 def test_a_corrupted_dvc_cache_file_with_an_intact_project_copy_is_repaired_from_it(workspace_factory):
