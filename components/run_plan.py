@@ -9,7 +9,7 @@ from pathlib import Path
 from components.dvc_runner import ALWAYS_RUN, StageOutcome, dvc_status, pending_stages, reproduce_stage
 from components.errors import CandidateRejected
 from components.settings import Settings
-from components.tracked_data import check_tracked_data, version_changed_data
+from components.tracked_data import check_tracked_data, version_changed_data, versioned_note
 from components.userdata import check_raw_data
 from deploy.tags import gate_tag
 
@@ -67,9 +67,7 @@ class RunPlan:
 
     def notes(self) -> list[str]:
         """What the plan did to the project before any stage, a line each."""
-        return [*([self.repaired] if self.repaired else []),
-                *(f"versioned {path} again: its files changed since {path}.dvc pinned them (dvc add); commit "
-                  f"{path}.dvc with git to keep this data version" for path in self.versioned)]
+        return [*([self.repaired] if self.repaired else []), *map(versioned_note, self.versioned)]
 
     @property
     def nothing_to_do(self) -> bool:
@@ -96,3 +94,14 @@ def plan_run(root: str | Path, params: Settings, force: bool = False) -> RunPlan
         # With work pending the verdict is moot, and a registry that does not answer is the judge step's to retry.
         judged = verdict.result() if verdict is not None and not pending else None
     return RunPlan(always_ran, pending, repaired, judged, versioned)
+
+
+def study_inputs(root: str | Path, params: Settings) -> list[str]:
+    """Before a study that trains on the pipeline's prepared data and selected source (`graft sweep`, `graft tune`):
+    the data folders checked, the tracked ones whose files changed versioned again, and the selected source and the
+    unlabelled data brought up to date (DVC: nothing runs when they are). What was versioned, a line each."""
+    check_raw_data(root, params)
+    versioned = version_changed_data(root, dvc_status(root), list(params.raw_data_paths().values()))
+    for stage in ("select_source", *(f"prepare_unlabeled@{name}" for name in params.data.unlabeled)):
+        reproduce_stage(root, stage, with_upstream=True)
+    return [versioned_note(path) for path in versioned]

@@ -114,6 +114,12 @@ def _recovery(root: Path, dvc_file: str) -> str:
             f"(`dvc remote add -d NAME URL`) and run `dvc pull {dvc_file}`")
 
 
+def versioned_note(path: str) -> str:
+    """What a command says of a data folder version_changed_data versioned again."""
+    return (f"versioned {path} again: its files changed since {path}.dvc pinned them (dvc add); commit {path}.dvc "
+            f"with git to keep this data version")
+
+
 def version_changed_data(root: str | Path, status: dict, data_paths: list[str]) -> list[str]:
     """The tracked data folders in `data_paths` whose files changed since their `.dvc` file pinned them (images added,
     edited or removed in the project: "modified" in `dvc status`), versioned again with `dvc add`, as a whole `dvc

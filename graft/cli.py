@@ -195,16 +195,13 @@ def _stage(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
+    from components.run_plan import study_inputs
     from components.settings import load_settings
-    from components.userdata import check_raw_data
-    from components.dvc_runner import reproduce_stage
     from components.sweep import markdown_table, run_sweep
 
     params = load_settings(Path(args.root) / "params.yaml")
-    check_raw_data(args.root, params)
-    # The sweep reuses the pipeline's prepared data and selected source (DVC: nothing runs when up to date).
-    for stage in ("select_source", *(f"prepare_unlabeled@{name}" for name in params.data.unlabeled)):
-        reproduce_stage(args.root, stage, with_upstream=True)
+    for note in study_inputs(args.root, params):
+        print(note)
     with contextlib.chdir(args.root):  # the stages' paths are relative to the project folder
         if params.sweep.executor == "dask":
             from flows.sweep import run_sweep_on_dask
@@ -217,16 +214,13 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from components.dvc_runner import reproduce_stage
+    from components.run_plan import study_inputs
     from components.settings import load_settings
     from components.tune import markdown, run_tune
-    from components.userdata import check_raw_data
 
     params = load_settings(Path(args.root) / "params.yaml")
-    check_raw_data(args.root, params)
-    # Trials train on the pipeline's prepared data and selected source (DVC: nothing runs when up to date).
-    for stage in ("select_source", *(f"prepare_unlabeled@{name}" for name in params.data.unlabeled)):
-        reproduce_stage(args.root, stage, with_upstream=True)
+    for note in study_inputs(args.root, params):
+        print(note)
     with contextlib.chdir(args.root):
         if params.tune.executor == "dask":
             from flows.tune import run_tune_on_dask
