@@ -144,12 +144,20 @@ def plot(report: MonitorReport, path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     figure, (p_axis, mix_axis, confidence_axis) = plt.subplots(3, 1, figsize=(9, 9), sharex=True)
     x = np.arange(1, len(report.windows) + 1)
     results = [w.result for w in report.windows]
-    p_axis.semilogy(x, [r.p_value for r in results], "o-", label="MMD permutation p-value")
+    # The range set before anything is drawn, not left to the data: with no window yet the level line alone would
+    # span no height at all.
+    p_axis.set_yscale("log")
+    p_axis.set_ylim(min([report.level, *(r.p_value for r in results)]) / 3, 1.5)
+    p_axis.plot(x, [r.p_value for r in results], "o-", label="MMD permutation p-value")
     p_axis.axhline(report.level, color="red", linestyle="--", label=f"level {report.level}")
+    if not results:
+        p_axis.text(0.5, 0.5, f"no full window of {report.window} captured requests yet", transform=p_axis.transAxes,
+                    ha="center", va="center")
     p_axis.set_ylabel("p-value (log)")
     p_axis.legend(loc="lower left")
     p_axis.set_title(f"drift over time: windows of {report.window} captured requests")
@@ -163,6 +171,9 @@ def plot(report: MonitorReport, path: Path) -> Path:
     confidence_axis.plot(x, [r.mean_confidence for r in results], "o-", label="window")
     confidence_axis.plot(x, [r.reference_mean_confidence for r in results], "--", label="reference")
     confidence_axis.set_ylabel("mean top probability")
+    confidence_axis.set_ylim(0, 1.02)
+    confidence_axis.set_xlim(0.5, max(len(results), 1) + 0.5)  # the windows' numbers, shared by the three panels
+    confidence_axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     confidence_axis.set_xlabel("window")
     confidence_axis.legend(loc="lower left")
     figure.tight_layout()

@@ -67,3 +67,13 @@ def test_the_server_tests_each_window_and_monitor_reaches_the_same_verdicts_from
     assert len(report.windows) == (WINDOW + sent) // WINDOW
     assert all(w.result.drifted for w in report.windows[1:]), [w.result.p_value for w in report.windows]
     assert report.retrain_reasons(params)[0].startswith("drift: the latest window")
+
+
+def test_the_monitor_plot_of_a_capture_without_a_full_window_draws_without_a_warning(tmp_path):
+    import warnings
+
+    from components.monitor import MonitorReport, plot
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib's "identical low and high ylims" reached the user's terminal
+        assert plot(MonitorReport(window=100, level=0.01), tmp_path / "monitor.png").stat().st_size > 0
