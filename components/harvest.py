@@ -13,12 +13,13 @@ is idempotent: an item already harvested is not written again, so a second harve
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from components.artifacts import read_json, write_json
 from components.config import UNLABELED_TERMS
 from components.data import (
     PRODUCTION_PREFIX,
@@ -31,6 +32,7 @@ from components.data import (
     is_production,
     pixels_digest,
 )
+from components.layout import Layout
 from components.settings import Settings, load_settings
 from components.userdata import set_params
 from deploy.capture import CapturedItem, iter_items
@@ -46,13 +48,16 @@ class Harvest:
     labelled: int = 0                 # ... of which carry a feedback label
     added_labelled: dict[str, int] = field(default_factory=dict)  # new labelled target images, by class
     added_unlabelled: int = 0
-    skipped: list[dict] = field(default_factory=list)  # {"id", "reason"}: not used, and why
+    skipped: list[dict] = field(default_factory=list)  # {"id", "label", "reason"}: not used, and why
     params_changes: dict[str, object] = field(default_factory=dict)
     tracked: list[str] = field(default_factory=list)  # folders `dvc add`ed: a new data version
 
     @property
     def changed(self) -> bool:
         return bool(self.tracked)
+
+    def skip(self, item: CapturedItem, reason: str) -> None:
+        self.skipped.append({"id": item.id, "label": item.label, "reason": reason})
 
 
 def capture_folder(root: Path, params: Settings) -> Path:
@@ -114,9 +119,14 @@ def _params_changes(params: Settings, unlabelled: Path, root: Path) -> dict[str,
 
 
 def unharvested_labels(root: Path, params: Settings, items: list[CapturedItem]) -> int:
-    """Captured items with a feedback label that no harvest has added to the target yet."""
+    """Captured items with a feedback label that no harvest has added to the target yet, nor skipped with that label
+    (a copy of a target image, a label no class folder has: the next harvest would skip it again, so it is not
+    waiting, and a retrain for it would change nothing)."""
     harvested = {p.stem.removeprefix(PRODUCTION_PREFIX) for p in (root / params.data.target.path).glob(f"*/{PRODUCTION_PREFIX}*")}
-    return sum(1 for item in items if item.label is not None and item.id not in harvested)
+    report = root / Layout.harvest_report
+    skipped = {(entry["id"], entry["label"]) for entry in read_json(report)["skipped"]} if report.exists() else set()
+    return sum(1 for item in items if item.label is not None and item.id not in harvested
+               and (item.id, item.label) not in skipped)
 
 
 def harvest(root: str | Path, capture: str | Path | None = None) -> Harvest:
@@ -155,18 +165,17 @@ def harvest(root: str | Path, capture: str | Path | None = None) -> Harvest:
         if item.id in (harvested if item.label is not None else done_unlabelled):
             continue
         if item.label is not None and item.label not in classes:
-            result.skipped.append({"id": item.id, "reason": f"label {item.label!r} is not a class folder of "
-                                   f"{target.path} ({', '.join(sorted(classes))})"})
+            result.skip(item, f"label {item.label!r} is not a class folder of {target.path} ({', '.join(sorted(classes))})")
             continue
         try:
             blob, suffix = _item_image(item)
             digest = pixels_digest(decode_file(io.BytesIO(blob), channels, limits)[0])
         except (Unusable, KeyError, ValueError, OSError) as error:
-            result.skipped.append({"id": item.id, "reason": f"not a usable image: {error}"})
+            result.skip(item, f"not a usable image: {error}")
             continue
         seen = in_target.get(digest) or (in_unlabelled.get(digest) if item.label is None else None)
         if seen is not None:
-            result.skipped.append({"id": item.id, "reason": f"the same image as {seen}"})
+            result.skip(item, f"the same image as {seen}")
             continue
         if item.label is not None:
             dest = target_root / item.label / f"{PRODUCTION_PREFIX}{item.id}{suffix}"
@@ -194,4 +203,5 @@ def harvest(root: str | Path, capture: str | Path | None = None) -> Harvest:
         result.tracked = [p.relative_to(root).as_posix() for p in tracked]
     if params_text is not None:
         params_file.write_text(params_text)
+    write_json(root / Layout.harvest_report, asdict(result))
     return result

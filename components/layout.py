@@ -44,6 +44,7 @@ class Layout:
     curves = Path("plots/curves.png")
     gate_report = Path("reports/gates.json")
     gate_markdown = Path("reports/gates.md")
+    harvest_report = Path("reports/harvest.json")  # the last `graft data harvest`: what it added, what it skipped and why
     registration = Path("outputs/registration.json")
     model_card = Path("reports") / Path(CARD_ARTIFACT).name  # by publish, for the version it registered
     history_cache = Path(".graft/cache/alias-history.json")  # not a DVC output: `graft history`'s last answer

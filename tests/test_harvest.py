@@ -82,8 +82,9 @@ def _tracked_hashes(root: Path) -> dict[str, str]:
 
 
 def test_harvest_versions_labelled_and_unlabelled_images_once(workspace_factory):
-    from components.harvest import UNLABELLED_FOLDER, harvest
+    from components.harvest import UNLABELLED_FOLDER, harvest, unharvested_labels
     from components.settings import load_settings
+    from deploy.capture import iter_items
 
     root = workspace_factory("harvest")
     target = root / "data" / "raw" / "animal-mnist"
@@ -107,6 +108,11 @@ def test_harvest_versions_labelled_and_unlabelled_images_once(workspace_factory)
     assert (params.finetune.adaptation.method, params.finetune.adaptation.unlabeled) == ("coral", None)
     after = _tracked_hashes(root)
     assert after["animal-mnist.dvc"] != before["animal-mnist.dvc"] and "production-unlabelled.dvc" in after
+
+    # Every label is settled: added, or skipped by name in the harvest's report (a retrain would add nothing).
+    report = json.loads((root / "reports/harvest.json").read_text())
+    assert report["skipped"] == [{"id": ids[-1], "label": classes[1], "reason": first.skipped[0]["reason"]}]
+    assert unharvested_labels(root, load_settings(root / "params.yaml"), list(iter_items(root / "captures"))) == 0
 
     second = harvest(root)  # nothing new: nothing written, the data version stays
     assert not second.changed and not second.added_labelled and not second.added_unlabelled
