@@ -415,9 +415,12 @@ def _explain(args: argparse.Namespace) -> int:
     import tempfile
 
     from components.artifacts import read_json
+    from components.errors import GraftError
     from components.layout import Layout
     from components.registry import CHAMPION, RegistryError, alias_version, download_run_files, open_registry, registry_call
 
+    if not Path(args.image).is_file():  # said at once, not after the registry and the checkpoint (seconds)
+        raise GraftError(f"cannot read {args.image}: no such file; give the path of an image file (PNG, JPEG, ...)")
     client, name = open_registry(_params_file(args))
     checkpoint = [Layout.transfer_model.as_posix(), Layout.transfer_model.with_suffix(".json").as_posix()]
     with registry_call("fetching the version's checkpoint", client.tracking_uri), tempfile.TemporaryDirectory() as tmp:

@@ -119,3 +119,9 @@ def test_summary_before_any_run_says_how_to_get_the_outputs(project):
     (project / "metrics/evaluate.json").write_text("{}")
     message = _refusal(_graft(project, "summary"), 2)
     assert "no pipeline outputs in" in message and "models/transfer.json" in message and "graft run" in message
+
+
+def test_explain_names_a_missing_image_before_it_opens_the_registry(project):
+    # The project has no registry either: the image is what the user mistyped, and it is named first, at once.
+    message = _refusal(_graft(project, "explain", "nowhere.png"), 2)
+    assert "cannot read nowhere.png: no such file; give the path of an image file" in message
