@@ -195,11 +195,13 @@ def _stage(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
+    from components import runlog
     from components.run_plan import study_inputs
     from components.settings import load_settings
     from components.sweep import markdown_table, run_sweep
 
     params = load_settings(Path(args.root) / "params.yaml")
+    log = runlog.start(args.root, "sweep", args.verbose)  # DVC's own lines go there, as under `graft run`
     for note in study_inputs(args.root, params):
         print(note)
     with contextlib.chdir(args.root):  # the stages' paths are relative to the project folder
@@ -210,15 +212,18 @@ def _sweep(args: argparse.Namespace) -> int:
         else:
             report = run_sweep(".", params)
     print(markdown_table(report))
+    print(f"full log: {os.path.relpath(log)}")
     return 0
 
 
 def _tune(args: argparse.Namespace) -> int:
+    from components import runlog
     from components.run_plan import study_inputs
     from components.settings import load_settings
     from components.tune import markdown, run_tune
 
     params = load_settings(Path(args.root) / "params.yaml")
+    log = runlog.start(args.root, "tune", args.verbose)  # DVC's own lines go there, as under `graft run`
     for note in study_inputs(args.root, params):
         print(note)
     with contextlib.chdir(args.root):
@@ -229,6 +234,7 @@ def _tune(args: argparse.Namespace) -> int:
         else:
             report = run_tune(".", params, args.trials)
     print(markdown(report))
+    print(f"full log: {os.path.relpath(log)}")
     return 0
 
 
