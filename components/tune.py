@@ -326,7 +326,7 @@ def val_noise(values: dict[int, float], val_images: int) -> dict:
     error = math.sqrt(adjusted * (1 - adjusted) / (val_images + 4))
     tied = sorted((n for n, v in values.items() if n != best_number and best - v <= BAND * error),
                   key=lambda n: -values[n])
-    return {"val_images": val_images, "standard_error": error, "not_told_apart": tied}
+    return {"val_images": val_images, "standard_error": error, "not_told_apart": tied, "compared": len(values) - 1}
 
 
 def current_recipe(params: Settings) -> dict | None:
@@ -368,9 +368,13 @@ def markdown(report: dict) -> str:
 
 def _noise_lines(noise: dict) -> list[str]:
     tied = noise["not_told_apart"]
-    said = (f"trial(s) {', '.join(map(str, tied))} within {BAND:.1f} standard errors of the best (a 95% band on a "
-            f"difference): this split cannot rank them apart, more val images (data.target.val_size) would" if tied else
-            f"every other trial more than {BAND:.1f} standard errors below the best (a 95% band on a difference)")
+    if tied:
+        said = (f"trial(s) {', '.join(map(str, tied))} within {BAND:.1f} standard errors of the best (a 95% band on a "
+                f"difference): this split cannot rank them apart, more val images (data.target.val_size) would")
+    elif noise["compared"]:
+        said = f"every other trial more than {BAND:.1f} standard errors below the best (a 95% band on a difference)"
+    else:
+        said = "no other trial completed to compare it with"
     return [f"The val split's {noise['val_images']} images measure an accuracy at the best's level to "
             f"+-{100 * noise['standard_error']:.1f} points (one standard error); {said}.", ""]
 

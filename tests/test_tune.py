@@ -19,6 +19,7 @@ from components.config import ParamsError
 from components.settings import load_settings, parse_settings
 from components.tune import (BEST, MARKDOWN, current_recipe, markdown, open_tune, run_tune, study_location, suggest,
                              tuning_splits, val_noise, worker_shares)
+from components.tune import _noise_lines
 from components.tune import _storage as study_storage
 from deploy.tags import TUNE_STATE_TAG, TUNE_STUDY_TAG, TUNE_TRIAL_TAG
 from tests.conftest import copy_workspace, graft_cli, tiny_params
@@ -210,6 +211,8 @@ def test_the_report_says_which_trials_the_val_split_cannot_tell_from_the_best():
     assert small["not_told_apart"] == [3, 1], "within the band, nearest first; 15 points below is told apart"
     assert val_noise(scores, val_images=20_000)["not_told_apart"] == [3], "more images tell more apart"
     assert 0.001 < val_noise({0: 1.0, 1: 0.9}, val_images=500)["standard_error"] < 0.01, "a perfect score has noise too"
+    alone = _noise_lines(val_noise({0: 0.9231}, val_images=13))[0]
+    assert "no other trial completed to compare it with" in alone and "below the best" not in alone
 
 
 def test_params_yamls_own_values_are_a_trial_only_where_the_space_holds_them():
