@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from components.artifacts import atomic_path
+from components.dvc_runner import track_raw_data
 from components.errors import GraftError
 
 
@@ -124,8 +125,6 @@ def version_changed_data(root: str | Path, status: dict, data_paths: list[str]) 
     """The tracked data folders in `data_paths` whose files changed since their `.dvc` file pinned them (images added,
     edited or removed in the project: "modified" in `dvc status`), versioned again with `dvc add`, as a whole `dvc
     repro` does with a changed data source: a model is never trained on data DVC could not give back. Their paths."""
-    from components.dvc_runner import track_raw_data
-
     changed = [name.removesuffix(".dvc") for name, changes in status.items() if name.endswith(".dvc") and any(
         isinstance(change, dict) and "modified" in change.get("changed outs", {}).values() for change in changes)]
     wanted = {Path(path).as_posix() for path in data_paths}
