@@ -4,6 +4,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from components.artifacts import read_json
 from components.dvc_runner import StageOutcome
@@ -27,11 +28,14 @@ class RunOutputs:
     trained: dict     # the fine-tuned checkpoint's metadata
     calibration: dict  # the shipped temperature and how it was set
 
+    # The files, in the fields' order.
+    paths: ClassVar[tuple[Path, ...]] = (
+        Layout.target_report, Layout.selection_report, Layout.selected_source, Layout.evaluate_metrics,
+        Layout.export_metrics, Layout.transfer_model.with_suffix(".json"), Layout.calibration)
+
     @classmethod
     def read(cls, root: Path) -> RunOutputs:
-        return cls(*(read_json(root / path) for path in (
-            Layout.target_report, Layout.selection_report, Layout.selected_source, Layout.evaluate_metrics,
-            Layout.export_metrics, Layout.transfer_model.with_suffix(".json"), Layout.calibration)))
+        return cls(*(read_json(root / path) for path in cls.paths))
 
 
 def collect_summary(root: str | Path, outcomes: list[StageOutcome] | None = None, registration: dict | None = None,
@@ -39,9 +43,7 @@ def collect_summary(root: str | Path, outcomes: list[StageOutcome] | None = None
     """The run at a glance, read from the stages' declared outputs; the registration and gate report as the run
     holds them (read from outputs/ and reports/ when not given: `graft summary`)."""
     root = Path(root)
-    needed = (Layout.evaluate_metrics, Layout.target_report, Layout.selection_report, Layout.selected_source,
-              Layout.export_metrics, Layout.transfer_model.with_suffix(".json"), Layout.calibration, Layout.per_class)
-    if missing := [str(path) for path in needed if not (root / path).exists()]:
+    if missing := [str(path) for path in (*RunOutputs.paths, Layout.per_class) if not (root / path).exists()]:
         # A clone has the committed metrics and reports but not DVC's outputs until a run or `dvc pull`.
         raise NoRunYet(f"no pipeline outputs in {root.resolve()} ({', '.join(missing)} missing): run `graft run` "
                        "(or `dvc repro`) first, or `dvc pull` them from the project's DVC remote")

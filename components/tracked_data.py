@@ -115,6 +115,12 @@ def _recovery(root: Path, dvc_file: str) -> str:
             f"(`dvc remote add -d NAME URL`) and run `dvc pull {dvc_file}`")
 
 
+def _tracked_outs(status: dict, state: str) -> list[str]:
+    """The `.dvc` files whose data `dvc status` (its `--json` answer) finds in `state` ("modified", "not in cache")."""
+    return [name for name, changes in status.items() if name.endswith(".dvc") and any(
+        isinstance(change, dict) and state in change.get("changed outs", {}).values() for change in changes)]
+
+
 def versioned_note(path: str) -> str:
     """What a command says of a data folder version_changed_data versioned again."""
     return (f"versioned {path} again: its files changed since {path}.dvc pinned them (dvc add); commit {path}.dvc "
@@ -125,10 +131,9 @@ def version_changed_data(root: str | Path, status: dict, data_paths: list[str]) 
     """The tracked data folders in `data_paths` whose files changed since their `.dvc` file pinned them (images added,
     edited or removed in the project: "modified" in `dvc status`), versioned again with `dvc add`, as a whole `dvc
     repro` does with a changed data source: a model is never trained on data DVC could not give back. Their paths."""
-    changed = [name.removesuffix(".dvc") for name, changes in status.items() if name.endswith(".dvc") and any(
-        isinstance(change, dict) and "modified" in change.get("changed outs", {}).values() for change in changes)]
     wanted = {Path(path).as_posix() for path in data_paths}
-    versioned = [path for path in changed if Path(path).as_posix() in wanted]
+    versioned = [name.removesuffix(".dvc") for name in _tracked_outs(status, "modified")
+                 if Path(name.removesuffix(".dvc")).as_posix() in wanted]
     if versioned:
         track_raw_data([Path(path) for path in versioned], root)
     return versioned
@@ -139,8 +144,7 @@ def check_tracked_data(root: str | Path, status: dict, keys: dict[str, str] | No
     the cache from intact project copies and say so in a line; raise DataLost naming what is intact nowhere.
     `keys` maps a data folder to the params key that names it, for the message."""
     root = Path(root).resolve()
-    suspects = [name for name, changes in status.items() if name.endswith(".dvc") and any(
-        isinstance(change, dict) and "not in cache" in change.get("changed outs", {}).values() for change in changes)]
+    suspects = _tracked_outs(status, "not in cache")
     if not suspects:
         return None
     cache = Path(_dvc_answer(root, "cache", "dir") or root / ".dvc" / "cache")
