@@ -25,6 +25,7 @@ from deploy.variants import FP16, FP32, INT8, VARIANTS
 
 Strategy = Literal["scratch", "linear_probe", "finetune", "lp_ft"]
 STRATEGIES: tuple[str, ...] = Strategy.__args__
+ClassBalance = Literal["none", "reweight", "resample"]  # an imbalanced labelled split's remedy (components/balance.py)
 TransferScore = Literal["logme", "leep", "nce"]  # how well a source's frozen features fit the target (selection.py)
 SCORES: tuple[str, ...] = TransferScore.__args__
 ExportVariant = Literal[tuple(v for v in VARIANTS if v != FP32)]  # beside FP32, which is always exported
@@ -209,6 +210,7 @@ class TrainParams(Strict):
     weight_decay: float = Field(default=0.0, ge=0)
     warmup_fraction: float = Field(default=0.0, ge=0, lt=1)
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    class_balance: ClassBalance = "none"
     bn_momentum: float | None = Field(default=0.1, gt=0, le=1)  # every BatchNorm's; null keeps the architecture's own
     augment: Augment = Augment()
     eval_every_steps: int = Field(default=0, ge=0)

@@ -25,6 +25,7 @@ from components import distributed
 from components.artifacts import atomic_path
 from components.compute import FP32_CPU, Compute
 from components.augment import augment_batch
+from components.balance import balanced_pass, describe, is_balanced, loss_weights
 from components.config import EarlyStopping, FinetuneParams, TrainParams
 from components.data import Splits
 from components.network import GraftNet
@@ -57,8 +58,10 @@ class BatchSampler:
     """Endless full batches from shuffled passes over the data, reproducible from its generator. `pool`: the
     number of examples (indices 0..n-1), or the indices to draw from."""
 
-    def __init__(self, pool: int | torch.Tensor, batch_size: int, generator: torch.Generator) -> None:
+    def __init__(self, pool: int | torch.Tensor, batch_size: int, generator: torch.Generator,
+                 balance_by: torch.Tensor | None = None) -> None:
         self.pool = pool if isinstance(pool, torch.Tensor) else None
+        self.balance_by = balance_by  # labels of 0..n-1: each pass then draws every class equally often
         self.size = len(pool) if isinstance(pool, torch.Tensor) else pool
         self.batch_size, self.generator = batch_size, generator
         self.queue = torch.empty(0, dtype=torch.long)
@@ -66,7 +69,10 @@ class BatchSampler:
 
     def next(self) -> torch.Tensor:
         while len(self.queue) < self.batch_size:
-            order = torch.randperm(self.size, generator=self.generator)
+            if self.balance_by is not None:
+                order = balanced_pass(self.balance_by, self.generator)
+            else:
+                order = torch.randperm(self.size, generator=self.generator)
             self.queue = torch.cat([self.queue, order if self.pool is None else self.pool[order]])
             self.epochs_started += 1
         batch, self.queue = self.queue[: self.batch_size], self.queue[self.batch_size :]
@@ -270,7 +276,14 @@ class _TrainingRun:
         self.generator = torch.Generator().manual_seed(seed)
         self.normalize = Normalizer.of(model.spec.contract)
         self.x_train, self.y_train = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
-        self.sampler = BatchSampler(len(self.y_train), params.batch_size, self.generator)
+        resample = params.class_balance == "resample" and not is_balanced(self.y_train, len(data.classes))
+        self.sampler = BatchSampler(len(self.y_train), params.batch_size, self.generator,
+                                    balance_by=self.y_train if resample else None)
+        self.class_weights = (loss_weights(self.y_train, len(data.classes)) if params.class_balance == "reweight"
+                              else None)
+        if self.class_weights is not None:
+            self.class_weights = self.class_weights.to(compute.device)
+        print(f"{desc}: {describe(params.class_balance, self.y_train, data.classes)}", file=sys.stderr)
         self.term_samplers = [BatchSampler(term.pool, term.batch_size, self.generator) for term in terms]
         self.steps_per_epoch = math.ceil(len(self.y_train) / params.batch_size)
         self.eval_every = params.eval_every_steps or self.steps_per_epoch
@@ -349,7 +362,7 @@ class _TrainingRun:
         """The labelled batch's loss, the regulariser's penalty, and each term's loss on the features of its own
         batch's views (which follow the labelled batch's in `all_features`); the terms' metrics go into `sums`."""
         features = all_features[: len(labels)]
-        loss = F.cross_entropy(logits, labels, label_smoothing=self.params.label_smoothing)
+        loss = F.cross_entropy(logits, labels, weight=self.class_weights, label_smoothing=self.params.label_smoothing)
         if self.tuning.regularizer is not None:
             loss = loss + self.tuning.regularizer.penalty(self.model, features)
         start = len(labels)

@@ -187,6 +187,56 @@ def test_sampler_covers_every_example_each_pass():
     assert sorted(seen[10:20].tolist()) == list(range(10))
 
 
+def test_balanced_sampler_draws_every_class_as_often_as_the_largest_each_pass():
+    labels = torch.tensor([0] * 6 + [1] * 2 + [2])
+    sampler = BatchSampler(len(labels), 6, torch.Generator().manual_seed(0), balance_by=labels)
+    drawn = torch.cat([sampler.next() for _ in range(6)])  # 36 draws: two passes of 18
+    for one_pass in drawn.split(18):
+        assert torch.bincount(labels[one_pass], minlength=3).tolist() == [6, 6, 6]
+        assert sorted(one_pass[labels[one_pass] == 0].tolist()) == list(range(6))  # the largest class: each once
+        assert torch.bincount(one_pass[labels[one_pass] == 1]).tolist()[6:] == [3, 3]  # the two of class 1: 3 each
+
+
+def test_loss_weights_even_the_classes_and_are_none_on_a_balanced_split():
+    from components.balance import loss_weights
+
+    weights = loss_weights(torch.tensor([0] * 6 + [1] * 2 + [2]), 3)
+    assert weights.tolist() == pytest.approx([0.5, 1.5, 3.0])  # n / (K n_c): each class's total weight n / K
+    assert loss_weights(torch.tensor([2, 0, 1, 1, 0, 2]), 3) is None
+
+
+def _imbalanced(splits):
+    """The training split with every image of the first class and one of each other."""
+    keep = np.concatenate([np.flatnonzero(splits.y_train == 0)]
+                          + [np.flatnonzero(splits.y_train == c)[:1] for c in range(1, len(splits.classes))])
+    return dataclasses.replace(splits, x_train=splits.x_train[keep], y_train=splits.y_train[keep],
+                               origin_train=splits.origin_train[keep])
+
+
+def _trained(params, splits, class_balance: str):
+    recipe = params.finetune.model_copy(update={"class_balance": class_balance})
+    model = build(_spec(splits), 0)
+    history = train(model, splits, recipe, strategy_phases(recipe, "scratch"), 0)
+    return model.state_dict(), history
+
+
+@pytest.mark.parametrize("class_balance", ["reweight", "resample"])
+def test_class_balance_changes_nothing_on_a_balanced_split_and_the_training_on_an_imbalanced_one(target, class_balance,
+                                                                                              capsys):
+    params, splits = target
+    assert len(set(np.bincount(splits.y_train))) == 1, "the tiny target's labelled split is balanced (labels_per_class)"
+    plain_state, plain_history = _trained(params, splits, "none")
+    state, history = _trained(params, splits, class_balance)
+    assert history == plain_history and all(torch.equal(state[k], plain_state[k]) for k in state)
+    assert "classes balanced (5 labelled images a class)" in capsys.readouterr().err
+
+    skewed = _imbalanced(splits)
+    plain_state, plain_history = _trained(params, skewed, "none")
+    state, history = _trained(params, skewed, class_balance)
+    assert history[0]["train_loss"] != plain_history[0]["train_loss"]
+    assert f"class_balance: {class_balance}" in capsys.readouterr().err
+
+
 def test_schedule_warms_up_then_decays_to_zero():
     factor = warmup_cosine(100, 0.1)
     assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)
