@@ -58,6 +58,7 @@ class CheckedFolder:
 
     classes: tuple[str, ...]
     usable: int
+    counts: dict[str, int]                     # usable images a class
     modes: dict[str, int]                      # usable images by what each file holds (data.file_mode)
     quarantine: list[dict]
     split: DatasetParams                       # the target with a split that fits (the configured one if it does)
@@ -92,7 +93,7 @@ def check_folder(folder: Path, dataset: DatasetParams, params: Params, channels:
     if problems.found or split is None:
         raise DataError(_problem_report(folder, problems.found, quarantine.entries))
     modes = dict(Counter(s.mode for s in samples).most_common())
-    return CheckedFolder(classes, len(samples), modes, quarantine.entries, split)
+    return CheckedFolder(classes, len(samples), counts, modes, quarantine.entries, split)
 
 
 def declared_modes(folder: Path, limits: ImageLimits) -> dict[str, int]:
@@ -157,6 +158,17 @@ def split_line(before: DatasetParams, checked: CheckedFolder) -> str:
         return "split: data.target." + ", ".join(f"{key} {_shown(old)} -> {_shown(new)}" for key, (old, new) in changes.items()) + f" {found}"
     kept = ", ".join(f"{key} {getattr(before, key)}" for key in SPLIT_KEYS if getattr(before, key) is not None)
     return f"split: data.target.{kept} fit {found}"
+
+
+def balance_line(counts: dict[str, int], class_balance: str) -> str | None:
+    """What training does about classes of unequal size (at least 2:1; smaller differences are any real data's)."""
+    smallest, largest = min(counts, key=counts.get), max(counts.values())
+    if largest < 2 * counts[smallest]:
+        return None
+    found = f"classes: {counts[smallest]} ({smallest}) to {largest} usable images, {largest / counts[smallest]:.1f}:1"
+    if class_balance == "none":
+        return f"{found}; finetune.class_balance none: trained as they come (resample would even them)"
+    return f"{found}; finetune.class_balance {class_balance} evens them in training"
 
 
 def current_classes(root: Path, dataset: DatasetParams) -> tuple[str, ...] | None:
@@ -278,6 +290,7 @@ def add_target(root: str | Path, folder: str | Path, name: str | None = None) ->
     changes: dict[str, object] = {"data.target.name": name, "data.target.format": "folder", "data.target.path": relative}
     changes |= {f"data.target.{key}": new for key, (_, new) in split_changes(params.data.target, checked.split).items()}
     notes = [images_line(checked.modes, params.data.channels, channels), split_line(params.data.target, checked)]
+    notes += [line] if (line := balance_line(checked.counts, params.finetune.class_balance)) else []
     if nested := {name: count for name in checked.classes
                   if (count := sum(file.parent != folder / name for file in data_files(folder / name)))}:
         notes.append("subfolders: " + ", ".join(f"{name} {count}" for name, count in nested.items())

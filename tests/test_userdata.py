@@ -65,12 +65,16 @@ def test_data_add_checks_copies_versions_and_points_params_at_the_folder(workspa
     (parts / "cat" / "night").mkdir()
     for image in sorted((parts / "cat").glob("*.png"))[:4]:
         image.rename(parts / "cat" / "night" / image.name)
+    for image in sorted((parts / "bird").glob("*.png"))[:6]:
+        image.unlink()
     done = _graft(root, "data", "add", str(parts), "--as", "target")
     assert done.returncode == 0, done.stdout + done.stderr
     usable = int(re.search(r"3 classes \(bear, bird, cat\), (\d+) usable images, \d+ to be quarantined:", done.stdout)[1])
     assert "  data/raw/parts/bear/notes.txt: not an image file" in done.stdout
     assert f"images: {usable} gray -> data.channels: 1 (unchanged)" in done.stdout
     assert "subfolders: cat 4 file(s) in subfolders of their class folder, read as that class" in done.stdout
+    assert "classes: 6 (bird) to 12 usable images, 2.0:1; finetune.class_balance resample evens them in training" \
+        in done.stdout
     proposed = re.search(r"^split: data\.target\.test_size 60 -> (\d+), val_size 40 -> (\d+), labels_per_class 5 -> null "
                          r"\(every training image\) "
                          rf"\(3 classes, {usable} usable images; every class in each split\)$", done.stdout, re.M)
@@ -99,6 +103,15 @@ def test_data_add_checks_copies_versions_and_points_params_at_the_folder(workspa
     assert "data/raw/animal-mnist.dvc" in status
     data_paths = list(load_settings(root / "params.yaml").raw_data_paths().values())
     assert not [name for name in pending_stages(status, data_paths) if name.endswith(".dvc")], json.dumps(status)
+
+
+def test_data_add_says_how_unequal_the_classes_are_and_what_training_does_about_it():
+    from components.userdata import balance_line
+
+    assert balance_line({"a": 10, "b": 19}, "resample") is None  # under 2:1: any real data's spread
+    assert balance_line({"a": 40, "b": 8, "c": 20}, "none") == (
+        "classes: 8 (b) to 40 usable images, 5.0:1; finetune.class_balance none: trained as they come (resample would "
+        "even them)")
 
 
 def test_a_colour_folder_gets_three_channels_a_split_that_fits_and_a_model_of_its_own(workspace_factory, tmp_path):
