@@ -13,6 +13,7 @@ is idempotent: an item already harvested is not written again, so a second harve
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -118,11 +119,18 @@ def _params_changes(params: Settings, unlabelled: Path, root: Path) -> dict[str,
     return changes
 
 
+def _harvested_ids(target_files: Iterable[Path]) -> set[str]:
+    """The capture ids of the target's images a harvest added (their file names carry them)."""
+    return {p.stem.removeprefix(PRODUCTION_PREFIX) for p in target_files if is_production(p.name)}
+
+
 def unharvested_labels(root: Path, params: Settings, items: list[CapturedItem]) -> int:
     """Captured items with a feedback label that no harvest has added to the target yet, nor skipped with that label
     (a copy of a target image, a label no class folder has: the next harvest would skip it again, so it is not
     waiting, and a retrain for it would change nothing)."""
-    harvested = {p.stem.removeprefix(PRODUCTION_PREFIX) for p in (root / params.data.target.path).glob(f"*/{PRODUCTION_PREFIX}*")}
+    # A glob, not harvest's class-folder check: monitoring an idx target, or a folder with an empty class, counts
+    # on instead of failing.
+    harvested = _harvested_ids((root / params.data.target.path).glob(f"*/{PRODUCTION_PREFIX}*"))
     report = root / Layout.harvest_report
     skipped = {(entry["id"], entry["label"]) for entry in read_json(report)["skipped"]} if report.exists() else set()
     return sum(1 for item in items if item.label is not None and item.id not in harvested
@@ -150,7 +158,7 @@ def harvest(root: str | Path, capture: str | Path | None = None) -> Harvest:
     target_root, unlabelled = root / target.path, _unlabelled_folder(root, params)
     classes = set(class_file_counts(target_root))
     target_files = sorted(p for c in classes for p in data_files(target_root / c) if p.is_file())
-    harvested = {p.stem.removeprefix(PRODUCTION_PREFIX) for p in target_files if is_production(p.name)}
+    harvested = _harvested_ids(target_files)
     unlabelled_files = sorted(p for p in unlabelled.iterdir() if p.is_file()) if unlabelled.is_dir() else []
     # A copy of an image the target holds is not added, whatever its label; nor a second copy of an unlabelled one.
     limits = ImageLimits.of(params.data)
