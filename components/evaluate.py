@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from components.artifacts import atomic_path, save_png  # noqa: E402
+from components.columns import display_width, right  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -36,9 +37,9 @@ SCORE_NAMES = ("precision", "recall", "f1")
 def classification_report(per_class: dict[str, dict[str, float]], accuracy: float, digits: int = 3) -> str:
     """Per class precision, recall, F1 and support, then accuracy and the macro and support-weighted averages:
     the table the reference texts (and scikit-learn) print."""
-    width = max(len("weighted avg"), *(len(name) for name in per_class))
+    width = max(len("weighted avg"), *(display_width(name) for name in per_class))
     header = f"{'':>{width}} {'precision':>9} {'recall':>9} {'f1-score':>9} {'support':>9}"
-    row = lambda name, p, r, f, n: f"{name:>{width}} {p:>9.{digits}f} {r:>9.{digits}f} {f:>9.{digits}f} {n:>9d}"  # noqa: E731
+    row = lambda name, p, r, f, n: f"{right(name, width)} {p:>9.{digits}f} {r:>9.{digits}f} {f:>9.{digits}f} {n:>9d}"  # noqa: E731
     supports = np.array([scores["support"] for scores in per_class.values()], dtype=float)
     total = int(supports.sum())
     lines = [header, ""]

@@ -436,6 +436,7 @@ def _explain(args: argparse.Namespace) -> int:
         model_file, _ = download_run_files(client, name, version, checkpoint, Path(tmp), "PyTorch checkpoint")
         (calibration,) = download_run_files(client, name, version, [Layout.calibration.as_posix()], Path(tmp),
                                             "temperature (models/calibration.json)")
+        from components.columns import display_width, right
         from components.explain_image import explain_image
         from components.network import load_checkpoint
 
@@ -445,8 +446,9 @@ def _explain(args: argparse.Namespace) -> int:
                                   f"{name} v{version} on {Path(args.image).name}")
     print(f"{name} v{version} answers {explained.predicted} for {args.image}")
     print(f"calibrated probabilities (T = {explained.temperature:.4g}):")
+    width = max(display_width(label) for label in explained.probabilities)
     for label, probability in explained.probabilities.items():
-        print(f"  {label:>20s} {probability:.4f}")
+        print(f"  {right(label, width)} {probability:.4f}")
     print(f"Grad-CAM of {explained.layer} for {explained.predicted}: {explained.overlay}")
     return 0
 

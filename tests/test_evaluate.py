@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from components.columns import display_width
 from components.evaluate import classification_report, score
 
 
@@ -46,3 +47,12 @@ def test_a_variant_refused_by_its_accuracy_bound_is_counted_in_test_images():
                 "int8": {"accuracy": 0.7826, "latency_ms_batch64": 14.0, "published": False, "accuracy_drop": 1 / 46}}
     assert _variants_line(variants, 46) == ("fp32 0.8043, 28.7 ms/64 on CPU; int8 0.7826, 14.0 ms/64 on CPU "
                                             "(not published: 2.17 points below fp32: a net 1 of 46 test images)")
+
+
+def test_classification_report_lines_up_class_names_in_any_script():
+    # A CJK name takes two terminal columns a character, a combining accent none: counted in characters, both misalign.
+    names = ("Stop-Sign", "日本の標識", "cafe\u0301 crème")
+    evaluation = score(np.array([0, 1, 2, 1]), np.array([0, 1, 2, 2]), names)
+    rows = [line for line in classification_report(evaluation.per_class, evaluation.accuracy).splitlines() if line]
+    assert len({display_width(row) for row in rows}) == 1, rows
+    assert sum(row.lstrip().startswith(names) for row in rows) == 3
