@@ -258,7 +258,12 @@ class RegistrySource:
         if self.remote:
             raw = self._get("model-versions/get", name=self.name, version=version)["model_version"].get("tags", [])
             return {t["key"]: t.get("value", "") for t in raw}
-        return dict(self._local().get_model_version(self.name, version).tags)
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return dict(self._local().get_model_version(self.name, version).tags)
+        except MlflowException as error:
+            raise SourceError(f"{self.name} v{version} not found at {self.tracking_uri}: {error.message}") from None
 
     def _download(self, version: str, file: str, dest: Path) -> None:
         if self.remote:
