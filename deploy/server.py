@@ -137,6 +137,37 @@ class ServerSettings:
     decode_workers: int = 2  # threads that parse bodies and decode images, off the event loop
 
 
+def _load_variant(source: FileSource | RegistrySource, version: str, provider: str, available: list[str],
+                  settings: ServerSettings, threads: int) -> tuple[LoadedModel, dict[str, str]]:
+    serving = settings.serving
+    try:
+        variant, why = choose_variant(serving.variant, provider, available)
+    except VariantError as error:
+        raise ModelLoadError(f"v{version}: {error}") from None
+    resolved = source.fetch(version, variant)
+    model = load_model(resolved.onnx_path, list(serving.providers), serving.strict, engine_cache(settings.cache_dir),
+                       threads)
+    model.variant, model.variant_note = variant, f"{variant} ({why})"
+    return model, resolved.tags
+
+
+def load_version(source: FileSource | RegistrySource, version: str, settings: ServerSettings,
+                 threads: int) -> tuple[LoadedModel, dict[str, str]]:
+    """`version` as this server runs it, warm: the export variant that suits the provider that runs (should a GPU
+    provider fail to start, the variant that suits the one running instead), and its registry tags. `graft predict`
+    loads through here too, so files are scored by what `graft serve` would serve."""
+    available = source.variants(version)
+    planned = planned_provider(list(settings.serving.providers), engine_cache(settings.cache_dir))
+    model, tags = _load_variant(source, version, planned, available, settings, threads)
+    if model.provider != planned:  # a GPU provider failed to start: serve the variant that fits what runs
+        model, tags = _load_variant(source, version, model.provider, available, settings, threads)
+    warm = np.zeros((settings.serving.max_batch_size, *model.contract.shape), np.float32)
+    for _ in range(settings.warmup_rounds):  # first calls allocate and (on TensorRT) build engines
+        model.run(warm[:1])
+        model.run(warm)
+    return model, tags
+
+
 @dataclass
 class Served:
     """One loaded version and its batcher: a request holds one of these from start to end."""
@@ -341,38 +372,12 @@ class ModelServer:
 
     # ------------------------------------------------------------ loading and reloading
 
-    def _load_variant(self, source: FileSource | RegistrySource, version: str, provider: str,
-                      available: list[str], threads: int) -> tuple[LoadedModel, dict[str, str]]:
-        serving = self.settings.serving
-        try:
-            variant, why = choose_variant(serving.variant, provider, available)
-        except VariantError as error:
-            raise ModelLoadError(f"v{version}: {error}") from None
-        resolved = source.fetch(version, variant)
-        model = load_model(resolved.onnx_path, list(serving.providers), serving.strict,
-                           engine_cache(self.settings.cache_dir), threads)
-        model.variant, model.variant_note = variant, f"{variant} ({why})"
-        return model, resolved.tags
-
-    def _load(self, source: FileSource | RegistrySource, version: str,
-              threads: int) -> tuple[LoadedModel, dict[str, str]]:
-        available = source.variants(version)
-        planned = planned_provider(list(self.settings.serving.providers), engine_cache(self.settings.cache_dir))
-        model, tags = self._load_variant(source, version, planned, available, threads)
-        if model.provider != planned:  # a GPU provider failed to start: serve the variant that fits what runs
-            model, tags = self._load_variant(source, version, model.provider, available, threads)
-        warm = np.zeros((self.settings.serving.max_batch_size, *model.contract.shape), np.float32)
-        for _ in range(self.settings.warmup_rounds):  # first calls allocate and (on TensorRT) build engines
-            model.run(warm[:1])
-            model.run(warm)
-        return model, tags
-
     async def _start_version(self, source: FileSource | RegistrySource, version: str,
                              on_batch: Callable[[int, float, float], None] | None, threads: int | None = None) -> Served:
         """`version` loaded, warm, with its batcher started (`on_batch`: counts its model calls; `threads`: its
         ONNX Runtime intra-op threads, default serving.threads)."""
         serving = self.settings.serving
-        model, tags = await asyncio.to_thread(self._load, source, version,
+        model, tags = await asyncio.to_thread(load_version, source, version, self.settings,
                                               serving.threads if threads is None else threads)
         batcher = DynamicBatcher(model.run_served, serving.max_batch_size, serving.max_queue_delay_ms / 1000, on_batch,
                                  after_run=lambda outputs: served.monitor(outputs))

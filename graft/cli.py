@@ -382,6 +382,57 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from tqdm import tqdm
+
+    from components.errors import GraftError
+    from components.registry import registry_call, tracking_uri
+    from components.settings import load_settings
+    from deploy.model import ModelLoadError
+    from deploy.predict_files import PredictInputError, image_files, predict_files, write_csv
+    from deploy.server import ServerSettings, build_source, load_version
+    from deploy.source import SourceError
+
+    params = load_settings(_params_file(args))
+    settings = ServerSettings(serving=params.serving.model_copy(update={"alias": args.alias or params.serving.alias}),
+                              model_name=params.registry.model_name, warmup_rounds=1)
+    try:
+        files = image_files([Path(path) for path in args.paths])
+        uri = tracking_uri(params.registry, args.root)
+        with registry_call("fetching the model to predict with", uri):
+            source = build_source(uri, settings.model_name, settings.serving.alias, args.onnx_file, settings.cache_dir)
+            version = args.version or source.current_version()
+            model, _ = load_version(source, version, settings, params.serving.threads)
+    except (PredictInputError, SourceError, ModelLoadError) as error:
+        raise GraftError(str(error)) from None
+    top_k = max(1, min(args.top_k, len(model.classes)))
+    answered, unusable = Counter(), 0
+
+    def answers():
+        nonlocal unusable
+        with tqdm(total=len(files), desc="predict", unit="img", mininterval=1.0) as bar:
+            for batch in predict_files(model, files, params.serving.max_batch_size, top_k):
+                for answer in batch:
+                    if answer.error:
+                        unusable += 1
+                    else:
+                        answered[answer.top[0][0]] += 1
+                    yield answer
+                bar.update(len(batch))
+
+    out = Path(args.out)
+    write_csv(answers(), out, top_k)
+    what = "the ONNX file" if args.onnx_file else f"{settings.model_name} v{version}"
+    print(f"{what} ({model.variant} on {model.provider}): {len(files)} files, {sum(answered.values())} answered, "
+          f"{unusable} unusable{' (each with its reason in the CSV)' if unusable else ''}")
+    if answered:
+        print("answers by class: " + ", ".join(f"{name} {count}" for name, count in answered.most_common()))
+    print(f"written: {out}")
+    return 0
+
+
 def _export_triton(args: argparse.Namespace) -> int:
     import tempfile
 
@@ -574,6 +625,16 @@ def build_parser() -> argparse.ArgumentParser:
     from deploy.settings import add_options as serving_options  # loads pydantic: graft --help's one heavy import
 
     serving_options(serve, environment=False)  # --alias, --host, --port, ...: one per params.yaml serving setting
+
+    predict = command("predict", _predict, "image files or folders through the model graft serve would serve (the same "
+                      "alias, variant, decoding and calibrated probabilities), offline, into a CSV; an unusable file "
+                      "is a row with its reason")
+    predict.add_argument("paths", nargs="+", metavar="PATH", help="image files, or folders of them (read recursively)")
+    predict.add_argument("--out", default="predictions.csv", metavar="FILE", help="the CSV (default: predictions.csv)")
+    predict.add_argument("--top-k", type=int, default=1, metavar="K", help="classes a row, best first (default: 1)")
+    predict.add_argument("--alias", help="the registry alias (default: serving.alias)")
+    predict.add_argument("--version", help="a registered version's number instead of the alias")
+    predict.add_argument("--onnx-file", metavar="FILE", help="this ONNX file instead of the registry")
 
     triton = command("export-triton", _export_triton, "write a Triton model repository for the aliased model")
     triton.add_argument("--out", default="triton_repository", metavar="DIR",

@@ -1,0 +1,92 @@
+"""`graft predict`: image files through the model `graft serve` would serve, without a server, into a CSV.
+
+The same file (alias or version, hash-checked), export variant, decoding and calibrated probabilities as POST
+/predict, for scoring a folder: a backfill, a check set, images from a new site. A file that cannot be used is a row
+with its reason, never the end of the run; the CSV appears whole or not at all.
+"""
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from deploy.model import InputError, LoadedModel, softmax
+from deploy.server import image_row
+
+
+class PredictInputError(ValueError):
+    """What to predict on does not exist or holds no files."""
+
+
+@dataclass(frozen=True)
+class FileAnswer:
+    file: str
+    top: tuple[tuple[str, float], ...] = ()  # (class, calibrated probability), best first; empty when unusable
+    error: str = ""
+
+
+def image_files(paths: list[Path]) -> list[Path]:
+    """The files named, and every file under the folders named (subfolders too; hidden files and folders, such as
+    .DS_Store, left out), each folder's in name order."""
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.is_file()
+                            and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise PredictInputError(f"{path}: no such file or folder")
+    if not files:
+        raise PredictInputError(f"no files in {', '.join(map(str, paths))}: name image files or folders holding them")
+    return files
+
+
+def predict_files(model: LoadedModel, files: list[Path], batch_size: int, top_k: int) -> Iterator[list[FileAnswer]]:
+    """Answers for `files`, in their order, a batch of at most `batch_size` model rows at a time."""
+    top_k = max(1, min(top_k, len(model.classes)))
+    for start in range(0, len(files), batch_size):
+        chunk = files[start:start + batch_size]
+        answers: dict[int, FileAnswer] = {}
+        rows: list[np.ndarray] = []
+        decoded: list[int] = []
+        for index, file in enumerate(chunk):
+            try:
+                rows.append(image_row(file.read_bytes(), model.contract))
+                decoded.append(index)
+            except InputError as error:
+                answers[index] = FileAnswer(str(file), error=str(error))
+            except OSError as error:
+                answers[index] = FileAnswer(str(file), error=f"cannot be read: {error.strerror or error}")
+        if rows:
+            probabilities = softmax(model.run(np.concatenate(rows)))
+            for index, row in zip(decoded, probabilities):
+                best = np.argsort(-row, kind="stable")[:top_k]
+                answers[index] = FileAnswer(str(chunk[index]), tuple((model.classes[i], float(row[i])) for i in best))
+        yield [answers[index] for index in range(len(chunk))]
+
+
+def csv_header(top_k: int) -> list[str]:
+    ranked = [name for rank in range(2, top_k + 1) for name in (f"class_{rank}", f"probability_{rank}")]
+    return ["file", "class", "probability", *ranked, "error"]
+
+
+def write_csv(answers: Iterator[FileAnswer], out: Path, top_k: int) -> None:
+    """The answers as CSV rows, written beside `out` and moved into place once complete."""
+    partial = out.with_name(f".{out.name}.partial")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with partial.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(csv_header(top_k))
+            for answer in answers:
+                ranked = [value for name, probability in answer.top for value in (name, f"{probability:.6f}")]
+                ranked += [""] * (2 * top_k - len(ranked))
+                writer.writerow([answer.file, *ranked, answer.error])
+        os.replace(partial, out)
+    finally:
+        partial.unlink(missing_ok=True)

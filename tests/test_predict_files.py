@@ -1,0 +1,78 @@
+"""`graft predict`: files scored offline by the registered model graft serve would serve, into a CSV (deploy/predict_files.py)."""
+import csv
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deploy.model import load_model, softmax
+from deploy.server import image_row
+from deploy.source import RegistrySource, SourceError
+from tests.conftest import copy_workspace
+
+@pytest.fixture(scope="module")
+def published(repro_workspace, tmp_path_factory):
+    """A copy of the published workspace (its registry too), and a folder of images to score: three of the target's,
+    one in a subfolder, beside files no model can answer and a hidden one that is not read."""
+    tmp = tmp_path_factory.mktemp("predict")
+    root = copy_workspace(repro_workspace[0], tmp / "ws", registry=True)
+    images = tmp / "images"
+    (images / "more").mkdir(parents=True)
+    (images / ".hidden").mkdir()
+    raw = sorted((root / "data/raw/animal-mnist").iterdir())
+    firsts = [sorted(folder.iterdir())[0] for folder in raw[:3]]
+    shutil.copy(firsts[0], images / "a.png")
+    shutil.copy(firsts[1], images / "b.png")
+    shutil.copy(firsts[2], images / "more" / "c.png")
+    (images / "notes.txt").write_text("not an image")
+    (images / "empty.png").write_bytes(b"")
+    (images / "cut.png").write_bytes(firsts[0].read_bytes()[:60])
+    shutil.copy(firsts[0], images / ".hidden" / "x.png")
+    return root, images
+
+
+def _predict(root: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "GRAFT_CACHE_DIR": str(cwd / "cache")}
+    return subprocess.run([sys.executable, "-m", "graft", "predict", "--root", str(root), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True)
+
+
+def test_graft_predict_answers_as_the_served_model_and_names_every_unusable_file(published, tmp_path):
+    root, images = published
+    done = _predict(root, tmp_path, str(images), "--top-k", "2", "--out", str(tmp_path / "p.csv"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "6 files, 3 answered, 3 unusable (each with its reason in the CSV)" in done.stdout
+    variant = done.stdout.split("(", 1)[1].split(" on ", 1)[0]  # "graft-classifier v1 (int8 on CPU...)"
+    with (tmp_path / "p.csv").open(encoding="utf-8") as handle:
+        rows = {Path(row["file"]).relative_to(images).as_posix(): row for row in csv.DictReader(handle)}
+    assert sorted(rows) == ["a.png", "b.png", "cut.png", "empty.png", "more/c.png", "notes.txt"]  # .hidden not read
+    assert "not an image file" in rows["notes.txt"]["error"] and "empty" in rows["empty.png"]["error"]
+    assert "truncated or corrupt" in rows["cut.png"]["error"] and rows["cut.png"]["class"] == ""
+
+    # The same numbers as the registered file of that variant, decoded and run as the server runs a request.
+    source = RegistrySource(f"sqlite:///{root / 'mlflow.db'}", "graft-classifier", "champion", tmp_path / "check")
+    model = load_model(source.fetch("1", variant).onnx_path, providers=["cpu"])
+    for name in ("a.png", "b.png", "more/c.png"):
+        probabilities = softmax(model.run(image_row((images / name).read_bytes(), model.contract)))[0]
+        best = np.argsort(-probabilities)[:2]
+        row = rows[name]
+        assert (row["class"], row["class_2"]) == tuple(model.classes[i] for i in best) and row["error"] == ""
+        assert float(row["probability"]) == pytest.approx(probabilities[best[0]], abs=1e-6)
+        assert float(row["probability_2"]) == pytest.approx(probabilities[best[1]], abs=1e-6)
+
+
+def test_graft_predict_refuses_a_missing_path_or_version_by_name_and_writes_nothing(published, tmp_path):
+    root, images = published
+    out = tmp_path / "p.csv"
+    no_version = _predict(root, tmp_path, str(images), "--version", "99", "--out", str(out))
+    assert no_version.returncode == 2 and "graft-classifier v99 not found" in no_version.stderr, no_version.stderr
+    no_path = _predict(root, tmp_path, str(tmp_path / "nowhere"), "--out", str(out))
+    assert no_path.returncode == 2 and "nowhere: no such file or folder" in no_path.stderr, no_path.stderr
+    assert not out.exists() and not list(tmp_path.glob(".p.csv*"))
+    # The embedded store's answer for a version it lacks: what a server on it answers 404 with (it was a 500).
+    with pytest.raises(SourceError, match="graft-classifier v99 not found"):
+        RegistrySource(f"sqlite:///{root / 'mlflow.db'}", "graft-classifier", "champion", tmp_path / "c").fetch("99")
