@@ -76,6 +76,8 @@ LONG = {
     "graft monitor": "reads what a capture server kept (tests/test_drift_serving.py, tests/test_schedule.py)",
     "graft data harvest": "turns a capture folder into data (tests/test_harvest.py)",
     "graft explain": "the user's own photo (a placeholder file); tests/test_pipeline.py explains a test image",
+    "graft predict": "the user's own folder of photos (a placeholder path); tests/test_predict_files.py scores real "
+                     "folders, labelled too, against a published workspace",
     "graft tune": "trains a study's trials on the full default data (minutes each); tests/test_tune.py tunes the small "
                   "project",
 }
