@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+
 import torch
 
 from components.config import ClassBalance

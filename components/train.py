@@ -279,10 +279,8 @@ class _TrainingRun:
         resample = params.class_balance == "resample" and not is_balanced(self.y_train, len(data.classes))
         self.sampler = BatchSampler(len(self.y_train), params.batch_size, self.generator,
                                     balance_by=self.y_train if resample else None)
-        self.class_weights = (loss_weights(self.y_train, len(data.classes)) if params.class_balance == "reweight"
-                              else None)
-        if self.class_weights is not None:
-            self.class_weights = self.class_weights.to(compute.device)
+        weights = loss_weights(self.y_train, len(data.classes)) if params.class_balance == "reweight" else None
+        self.class_weights = None if weights is None else weights.to(compute.device)
         print(f"{desc}: {describe(params.class_balance, self.y_train, data.classes)}", file=sys.stderr)
         self.term_samplers = [BatchSampler(term.pool, term.batch_size, self.generator) for term in terms]
         self.steps_per_epoch = math.ceil(len(self.y_train) / params.batch_size)
