@@ -113,6 +113,7 @@ def model_card(root: str | Path, params: Settings, registration: dict, gate_repo
              f"{params.finetune.optimizer} lr {params.finetune.lr:g} (backbone x{params.finetune.backbone_lr_scale:g}), "
              f"weight decay {params.finetune.weight_decay:g}, seed {params.seed}"
              + (f", semi-supervised: {params.finetune.semi_supervised.method}" if params.finetune.semi_supervised.method != "none" else "")
+             + class_balance_clause(params.finetune.class_balance, counts["train"])
              + f". Compute: {trained['compute']['device']}, {trained['compute']['precision']}"
              + (f", {trained['train_seconds']:.0f} s of training" if "train_seconds" in trained else "") + ".", "",
              f"## Test metrics ({tested} test images, {int(INTERVAL_CONFIDENCE * 100)}% intervals)", "",
@@ -148,6 +149,14 @@ def model_card(root: str | Path, params: Settings, registration: dict, gate_repo
 def _quarantine_reasons(target: dict) -> str:
     reasons = Counter(entry["reason"].split(" of ")[0].split(":")[0] for entry in target.get("quarantine", []))
     return f" ({', '.join(f'{reason}: {n}' for reason, n in reasons.most_common(4))})" if reasons else ""
+
+
+def class_balance_clause(class_balance: str, train_counts: dict[str, int]) -> str:
+    """The training line's note on unequal classes; nothing where the training split's classes are equal."""
+    smallest, largest = min(train_counts.values()), max(train_counts.values())
+    if smallest == largest:
+        return ""
+    return f", class_balance {class_balance} (training images a class: {smallest} to {largest})"
 
 
 def _weakest(per_class: dict, actual: np.ndarray, predicted: np.ndarray, classes: list[str]) -> list[str]:

@@ -1,9 +1,10 @@
-"""The model card's statistics: the Wilson interval against hand-worked values, the seeded macro-F1 bootstrap.
+"""The model card's statistics: the Wilson interval against hand-worked values, the seeded macro-F1 bootstrap; its
+note on unequal classes.
 (The card itself, against a real run's recorded metrics: tests/test_pipeline.py.)"""
 import numpy as np
 import pytest
 
-from components.card import macro_f1_interval, wilson_interval
+from components.card import class_balance_clause, macro_f1_interval, wilson_interval
 from components.evaluate import score
 
 
@@ -24,3 +25,9 @@ def test_the_macro_f1_bootstrap_brackets_the_estimate_and_is_seeded():
     low, high = macro_f1_interval(actual, predicted, 4, seed=3)
     assert low < estimate < high and high - low < 0.15
     assert macro_f1_interval(actual, predicted, 4, seed=3) == (low, high)
+
+
+def test_the_training_line_names_the_class_balance_only_where_the_classes_are_unequal():
+    assert class_balance_clause("resample", {"a": 8, "b": 8}) == ""
+    assert class_balance_clause("resample", {"a": 46, "b": 5, "c": 40}) == (
+        ", class_balance resample (training images a class: 5 to 46)")
