@@ -27,6 +27,7 @@ class FileAnswer:
     file: str
     top: tuple[tuple[str, float], ...] = ()  # (class, calibrated probability), best first; empty when unusable
     error: str = ""
+    label: str = ""  # the true class, read from the file's folder (--labelled)
 
 
 def image_files(paths: list[Path]) -> list[Path]:
@@ -46,9 +47,22 @@ def image_files(paths: list[Path]) -> list[Path]:
     return files
 
 
-def predict_files(model: LoadedModel, files: list[Path], batch_size: int, top_k: int) -> Iterator[list[FileAnswer]]:
-    """Answers for `files`, in their order, a batch of at most `batch_size` model rows at a time."""
+def folder_labels(files: list[Path], paths: list[Path]) -> list[str]:
+    """Each file's class as a folder of <class>/<images> says it: the first folder below the named folder that holds
+    it; "" for a file named itself or lying at a named folder's top."""
+    labels = []
+    for file in files:
+        under = [file.relative_to(path).parts for path in paths if path.is_dir() and file.is_relative_to(path)]
+        labels.append(under[0][0] if under and len(under[0]) > 1 else "")
+    return labels
+
+
+def predict_files(model: LoadedModel, files: list[Path], batch_size: int, top_k: int,
+                  labels: list[str] | None = None) -> Iterator[list[FileAnswer]]:
+    """Answers for `files` (with `labels`, each file's true class), in their order, a batch of at most `batch_size`
+    model rows at a time."""
     top_k = max(1, min(top_k, len(model.classes)))
+    labels = labels or [""] * len(files)
     for start in range(0, len(files), batch_size):
         chunk = files[start:start + batch_size]
         answers: dict[int, FileAnswer] = {}
@@ -59,34 +73,37 @@ def predict_files(model: LoadedModel, files: list[Path], batch_size: int, top_k:
                 rows.append(image_row(file.read_bytes(), model.contract))
                 decoded.append(index)
             except InputError as error:
-                answers[index] = FileAnswer(str(file), error=str(error))
+                answers[index] = FileAnswer(str(file), error=str(error), label=labels[start + index])
             except OSError as error:
-                answers[index] = FileAnswer(str(file), error=f"cannot be read: {error.strerror or error}")
+                answers[index] = FileAnswer(str(file), error=f"cannot be read: {error.strerror or error}",
+                                            label=labels[start + index])
         if rows:
             probabilities = softmax(model.run(np.concatenate(rows)))
             for index, row in zip(decoded, probabilities):
                 best = np.argsort(-row, kind="stable")[:top_k]
-                answers[index] = FileAnswer(str(chunk[index]), tuple((model.classes[i], float(row[i])) for i in best))
+                answers[index] = FileAnswer(str(chunk[index]), tuple((model.classes[i], float(row[i])) for i in best),
+                                            label=labels[start + index])
         yield [answers[index] for index in range(len(chunk))]
 
 
-def csv_header(top_k: int) -> list[str]:
+def csv_header(top_k: int, labelled: bool) -> list[str]:
     ranked = [name for rank in range(2, top_k + 1) for name in (f"class_{rank}", f"probability_{rank}")]
-    return ["file", "class", "probability", *ranked, "error"]
+    return ["file", *(["label"] if labelled else []), "class", "probability", *ranked, "error"]
 
 
-def write_csv(answers: Iterator[FileAnswer], out: Path, top_k: int) -> None:
-    """The answers as CSV rows, written beside `out` and moved into place once complete."""
+def write_csv(answers: Iterator[FileAnswer], out: Path, top_k: int, labelled: bool = False) -> None:
+    """The answers as CSV rows (a `label` column with `labelled`), written beside `out` and moved into place once
+    complete."""
     partial = out.with_name(f".{out.name}.partial")
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         with partial.open("w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
-            writer.writerow(csv_header(top_k))
+            writer.writerow(csv_header(top_k, labelled))
             for answer in answers:
                 ranked = [value for name, probability in answer.top for value in (name, f"{probability:.6f}")]
                 ranked += [""] * (2 * top_k - len(ranked))
-                writer.writerow([answer.file, *ranked, answer.error])
+                writer.writerow([answer.file, *([answer.label] if labelled else []), *ranked, answer.error])
         os.replace(partial, out)
     finally:
         partial.unlink(missing_ok=True)

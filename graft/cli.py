@@ -391,15 +391,19 @@ def _predict(args: argparse.Namespace) -> int:
     from components.registry import registry_call, tracking_uri
     from components.settings import load_settings
     from deploy.model import ModelLoadError
-    from deploy.predict_files import PredictInputError, image_files, predict_files, write_csv
+    from deploy.predict_files import PredictInputError, folder_labels, image_files, predict_files, write_csv
     from deploy.server import ServerSettings, build_source, load_version
     from deploy.source import SourceError
 
     params = load_settings(_params_file(args))
     settings = ServerSettings(serving=params.serving.model_copy(update={"alias": args.alias or params.serving.alias}),
                               model_name=params.registry.model_name, warmup_rounds=1)
+    paths = [Path(path) for path in args.paths]
+    if args.labelled and (files_named := [str(path) for path in paths if not path.is_dir()]):
+        raise GraftError(f"--labelled reads each image's class from its folder (<folder>/<class>/<images>): "
+                         f"{', '.join(files_named)} is not a folder")
     try:
-        files = image_files([Path(path) for path in args.paths])
+        files = image_files(paths)
         uri = tracking_uri(params.registry, args.root)
         with registry_call("fetching the model to predict with", uri):
             source = build_source(uri, settings.model_name, settings.serving.alias, args.onnx_file, settings.cache_dir)
@@ -408,29 +412,56 @@ def _predict(args: argparse.Namespace) -> int:
     except (PredictInputError, SourceError, ModelLoadError) as error:
         raise GraftError(str(error)) from None
     top_k = max(1, min(args.top_k, len(model.classes)))
-    answered, unusable = Counter(), 0
+    labels = folder_labels(files, paths) if args.labelled else None
+    answered, unusable, scored = Counter(), 0, []  # scored: the answered files, for --labelled
 
     def answers():
         nonlocal unusable
         with tqdm(total=len(files), desc="predict", unit="img", mininterval=1.0) as bar:
-            for batch in predict_files(model, files, params.serving.max_batch_size, top_k):
+            for batch in predict_files(model, files, params.serving.max_batch_size, top_k, labels):
                 for answer in batch:
                     if answer.error:
                         unusable += 1
                     else:
                         answered[answer.top[0][0]] += 1
+                        scored.append(answer)
                     yield answer
                 bar.update(len(batch))
 
     out = Path(args.out)
-    write_csv(answers(), out, top_k)
+    write_csv(answers(), out, top_k, labelled=args.labelled)
     what = "the ONNX file" if args.onnx_file else f"{settings.model_name} v{version}"
     print(f"{what} ({model.variant} on {model.provider}): {len(files)} files, {sum(answered.values())} answered, "
           f"{unusable} unusable{' (each with its reason in the CSV)' if unusable else ''}")
     if answered:
         print("answers by class: " + ", ".join(f"{name} {count}" for name, count in answered.most_common()))
+    if args.labelled:
+        _print_labelled_scores(scored, model.classes)
     print(f"written: {out}")
     return 0
+
+
+def _print_labelled_scores(answers: list, classes: tuple[str, ...]) -> None:
+    """Accuracy and the classification report over the answered files whose folder names a class of the model;
+    the other folders named, not scored."""
+    from collections import Counter
+
+    import numpy as np
+
+    from components.evaluate import classification_report, score
+
+    known = [answer for answer in answers if answer.label in classes]
+    if others := Counter(answer.label or "(no class folder)" for answer in answers if answer.label not in classes):
+        print("not scored, not a class of the model: " + ", ".join(f"{name} {count}" for name, count in others.items()))
+    if not known:
+        print(f"no answered file lies in a folder named for a class of the model ({', '.join(classes)})")
+        return
+    index = {name: i for i, name in enumerate(classes)}
+    actual = np.array([index[answer.label] for answer in known])
+    predicted = np.array([index[answer.top[0][0]] for answer in known])
+    evaluation = score(actual, predicted, classes)
+    print(f"accuracy {evaluation.accuracy:.4f} on {len(known)} labelled files (macro-F1 {evaluation.macro_f1:.4f})")
+    print(classification_report(evaluation.per_class, evaluation.accuracy), end="")
 
 
 def _export_triton(args: argparse.Namespace) -> int:
@@ -635,6 +666,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--alias", help="the registry alias (default: serving.alias)")
     predict.add_argument("--version", help="a registered version's number instead of the alias")
     predict.add_argument("--onnx-file", metavar="FILE", help="this ONNX file instead of the registry")
+    predict.add_argument("--labelled", action="store_true",
+                         help="the folders hold <class>/<images>: each file's class is its folder's name (a label "
+                              "column), and accuracy and the classification report are printed")
 
     triton = command("export-triton", _export_triton, "write a Triton model repository for the aliased model")
     triton.add_argument("--out", default="triton_repository", metavar="DIR",

@@ -76,3 +76,27 @@ def test_graft_predict_refuses_a_missing_path_or_version_by_name_and_writes_noth
     # The embedded store's answer for a version it lacks: what a server on it answers 404 with (it was a 500).
     with pytest.raises(SourceError, match="graft-classifier v99 not found"):
         RegistrySource(f"sqlite:///{root / 'mlflow.db'}", "graft-classifier", "champion", tmp_path / "c").fetch("99")
+
+
+def test_graft_predict_labelled_reads_each_class_from_its_folder_and_scores_the_answers(published, tmp_path):
+    root, _ = published
+    raw = sorted((root / "data/raw/animal-mnist").iterdir())
+    check = tmp_path / "check"
+    for folder in raw[:3]:
+        (check / folder.name).mkdir(parents=True)
+        for image in sorted(folder.iterdir())[:4]:
+            shutil.copy(image, check / folder.name / image.name)
+    (check / "unicorn").mkdir()
+    shutil.copy(sorted(raw[0].iterdir())[0], check / "unicorn" / "u.png")
+    done = _predict(root, tmp_path, str(check), "--labelled", "--out", str(tmp_path / "p.csv"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    with (tmp_path / "p.csv").open(encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["label"] for row in rows] == [folder.name for folder in raw[:3] for _ in range(4)] + ["unicorn"]
+    right = sum(row["label"] == row["class"] for row in rows[:12])
+    assert f"accuracy {right / 12:.4f} on 12 labelled files" in done.stdout
+    assert "not scored, not a class of the model: unicorn 1" in done.stdout
+    assert all(f" {folder.name} " in done.stdout for folder in raw[:3])  # the classification report's rows
+
+    refused = _predict(root, tmp_path, str(check / "unicorn" / "u.png"), "--labelled")
+    assert refused.returncode == 2 and "is not a folder" in refused.stderr
