@@ -9,11 +9,13 @@ from __future__ import annotations
 import csv
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
+from deploy.contract import Contract
 from deploy.model import InputError, LoadedModel, softmax
 from deploy.server import image_row
 
@@ -57,33 +59,35 @@ def folder_labels(files: list[Path], paths: list[Path]) -> list[str]:
     return labels
 
 
-def predict_files(model: LoadedModel, files: list[Path], batch_size: int, top_k: int,
-                  labels: list[str] | None = None) -> Iterator[list[FileAnswer]]:
+def _model_row(file: Path, contract: Contract) -> np.ndarray | str:
+    """The file as the one-row tensor the model takes, or why it cannot be used."""
+    try:
+        return image_row(file.read_bytes(), contract)
+    except InputError as error:
+        return str(error)
+    except OSError as error:
+        return f"cannot be read: {error.strerror or error}"
+
+
+def predict_files(model: LoadedModel, files: list[Path], batch_size: int, top_k: int, labels: list[str] | None = None,
+                  decode_workers: int = 1) -> Iterator[list[FileAnswer]]:
     """Answers for `files` (with `labels`, each file's true class), in their order, a batch of at most `batch_size`
-    model rows at a time."""
+    model rows at a time; the files decoded by `decode_workers` threads (PIL's decoders release the GIL)."""
     top_k = max(1, min(top_k, len(model.classes)))
     labels = labels or [""] * len(files)
-    for start in range(0, len(files), batch_size):
-        chunk = files[start:start + batch_size]
-        answers: dict[int, FileAnswer] = {}
-        rows: list[np.ndarray] = []
-        decoded: list[int] = []
-        for index, file in enumerate(chunk):
-            try:
-                rows.append(image_row(file.read_bytes(), model.contract))
-                decoded.append(index)
-            except InputError as error:
-                answers[index] = FileAnswer(str(file), error=str(error), label=labels[start + index])
-            except OSError as error:
-                answers[index] = FileAnswer(str(file), error=f"cannot be read: {error.strerror or error}",
-                                            label=labels[start + index])
-        if rows:
-            probabilities = softmax(model.run(np.concatenate(rows)))
-            for index, row in zip(decoded, probabilities):
-                best = np.argsort(-row, kind="stable")[:top_k]
-                answers[index] = FileAnswer(str(chunk[index]), tuple((model.classes[i], float(row[i])) for i in best),
-                                            label=labels[start + index])
-        yield [answers[index] for index in range(len(chunk))]
+    with ThreadPoolExecutor(decode_workers, thread_name_prefix="graft-decode") as pool:
+        for start in range(0, len(files), batch_size):
+            chunk = files[start:start + batch_size]
+            decoded = list(pool.map(lambda file: _model_row(file, model.contract), chunk))
+            usable = [index for index, row in enumerate(decoded) if not isinstance(row, str)]
+            answers = [FileAnswer(str(file), error=row if isinstance(row, str) else "", label=label)
+                       for file, row, label in zip(chunk, decoded, labels[start:start + batch_size])]
+            if usable:
+                probabilities = softmax(model.run(np.concatenate([decoded[index] for index in usable])))
+                for index, row in zip(usable, probabilities):
+                    best = np.argsort(-row, kind="stable")[:top_k]
+                    answers[index] = replace(answers[index], top=tuple((model.classes[i], float(row[i])) for i in best))
+            yield answers
 
 
 def csv_header(top_k: int, labelled: bool) -> list[str]:

@@ -418,7 +418,8 @@ def _predict(args: argparse.Namespace) -> int:
     def answers():
         nonlocal unusable
         with tqdm(total=len(files), desc="predict", unit="img", mininterval=1.0) as bar:
-            for batch in predict_files(model, files, params.serving.max_batch_size, top_k, labels):
+            batches = predict_files(model, files, params.serving.max_batch_size, top_k, labels, settings.decode_workers)
+            for batch in batches:
                 for answer in batch:
                     if answer.error:
                         unusable += 1
