@@ -46,14 +46,15 @@ def balanced_pass(labels: torch.Tensor, generator: torch.Generator) -> torch.Ten
     return everything[torch.randperm(len(everything), generator=generator)]
 
 
-def describe(mode: ClassBalance, labels: torch.Tensor, classes: Sequence[str]) -> str:
-    """A line for the training log: the labelled split's class sizes and what the loop does about them."""
+def describe(mode: ClassBalance, labels: torch.Tensor, classes: Sequence[str]) -> str | None:
+    """A line for the training log on unequal class sizes and what the loop does about them; None when they are
+    equal (nothing to say)."""
     counts = class_counts(labels, len(classes)).tolist()
     largest, smallest = max(counts), min(counts)
+    if largest == smallest:
+        return None
     sizes = (f"{smallest} to {largest} labelled images a class ({classes[counts.index(smallest)]} smallest, "
              f"{largest / max(smallest, 1):.1f}:1)")
-    if largest == smallest:
-        return f"classes balanced ({largest} labelled images a class)"
     if mode == "none":
         return f"{sizes}; class_balance: none (reweight or resample would even them)"
     return f"{sizes}; class_balance: {mode}"

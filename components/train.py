@@ -281,7 +281,8 @@ class _TrainingRun:
                                     balance_by=self.y_train if resample else None)
         weights = loss_weights(self.y_train, len(data.classes)) if params.class_balance == "reweight" else None
         self.class_weights = None if weights is None else weights.to(compute.device)
-        print(f"{desc}: {describe(params.class_balance, self.y_train, data.classes)}", file=sys.stderr)
+        if balance := describe(params.class_balance, self.y_train, data.classes):
+            print(f"{desc}: {balance}", file=sys.stderr)
         self.term_samplers = [BatchSampler(term.pool, term.batch_size, self.generator) for term in terms]
         self.steps_per_epoch = math.ceil(len(self.y_train) / params.batch_size)
         self.eval_every = params.eval_every_steps or self.steps_per_epoch
