@@ -194,48 +194,48 @@ def _stage(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sweep(args: argparse.Namespace) -> int:
+def _study(args: argparse.Namespace, name: str, run, table) -> int:
+    """`graft sweep` and `graft tune`: the log file, what data the study trains on, `run(params)` in the project
+    folder (the stages' paths are relative to it), and `table(report)`."""
     from components import runlog
     from components.run_plan import study_inputs
     from components.settings import load_settings
-    from components.sweep import markdown_table, run_sweep
 
     params = load_settings(Path(args.root) / "params.yaml")
-    log = runlog.start(args.root, "sweep", args.verbose)  # DVC's own lines go there, as under `graft run`
-    for note in study_inputs(args.root, params):
-        print(note)
-    with contextlib.chdir(args.root):  # the stages' paths are relative to the project folder
-        if params.sweep.executor == "dask":
-            from flows.sweep import run_sweep_on_dask
-
-            report = run_sweep_on_dask(".", params)
-        else:
-            report = run_sweep(".", params)
-    print(markdown_table(report))
-    print(f"full log: {os.path.relpath(log)}")
-    return 0
-
-
-def _tune(args: argparse.Namespace) -> int:
-    from components import runlog
-    from components.run_plan import study_inputs
-    from components.settings import load_settings
-    from components.tune import markdown, run_tune
-
-    params = load_settings(Path(args.root) / "params.yaml")
-    log = runlog.start(args.root, "tune", args.verbose)  # DVC's own lines go there, as under `graft run`
+    log = runlog.start(args.root, name, args.verbose)  # DVC's own lines go there, as under `graft run`
     for note in study_inputs(args.root, params):
         print(note)
     with contextlib.chdir(args.root):
+        report = run(params)
+    print(table(report))
+    print(f"full log: {os.path.relpath(log)}")
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from components.sweep import markdown_table, run_sweep
+
+    def run(params):
+        if params.sweep.executor == "dask":
+            from flows.sweep import run_sweep_on_dask
+
+            return run_sweep_on_dask(".", params)
+        return run_sweep(".", params)
+
+    return _study(args, "sweep", run, markdown_table)
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from components.tune import markdown, run_tune
+
+    def run(params):
         if params.tune.executor == "dask":
             from flows.tune import run_tune_on_dask
 
-            report = run_tune_on_dask(".", params, args.trials)
-        else:
-            report = run_tune(".", params, args.trials)
-    print(markdown(report))
-    print(f"full log: {os.path.relpath(log)}")
-    return 0
+            return run_tune_on_dask(".", params, args.trials)
+        return run_tune(".", params, args.trials)
+
+    return _study(args, "tune", run, markdown)
 
 
 def _summary(args: argparse.Namespace) -> int:
