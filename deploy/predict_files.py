@@ -72,8 +72,8 @@ def _model_row(file: Path, contract: Contract) -> np.ndarray | str:
 def predict_files(model: LoadedModel, files: list[Path], batch_size: int, top_k: int, labels: list[str] | None = None,
                   decode_workers: int = 1) -> Iterator[list[FileAnswer]]:
     """Answers for `files` (with `labels`, each file's true class), in their order, a batch of at most `batch_size`
-    model rows at a time; the files decoded by `decode_workers` threads (PIL's decoders release the GIL)."""
-    top_k = max(1, min(top_k, len(model.classes)))
+    model rows at a time, each with its `top_k` classes; the files decoded by `decode_workers` threads (PIL's
+    decoders release the GIL)."""
     labels = labels or [""] * len(files)
     with ThreadPoolExecutor(decode_workers, thread_name_prefix="graft-decode") as pool:
         for start in range(0, len(files), batch_size):

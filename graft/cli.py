@@ -413,27 +413,23 @@ def _predict(args: argparse.Namespace) -> int:
         raise GraftError(str(error)) from None
     top_k = max(1, min(args.top_k, len(model.classes)))
     labels = folder_labels(files, paths) if args.labelled else None
-    answered, unusable, scored = Counter(), 0, []  # scored: the answered files, for --labelled
+    scored = []  # the answered files
 
     def answers():
-        nonlocal unusable
         with tqdm(total=len(files), desc="predict", unit="img", mininterval=1.0) as bar:
             batches = predict_files(model, files, params.serving.max_batch_size, top_k, labels, settings.decode_workers)
             for batch in batches:
-                for answer in batch:
-                    if answer.error:
-                        unusable += 1
-                    else:
-                        answered[answer.top[0][0]] += 1
-                        scored.append(answer)
-                    yield answer
+                scored.extend(answer for answer in batch if not answer.error)
+                yield from batch
                 bar.update(len(batch))
 
     out = Path(args.out)
     write_csv(answers(), out, top_k, labelled=args.labelled)
     what = "the ONNX file" if args.onnx_file else f"{settings.model_name} v{version}"
-    print(f"{what} ({model.variant} on {model.provider}): {len(files)} files, {sum(answered.values())} answered, "
+    unusable = len(files) - len(scored)
+    print(f"{what} ({model.variant} on {model.provider}): {len(files)} files, {len(scored)} answered, "
           f"{unusable} unusable{' (each with its reason in the CSV)' if unusable else ''}")
+    answered = Counter(answer.top[0][0] for answer in scored)
     if answered:
         print("answers by class: " + ", ".join(f"{name} {count}" for name, count in answered.most_common()))
     if args.labelled:
