@@ -57,11 +57,14 @@ class CheckedFolder:
     """What the prepare stage will make of a folder."""
 
     classes: tuple[str, ...]
-    usable: int
     counts: dict[str, int]                     # usable images a class
     modes: dict[str, int]                      # usable images by what each file holds (data.file_mode)
     quarantine: list[dict]
     split: DatasetParams                       # the target with a split that fits (the configured one if it does)
+
+    @property
+    def usable(self) -> int:
+        return sum(self.counts.values())
 
 
 @dataclass(frozen=True)
@@ -93,7 +96,7 @@ def check_folder(folder: Path, dataset: DatasetParams, params: Params, channels:
     if problems.found or split is None:
         raise DataError(_problem_report(folder, problems.found, quarantine.entries))
     modes = dict(Counter(s.mode for s in samples).most_common())
-    return CheckedFolder(classes, len(samples), counts, modes, quarantine.entries, split)
+    return CheckedFolder(classes, counts, modes, quarantine.entries, split)
 
 
 def declared_modes(folder: Path, limits: ImageLimits) -> dict[str, int]:
