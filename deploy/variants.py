@@ -39,7 +39,9 @@ def relative_path(variant: str) -> str:
 
 
 def variant_path(model_onnx: str | Path, variant: str) -> Path:
-    return Path(model_onnx).parent / relative_path(variant)
+    """The file of `variant` for the FP32 file `model_onnx`: that file itself (whatever its name: `graft serve
+    --onnx-file` and `graft predict --onnx-file` take any), the others in the variants folder beside it."""
+    return Path(model_onnx) if variant == FP32 else Path(model_onnx).parent / relative_path(variant)
 
 
 def sha_tag(variant: str) -> str:

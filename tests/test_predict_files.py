@@ -73,6 +73,11 @@ def test_graft_predict_refuses_a_missing_path_or_version_by_name_and_writes_noth
     no_path = _predict(root, tmp_path, str(tmp_path / "nowhere"), "--out", str(out))
     assert no_path.returncode == 2 and "nowhere: no such file or folder" in no_path.stderr, no_path.stderr
     assert not out.exists() and not list(tmp_path.glob(".p.csv*"))
+    missing = _predict(root, tmp_path, str(images), "--onnx-file", str(tmp_path / "mine.onnx"), "--out", str(out))
+    assert missing.returncode == 2 and f"{tmp_path / 'mine.onnx'}: no such ONNX file" in missing.stderr, missing.stderr
+    shutil.copy(root / "models" / "model.onnx", tmp_path / "mine.onnx")  # a file by another name, no variants beside
+    renamed = _predict(root, tmp_path, str(images / "a.png"), "--onnx-file", str(tmp_path / "mine.onnx"), "--out", str(out))
+    assert renamed.returncode == 0 and "the ONNX file (fp32 on " in renamed.stdout, renamed.stdout + renamed.stderr
     # The embedded store's answer for a version it lacks: what a server on it answers 404 with (it was a 500).
     with pytest.raises(SourceError, match="graft-classifier v99 not found"):
         RegistrySource(f"sqlite:///{root / 'mlflow.db'}", "graft-classifier", "champion", tmp_path / "c").fetch("99")

@@ -55,6 +55,7 @@ def test_a_named_variant_is_served_as_asked_or_refused_by_name():
 def test_variants_live_beside_the_model_and_are_published_by_their_hash_tag(tmp_path):
     assert variant_path(tmp_path / "model.onnx", "fp32") == tmp_path / "model.onnx"
     assert variant_path(tmp_path / "model.onnx", "int8") == tmp_path / "variants" / "model.int8.onnx"
+    assert variant_path(tmp_path / "mine.onnx", "fp32") == tmp_path / "mine.onnx"  # a file given by any name
     assert published_in({sha_tag("fp32"): "a", sha_tag("fp16"): "b", "other": "c"}) == ["fp32", "fp16"]
 
 
