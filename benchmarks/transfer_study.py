@@ -80,7 +80,7 @@ def run_study(params_path: Path, seeds: list[int], labels_per_class: int, strate
         # The study prepares its unlabelled images itself (the training pool, below): this entry only names them.
         raw["data"]["unlabeled"] = {"training-pool": {"path": raw["data"]["target"]["path"]}}
     params = parse_params(raw)
-    target = params.data.target.model_copy(update={"labels_per_class": labels_per_class})
+    target = params.data.target.model_copy(update={"labels_per_class": labels_per_class or None})
     sources: dict[str, LoadedSource] = {}
     for name in params.sources.names():
         if only and name not in only:
@@ -186,7 +186,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--labels-per-class", type=int, default=10)
+    parser.add_argument("--labels-per-class", type=int, default=10, help="0: every training image (the labelled ceiling)")
     parser.add_argument("--strategies", nargs="*", default=["linear_probe", "finetune"], choices=[s for s in STRATEGIES if s != "scratch"],
                         help="the transfers to train (none: scratch only)")
     parser.add_argument("--extra-sources", type=Path, help="YAML: more pretrained candidates, as under sources.pretrained")
