@@ -88,7 +88,7 @@ def run_study(params_path: Path, seeds: list[int], largest: int, ratio: float, s
                 evaluation = score(splits.y_test, predicted, splits.classes)
                 recall = np.array([evaluation.per_class[name]["recall"] for name in splits.classes])
                 run = {"seed": seed, "mode": mode, "train_seconds": seconds, "recall": recall.tolist(),
-                       "balanced_accuracy": float(recall.mean()), "train_shares_accuracy": float(recall @ shares),
+                       "balanced_accuracy": evaluation.balanced_accuracy, "train_shares_accuracy": float(recall @ shares),
                        "macro_f1": evaluation.macro_f1, "tail_recall": float(recall[tail].mean())}
                 runs.append(run)
                 print(f"seed {seed} {mode:18s} balanced {run['balanced_accuracy']:.4f} as trained "

@@ -25,6 +25,9 @@ from deploy.variants import FP16, FP32, INT8, VARIANTS
 
 Strategy = Literal["scratch", "linear_probe", "finetune", "lp_ft"]
 STRATEGIES: tuple[str, ...] = Strategy.__args__
+# What an evaluation of the val split measures (components/train.py evaluate_split); balanced accuracy weighs every
+# class the same, for unequal classes (components/evaluate.py)
+ValMetric = Literal["val_accuracy", "val_balanced_accuracy", "val_loss"]
 ClassBalance = Literal["none", "reweight", "resample"]  # an imbalanced labelled split's remedy (components/balance.py)
 TransferScore = Literal["logme", "leep", "nce"]  # how well a source's frozen features fit the target (selection.py)
 SCORES: tuple[str, ...] = TransferScore.__args__
@@ -194,7 +197,7 @@ class EarlyStopping(Strict):
     (components/train.py EarlyStopper)."""
 
     enabled: bool = False
-    metric: Literal["val_accuracy", "val_loss"] = "val_accuracy"
+    metric: ValMetric = "val_accuracy"
     patience: int = Field(default=4, ge=1)       # evaluations (eval_every_steps apart) without improvement
     min_steps: int = Field(default=0, ge=0)      # never stop before this step
     min_delta: float = Field(default=0.0, ge=0)  # an improvement smaller than this does not count

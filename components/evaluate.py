@@ -1,5 +1,5 @@
-"""Evaluate: accuracy, macro-F1, per-class precision/recall/F1/support, the classification report and a confusion
-matrix on the test split."""
+"""Evaluate: accuracy, balanced accuracy, macro-F1, per-class precision/recall/F1/support, the classification report
+and a confusion matrix on the test split."""
 from __future__ import annotations
 
 import csv
@@ -19,13 +19,14 @@ from components.columns import display_width, right  # noqa: E402
 @dataclass(frozen=True)
 class Evaluation:
     accuracy: float
+    balanced_accuracy: float  # the mean of the classes' recalls: every class counts the same, whatever its share
     macro_f1: float
     per_class: dict[str, dict[str, float]]
     confusion: list[list[int]]
 
     def summary(self) -> dict[str, float]:
         """Flat metrics, for DVC metrics files and MLflow (support is a count of the data, not a score)."""
-        flat = {"accuracy": self.accuracy, "macro_f1": self.macro_f1}
+        flat = {"accuracy": self.accuracy, "balanced_accuracy": self.balanced_accuracy, "macro_f1": self.macro_f1}
         for name, scores in self.per_class.items():
             flat.update({f"{metric}_{name}": value for metric, value in scores.items() if metric in SCORE_NAMES})
         return flat
@@ -58,12 +59,30 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> 
     return matrix
 
 
+def _recall(matrix: np.ndarray) -> np.ndarray:
+    """Each class's share of its images predicted as it (0 for a class the split does not hold)."""
+    true_positive, actual = np.diag(matrix).astype(float), matrix.sum(1)
+    return np.divide(true_positive, actual, out=np.zeros_like(true_positive), where=actual > 0)
+
+
+def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
+    """The mean recall over the classes the split holds: accuracy as if every class were as large as the largest, so
+    that predicting the large classes more often earns nothing (an objective for unequal classes: tune.objective,
+    early_stopping.metric)."""
+    return _balanced(confusion_matrix(y_true, y_pred, n_classes))
+
+
+def _balanced(matrix: np.ndarray) -> float:
+    held = matrix.sum(1) > 0
+    return float(_recall(matrix)[held].mean()) if held.any() else 0.0
+
+
 def score(y_true: np.ndarray, y_pred: np.ndarray, classes: tuple[str, ...]) -> Evaluation:
     matrix = confusion_matrix(y_true, y_pred, len(classes))
     true_positive = np.diag(matrix).astype(float)
     predicted, actual = matrix.sum(0), matrix.sum(1)
     precision = np.divide(true_positive, predicted, out=np.zeros_like(true_positive), where=predicted > 0)
-    recall = np.divide(true_positive, actual, out=np.zeros_like(true_positive), where=actual > 0)
+    recall = _recall(matrix)
     denominator = precision + recall
     f1 = np.divide(2 * precision * recall, denominator, out=np.zeros_like(true_positive), where=denominator > 0)
     per_class = {
@@ -72,6 +91,7 @@ def score(y_true: np.ndarray, y_pred: np.ndarray, classes: tuple[str, ...]) -> E
     }
     return Evaluation(
         accuracy=float(true_positive.sum() / max(1, matrix.sum())),
+        balanced_accuracy=_balanced(matrix),
         macro_f1=float(f1.mean()),
         per_class=per_class,
         confusion=matrix.tolist(),

@@ -210,6 +210,7 @@ def run_record(root: Path, params: Settings) -> RunRecord:
     selection = read_json(root / Layout.selection_report)
     metrics = {
         "test.accuracy": evaluation["transfer"]["accuracy"], "test.macro_f1": evaluation["transfer"]["macro_f1"],
+        "test.balanced_accuracy": evaluation["transfer"]["balanced_accuracy"],
         "scratch.test.accuracy": evaluation["scratch"]["accuracy"], "scratch.test.macro_f1": evaluation["scratch"]["macro_f1"],
         "transfer_gain": evaluation["transfer_gain"],
         **{f"calibration.{key}": float(value) for key, value in evaluation["calibration"].items()},

@@ -218,9 +218,11 @@ class TuneParams(Strict):
     executor: Literal["sequential", "dask"] = "sequential"  # dask: trials in parallel on sweep.dask's cluster (flows/tune.py)
     timeout_minutes: float | None = Field(default=None, gt=0)  # stop starting trials after this long
     seed: int = 0                                   # the sampler's (TPE) seed
+    # what a trial scores on the val split, and the pruner compares: balanced accuracy weighs each class the same
+    objective: Literal["val_accuracy", "val_balanced_accuracy"] = "val_accuracy"
     startup_trials: int = Field(default=5, ge=1)    # random trials before TPE models the space; none pruned before
     prune_after_steps: int = Field(default=100, ge=0)  # no trial pruned before this training step (median pruner)
-    prune_below: float | None = Field(default=None, ge=0)  # also prune a trial whose val accuracy falls below this
+    prune_below: float | None = Field(default=None, ge=0)  # also prune a trial whose objective falls below this
     storage: str | None = None  # an Optuna storage URL (postgresql://..., sqlite:///...); null: .graft/tune/study.journal
     current_first: bool = True  # a new study's first trial: params.yaml's own values (when the space holds them)
     # dotted finetune key: its range or choices

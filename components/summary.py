@@ -64,8 +64,8 @@ def collect_summary(root: str | Path, outcomes: list[StageOutcome] | None = None
         "source scores": f"{selection['score']}: {ranking}",
         "selection": f"{selection['chosen']}, {selection['decided_by']}",
         "strategy": transfer_meta["strategy"],
-        "transfer test acc": f"{evaluation['transfer']['accuracy']:.4f} (macro-F1 {evaluation['transfer']['macro_f1']:.4f})",
-        "scratch test acc": f"{evaluation['scratch']['accuracy']:.4f} (macro-F1 {evaluation['scratch']['macro_f1']:.4f}), same architecture",
+        "transfer test acc": _accuracy_line(evaluation["transfer"]),
+        "scratch test acc": _accuracy_line(evaluation["scratch"]) + ", same architecture",
         "transfer gain": f"{100 * evaluation['transfer_gain']:+.2f} points",
         "calibration": _calibration_line(evaluation["calibration"], run.calibration),
         "ONNX parity": f"max |diff| {parity['max_abs_diff']:.1e}, top-1 agreement {parity['argmax_agreement']:.4f}",
@@ -81,6 +81,11 @@ def _pretrained_line(root: Path, source: dict) -> str:
         return ""
     metrics = read_json(root / Layout.pretrain_metrics(source["name"]))
     return f", source test acc {metrics['test_accuracy']:.4f}"
+
+
+def _accuracy_line(scores: dict) -> str:
+    return (f"{scores['accuracy']:.4f} (balanced {scores['balanced_accuracy']:.4f}, "
+            f"macro-F1 {scores['macro_f1']:.4f})")
 
 
 def _calibration_line(calibration: dict, temperature: dict) -> str:

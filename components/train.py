@@ -28,6 +28,7 @@ from components.augment import augment_batch
 from components.balance import balanced_pass, describe, is_balanced, loss_weights
 from components.config import EarlyStopping, FinetuneParams, TrainParams
 from components.data import Splits
+from components.evaluate import balanced_accuracy
 from components.network import GraftNet
 from components.objectives import Term
 from components.predict import Normalizer, predict_logits
@@ -131,10 +132,11 @@ def _optimizer(model: GraftNet, params: TrainParams, phase: Phase, tuning: Tunin
 
 def evaluate_split(model: nn.Module, x: np.ndarray, y: np.ndarray, normalize: Normalizer) -> dict[str, float]:
     logits = predict_logits(model, x, normalize)
-    labels = torch.from_numpy(y)
+    labels, predicted = torch.from_numpy(y), logits.argmax(1)
     return {
         "loss": float(F.cross_entropy(logits, labels)),
-        "accuracy": float((logits.argmax(1) == labels).float().mean()),
+        "accuracy": float((predicted == labels).float().mean()),
+        "balanced_accuracy": balanced_accuracy(y, predicted.numpy(), logits.shape[1]),
     }
 
 

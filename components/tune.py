@@ -3,10 +3,10 @@ MLflow child run under the study's parent run.
 
 A trial trains as the pipeline's finetune stage does (train_target: the selected source, the strategy, the prepared
 target data) with the trial's values in place, on that data with its test split taken out before any trial gets it:
-the objective is the val split's accuracy (the restored best evaluation's when early stopping is on), and the test
-split is never read. Each evaluation is reported to a median pruner (once tune.startup_trials trials finished and
-after tune.prune_after_steps steps) and, with tune.prune_below, to a floor; a pruned trial ends there and is recorded
-as pruned, in the study and on its run.
+the objective is the val split's accuracy or balanced accuracy (tune.objective; the restored best evaluation's when
+early stopping is on), and the test split is never read. Each evaluation is reported to a median pruner (once
+tune.startup_trials trials finished and after tune.prune_after_steps steps) and, with tune.prune_below, to a floor; a
+pruned trial ends there and is recorded as pruned, in the study and on its run.
 
 The study lives in an Optuna storage (tune.storage, a database; by default a journal file, .graft/tune/study.journal,
 which parallel workers share safely: on SQLite two can run the same queued trial) under a name made of what it
@@ -30,6 +30,7 @@ from pathlib import Path
 
 import matplotlib
 import mlflow
+import numpy as np
 import optuna
 import yaml
 from mlflow import MlflowClient
@@ -72,9 +73,10 @@ def tuning_splits(path: str | Path) -> data_mod.Splits:
 
 
 def study_name(params: Settings, splits: data_mod.Splits, source: dict) -> str:
-    """What the study computes: its space, the finetune it changes, the data and the source (not how many trials,
-    nor where it is stored: a study resumes with more trials)."""
+    """What the study computes: its space and objective, the finetune it changes, the data and the source (not how
+    many trials, nor where it is stored: a study resumes with more trials)."""
     return "tune-" + sha256_json({"space": params.tune.model_dump(mode="json")["space"],
+                                  "objective": params.tune.objective,
                                   "finetune": params.finetune.model_dump(mode="json"), "seed": params.seed,
                                   "sampler_seed": params.tune.seed, "data_version": splits.data_version,
                                   "source": source})[:16]
@@ -190,7 +192,7 @@ def open_tune(root: str | Path, params: Settings) -> tuple[TunePlan, optuna.Stud
 
 def run_trial(plan: TunePlan, params: Settings, trial: optuna.Trial) -> float:
     """One trial as an MLflow child run of the study's parent: its values in finetune, trained on the data without
-    its test split; each evaluation reported to the pruner. Its objective: the val accuracy it ends with."""
+    its test split; each evaluation reported to the pruner. Its objective: tune.objective's value it ends with."""
     values = suggest(trial, params.tune.space)
     finetune = params.tuned_finetune(values)
     client = MlflowClient(plan.tracking_uri)
@@ -199,13 +201,15 @@ def run_trial(plan: TunePlan, params: Settings, trial: optuna.Trial) -> float:
         MLFLOW_PARENT_RUN_ID: plan.parent_run_id}).info.run_id
     client.log_batch(run_id, params=[Param(key, str(value)) for key, value in values.items()])
 
+    objective = params.tune.objective
+
     def report(record: dict) -> None:
-        step, accuracy = int(record["step"]), record["val_accuracy"]
-        client.log_batch(run_id, metrics=[Metric("val_accuracy", accuracy, int(time.time() * 1000), step),
-                                          Metric("val_loss", record["val_loss"], int(time.time() * 1000), step)])
-        trial.report(accuracy, step)
+        step, value = int(record["step"]), record[objective]
+        client.log_batch(run_id, metrics=[Metric(key, record[key], int(time.time() * 1000), step)
+                                          for key in ("val_accuracy", "val_balanced_accuracy", "val_loss")])
+        trial.report(value, step)
         if trial.should_prune():
-            raise optuna.TrialPruned(f"val accuracy {accuracy:.4f} at step {step}")
+            raise optuna.TrialPruned(f"{_said(objective)} {value:.4f} at step {step}")
 
     started = time.perf_counter()
     try:
@@ -221,13 +225,18 @@ def run_trial(plan: TunePlan, params: Settings, trial: optuna.Trial) -> float:
         client.set_tag(run_id, TUNE_STATE_TAG, "failed")
         client.set_terminated(run_id, "FAILED")
         raise
-    accuracy = history[-1]["val_accuracy"]
-    client.log_batch(run_id, metrics=[Metric("objective_val_accuracy", accuracy, int(time.time() * 1000), 0),
+    value = history[-1][objective]
+    client.log_batch(run_id, metrics=[Metric(f"objective_{objective}", value, int(time.time() * 1000), 0),
                                       Metric("train_seconds", time.perf_counter() - started, int(time.time() * 1000), 0)],
                      tags=[mlflow.entities.RunTag(TUNE_STATE_TAG, "complete")])
     client.set_terminated(run_id, "FINISHED")
-    _say_trial(trial, f"val accuracy {accuracy:.4f}", values, time.perf_counter() - started)
-    return accuracy
+    _say_trial(trial, f"{_said(objective)} {value:.4f}", values, time.perf_counter() - started)
+    return value
+
+
+def _said(objective: str) -> str:
+    """tune.objective as a report says it: val_balanced_accuracy, "val balanced accuracy"."""
+    return objective.replace("_", " ")
 
 
 def _say_trial(trial: optuna.Trial, outcome: str, values: dict, seconds: float) -> None:
@@ -287,27 +296,29 @@ def close_tune(plan: TunePlan, params: Settings, seconds: float) -> dict:
     best = study.best_trial
     current = _current_values(params)
     own = next((t for t in trials if t.params == current and t.state in FINISHED), None)
+    objective, y_val = params.tune.objective, tuning_splits(plan.data).y_val
     report = {"study": plan.study_name, "storage": plan.storage, "parent_run_id": plan.parent_run_id,
+              "objective": objective,
               "trials": [{"number": t.number, "state": t.state.name.lower(), "value": t.value, "params": t.params,
                           "last_step": t.last_step} for t in trials],
-              "best": {"number": best.number, "val_accuracy": best.value, "params": best.params},
-              "noise": val_noise({t.number: t.value for t in complete}, len(tuning_splits(plan.data).y_val)),
+              "best": {"number": best.number, "value": best.value, "params": best.params},
+              "noise": val_noise({t.number: t.value for t in complete}, len(y_val), _measured_as(y_val, objective)),
               "current": current, "seconds_this_run": round(seconds, 1),
               "current_trial": None if own is None else {"number": own.number, "state": own.state.name.lower(),
-                                                         "val_accuracy": own.value}}
+                                                         "value": own.value}}
     write_json(root / REPORT, report)
     change: dict = {}
     for key, value in best.params.items():
         change = merged(change, {"finetune": dotted_change(key, value)})
     with atomic_path(root / BEST) as tmp:
         tmp.write_text("# graft tune's proposal: the best trial's values (val split only). Not applied: copy what you\n"
-                       f"# want into params.yaml. Study {plan.study_name}, trial {best.number}, val accuracy "
+                       f"# want into params.yaml. Study {plan.study_name}, trial {best.number}, {_said(objective)} "
                        f"{best.value:.4f}\n" + yaml.safe_dump(change, sort_keys=False))
     with atomic_path(root / MARKDOWN) as tmp:
         tmp.write_text(markdown(report))
     _plots(study, root)
     client = MlflowClient(plan.tracking_uri)
-    client.log_metric(plan.parent_run_id, "best_val_accuracy", best.value)
+    client.log_metric(plan.parent_run_id, f"best_{objective}", best.value)
     for path in (REPORT, MARKDOWN, BEST, HISTORY_PLOT, IMPORTANCE_PLOT):
         if (root / path).exists():
             client.log_artifact(plan.parent_run_id, str(root / path), "tune")
@@ -315,18 +326,28 @@ def close_tune(plan: TunePlan, params: Settings, seconds: float) -> dict:
     return report
 
 
-def val_noise(values: dict[int, float], val_images: int) -> dict:
+def val_noise(values: dict[int, float], val_images: int, measured_as: float | None = None) -> dict:
     """How far the val split can rank the trials: one standard error of an accuracy at the best's level
-    on `val_images` images, and the other trials the best does not lead by more than BAND of them (as if
-    independent: an upper bound, as trials scored on the same images err together). On a small val split the best is
-    often one of several a rerun could reorder."""
+    on `val_images` images (or as many as the objective is worth: _measured_as), and the other trials the best does
+    not lead by more than BAND of them (as if independent: an upper bound, as trials scored on the same images err
+    together). On a small val split the best is often one of several a rerun could reorder."""
     best_number = max(values, key=values.get)
-    best = values[best_number]
-    adjusted = (best * val_images + 2) / (val_images + 4)  # Agresti-Coull: a perfect score is not exact either
-    error = math.sqrt(adjusted * (1 - adjusted) / (val_images + 4))
+    best, images = values[best_number], measured_as or val_images
+    adjusted = (best * images + 2) / (images + 4)  # Agresti-Coull: a perfect score is not exact either
+    error = math.sqrt(adjusted * (1 - adjusted) / (images + 4))
     tied = sorted((n for n, v in values.items() if n != best_number and best - v <= BAND * error),
                   key=lambda n: -values[n])
-    return {"val_images": val_images, "standard_error": error, "not_told_apart": tied, "compared": len(values) - 1}
+    return {"val_images": val_images, "measured_as": images, "standard_error": error, "not_told_apart": tied,
+            "compared": len(values) - 1}
+
+
+def _measured_as(y_val: np.ndarray, objective: str) -> float:
+    """How many images the objective is measured on, as far as its noise goes: all of them for accuracy; for balanced
+    accuracy, the size of a split of equal classes that measures it as closely, K^2 / sum(1 / n_c) (each class's
+    recall weighs 1/K, so the small classes set the noise)."""
+    sizes = np.bincount(y_val)
+    sizes = sizes[sizes > 0]
+    return float(len(y_val)) if objective == "val_accuracy" else float(len(sizes) ** 2 / (1 / sizes).sum())
 
 
 def current_recipe(params: Settings) -> dict | None:
@@ -350,14 +371,15 @@ def _current(params: Settings, key: str):
 def markdown(report: dict) -> str:
     states = [t["state"] for t in report["trials"]]
     best = report["best"]
+    said = _said(report["objective"])
     lines = [f"Study {report['study']}: {len(states)} trials ({states.count('complete')} complete, "
              f"{states.count('pruned')} pruned, {states.count('fail')} failed); best: trial {best['number']}, "
-             f"val accuracy {best['val_accuracy']:.4f}. Proposed, not applied (reports/tune-best.yaml):", "",
-             *_noise_lines(report["noise"]), *_current_lines(report),
+             f"{said} {best['value']:.4f}. Proposed, not applied (reports/tune-best.yaml):", "",
+             *_noise_lines(report["noise"], report["objective"]), *_current_lines(report),
              "| key | params.yaml now | proposed |", "| --- | --- | --- |"]
     for key, value in best["params"].items():
         lines.append(f"| {key} | {report['current'][key]} | {_shown(value)} |")
-    lines += ["", "| trial | state | val accuracy | last step | " + " | ".join(best["params"]) + " |",
+    lines += ["", f"| trial | state | {said} | last step | " + " | ".join(best["params"]) + " |",
               "| --- | --- | --- | --- | " + " | ".join("---" for _ in best["params"]) + " |"]
     for t in report["trials"]:
         value = "" if t["value"] is None else f"{t['value']:.4f}"
@@ -366,17 +388,21 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _noise_lines(noise: dict) -> list[str]:
+def _noise_lines(noise: dict, objective: str) -> list[str]:
     tied = noise["not_told_apart"]
     if tied:
-        said = (f"trial(s) {', '.join(map(str, tied))} within {BAND:.1f} standard errors of the best (a 95% band on a "
-                f"difference): this split cannot rank them apart, more val images (data.target.val_size) would")
+        verdict = (f"trial(s) {', '.join(map(str, tied))} within {BAND:.1f} standard errors of the best (a 95% band "
+                   f"on a difference): this split cannot rank them apart, more val images (data.target.val_size) "
+                   f"would")
     elif noise["compared"]:
-        said = f"every other trial more than {BAND:.1f} standard errors below the best (a 95% band on a difference)"
+        verdict = f"every other trial more than {BAND:.1f} standard errors below the best (a 95% band on a difference)"
     else:
-        said = "no other trial completed to compare it with"
-    return [f"The val split's {noise['val_images']} images measure an accuracy at the best's level to "
-            f"+-{100 * noise['standard_error']:.1f} points (one standard error); {said}.", ""]
+        verdict = "no other trial completed to compare it with"
+    images, worth = noise["val_images"], noise["measured_as"]
+    unequal = f" (its unequal classes count as {worth:.0f} equal-class images would)" if worth < images - 0.5 else ""
+    measured = "a balanced accuracy" if objective == "val_balanced_accuracy" else "an accuracy"
+    return [f"The val split's {images} images{unequal} measure {measured} at the best's level to "
+            f"+-{100 * noise['standard_error']:.1f} points (one standard error); {verdict}.", ""]
 
 
 def _current_lines(report: dict) -> list[str]:
@@ -390,8 +416,8 @@ def _current_lines(report: dict) -> list[str]:
     elif own["number"] == best["number"]:
         said = f"The best trial is params.yaml's own values (trial {own['number']}): keep them"
     else:
-        lead = f"by {100 * (best['val_accuracy'] - own['val_accuracy']):.1f} points"
-        said = (f"params.yaml's own values (trial {own['number']}) scored {own['val_accuracy']:.4f}: the proposal "
+        lead = f"by {100 * (best['value'] - own['value']):.1f} points"
+        said = (f"params.yaml's own values (trial {own['number']}) scored {own['value']:.4f}: the proposal "
                 + (f"leads them {lead}, inside that band: this split gives no reason to change them"
                    if own["number"] in report["noise"]["not_told_apart"] else f"leads them {lead}, beyond that band"))
     return [said + ".", ""]

@@ -163,15 +163,21 @@ def split_line(before: DatasetParams, checked: CheckedFolder) -> str:
     return f"split: data.target.{kept} fit {found}"
 
 
-def balance_line(counts: dict[str, int], class_balance: str) -> str | None:
-    """What training does about classes of unequal size (at least 2:1; smaller differences are any real data's)."""
+def balance_line(counts: dict[str, int], class_balance: str, tune_objective: str) -> str | None:
+    """What training does about classes of unequal size (at least 2:1; smaller differences are any real data's), and
+    how a score can count them alike (val and test keep the folder's shares)."""
     smallest, largest = min(counts, key=counts.get), max(counts.values())
     if largest < 2 * counts[smallest]:
         return None
     found = f"classes: {counts[smallest]} ({smallest}) to {largest} usable images, {largest / counts[smallest]:.1f}:1"
     if class_balance == "none":
-        return f"{found}; finetune.class_balance none: trained as they come (resample would even them)"
-    return f"{found}; finetune.class_balance {class_balance} evens them in training"
+        said = f"{found}; finetune.class_balance none: trained as they come (resample would even them)"
+    else:
+        said = f"{found}; finetune.class_balance {class_balance} evens them in training"
+    if tune_objective == "val_accuracy":
+        said += ("; val accuracy follows these shares: tune.objective and finetune.early_stopping.metric "
+                 "val_balanced_accuracy count each class alike")
+    return said
 
 
 def current_classes(root: Path, dataset: DatasetParams) -> tuple[str, ...] | None:
@@ -293,7 +299,8 @@ def add_target(root: str | Path, folder: str | Path, name: str | None = None) ->
     changes: dict[str, object] = {"data.target.name": name, "data.target.format": "folder", "data.target.path": relative}
     changes |= {f"data.target.{key}": new for key, (_, new) in split_changes(params.data.target, checked.split).items()}
     notes = [images_line(checked.modes, params.data.channels, channels), split_line(params.data.target, checked)]
-    notes += [line] if (line := balance_line(checked.counts, params.finetune.class_balance)) else []
+    balance = balance_line(checked.counts, params.finetune.class_balance, params.tune.objective)
+    notes += [balance] if balance else []
     if nested := {name: count for name in checked.classes
                   if (count := sum(file.parent != folder / name for file in data_files(folder / name)))}:
         notes.append("subfolders: " + ", ".join(f"{name} {count}" for name, count in nested.items())

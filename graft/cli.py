@@ -457,7 +457,8 @@ def _print_labelled_scores(answers: list, classes: tuple[str, ...]) -> None:
     actual = np.array([index[answer.label] for answer in known])
     predicted = np.array([index[answer.top[0][0]] for answer in known])
     evaluation = score(actual, predicted, classes)
-    print(f"accuracy {evaluation.accuracy:.4f} on {len(known)} labelled files (macro-F1 {evaluation.macro_f1:.4f})")
+    print(f"accuracy {evaluation.accuracy:.4f} on {len(known)} labelled files (balanced "
+          f"{evaluation.balanced_accuracy:.4f}, macro-F1 {evaluation.macro_f1:.4f})")
     print(classification_report(evaluation.per_class, evaluation.accuracy), end="")
 
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from components.columns import display_width
-from components.evaluate import classification_report, score
+from components.evaluate import balanced_accuracy, classification_report, score
 
 
 def test_classification_report_has_per_class_scores_support_and_both_averages():
@@ -22,6 +22,21 @@ def test_classification_report_has_per_class_scores_support_and_both_averages():
     assert report[-2].split() == ["macro", "avg", "0.667", "0.667", "0.667", "10"]
     assert report[-1].split() == ["weighted", "avg", "0.700", "0.700", "0.700", "10"]  # (4*.75 + 2*.5 + 4*.75) / 10
     assert "support_cat" not in evaluation.summary(), "a count of the data is not a metric"
+
+
+def test_balanced_accuracy_counts_every_class_the_same():
+    # 8 cats and 2 dogs, everything called a cat: 80% accurate, and no better than chance per class.
+    y_true, y_pred = np.array([0] * 8 + [1] * 2), np.zeros(10, dtype=int)
+    assert score(y_true, y_pred, ("cat", "dog")).accuracy == pytest.approx(0.8)
+    assert score(y_true, y_pred, ("cat", "dog")).balanced_accuracy == pytest.approx(0.5)
+    assert balanced_accuracy(y_true, y_pred, 2) == pytest.approx(0.5)
+    # The dogs found, two cats missed: less accurate, better balanced (6/8 and 2/2).
+    found = np.array([0] * 6 + [1] * 4)
+    assert score(y_true, found, ("cat", "dog")).accuracy == pytest.approx(0.8)
+    assert balanced_accuracy(y_true, found, 2) == pytest.approx(0.875)
+    # A class the split does not hold (owl) is not a class it can measure: the mean is over cat and dog.
+    assert balanced_accuracy(y_true, found, 3) == pytest.approx(0.875)
+    assert score(y_true, found, ("cat", "dog", "owl")).summary()["balanced_accuracy"] == pytest.approx(0.875)
 
 
 def test_the_summary_table_wraps_a_long_value_between_its_items_within_the_terminal(monkeypatch):

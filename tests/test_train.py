@@ -17,6 +17,7 @@ from components.network import (
 )
 from components.train import (
     BatchSampler,
+    EarlyStopper,
     Phase,
     Resume,
     evaluate_split,
@@ -124,6 +125,25 @@ def test_early_stopping_stops_when_val_stops_improving_and_restores_the_best_wei
     # The history as the stages keep it: the restored record survives the CSV, and the curves mark it.
     assert read_history(write_history(history, tmp_path / "history.csv"))[-1]["restored_step"] == 4
     assert plot_curves({"scratch": history}, tmp_path / "curves.png", "early stopping").stat().st_size > 0
+
+
+def test_early_stopping_on_balanced_accuracy_keeps_the_evaluation_that_treats_the_classes_alike():
+    """Two evaluations by construction: the first more accurate (the large class right, the small ones missed), the
+    second more balanced. Each metric keeps its own best, with that evaluation's weights."""
+    model = torch.nn.Linear(2, 2)
+    records = [{"step": 4, "epoch": 1, "val_accuracy": 0.9, "val_balanced_accuracy": 0.5, "val_loss": 0.4},
+               {"step": 8, "epoch": 2, "val_accuracy": 0.8, "val_balanced_accuracy": 0.8, "val_loss": 0.5}]
+    kept = {}
+    for metric in ("val_accuracy", "val_balanced_accuracy"):
+        params = parse_params(tiny_params(**{"finetune.early_stopping": {"enabled": True, "metric": metric}}))
+        stopper = EarlyStopper(params.finetune.early_stopping)
+        for record in records:
+            with torch.no_grad():
+                model.bias.fill_(record["step"])  # the weights of this evaluation
+            stopper.update(model, record, last_phase=True)
+        restored = stopper.restore(model, step=8)
+        kept[metric] = (restored["restored_step"], float(model.bias[0]))
+    assert kept == {"val_accuracy": (4, 4.0), "val_balanced_accuracy": (8, 8.0)}
 
 
 def test_early_stopping_without_a_val_split_is_refused_by_name(target):

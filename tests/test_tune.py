@@ -19,7 +19,7 @@ from components.config import ParamsError
 from components.settings import load_settings, parse_settings
 from components.tune import (BEST, MARKDOWN, current_recipe, markdown, open_tune, run_tune, study_location, suggest,
                              tuning_splits, val_noise, worker_shares)
-from components.tune import _noise_lines
+from components.tune import _measured_as, _noise_lines
 from components.tune import _storage as study_storage
 from deploy.tags import TUNE_STATE_TAG, TUNE_STUDY_TAG, TUNE_TRIAL_TAG
 from tests.conftest import copy_workspace, graft_cli, tiny_params
@@ -95,6 +95,18 @@ def test_a_study_runs_trials_as_child_runs_proposes_the_best_and_resumes_a_kille
     assert sorted(runs) == ["0", "1", "3"] and all(len(r) == 1 for r in runs.values()), "no finished trial redone"
     assert {r[0].data.tags[TUNE_STATE_TAG] for r in runs.values()} == {"complete"}
     assert all(r[0].data.tags["mlflow.parentRunId"] == plan.parent_run_id for r in runs.values())
+
+
+def test_a_study_on_balanced_accuracy_scores_each_trial_by_it(candidate_template, tmp_path, capsys):
+    root, url = _project(candidate_template, tmp_path / "ws", trials=1, objective="val_balanced_accuracy")
+    with _in(root, url) as params:
+        report = run_tune(".", params)
+    (trial,) = report["trials"]
+    (run,) = _trial_runs(url, report["study"])["0"]
+    assert trial["value"] == run.data.metrics["val_balanced_accuracy"] == \
+        run.data.metrics["objective_val_balanced_accuracy"], "the last evaluation's balanced accuracy is the value"
+    assert f"tune: trial 0 val balanced accuracy {trial['value']:.4f} in " in capsys.readouterr().out
+    assert "| trial | state | val balanced accuracy |" in (root / MARKDOWN).read_text()
 
 
 def test_on_dask_each_worker_runs_its_share_of_the_trials_of_the_one_study(candidate_template, tmp_path):
@@ -211,8 +223,20 @@ def test_the_report_says_which_trials_the_val_split_cannot_tell_from_the_best():
     assert small["not_told_apart"] == [3, 1], "within the band, nearest first; 15 points below is told apart"
     assert val_noise(scores, val_images=20_000)["not_told_apart"] == [3], "more images tell more apart"
     assert 0.001 < val_noise({0: 1.0, 1: 0.9}, val_images=500)["standard_error"] < 0.01, "a perfect score has noise too"
-    alone = _noise_lines(val_noise({0: 0.9231}, val_images=13))[0]
+    alone = _noise_lines(val_noise({0: 0.9231}, val_images=13), "val_accuracy")[0]
     assert "no other trial completed to compare it with" in alone and "below the best" not in alone
+
+
+def test_a_balanced_accuracy_objective_is_as_noisy_as_its_smallest_classes_make_it():
+    equal, unequal = np.repeat([0, 1], 90), np.repeat([0, 1], [170, 10])  # 180 images either way
+    assert _measured_as(equal, "val_balanced_accuracy") == pytest.approx(180)
+    assert _measured_as(unequal, "val_accuracy") == 180
+    worth = _measured_as(unequal, "val_balanced_accuracy")
+    assert worth == pytest.approx(4 / (1 / 170 + 1 / 10)) and worth < 40, "10 dogs set the noise of their recall"
+    noise = val_noise({0: 0.80, 1: 0.70}, val_images=180, measured_as=worth)
+    assert noise["not_told_apart"] == [1] and val_noise({0: 0.80, 1: 0.70}, val_images=180)["not_told_apart"] == []
+    line = _noise_lines(noise, "val_balanced_accuracy")[0]
+    assert "180 images (its unequal classes count as 38 equal-class images would) measure a balanced accuracy" in line
 
 
 def test_params_yamls_own_values_are_a_trial_only_where_the_space_holds_them():
@@ -238,9 +262,9 @@ def test_the_report_measures_the_proposal_against_params_yamls_own_values(own_va
     values = {best: 0.60, **({0: own_value} if isinstance(own_value, float) and own_value != 0.60 else {})}
     report = {"study": "s", "trials": [{"number": n, "state": "complete", "value": v, "params": {"finetune.lr": n},
                                         "last_step": 4} for n, v in values.items()],
-              "best": {"number": best, "val_accuracy": 0.60, "params": {"finetune.lr": best}},
+              "objective": "val_accuracy", "best": {"number": best, "value": 0.60, "params": {"finetune.lr": best}},
               "noise": val_noise(values, val_images=180), "current": {"finetune.lr": 0},
               "current_trial": None if own_value is None else {
                   "number": 0, "state": "pruned" if own_value == "pruned" else "complete",
-                  "val_accuracy": None if own_value == "pruned" else own_value}}
+                  "value": None if own_value == "pruned" else own_value}}
     assert said in markdown(report)

@@ -108,10 +108,14 @@ def test_data_add_checks_copies_versions_and_points_params_at_the_folder(workspa
 def test_data_add_says_how_unequal_the_classes_are_and_what_training_does_about_it():
     from components.userdata import balance_line
 
-    assert balance_line({"a": 10, "b": 19}, "resample") is None  # under 2:1: any real data's spread
-    assert balance_line({"a": 40, "b": 8, "c": 20}, "none") == (
+    assert balance_line({"a": 10, "b": 19}, "resample", "val_accuracy") is None  # under 2:1: any real data's spread
+    assert balance_line({"a": 40, "b": 8, "c": 20}, "none", "val_balanced_accuracy") == (
         "classes: 8 (b) to 40 usable images, 5.0:1; finetune.class_balance none: trained as they come (resample would "
         "even them)")
+    assert balance_line({"a": 40, "b": 8}, "resample", "val_accuracy") == (
+        "classes: 8 (b) to 40 usable images, 5.0:1; finetune.class_balance resample evens them in training; val "
+        "accuracy follows these shares: tune.objective and finetune.early_stopping.metric val_balanced_accuracy count "
+        "each class alike")
 
 
 def test_a_colour_folder_gets_three_channels_a_split_that_fits_and_a_model_of_its_own(workspace_factory, tmp_path):

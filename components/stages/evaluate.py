@@ -32,7 +32,8 @@ def evaluate(params: Params) -> dict:
         evaluation = score(splits.y_test, predicted, splits.classes)
         plot_confusion(evaluation, splits.classes, f"{label} ({meta['strategy']}) on the test split", plot)
         strategies[label] = meta["strategy"]
-        results[label] = {"accuracy": evaluation.accuracy, "macro_f1": evaluation.macro_f1}
+        results[label] = {"accuracy": evaluation.accuracy, "balanced_accuracy": evaluation.balanced_accuracy,
+                          "macro_f1": evaluation.macro_f1}
         per_class[label] = evaluation.per_class
         correct[label] = predicted == splits.y_test
         if label == "transfer":
