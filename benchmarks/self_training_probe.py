@@ -11,7 +11,9 @@ the seed's k labelled images a class; the pool is the target's training images w
 left out). Its answers on the pool at or above --confidence become labels, beside the seed's own labelled images
 (their true labels win where the pool holds them). Student: a fresh graft of the same source, trained on those
 labels with the same recipe and the same FixMatch term on the same pool (the student's noise is FixMatch's strong
-view). The pool's own labels are read only to report how many pseudo-labels are right; no training reads them.
+view); with --rounds N each student is the next one's teacher. What `finetune.semi_supervised.self_training` does in
+the finetune stage (components/stages/train_target.py), with the same functions (components/self_training.py). The
+pool's own labels are read only to report how many pseudo-labels are right; no training reads them.
 """
 from __future__ import annotations
 
@@ -19,7 +21,6 @@ import argparse
 import json
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -27,10 +28,11 @@ import torch
 import yaml
 
 from components.config import parse_params
-from components.data import load_splits, pixels_digest, prepare
+from components.data import load_splits, outside_held_out, prepare
 from components.network import graft
 from components.objectives import FixMatch
 from components.predict import Normalizer, predict_logits
+from components.self_training import confident_new_images, with_pseudo_labels
 from components.source_models import load_source, resolve_pretrained
 from components.train import strategy_phases, train
 from transfer_study import _evaluate, _override  # benchmarks/ is the script's own folder, first on sys.path
@@ -45,7 +47,7 @@ def _fit(source, spec, splits, pool, params, seed: int, desc: str) -> tuple:
 
 
 def run_probe(params_path: Path, seed: int, labels_per_class: int, overrides: list[str], source_name: str,
-              confidence: float) -> dict:
+              confidence: float, rounds_wanted: int) -> dict:
     raw = _override(yaml.safe_load(params_path.read_text()), [*overrides, "finetune.semi_supervised.method=fixmatch"])
     raw["data"]["unlabeled"] = {"training-pool": {"path": raw["data"]["target"]["path"]}}
     params = parse_params(raw)
@@ -59,28 +61,23 @@ def run_probe(params_path: Path, seed: int, labels_per_class: int, overrides: li
         prepare(target, params.data, params.data.channels, sizes, seed, Path(tmp) / "target.npz", Path(tmp) / "t.json")
         everything = load_splits(Path(tmp) / "pool.npz", identity.image_size)
         splits = load_splits(Path(tmp) / "target.npz", identity.image_size)
-    held_out = {pixels_digest(image) for image in (*splits.x_val, *splits.x_test)}
-    kept = np.array([pixels_digest(image) not in held_out for image in everything.x_train])
+    kept = outside_held_out(everything.x_train, splits)
     pool, pool_truth = everything.x_train[kept], everything.y_train[kept]  # the truth: for the report only
     spec = identity.model_spec(splits.classes, params.data.channels, params.finetune.channel_adapter)
 
     teacher, teacher_seconds = _fit(source, spec, splits, pool, params, seed, f"teacher seed {seed}")
-    probabilities = torch.softmax(predict_logits(teacher, pool, Normalizer.of(teacher.spec.contract)), 1).numpy()
-    labelled = {pixels_digest(image) for image in splits.x_train}
-    confident = (probabilities.max(1) >= confidence) & np.array([pixels_digest(i) not in labelled for i in pool])
-    pseudo = probabilities.argmax(1)[confident]
-    student_data = replace(splits, x_train=np.concatenate([splits.x_train, pool[confident]]),
-                           y_train=np.concatenate([splits.y_train, pseudo]),
-                           origin_train=np.concatenate([splits.origin_train,
-                                                        np.array([f"pool#{i}" for i in np.flatnonzero(confident)])]))
-    student, student_seconds = _fit(source, spec, student_data, pool, params, seed, f"student seed {seed}")
-    bins = params.calibration.bins
+    bins, model, rounds = params.calibration.bins, teacher, []
+    for number in range(1, rounds_wanted + 1):
+        probabilities = torch.softmax(predict_logits(model, pool, Normalizer.of(model.spec.contract)), 1).numpy()
+        confident = confident_new_images(splits, pool, probabilities, confidence)
+        student_data, added = with_pseudo_labels(splits, pool, probabilities, confidence, "training-pool")
+        model, seconds = _fit(source, spec, student_data, pool, params, seed, f"student {number} seed {seed}")
+        rounds.append({"round": number, **added,
+                       "pseudo_label_accuracy": float((probabilities.argmax(1) == pool_truth)[confident].mean()),
+                       "pool_accuracy_all": float((probabilities.argmax(1) == pool_truth).mean()),
+                       "student": {**_evaluate(model, splits, bins), "train_seconds": seconds}})
     return {"seed": seed, "labels_per_class": labels_per_class, "overrides": overrides, "confidence": confidence,
-            "pool": int(len(pool)), "pseudo_labelled": int(confident.sum()),
-            "pseudo_label_accuracy": float((pseudo == pool_truth[confident]).mean()),
-            "pool_accuracy_all": float((probabilities.argmax(1) == pool_truth).mean()),
-            "teacher": {**_evaluate(teacher, splits, bins), "train_seconds": teacher_seconds},
-            "student": {**_evaluate(student, splits, bins), "train_seconds": student_seconds}}
+            "teacher": {**_evaluate(teacher, splits, bins), "train_seconds": teacher_seconds}, "rounds": rounds}
 
 
 def main() -> None:
@@ -91,16 +88,19 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--source", default="efficientnet-lite0", help="a pretrained candidate of params.yaml")
     parser.add_argument("--confidence", type=float, default=0.95, help="a pool answer at least this sure is a label")
+    parser.add_argument("--rounds", type=int, default=1, help="students in turn, each the next one's teacher")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/self_training_probe.json"))
     args = parser.parse_args()
-    result = run_probe(args.params, args.seed, args.labels_per_class, args.overrides, args.source, args.confidence)
+    result = run_probe(args.params, args.seed, args.labels_per_class, args.overrides, args.source, args.confidence,
+                       args.rounds)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
-    print(f"seed {result['seed']}: teacher test {result['teacher']['test']:.4f} (val {result['teacher']['val']:.4f}), "
-          f"student test {result['student']['test']:.4f} (val {result['student']['val']:.4f}); "
-          f"{result['pseudo_labelled']} of {result['pool']} pool images pseudo-labelled, "
-          f"{result['pseudo_label_accuracy']:.4f} of them right (the teacher's answers on the whole pool: "
-          f"{result['pool_accuracy_all']:.4f})")
+    print(f"seed {result['seed']}: teacher test {result['teacher']['test']:.4f} (val {result['teacher']['val']:.4f})")
+    for done in result["rounds"]:
+        print(f"  round {done['round']}: {done['pseudo_labelled']} of {done['pool']} pool images pseudo-labelled, "
+              f"{done['pseudo_label_accuracy']:.4f} of them right (the teacher's answers on the whole pool: "
+              f"{done['pool_accuracy_all']:.4f}); student test {done['student']['test']:.4f} "
+              f"(val {done['student']['val']:.4f})")
 
 
 if __name__ == "__main__":

@@ -113,6 +113,8 @@ def model_card(root: str | Path, params: Settings, registration: dict, gate_repo
              f"{params.finetune.optimizer} lr {params.finetune.lr:g} (backbone x{params.finetune.backbone_lr_scale:g}), "
              f"weight decay {params.finetune.weight_decay:g}, seed {params.seed}"
              + (f", semi-supervised: {params.finetune.semi_supervised.method}" if params.finetune.semi_supervised.method != "none" else "")
+             + "".join(f"; self-training round {r['round']}: a fresh graft trained on the labels and {r['pseudo_labelled']} "
+                       f"of {r['pool']} unlabelled images the model before it was sure of" for r in trained.get("self_training", []))
              + class_balance_clause(params.finetune.class_balance, counts["train"])
              + f". Compute: {trained['compute']['device']}, {trained['compute']['precision']}"
              + (f", {trained['train_seconds']:.0f} s of training" if "train_seconds" in trained else "") + ".", "",

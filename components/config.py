@@ -266,10 +266,24 @@ class AdaptationParams(Strict):
     batch_size: int = Field(default=32, ge=1)              # unlabelled images per step, beside the labelled batch
     hidden: int = Field(default=256, ge=1)                 # dann: the domain classifier's hidden units
 
+    @property
+    def uses_unlabeled(self) -> bool:
+        return self.method != "none"
+
 
 # FixMatch's strong view: RandAugment's geometric and photometric kinds at fixed strengths, and Cutout.
 STRONG_AUGMENT = Augment(flip=True, rotate_degrees=30.0, scale=(0.8, 1.2), shift_pixels=8.0, brightness=0.5,
                          contrast=0.5, cutout=0.5)
+
+
+class SelfTrainingParams(Strict):
+    """Self-training (Noisy Student, Xie et al. 2020): the trained model labels the unlabelled images it is at least
+    `confidence` sure of; a fresh graft of the same source trains on the target's labels and those, with the same
+    recipe and terms (FixMatch's strong view is the student's noise), and becomes the model. Each round repeats it
+    with the last student as the teacher (components/stages/train_target.py)."""
+
+    rounds: int = Field(default=0, ge=0, le=5)
+    confidence: float = Field(default=0.95, gt=0, le=1)
 
 
 class SemiSupervisedParams(Strict):
@@ -283,6 +297,11 @@ class SemiSupervisedParams(Strict):
     threshold: float = Field(default=0.95, gt=0, le=1)  # a pseudo-label counts once its probability reaches this
     batch_size: int = Field(default=32, ge=1)           # unlabelled images a step, each forwarded twice (weak, strong)
     strong_augment: Augment = STRONG_AUGMENT           # the weak view is finetune.augment
+    self_training: SelfTrainingParams = SelfTrainingParams()
+
+    @property
+    def uses_unlabeled(self) -> bool:
+        return self.method != "none" or self.self_training.rounds > 0
 
 
 class FinetuneParams(TrainParams):
@@ -395,7 +414,7 @@ class Params(Strict):
 
     def unlabeled_terms(self) -> list[UnlabeledTerm]:
         """The terms of finetune that are on and feed on unlabelled target images."""
-        return [term for term in UNLABELED_TERMS if getattr(self.finetune, term).method != "none"]
+        return [term for term in UNLABELED_TERMS if getattr(self.finetune, term).uses_unlabeled]
 
     @model_validator(mode="after")
     def _unlabeled_terms_name_their_data(self) -> Params:
@@ -403,7 +422,8 @@ class Params(Strict):
         for term in self.unlabeled_terms():
             chosen = getattr(self.finetune, term)
             if chosen.unlabeled is None and len(self.data.unlabeled) != 1:
-                raise ValueError(f"finetune.{term}.method {chosen.method!r} needs unlabelled target images: name one "
+                asks = chosen.method if chosen.method != "none" else "self_training"
+                raise ValueError(f"finetune.{term}: {asks!r} needs unlabelled target images: name one "
                                  f"data.unlabeled entry in finetune.{term}.unlabeled (entries: {names})")
             if chosen.unlabeled is not None and chosen.unlabeled not in self.data.unlabeled:
                 raise ValueError(f"finetune.{term}.unlabeled: {chosen.unlabeled!r} is not a data.unlabeled entry; "

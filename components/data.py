@@ -682,12 +682,17 @@ def prepare_unlabeled(root: Path, data: DataParams, sizes: list[int], out_path: 
     return PrepareResult(out_path, version, {"unlabeled": len(samples)}, len(quarantine.entries))
 
 
-def without_held_out(unlabeled: np.ndarray, splits: Splits) -> tuple[np.ndarray, int]:
-    """The unlabelled images that are no val or test image (pixel for pixel at this size; the test split's too where
-    it was taken out, by its digests), and how many were dropped: training on a test image, even without its label,
-    would flatter the test."""
+def outside_held_out(images: np.ndarray, splits: Splits) -> np.ndarray:
+    """Which of `images` are no val or test image of `splits` (pixel for pixel at this size; the test split's too
+    where it was taken out, by its digests): a boolean mask."""
     held_out = {pixels_digest(image) for image in (*splits.x_val, *splits.x_test)} | splits.held_out_digests
-    kept = np.array([pixels_digest(image) not in held_out for image in unlabeled], dtype=bool)
+    return np.array([pixels_digest(image) not in held_out for image in images], dtype=bool)
+
+
+def without_held_out(unlabeled: np.ndarray, splits: Splits) -> tuple[np.ndarray, int]:
+    """The unlabelled images that are no val or test image (outside_held_out), and how many were dropped: training
+    on a test image, even without its label, would flatter the test."""
+    kept = outside_held_out(unlabeled, splits)
     return unlabeled[kept], int((~kept).sum())
 
 

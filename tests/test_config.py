@@ -103,7 +103,7 @@ def test_sweep_strategies_and_adaptation_name_what_they_need():
     with pytest.raises(ParamsError, match=r"sweep.strategies.mine is not a valid change of finetune:\s+joint.weight"):
         parse_settings(bad_strategy)
     without_images = tiny_params(**{"finetune.adaptation.method": "coral"})
-    with pytest.raises(ParamsError, match=r"finetune.adaptation.method 'coral' needs unlabelled target images.*entries: none"):
+    with pytest.raises(ParamsError, match=r"finetune.adaptation: 'coral' needs unlabelled target images.*entries: none"):
         parse_settings(without_images)
     named = tiny_params(**{"finetune.adaptation.method": "dann", "data.unlabeled": {"cam": {"path": "x"}}})
     assert parse_settings(named).unlabeled_for("adaptation") == "cam"
@@ -111,7 +111,7 @@ def test_sweep_strategies_and_adaptation_name_what_they_need():
 
 def test_the_semi_supervised_term_names_its_unlabelled_images_and_trains_in_one_process():
     without_images = tiny_params(**{"finetune.semi_supervised.method": "fixmatch"})
-    with pytest.raises(ParamsError, match=r"finetune.semi_supervised.method 'fixmatch' needs unlabelled target images.*entries: none"):
+    with pytest.raises(ParamsError, match=r"finetune.semi_supervised: 'fixmatch' needs unlabelled target images.*entries: none"):
         parse_settings(without_images)
     two = {"cam": {"path": "x"}, "phone": {"path": "y"}}
     ambiguous = tiny_params(**{"finetune.semi_supervised.method": "fixmatch", "data.unlabeled": two})
@@ -123,6 +123,11 @@ def test_the_semi_supervised_term_names_its_unlabelled_images_and_trains_in_one_
     chosen = parse_settings(tiny_params(**{"finetune.semi_supervised": {"method": "fixmatch", "unlabeled": "phone"},
                                            "data.unlabeled": two}))
     assert (chosen.unlabeled_terms(), chosen.unlabeled_for("semi_supervised")) == (["semi_supervised"], "phone")
+    self_training_alone = tiny_params(**{"finetune.semi_supervised.self_training.rounds": 1})
+    with pytest.raises(ParamsError, match=r"finetune.semi_supervised: 'self_training' needs unlabelled target images"):
+        parse_settings(self_training_alone)
+    self_training_alone["data"]["unlabeled"] = {"cam": {"path": "x"}}
+    assert parse_settings(self_training_alone).unlabeled_terms() == ["semi_supervised"]
     with pytest.raises(ParamsError, match=r"finetune.semi_supervised.threshold: .*less than or equal to 1"):
         parse_settings(tiny_params(**{"finetune.semi_supervised.threshold": 1.5}))
     parallel = tiny_params(**{"finetune.semi_supervised.method": "fixmatch", "data.unlabeled": {"cam": {"path": "x"}},

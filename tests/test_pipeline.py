@@ -167,7 +167,10 @@ def test_the_joint_objective_domain_adaptation_and_fixmatch_are_params_and_unlab
     params["data"]["unlabeled"] = {"new-camera": {"path": "data/raw/new-camera"}}
     params["finetune"]["joint"].update(weight=0.5, schedule="linear", instance_weights="domain", source_examples=500)
     params["finetune"]["adaptation"].update(method="dann")
-    params["finetune"]["semi_supervised"].update(method="fixmatch", batch_size=8)
+    # One self-training round whose teacher is sure enough of every image: each unlabelled image that is not a
+    # labelled one already (nor a val or test image) becomes a label.
+    params["finetune"]["semi_supervised"].update(method="fixmatch", batch_size=8,
+                                                 self_training={"rounds": 1, "confidence": 1e-6})
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     done = dvc_repro(root, "finetune")  # where the objective is; the stages after it only follow it (below)
     assert stages_ran(done.stdout) == ["resolve_sources", "prepare_unlabeled@new-camera", "select_source", "finetune"]
@@ -185,6 +188,11 @@ def test_the_joint_objective_domain_adaptation_and_fixmatch_are_params_and_unlab
     assert copies > 0
     for term in (dann_term, fixmatch_term):
         assert (term["unlabeled_examples"], term["dropped_as_val_or_test"]) == (len(images) - copies, copies)
+    labelled = {Path(o).parts[-2:] for o in splits.origin_train}
+    (round_one,) = _json(root, "models/transfer.json")["self_training"]
+    assert (round_one["round"], round_one["pool"]) == (1, len(images) - copies)
+    assert round_one["pseudo_labelled"] == len(images) - copies - sum(image.parts[-2:] in labelled for image in images)
+    assert sum(round_one["per_class"].values()) == round_one["pseudo_labelled"]
     header = (root / "plots" / "transfer_history.csv").read_text().splitlines()[0].split(",")
     assert {"source_loss", "source_accuracy", "domain_accuracy", "fixmatch_loss", "fixmatch_mask"} <= set(header)
 
