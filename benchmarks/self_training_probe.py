@@ -70,7 +70,7 @@ def run_probe(params_path: Path, seed: int, labels_per_class: int, overrides: li
     for number in range(1, rounds_wanted + 1):
         probabilities = torch.softmax(predict_logits(model, pool, Normalizer.of(model.spec.contract)), 1).numpy()
         confident = confident_new_images(splits, pool, probabilities, confidence)
-        student_data, added = with_pseudo_labels(splits, pool, probabilities, confidence, "training-pool")
+        student_data, added = with_pseudo_labels(splits, pool, probabilities, confident, "training-pool")
         model, seconds = _fit(source, spec, student_data, pool, params, seed, f"student {number} seed {seed}")
         rounds.append({"round": number, **added,
                        "pseudo_label_accuracy": float((probabilities.argmax(1) == pool_truth)[confident].mean()),

@@ -27,7 +27,9 @@ Strategy = Literal["scratch", "linear_probe", "finetune", "lp_ft"]
 STRATEGIES: tuple[str, ...] = Strategy.__args__
 # What an evaluation of the val split measures (components/train.py evaluate_split); balanced accuracy weighs every
 # class the same, for unequal classes (components/evaluate.py)
-ValMetric = Literal["val_accuracy", "val_balanced_accuracy", "val_loss"]
+ValScore = Literal["val_accuracy", "val_balanced_accuracy"]  # the higher the better: what a tuning trial can maximise
+ValMetric = Literal[ValScore, "val_loss"]
+VAL_METRICS: tuple[str, ...] = ValMetric.__args__
 ClassBalance = Literal["none", "reweight", "resample"]  # an imbalanced labelled split's remedy (components/balance.py)
 TransferScore = Literal["logme", "leep", "nce"]  # how well a source's frozen features fit the target (selection.py)
 SCORES: tuple[str, ...] = TransferScore.__args__

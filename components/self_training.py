@@ -19,11 +19,10 @@ def confident_new_images(splits: Splits, pool: np.ndarray, probabilities: np.nda
                                                            dtype=bool)
 
 
-def with_pseudo_labels(splits: Splits, pool: np.ndarray, probabilities: np.ndarray, confidence: float,
+def with_pseudo_labels(splits: Splits, pool: np.ndarray, probabilities: np.ndarray, confident: np.ndarray,
                        pool_name: str) -> tuple[Splits, dict]:
-    """`splits` with the confident_new_images of the pool added to its training split, labelled with their top
-    answer. Returns the new splits and what was added: how many, and how many a class."""
-    confident = confident_new_images(splits, pool, probabilities, confidence)
+    """`splits` with the `confident` pool images (confident_new_images' mask) added to its training split, labelled
+    with their top answer. Returns the new splits and what was added: how many, and how many a class."""
     labels = probabilities.argmax(1)[confident].astype(splits.y_train.dtype)
     origins = np.array([f"{PSEUDO_ORIGIN}{pool_name}#{index}" for index in np.flatnonzero(confident)], dtype=str)
     student_data = replace(splits, x_train=np.concatenate([splits.x_train, pool[confident]]),

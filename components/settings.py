@@ -15,6 +15,7 @@ from components.config import (
     FinetuneParams,
     Params,
     Strict,
+    ValScore,
     describe,
     parsed_params_file,
     validated,
@@ -219,7 +220,7 @@ class TuneParams(Strict):
     timeout_minutes: float | None = Field(default=None, gt=0)  # stop starting trials after this long
     seed: int = 0                                   # the sampler's (TPE) seed
     # what a trial scores on the val split, and the pruner compares: balanced accuracy weighs each class the same
-    objective: Literal["val_accuracy", "val_balanced_accuracy"] = "val_accuracy"
+    objective: ValScore = "val_accuracy"
     startup_trials: int = Field(default=5, ge=1)    # random trials before TPE models the space; none pruned before
     prune_after_steps: int = Field(default=100, ge=0)  # no trial pruned before this training step (median pruner)
     prune_below: float | None = Field(default=None, ge=0)  # also prune a trial whose objective falls below this

@@ -44,6 +44,7 @@ matplotlib.use("Agg")
 
 from components import data as data_mod  # noqa: E402
 from components.artifacts import atomic_path, read_json, save_png, sha256_json, write_json  # noqa: E402
+from components.config import VAL_METRICS  # noqa: E402
 from components.errors import GraftError  # noqa: E402
 from components.layout import Layout  # noqa: E402
 from components.registry import use_experiment  # noqa: E402
@@ -206,7 +207,7 @@ def run_trial(plan: TunePlan, params: Settings, trial: optuna.Trial) -> float:
     def report(record: dict) -> None:
         step, value = int(record["step"]), record[objective]
         client.log_batch(run_id, metrics=[Metric(key, record[key], int(time.time() * 1000), step)
-                                          for key in ("val_accuracy", "val_balanced_accuracy", "val_loss")])
+                                          for key in VAL_METRICS])
         trial.report(value, step)
         if trial.should_prune():
             raise optuna.TrialPruned(f"{_said(objective)} {value:.4f} at step {step}")

@@ -188,6 +188,9 @@ def test_the_joint_objective_domain_adaptation_and_fixmatch_are_params_and_unlab
     assert copies > 0
     for term in (dann_term, fixmatch_term):
         assert (term["unlabeled_examples"], term["dropped_as_val_or_test"]) == (len(images) - copies, copies)
+    # Each term's pool is read once, for the teacher, the pseudo-labels and the student: one line a term says so.
+    said = (done.stdout + done.stderr).count("are also val or test images; left out")
+    assert said == 2, f"{said} lines about the images left out, for two terms"
     labelled = {Path(o).parts[-2:] for o in splits.origin_train}
     (round_one,) = _json(root, "models/transfer.json")["self_training"]
     assert (round_one["round"], round_one["pool"]) == (1, len(images) - copies)

@@ -22,9 +22,13 @@ from components.network import GraftNet, ModelSpec, build, graft, save_checkpoin
 from components.objectives import Alignment, FixMatch, ObjectiveError, Term, joint_term, require_source_data
 from components.source_models import LoadedSource, SourceIdentity, load_source
 from components.predict import Normalizer, predict_features, predict_logits
-from components.self_training import with_pseudo_labels
+from components.self_training import confident_new_images, with_pseudo_labels
 from components.train import strategy_phases, train
 from components.tuning import Tuning
+
+# Each unlabelled term's images, without the val and test images among them, and how many those were: loaded once a
+# train_target, for every training run and self-training round it makes (the val and test splits do not change).
+UnlabeledPools = dict[UnlabeledTerm, tuple[np.ndarray, int]]
 
 
 def train_target(params: Params, strategy: str, splits: data_mod.Splits,
@@ -35,15 +39,16 @@ def train_target(params: Params, strategy: str, splits: data_mod.Splits,
     (components/train.py train); a self-training round's steps count on from the round before's."""
     spec = ModelSpec.from_dict(read_json(Layout.selected_architecture))
     extra = {"strategy": strategy, "data_version": splits.data_version}
-    source = None
+    source, pools = None, {}
     if strategy != "scratch":
         source = load_source(SourceIdentity.from_dict(read_json(Layout.selected_source)))
         extra["source"] = source.identity.to_dict()
+        pools = {key: _unlabeled_pool(params, key, splits) for key in params.unlabeled_terms()}
     started = time.perf_counter()
-    model, history, terms, compute = _fit(params, strategy, spec, splits, source, on_evaluation, strategy)
+    model, history, terms, compute = _fit(params, strategy, spec, splits, source, pools, on_evaluation, strategy)
     if source is not None and params.finetune.semi_supervised.self_training.rounds:
-        model, history, terms, extra["self_training"] = _self_train(params, strategy, spec, splits, source, model,
-                                                                    history, on_evaluation)
+        model, history, terms, extra["self_training"] = _self_train(params, strategy, spec, splits, source, pools,
+                                                                    model, history, on_evaluation)
     if source is not None:
         extra["objective"] = [term.summary() for term in terms]
     extra["compute"] = compute.to_dict()
@@ -54,7 +59,8 @@ def train_target(params: Params, strategy: str, splits: data_mod.Splits,
 
 
 def _fit(params: Params, strategy: str, spec: ModelSpec, splits: data_mod.Splits, source: LoadedSource | None,
-         on_evaluation: Callable[[dict], None] | None, desc: str) -> tuple[GraftNet, list[dict], tuple[Term, ...], Compute]:
+         pools: UnlabeledPools, on_evaluation: Callable[[dict], None] | None, desc: str
+         ) -> tuple[GraftNet, list[dict], tuple[Term, ...], Compute]:
     """One run of the training loop: a model built from scratch (`source` None) or grafted onto `source`."""
     model = build(spec, params.seed) if source is None else graft(source.backbone, spec, params.seed)
     # The backbone knobs (regulariser toward the source, unfreezing, lr decay) and the extra terms (the source's
@@ -62,7 +68,7 @@ def _fit(params: Params, strategy: str, spec: ModelSpec, splits: data_mod.Splits
     tuning, terms = Tuning(), ()
     if source is not None:
         tuning = Tuning.of(params.finetune, model, params.seed)
-        terms = objective_terms(params, model, splits, source)
+        terms = objective_terms(params, model, splits, source, pools)
     compute = resolve_compute(params.compute, model)
     history = train(model, splits, params.finetune, strategy_phases(params.finetune, strategy), params.seed, desc=desc,
                     tuning=tuning, terms=terms, compute=compute, on_evaluation=on_evaluation)
@@ -70,17 +76,18 @@ def _fit(params: Params, strategy: str, spec: ModelSpec, splits: data_mod.Splits
 
 
 def _self_train(params: Params, strategy: str, spec: ModelSpec, splits: data_mod.Splits, source: LoadedSource,
-                teacher: GraftNet, history: list[dict], on_evaluation: Callable[[dict], None] | None
-                ) -> tuple[GraftNet, list[dict], tuple[Term, ...], list[dict]]:
+                pools: UnlabeledPools, teacher: GraftNet, history: list[dict],
+                on_evaluation: Callable[[dict], None] | None) -> tuple[GraftNet, list[dict], tuple[Term, ...], list[dict]]:
     """finetune.semi_supervised.self_training's rounds after the first model (`teacher`, trained with `history`):
     the last student, its history and terms, and what each round did."""
     chosen = params.finetune.semi_supervised.self_training
     pool_name = params.unlabeled_for("semi_supervised")
-    pool, _ = _unlabeled_pool(params, "semi_supervised", splits)
+    pool, _ = pools["semi_supervised"]
     rounds = []
     for number in range(1, chosen.rounds + 1):
         probabilities = torch.softmax(predict_logits(teacher, pool, Normalizer.of(teacher.spec.contract)), 1).numpy()
-        student_data, record = with_pseudo_labels(splits, pool, probabilities, chosen.confidence, pool_name)
+        confident = confident_new_images(splits, pool, probabilities, chosen.confidence)
+        student_data, record = with_pseudo_labels(splits, pool, probabilities, confident, pool_name)
         last = history[-1]
         record = {"round": number, "teacher_val_accuracy": last["val_accuracy"],
                   "teacher_val_balanced_accuracy": last["val_balanced_accuracy"], **record}
@@ -89,7 +96,7 @@ def _self_train(params: Params, strategy: str, spec: ModelSpec, splits: data_mod
               f">= {chosen.confidence} confidence; a fresh graft trains on them", file=sys.stderr)
         offset = number * params.finetune.steps
         counted_on = None if on_evaluation is None else (lambda r, offset=offset: on_evaluation({**r, "step": r["step"] + offset}))
-        teacher, history, terms, _ = _fit(params, strategy, spec, student_data, source, counted_on,
+        teacher, history, terms, _ = _fit(params, strategy, spec, student_data, source, pools, counted_on,
                                           f"{strategy} student {number}")
         rounds.append(record)
     return teacher, history, terms, rounds
@@ -104,9 +111,10 @@ def _train_target(params: Params, strategy: str, out: Path, history_path: Path) 
     return extra
 
 
-def objective_terms(params: Params, model: GraftNet, splits: data_mod.Splits, source: LoadedSource) -> tuple[Term, ...]:
+def objective_terms(params: Params, model: GraftNet, splits: data_mod.Splits, source: LoadedSource,
+                    pools: UnlabeledPools) -> tuple[Term, ...]:
     """The joint objective's source term, and the domain-adaptation and semi-supervised terms, that params.finetune
-    asks for; `model` was just grafted from `source`. Unlabelled images that are also val or test images are left out."""
+    asks for, the latter on their `pools`; `model` was just grafted from `source`."""
     terms: list[Term] = []
     featurize = partial(predict_features, model, normalize=Normalizer.of(model.spec.contract))
     if params.finetune.joint.weight > 0:
@@ -118,7 +126,7 @@ def objective_terms(params: Params, model: GraftNet, splits: data_mod.Splits, so
     for key in params.unlabeled_terms():
         if getattr(params.finetune, key).method == "none":
             continue  # semi_supervised on for self-training alone: no term of the loop
-        unlabeled, dropped = _unlabeled_pool(params, key, splits)
+        unlabeled, dropped = pools[key]
         about = {"unlabeled": params.unlabeled_for(key), "dropped_as_val_or_test": dropped}
         if key == "adaptation":
             terms.append(Alignment(params.finetune.adaptation, unlabeled, model.head.in_features, params.seed, about))
