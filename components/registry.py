@@ -31,6 +31,7 @@ from components.layout import Layout
 from deploy.digest import sha256_file
 from deploy.source import (
     IntegrityError,
+    NotFound,
     RegistrySource,
     RegistryUnreachable,
     SourceError,
@@ -296,17 +297,25 @@ def move_alias(client: MlflowClient, name: str, alias: str, version: str, action
                              lambda: client.set_registered_model_alias(name, alias, str(version)))
 
 
+def _no_model(name: str) -> RegistryError:
+    return RegistryError(f"no registered model named {name!r} yet; run the retraining flow (graft run) first")
+
+
 @_classified("reading the alias history")
 def history(client: MlflowClient, name: str) -> list[AliasMove]:
     """Every alias move, oldest first; a move whose `completed` record is missing shows as interrupted."""
     from mlflow.exceptions import MlflowException
 
     try:
-        tags = client.get_registered_model(name).tags
+        return moves_in(client.get_registered_model(name).tags)
     except MlflowException as error:
         if error.error_code == "RESOURCE_DOES_NOT_EXIST":
-            raise RegistryError(f"no registered model named {name!r} yet; run the retraining flow (graft run) first") from None
+            raise _no_model(name) from None
         raise
+
+
+def moves_in(tags: dict[str, str]) -> list[AliasMove]:
+    """The alias moves a registered model's tags record (history)."""
     moves = [AliasMove(**json.loads(value), key=key) for key, value in tags.items() if key.startswith(AUDIT_PREFIX)]
     moves.sort(key=lambda m: int(m.key[len(AUDIT_PREFIX):]))
     completed = {(m.alias, m.version, m.previous, m.action, m.at) for m in moves if m.status == "completed"}
@@ -356,10 +365,22 @@ def read_history(params_path: str | Path) -> list[AliasMove]:
                 return [AliasMove(**move) for move in kept["moves"]]
         except (OSError, ValueError, KeyError, TypeError):
             pass  # no cache yet, or one written by another Graft: read the store
+    if uri.startswith(("http://", "https://")):
+        return _history_from_server(uri, name)
     moves = history(*open_registry(params_path))
     if key is not None:
         write_json(cache, {"uri": uri, "model": name, "key": key, "moves": [asdict(move) for move in moves]})
     return moves
+
+
+def _history_from_server(uri: str, name: str) -> list[AliasMove]:
+    """history through a tracking server, read with the REST reader serving uses (deploy/source.py), not MLflow's
+    client: the command then needs no MLflow import, most of its time."""
+    with registry_call("reading the alias history", uri), tempfile.TemporaryDirectory() as nothing_fetched:
+        try:
+            return moves_in(RegistrySource(uri, name, CHAMPION, nothing_fetched).model_tags())
+        except NotFound:
+            raise _no_model(name) from None
 
 
 def _version_tags(client: MlflowClient, name: str, version: str) -> dict[str, str]:

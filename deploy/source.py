@@ -55,6 +55,10 @@ class ModelCard:
     mistakes_png: bytes | None = None
 
 
+class NotFound(SourceError):
+    """The registry has no such model, version or alias."""
+
+
 class RegistryUnreachable(SourceError):
     """No MLflow server answered at the tracking URI (refused, timed out, or a 5xx answer): trying later may pass."""
 
@@ -190,7 +194,7 @@ class RegistrySource:
         except httpx.TransportError as error:
             raise RegistryUnreachable(f"cannot reach the registry at {self.tracking_uri}: {error}") from None
         if response.status_code in (400, 404) and "not found" in response.text:  # no such model, version or alias
-            raise SourceError(f"{self.name}@{self.alias} not found at {self.tracking_uri}: {response.text[:200]}")
+            raise NotFound(f"{self.name}@{self.alias} not found at {self.tracking_uri}: {response.text[:200]}")
         if response.status_code >= 500:  # the server's trouble, not the request's
             raise RegistryUnreachable(f"registry at {self.tracking_uri} answered {response.status_code}: {response.text[:200]}")
         if response.status_code >= 400:
@@ -244,15 +248,22 @@ class RegistrySource:
 
     def model_tag(self, key: str) -> str | None:
         """A tag of the registered model itself (not of a version); None when it is not set."""
+        return self.model_tags().get(key)
+
+    def model_tags(self) -> dict[str, str]:
+        """The registered model's own tags (not a version's); NotFound when no model of that name is registered."""
         if self.remote:
-            raw = self._get("registered-models/get", name=self.name)["registered_model"].get("tags", [])
-            return next((t.get("value", "") for t in raw if t["key"] == key), None)
+            try:
+                raw = self._get("registered-models/get", name=self.name)["registered_model"].get("tags", [])
+            except NotFound:
+                raise NotFound(f"no registered model named {self.name!r} at {self.tracking_uri}") from None
+            return {t["key"]: t.get("value", "") for t in raw}
         from mlflow.exceptions import MlflowException
 
         try:
-            return self._local().get_registered_model(self.name).tags.get(key)
+            return dict(self._local().get_registered_model(self.name).tags)
         except MlflowException as error:
-            raise SourceError(f"{self.name} not found at {self.tracking_uri}: {error.message}") from None
+            raise NotFound(f"{self.name} not found at {self.tracking_uri}: {error.message}") from None
 
     def _tags(self, version: str) -> dict[str, str]:
         if self.remote:

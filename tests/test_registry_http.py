@@ -10,6 +10,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from components.errors import EXIT_USER
 from components.registry import (
     CHALLENGER,
     CHAMPION,
@@ -95,6 +96,23 @@ def test_a_move_without_its_completed_record_shows_as_interrupted(http_workspace
     _record(client, MODEL, AliasMove(CHAMPION, "2", "1", "promote", "tester", "", "killed here", "started", "2026-01-01T00:00:00+00:00"))
     last = history(client, MODEL)[-1]
     assert (last.status, last.reason) == ("interrupted", "killed here")
+    # `graft history` reads a server through serving's REST reader, not MLflow's client: the same moves.
+    printed = graft_cli(http_workspace, mlflow_server, "history").stdout.splitlines()[2:]
+    assert len(printed) == len(history(client, MODEL)) and "interrupted" in printed[-1] and printed[-1].endswith("killed here")
+
+
+def test_history_through_a_server_needs_no_mlflow_and_names_a_model_never_registered(http_workspace, mlflow_server, tmp_path):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}
+    read = subprocess.run([sys.executable, "-c", "import sys; from components.registry import read_history; "
+                           "moves = read_history('params.yaml'); print(len(moves), 'mlflow' in sys.modules)"],
+                          cwd=http_workspace, env=env, capture_output=True, text=True, check=True)
+    assert read.stdout.split() == [str(len(history(MlflowClient(tracking_uri=mlflow_server), MODEL))), "False"]
+    params = tiny_params()
+    params["registry"]["model_name"] = "never-registered"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    done = graft_cli(tmp_path, mlflow_server, "history", check=False)
+    assert done.returncode == EXIT_USER and "Traceback" not in done.stderr
+    assert "no registered model named 'never-registered' yet; run the retraining flow (graft run) first" in done.stderr
 
 
 def test_a_server_that_is_not_there_is_named_within_seconds(tmp_path):
