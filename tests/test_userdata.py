@@ -1,5 +1,6 @@
 """`graft data add PATH --as target`: a user's folder checked, versioned and made the target in one command, and
-the settings its data decides (split, colour mode, registry model) written into params.yaml."""
+the settings its data decides (split, colour mode, registry model) written into params.yaml; `--as unlabeled`: a
+folder of unlabelled images made an entry of data.unlabeled."""
 import io
 import json
 import os
@@ -103,6 +104,60 @@ def test_data_add_checks_copies_versions_and_points_params_at_the_folder(workspa
     assert "data/raw/animal-mnist.dvc" in status
     data_paths = list(load_settings(root / "params.yaml").raw_data_paths().values())
     assert not [name for name in pending_stages(status, data_paths) if name.endswith(".dvc")], json.dumps(status)
+
+
+def test_data_add_as_unlabeled_checks_versions_and_names_the_folder_and_keeps_what_terms_feed_on(workspace_factory, tmp_path):
+    root = workspace_factory("data-add-unlabeled")
+    camera = tmp_path / "camera"
+    (camera / "day-1").mkdir(parents=True)  # subfolders are just folders: no classes
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(camera / "day-1" / f"{i}.png")
+    for i, image in enumerate(sorted((root / "data/raw/animal-mnist").rglob("*.png"))[:4]):
+        shutil.copy(image, camera / f"{i}.png")
+    (camera / "notes.txt").write_text("not an image")
+    before = (root / "params.yaml").read_text()
+    done = _graft(root, "data", "add", str(camera), "--as", "unlabeled")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"checked {camera}: 9 usable images, 1 to be quarantined:\n  data/raw/camera/notes.txt: not an image file\n" \
+        in done.stdout
+    assert "images: 5 RGB, 4 gray, read as the target's gray (data.channels: 1)" in done.stdout
+    assert "to learn from it: set finetune.adaptation.method (coral | mmd | dann" in done.stdout
+    assert "copied into data/raw/camera, tracked with DVC (data/raw/camera.dvc); params.yaml: data.unlabeled.camera: " \
+           "{path: data/raw/camera}" in done.stdout
+    assert done.stdout.splitlines()[-1] == "next: git add data/raw/camera.dvc data/raw/.gitignore params.yaml && graft run"
+    after = (root / "params.yaml").read_text()
+    assert [comment for _, comment in _comments(after)] == [comment for _, comment in _comments(before)]
+    params = load_settings(root / "params.yaml")
+    assert {name: entry.path for name, entry in params.data.unlabeled.items()} == {"camera": "data/raw/camera"}
+    assert "data/raw/camera" in params.raw_data_paths().values() and (root / "data/raw/camera.dvc").is_file()
+    assert sorted(p.name for p in (root / "data/raw/camera").rglob("*")) == sorted(p.name for p in camera.rglob("*"))
+    assert "data/raw/camera.dvc" not in dvc_status(root)
+
+    # FixMatch on, feeding on the only entry (unlabeled: null): a second entry must not change what it feeds on.
+    from components.userdata import set_params
+    (root / "params.yaml").write_text(set_params(after, {"finetune.semi_supervised.method": "fixmatch"}))
+    phone = tmp_path / "phone"
+    phone.mkdir()
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (20, 20), dtype=np.uint8)).save(phone / f"{i}.jpg")
+    done = _graft(root, "data", "add", str(phone), "--as", "unlabeled")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "finetune.semi_supervised.unlabeled: null -> camera (it fed on the only entry, which is one of two now)" \
+        in done.stdout
+    assert "to learn from it: finetune.semi_supervised on already (name it in .unlabeled to use it)" in done.stdout
+    params = load_settings(root / "params.yaml")
+    assert list(params.data.unlabeled) == ["camera", "phone"] and params.finetune.semi_supervised.unlabeled == "camera"
+
+    # Refused, nothing changed: a name taken, a folder without one usable image.
+    settled, raw = (root / "params.yaml").read_text(), sorted((root / "data/raw").iterdir())
+    for folder, name, said in ((phone, "camera", "data/raw/camera already exists; pass another --name"),
+                               (tmp_path / "nothing", "nothing", "no file in the folder is a usable image")):
+        folder.mkdir(exist_ok=True)
+        (folder / "readme.txt").write_text("not an image")
+        refused = _graft(root, "data", "add", str(folder), "--as", "unlabeled", "--name", name)
+        assert refused.returncode == 2 and said in refused.stderr and "Traceback" not in refused.stderr, refused.stderr
+        assert (root / "params.yaml").read_text() == settled and sorted((root / "data/raw").iterdir()) == raw
 
 
 def test_data_add_says_how_unequal_the_classes_are_and_what_training_does_about_it():
@@ -275,8 +330,14 @@ def test_setting_params_keeps_params_yaml_comments_and_layout():
     without = text.replace("    labels_per_class: 10     # cut the training split to k labelled images a class; null keeps all\n", "")
     added = yaml.safe_load(set_params(without, {"data.target.labels_per_class": 4, "data.target.name": "2024"}))
     assert added["data"]["target"]["labels_per_class"] == 4 and added["data"]["target"]["name"] == "2024"
-    with pytest.raises(ParamsError, match="set sources.pipeline.fashion-mnist.data.val_size: 10 by hand"):
-        set_params(text, {"sources.pipeline.fashion-mnist.data.val_size": 10})
+    # Within a mapping written on one line, that line is written again with the key set (or added).
+    flow = yaml.safe_load(set_params(text, {"sources.pipeline.fashion-mnist.data.val_size": 10,
+                                            "data.unlabeled.cam": {"path": "data/raw/cam"}}))
+    assert flow["sources"]["pipeline"]["fashion-mnist"]["data"] == {**expected["sources"]["pipeline"]["fashion-mnist"]["data"],
+                                                                   "val_size": 10}
+    assert flow["data"]["unlabeled"] == {"cam": {"path": "data/raw/cam"}}
+    with pytest.raises(ParamsError, match="is not a mapping on one line; set finetune.semi_supervised.strong_augment.flip: False by hand"):
+        set_params(text, {"finetune.semi_supervised.strong_augment.flip": False})  # a flow mapping over two lines
 
 
 def test_setting_a_key_whose_text_was_folded_over_lines_replaces_every_line_of_it():
