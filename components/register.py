@@ -37,6 +37,7 @@ from components.registry import (
     find_candidate,
     judged_key,
     registry_call,
+    remember_history,
     tracking_uri,
     use_experiment,
 )
@@ -280,6 +281,7 @@ def publish(root: str | Path, params: Settings, report: GateReport) -> dict:
             registration = _existing(MlflowClient(), name, version)
         log_card(root, params, asdict(registration), report)  # before any alias: no version is served without one
         outcome = {**asdict(registration), **apply_gate_verdict(params, asdict(registration), report)}
+        remember_history(MlflowClient(), root, params.registry)
     write_json(root / Layout.registration, outcome)
     return outcome
 

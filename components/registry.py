@@ -357,10 +357,9 @@ def read_history(params_path: str | Path) -> list[AliasMove]:
     root = Path(params_path).parent
     uri, name = tracking_uri(params.registry, root), params.registry.model_name
     key = sqlite_change_key(uri)
-    cache = root / Layout.history_cache
     if key is not None:
         try:
-            kept = read_json(cache)
+            kept = read_json(root / Layout.history_cache)
             if (kept["uri"], kept["model"], kept["key"]) == (uri, name, key):
                 return [AliasMove(**move) for move in kept["moves"]]
         except (OSError, ValueError, KeyError, TypeError):
@@ -369,8 +368,22 @@ def read_history(params_path: str | Path) -> list[AliasMove]:
         return _history_from_server(uri, name)
     moves = history(*open_registry(params_path))
     if key is not None:
-        write_json(cache, {"uri": uri, "model": name, "key": key, "moves": [asdict(move) for move in moves]})
+        _keep_history(root, uri, name, key, moves)
     return moves
+
+
+def remember_history(client: MlflowClient, root: str | Path, registry: RegistryParams) -> None:
+    """After this process wrote the registry (an alias move, a registration), with MLflow loaded anyway: its history
+    read now and kept as read_history keeps it, so that the next `graft history` needs no MLflow. The key is taken
+    before the read, as there. A store without a change key keeps nothing (a server is read without MLflow)."""
+    uri = tracking_uri(registry, root)
+    key = sqlite_change_key(uri)
+    if key is not None:
+        _keep_history(Path(root), uri, registry.model_name, key, history(client, registry.model_name))
+
+
+def _keep_history(root: Path, uri: str, name: str, key: list[int], moves: list[AliasMove]) -> None:
+    write_json(root / Layout.history_cache, {"uri": uri, "model": name, "key": key, "moves": [asdict(m) for m in moves]})
 
 
 def _history_from_server(uri: str, name: str) -> list[AliasMove]:

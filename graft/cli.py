@@ -253,7 +253,7 @@ def _summary(args: argparse.Namespace) -> int:
 
 
 def _move_champion(args: argparse.Namespace) -> int:
-    from components.registry import format_history, open_registry, promote, rollback
+    from components.registry import format_history, open_registry, promote, remember_history, rollback
     from components.settings import load_settings
 
     client, name = open_registry(_params_file(args))
@@ -279,6 +279,7 @@ def _move_champion(args: argparse.Namespace) -> int:
         if move.share is not None:
             print("the canary's share is 0: the champion answers all traffic again; `graft rollback` again moves the "
                   "champion back")
+    remember_history(client, args.root, params.registry)
     print(format_history([move]))
     print(_takes_effect(move))
     return 0
@@ -302,16 +303,19 @@ def _canary(args: argparse.Namespace) -> int:
         canary_share,
         format_history,
         open_registry,
+        remember_history,
         set_canary_share,
     )
     from components.settings import load_settings
 
-    serving = load_settings(_params_file(args)).serving
+    params = load_settings(_params_file(args))
+    serving = params.serving
     alias = serving.canary.alias
     client, name = open_registry(_params_file(args))
     if args.canary_command == "set":
         move = set_canary_share(client, name, alias, args.percent, reason=args.reason,
                                 lead_seconds=serving.switch_lead_seconds)
+        remember_history(client, args.root, params.registry)
         print(format_history([move]))
         print(_takes_effect(move))
     share, canary, champion = (canary_share(client, name), alias_version(client, name, alias),

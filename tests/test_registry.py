@@ -200,7 +200,7 @@ def test_good_candidate_becomes_challenger_then_champion_on_promote_then_rolls_b
 
 def test_history_is_answered_from_its_cache_until_the_store_changes(gated):
     """`graft history` on the embedded store: a second read answers from .graft/cache without importing MLflow, with
-    the same moves; a move made since is seen at once; a damaged cache is read past."""
+    the same moves; a move made since is seen at once; a damaged cache is read past; Graft's own writes keep it."""
     client, name = _client(gated), "graft-classifier"
     read = [sys.executable, "-c", "import sys; from components.registry import read_history; "
             "print(len(read_history('params.yaml')), 'mlflow' in sys.modules)"]
@@ -218,6 +218,16 @@ def test_history_is_answered_from_its_cache_until_the_store_changes(gated):
     (gated / Layout.history_cache).write_text("{damaged")
     assert moves_and_mlflow() == (known + 1, True)
     assert read_history(gated / "params.yaml")[-1].reason == "test: seen at once"
+
+    # A write made by Graft (a canary share, its rollback) keeps the cache: the next read needs no MLflow.
+    champion = alias_version(client, name, CHAMPION)
+    move_alias(client, name, CHALLENGER, _versions(client)[-1], "challenger", "test: a canary again")
+    cli = [sys.executable, "-m", "graft"]
+    for command in (["canary", "set", "10"], ["rollback"]):
+        subprocess.run([*cli, *command], cwd=gated, capture_output=True, check=True)
+        assert moves_and_mlflow() == (len(history(client, name)), False), f"after graft {' '.join(command)}"
+    assert read_history(gated / "params.yaml") == history(client, name)
+    move_alias(client, name, CHALLENGER, champion, "challenger", "test: the champion again")
 
 
 def test_a_sqlite_store_changes_its_key_on_every_write_and_a_wal_store_has_none(tmp_path):
