@@ -112,10 +112,10 @@ def model_card(root: str | Path, params: Settings, registration: dict, gate_repo
              f"Strategy `{trained['strategy']}`, {params.finetune.steps} steps of batch {params.finetune.batch_size}, "
              f"{params.finetune.optimizer} lr {params.finetune.lr:g} (backbone x{params.finetune.backbone_lr_scale:g}), "
              f"weight decay {params.finetune.weight_decay:g}, seed {params.seed}"
-             + (f", semi-supervised: {params.finetune.semi_supervised.method}" if params.finetune.semi_supervised.method != "none" else "")
+             + class_balance_clause(params.finetune.class_balance, counts["train"])
+             + objective_clause(trained.get("objective", []))
              + "".join(f"; self-training round {r['round']}: a fresh graft trained on the labels and {r['pseudo_labelled']} "
                        f"of {r['pool']} unlabelled images the model before it was sure of" for r in trained.get("self_training", []))
-             + class_balance_clause(params.finetune.class_balance, counts["train"])
              + f". Compute: {trained['compute']['device']}, {trained['compute']['precision']}"
              + (f", {trained['train_seconds']:.0f} s of training" if "train_seconds" in trained else "") + ".", "",
              f"## Test metrics ({tested} test images, {int(INTERVAL_CONFIDENCE * 100)}% intervals)", "",
@@ -159,6 +159,22 @@ def class_balance_clause(class_balance: str, train_counts: dict[str, int]) -> st
     if smallest == largest:
         return ""
     return f", class_balance {class_balance} (training images a class: {smallest} to {largest})"
+
+
+def objective_clause(terms: list[dict]) -> str:
+    """The training line's note on the objective's terms beside the target's labels (the checkpoint's record of
+    each, components/objectives.py summary), with the data each fed on: nothing where there were none."""
+    said = []
+    for term in terms:
+        if term["term"] == "source":
+            weighted = "" if term["instance_weights"] == "none" else f", {term['instance_weights']} instance weights"
+            said.append(f"source: {term['source_examples']} labelled images of the source's own data (weight "
+                        f"{term['weight']:g}, {term['schedule']}{weighted})")
+        else:
+            threshold = f", threshold {term['threshold']:g}" if "threshold" in term else ""
+            said.append(f"{term['term']}: {term['unlabeled_examples']} unlabelled images of data.unlabeled."
+                        f"{term['unlabeled']} (weight {term['weight']:g}{threshold})")
+    return f"; beside the labels, the objective trained on {'; '.join(said)}" if said else ""
 
 
 def _weakest(per_class: dict, actual: np.ndarray, predicted: np.ndarray, classes: list[str]) -> list[str]:

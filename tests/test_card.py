@@ -1,10 +1,10 @@
 """The model card's statistics: the Wilson interval against hand-worked values, the seeded macro-F1 bootstrap; its
-note on unequal classes.
+notes on unequal classes and on the objective's terms.
 (The card itself, against a real run's recorded metrics: tests/test_pipeline.py.)"""
 import numpy as np
 import pytest
 
-from components.card import class_balance_clause, macro_f1_interval, wilson_interval
+from components.card import class_balance_clause, macro_f1_interval, objective_clause, wilson_interval
 from components.evaluate import score
 
 
@@ -31,3 +31,15 @@ def test_the_training_line_names_the_class_balance_only_where_the_classes_are_un
     assert class_balance_clause("resample", {"a": 8, "b": 8}) == ""
     assert class_balance_clause("resample", {"a": 46, "b": 5, "c": 40}) == (
         ", class_balance resample (training images a class: 5 to 46)")
+
+
+def test_the_training_line_names_each_term_of_the_objective_and_the_data_it_fed_on():
+    assert objective_clause([]) == ""
+    terms = [{"term": "source", "weight": 0.5, "schedule": "linear", "instance_weights": "domain", "source_examples": 500},
+             {"term": "coral", "unlabeled": "cam", "dropped_as_val_or_test": 2, "weight": 1.0, "unlabeled_examples": 3000},
+             {"term": "fixmatch", "unlabeled": "cam", "dropped_as_val_or_test": 2, "weight": 1.0, "threshold": 0.95,
+              "unlabeled_examples": 3000}]
+    assert objective_clause(terms) == (
+        "; beside the labels, the objective trained on source: 500 labelled images of the source's own data (weight "
+        "0.5, linear, domain instance weights); coral: 3000 unlabelled images of data.unlabeled.cam (weight 1); "
+        "fixmatch: 3000 unlabelled images of data.unlabeled.cam (weight 1, threshold 0.95)")
