@@ -34,13 +34,14 @@ def main() -> None:
                         help="how many leading convolutions each recipe leaves in float")
     parser.add_argument("--float-classifier", nargs="+", default=["true"])
     args = parser.parse_args()
-    settings = load_params(Path("params.yaml")).export
+    params = load_params(Path("params.yaml"))
+    settings = params.export
     grid = Int8SearchParams(formats=args.formats, per_channel=[v == "true" for v in args.per_channel],
                             calibration=args.calibration, float_convs=args.float_convs,
                             float_classifier=[v == "true" for v in args.float_classifier])
     contract = load_model(Layout.onnx_model, ["cpu"]).contract
     splits = data_mod.load_splits(Layout.selected_data)
-    calibration = calibration_images(splits, contract, settings.calibration_images)
+    calibration = calibration_images(splits, contract, settings.calibration_images, params.seed)
     cpu = cpu_description()
     with tempfile.TemporaryDirectory() as tmp:
         fp32, rows = search_int8(Layout.onnx_model, Path(tmp) / "int8.onnx", calibration, int8_recipes(grid),

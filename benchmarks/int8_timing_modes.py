@@ -65,7 +65,7 @@ def main() -> None:
     params = load_params("params.yaml")
     contract = Contract.from_dict(json.loads(read_metadata(Layout.onnx_model)[CONTRACT_KEY]))
     splits = data_mod.load_splits(Layout.selected_data)
-    calibration = calibration_images(splits, contract, params.export.calibration_images)
+    calibration = calibration_images(splits, contract, params.export.calibration_images, params.seed)
     folder = Path(tempfile.mkdtemp())
     files = [Layout.onnx_model]
     for float_convs in (1, 2, 4):

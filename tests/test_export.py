@@ -27,8 +27,9 @@ from components.export import (
 from components.layout import Layout
 from components.network import ModelSpec, build
 from components.source_models import IMAGENET_MEAN, IMAGENET_STD
-from components.stages.export import DriftImages, export_variants
+from components.stages.export import DriftImages, calibration_images, export_variants
 from components.predict import Normalizer
+from deploy.contract import Contract
 from deploy.cpu import has_int8_dot
 from deploy.drift import DriftReference
 from deploy.model import load_model
@@ -274,10 +275,28 @@ def test_the_reference_images_are_validation_then_training_never_test():
     y_train = np.array([0, 0, 0, 1])
     splits = Splits(images(2, 4), y_train, images(1, 3), np.zeros(3, np.int64), images(3, 5), np.zeros(5, np.int64),
                     ("a", "b", "c"), *[np.zeros(0)] * 3, "v")
-    drift = DriftImages.of(splits, 5)
+    drift = DriftImages.of(splits, 5, seed=0)
     assert [int(image.max()) for image in drift.pixels] == [1, 1, 1, 2, 2]
     np.testing.assert_array_equal(drift.prior, [0.75, 0.25, 0.0])
-    assert 3 not in DriftImages.of(splits, 100).pixels, "never a test image"
+    assert 3 not in DriftImages.of(splits, 100, seed=0).pixels, "never a test image"
+
+
+def test_reference_and_calibration_images_hold_every_class_in_its_share_however_the_split_is_stored():
+    """A split is stored class by class: the images the limit leaves room for are drawn class by class, not the
+    first ones. Each image's value is its class (val: 10 + class, train: 20 + class)."""
+    y_val, y_train = np.repeat([0, 1, 2], 2), np.repeat([0, 1, 2], [40, 20, 20])
+    splits = Splits((20 + y_train).astype(np.uint8).reshape(-1, 1, 1, 1), y_train,
+                    (10 + y_val).astype(np.uint8).reshape(-1, 1, 1, 1), y_val, np.zeros((1, 1, 1, 1), np.uint8),
+                    np.zeros(1, np.int64), ("a", "b", "c"), *[np.zeros(0)] * 3, "v")
+    drift = DriftImages.of(splits, 26, seed=0)
+    values, counts = np.unique(drift.pixels, return_counts=True)
+    assert dict(zip(values.tolist(), counts.tolist())) == {10: 2, 11: 2, 12: 2, 20: 10, 21: 5, 22: 5}, \
+        "every val image, then the training split's class shares"
+    contract = Contract("L", 1, 1, (0.0,), (1 / 255,))  # normalize: the pixel values themselves
+    calibration = calibration_images(splits, contract, 8, seed=0)
+    values, counts = np.unique(calibration.round(), return_counts=True)
+    assert dict(zip(values.tolist(), counts.tolist())) == {20: 4, 21: 2, 22: 2}
+    assert np.array_equal(calibration_images(splits, contract, 8, seed=0), calibration), "seeded"
 
 
 def test_a_file_without_the_features_output_still_loads_and_serves(exported, tmp_path):

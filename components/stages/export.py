@@ -41,9 +41,24 @@ def calibrated_model() -> tuple[GraftNet, dict]:
     return with_temperature(trained, float(read_json(Layout.calibration)["temperature"])), meta
 
 
-def calibration_images(splits: data_mod.Splits, contract: Contract, limit: int) -> np.ndarray:
+def calibration_images(splits: data_mod.Splits, contract: Contract, limit: int, seed: int) -> np.ndarray:
     """What INT8 ranges are calibrated on, normalised: up to `limit` target images, train then val, never test."""
-    return contract.normalize(np.concatenate([splits.x_train, splits.x_val])[:limit])
+    return contract.normalize(in_distribution_images([(splits.x_train, splits.y_train), (splits.x_val, splits.y_val)],
+                                                     limit, seed))
+
+
+def in_distribution_images(parts: list[tuple[np.ndarray, np.ndarray]], limit: int, seed: int) -> np.ndarray:
+    """Up to `limit` images of `parts` (images and their labels), in that order: a part that fits is taken whole, the
+    one the limit falls in gives a class-stratified draw (data.stratified_take). Never its first images: a split is
+    stored class by class, and the first N of it would be a few classes (a skewed drift reference alarms on every
+    window of in-distribution traffic)."""
+    rng, taken, left = np.random.default_rng(seed), [], limit
+    for images, labels in parts:
+        if left <= 0:
+            break
+        taken.append(images if len(images) <= left else images[data_mod.stratified_take(labels, left, rng)])
+        left -= len(taken[-1])
+    return np.concatenate(taken)
 
 
 def quantization_inputs(params: Params) -> tuple[GraftNet, data_mod.Splits, np.ndarray]:
@@ -51,7 +66,7 @@ def quantization_inputs(params: Params) -> tuple[GraftNet, data_mod.Splits, np.n
     search starts from (benchmarks/adapter_fold.py and int8_kernels.py start there too)."""
     model, _ = calibrated_model()
     splits = data_mod.load_splits(Layout.selected_data)
-    return model, splits, calibration_images(splits, model.spec.contract, params.export.calibration_images)
+    return model, splits, calibration_images(splits, model.spec.contract, params.export.calibration_images, params.seed)
 
 
 def export(params: Params) -> dict:
@@ -61,7 +76,7 @@ def export(params: Params) -> dict:
         SOURCE_KEY: json.dumps(meta.get("source", {}), sort_keys=True),
     })
     splits = data_mod.load_splits(Layout.selected_data)
-    reference = DriftImages.of(splits, params.export.drift_reference_images)
+    reference = DriftImages.of(splits, params.export.drift_reference_images, params.seed)
     reference.add_to(Layout.onnx_model, model.spec.contract)
     parity = check_parity(for_inference(model, params.compute), Layout.onnx_model, splits.x_test,
                           params.export.parity_atol, params.export.parity_rtol)
@@ -90,9 +105,10 @@ class DriftImages:
     prior: np.ndarray
 
     @classmethod
-    def of(cls, splits: data_mod.Splits, limit: int) -> DriftImages:
+    def of(cls, splits: data_mod.Splits, limit: int, seed: int) -> DriftImages:
         counts = np.bincount(splits.y_train, minlength=len(splits.classes))
-        return cls(np.concatenate([splits.x_val, splits.x_train])[:limit], counts / counts.sum())
+        images = in_distribution_images([(splits.x_val, splits.y_val), (splits.x_train, splits.y_train)], limit, seed)
+        return cls(images, counts / counts.sum())
 
     def add_to(self, path: Path, contract: Contract) -> None:
         add_drift_reference(path, contract, self.pixels, self.prior)
@@ -103,7 +119,7 @@ def export_variants(params: Params, contract: Contract, splits: data_mod.Splits,
     beside it (timed in turns), and moved into models/variants/ only when it loses at most export.max_accuracy_drop:
     a variant there is published, and one the bound refused (or a stage killed half way) never appears there."""
     settings = params.export
-    calibration = calibration_images(splits, contract, settings.calibration_images)
+    calibration = calibration_images(splits, contract, settings.calibration_images, params.seed)
     if Layout.onnx_variants.exists():
         shutil.rmtree(Layout.onnx_variants)
     Layout.onnx_variants.mkdir(parents=True)
