@@ -661,11 +661,18 @@ def prepare(dataset: DatasetParams, data: DataParams, channels: int, sizes: list
     return PrepareResult(out_path, version, counts, len(quarantine.entries))
 
 
+def usable_unlabeled(root: Path, data: DataParams, sizes: list[int], quarantine: Quarantine, fail_fast: bool) -> list[Sample]:
+    """The usable images of an unlabelled folder, as prepare_unlabeled stores them (and `graft data add --as
+    unlabeled` checks them): decoded in data.channels, one of each set of duplicates at the training `sizes`; the rest
+    named in `quarantine`."""
+    samples = read_unlabeled(root, data.channels, quarantine, fail_fast, ImageLimits.of(data))
+    return drop_duplicates(samples, (), quarantine, fail_fast, tuple(sorted(sizes)))
+
+
 def prepare_unlabeled(root: Path, data: DataParams, sizes: list[int], out_path: Path, report_path: Path) -> PrepareResult:
     """Unlabelled target images, validated and deduplicated as labelled ones are, at each input size, in one .npz."""
     quarantine = Quarantine()
-    samples = read_unlabeled(root, data.channels, quarantine, data.bad_files == "fail", ImageLimits.of(data))
-    samples = drop_duplicates(samples, (), quarantine, data.bad_files == "fail", tuple(sorted(sizes)))
+    samples = usable_unlabeled(root, data, sizes, quarantine, data.bad_files == "fail")
     if not samples:
         raise DataError(f"{root}: none of the {len(quarantine.entries)} file(s) is a usable image (see {report_path}); "
                         "add images the target model will see, or remove the data.unlabeled entry")

@@ -38,12 +38,12 @@ from components.data import (
     data_files,
     drop_duplicates,
     file_mode,
-    read_unlabeled,
     fitting_split,
     read_folder,
     require_folder,
     split_changes,
     split_shortfalls,
+    usable_unlabeled,
 )
 from components.errors import GraftError
 from components.settings import ModelCardParams, load_settings, parse_settings
@@ -414,8 +414,7 @@ def add_unlabeled(root: str | Path, folder: str | Path, name: str | None = None)
         raise DataError(f"data.unlabeled.{name} exists already ({params.data.unlabeled[name].path}); pass another "
                         f"--name, or remove that entry first")
     quarantine = Quarantine()
-    samples = read_unlabeled(folder, params.data.channels, quarantine, fail_fast=False, limits=ImageLimits.of(params.data))
-    samples = drop_duplicates(samples, (), quarantine, fail_fast=False, sizes=tuple(params.sources.image_sizes()))
+    samples = usable_unlabeled(folder, params.data, params.sources.image_sizes(), quarantine, fail_fast=False)
     if not samples:
         raise DataError(_problem_report(folder, ["no file in the folder is a usable image; give images the target model "
                                                  "will see"], quarantine.entries))
